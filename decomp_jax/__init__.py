@@ -1,0 +1,38 @@
+"""decomp_jax: parameter-efficient fine-tuning in JAX/Flax, read as subspace tuning.
+
+    cfg = AdapterConfig(method="ssb", targets=r"attention/self/(key|value)$|intermediate/dense$")
+    params = inject(base_params, cfg, rng)   # factor leaves beside each targeted kernel
+    mask = trainable_mask(params, cfg)       # bool pytree
+    apply = adapt(model.module.apply, cfg)   # factored execution (mode="merged" for any function)
+    loss = penalty(params, cfg)              # MPC term, 0.0 when off
+    plain = merge(params, cfg)               # phi(K) folded into base-shaped params
+"""
+
+from decomp_jax import methods
+from decomp_jax.config import AdapterConfig, ConfigError
+from decomp_jax.execution import adapt
+from decomp_jax.inject import combine, count_params, find_targets, inject, merge, split, trainable_mask
+from decomp_jax.penalties import penalty
+from decomp_jax.train import TrainState, init_state, make_eval_step, make_optimizer, make_train_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "ConfigError",
+    "TrainState",
+    "adapt",
+    "combine",
+    "count_params",
+    "find_targets",
+    "init_state",
+    "inject",
+    "make_eval_step",
+    "make_optimizer",
+    "make_train_step",
+    "merge",
+    "methods",
+    "penalty",
+    "split",
+    "trainable_mask",
+]

@@ -1,0 +1,144 @@
+"""Configuration dataclasses: validated on construction, round-trip through plain dicts and YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from typing import Any, Mapping, Optional
+
+import yaml
+
+MPC_KINDS = (None, "mpc_o", "mpc_d")
+MPC_NORMS = ("squared", "plain")
+LORA_INITS = ("kaiming", "normal", "gaussian")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message says which and how to fix it."""
+
+
+def _closest(word: str, choices) -> str:
+    near = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
+    return f" Did you mean {near[0]!r}?" if near else ""
+
+
+def _check_keys(cls, data: Mapping[str, Any], where: str) -> None:
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in known:
+            raise ConfigError(
+                f"Unknown key {key!r} in {where}.{_closest(key, known)} "
+                f"Valid keys: {', '.join(known)}."
+            )
+
+
+def _compile(pattern: str, field: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"{field}={pattern!r} is not a valid regular expression ({err}).") from err
+
+
+class _Serializable:
+    """Dict and YAML round trip shared by the config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: Optional[str] = None):
+        data = dict(data or {})
+        _check_keys(cls, data, where or cls.__name__)
+        return cls(**data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str):
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig(_Serializable):
+    """What to adapt and how.
+
+    method:      a name from ``decomp_jax.methods.names()``.
+    targets:     regex searched in the '/'-joined path of each dense layer (the path of the dict that
+                 holds ``kernel``), e.g. ``r"attention/self/(query|value)$"``.
+    rank, alpha: low-rank size ``r`` and scale numerator; ``s = alpha / r`` (``alpha / sqrt(r)`` with rslora).
+    dropout:     dropout on the adapter path's input (factored execution, training only).
+    init:        ``lora_a`` init for LoRA-type methods: kaiming | normal | gaussian.
+    mpc:         matrix pattern constraint on ``lora_a``/``lora_b``: None | mpc_o | mpc_d.
+    mpc_lambda:  weight of the MPC term; mpc_norm: squared (paper) | plain (toolkit).
+    train_extra: regex over '/'-joined leaf paths of base leaves that also train (a new head, say).
+    scale_bias:  IA3 only: scale the bias too, ``y = (x@K + b) * scale_out`` (HF PEFT's IA3).
+    options:     method-specific options, validated by the method.
+    """
+
+    method: str = "lora"
+    targets: str = r"attention/self/(query|value)$"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    init: str = "kaiming"
+    mpc: Optional[str] = None
+    mpc_lambda: float = 0.1
+    mpc_norm: str = "squared"
+    train_extra: Optional[str] = None
+    scale_bias: bool = False
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        from decomp_jax.methods import base  # local import: the registry imports this module
+
+        method = base.get(self.method)  # raises a clear error for unknown names
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}.")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ConfigError(f"alpha must be a finite number, got {self.alpha!r}.")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.init not in LORA_INITS:
+            raise ConfigError(f"init={self.init!r} is unknown.{_closest(self.init, LORA_INITS)} Choose one of {LORA_INITS}.")
+        if self.mpc not in MPC_KINDS:
+            raise ConfigError(f"mpc={self.mpc!r} is unknown.{_closest(self.mpc, MPC_KINDS[1:])} Choose None, 'mpc_o' or 'mpc_d'.")
+        if self.mpc_norm not in MPC_NORMS:
+            raise ConfigError(f"mpc_norm={self.mpc_norm!r} is unknown. Choose 'squared' or 'plain'.")
+        if self.mpc is not None and not {"lora_a", "lora_b"} <= set(method.factor_names):
+            with_ab = [m.name for m in base.registry().values() if {"lora_a", "lora_b"} <= set(m.factor_names)]
+            raise ConfigError(
+                f"mpc={self.mpc!r} constrains lora_a/lora_b factors, which method {self.method!r} does not have. "
+                f"Use it with one of {with_ab}, or set mpc: null."
+            )
+        if float(self.mpc_lambda) < 0:
+            raise ConfigError(f"mpc_lambda must be >= 0, got {self.mpc_lambda!r}.")
+        if self.scale_bias and self.method != "ia3":
+            raise ConfigError(f"scale_bias applies to method 'ia3' only, not {self.method!r}; remove it.")
+        _compile(self.targets, "targets")
+        if self.train_extra is not None:
+            _compile(self.train_extra, "train_extra")
+        object.__setattr__(self, "options", dict(self.options or {}))
+        unknown = set(self.options) - set(method.options)
+        if unknown:
+            raise ConfigError(
+                f"Unknown option(s) {sorted(unknown)} for method {self.method!r}; "
+                f"it accepts {sorted(method.options) or 'none'}."
+            )
+
+    @property
+    def scale(self) -> float:
+        """``s = alpha / r``, or ``alpha / sqrt(r)`` with rslora."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def option(self, name: str):
+        """A method option, falling back to the method's declared default."""
+        from decomp_jax.methods import base
+
+        return self.options.get(name, base.get(self.method).options[name])

@@ -1,0 +1,89 @@
+"""Execution of adapted models: factored (method interception) or merged (materialise ``K'``).
+
+Factored execution intercepts the ``__call__`` of every Linen ``nn.Dense`` whose parameters hold
+the method's factor leaves and runs the method's ``apply`` instead (``x@K + s*(x@A)@B``,
+``((x*scale_in)@K)*scale_out``, ...). The model code is untouched; frozen kernels are
+read as constants, so differentiating with respect to the trainable leaves only computes no
+weight gradient for them. Adapter dropout is active when the call is given a ``'dropout'`` RNG
+(Flax's convention for training mode).
+
+Merged execution folds ``phi(K)`` into the kernels and calls the function with plain params:
+it works for any function of a params pytree (NNX state, Equinox, raw functions) but has no
+adapter-only dropout.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+from flax.linen.dtypes import promote_dtype
+
+from decomp_jax.config import AdapterConfig, ConfigError
+from decomp_jax.inject import merge
+from decomp_jax.methods import get
+
+MODES = ("factored", "merged")
+
+
+def _own_params(module: nn.Module) -> dict:
+    if module.scope is None or not module.has_variable("params", "kernel"):
+        return {}
+    return module.variables.get("params", {})
+
+
+def _interceptor(cfg: AdapterConfig):
+    method = get(cfg.method)
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__" or module.is_initializing():
+            return next_fun(*args, **kwargs)
+        params = _own_params(module)
+        if not params or not all(n in params for n in method.factor_names):
+            return next_fun(*args, **kwargs)
+        if type(module) is not nn.Dense:
+            raise ConfigError(
+                f"Layer {'/'.join(module.path)!r} is a {type(module).__name__}, which factored "
+                f"execution does not handle; use adapt(apply_fn, cfg, mode='merged')."
+            )
+        (x,) = args
+        factors = {n: params[n] for n in method.factor_names}
+        x, kernel, bias, *values = promote_dtype(
+            x, params["kernel"], params.get("bias"), *factors.values(), dtype=module.dtype
+        )
+        factors = dict(zip(factors, values))
+        train = module.has_rng("dropout")
+        key = module.make_rng("dropout") if (train and cfg.dropout > 0) else None
+        return method.apply(x, kernel, bias if module.use_bias else None, factors, cfg, train=train, key=key)
+
+    return intercept
+
+
+def adapt(apply_fn: Callable[..., Any], cfg: AdapterConfig, mode: str = "factored") -> Callable[..., Any]:
+    """Wrap ``apply_fn(variables_or_params, *args, **kwargs)`` so that it runs the adapted model.
+
+    ``factored`` (default) needs a Flax Linen apply; methods with no factored form fall back to
+    merged execution automatically. ``merged`` works for any function of a params pytree.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r} is unknown; choose 'factored' or 'merged'.")
+    method = get(cfg.method)
+    if not method.factor_names:  # nothing to intercept or fold (BitFit)
+        return apply_fn
+    if mode == "merged" or method.apply is None:
+        @functools.wraps(apply_fn)
+        def merged_apply(params, *args, **kwargs):
+            return apply_fn(merge(params, cfg), *args, **kwargs)
+
+        return merged_apply
+
+    intercept = _interceptor(cfg)
+
+    @functools.wraps(apply_fn)
+    def factored_apply(variables, *args, **kwargs):
+        with nn.intercept_methods(intercept):
+            return apply_fn(variables, *args, **kwargs)
+
+    return factored_apply

@@ -1,0 +1,82 @@
+"""The ``Method`` type and the registry.
+
+A method is an immutable bundle of pure functions over *one* dense kernel ``K`` of shape
+``(d_in, d_out)`` (the layer computes ``y = x @ K + b``):
+
+- ``init(key, kernel, bias, cfg) -> factors``: the leaves added beside ``kernel``.
+- ``materialize(kernel, factors, cfg) -> kernel'``: the adapted kernel ``phi(K)``.
+- ``apply(x, kernel, bias, factors, cfg, *, train, key) -> y``: the factored path, which never
+  forms ``K'`` (``None`` when the maths needs ``K'``; execution then materialises per layer).
+- ``materialize_bias(bias, factors, cfg) -> bias'``: for methods that also change the bias.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Mapping, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+
+class Method(NamedTuple):
+    name: str
+    family: str  # "reconstruction" | "extension" | "combination"
+    formula: str  # one line, shown by `decomp-jax methods`
+    factor_names: tuple[str, ...]
+    init: Callable[..., dict]
+    materialize: Callable[..., jax.Array]
+    apply: Optional[Callable[..., jax.Array]] = None
+    materialize_bias: Optional[Callable[..., Optional[jax.Array]]] = None
+    buffers: tuple[str, ...] = ()  # factor leaves that never train
+    mergeable: bool = True
+    trains_bias: bool = False  # BitFit: the targeted layers' biases train
+    uses_rank: bool = False  # the factors have a rank r (checked against min(d_in, d_out))
+    options: Mapping[str, Any] = {}  # method-specific options and their defaults
+
+    @property
+    def trainable_names(self) -> tuple[str, ...]:
+        return tuple(n for n in self.factor_names if n not in self.buffers)
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} is already registered")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def registry() -> dict[str, Method]:
+    return dict(_REGISTRY)
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Method:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        near = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        hint = f" Did you mean {near[0]!r}?" if near else ""
+        from decomp_jax.config import ConfigError
+
+        raise ConfigError(f"Unknown method {name!r}.{hint} Known methods: {', '.join(names())}.") from None
+
+
+def linear(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None) -> jax.Array:
+    """``x @ K (+ b)`` over the last axis of ``x``."""
+    y = jnp.matmul(x, kernel)
+    return y if bias is None else y + bias
+
+
+def adapter_dropout(x: jax.Array, rate: float, train: bool, key: Optional[jax.Array]) -> jax.Array:
+    """Inverted dropout on the adapter path's input; identity outside training."""
+    if not train or rate <= 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))

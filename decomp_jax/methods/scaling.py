@@ -1,0 +1,78 @@
+"""Scaling methods of the reconstruction family: they rescale the rows and/or columns of ``K``.
+
+Scaling singular-vector subspaces is the same as scaling the input units (rows of ``K``) or the
+output units (columns of ``K``), so none of these needs an SVD.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from decomp_jax.methods.base import Method, linear, register
+
+
+def _ones_in(key, kernel, bias, cfg):
+    return {"scale_in": jnp.ones((kernel.shape[0],), kernel.dtype)}
+
+
+def _ones_out(key, kernel, bias, cfg):
+    return {"scale_out": jnp.ones((kernel.shape[1],), kernel.dtype)}
+
+
+def _ones_both(key, kernel, bias, cfg):
+    return {**_ones_in(key, kernel, bias, cfg), **_ones_out(key, kernel, bias, cfg)}
+
+
+def _ia3_apply(x, kernel, bias, factors, cfg, *, train=False, key=None):
+    if cfg.scale_bias:
+        return linear(x, kernel, bias) * factors["scale_out"]
+    return linear(x, kernel) * factors["scale_out"] + (0 if bias is None else bias)
+
+
+def _ia3_bias(bias, factors, cfg):
+    return bias * factors["scale_out"] if (cfg.scale_bias and bias is not None) else bias
+
+
+IA3 = register(Method(
+    name="ia3",
+    family="reconstruction",
+    formula="K' = K * scale_out[None, :]  (scale_bias: y = (x@K + b) * scale_out)",
+    factor_names=("scale_out",),
+    init=_ones_out,
+    materialize=lambda kernel, f, cfg: kernel * f["scale_out"][None, :],
+    apply=_ia3_apply,
+    materialize_bias=_ia3_bias,
+))
+
+SSL = register(Method(
+    name="ssl",
+    family="reconstruction",
+    formula="K' = scale_in[:, None] * K",
+    factor_names=("scale_in",),
+    init=_ones_in,
+    materialize=lambda kernel, f, cfg: f["scale_in"][:, None] * kernel,
+    apply=lambda x, kernel, bias, f, cfg, *, train=False, key=None: linear(x * f["scale_in"], kernel, bias),
+))
+
+SSB = register(Method(
+    name="ssb",
+    family="reconstruction",
+    formula="K' = scale_in[:, None] * K * scale_out[None, :]",
+    factor_names=("scale_in", "scale_out"),
+    init=_ones_both,
+    materialize=lambda kernel, f, cfg: f["scale_in"][:, None] * kernel * f["scale_out"][None, :],
+    apply=lambda x, kernel, bias, f, cfg, *, train=False, key=None: (
+        linear(x * f["scale_in"], kernel) * f["scale_out"] + (0 if bias is None else bias)
+    ),
+))
+
+BITFIT = register(Method(
+    name="bitfit",
+    family="reconstruction",
+    formula="K' = K; the targeted layers' biases train",
+    factor_names=(),
+    init=lambda key, kernel, bias, cfg: {},
+    materialize=lambda kernel, f, cfg: kernel,
+    apply=lambda x, kernel, bias, f, cfg, *, train=False, key=None: linear(x, kernel, bias),
+    trains_bias=True,
+))

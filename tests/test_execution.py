@@ -1,0 +1,140 @@
+"""Injection, merging and execution on a real (small, random) Flax BERT."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import decomp_jax as dj
+from decomp_jax import methods
+from decomp_jax.inject import adapted_layers, path_str
+from decomp_jax.models.hf import TARGET_PRESETS, sequence_classifier_apply
+
+ALL = TARGET_PRESETS["bert"]["all_linear"]
+
+
+def perturb(params, cfg, seed=0):
+    """Random, non-initial values for every trainable leaf of the adapter."""
+    mask = dj.trainable_mask(params, cfg)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    mask_leaves = jax.tree_util.tree_leaves(mask)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    out = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) if m else x for x, m, k in zip(leaves, mask_leaves, keys)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_inject_is_noop_at_init(name, tiny_bert, tiny_batch):
+    model, base = tiny_bert
+    cfg = dj.AdapterConfig(method=name, targets=ALL, rank=4)
+    params = dj.inject(base, cfg, jax.random.PRNGKey(1))
+    apply = sequence_classifier_apply(model)
+    expected = apply(base, tiny_batch)
+    for mode in ("factored", "merged"):
+        got = dj.adapt(apply, cfg, mode=mode)(params, tiny_batch)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_factored_equals_merged_outputs_and_grads(name, tiny_bert, tiny_batch):
+    model, base = tiny_bert
+    cfg = dj.AdapterConfig(method=name, targets=ALL, rank=4, train_extra="classifier", scale_bias=(name == "ia3"))
+    params = perturb(dj.inject(base, cfg, jax.random.PRNGKey(1)), cfg)
+    trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg))
+    apply = sequence_classifier_apply(model)
+
+    def loss(mode):
+        fn = dj.adapt(apply, cfg, mode=mode)
+        return lambda t: jnp.sum(jnp.sin(fn(dj.combine(t, frozen), tiny_batch)))
+
+    out_f, grad_f = jax.value_and_grad(loss("factored"))(trainable)
+    out_m, grad_m = jax.value_and_grad(loss("merged"))(trainable)
+    np.testing.assert_allclose(float(out_f), float(out_m), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(grad_f, grad_m, rtol=1e-4, atol=1e-5)
+    # and the adapted model is no longer the base model
+    base_out = apply(base, tiny_batch)
+    assert np.abs(np.asarray(dj.adapt(apply, cfg)(params, tiny_batch)) - np.asarray(base_out)).max() > 1e-4
+
+
+def test_factored_path_runs_the_method_apply(tiny_bert, tiny_batch, monkeypatch):
+    """Factored execution intercepts every adapted Dense and never calls materialize."""
+    model, base = tiny_bert
+    cfg = dj.AdapterConfig(method="lora", targets=ALL, rank=4)
+    params = dj.inject(base, cfg, jax.random.PRNGKey(1))
+    lora = methods.get("lora")
+    calls = {"apply": 0, "materialize": 0}
+
+    def counted(fn, name):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
+
+    patched = lora._replace(apply=counted(lora.apply, "apply"), materialize=counted(lora.materialize, "materialize"))
+    monkeypatch.setitem(methods.base._REGISTRY, "lora", patched)
+    dj.adapt(sequence_classifier_apply(model), cfg)(params, tiny_batch)
+    assert calls == {"apply": 2 * 6, "materialize": 0}
+
+
+def test_merge_gives_base_shaped_params(tiny_bert, tiny_batch):
+    model, base = tiny_bert
+    cfg = dj.AdapterConfig(method="dora", targets=ALL, rank=4)
+    params = perturb(dj.inject(base, cfg, jax.random.PRNGKey(1)), cfg)
+    merged = dj.merge(params, cfg)
+    assert jax.tree.map(jnp.shape, merged) == jax.tree.map(jnp.shape, base)
+    apply = sequence_classifier_apply(model)
+    np.testing.assert_allclose(np.asarray(apply(merged, tiny_batch)), np.asarray(dj.adapt(apply, cfg)(params, tiny_batch)), atol=1e-5)
+
+
+def test_inject_is_pure_and_targets_only_matches(tiny_bert):
+    _, base = tiny_bert
+    before = jax.tree.map(np.asarray, base)
+    cfg = dj.AdapterConfig(method="ssb", targets=r"attention/self/(key|value)$|intermediate/dense$")
+    params = dj.inject(base, cfg, jax.random.PRNGKey(0))
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, base))
+    adapted = sorted(path_str(p) for p, _ in adapted_layers(params, cfg))
+    assert adapted == sorted(
+        f"bert/encoder/layer/{i}/{n}" for i in range(2) for n in ("attention/self/key", "attention/self/value", "intermediate/dense")
+    )
+    layer = params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["key"]
+    assert set(layer) == {"kernel", "bias", "scale_in", "scale_out"}
+
+
+def test_same_key_same_factors_regardless_of_other_targets(tiny_bert):
+    _, base = tiny_bert
+    key = jax.random.PRNGKey(7)
+    a = dj.inject(base, dj.AdapterConfig(method="lora", targets="query$", rank=2), key)
+    b = dj.inject(base, dj.AdapterConfig(method="lora", targets="(query|value)$", rank=2), key)
+    q = lambda p: p["bert"]["encoder"]["layer"]["1"]["attention"]["self"]["query"]["lora_a"]
+    np.testing.assert_array_equal(np.asarray(q(a)), np.asarray(q(b)))
+
+
+def test_trainable_mask(tiny_bert):
+    _, base = tiny_bert
+    cfg = dj.AdapterConfig(method="dora", targets="query$", rank=2, train_extra="^classifier/")
+    params = dj.inject(base, cfg, jax.random.PRNGKey(0))
+    from flax.traverse_util import flatten_dict
+
+    flat = flatten_dict(dj.trainable_mask(params, cfg), sep="/")
+    on = sorted(k for k, v in flat.items() if v)
+    assert on == sorted(
+        [f"bert/encoder/layer/{i}/attention/self/query/{n}" for i in range(2) for n in ("lora_a", "lora_b", "magnitude")]
+        + ["classifier/bias", "classifier/kernel"]
+    )
+    bitfit = dj.AdapterConfig(method="bitfit", targets="query$")
+    flat = flatten_dict(dj.trainable_mask(base, bitfit), sep="/")
+    assert sorted(k for k, v in flat.items() if v) == [f"bert/encoder/layer/{i}/attention/self/query/bias" for i in range(2)]
+
+
+def test_bad_input_errors(tiny_bert):
+    _, base = tiny_bert
+    with pytest.raises(dj.ConfigError, match=r"matches no dense layer.*Nearest layer paths.*attention/self/query"):
+        dj.inject(base, dj.AdapterConfig(targets="attention/self/qeury$"), jax.random.PRNGKey(0))
+    with pytest.raises(dj.ConfigError, match=r"rank=40 is larger than min\(d_in, d_out\)=32.*Use rank <= 32"):
+        dj.inject(base, dj.AdapterConfig(rank=40), jax.random.PRNGKey(0))
+    once = dj.inject(base, dj.AdapterConfig(), jax.random.PRNGKey(0))
+    with pytest.raises(dj.ConfigError, match="already adapted"):
+        dj.inject(once, dj.AdapterConfig(), jax.random.PRNGKey(0))
+    with pytest.raises(dj.ConfigError, match="mode='nope' is unknown"):
+        dj.adapt(lambda p: p, dj.AdapterConfig(), mode="nope")
