@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import math
 import re
+import typing
 from typing import Any, Mapping, Optional
 
 import yaml
@@ -41,6 +42,27 @@ def _compile(pattern: str, field: str) -> None:
         raise ConfigError(f"{field}={pattern!r} is not a valid regular expression ({err}).") from err
 
 
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Convert YAML scalars to a field's type: ``"5e-4"`` (YAML 1.1 reads it as a string) -> 5e-4."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+    try:
+        if hint is float and isinstance(value, (str, int)) and not isinstance(value, bool):
+            return float(value)
+        if hint is int and isinstance(value, str):
+            return int(value)
+        if hint is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+    except ValueError:
+        raise ConfigError(f"{where} must be of type {hint.__name__}, got {value!r}.") from None
+    if hint in (int, float, bool, str) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{where} must be of type {hint.__name__}, got {value!r}.")
+    return value
+
+
 class _Serializable:
     """Dict and YAML round trip shared by the config dataclasses."""
 
@@ -50,8 +72,10 @@ class _Serializable:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: Optional[str] = None):
         data = dict(data or {})
-        _check_keys(cls, data, where or cls.__name__)
-        return cls(**data)
+        where = where or cls.__name__
+        _check_keys(cls, data, where)
+        hints = typing.get_type_hints(cls)
+        return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

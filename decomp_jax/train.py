@@ -85,7 +85,7 @@ def make_train_step(
         (_, (task_loss, reg, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": task_loss, "penalty": reg, "grad_norm": optax.global_norm(grads), **aux}
+        metrics = {"loss": task_loss, "penalty": reg, "grad_norm": optax.tree.norm(grads), **aux}
         return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng=rng), metrics
 
     jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}

@@ -1,0 +1,74 @@
+"""``decomp-jax``: train | eval | methods."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from decomp_jax.config import ConfigError
+
+
+def _train(args) -> int:
+    from decomp_jax.experiment import load_config, run
+
+    overrides = list(args.set or [])
+    if args.output_dir:
+        overrides.append(f"train.output_dir={args.output_dir}")
+    cfg = load_config(args.config, overrides)
+    record = run(cfg, progress=not args.no_progress)
+    print(json.dumps(record, indent=2))
+    print(f"wrote {cfg.train.output_dir}/metrics.json")
+    return 0
+
+
+def _eval(args) -> int:
+    from decomp_jax.experiment import evaluate_run
+
+    print(json.dumps(evaluate_run(args.run_dir, args.set or []), indent=2))
+    return 0
+
+
+def _methods(args) -> int:
+    from decomp_jax import methods
+
+    width = max(len(n) for n in methods.names())
+    for name in methods.names():
+        m = methods.get(name)
+        print(f"{name:<{width}}  {m.family:<14}  {m.formula}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="decomp-jax", description="Parameter-efficient fine-tuning in JAX/Flax.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune from a YAML experiment config")
+    train.add_argument("config", help="YAML file, e.g. configs/quickstart.yaml")
+    train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    train.add_argument("--output-dir", help="where to write metrics and the adapter (train.output_dir)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="evaluate a finished run folder on the dev set")
+    ev.add_argument("run_dir", help="the output_dir of a `decomp-jax train` run")
+    ev.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    ev.set_defaults(func=_eval)
+
+    me = sub.add_parser("methods", help="list the methods with their family and formula")
+    me.set_defaults(func=_methods)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, KeyError, FloatingPointError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"decomp-jax: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

