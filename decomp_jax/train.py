@@ -53,6 +53,10 @@ def make_optimizer(
 
 
 def init_state(trainable: dict, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """The step-0 state. The trainable leaves are copied: the train step donates the state's
+    buffers, and leaves shared with the caller's params (a head named by ``train_extra``) must
+    stay valid there."""
+    trainable = jax.tree.map(jnp.copy, trainable)
     return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=optimizer.init(trainable), rng=rng)
 
 

@@ -89,3 +89,11 @@ def test_scaling_methods_train(method, tiny_bert, tiny_batch):
     step, state, frozen = setup(tiny_bert, cfg, lr=5e-2)
     _, losses = run_steps(step, state, frozen, tiny_batch, 6)
     assert losses[-1] < losses[0]
+
+
+def test_donated_state_leaves_callers_params_valid(tiny_bert, tiny_batch):
+    _, base = tiny_bert
+    cfg = dj.AdapterConfig(method="lora", targets="query$", rank=2, train_extra="^classifier/")
+    step, state, frozen = setup(tiny_bert, cfg)
+    run_steps(step, state, frozen, tiny_batch, 2)
+    np.asarray(base["classifier"]["kernel"])  # raises if the step's donation deleted the caller's buffer
