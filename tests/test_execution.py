@@ -138,3 +138,19 @@ def test_bad_input_errors(tiny_bert):
         dj.inject(once, dj.AdapterConfig(), jax.random.PRNGKey(0))
     with pytest.raises(dj.ConfigError, match="mode='nope' is unknown"):
         dj.adapt(lambda p: p, dj.AdapterConfig(), mode="nope")
+
+
+def test_factored_execution_follows_the_layer_dtype(tiny_batch):
+    """With a bfloat16 computation dtype the adapter path computes in bfloat16 too."""
+    from transformers import BertConfig, FlaxBertForSequenceClassification
+
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=2)
+    model = FlaxBertForSequenceClassification(config, seed=0, dtype=jnp.bfloat16)
+    cfg = dj.AdapterConfig(method="lora", targets="(query|value)$", rank=4)
+    params = perturb(dj.inject(model.params, cfg, jax.random.PRNGKey(0)), cfg)
+    apply = sequence_classifier_apply(model)
+    factored = dj.adapt(apply, cfg)(params, tiny_batch)
+    merged = dj.adapt(apply, cfg, mode="merged")(params, tiny_batch)
+    assert factored.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(factored, np.float32), np.asarray(merged, np.float32), atol=0.05)
