@@ -58,7 +58,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return int(value)
     except ValueError:
         raise ConfigError(f"{where} must be of type {hint.__name__}, got {value!r}.") from None
-    if hint in (int, float, bool, str) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+    is_bool_for_number = isinstance(value, bool) and hint is not bool
+    if hint in (int, float, bool, str) and (not isinstance(value, hint) or is_bool_for_number):
         raise ConfigError(f"{where} must be of type {hint.__name__}, got {value!r}.")
     return value
 

@@ -23,7 +23,7 @@ import yaml
 
 from decomp_jax.config import AdapterConfig, ConfigError, _Serializable
 from decomp_jax.data import glue
-from decomp_jax.execution import adapt
+from decomp_jax.execution import MODES, adapt
 from decomp_jax.inject import count_params, inject, split, trainable_mask
 from decomp_jax.metrics import compute_metrics
 from decomp_jax.models.hf import load_sequence_classifier, sequence_classifier_apply
@@ -93,8 +93,8 @@ class TrainConfig(_Serializable):
             raise ConfigError(f"train.steps must be >= 1 (or null to use epochs), got {self.steps}.")
         if not self.learning_rate > 0:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}.")
-        if self.mode not in ("factored", "merged"):
-            raise ConfigError(f"train.mode={self.mode!r} is unknown; choose 'factored' or 'merged'.")
+        if self.mode not in MODES:
+            raise ConfigError(f"train.mode={self.mode!r} is unknown; choose one of {MODES}.")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "adapter": AdapterConfig, "train": TrainConfig}
