@@ -6,22 +6,32 @@
     apply = adapt(model.module.apply, cfg)   # factored execution (mode="merged" for any function)
     loss = penalty(params, cfg)              # MPC term, 0.0 when off
     plain = merge(params, cfg)               # phi(K) folded into base-shaped params
+    back = unmerge(plain, adapter_leaves(params, cfg), cfg)   # the adapted params again
+
+Stateful methods (adalora, lora_dash) add ``partition`` (trainable, buffers, frozen) and
+``make_schedule(cfg, total_steps)``, passed to ``init_state`` and ``make_train_step``.
 """
 
 from decomp_jax import methods
 from decomp_jax.config import AdapterConfig, ConfigError
 from decomp_jax.execution import adapt
-from decomp_jax.inject import combine, count_params, find_targets, inject, merge, split, trainable_mask
+from decomp_jax.inject import (
+    adapter_leaves, combine, count_params, find_targets, inject, merge, partition, set_leaves, split, trainable_mask,
+    unmerge,
+)
+from decomp_jax.methods import Schedule
 from decomp_jax.penalties import penalty
-from decomp_jax.train import TrainState, init_state, make_eval_step, make_optimizer, make_train_step
+from decomp_jax.train import TrainState, init_state, make_eval_step, make_optimizer, make_schedule, make_train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
     "ConfigError",
+    "Schedule",
     "TrainState",
     "adapt",
+    "adapter_leaves",
     "combine",
     "count_params",
     "find_targets",
@@ -29,10 +39,14 @@ __all__ = [
     "inject",
     "make_eval_step",
     "make_optimizer",
+    "make_schedule",
     "make_train_step",
     "merge",
     "methods",
+    "partition",
     "penalty",
+    "set_leaves",
     "split",
     "trainable_mask",
+    "unmerge",
 ]

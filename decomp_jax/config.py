@@ -156,6 +156,8 @@ class AdapterConfig(_Serializable):
                 f"Unknown option(s) {sorted(unknown)} for method {self.method!r}; "
                 f"it accepts {sorted(method.options) or 'none'}."
             )
+        if method.validate is not None:
+            method.validate(self)
 
     @property
     def scale(self) -> float:

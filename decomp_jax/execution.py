@@ -2,7 +2,8 @@
 
 Factored execution intercepts the ``__call__`` of every Linen ``nn.Dense`` whose parameters hold
 the method's factor leaves and runs the method's ``apply`` instead (``x@K + s*(x@A)@B``,
-``((x*scale_in)@K)*scale_out``, ...). The model code is untouched; frozen kernels are
+``((x*scale_in)@K)*scale_out``, ...). A method with no factored form (LiERA) is materialised per
+layer inside the same interception, so the rest of the model still runs unchanged. The model code is untouched; frozen kernels are
 read as constants, so differentiating with respect to the trainable leaves only computes no
 weight gradient for them. Adapter dropout is active when the call is given a ``'dropout'`` RNG
 (Flax's convention for training mode).
@@ -21,8 +22,9 @@ import flax.linen as nn
 from flax.linen.dtypes import promote_dtype
 
 from decomp_jax.config import AdapterConfig, ConfigError
-from decomp_jax.inject import merge
+from decomp_jax.inject import check_mergeable, merge
 from decomp_jax.methods import get
+from decomp_jax.methods.base import linear
 
 MODES = ("factored", "merged")
 
@@ -54,9 +56,14 @@ def _interceptor(cfg: AdapterConfig):
             x, params["kernel"], params.get("bias"), *factors.values(), dtype=module.dtype
         )
         factors = dict(zip(factors, values))
+        bias = bias if module.use_bias else None
+        if method.apply is None:  # per-layer merged execution
+            if method.materialize_bias is not None and bias is not None:
+                bias = method.materialize_bias(bias, factors, cfg)
+            return linear(x, method.materialize(kernel, factors, cfg), bias)
         train = module.has_rng("dropout")
         key = module.make_rng("dropout") if (train and cfg.dropout > 0) else None
-        return method.apply(x, kernel, bias if module.use_bias else None, factors, cfg, train=train, key=key)
+        return method.apply(x, kernel, bias, factors, cfg, train=train, key=key)
 
     return intercept
 
@@ -64,15 +71,18 @@ def _interceptor(cfg: AdapterConfig):
 def adapt(apply_fn: Callable[..., Any], cfg: AdapterConfig, mode: str = "factored") -> Callable[..., Any]:
     """Wrap ``apply_fn(variables_or_params, *args, **kwargs)`` so that it runs the adapted model.
 
-    ``factored`` (default) needs a Flax Linen apply; methods with no factored form fall back to
-    merged execution automatically. ``merged`` works for any function of a params pytree.
+    ``factored`` (default) needs a Flax Linen apply; methods with no factored form are
+    materialised per layer. ``merged`` works for any function of a params pytree but not for the
+    non-mergeable adapters.
     """
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r} is unknown; choose 'factored' or 'merged'.")
     method = get(cfg.method)
     if not method.factor_names:  # nothing to intercept or fold (BitFit)
         return apply_fn
-    if mode == "merged" or method.apply is None:
+    if mode == "merged":
+        check_mergeable(method)
+
         @functools.wraps(apply_fn)
         def merged_apply(params, *args, **kwargs):
             return apply_fn(merge(params, cfg), *args, **kwargs)

@@ -3,7 +3,7 @@
 The YAML has four sections (``model``, ``data``, ``adapter``, ``train``); see
 ``configs/quickstart.yaml``. ``run(cfg)`` fine-tunes, evaluates, and writes to ``train.output_dir``:
 ``config.yaml``, ``metrics.jsonl`` (one line per log interval and eval), ``metrics.json`` (final)
-and ``adapter.safetensors`` (the trainable leaves, '/'-joined names).
+and ``adapter.safetensors`` (the trainable leaves and the state's buffers, '/'-joined names).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import yaml
 from decomp_jax.config import AdapterConfig, ConfigError, _Serializable
 from decomp_jax.data import glue
 from decomp_jax.execution import MODES, adapt
-from decomp_jax.inject import count_params, inject, split, trainable_mask
+from decomp_jax.inject import combine, count_params, inject, partition
 from decomp_jax.metrics import compute_metrics
 from decomp_jax.models.hf import load_sequence_classifier, sequence_classifier_apply
 from decomp_jax.train import (
-    classification_loss, init_state, make_eval_step, make_optimizer, make_train_step, regression_loss,
+    classification_loss, init_state, make_eval_step, make_optimizer, make_schedule, make_train_step, regression_loss,
 )
 
 
@@ -171,8 +171,7 @@ class Task:
         self.train_arrays = glue.tokenize(train_examples, self.tokenizer, train_length) if need_train else None
         self.eval_arrays = glue.tokenize(eval_examples, self.tokenizer, cfg.data.max_length)
         params = inject(self.base_params, cfg.adapter, jax.random.PRNGKey(seed))
-        mask = trainable_mask(params, cfg.adapter)
-        self.trainable, self.frozen = split(params, mask)
+        self.trainable, self.buffers, self.frozen = partition(params, cfg.adapter)
         self.apply = adapt(sequence_classifier_apply(self.model), cfg.adapter, mode=cfg.train.mode)
         self.eval_step = make_eval_step(lambda p, b: self.apply(p, b, train=False))
 
@@ -186,11 +185,12 @@ class Task:
             return regression_loss(outputs, batch["labels"]), {}
         return classification_loss(outputs, batch["labels"]), {}
 
-    def evaluate(self, trainable) -> dict[str, float]:
+    def evaluate(self, trainable, buffers: Optional[dict] = None) -> dict[str, float]:
+        frozen = combine(self.buffers if buffers is None else buffers, self.frozen)
         preds, labels = [], []
         for batch in glue.batches(self.eval_arrays, self.cfg.train.eval_batch_size, shuffle=False, seed=0, drop_last=False):
             real = batch["weights"] > 0
-            out = np.asarray(jax.device_get(self.eval_step(trainable, self.frozen, batch)), np.float32)
+            out = np.asarray(jax.device_get(self.eval_step(trainable, frozen, batch)), np.float32)
             preds.append(out[real])
             labels.append(batch["labels"][real])
         return compute_metrics(self.spec.name, np.concatenate(preds), np.concatenate(labels))
@@ -253,8 +253,12 @@ def run(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         tc.learning_rate, steps, warmup_ratio=tc.warmup_ratio, weight_decay=tc.weight_decay,
         grad_clip=tc.grad_clip, grad_accum=tc.grad_accum,
     )
-    train_step = make_train_step(task.loss, optimizer, cfg.adapter)
-    state = init_state(task.trainable, optimizer, jax.random.PRNGKey(tc.seed + 1))
+    schedule = make_schedule(cfg.adapter, steps)
+    train_step = make_train_step(task.loss, optimizer, cfg.adapter, schedule=schedule)
+    state = init_state(
+        task.trainable, optimizer, jax.random.PRNGKey(tc.seed + 1),
+        buffers=task.buffers, schedule=schedule, frozen=task.frozen,
+    )
     n_trainable = count_params(task.trainable)
     n_backbone = task.backbone_params
     summary = (f"{cfg.adapter.method}: {n_trainable:,} trainable parameters = "
@@ -285,14 +289,14 @@ def run(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
             bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{rate:.0f}")
         bar.update(1)
         if tc.eval_every and step % tc.eval_every == 0 and step < steps:
-            _append_jsonl(log_path, {"step": step, "eval": task.evaluate(state.trainable)})
+            _append_jsonl(log_path, {"step": step, "eval": task.evaluate(state.trainable, state.buffers)})
     jax.block_until_ready(state.trainable)
     bar.close()
     train_seconds = time.perf_counter() - start
 
-    eval_metrics = task.evaluate(state.trainable)
+    eval_metrics = task.evaluate(state.trainable, state.buffers)
     _append_jsonl(log_path, {"step": steps, "eval": eval_metrics})
-    save_adapter(state.trainable, out_dir / "adapter.safetensors")
+    save_adapter(combine(state.trainable, state.buffers), out_dir / "adapter.safetensors")
     record = {
         "task": task.spec.name,
         "method": cfg.adapter.method,
@@ -316,5 +320,5 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> d
         )
     cfg = load_config(run_dir / "config.yaml", overrides)
     task = Task(cfg, need_train=False)
-    trainable = load_adapter(run_dir / "adapter.safetensors", task.trainable)
-    return {"task": task.spec.name, "method": cfg.adapter.method, "eval": task.evaluate(trainable)}
+    adapter = load_adapter(run_dir / "adapter.safetensors", combine(task.trainable, task.buffers))
+    return {"task": task.spec.name, "method": cfg.adapter.method, "eval": task.evaluate(adapter, buffers={})}

@@ -90,6 +90,8 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
         factors = method.init(_layer_key(rng, path), kernel, flat.get(path + ("bias",)), cfg)
         for name, value in factors.items():
             flat[path + (name,)] = value
+        if method.residual is not None:  # PiSSA/MiLoRA: the layer keeps K - s * a0 @ b0
+            flat[path + ("kernel",)] = method.residual(kernel, factors, cfg)
     return unflatten_dict(flat)
 
 
@@ -105,17 +107,24 @@ def adapted_layers(params, cfg: AdapterConfig) -> Iterator[tuple[Path, dict]]:
             yield path, {k[prefix]: v for k, v in flat.items() if k[:prefix] == path and len(k) == prefix + 1}
 
 
+def check_mergeable(method) -> None:
+    if not method.mergeable:
+        from decomp_jax.methods import registry
+
+        raise ConfigError(
+            f"Method {method.name!r} is not mergeable: its update is a non-linear function of the layer's "
+            f"input or output, not a new kernel. Run it with adapt(..., mode='factored'). Non-mergeable methods: "
+            f"{sorted(n for n, m in registry().items() if not m.mergeable)}."
+        )
+
+
 def merge(params, cfg: AdapterConfig):
     """Fold ``phi(K)`` into each adapted kernel and drop the factor leaves.
 
     Returns plain params with the base model's structure and shapes.
     """
     method = get(cfg.method)
-    if not method.mergeable:
-        raise ConfigError(
-            f"Method {cfg.method!r} is not mergeable (its update is not a function of the kernel "
-            f"alone); run it with adapt(..., mode='factored') instead."
-        )
+    check_mergeable(method)
     flat = _flat(params)
     for path, layer in adapted_layers(params, cfg):
         factors = {n: layer[n] for n in method.factor_names}
@@ -124,6 +133,60 @@ def merge(params, cfg: AdapterConfig):
             flat[path + ("bias",)] = method.materialize_bias(layer["bias"], factors, cfg)
         for name in method.factor_names:
             del flat[path + (name,)]
+    return unflatten_dict(flat)
+
+
+def adapter_leaves(params, cfg: AdapterConfig) -> dict:
+    """The method's factor leaves (trainable and buffers) of every adapted layer, as a nested dict."""
+    names = get(cfg.method).factor_names
+    return unflatten_dict({path + (n,): layer[n] for path, layer in adapted_layers(params, cfg) for n in names})
+
+
+def unmerge(merged, adapter, cfg: AdapterConfig):
+    """Inverse of ``merge``: recover each adapted layer's base kernel from ``K'`` and re-attach the
+    factor leaves held by ``adapter`` (e.g. ``adapter_leaves(params, cfg)``).
+
+    ``unmerge(merge(p, cfg), adapter_leaves(p, cfg), cfg) == p`` to float tolerance, for every
+    method whose ``K`` is recoverable: not DoRA (the column norms of ``K + dK`` are lost) nor
+    SAM-PARSER (the original singular values are lost); the scaling methods need non-zero scales.
+    """
+    method = get(cfg.method)
+    check_mergeable(method)
+    if method.unmaterialize is None:
+        raise ConfigError(
+            f"Method {cfg.method!r} cannot be unmerged: K is not recoverable from the merged kernel and the "
+            f"factors. Keep the unmerged params (or the base model) to go back."
+        )
+    if not method.factor_names:  # BitFit: merging changed nothing
+        return merged
+    flat, flat_adapter = _flat(merged), _flat(adapter)
+    layers = sorted({path[:-1] for path in flat_adapter if path[-1] in method.factor_names})
+    if not layers:
+        raise ConfigError(f"`adapter` holds no {cfg.method} factor leaves {method.factor_names}; pass adapter_leaves(params, cfg).")
+    for path in layers:
+        where = path_str(path)
+        missing = [n for n in method.factor_names if path + (n,) not in flat_adapter]
+        if missing or path + ("kernel",) not in flat:
+            raise ConfigError(
+                f"Layer {where!r}: the adapter lacks {missing} or the merged params lack its kernel; "
+                f"pass the merged params and the adapter of the same model."
+            )
+        factors = {n: flat_adapter[path + (n,)] for n in method.factor_names}
+        kernel, bias = method.unmaterialize(flat[path + ("kernel",)], flat.get(path + ("bias",)), factors, cfg)
+        flat[path + ("kernel",)] = kernel
+        if bias is not None:
+            flat[path + ("bias",)] = bias
+        flat.update({path + (n,): v for n, v in factors.items()})
+    return unflatten_dict(flat)
+
+
+def set_leaves(params, changes: dict) -> dict:
+    """A new tree with the leaves at the given paths (tuples) replaced."""
+    flat = _flat(params)
+    unknown = [path_str(p) for p in changes if p not in flat]
+    if unknown:
+        raise KeyError(f"no leaves at {unknown[:5]}")
+    flat.update(changes)
     return unflatten_dict(flat)
 
 
@@ -160,6 +223,21 @@ def split(params, mask) -> tuple[dict, dict]:
     trainable = {p: v for p, v in flat.items() if flat_mask[p]}
     frozen = {p: v for p, v in flat.items() if not flat_mask[p]}
     return unflatten_dict(trainable), unflatten_dict(frozen)
+
+
+def partition(params, cfg: AdapterConfig) -> tuple[dict, dict, dict]:
+    """``(trainable, buffers, frozen)``: ``buffers`` holds the buffers that a stateful method's
+    schedule rewrites during training (LoRA-Dash's directions); it lives in the train state and is
+    empty for every other method (their buffers are constants and stay in ``frozen``)."""
+    trainable, frozen = split(params, trainable_mask(params, cfg))
+    method = get(cfg.method)
+    if method.schedule is None or not method.buffers:
+        return trainable, {}, frozen
+    flat = _flat(frozen)
+    adapted = {path for path, _ in adapted_layers(params, cfg)}
+    is_buffer = {p: (p[:-1] in adapted and p[-1] in method.buffers) for p in flat}
+    buffers, frozen = split(frozen, unflatten_dict(is_buffer))
+    return trainable, buffers, frozen
 
 
 def combine(*trees) -> dict:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from decomp_jax.config import AdapterConfig
 from decomp_jax.inject import adapted_layers
+from decomp_jax.methods import get
 
 
 def _frobenius(m, squared: bool):
@@ -36,13 +37,15 @@ def mpc_terms(lora_a, lora_b, kind: str, squared: bool = True):
 
 
 def penalty(params, cfg: AdapterConfig):
-    """``lambda * mean over adapted layers of R``; 0.0 when ``cfg.mpc`` is None."""
-    if cfg.mpc is None or cfg.mpc_lambda == 0:
+    """``lambda * mean over adapted layers of R``; 0.0 when ``cfg.mpc`` is None and the method has
+    no built-in regulariser (AdaLoRA's orthogonality term is MPC_o)."""
+    kind = cfg.mpc or get(cfg.method).regularizer
+    if kind is None or cfg.mpc_lambda == 0:
         return jnp.float32(0.0)
     squared = cfg.mpc_norm == "squared"
     per_layer = []
     for _, layer in adapted_layers(params, cfg):
-        term_a, term_b = mpc_terms(layer["lora_a"].astype(jnp.float32), layer["lora_b"].astype(jnp.float32), cfg.mpc, squared)
+        term_a, term_b = mpc_terms(layer["lora_a"].astype(jnp.float32), layer["lora_b"].astype(jnp.float32), kind, squared)
         per_layer.append(term_a + term_b if squared else (term_a + term_b) / 2)
     if not per_layer:
         return jnp.float32(0.0)

@@ -1,8 +1,11 @@
 """Training: optax all the way, one jit-compiled step, gradients only for trainable leaves.
 
-The params are split once into ``trainable`` and ``frozen`` halves (``inject.split``). The train
-state holds the trainable half and its optimizer state only; the frozen half is an argument of
-the step that is never differentiated nor updated, so it stays bit-identical.
+The params are split once into ``trainable``, ``buffers`` and ``frozen`` parts
+(``inject.partition``). The train state holds the trainable leaves and their optimizer state, the
+buffers a stateful method rewrites (LoRA-Dash) and that method's state (AdaLoRA's sensitivity
+EMAs and masks); the frozen part is an argument of the step that is never differentiated nor
+updated, so it stays bit-identical. A stateful method's ``Schedule.update`` runs inside the step
+after each optimizer update, so training with it is as deterministic as without.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flax.traverse_util import flatten_dict, unflatten_dict
+
 from decomp_jax.config import AdapterConfig
 from decomp_jax.inject import combine
+from decomp_jax.methods import Schedule, get
 from decomp_jax.penalties import penalty
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
@@ -23,10 +29,20 @@ LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 @chex.dataclass
 class TrainState:
-    step: jax.Array
+    step: jax.Array  # micro-steps done (optimizer updates times grad_accum)
     trainable: dict
     opt_state: Any
     rng: jax.Array
+    buffers: Optional[dict] = None  # buffers rewritten by a method's schedule (LoRA-Dash)
+    method_state: Any = None  # a stateful method's state (AdaLoRA)
+
+
+def make_schedule(cfg: Optional[AdapterConfig], total_steps: int) -> Optional[Schedule]:
+    """The method's ``Schedule`` for a run of ``total_steps`` optimizer updates (None if stateless)."""
+    if cfg is None:
+        return None
+    method = get(cfg.method)
+    return None if method.schedule is None else method.schedule(cfg, total_steps)
 
 
 def make_optimizer(
@@ -52,12 +68,50 @@ def make_optimizer(
     return optax.MultiSteps(tx, grad_accum) if grad_accum > 1 else tx
 
 
-def init_state(trainable: dict, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    """The step-0 state. The trainable leaves are copied: the train step donates the state's
-    buffers, and leaves shared with the caller's params (a head named by ``train_extra``) must
-    stay valid there."""
+def init_state(
+    trainable: dict,
+    optimizer: optax.GradientTransformation,
+    rng: jax.Array,
+    *,
+    buffers: Optional[dict] = None,
+    schedule: Optional[Schedule] = None,
+    frozen: Optional[dict] = None,
+) -> TrainState:
+    """The step-0 state. Leaves are copied: the train step donates the state's buffers, and no
+    two leaves may share one (a head named by ``train_extra`` shares the caller's params; a
+    schedule's init may reuse one zeros array). With a ``schedule``, pass ``frozen`` too (its
+    state is built from the whole tree)."""
     trainable = jax.tree.map(jnp.copy, trainable)
-    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=optimizer.init(trainable), rng=rng)
+    buffers = jax.tree.map(jnp.copy, buffers or {})
+    method_state = None
+    if schedule is not None:
+        method_state = jax.tree.map(jnp.copy, schedule.init(combine(trainable, buffers, frozen or {})))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=optimizer.init(trainable), rng=rng,
+        buffers=buffers, method_state=method_state,
+    )
+
+
+def _pick(params: dict, like: dict) -> dict:
+    """The leaves of ``params`` at the paths of ``like``."""
+    flat = flatten_dict(params)
+    return unflatten_dict({p: flat[p] for p in flatten_dict(like)})
+
+
+def _run_schedule(schedule: Schedule, state: TrainState, opt_state, trainable, buffers, frozen, grads):
+    """``schedule.update`` after an optimizer update; with gradient accumulation
+    (``optax.MultiSteps``) only on the micro-steps that emitted an update."""
+
+    def run(step):
+        params = combine(trainable, buffers, frozen)
+        method_state, params = schedule.update(state.method_state, step, params, grads)
+        return method_state, _pick(params, trainable), _pick(params, buffers)
+
+    if isinstance(opt_state, optax.MultiStepsState):
+        emitted = opt_state.mini_step == 0
+        skip = lambda step: (state.method_state, trainable, buffers)
+        return jax.lax.cond(emitted, run, skip, opt_state.gradient_step)
+    return run(state.step + 1)
 
 
 def make_train_step(
@@ -65,6 +119,7 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     cfg: Optional[AdapterConfig] = None,
     *,
+    schedule: Optional[Schedule] = None,
     state_sharding=None,
     frozen_sharding=None,
     batch_sharding=None,
@@ -73,15 +128,18 @@ def make_train_step(
     """A jitted ``step(state, frozen, batch) -> (state, metrics)``.
 
     ``loss_fn(params, batch, rng) -> (loss, aux)`` sees the recombined params; the MPC penalty
-    of ``cfg`` is added to it. Shardings (``jax.sharding`` objects or pytrees of them) are passed
+    of ``cfg`` is added to it. ``schedule`` (``make_schedule(cfg, total_steps)``) runs a stateful
+    method's update after each optimizer update. Shardings (``jax.sharding`` objects or pytrees of them) are passed
     to ``jax.jit`` when given, so data-parallel or FSDP layouts need no change here.
     """
 
     def step(state: TrainState, frozen: dict, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
 
+        buffers = state.buffers or {}
+
         def objective(trainable):
-            params = combine(trainable, frozen)
+            params = combine(trainable, buffers, frozen)
             task_loss, aux = loss_fn(params, batch, step_rng)
             reg = penalty(params, cfg) if cfg is not None else jnp.float32(0.0)
             return task_loss + reg, (task_loss, reg, aux)
@@ -89,8 +147,15 @@ def make_train_step(
         (_, (task_loss, reg, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
+        method_state = state.method_state
+        if schedule is not None:
+            method_state, trainable, buffers = _run_schedule(schedule, state, opt_state, trainable, buffers, frozen, grads)
         metrics = {"loss": task_loss, "penalty": reg, "grad_norm": optax.tree.norm(grads), **aux}
-        return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng=rng), metrics
+        new_state = TrainState(
+            step=state.step + 1, trainable=trainable, opt_state=opt_state, rng=rng,
+            buffers=buffers, method_state=method_state,
+        )
+        return new_state, metrics
 
     jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if any(s is not None for s in (state_sharding, frozen_sharding, batch_sharding)):
@@ -100,7 +165,8 @@ def make_train_step(
 
 
 def make_eval_step(predict_fn: Callable[[Any, dict], jax.Array], *, batch_sharding=None) -> Callable:
-    """A jitted ``eval_step(trainable, frozen, batch) -> predictions``."""
+    """A jitted ``eval_step(trainable, frozen, batch) -> predictions`` (pass
+    ``combine(state.buffers, frozen)`` as ``frozen`` for a method with buffers in the state)."""
 
     def eval_step(trainable, frozen, batch):
         return predict_fn(combine(trainable, frozen), batch)

@@ -12,11 +12,16 @@ from decomp_jax.inject import adapted_layers, path_str
 from decomp_jax.models.hf import TARGET_PRESETS, sequence_classifier_apply
 
 ALL = TARGET_PRESETS["bert"]["all_linear"]
+MERGEABLE = [n for n in methods.names() if methods.get(n).mergeable]
+ADAPTERS = [n for n in methods.names() if not methods.get(n).mergeable]
 
 
-def perturb(params, cfg, seed=0):
-    """Random, non-initial values for every trainable leaf of the adapter."""
+def perturb(params, cfg, seed=0, buffers=False):
+    """Random, non-initial values for every trainable leaf of the adapter (and its buffers)."""
     mask = dj.trainable_mask(params, cfg)
+    if buffers:  # LoRA-Dash's directions are zero until its warm-up ends
+        names = methods.get(cfg.method).buffers
+        mask = jax.tree_util.tree_map_with_path(lambda p, m: m or p[-1].key in names, mask)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     mask_leaves = jax.tree_util.tree_leaves(mask)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
@@ -31,16 +36,45 @@ def test_inject_is_noop_at_init(name, tiny_bert, tiny_batch):
     params = dj.inject(base, cfg, jax.random.PRNGKey(1))
     apply = sequence_classifier_apply(model)
     expected = apply(base, tiny_batch)
-    for mode in ("factored", "merged"):
+    for mode in ("factored", "merged") if name in MERGEABLE else ("factored",):
         got = dj.adapt(apply, cfg, mode=mode)(params, tiny_batch)
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", methods.names())
+@pytest.mark.parametrize("name", ADAPTERS)
+def test_adapters_refuse_merging(name, tiny_bert):
+    model, base = tiny_bert
+    cfg = dj.AdapterConfig(method=name, targets=ALL, rank=4)
+    params = dj.inject(base, cfg, jax.random.PRNGKey(1))
+    expected = r"not mergeable.*mode='factored'.*\['houlsby', 'parallel_adapter', 'pfeiffer'\]"
+    with pytest.raises(dj.ConfigError, match=expected):
+        dj.merge(params, cfg)
+    with pytest.raises(dj.ConfigError, match=expected):
+        dj.adapt(sequence_classifier_apply(model), cfg, mode="merged")
+
+
+@pytest.mark.parametrize("name", MERGEABLE)
+def test_merge_unmerge_round_trip(name, tiny_bert, tiny_batch):
+    model, base = tiny_bert
+    cfg = dj.AdapterConfig(method=name, targets=ALL, rank=4, scale_bias=(name == "ia3"))
+    # svdiff's buffers define its K (u diag(sigma0) vt); lora_dash's are zero until its warm-up ends
+    params = perturb(dj.inject(base, cfg, jax.random.PRNGKey(1)), cfg, buffers=(name == "lora_dash"))
+    merged = dj.merge(params, cfg)
+    assert jax.tree.map(jnp.shape, merged) == jax.tree.map(jnp.shape, base)
+    adapter = dj.adapter_leaves(params, cfg)
+    if methods.get(name).unmaterialize is None:  # dora, sam_parser: K is not recoverable
+        with pytest.raises(dj.ConfigError, match="cannot be unmerged"):
+            dj.unmerge(merged, adapter, cfg)
+        return
+    back = dj.unmerge(merged, adapter, cfg)
+    chex.assert_trees_all_close(back, params, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", MERGEABLE)
 def test_factored_equals_merged_outputs_and_grads(name, tiny_bert, tiny_batch):
     model, base = tiny_bert
     cfg = dj.AdapterConfig(method=name, targets=ALL, rank=4, train_extra="classifier", scale_bias=(name == "ia3"))
-    params = perturb(dj.inject(base, cfg, jax.random.PRNGKey(1)), cfg)
+    params = perturb(dj.inject(base, cfg, jax.random.PRNGKey(1)), cfg, buffers=True)
     trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg))
     apply = sequence_classifier_apply(model)
 

@@ -11,15 +11,32 @@ from decomp_jax import methods
 D_IN, D_OUT, R = 12, 10, 4
 
 
+MERGEABLE = [n for n in methods.names() if methods.get(n).mergeable]
+ADAPTERS = [n for n in methods.names() if not methods.get(n).mergeable]
+
+
 def _np_colnorm(k):
     return np.sqrt((k ** 2).sum(axis=0))
 
 
-def reference(name, K, f, cfg):
-    """The spec's formulas, written with NumPy only (float64)."""
+def _relu(z):
+    return np.maximum(z, 0.0)
+
+
+def reference_kernel(name, K, f, cfg):
+    """The spec's adapted kernel K', written with NumPy only (float64)."""
     s = cfg.alpha / (np.sqrt(cfg.rank) if cfg.rslora else cfg.rank)
-    if name == "lora":
+    if name in ("lora", "pissa", "milora"):
         return K + s * f["lora_a"] @ f["lora_b"]
+    if name == "trilora":
+        s_t = s if cfg.options.get("scale_by_rank") else 1.0
+        return K + s_t * f["lora_a"] @ np.diag(f["lora_e"]) @ f["lora_b"]
+    if name == "adalora":
+        return K + (cfg.alpha / cfg.rank) * f["lora_a"] @ np.diag(f["lora_e"]) @ f["lora_b"]
+    if name in ("flora", "moslora"):
+        return K + s * f["lora_a"] @ f["lora_g"] @ f["lora_b"]
+    if name == "liera":
+        return K * (1 + s * f["lora_a"] @ f["lora_b"])
     if name == "dora":
         V = K + s * f["lora_a"] @ f["lora_b"]
         return V * (f["magnitude"] / _np_colnorm(V))[None, :]
@@ -31,18 +48,40 @@ def reference(name, K, f, cfg):
         return f["scale_in"][:, None] * K * f["scale_out"][None, :]
     if name == "bitfit":
         return K
-    raise AssertionError(f"no reference for {name}")
+    if name == "sam_parser":
+        return f["u"] @ np.diag(f["sigma"]) @ f["vt"]
+    if name == "svdiff":
+        return f["u"] @ np.diag(_relu(f["sigma0"] + f["delta"])) @ f["vt"]
+    if name == "spectral":
+        S = np.diag(f["s_r"])
+        rotated = (f["u_r"] + f["adapter_u"]) @ S @ (f["vt_r"] + f["adapter_v"])
+        return K + s * (rotated - f["u_r"] @ S @ f["vt_r"])
+    if name == "lora_dash":
+        return K + s * f["lora_a"] @ f["lora_b"] + f["dash_u"] @ np.diag(f["dash"]) @ f["dash_vt"]
+    raise AssertionError(f"no kernel reference for {name}")
+
+
+def reference_output(name, x, K, b, f, cfg):
+    """The layer output: ``x @ K' + b`` for mergeable methods, the adapter formulas otherwise."""
+    if name == "parallel_adapter":
+        return x @ K + b + _relu(x @ f["lora_a"]) @ f["lora_b"]
+    if name in ("houlsby", "pfeiffer"):
+        h = x @ K + b
+        z = h @ f["down"] + f["down_bias"]
+        act = z / (1 + np.exp(-z)) if name == "houlsby" else _relu(z)
+        return h + act @ f["up"] + f["up_bias"]
+    return x @ reference_kernel(name, K, f, cfg) + b
 
 
 def random_factors(method, key, K, b, cfg):
-    """The method's factors with the init's shapes but random, non-initial values."""
+    """The method's factors (buffers included) with the init's shapes but random, non-initial values."""
     init = method.init(key, jnp.asarray(K), jnp.asarray(b), cfg)
     rng = np.random.default_rng(1)
     out = {}
     for n, v in init.items():
         val = rng.normal(size=v.shape)
-        if n in ("scale_in", "scale_out", "magnitude"):
-            val = 1.0 + 0.3 * val
+        if n in ("scale_in", "scale_out", "magnitude", "sigma", "sigma0", "s_r"):
+            val = 1.0 + 0.3 * val  # positive-ish, some sigma0 + delta < 0 so relu matters
         out[n] = val
     return out
 
@@ -53,30 +92,108 @@ def kernel_bias():
     return rng.normal(size=(D_IN, D_OUT)), rng.normal(size=(D_OUT,))
 
 
+def _j(tree):
+    return {n: jnp.asarray(v, jnp.float32) for n, v in tree.items()}
+
+
 @pytest.mark.parametrize("name", methods.names())
 @pytest.mark.parametrize("rslora", [False, True])
 def test_materialize_and_apply_match_reference(name, rslora, kernel_bias):
     K, b = kernel_bias
+    if name == "adalora" and rslora:
+        with pytest.raises(dj.ConfigError, match="rslora does not apply"):
+            dj.AdapterConfig(method=name, rslora=True)
+        return
     cfg = dj.AdapterConfig(method=name, rank=R, alpha=6.0, rslora=rslora)
     method = methods.get(name)
     f = random_factors(method, jax.random.PRNGKey(0), K, b, cfg)
-    f32 = {n: jnp.asarray(v, jnp.float32) for n, v in f.items()}
-    expected = reference(name, K, f, cfg)
-    got = method.materialize(jnp.asarray(K, jnp.float32), f32, cfg)
-    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)
-
+    if method.mergeable:
+        got = method.materialize(jnp.asarray(K, jnp.float32), _j(f), cfg)
+        np.testing.assert_allclose(np.asarray(got), reference_kernel(name, K, f, cfg), rtol=1e-5, atol=1e-5)
     x = np.random.default_rng(2).normal(size=(3, 5, D_IN))
-    y = method.apply(jnp.asarray(x, jnp.float32), jnp.asarray(K, jnp.float32), jnp.asarray(b, jnp.float32), f32, cfg)
-    np.testing.assert_allclose(np.asarray(y), x @ expected + b, rtol=1e-4, atol=1e-4)
+    y = method.apply(jnp.asarray(x, jnp.float32), jnp.asarray(K, jnp.float32), jnp.asarray(b, jnp.float32), _j(f), cfg) \
+        if method.apply else None
+    if method.apply is None:  # runs merged per layer (LiERA)
+        y = x @ np.asarray(method.materialize(jnp.asarray(K, jnp.float32), _j(f), cfg)) + b
+    np.testing.assert_allclose(np.asarray(y), reference_output(name, x, K, b, f, cfg), rtol=1e-4, atol=1e-4)
+
+
+def test_trilora_scale_by_rank_option(kernel_bias):
+    K, b = kernel_bias
+    cfg = dj.AdapterConfig(method="trilora", rank=R, alpha=6.0, options={"scale_by_rank": True})
+    method = methods.get("trilora")
+    f = random_factors(method, jax.random.PRNGKey(0), K, b, cfg)
+    got = method.materialize(jnp.asarray(K, jnp.float32), _j(f), cfg)
+    np.testing.assert_allclose(np.asarray(got), reference_kernel("trilora", K, f, cfg), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(got), reference_kernel("trilora", K, f, cfg.replace(options={})), atol=1e-3)
+
+
+def _initial(method, K, b, cfg, key=3):
+    """(factors, base kernel after injection) at init."""
+    Kj = jnp.asarray(K, jnp.float32)
+    f = method.init(jax.random.PRNGKey(key), Kj, jnp.asarray(b, jnp.float32), cfg)
+    base = method.residual(Kj, f, cfg) if method.residual else Kj
+    return f, base
 
 
 @pytest.mark.parametrize("name", methods.names())
 def test_init_is_identity(name, kernel_bias):
+    """At init the adapted layer is the base layer; SAM-PARSER and SVDiff rebuild K from its SVD,
+    PiSSA/MiLoRA's residual plus their factors give K back."""
     K, b = kernel_bias
     cfg = dj.AdapterConfig(method=name, rank=R)
     method = methods.get(name)
-    f = method.init(jax.random.PRNGKey(3), jnp.asarray(K, jnp.float32), jnp.asarray(b, jnp.float32), cfg)
-    np.testing.assert_allclose(np.asarray(method.materialize(jnp.asarray(K, jnp.float32), f, cfg)), K, rtol=1e-5, atol=1e-5)
+    f, base = _initial(method, K, b, cfg)
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(6, D_IN)), jnp.float32)
+    if method.mergeable:
+        np.testing.assert_allclose(np.asarray(method.materialize(base, f, cfg)), K, rtol=1e-5, atol=1e-5)
+    if method.apply is not None:
+        y = method.apply(x, base, jnp.asarray(b, jnp.float32), f, cfg)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x) @ K + b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in MERGEABLE if methods.get(n).unmaterialize is not None])
+def test_unmaterialize_inverts_materialize(name, kernel_bias):
+    K, b = kernel_bias
+    cfg = dj.AdapterConfig(method=name, rank=R, alpha=6.0, scale_bias=(name == "ia3"))
+    method = methods.get(name)
+    f = _j(random_factors(method, jax.random.PRNGKey(0), K, b, cfg))
+    Kj, bj = jnp.asarray(K, jnp.float32), jnp.asarray(b, jnp.float32)
+    if name == "svdiff":  # K' ignores K; unmerge rebuilds it from the buffers (K = u diag(sigma0) vt)
+        Kj = (f["u"] * f["sigma0"]) @ f["vt"]
+    merged_b = method.materialize_bias(bj, f, cfg) if method.materialize_bias else bj
+    back_k, back_b = method.unmaterialize(method.materialize(Kj, f, cfg), merged_b, f, cfg)
+    np.testing.assert_allclose(np.asarray(back_k), np.asarray(Kj), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(back_b), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,bottom", [("pissa", False), ("milora", True)])
+def test_pissa_milora_factors_come_from_the_svd(name, bottom, kernel_bias):
+    K, b = kernel_bias
+    cfg = dj.AdapterConfig(method=name, rank=R, alpha=6.0)
+    f, base = _initial(methods.get(name), K, b, cfg)
+    U, S, Vt = np.linalg.svd(K, full_matrices=False)
+    pick = slice(len(S) - R, None) if bottom else slice(0, R)
+    s = cfg.alpha / cfg.rank
+    principal = U[:, pick] @ np.diag(S[pick]) @ Vt[pick]
+    np.testing.assert_allclose(s * np.asarray(f["lora_a"]) @ np.asarray(f["lora_b"]), principal, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(base), K - principal, atol=1e-5)
+    # lora_a = U_r diag(sqrt(S_r / s)): orthogonal columns with squared norms S_r / s
+    gram = np.asarray(f["lora_a"]).T @ np.asarray(f["lora_a"])
+    np.testing.assert_allclose(gram, np.diag(S[pick] / s), atol=1e-5)
+
+
+def test_sam_parser_and_svdiff_buffers_are_the_svd(kernel_bias):
+    K, b = kernel_bias
+    U, S, Vt = np.linalg.svd(K, full_matrices=False)
+    for name, values in (("sam_parser", "sigma"), ("svdiff", "sigma0")):
+        f, _ = _initial(methods.get(name), K, b, dj.AdapterConfig(method=name))
+        np.testing.assert_allclose(np.asarray(f[values]), S, rtol=1e-5)
+        # singular vectors up to sign
+        np.testing.assert_allclose(np.abs(np.asarray(f["u"]).T @ U), np.eye(len(S)), atol=1e-4)
+        np.testing.assert_allclose(np.abs(np.asarray(f["vt"]) @ Vt.T), np.eye(len(S)), atol=1e-4)
+    assert set(methods.get("svdiff").buffers) == {"u", "sigma0", "vt"}
+    assert set(methods.get("sam_parser").trainable_names) == {"sigma"}
 
 
 def test_ia3_scale_bias_scales_whole_output(kernel_bias):
@@ -118,7 +235,7 @@ def test_lora_dropout_only_on_adapter_path(kernel_bias):
     K, b = kernel_bias
     cfg = dj.AdapterConfig(method="lora", rank=R, dropout=0.5)
     lora = methods.get("lora")
-    f = {n: jnp.asarray(v, jnp.float32) for n, v in random_factors(lora, jax.random.PRNGKey(0), K, b, cfg).items()}
+    f = _j(random_factors(lora, jax.random.PRNGKey(0), K, b, cfg))
     x = jnp.asarray(np.random.default_rng(6).normal(size=(64, D_IN)), jnp.float32)
     Kj, bj = jnp.asarray(K, jnp.float32), jnp.asarray(b, jnp.float32)
     key = jax.random.PRNGKey(9)
@@ -136,7 +253,7 @@ def test_dora_magnitude_gradient_treats_norm_as_constant(kernel_bias):
     K, b = kernel_bias
     cfg = dj.AdapterConfig(method="dora", rank=R)
     dora = methods.get("dora")
-    f = {n: jnp.asarray(v, jnp.float32) for n, v in random_factors(dora, jax.random.PRNGKey(0), K, b, cfg).items()}
+    f = _j(random_factors(dora, jax.random.PRNGKey(0), K, b, cfg))
     Kj = jnp.asarray(K, jnp.float32)
     g = jax.grad(lambda m: jnp.sum(dora.materialize(Kj, {**f, "magnitude": m}, cfg)))(f["magnitude"])
     V = K + cfg.scale * np.asarray(f["lora_a"]) @ np.asarray(f["lora_b"])

@@ -1,6 +1,6 @@
-"""The method registry: ``get(name)``, ``names()``, and one module per family."""
+"""The method registry: ``get(name)``, ``names()``, and one module per family or stateful method."""
 
-from decomp_jax.methods.base import Method, get, names, register, registry
-from decomp_jax.methods import dora, lowrank, scaling  # noqa: F401  (register the methods)
+from decomp_jax.methods.base import Method, Schedule, get, names, register, registry
+from decomp_jax.methods import adalora, adapters, dash, dora, lowrank, scaling, spectral  # noqa: F401  (register)
 
-__all__ = ["Method", "get", "names", "register", "registry"]
+__all__ = ["Method", "Schedule", "get", "names", "register", "registry"]

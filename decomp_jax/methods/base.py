@@ -8,6 +8,14 @@ A method is an immutable bundle of pure functions over *one* dense kernel ``K`` 
 - ``apply(x, kernel, bias, factors, cfg, *, train, key) -> y``: the factored path, which never
   forms ``K'`` (``None`` when the maths needs ``K'``; execution then materialises per layer).
 - ``materialize_bias(bias, factors, cfg) -> bias'``: for methods that also change the bias.
+- ``unmaterialize(kernel', bias', factors, cfg) -> (kernel, bias)``: the inverse of the two above,
+  for ``unmerge`` (``None`` where ``K`` cannot be recovered from ``K'`` and the factors).
+- ``residual(kernel, factors, cfg) -> kernel``: the base kernel the layer keeps after injection
+  (PiSSA/MiLoRA keep ``K - s * lora_a @ lora_b``); ``None`` keeps ``K``.
+
+A method without ``materialize`` is not mergeable (the adapters: their update is not a function of
+the kernel alone). A method with a ``schedule`` is stateful: ``schedule(cfg, total_steps)`` returns
+a ``Schedule`` of pure functions that the train step runs after each optimizer update.
 """
 
 from __future__ import annotations
@@ -19,20 +27,41 @@ import jax
 import jax.numpy as jnp
 
 
+class Schedule(NamedTuple):
+    """The state of a stateful method, as pure functions (in the style of an optax transformation).
+
+    ``init(params) -> state``; ``update(state, step, params, grads) -> (state, params)``, where
+    ``step`` counts optimizer updates done (1 after the first), ``params`` is the whole adapted
+    tree after the update and ``grads`` the gradient of the trainable leaves. The returned params
+    may change trainable leaves and the method's buffers; both live in the train state.
+    """
+
+    init: Callable[[Any], Any]
+    update: Callable[[Any, jax.Array, Any, Any], tuple[Any, Any]]
+
+
 class Method(NamedTuple):
     name: str
     family: str  # "reconstruction" | "extension" | "combination"
     formula: str  # one line, shown by `decomp-jax methods`
     factor_names: tuple[str, ...]
     init: Callable[..., dict]
-    materialize: Callable[..., jax.Array]
+    materialize: Optional[Callable[..., jax.Array]] = None  # None: not mergeable
     apply: Optional[Callable[..., jax.Array]] = None
     materialize_bias: Optional[Callable[..., Optional[jax.Array]]] = None
+    unmaterialize: Optional[Callable[..., tuple]] = None
+    residual: Optional[Callable[..., jax.Array]] = None
     buffers: tuple[str, ...] = ()  # factor leaves that never train
-    mergeable: bool = True
     trains_bias: bool = False  # BitFit: the targeted layers' biases train
     uses_rank: bool = False  # the factors have a rank r (checked against min(d_in, d_out))
     options: Mapping[str, Any] = {}  # method-specific options and their defaults
+    validate: Optional[Callable[[Any], None]] = None  # checks cfg.options; raises ConfigError
+    regularizer: Optional[str] = None  # built-in MPC kind used when cfg.mpc is None (AdaLoRA: mpc_o)
+    schedule: Optional[Callable[[Any, int], Schedule]] = None  # (cfg, total_steps) -> Schedule
+
+    @property
+    def mergeable(self) -> bool:
+        return self.materialize is not None
 
     @property
     def trainable_names(self) -> tuple[str, ...]:
@@ -66,6 +95,15 @@ def get(name: str) -> Method:
         from decomp_jax.config import ConfigError
 
         raise ConfigError(f"Unknown method {name!r}.{hint} Known methods: {', '.join(names())}.") from None
+
+
+def additive(delta: Callable[[dict, Any], jax.Array]) -> dict[str, Callable]:
+    """``materialize`` and ``unmaterialize`` of ``K' = K + delta(factors, cfg)``, as keyword
+    arguments for a ``Method``."""
+    return {
+        "materialize": lambda kernel, f, cfg: kernel + delta(f, cfg).astype(kernel.dtype),
+        "unmaterialize": lambda kernel, bias, f, cfg: (kernel - delta(f, cfg).astype(kernel.dtype), bias),
+    }
 
 
 def linear(x: jax.Array, kernel: jax.Array, bias: Optional[jax.Array] = None) -> jax.Array:

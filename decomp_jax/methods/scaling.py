@@ -33,6 +33,11 @@ def _ia3_bias(bias, factors, cfg):
     return bias * factors["scale_out"] if (cfg.scale_bias and bias is not None) else bias
 
 
+def _ia3_inverse(kernel, bias, f, cfg):
+    unscaled_bias = bias / f["scale_out"] if (cfg.scale_bias and bias is not None) else bias
+    return kernel / f["scale_out"][None, :], unscaled_bias
+
+
 IA3 = register(Method(
     name="ia3",
     family="reconstruction",
@@ -42,6 +47,7 @@ IA3 = register(Method(
     materialize=lambda kernel, f, cfg: kernel * f["scale_out"][None, :],
     apply=_ia3_apply,
     materialize_bias=_ia3_bias,
+    unmaterialize=_ia3_inverse,
 ))
 
 SSL = register(Method(
@@ -51,6 +57,7 @@ SSL = register(Method(
     factor_names=("scale_in",),
     init=_ones_in,
     materialize=lambda kernel, f, cfg: f["scale_in"][:, None] * kernel,
+    unmaterialize=lambda kernel, bias, f, cfg: (kernel / f["scale_in"][:, None], bias),
     apply=lambda x, kernel, bias, f, cfg, *, train=False, key=None: linear(x * f["scale_in"], kernel, bias),
 ))
 
@@ -61,6 +68,7 @@ SSB = register(Method(
     factor_names=("scale_in", "scale_out"),
     init=_ones_both,
     materialize=lambda kernel, f, cfg: f["scale_in"][:, None] * kernel * f["scale_out"][None, :],
+    unmaterialize=lambda kernel, bias, f, cfg: (kernel / f["scale_in"][:, None] / f["scale_out"][None, :], bias),
     apply=lambda x, kernel, bias, f, cfg, *, train=False, key=None: (
         linear(x * f["scale_in"], kernel) * f["scale_out"] + (0 if bias is None else bias)
     ),
@@ -73,6 +81,7 @@ BITFIT = register(Method(
     factor_names=(),
     init=lambda key, kernel, bias, cfg: {},
     materialize=lambda kernel, f, cfg: kernel,
+    unmaterialize=lambda kernel, bias, f, cfg: (kernel, bias),
     apply=lambda x, kernel, bias, f, cfg, *, train=False, key=None: linear(x, kernel, bias),
     trains_bias=True,
 ))

@@ -1,0 +1,101 @@
+"""LoRA-Dash: LoRA, then after a warm-up of ``T`` optimizer steps a trainable scale on the ``k``
+singular directions of ``K`` that the LoRA update ``dK`` amplifies most.
+
+``K' = K + s * lora_a @ lora_b + dash_u @ diag(dash) @ dash_vt``. ``dash_u``/``dash_vt`` are
+buffers, zero until step ``T``; ``dash`` is trainable but stays exactly zero until then (its
+gradient is zero while the buffers are). The direction search runs once, inside the jitted step,
+at optimizer step ``T`` (optimizer steps, not forward calls):
+``U, S, Vt = svd(K)``, ``delta_i = |(U^T dK Vt^T)_ii| / S_i``; the ``k`` largest ``delta_i``
+choose the columns of ``U`` and rows of ``Vt``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from decomp_jax.config import ConfigError
+from decomp_jax.methods.base import Method, Schedule, additive, linear, register
+from decomp_jax.methods.lowrank import lora_delta, lora_init, lora_path
+from decomp_jax.methods.spectral import spectral_product, svd
+
+OPTIONS = {"warmup_steps": 100, "dash_k": 8}
+
+
+def _init(key, kernel, bias, cfg):
+    d_in, d_out = kernel.shape
+    k, dt = cfg.option("dash_k"), kernel.dtype
+    if k > min(d_in, d_out):
+        raise ConfigError(
+            f"options.dash_k={k} is larger than min(d_in, d_out)={min(d_in, d_out)} of a kernel {tuple(kernel.shape)}; "
+            f"use dash_k <= {min(d_in, d_out)}."
+        )
+    return {
+        **lora_init(key, kernel, bias, cfg),
+        "dash": jnp.zeros((k,), dt),
+        "dash_u": jnp.zeros((d_in, k), dt),
+        "dash_vt": jnp.zeros((k, d_out), dt),
+    }
+
+
+def _delta(f, cfg):
+    return lora_delta(f, cfg) + (f["dash_u"] * f["dash"]) @ f["dash_vt"]
+
+
+def _apply(x, kernel, bias, f, cfg, *, train=False, key=None):
+    return linear(x, kernel, bias) + lora_path(x, f, cfg, train, key) + spectral_product(x, f["dash_u"], f["dash"], f["dash_vt"])
+
+
+def dash_directions(kernel: jax.Array, delta: jax.Array, k: int):
+    """``(dash_u (d_in, k), dash_vt (k, d_out), index (k,))``: the singular directions of ``kernel``
+    with the largest ``|(U^T delta Vt^T)_ii| / S_i``, largest first."""
+    u, s, vt = svd(kernel)
+    projected = jnp.abs(jnp.einsum("ij,ij->j", u, delta.astype(jnp.float32) @ vt.T))
+    amplification = projected / jnp.maximum(s, jnp.finfo(jnp.float32).tiny)
+    _, index = jax.lax.top_k(amplification, k)
+    return u[:, index].astype(kernel.dtype), vt[index].astype(kernel.dtype), index
+
+
+def _validate(cfg):
+    for name in OPTIONS:
+        value = cfg.option(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"options.{name} of lora_dash must be a positive integer, got {value!r}.")
+
+
+def _schedule(cfg, total_steps: int) -> Schedule:
+    from decomp_jax.inject import adapted_layers, set_leaves
+
+    warmup, k = cfg.option("warmup_steps"), cfg.option("dash_k")
+
+    def update(state, step, params, grads):
+        layers = dict(adapted_layers(params, cfg))
+
+        def search():
+            out = {}
+            for p, layer in layers.items():
+                out[p + ("dash_u",)], out[p + ("dash_vt",)], _ = dash_directions(layer["kernel"], lora_delta(layer, cfg), k)
+            return out
+
+        def unchanged():
+            return {p + (n,): layer[n] for p, layer in layers.items() for n in ("dash_u", "dash_vt")}
+
+        return state, set_leaves(params, jax.lax.cond(step == warmup, search, unchanged))
+
+    return Schedule(init=lambda params: {}, update=update)
+
+
+LORA_DASH = register(Method(
+    name="lora_dash",
+    family="combination",
+    formula="K' = K + s * lora_a @ lora_b + dash_u @ diag(dash) @ dash_vt  (directions chosen at step T)",
+    factor_names=("lora_a", "lora_b", "dash", "dash_u", "dash_vt"),
+    init=_init,
+    **additive(_delta),
+    apply=_apply,
+    buffers=("dash_u", "dash_vt"),
+    uses_rank=True,
+    options=OPTIONS,
+    validate=_validate,
+    schedule=_schedule,
+))

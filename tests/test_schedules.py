@@ -1,0 +1,196 @@
+"""Stateful methods: AdaLoRA's budget and masking, LoRA-Dash's direction search, inside the train step."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+import decomp_jax as dj
+from decomp_jax.methods import adalora, dash
+from decomp_jax.models.hf import sequence_classifier_apply
+from decomp_jax.train import classification_loss
+
+
+def test_adalora_budget_equals_closed_form():
+    total, target, T = 48, 32, 100
+    cfg = dj.AdapterConfig(method="adalora", rank=12, options={"target_rank": 8, "t_init": 0.1, "t_final": 0.2})
+    t_init, end = adalora.phase_steps(cfg, T)
+    assert (t_init, end) == (10, 80)
+    for t in (1, 5, 10, 11, 25, 40, 63, 79, 80, 81, 100):
+        if t <= 10:
+            expected = total
+        elif t >= 80:
+            expected = target
+        else:
+            expected = int(np.floor(target + (total - target) * (1 - (t - 10) / (80 - 10)) ** 3))
+        got = int(adalora.budget(t, total=total, target=target, t_init=t_init, end=end))
+        assert got == expected, (t, got, expected)
+    # traced step (inside jit) gives the same numbers
+    jitted = jax.jit(lambda t: adalora.budget(t, total=total, target=target, t_init=t_init, end=end))
+    assert [int(jitted(t)) for t in (11, 40, 80)] == [47, 34, 32]  # 32 + 16 * (1 - 30/70) ** 3 = 34.99
+
+
+def test_mask_to_budget_masks_exactly_the_lowest_scores():
+    rng = np.random.default_rng(0)
+    scores = [jnp.asarray(rng.permutation(12)[:4] + 0.5 * i, jnp.float32) for i in range(3)]
+    flat = np.concatenate([np.asarray(s) for s in scores])
+    for n in (0, 1, 5, 11):
+        keep = np.concatenate([np.asarray(k) for k in adalora.mask_to_budget(scores, jnp.int32(n))])
+        lowest = set(np.argsort(flat)[:n])
+        assert {i for i in range(len(flat)) if not keep[i]} == lowest
+
+
+def _layers(params, cfg):
+    from decomp_jax.inject import adapted_layers
+
+    return dict(adapted_layers(params, cfg))
+
+
+def test_adalora_update_zeroes_the_lowest_triplets_then_keeps_the_pattern(tiny_bert):
+    _, base = tiny_bert
+    cfg = dj.AdapterConfig(method="adalora", targets="query$", rank=4, options={"target_rank": 2})
+    params = dj.inject(base, cfg, jax.random.PRNGKey(0))
+    rng = np.random.default_rng(1)
+    layers = _layers(params, cfg)
+    # non-zero lora_e everywhere, known EMAs: unc = 1 so the element score is ipt
+    params = dj.set_leaves(params, {p + ("lora_e",): jnp.asarray(rng.uniform(0.5, 1.0, 4), jnp.float32) for p in layers})
+    schedule = dj.make_schedule(cfg, total_steps=50)
+    state = schedule.init(params)
+    ipt = {k: jnp.asarray(rng.uniform(size=v.shape), jnp.float32) for k, v in flatten_dict(state["ipt"]).items()}
+    state = {**state, "ipt": unflatten_dict(ipt), "unc": jax.tree.map(jnp.ones_like, state["unc"])}
+    expected_scores = [
+        np.asarray(ipt[p + ("lora_e",)]) + np.asarray(ipt[p + ("lora_a",)]).mean(0) + np.asarray(ipt[p + ("lora_b",)]).mean(1)
+        for p in layers
+    ]
+    _, end = adalora.phase_steps(cfg, 50)
+    grads = jax.tree.map(jnp.zeros_like, dj.split(params, dj.trainable_mask(params, cfg))[0])
+    state2, out = jax.jit(schedule.update)(state, jnp.int32(end), params, grads)  # fixes the pattern at target
+    flat_scores = np.concatenate(expected_scores)
+    lowest = set(np.argsort(flat_scores)[:4])  # total 8 - target 4
+    e_before = np.concatenate([np.asarray(layers[p]["lora_e"]) for p in layers])
+    params_e = dict(flatten_dict(params))
+    e_before = np.concatenate([np.asarray(params_e[p + ("lora_e",)]) for p in layers])
+    e_after = np.concatenate([np.asarray(_layers(out, cfg)[p]["lora_e"]) for p in layers])
+    assert {i for i in range(8) if e_after[i] == 0.0} == lowest
+    np.testing.assert_array_equal(np.delete(e_after, sorted(lowest)), np.delete(e_before, sorted(lowest)))
+    # later steps re-apply the same pattern even when the scores change
+    state2 = {**state2, "ipt": jax.tree.map(lambda x: 1 - x, state2["ipt"])}
+    _, out2 = jax.jit(schedule.update)(state2, jnp.int32(end + 3), params, grads)
+    e_later = np.concatenate([np.asarray(_layers(out2, cfg)[p]["lora_e"]) for p in layers])
+    np.testing.assert_array_equal(e_later, e_after)
+
+
+def test_adalora_orthogonality_term_is_mpc_o(tiny_bert):
+    _, base = tiny_bert
+    cfg = dj.AdapterConfig(method="adalora", targets="query$", rank=4)
+    params = dj.inject(base, cfg, jax.random.PRNGKey(0))
+    as_lora = dj.AdapterConfig(method="trilora", targets="query$", rank=4, mpc="mpc_o")
+    np.testing.assert_allclose(float(dj.penalty(params, cfg)), float(dj.penalty(params, as_lora)), rtol=1e-6)
+    assert float(dj.penalty(params, cfg)) > 0
+    assert float(dj.penalty(params, cfg.replace(mpc_lambda=0.0))) == 0.0
+
+
+def test_dash_directions_pick_the_top_delta():
+    rng = np.random.default_rng(0)
+    d_in, d_out = 9, 7
+    U, _ = np.linalg.qr(rng.normal(size=(d_in, d_out)))
+    V, _ = np.linalg.qr(rng.normal(size=(d_out, d_out)))
+    S = np.array([10.0, 8.0, 6.0, 4.0, 2.0, 1.0, 0.5])
+    K = U @ np.diag(S) @ V.T
+    # dK's diagonal in K's singular basis: delta_i = |d_i| / S_i = [0.1, 0.05, 0.5, 0.25, 0.2, 0.3, 0.02]
+    d = np.array([1.0, -0.4, 3.0, -1.0, 0.4, 0.3, 0.01])
+    M = np.diag(d) + 0.5 * (1 - np.eye(d_out)) * rng.normal(size=(d_out, d_out))  # off-diagonals do not count
+    dK = U @ M @ V.T
+    dash_u, dash_vt, index = dash.dash_directions(jnp.asarray(K, jnp.float32), jnp.asarray(dK, jnp.float32), 3)
+    assert list(np.asarray(index)) == [2, 5, 3]
+    np.testing.assert_allclose(np.abs(np.asarray(dash_u).T @ U[:, [2, 5, 3]]), np.eye(3), atol=1e-4)
+    np.testing.assert_allclose(np.abs(np.asarray(dash_vt) @ V[:, [2, 5, 3]]), np.eye(3), atol=1e-4)
+
+
+def _trainer(tiny_bert, cfg, total_steps, grad_accum=1):
+    model, base = tiny_bert
+    params = dj.inject(base, cfg, jax.random.PRNGKey(0))
+    trainable, buffers, frozen = dj.partition(params, cfg)
+    apply = dj.adapt(sequence_classifier_apply(model), cfg)
+
+    def loss_fn(p, batch, rng):
+        return classification_loss(apply(p, batch, train=True, rng=rng), batch["labels"]), {}
+
+    opt = dj.make_optimizer(1e-2, total_steps, warmup_ratio=0.0, grad_accum=grad_accum)
+    schedule = dj.make_schedule(cfg, total_steps)
+    step = dj.make_train_step(loss_fn, opt, cfg, schedule=schedule)
+    state = dj.init_state(trainable, opt, jax.random.PRNGKey(1), buffers=buffers, schedule=schedule, frozen=frozen)
+    return step, state, frozen
+
+
+def _train(step, state, frozen, batch, n):
+    losses = []
+    for _ in range(n):
+        state, metrics = step(state, frozen, batch)
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_adalora_training_reaches_the_target_budget_deterministically(tiny_bert, tiny_batch):
+    cfg = dj.AdapterConfig(method="adalora", targets="(query|value)$", rank=4,
+                           options={"target_rank": 2, "interval": 3, "t_init": 0.1, "t_final": 0.2})
+    runs = []
+    for _ in range(2):
+        step, state, frozen = _trainer(tiny_bert, cfg, total_steps=30)
+        state, losses = _train(step, state, frozen, tiny_batch, 30)
+        runs.append((state, losses))
+    (state, losses), (state_b, losses_b) = runs
+    assert losses == losses_b  # bit-identical
+    assert losses[-1] < losses[0]
+    e = np.concatenate([np.asarray(v) for k, v in flatten_dict(state.trainable).items() if k[-1] == "lora_e"])
+    assert e.size == 16 and int((e == 0).sum()) == 16 - 8  # total 4 layers x 4 -> target 4 x 2
+    keep = np.concatenate([np.asarray(v) for v in jax.tree.leaves(state.method_state["keep"])])
+    np.testing.assert_array_equal(keep, e != 0)
+
+
+def test_lora_dash_switches_on_at_the_warmup_step(tiny_bert, tiny_batch):
+    cfg = dj.AdapterConfig(method="lora_dash", targets="(query|value)$", rank=4, options={"warmup_steps": 4, "dash_k": 3})
+    step, state, frozen = _trainer(tiny_bert, cfg, total_steps=8)
+    assert set(flatten_dict(state.buffers)) and all(k[-1] in ("dash_u", "dash_vt") for k in flatten_dict(state.buffers))
+    state, _ = _train(step, state, frozen, tiny_batch, 3)
+    assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(state.buffers))
+    dash_values = [np.asarray(v) for k, v in flatten_dict(state.trainable).items() if k[-1] == "dash"]
+    assert not any(np.any(v) for v in dash_values)  # zero gradient while the directions are zero
+    state, _ = _train(step, state, frozen, tiny_batch, 1)  # optimizer step 4: the search runs
+    params = dj.combine(state.trainable, state.buffers, frozen)
+    for path, layer in _layers(params, cfg).items():
+        expected_u, expected_vt, _ = dash.dash_directions(layer["kernel"], cfg.scale * layer["lora_a"] @ layer["lora_b"], 3)
+        np.testing.assert_allclose(np.asarray(layer["dash_u"]), np.asarray(expected_u), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(layer["dash_vt"]), np.asarray(expected_vt), atol=1e-5)
+    snapshot = jax.tree.map(np.array, state.buffers)
+    state, _ = _train(step, state, frozen, tiny_batch, 4)
+    jax.tree.map(np.testing.assert_array_equal, snapshot, jax.tree.map(np.asarray, state.buffers))  # once only
+    assert all(np.any(np.asarray(v)) for k, v in flatten_dict(state.trainable).items() if k[-1] == "dash")
+
+
+def test_schedule_counts_optimizer_steps_under_gradient_accumulation(tiny_bert, tiny_batch):
+    cfg = dj.AdapterConfig(method="lora_dash", targets="query$", rank=4, options={"warmup_steps": 3, "dash_k": 2})
+    step, state, frozen = _trainer(tiny_bert, cfg, total_steps=4, grad_accum=2)
+    state, _ = _train(step, state, frozen, tiny_batch, 5)  # 2 optimizer updates and a half
+    assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(state.buffers))
+    state, _ = _train(step, state, frozen, tiny_batch, 1)  # the 3rd update
+    assert all(np.any(np.asarray(x)) for x in jax.tree.leaves(state.buffers))
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"t_init": 0.6, "t_final": 0.5}, "leaves no steps"),
+    ({"target_rank": 9}, r"target_rank must be an integer in \[1, rank=8\]"),
+    ({"interval": 0}, "interval must be a positive integer"),
+])
+def test_adalora_bad_options(options, match):
+    with pytest.raises(dj.ConfigError, match=match):
+        dj.AdapterConfig(method="adalora", options=options)
+
+
+def test_lora_dash_bad_options(tiny_bert):
+    with pytest.raises(dj.ConfigError, match="warmup_steps of lora_dash must be a positive integer"):
+        dj.AdapterConfig(method="lora_dash", options={"warmup_steps": 0})
+    cfg = dj.AdapterConfig(method="lora_dash", targets="query$", rank=2, options={"dash_k": 40})
+    with pytest.raises(dj.ConfigError, match=r"dash_k=40 is larger than min\(d_in, d_out\)=32"):
+        dj.inject(tiny_bert[1], cfg, jax.random.PRNGKey(0))
