@@ -32,10 +32,24 @@ def _eval(args) -> int:
 def _methods(args) -> int:
     from decomp_jax import methods
 
-    width = max(len(n) for n in methods.names())
-    for name in methods.names():
+    names = methods.names()
+    counts, backbone = {}, None
+    if args.config:
+        from decomp_jax.experiment import method_param_counts
+
+        counts, backbone, cfg = method_param_counts(args.config, args.set or [])
+        print(f"model {cfg.model.name} ({backbone:,} parameters); targets {cfg.adapter.targets!r}, rank {cfg.adapter.rank}"
+              + (f", also training {cfg.adapter.train_extra!r}" if cfg.adapter.train_extra else ""))
+    width = max(len(n) for n in names)
+    header = f"{'method':<{width}}  {'family':<14}  " + (f"{'trainable':>10}  {'% backbone':>10}  " if counts else "")
+    print(header + "notes        formula")
+    for name in names:
         m = methods.get(name)
-        print(f"{name:<{width}}  {m.family:<14}  {m.formula}")
+        notes = ",".join(t for t, on in (("stateful", m.schedule is not None), ("no-merge", not m.mergeable)) if on)
+        row = f"{name:<{width}}  {m.family:<14}  "
+        if counts:
+            row += f"{counts[name]:>10,}  {100 * counts[name] / backbone:>9.3f}%  "
+        print(row + f"{notes:<11}  {m.formula}")
     return 0
 
 
@@ -55,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     ev.set_defaults(func=_eval)
 
-    me = sub.add_parser("methods", help="list the methods with their family and formula")
+    me = sub.add_parser("methods", help="list the methods: family, formula, and trainable parameters for a config")
+    me.add_argument("config", nargs="?", help="an experiment YAML: count each method's trainable parameters on its "
+                    "model with its targets, rank and train_extra")
+    me.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     me.set_defaults(func=_methods)
     return parser
 

@@ -311,6 +311,23 @@ def run(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
     return record
 
 
+def method_param_counts(config_path, overrides: Sequence[str] = ()) -> tuple[dict[str, int], int, ExperimentConfig]:
+    """``({method: trainable parameters}, backbone parameters, cfg)`` for every registered method on
+    the config's model, with its targets, rank, alpha and train_extra (shapes only: fast)."""
+    from decomp_jax import methods
+    from decomp_jax.inject import trainable_count
+
+    cfg = load_config(config_path, overrides)
+    _, base, _ = load_sequence_classifier(cfg.model.name, glue.get_task(cfg.data.task).num_labels, cfg.model.dtype)
+    a = cfg.adapter
+    counts = {
+        name: trainable_count(base, AdapterConfig(
+            method=name, targets=a.targets, rank=a.rank, alpha=a.alpha, train_extra=a.train_extra))
+        for name in methods.names()
+    }
+    return counts, count_params(base), cfg
+
+
 def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Evaluate a finished run folder (its config.yaml and adapter.safetensors) on the dev set."""
     run_dir = Path(run_dir)

@@ -8,6 +8,7 @@ an *adapted layer* also holds the method's factor leaves.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import zlib
 from typing import Any, Iterator
@@ -252,4 +253,12 @@ def combine(*trees) -> dict:
 
 
 def count_params(tree) -> int:
-    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))
+    """Number of scalars in a tree of arrays or ``jax.ShapeDtypeStruct``s."""
+    return int(sum(math.prod(getattr(x, "shape", np.shape(x))) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def trainable_count(base_params, cfg: AdapterConfig) -> int:
+    """Trainable parameters of ``cfg`` on ``base_params``, from shapes only (``jax.eval_shape``:
+    no SVD or init is computed)."""
+    shapes = jax.eval_shape(lambda p: inject(p, cfg, jax.random.PRNGKey(0)), base_params)
+    return count_params(split(shapes, trainable_mask(shapes, cfg))[0])

@@ -60,12 +60,35 @@ def test_run_writes_metrics_and_eval_reproduces_them(tmp_path):
     assert again["eval"] == record["eval"]
 
 
+def test_stateful_method_run_and_eval_from_its_folder(tmp_path):
+    """LoRA-Dash through the runner: its directions (state buffers) are saved with the adapter."""
+    cfg = small_config(tmp_path, "adapter.method=lora_dash", "adapter.options={warmup_steps: 6, dash_k: 4}")
+    record = run(cfg, progress=False)
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(tmp_path / "adapter.safetensors"))
+    dash_u = [v for k, v in stored.items() if k.endswith("dash_u")]
+    assert len(dash_u) == 12 and all(np.abs(v).sum() > 0 for v in dash_u)
+    assert evaluate_run(tmp_path)["eval"] == record["eval"]
+
+
 def test_cli_methods_and_errors(tmp_path, capsys):
     assert cli.main(["methods"]) == 0
     out = capsys.readouterr().out
     for name in dj.methods.names():
         assert name in out
     assert "K' = scale_in[:, None] * K * scale_out[None, :]" in out
+
+    # with a config: each method's trainable count on its model (MiniLM: 6 layers, hidden 384)
+    assert cli.main(["methods", str(REPO / "configs" / "quickstart.yaml")]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    head = 384 * 2 + 2  # train_extra: the new classifier
+    assert rows["lora"][2] == f"{6 * 2 * (384 * 8 + 8 * 384) + head:,}"  # = the quick start's count
+    assert rows["ssb"][2] == f"{6 * 2 * (384 + 384) + head:,}"
+    assert rows["adalora"][2] == f"{6 * 2 * (384 * 8 + 8 + 8 * 384) + head:,}"
+    assert rows["lora_dash"][2] == f"{6 * 2 * (384 * 8 + 8 * 384 + 8) + head:,}"  # dash_u/dash_vt are buffers
+    assert rows["svdiff"][2] == f"{6 * 2 * 384 + head:,}"
+    assert rows["houlsby"][3] == f"{100 * (6 * 2 * (384 * 8 + 8 + 8 * 384 + 384) + head) / 22_713_986:.3f}%"
 
     code = cli.main(["train", str(REPO / "configs" / "quickstart.yaml"), "--set", f"data.path={tmp_path}/nowhere"])
     assert code == 2

@@ -24,7 +24,7 @@ def _parallel_apply(x, kernel, bias, f, cfg, *, train=False, key=None):
 PARALLEL_ADAPTER = register(Method(
     name="parallel_adapter",
     family="extension",
-    formula="y = x @ K + b + relu(x @ lora_a) @ lora_b  (MPC_n; not mergeable)",
+    formula="y = x @ K + b + relu(x @ lora_a) @ lora_b  (MPC_n)",
     factor_names=("lora_a", "lora_b"),
     init=lora_init,
     apply=_parallel_apply,
@@ -51,7 +51,7 @@ def _bottleneck(name: str, activation, act_name: str, placement: str) -> Method:
     return register(Method(
         name=name,
         family="extension",
-        formula=f"h' = h + {act_name}(h @ down + down_bias) @ up + up_bias on the output h ({placement}; not mergeable)",
+        formula=f"h' = h + {act_name}(h @ down + down_bias) @ up + up_bias on the output h ({placement})",
         factor_names=("down", "down_bias", "up", "up_bias"),
         init=_bottleneck_init,
         apply=apply,

@@ -20,6 +20,10 @@ TARGET_PRESETS = {
         "query_value": r"attention/self/(query|value)$",
         "key_value_ffn": r"attention/self/(key|value)$|intermediate/dense$",
         "all_linear": r"attention/self/(query|key|value)$|attention/output/dense$|intermediate/dense$|layer/\d+/output/dense$",
+        # bottleneck adapters on layer outputs: Houlsby after the attention output and FFN output
+        # projections, Pfeiffer after the FFN output only
+        "houlsby": r"attention/output/dense$|layer/\d+/output/dense$",
+        "pfeiffer": r"layer/\d+/output/dense$",
     },
 }
 TARGET_PRESETS["roberta"] = TARGET_PRESETS["bert"]
