@@ -111,6 +111,42 @@ def test_factored_path_runs_the_method_apply(tiny_bert, tiny_batch, monkeypatch)
     assert calls == {"apply": 2 * 6, "materialize": 0}
 
 
+def test_liera_runs_merged_per_layer_inside_factored_execution(tiny_bert, tiny_batch, monkeypatch):
+    """A method without a factored form materialises K' layer by layer; nothing else is merged."""
+    model, base = tiny_bert
+    cfg = dj.AdapterConfig(method="liera", targets="query$", rank=4)
+    params = perturb(dj.inject(base, cfg, jax.random.PRNGKey(1)), cfg)
+    liera = methods.get("liera")
+    calls = []
+    patched = liera._replace(materialize=lambda k, f, c: calls.append(k.shape) or liera.materialize(k, f, c))
+    monkeypatch.setitem(methods.base._REGISTRY, "liera", patched)
+    monkeypatch.setattr("decomp_jax.execution.merge", lambda *a: pytest.fail("whole-tree merge in factored mode"))
+    apply = sequence_classifier_apply(model)
+    out = dj.adapt(apply, cfg)(params, tiny_batch)
+    assert calls == [(32, 32)] * 2
+    expected = apply(dj.merge(params, cfg), tiny_batch)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n for n in methods.names() if methods.get(n).buffers])
+def test_buffers_never_train(name, tiny_bert):
+    """SVD factors and frozen directions get no gradient and no optimizer state."""
+    _, base = tiny_bert
+    cfg = dj.AdapterConfig(method=name, targets=ALL, rank=4)
+    params = dj.inject(base, cfg, jax.random.PRNGKey(1))
+    trainable, buffers, frozen = dj.partition(params, cfg)
+    from flax.traverse_util import flatten_dict
+
+    buffer_names = set(methods.get(name).buffers)
+    assert not buffer_names & {k[-1] for k in flatten_dict(trainable)}
+    held = {k[-1] for k in flatten_dict(buffers)} | {k[-1] for k in flatten_dict(frozen)}
+    assert buffer_names <= held
+    opt_state = dj.make_optimizer(1e-3, 10).init(trainable)
+    leaf_names = {getattr(path[-1], "key", None) for path, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]}
+    assert not buffer_names & leaf_names
+    assert set(methods.get(name).trainable_names) <= leaf_names
+
+
 def test_merge_gives_base_shaped_params(tiny_bert, tiny_batch):
     model, base = tiny_bert
     cfg = dj.AdapterConfig(method="dora", targets=ALL, rank=4)
