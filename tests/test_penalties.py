@@ -56,3 +56,33 @@ def test_penalty_gradient():
     g = jax.grad(lambda p: dj.penalty(p, cfg))(params)["l"]["lora_a"]
     A = np.asarray(a, np.float64)
     np.testing.assert_allclose(np.asarray(g), 4 * A @ (A.T @ A - np.eye(2)), rtol=1e-4)
+
+
+LORA_TYPE = ["lora", "trilora", "adalora", "flora", "moslora", "dora", "pissa", "milora", "lora_dash"]
+
+
+@pytest.mark.parametrize("name", LORA_TYPE)
+@pytest.mark.parametrize("kind", ["mpc_o", "mpc_d"])
+def test_mpc_on_every_lora_type_method(name, kind, tiny_bert):
+    """The same R on lora_a/lora_b whatever else the method holds, computed here with NumPy."""
+    _, base = tiny_bert
+    cfg = dj.AdapterConfig(method=name, targets="(query|value)$", rank=4, mpc=kind, mpc_lambda=0.2)
+    params = dj.inject(base, cfg, jax.random.PRNGKey(0))
+    from decomp_jax.inject import adapted_layers
+
+    rng = np.random.default_rng(3)
+    per_layer, changes = [], {}
+    for path, layer in adapted_layers(params, cfg):
+        a, b = rng.normal(size=layer["lora_a"].shape), rng.normal(size=layer["lora_b"].shape)
+        changes[path + ("lora_a",)], changes[path + ("lora_b",)] = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+        gram_b = b @ b.T
+        target_b = np.eye(4) if kind == "mpc_o" else np.diag(np.diag(gram_b))
+        per_layer.append(np.sum((a.T @ a - np.eye(4)) ** 2) + np.sum((gram_b - target_b) ** 2))
+    assert len(per_layer) == 4
+    got = float(dj.penalty(dj.set_leaves(params, changes), cfg))
+    assert got == pytest.approx(0.2 * np.mean(per_layer), rel=1e-5)
+
+
+def test_mpc_refused_without_lora_factors():
+    with pytest.raises(dj.ConfigError, match=r"method 'ssb' does not have.*'lora'"):
+        dj.AdapterConfig(method="ssb", mpc="mpc_o")
