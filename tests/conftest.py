@@ -37,3 +37,12 @@ def tiny_batch():
     mask[2, 8:] = 0
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids),
             "labels": np.array([0, 1, 2, 1], "int32")}
+
+
+def run_steps(step, state, frozen, batch, n):
+    """``n`` train steps on one batch: ``(state, per-step losses)``."""
+    losses = []
+    for _ in range(n):
+        state, metrics = step(state, frozen, batch)
+        losses.append(float(metrics["loss"]))
+    return state, losses

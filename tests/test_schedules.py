@@ -11,6 +11,8 @@ from decomp_jax.methods import adalora, dash
 from decomp_jax.models.hf import sequence_classifier_apply
 from decomp_jax.train import classification_loss
 
+from conftest import run_steps
+
 
 def test_adalora_budget_equals_closed_form():
     total, target, T = 48, 32, 100
@@ -68,7 +70,6 @@ def test_adalora_update_zeroes_the_lowest_triplets_then_keeps_the_pattern(tiny_b
     state2, out = jax.jit(schedule.update)(state, jnp.int32(end), params, grads)  # fixes the pattern at target
     flat_scores = np.concatenate(expected_scores)
     lowest = set(np.argsort(flat_scores)[:4])  # total 8 - target 4
-    e_before = np.concatenate([np.asarray(layers[p]["lora_e"]) for p in layers])
     params_e = dict(flatten_dict(params))
     e_before = np.concatenate([np.asarray(params_e[p + ("lora_e",)]) for p in layers])
     e_after = np.concatenate([np.asarray(_layers(out, cfg)[p]["lora_e"]) for p in layers])
@@ -124,21 +125,13 @@ def _trainer(tiny_bert, cfg, total_steps, grad_accum=1):
     return step, state, frozen
 
 
-def _train(step, state, frozen, batch, n):
-    losses = []
-    for _ in range(n):
-        state, metrics = step(state, frozen, batch)
-        losses.append(float(metrics["loss"]))
-    return state, losses
-
-
 def test_adalora_training_reaches_the_target_budget_deterministically(tiny_bert, tiny_batch):
     cfg = dj.AdapterConfig(method="adalora", targets="(query|value)$", rank=4,
                            options={"target_rank": 2, "interval": 3, "t_init": 0.1, "t_final": 0.2})
     runs = []
     for _ in range(2):
         step, state, frozen = _trainer(tiny_bert, cfg, total_steps=30)
-        state, losses = _train(step, state, frozen, tiny_batch, 30)
+        state, losses = run_steps(step, state, frozen, tiny_batch, 30)
         runs.append((state, losses))
     (state, losses), (state_b, losses_b) = runs
     assert losses == losses_b  # bit-identical
@@ -153,18 +146,18 @@ def test_lora_dash_switches_on_at_the_warmup_step(tiny_bert, tiny_batch):
     cfg = dj.AdapterConfig(method="lora_dash", targets="(query|value)$", rank=4, options={"warmup_steps": 4, "dash_k": 3})
     step, state, frozen = _trainer(tiny_bert, cfg, total_steps=8)
     assert set(flatten_dict(state.buffers)) and all(k[-1] in ("dash_u", "dash_vt") for k in flatten_dict(state.buffers))
-    state, _ = _train(step, state, frozen, tiny_batch, 3)
+    state, _ = run_steps(step, state, frozen, tiny_batch, 3)
     assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(state.buffers))
     dash_values = [np.asarray(v) for k, v in flatten_dict(state.trainable).items() if k[-1] == "dash"]
     assert not any(np.any(v) for v in dash_values)  # zero gradient while the directions are zero
-    state, _ = _train(step, state, frozen, tiny_batch, 1)  # optimizer step 4: the search runs
+    state, _ = run_steps(step, state, frozen, tiny_batch, 1)  # optimizer step 4: the search runs
     params = dj.combine(state.trainable, state.buffers, frozen)
     for path, layer in _layers(params, cfg).items():
         expected_u, expected_vt, _ = dash.dash_directions(layer["kernel"], cfg.scale * layer["lora_a"] @ layer["lora_b"], 3)
         np.testing.assert_allclose(np.asarray(layer["dash_u"]), np.asarray(expected_u), atol=1e-5)
         np.testing.assert_allclose(np.asarray(layer["dash_vt"]), np.asarray(expected_vt), atol=1e-5)
     snapshot = jax.tree.map(np.array, state.buffers)
-    state, _ = _train(step, state, frozen, tiny_batch, 4)
+    state, _ = run_steps(step, state, frozen, tiny_batch, 4)
     jax.tree.map(np.testing.assert_array_equal, snapshot, jax.tree.map(np.asarray, state.buffers))  # once only
     assert all(np.any(np.asarray(v)) for k, v in flatten_dict(state.trainable).items() if k[-1] == "dash")
 
@@ -172,9 +165,9 @@ def test_lora_dash_switches_on_at_the_warmup_step(tiny_bert, tiny_batch):
 def test_schedule_counts_optimizer_steps_under_gradient_accumulation(tiny_bert, tiny_batch):
     cfg = dj.AdapterConfig(method="lora_dash", targets="query$", rank=4, options={"warmup_steps": 3, "dash_k": 2})
     step, state, frozen = _trainer(tiny_bert, cfg, total_steps=4, grad_accum=2)
-    state, _ = _train(step, state, frozen, tiny_batch, 5)  # 2 optimizer updates and a half
+    state, _ = run_steps(step, state, frozen, tiny_batch, 5)  # 2 optimizer updates and a half
     assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(state.buffers))
-    state, _ = _train(step, state, frozen, tiny_batch, 1)  # the 3rd update
+    state, _ = run_steps(step, state, frozen, tiny_batch, 1)  # the 3rd update
     assert all(np.any(np.asarray(x)) for x in jax.tree.leaves(state.buffers))
 
 
@@ -194,3 +187,23 @@ def test_lora_dash_bad_options(tiny_bert):
     cfg = dj.AdapterConfig(method="lora_dash", targets="query$", rank=2, options={"dash_k": 40})
     with pytest.raises(dj.ConfigError, match=r"dash_k=40 is larger than min\(d_in, d_out\)=32"):
         dj.inject(tiny_bert[1], cfg, jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("name,options", [
+    ("adalora", {"target_rank": 2, "interval": 2, "t_init": 0.1, "t_final": 0.2}),
+    ("lora_dash", {"warmup_steps": 4, "dash_k": 3}),
+])
+def test_train_state_holds_everything_a_resume_needs(name, options, tiny_bert, tiny_batch):
+    """Stop after k steps, move the state through host memory (as a checkpoint would), rebuild it
+    and go on: the losses and the final state equal the uninterrupted run's exactly."""
+    cfg = dj.AdapterConfig(method=name, targets="(query|value)$", rank=4, options=options)
+    step, state, frozen = _trainer(tiny_bert, cfg, total_steps=12)
+    full_state, full_losses = run_steps(step, state, frozen, tiny_batch, 12)
+
+    step, state, frozen = _trainer(tiny_bert, cfg, total_steps=12)
+    state, first = run_steps(step, state, frozen, tiny_batch, 5)
+    host = jax.device_get(state)
+    restored = jax.tree.map(jnp.asarray, host)
+    state, rest = run_steps(step, restored, frozen, tiny_batch, 7)
+    assert first + rest == full_losses
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(full_state), jax.device_get(state))

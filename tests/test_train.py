@@ -11,6 +11,8 @@ import decomp_jax as dj
 from decomp_jax.models.hf import sequence_classifier_apply
 from decomp_jax.train import classification_loss
 
+from conftest import run_steps
+
 
 def setup(tiny_bert, cfg, lr=1e-2, steps=10):
     model, base = tiny_bert
@@ -24,14 +26,6 @@ def setup(tiny_bert, cfg, lr=1e-2, steps=10):
     opt = dj.make_optimizer(lr, steps, warmup_ratio=0.0)
     step = dj.make_train_step(loss_fn, opt, cfg)
     return step, dj.init_state(trainable, opt, jax.random.PRNGKey(1)), frozen
-
-
-def run_steps(step, state, frozen, batch, n):
-    losses = []
-    for _ in range(n):
-        state, m = step(state, frozen, batch)
-        losses.append(float(m["loss"]))
-    return state, losses
 
 
 def test_only_trainable_leaves_train_and_have_optimizer_state(tiny_bert, tiny_batch):
