@@ -16,7 +16,7 @@ def _train(args) -> int:
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides)
-    record = run(cfg, progress=not args.no_progress)
+    record = run(cfg, progress=not args.no_progress, resume=args.resume)
     print(json.dumps(record, indent=2))
     print(f"wrote {cfg.train.output_dir}/metrics.json")
     return 0
@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     train.add_argument("--output-dir", help="where to write metrics and the adapter (train.output_dir)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir/checkpoints")
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="evaluate a finished run folder on the dev set")

@@ -14,18 +14,19 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from decomp_jax import checkpoint
 from decomp_jax.config import AdapterConfig, ConfigError, _Serializable
 from decomp_jax.data import glue
 from decomp_jax.execution import MODES, adapt
 from decomp_jax.inject import combine, count_params, inject, partition
-from decomp_jax.metrics import compute_metrics
+from decomp_jax.metrics import TASK_METRICS, compute_metrics
 from decomp_jax.models.hf import load_sequence_classifier, sequence_classifier_apply
 from decomp_jax.train import (
     classification_loss, init_state, make_eval_step, make_optimizer, make_schedule, make_train_step, regression_loss,
@@ -84,15 +85,21 @@ class TrainConfig(_Serializable):
     eval_every: int = 0
     mode: str = "factored"
     output_dir: str = "runs/default"
+    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
+    keep_last: int = 2  # checkpoints kept: the last keep_last ...
+    keep_best: int = 1  # ... plus the keep_best best by best_metric (checkpoints saved with an eval)
+    best_metric: Optional[str] = None  # default: the task's first metric (accuracy, pearson, ...)
 
     def __post_init__(self):
-        for name in ("batch_size", "eval_batch_size", "grad_accum", "log_every"):
+        for name in ("batch_size", "eval_batch_size", "grad_accum", "log_every", "keep_last"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"train.steps must be >= 1 (or null to use epochs), got {self.steps}.")
         if not self.learning_rate > 0:
             raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}.")
+        if self.save_every < 0 or self.keep_best < 0:
+            raise ConfigError("train.save_every and train.keep_best must be >= 0.")
         if self.mode not in MODES:
             raise ConfigError(f"train.mode={self.mode!r} is unknown; choose one of {MODES}.")
 
@@ -235,15 +242,34 @@ def load_adapter(path: Path, like: dict) -> dict:
     return unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in stored.items()})
 
 
-def run(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune, evaluate, write the run folder, and return the final metrics record."""
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _checkpoints(cfg: ExperimentConfig, task: "Task"):
+    """The run's checkpoint manager and the base model's fingerprint."""
+    tc = cfg.train
+    best = tc.best_metric or TASK_METRICS[task.spec.name][0]
+    mngr = checkpoint.manager(Path(tc.output_dir) / "checkpoints", keep_last=tc.keep_last, keep_best=tc.keep_best,
+                              best_metric=best, best_mode="max")
+    architecture = f"{type(task.model).__name__}:{task.model.config.model_type}"
+    return mngr, checkpoint.fingerprint(task.base_params, cfg.adapter, architecture)
+
+
+def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
+        on_step: Optional[Callable[[int, dict], None]] = None) -> dict[str, Any]:
+    """Fine-tune, evaluate, write the run folder, and return the final metrics record.
+
+    Checkpoints go to ``output_dir/checkpoints`` every ``train.save_every`` optimizer steps and at
+    the end. ``resume=True`` continues from the latest one; the per-step losses and the final
+    metrics equal those of an uninterrupted run. ``on_step(step, metrics)`` is called after every
+    optimizer step (``metrics`` only holds values at logging steps).
+    """
     from tqdm.auto import tqdm
 
     out_dir = Path(cfg.train.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(cfg.to_yaml())
     log_path = out_dir / "metrics.jsonl"
-    log_path.write_text("")
 
     task = Task(cfg)
     tc = cfg.train
@@ -259,56 +285,95 @@ def run(cfg: ExperimentConfig, *, progress: bool = True) -> dict[str, Any]:
         task.trainable, optimizer, jax.random.PRNGKey(tc.seed + 1),
         buffers=task.buffers, schedule=schedule, frozen=task.frozen,
     )
-    n_trainable = count_params(task.trainable)
-    n_backbone = task.backbone_params
-    summary = (f"{cfg.adapter.method}: {n_trainable:,} trainable parameters = "
-               f"{100 * n_trainable / n_backbone:.3f}% of the {n_backbone:,}-parameter backbone")
-    print(summary, flush=True)
-
-    micro_steps = steps * tc.grad_accum
-    bar = tqdm(total=steps, desc=f"{cfg.data.task}/{cfg.adapter.method}", disable=not progress, unit="step")
-    start = last_time = time.perf_counter()
-    last_step = 0
-    for micro in range(micro_steps):
-        batch = glue.train_batch(task.train_arrays, tc.batch_size, micro, tc.seed)
-        state, metrics = train_step(state, task.frozen, batch)
-        step = (micro + 1) // tc.grad_accum
-        if (micro + 1) % tc.grad_accum:
-            continue
-        if step % tc.log_every == 0 or step == steps:
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(
-                    f"loss is {values['loss']} at step {step}; training stopped. Lower train.learning_rate "
-                    f"(now {tc.learning_rate}) or set train.grad_clip."
+    mngr, base_fingerprint = _checkpoints(cfg, task)
+    try:
+        start = 0
+        if resume:
+            if mngr.latest_step() is None:
+                raise FileNotFoundError(f"--resume: {mngr.directory} holds no checkpoint to resume from; drop --resume to start.")
+            saved = checkpoint.read_metadata(mngr).get("metadata", {}).get("experiment")
+            if saved is not None and saved != cfg.to_dict():
+                diff = {f"{sec}.{k}": (v, cfg.to_dict()[sec].get(k)) for sec, d in saved.items() for k, v in d.items()
+                        if cfg.to_dict()[sec].get(k) != v}
+                raise ConfigError(f"--resume with a config that differs from the run's: {diff} (saved, now). Use the run's config.yaml.")
+            state, task.frozen, _ = checkpoint.restore(mngr, state, task.frozen, cfg.adapter, fingerprint=base_fingerprint)
+            start = int(state.step)
+            kept = [r for r in _read_jsonl(log_path) if r.get("step", 0) <= start // tc.grad_accum and "final" not in r]
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        else:
+            if mngr.latest_step() is not None:
+                raise ConfigError(
+                    f"{out_dir} already holds checkpoints (latest step {mngr.latest_step()}); pass --resume to "
+                    f"continue that run, or choose another train.output_dir."
                 )
-            now = time.perf_counter()
-            rate = (step - last_step) * tc.batch_size * tc.grad_accum / (now - last_time)
-            last_time, last_step = now, step
-            _append_jsonl(log_path, {"step": step, **values, "examples_per_s": rate})
-            bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{rate:.0f}")
-        bar.update(1)
-        if tc.eval_every and step % tc.eval_every == 0 and step < steps:
-            _append_jsonl(log_path, {"step": step, "eval": task.evaluate(state.trainable, state.buffers)})
-    jax.block_until_ready(state.trainable)
-    bar.close()
-    train_seconds = time.perf_counter() - start
+            log_path.write_text("")
+        (out_dir / "config.yaml").write_text(cfg.to_yaml())
+        metadata = {"experiment": cfg.to_dict()}
 
-    eval_metrics = task.evaluate(state.trainable, state.buffers)
-    _append_jsonl(log_path, {"step": steps, "eval": eval_metrics})
-    save_adapter(combine(state.trainable, state.buffers), out_dir / "adapter.safetensors")
-    record = {
-        "task": task.spec.name,
-        "method": cfg.adapter.method,
-        "eval": eval_metrics,
-        "train_seconds": train_seconds,
-        "steps": steps,
-        "trainable_params": n_trainable,
-        "backbone_params": n_backbone,
-        "trainable_fraction": n_trainable / n_backbone,
-    }
-    (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))
-    return record
+        n_trainable = count_params(task.trainable)
+        n_backbone = task.backbone_params
+        summary = (f"{cfg.adapter.method}: {n_trainable:,} trainable parameters = "
+                   f"{100 * n_trainable / n_backbone:.3f}% of the {n_backbone:,}-parameter backbone")
+        print(summary + (f"; resuming at step {start // tc.grad_accum}" if start else ""), flush=True)
+
+        micro_steps = steps * tc.grad_accum
+        bar = tqdm(total=steps, initial=start // tc.grad_accum, desc=f"{cfg.data.task}/{cfg.adapter.method}",
+                   disable=not progress, unit="step")
+        t0 = last_time = time.perf_counter()
+        last_step = start // tc.grad_accum
+        for micro in range(start, micro_steps):
+            batch = glue.train_batch(task.train_arrays, tc.batch_size, micro, tc.seed)
+            state, metrics = train_step(state, task.frozen, batch)
+            step = (micro + 1) // tc.grad_accum
+            if (micro + 1) % tc.grad_accum:
+                continue
+            values = {}
+            if step % tc.log_every == 0 or step == steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not math.isfinite(values["loss"]):
+                    raise FloatingPointError(
+                        f"loss is {values['loss']} at step {step}; training stopped (the last checkpoint is kept). "
+                        f"Lower train.learning_rate (now {tc.learning_rate}) or set train.grad_clip."
+                    )
+                now = time.perf_counter()
+                rate = (step - last_step) * tc.batch_size * tc.grad_accum / (now - last_time)
+                last_time, last_step = now, step
+                _append_jsonl(log_path, {"step": step, **values, "examples_per_s": rate})
+                bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{rate:.0f}")
+            bar.update(1)
+            eval_metrics = None
+            if tc.eval_every and step % tc.eval_every == 0 and step < steps:
+                eval_metrics = task.evaluate(state.trainable, state.buffers)
+                _append_jsonl(log_path, {"step": step, "eval": eval_metrics})
+            if tc.save_every and step % tc.save_every == 0 and step < steps:
+                checkpoint.save(mngr, state, task.frozen, cfg.adapter, fingerprint=base_fingerprint,
+                                metadata=metadata, metrics=eval_metrics)
+            if on_step is not None:
+                on_step(step, values)
+        jax.block_until_ready(state.trainable)
+        bar.close()
+        train_seconds = time.perf_counter() - t0
+
+        eval_metrics = task.evaluate(state.trainable, state.buffers)
+        _append_jsonl(log_path, {"step": steps, "eval": eval_metrics, "final": True})
+        checkpoint.save(mngr, state, task.frozen, cfg.adapter, fingerprint=base_fingerprint, metadata=metadata,
+                        metrics=eval_metrics)
+        save_adapter(combine(state.trainable, state.buffers), out_dir / "adapter.safetensors")
+        record = {
+            "task": task.spec.name,
+            "method": cfg.adapter.method,
+            "eval": eval_metrics,
+            "train_seconds": train_seconds,
+            "steps": steps,
+            "trainable_params": n_trainable,
+            "backbone_params": n_backbone,
+            "trainable_fraction": n_trainable / n_backbone,
+            "checkpoint": str(mngr.directory / str(steps)),
+        }
+        (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+        return record
+    finally:
+        mngr.close()
 
 
 def method_param_counts(config_path, overrides: Sequence[str] = ()) -> tuple[dict[str, int], int, ExperimentConfig]:
