@@ -19,6 +19,7 @@ from decomp_jax.inject import (
     adapter_leaves, combine, count_params, find_targets, inject, merge, partition, set_leaves, split, trainable_mask,
     unmerge,
 )
+from decomp_jax.interop import export_peft, import_peft
 from decomp_jax.methods import Schedule
 from decomp_jax.penalties import penalty
 from decomp_jax.train import TrainState, init_state, make_eval_step, make_optimizer, make_schedule, make_train_step
@@ -34,7 +35,9 @@ __all__ = [
     "adapter_leaves",
     "combine",
     "count_params",
+    "export_peft",
     "find_targets",
+    "import_peft",
     "init_state",
     "inject",
     "make_eval_step",

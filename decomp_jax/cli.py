@@ -53,6 +53,15 @@ def _methods(args) -> int:
     return 0
 
 
+def _merge(args) -> int:
+    from decomp_jax.runs import export_merged, restore_run
+
+    info = export_merged(restore_run(args.checkpoint), args.out)
+    print(json.dumps(info, indent=2))
+    print(f"wrote {args.out} (flax_model.msgpack, model.safetensors, config.json, tokenizer)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="decomp-jax", description="Parameter-efficient fine-tuning in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", help="the output_dir of a `decomp-jax train` run")
     ev.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     ev.set_defaults(func=_eval)
+
+    mg = sub.add_parser("merge", help="write a run's adapted model merged into plain weights (Flax and PyTorch formats)")
+    mg.add_argument("--checkpoint", required=True, help="a run's output_dir (latest checkpoint) or output_dir/checkpoints/STEP")
+    mg.add_argument("--out", required=True, help="the folder to write")
+    mg.set_defaults(func=_merge)
 
     me = sub.add_parser("methods", help="list the methods: family, formula, and trainable parameters for a config")
     me.add_argument("config", nargs="?", help="an experiment YAML: count each method's trainable parameters on its "

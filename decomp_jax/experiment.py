@@ -246,14 +246,31 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def initial_state(cfg: ExperimentConfig, steps: int, trainable, buffers, frozen):
+    """``(optimizer, schedule, step-0 TrainState)`` of a run of ``steps`` optimizer updates."""
+    tc = cfg.train
+    optimizer = make_optimizer(
+        tc.learning_rate, steps, warmup_ratio=tc.warmup_ratio, weight_decay=tc.weight_decay,
+        grad_clip=tc.grad_clip, grad_accum=tc.grad_accum,
+    )
+    schedule = make_schedule(cfg.adapter, steps)
+    state = init_state(trainable, optimizer, jax.random.PRNGKey(tc.seed + 1), buffers=buffers,
+                       schedule=schedule, frozen=frozen)
+    return optimizer, schedule, state
+
+
+def architecture(model) -> str:
+    """The fingerprint's architecture string of an HF Flax model."""
+    return f"{type(model).__name__}:{model.config.model_type}"
+
+
 def _checkpoints(cfg: ExperimentConfig, task: "Task"):
     """The run's checkpoint manager and the base model's fingerprint."""
     tc = cfg.train
     best = tc.best_metric or TASK_METRICS[task.spec.name][0]
     mngr = checkpoint.manager(Path(tc.output_dir) / "checkpoints", keep_last=tc.keep_last, keep_best=tc.keep_best,
                               best_metric=best, best_mode="max")
-    architecture = f"{type(task.model).__name__}:{task.model.config.model_type}"
-    return mngr, checkpoint.fingerprint(task.base_params, cfg.adapter, architecture)
+    return mngr, checkpoint.fingerprint(task.base_params, cfg.adapter, architecture(task.model))
 
 
 def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
@@ -275,16 +292,8 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
     tc = cfg.train
     n_train = glue.num_rows(task.train_arrays)
     steps = total_steps(cfg, n_train)
-    optimizer = make_optimizer(
-        tc.learning_rate, steps, warmup_ratio=tc.warmup_ratio, weight_decay=tc.weight_decay,
-        grad_clip=tc.grad_clip, grad_accum=tc.grad_accum,
-    )
-    schedule = make_schedule(cfg.adapter, steps)
+    optimizer, schedule, state = initial_state(cfg, steps, task.trainable, task.buffers, task.frozen)
     train_step = make_train_step(task.loss, optimizer, cfg.adapter, schedule=schedule)
-    state = init_state(
-        task.trainable, optimizer, jax.random.PRNGKey(tc.seed + 1),
-        buffers=task.buffers, schedule=schedule, frozen=task.frozen,
-    )
     mngr, base_fingerprint = _checkpoints(cfg, task)
     try:
         start = 0

@@ -1,0 +1,616 @@
+"""The Hugging Face PEFT adapter format (PEFT 0.21), both ways.
+
+A PEFT adapter is a folder with ``adapter_config.json`` and ``adapter_model.safetensors``; PyTorch
+loads it with ``peft.PeftModel.from_pretrained(base_model, folder)``. This module writes and reads
+that format from decomp_jax's adapted params without importing torch or peft.
+
+What the format holds (checked against files that PEFT 0.21 itself writes):
+
+- tensor keys are ``base_model.model.<module>.<leaf>`` with no adapter name in them, e.g.
+  ``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight``;
+- LoRA: ``lora_A.weight (r, d_in)``, ``lora_B.weight (d_out, r)``, update ``s * B @ A`` with
+  ``s = lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``); DoRA adds ``lora_magnitude_vector
+  (d_out,)`` and sets ``use_dora``;
+- IA3: ``ia3_l`` of shape ``(d_out, 1)`` scales the layer's output, bias included
+  (``y = (x W^T + b) * l``); on ``feedforward_modules`` it is ``(1, d_in)`` and scales the input;
+- AdaLoRA: ``lora_A (r, d_in)``, ``lora_E (r, 1)``, ``lora_B (d_out, r)`` (no ``.weight``), update
+  ``lora_alpha * B @ (A * E) / (ranknum + 1e-5)`` with ``ranknum = init_r`` (not saved);
+  ``rank_pattern`` (when set) names the kept triplets and the stored factors hold only those;
+- ``modules_to_save`` modules (for ``task_type: SEQ_CLS`` PEFT always adds ``classifier`` and
+  ``score``) are stored whole under their plain names, e.g. ``base_model.model.classifier.weight``.
+
+Our kernels are Flax ``(d_in, d_out)``; an ``nn.Linear.weight`` is ``K.T``. Name maps between Flax
+paths and PyTorch module names live in one ``Arch`` entry per architecture (``ARCHS``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import numpy as np
+from flax.core import unfreeze
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from decomp_jax.config import AdapterConfig, ConfigError
+from decomp_jax.inject import adapted_layers, find_targets, inject, layer_paths, path_str
+from decomp_jax.methods import get
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+PEFT_VERSION = "0.21.0"  # the format written here is the one PEFT 0.21 writes
+ADALORA_EPS = 1e-5  # PEFT's AdaLoRA divides by (ranknum + 1e-5)
+ADALORA_TOTAL_STEP = 1000  # nominal: PEFT needs total_step > 0 to build the config; inference ignores it
+
+EXPORTABLE = ("adalora", "dora", "ia3", "lora", "milora", "pissa", "ssl")
+IMPORTABLE = {"LORA": "lora / dora (use_dora)", "IA3": "ia3 / ssl (feedforward_modules)", "ADALORA": "adalora"}
+
+Path = tuple[str, ...]
+
+
+class PeftFormatError(ConfigError):
+    """A PEFT adapter folder does not match the model or the format (missing, unexpected or
+    mis-shaped tensors, unsupported config fields); the message names them."""
+
+
+# --- architectures: Flax path <-> PyTorch module name ------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """How one architecture's Flax params are named and laid out in its PyTorch model.
+
+    to_torch / from_torch: ``(pattern, replacement)`` regex substitutions applied in order to the
+        '.'-joined Flax module path (resp. to the PyTorch module name) where the two differ; the HF
+        BERT/RoBERTa/GPT-2/Llama Flax ports use the PyTorch names, so these are usually empty.
+    leaf_names: Flax leaf name -> PyTorch parameter name.
+    conv1d: regex over '/'-joined Flax module paths whose PyTorch layer is a ``Conv1D`` storing its
+        weight as ``(d_in, d_out)`` (GPT-2): no transpose, and PEFT's ``fan_in_fan_out: true``.
+    task_type / head_modules: PEFT's task type for the sequence classifier, and the module names its
+        task wrapper adds to ``modules_to_save`` (they are saved whole, trained or not).
+    """
+
+    name: str
+    task_type: str = "SEQ_CLS"
+    head_modules: tuple[str, ...] = ("classifier", "score")
+    to_torch: tuple[tuple[str, str], ...] = ()
+    from_torch: tuple[tuple[str, str], ...] = ()
+    leaf_names: Mapping[str, str] = dataclasses.field(
+        default_factory=lambda: {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
+    )
+    conv1d: Optional[str] = None
+
+    def torch_module(self, path: Path) -> str:
+        name = ".".join(path)
+        for pattern, repl in self.to_torch:
+            name = re.sub(pattern, repl, name)
+        return name
+
+    def is_conv1d(self, path: Path) -> bool:
+        return bool(self.conv1d and re.search(self.conv1d, path_str(path)))
+
+    def torch_leaf(self, path: Path) -> tuple[str, bool]:
+        """``(PyTorch parameter name, transpose?)`` of the Flax leaf at ``path``."""
+        *module, leaf = path
+        if leaf not in self.leaf_names:
+            raise PeftFormatError(f"No PyTorch name for the Flax leaf {path_str(path)!r} in arch {self.name!r}.")
+        transpose = leaf == "kernel" and not self.is_conv1d(tuple(module))
+        return f"{self.torch_module(tuple(module))}.{self.leaf_names[leaf]}", transpose
+
+
+# GPT-2 would be Arch("gpt2", conv1d=r"/(c_attn|c_proj|c_fc)$") and Llama Arch("llama") with
+# head_modules ("score", "classifier"); both need a test against PEFT before they are listed.
+ARCHS: dict[str, Arch] = {"bert": Arch("bert"), "roberta": Arch("roberta")}
+
+
+def _arch(arch: str) -> Arch:
+    if arch not in ARCHS:
+        raise ConfigError(f"arch={arch!r} is not supported for the PEFT format; choose one of {sorted(ARCHS)}.")
+    return ARCHS[arch]
+
+
+# --- per-method tensors: (PEFT leaf suffix, our factor leaf, to_torch, to_flax) --------------------
+
+def _t(x):
+    return np.ascontiguousarray(np.asarray(x).T)
+
+
+def _col(x):
+    return np.asarray(x)[:, None]
+
+
+def _uncol(x):
+    return np.asarray(x)[:, 0]
+
+
+def _row(x):
+    return np.asarray(x)[None, :]
+
+
+def _unrow(x):
+    return np.asarray(x)[0, :]
+
+
+def _same(x):
+    return np.asarray(x)
+
+
+_LORA = (("lora_A.weight", "lora_a", _t, _t), ("lora_B.weight", "lora_b", _t, _t))
+FACTORS: dict[str, tuple[tuple[str, str, Callable, Callable], ...]] = {
+    "lora": _LORA,
+    "dora": _LORA + (("lora_magnitude_vector", "magnitude", _same, _same),),
+    "adalora": (("lora_A", "lora_a", _t, _t), ("lora_E", "lora_e", _col, _uncol), ("lora_B", "lora_b", _t, _t)),
+    "ia3": (("ia3_l", "scale_out", _col, _uncol),),  # (d_out, 1): scales the output, bias included
+    "ssl": (("ia3_l", "scale_in", _row, _unrow),),  # (1, d_in): PEFT's IA3 on feedforward_modules
+}
+
+
+# --- adapter_config.json: the fields PEFT 0.21 writes, with its defaults -----------------------------
+
+_LORA_CONFIG = {
+    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+    "base_model_name_or_path": None, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
+    "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+    "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+    "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8, "lora_bias": False, "lora_dropout": 0.0,
+    "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+    "monteclora_config": None, "peft_type": "LORA", "peft_version": PEFT_VERSION, "qalora_group_size": 16,
+    "r": 8, "rank_pattern": {}, "revision": None, "target_modules": None, "target_parameters": None,
+    "task_type": None, "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+    "use_qalora": False, "use_rslora": False, "velora_config": None,
+}
+_ADALORA_CONFIG = {
+    **_LORA_CONFIG, "peft_type": "ADALORA", "rank_pattern": None, "beta1": 0.85, "beta2": 0.85, "deltaT": 1,
+    "init_r": 12, "orth_reg_weight": 0.5, "target_r": 8, "tfinal": 0, "tinit": 0, "total_step": None,
+}
+_IA3_CONFIG = {
+    "auto_mapping": None, "base_model_name_or_path": None, "exclude_modules": None, "fan_in_fan_out": False,
+    "feedforward_modules": None, "inference_mode": True, "init_ia3_weights": True, "modules_to_save": None,
+    "peft_type": "IA3", "peft_version": PEFT_VERSION, "revision": None, "target_modules": None, "task_type": None,
+}
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+def _flat(params) -> dict[Path, Any]:
+    return flatten_dict(unfreeze(params))
+
+
+def _np(x) -> np.ndarray:
+    a = np.asarray(x)
+    return a if a.dtype in (np.float16, np.float32, np.float64) else a.astype(np.float32)
+
+
+def _module_names(flat: Mapping[Path, Any], arch: Arch) -> set[str]:
+    """Every PyTorch module name of the model: all proper prefixes of all leaf paths."""
+    return {arch.torch_module(path[:i]) for path in flat for i in range(1, len(path))}
+
+
+def _target_suffixes(targets: list[str], modules: set[str]):
+    """PEFT's ``target_modules`` for exactly ``targets``: per target its shortest dotted suffix that
+    selects no other module (PEFT matches ``key == t or key.endswith('.' + t)``); a fullmatch regex
+    when some target cannot be singled out that way."""
+    others = modules - set(targets)
+    chosen = set()
+    for name in targets:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if not any(m == suffix or m.endswith("." + suffix) for m in others):
+                chosen.add(suffix)
+                break
+        else:
+            return "^(" + "|".join(re.escape(t) for t in sorted(targets)) + ")$"
+    return sorted(chosen)
+
+
+def _peft_targets(key: str, target_modules) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, key) is not None
+    return key in target_modules or any(key.endswith("." + t) for t in target_modules)
+
+
+def _in_saved_module(key: str, modules_to_save) -> bool:
+    """PEFT never puts an adapter on (or inside) a modules_to_save module."""
+    return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save or ())
+
+
+def _saved_modules(flat: Mapping[Path, Any], arch: Arch, modules_to_save) -> list[Path]:
+    """The Flax module paths PEFT wraps for ``modules_to_save`` (``name.endswith(m)``), outermost only."""
+    names = sorted({path[:i] for path in flat for i in range(1, len(path))}, key=len)
+    chosen: list[Path] = []
+    for path in names:
+        if any(path[: len(c)] == c for c in chosen):
+            continue
+        if any(arch.torch_module(path).endswith(m) for m in modules_to_save or ()):
+            chosen.append(path)
+    return chosen
+
+
+def _leaves_under(flat: Mapping[Path, Any], modules: list[Path]) -> list[Path]:
+    return [p for p in flat if any(p[: len(m)] == m and len(p) > len(m) for m in modules)]
+
+
+def _saved_tensors(flat: Mapping[Path, Any], arch: Arch, modules: list[Path]) -> dict[str, np.ndarray]:
+    out = {}
+    for path in _leaves_under(flat, modules):
+        name, transpose = arch.torch_leaf(path)
+        value = _np(flat[path])
+        out[PREFIX + name] = np.ascontiguousarray(value.T if transpose else value)
+    return out
+
+
+def _write(out_dir: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True))
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(out_dir, WEIGHTS_NAME),
+              metadata={"format": "pt"})
+
+
+def _adalora_ranknum(r: int) -> float:
+    """PEFT's denominator ``ranknum + 1e-5``, computed as it is: in float32."""
+    return float(np.float32(r) + np.float32(ADALORA_EPS))
+
+
+def _principal_as_lora(kernel, base_kernel, layer, cfg, rank2: int, where: str):
+    """PiSSA/MiLoRA's update relative to the original kernel, ``K_res + s a b - K_orig`` (rank <= 2r),
+    as LoRA factors ``(a2 (d_in, 2r), b2 (2r, d_out))`` with the same scale ``s``."""
+    k_res = np.asarray(kernel, np.float64)
+    k_orig = np.asarray(base_kernel, np.float64)
+    if k_orig.shape != k_res.shape:
+        raise ConfigError(f"base_params kernel of {where!r} has shape {k_orig.shape}, the adapted one {k_res.shape}.")
+    a, b = np.asarray(layer["lora_a"], np.float64), np.asarray(layer["lora_b"], np.float64)
+    delta = k_res - k_orig + cfg.scale * (a @ b)
+    u, sv, vt = np.linalg.svd(delta, full_matrices=False)
+    k = min(rank2, sv.shape[0])
+    if sv.shape[0] > k and sv[k] > 1e-4 * max(sv[0], np.abs(k_orig).max() * 1e-3):
+        raise ConfigError(
+            f"Layer {where!r}: K_res + s*a@b - K_orig has rank > 2r (singular value {k + 1} is {sv[k]:.3g}); "
+            f"base_params are not the pretrained params this adapter was injected into."
+        )
+    root = np.sqrt(sv[:k] / cfg.scale)
+    a2 = np.zeros((delta.shape[0], rank2))
+    b2 = np.zeros((rank2, delta.shape[1]))
+    a2[:, :k] = u[:, :k] * root
+    b2[:k] = root[:, None] * vt[:k]
+    dtype = np.asarray(kernel).dtype
+    return a2.astype(dtype), b2.astype(dtype)
+
+
+# --- export -------------------------------------------------------------------------------------------
+
+def export_peft(params, cfg: AdapterConfig, out_dir: str, *, base_model_name_or_path: str, arch: str,
+                base_params=None) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT 0.21's format.
+
+    ``params``: adapted params of a Flax sequence classifier (``dj.inject`` of its params, trained).
+    Methods: lora (rslora too), dora, ia3 (``scale_bias=True`` or bias-free targets: PEFT's IA3 scales
+    the bias), ssl (PEFT IA3 on feedforward modules), adalora (``lora_alpha`` compensates PEFT's
+    ``ranknum + 1e-5``), pissa / milora as a rank-2r LoRA relative to the original kernels, which
+    ``base_params`` (the un-injected pretrained params) must provide. The classifier head, and every
+    module with a leaf in ``cfg.train_extra``, goes to ``modules_to_save``.
+    """
+    spec = _arch(arch)
+    if cfg.method not in EXPORTABLE:
+        raise ConfigError(
+            f"Method {cfg.method!r} has no Hugging Face PEFT equivalent here; export_peft supports "
+            f"{', '.join(EXPORTABLE)}."
+        )
+    principal = cfg.method in ("pissa", "milora")
+    if principal and base_params is None:
+        raise ConfigError(
+            f"Exporting {cfg.method} needs base_params (the pretrained params before inject): its layers hold "
+            f"K_res = K - s*a0@b0, and PEFT applies the update to the original K, so the export writes "
+            f"K_res + s*a@b - K as a rank-2r LoRA."
+        )
+    method = get(cfg.method)
+    flat = _flat(params)
+    layers = dict(adapted_layers(params, cfg))
+    if not layers:
+        raise ConfigError(f"params hold no {cfg.method} factor leaves {method.factor_names}; pass dj.inject(...)'s params.")
+    if spec.task_type == "SEQ_CLS" and not any(p[0] in spec.head_modules for p in flat):
+        raise ConfigError(
+            f"export_peft expects the params of a sequence classifier with a top-level "
+            f"{' or '.join(spec.head_modules)!r} head; got top-level keys {sorted({p[0] for p in flat})}."
+        )
+    conv = {spec.is_conv1d(p) for p in layers}
+    if len(conv) > 1:
+        raise ConfigError("The targeted layers mix nn.Linear and Conv1D layers; PEFT's fan_in_fan_out is one flag.")
+    fan_in_fan_out = conv.pop()
+    if cfg.method == "ia3" and not cfg.scale_bias:
+        biased = [path_str(p) for p, layer in layers.items() if "bias" in layer]
+        if biased:
+            raise ConfigError(
+                f"PEFT's IA3 scales the whole layer output, bias included (y = (x@K + b) * l); this adapter "
+                f"(scale_bias=False) leaves the bias of {biased[:3]}{'...' if len(biased) > 3 else ''} unscaled, "
+                f"so the export would not reproduce it. Train with scale_bias: true, or target bias-free layers."
+            )
+
+    # modules_to_save: the task head (as PEFT always saves it) and the modules of train_extra leaves
+    factor_leaves = {p + (n,) for p in layers for n in method.factor_names}
+    extra = re.compile(cfg.train_extra) if cfg.train_extra else None
+    extra_leaves = [p for p in flat if extra and p not in factor_leaves and extra.search(path_str(p))]
+    in_layers = [path_str(p) for p in extra_leaves if p[:-1] in layers]
+    if in_layers:
+        raise ConfigError(
+            f"train_extra={cfg.train_extra!r} selects leaves of adapted layers {in_layers[:3]}; PEFT cannot save a "
+            f"targeted module in modules_to_save. Narrow train_extra."
+        )
+    heads = [(h,) for h in spec.head_modules if any(p[0] == h for p in flat)] if spec.task_type == "SEQ_CLS" else []
+    saved = list(heads)
+    for path in sorted({p[:-1] for p in extra_leaves}):
+        if not any(path[: len(s)] == s for s in saved):
+            saved.append(path)
+    clash = [path_str(p) for p in layers if any(p[: len(s)] == s for s in saved)]
+    if clash:
+        raise ConfigError(f"Targeted layers {clash[:3]} lie inside modules_to_save modules, which PEFT never adapts.")
+    modules_to_save = list(spec.head_modules) if spec.task_type == "SEQ_CLS" else []
+    modules_to_save += [spec.torch_module(p) for p in saved if p not in heads]
+
+    # adapter tensors
+    tensors: dict[str, np.ndarray] = {}
+    base_flat = _flat(base_params) if principal else {}
+    rank2 = 2 * cfg.rank
+    for path, layer in layers.items():
+        module = PREFIX + spec.torch_module(path) + "."
+        if principal:
+            where = path_str(path)
+            if path + ("kernel",) not in base_flat:
+                raise ConfigError(f"base_params has no kernel at {where!r}; pass the un-injected pretrained params.")
+            a2, b2 = _principal_as_lora(layer["kernel"], base_flat[path + ("kernel",)], layer, cfg, rank2, where)
+            tensors[module + "lora_A.weight"] = _t(a2)
+            tensors[module + "lora_B.weight"] = _t(b2)
+            continue
+        for suffix, leaf, to_torch, _ in FACTORS[cfg.method]:
+            tensors[module + suffix] = np.ascontiguousarray(to_torch(_np(layer[leaf])))
+    tensors.update(_saved_tensors(flat, spec, saved))
+
+    # adapter_config.json
+    target_modules = _target_suffixes([spec.torch_module(p) for p in layers], _module_names(flat, spec))
+    common = {
+        "base_model_name_or_path": base_model_name_or_path, "fan_in_fan_out": fan_in_fan_out,
+        "modules_to_save": modules_to_save or None, "target_modules": target_modules, "task_type": spec.task_type,
+    }
+    if cfg.method in ("ia3", "ssl"):
+        feedforward = target_modules if cfg.method == "ssl" else []
+        config = {**_IA3_CONFIG, **common, "feedforward_modules": feedforward}
+    elif cfg.method == "adalora":
+        from decomp_jax.methods.adalora import target_rank
+
+        r = cfg.rank
+        config = {
+            **_ADALORA_CONFIG, **common, "lora_dropout": float(cfg.dropout),
+            # PEFT: lora_alpha / (r + 1e-5); ours: alpha / r
+            "lora_alpha": float(cfg.alpha) * _adalora_ranknum(r) / r,
+            "init_r": r, "target_r": target_rank(cfg), "total_step": ADALORA_TOTAL_STEP,
+            "tinit": int(round(cfg.option("t_init") * ADALORA_TOTAL_STEP)),
+            "tfinal": int(round(cfg.option("t_final") * ADALORA_TOTAL_STEP)),
+            "deltaT": int(cfg.option("interval")), "beta1": float(cfg.option("beta1")),
+            "beta2": float(cfg.option("beta2")), "orth_reg_weight": float(cfg.mpc_lambda),
+        }
+    else:
+        r = rank2 if principal else cfg.rank
+        alpha = cfg.scale * (math.sqrt(r) if cfg.rslora else r) if principal else cfg.alpha
+        config = {
+            **_LORA_CONFIG, **common, "r": r, "lora_alpha": alpha, "lora_dropout": float(cfg.dropout),
+            "use_rslora": bool(cfg.rslora), "use_dora": cfg.method == "dora",
+        }
+    _write(out_dir, config, tensors)
+
+
+# --- import -------------------------------------------------------------------------------------------
+
+def _read(in_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    paths = [os.path.join(in_dir, n) for n in (CONFIG_NAME, WEIGHTS_NAME)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"Not a PEFT adapter folder: {missing} missing (save it with save_pretrained).")
+    with open(paths[0]) as f:
+        config = json.load(f)
+    return config, load_file(paths[1])
+
+
+def _refuse_unsupported(config: dict) -> None:
+    bad = {}
+    for key in ("layers_to_transform", "exclude_modules", "layer_replication", "target_parameters",
+                "trainable_token_indices", "alora_invocation_tokens", "loftq_config", "alpha_pattern"):
+        if config.get(key):
+            bad[key] = config[key]
+    if config["peft_type"] == "LORA" and config.get("rank_pattern"):
+        bad["rank_pattern"] = config["rank_pattern"]
+    if config.get("bias", "none") != "none":
+        bad["bias"] = config["bias"]
+    for key in ("lora_bias", "use_qalora", "use_bdlora"):
+        if config.get(key):
+            bad[key] = config[key]
+    init = config.get("init_lora_weights", True)
+    if not (isinstance(init, bool) or init == "gaussian"):
+        bad["init_lora_weights"] = init  # PiSSA/OLoRA/...: the adapter expects a modified base model
+    if bad:
+        raise PeftFormatError(
+            f"import_peft does not support these adapter_config.json settings: {bad}. Supported: one rank and "
+            f"alpha for all target_modules, bias 'none', and an adapter relative to the unmodified base model "
+            f"(save PiSSA/OLoRA adapters with path_initial_model_for_weight_conversion)."
+        )
+
+
+def _targets_regex(paths: list[Path], target_modules, base_params) -> str:
+    """Our ``targets`` regex selecting exactly ``paths``: from PEFT's suffixes when that is exact."""
+    wanted = set(paths)
+    if isinstance(target_modules, (list, tuple)):
+        regex = "|".join(rf"(^|/){re.escape(t.replace('.', '/'))}$" for t in sorted(target_modules))
+        try:
+            if set(find_targets(base_params, AdapterConfig(targets=regex))) == wanted:
+                return regex
+        except ConfigError:
+            pass
+    return "^(" + "|".join(re.escape(path_str(p)) for p in sorted(wanted)) + ")$"
+
+
+def _adalora_pattern(config: dict, module: str) -> Optional[np.ndarray]:
+    pattern = config.get("rank_pattern")
+    if not pattern:
+        return None
+    for key, keep in pattern.items():
+        name = re.sub(r"\.default$", "", key)
+        name = re.sub(r"\.lora_E$", "", name)
+        if name == module:
+            return np.asarray(keep, bool).reshape(-1)
+    return None
+
+
+def import_peft(in_dir: str, base_params, *, arch: str):
+    """Read a PEFT adapter folder into ``(params, cfg)``: ``cfg`` is the equivalent ``AdapterConfig``
+    and ``params`` is ``dj.inject(base_params, cfg, ...)`` with the stored factors (and the stored
+    modules_to_save leaves, e.g. the classifier head) written in.
+
+    PEFT types: LORA (lora, dora with use_dora, rslora), IA3 (ia3 with ``scale_bias=True``; ssl when
+    every target is a feedforward module), ADALORA (rank_pattern included). Strict: a missing,
+    unexpected or mis-shaped tensor raises ``PeftFormatError`` naming every such key.
+    """
+    spec = _arch(arch)
+    config, stored = _read(in_dir)
+    peft_type = config.get("peft_type")
+    if peft_type not in IMPORTABLE:
+        raise PeftFormatError(
+            f"PEFT type {peft_type!r} is not supported; import_peft reads "
+            f"{', '.join(f'{k} ({v})' for k, v in IMPORTABLE.items())}."
+        )
+    _refuse_unsupported(config)
+    base_flat = _flat(base_params)
+    modules_to_save = list(config.get("modules_to_save") or [])
+    if config.get("task_type") == "SEQ_CLS":  # PEFT's sequence-classification wrapper adds its heads
+        modules_to_save += [h for h in spec.head_modules if h not in modules_to_save]
+    target_modules = config.get("target_modules")
+    if not target_modules:
+        raise PeftFormatError("adapter_config.json has no target_modules.")
+    paths = [
+        p for p in layer_paths(base_params)
+        if _peft_targets(spec.torch_module(p), target_modules)
+        and not _in_saved_module(spec.torch_module(p), modules_to_save)
+    ]
+    if not paths:
+        raise PeftFormatError(
+            f"target_modules={target_modules!r} matches no dense layer of base_params (arch {arch!r}); "
+            f"layers are named like {[spec.torch_module(p) for p in layer_paths(base_params)[:3]]}."
+        )
+    conv = {spec.is_conv1d(p) for p in paths}
+    if conv != {bool(config.get("fan_in_fan_out", False))}:
+        raise PeftFormatError(
+            f"fan_in_fan_out={config.get('fan_in_fan_out')} does not match arch {arch!r}'s target layers "
+            f"({'Conv1D' if conv == {True} else 'nn.Linear'})."
+        )
+    saved = _saved_modules(base_flat, spec, modules_to_save)
+    train_extra = "^(" + "|".join(re.escape(path_str(m)) for m in saved) + ")/" if saved else None
+    targets = _targets_regex(paths, target_modules, base_params)
+
+    if peft_type == "LORA":
+        method = "dora" if config.get("use_dora") else "lora"
+        cfg = AdapterConfig(
+            method=method, targets=targets, rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+            rslora=bool(config.get("use_rslora")), dropout=float(config.get("lora_dropout") or 0.0),
+            train_extra=train_extra,
+        )
+    elif peft_type == "ADALORA":
+        r = int(config["init_r"])
+        total = int(config["total_step"])
+        cfg = AdapterConfig(
+            method="adalora", targets=targets, rank=r,
+            alpha=float(f"{float(config['lora_alpha']) * r / _adalora_ranknum(r):.10g}"),
+            dropout=float(config.get("lora_dropout") or 0.0), train_extra=train_extra,
+            mpc_lambda=float(config.get("orth_reg_weight", 0.5)),
+            options={
+                "target_rank": max(1, min(int(config["target_r"]), r)), "t_init": config.get("tinit", 0) / total,
+                "t_final": config.get("tfinal", 0) / total, "interval": int(config.get("deltaT", 1)),
+                "beta1": float(config.get("beta1", 0.85)), "beta2": float(config.get("beta2", 0.85)),
+            },
+        )
+    else:  # IA3
+        ff_modules = config.get("feedforward_modules") or []
+        is_ff = [
+            bool(re.fullmatch(ff_modules, spec.torch_module(p))) if isinstance(ff_modules, str)
+            else any(spec.torch_module(p).endswith(m) for m in ff_modules)
+            for p in paths
+        ]
+        if any(is_ff) and not all(is_ff):
+            raise PeftFormatError(
+                f"This IA3 adapter scales the input of its feedforward_modules {ff_modules} and the output of its "
+                f"other targets; decomp_jax holds one of the two per adapter (ssl: input, ia3: output)."
+            )
+        cfg = AdapterConfig(method="ssl" if any(is_ff) else "ia3", targets=targets, train_extra=train_extra,
+                            scale_bias=not any(is_ff))
+
+    params = inject(base_params, cfg, jax.random.PRNGKey(0))
+    flat = _flat(params)
+    layers = dict(adapted_layers(params, cfg))
+    if set(layers) != set(paths):
+        raise PeftFormatError(
+            f"The targets regex {targets!r} selects {sorted(map(path_str, layers))}, PEFT's target_modules "
+            f"{sorted(map(path_str, paths))}."
+        )
+
+    # expected tensors: key -> (flax leaf path, stored -> flax converter)
+    expected: dict[str, tuple[Path, Callable]] = {}
+    for path in paths:
+        module = PREFIX + spec.torch_module(path) + "."
+        for suffix, leaf, _, to_flax in FACTORS[cfg.method]:
+            expected[module + suffix] = (path + (leaf,), to_flax)
+    for path in _leaves_under(base_flat, saved):
+        name, transpose = spec.torch_leaf(path)
+        expected[PREFIX + name] = (path, _t if transpose else _same)
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise PeftFormatError(
+            f"{os.path.join(in_dir, WEIGHTS_NAME)} does not match this {peft_type} adapter on arch {arch!r}: "
+            f"missing keys {missing}; unexpected keys {unexpected}."
+        )
+
+    values = dict(stored)
+    if peft_type == "ADALORA" and config.get("rank_pattern"):
+        # PEFT stores only the kept triplets; the others are zero rows of lora_A / lora_E, columns of lora_B
+        for path in paths:
+            keep = _adalora_pattern(config, spec.torch_module(path))
+            if keep is None:
+                continue
+            module = PREFIX + spec.torch_module(path) + "."
+            for suffix, axis in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+                got = values[module + suffix]
+                if keep.shape[0] != cfg.rank or got.shape[axis] != keep.sum():
+                    continue  # the shape check below reports it
+                full_shape = list(got.shape)
+                full_shape[axis] = cfg.rank
+                full = np.zeros(full_shape, got.dtype)
+                if axis == 0:
+                    full[keep] = got
+                else:
+                    full[:, keep] = got
+                values[module + suffix] = full
+
+    changes, wrong = {}, []
+    for key, (leaf, to_flax) in expected.items():
+        want = _stored_shape(np.shape(flat[leaf]), to_flax)
+        if tuple(values[key].shape) != want:
+            wrong.append(f"{key}: stored {tuple(values[key].shape)}, expected {want}")
+            continue
+        changes[leaf] = jax.numpy.asarray(to_flax(values[key]), dtype=flat[leaf].dtype)
+    if wrong:
+        raise PeftFormatError(f"Tensors of the wrong shape in {os.path.join(in_dir, WEIGHTS_NAME)}: {wrong}.")
+    flat.update(changes)
+    return unflatten_dict(flat), cfg
+
+
+def _stored_shape(flax_shape: tuple, to_flax: Callable) -> tuple:
+    """The stored (PyTorch-side) shape whose conversion gives ``flax_shape``."""
+    inverse = {_t: _t, _same: _same, _uncol: _col, _unrow: _row}[to_flax]
+    return tuple(inverse(np.zeros(flax_shape)).shape)

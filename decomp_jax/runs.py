@@ -1,0 +1,113 @@
+"""Finished runs: restore the adapted model from a checkpoint, and export it merged.
+
+``restore_run(path)`` needs only a checkpoint: its metadata holds the experiment config, from
+which the base model is loaded (no data), injected, and overwritten with the saved leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple, Optional
+
+import jax
+import numpy as np
+from flax.traverse_util import flatten_dict
+
+from decomp_jax import checkpoint
+from decomp_jax.config import ConfigError
+from decomp_jax.data import glue
+from decomp_jax.experiment import ExperimentConfig, architecture, initial_state
+from decomp_jax.inject import combine, inject, merge, partition
+from decomp_jax.models.hf import load_sequence_classifier, sequence_classifier_apply
+
+
+class RestoredRun(NamedTuple):
+    cfg: ExperimentConfig
+    model: Any  # the HF Flax model (its params are the base model's)
+    base_params: dict
+    params: dict  # the adapted params at the checkpoint's step
+    tokenizer: Any
+    step: int
+
+
+def _locate(path: Path) -> tuple[Path, Optional[int]]:
+    """``(checkpoints folder, step or None for the latest)`` from a run folder, its
+    ``checkpoints`` folder, or one step folder."""
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", None
+    if path.name.isdigit() and path.parent.is_dir():
+        return path.parent, int(path.name)
+    if path.is_dir() and any(p.name.isdigit() for p in path.iterdir()):
+        return path, None
+    raise FileNotFoundError(
+        f"{path} is not a checkpoint: pass a run's output_dir, its checkpoints/ folder, or checkpoints/STEP."
+    )
+
+
+def restore_run(path: str | os.PathLike) -> RestoredRun:
+    """The adapted model of a run at a checkpoint (default: the run's latest)."""
+    folder, step = _locate(Path(path))
+    mngr = checkpoint.manager(folder)
+    try:
+        step = mngr.latest_step() if step is None else step
+        if step is None or step not in mngr.all_steps():
+            raise FileNotFoundError(f"No checkpoint {'' if step is None else step} in {folder}; it holds {mngr.all_steps()}.")
+        meta = checkpoint.read_metadata(mngr, step)
+        experiment = meta.get("metadata", {}).get("experiment")
+        if experiment is None:
+            raise ConfigError(f"{folder}/{step} holds no experiment config; restore it with checkpoint.restore().")
+        cfg = ExperimentConfig.from_dict(experiment)
+        num_labels = glue.get_task(cfg.data.task).num_labels
+        model, base, tokenizer = load_sequence_classifier(cfg.model.name, num_labels, cfg.model.dtype, seed=cfg.train.seed)
+        params = inject(base, cfg.adapter, jax.random.PRNGKey(cfg.train.seed))
+        trainable, buffers, frozen = partition(params, cfg.adapter)
+        _, _, like = initial_state(cfg, 1, trainable, buffers, frozen)
+        fingerprint = checkpoint.fingerprint(base, cfg.adapter, architecture(model))
+        state, frozen, _ = checkpoint.restore(mngr, like, frozen, cfg.adapter, fingerprint=fingerprint, step=step)
+    finally:
+        mngr.close()
+    adapted = combine(state.trainable, state.buffers or {}, frozen)
+    return RestoredRun(cfg, model, base, adapted, tokenizer, step)
+
+
+def torch_state_dict(params) -> dict[str, np.ndarray]:
+    """PyTorch ``state_dict`` names and layouts for HF BERT/RoBERTa-style Flax params: '.'-joined
+    paths; ``kernel`` (2-D, transposed), ``scale`` and ``embedding`` become ``weight``."""
+    out = {}
+    for path, value in flatten_dict(jax.device_get(params)).items():
+        value = np.asarray(value)
+        *prefix, leaf = path
+        if leaf == "kernel":
+            if value.ndim != 2:
+                raise ConfigError(f"{'/'.join(path)}: a {value.ndim}-D kernel has no nn.Linear layout; export it merged in Flax only.")
+            leaf, value = "weight", value.T
+        elif leaf in ("scale", "embedding"):
+            leaf = "weight"
+        out[".".join([*prefix, leaf])] = np.ascontiguousarray(value)
+    return out
+
+
+def export_merged(run: RestoredRun, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Write the merged model: HF Flax ``save_pretrained`` (config.json, flax_model.msgpack), the
+    same weights as PyTorch-format ``model.safetensors``, and the tokenizer."""
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged = merge(run.params, run.cfg.adapter)
+    run.model.save_pretrained(out_dir, params=merged)
+    save_file(torch_state_dict(merged), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    run.tokenizer.save_pretrained(out_dir)
+    info = {"source_step": run.step, "method": run.cfg.adapter.method, "model": run.cfg.model.name}
+    (out_dir / "decomp_jax_merge.json").write_text(json.dumps(info, indent=2))
+    return info
+
+
+def adapted_apply(run: RestoredRun):
+    """``apply(batch) -> logits`` of the restored adapted model (factored execution)."""
+    from decomp_jax.execution import adapt
+
+    fn = adapt(sequence_classifier_apply(run.model), run.cfg.adapter, mode=run.cfg.train.mode)
+    return lambda batch: fn(run.params, batch)

