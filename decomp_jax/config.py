@@ -126,8 +126,8 @@ class AdapterConfig(_Serializable):
         method = base.get(self.method)  # raises a clear error for unknown names
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise ConfigError(f"rank must be a positive integer, got {self.rank!r}.")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise ConfigError(f"alpha must be a finite number, got {self.alpha!r}.")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ConfigError(f"alpha must be a finite number > 0, got {self.alpha!r}.")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}.")
         if self.init not in LORA_INITS:

@@ -18,7 +18,11 @@ from decomp_jax.methods import get
 
 def _frobenius(m, squared: bool):
     sq = jnp.sum(jnp.square(m))
-    return sq if squared else jnp.sqrt(sq)
+    if squared:
+        return sq
+    # sqrt with a zero gradient at 0 (as torch.norm): the mpc_d term of a zero lora_b is exactly 0
+    positive = sq > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
 def mpc_terms(lora_a, lora_b, kind: str, squared: bool = True):

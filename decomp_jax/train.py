@@ -19,7 +19,7 @@ import optax
 
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from decomp_jax.config import AdapterConfig
+from decomp_jax.config import AdapterConfig, ConfigError
 from decomp_jax.inject import combine
 from decomp_jax.methods import Schedule, get
 from decomp_jax.penalties import penalty
@@ -63,9 +63,15 @@ def make_optimizer(
         [warmup],
     )
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
-    parts.append(optax.adamw(schedule, weight_decay=weight_decay))
+    parts.append(optax.adamw(schedule, weight_decay=weight_decay, mask=decay_mask))
     tx = optax.chain(*parts)
     return optax.MultiSteps(tx, grad_accum) if grad_accum > 1 else tx
+
+
+def decay_mask(params):
+    """Weight decay on matrices only: vectors (biases, IA3/SSL/SSB scales and DoRA magnitudes,
+    which start at 1, singular values, lora_e) are not pulled towards zero."""
+    return jax.tree.map(lambda x: jnp.ndim(x) > 1, params)
 
 
 def init_state(
@@ -84,6 +90,8 @@ def init_state(
     trainable = jax.tree.map(jnp.copy, trainable)
     buffers = jax.tree.map(jnp.copy, buffers or {})
     method_state = None
+    if schedule is not None and frozen is None:
+        raise ConfigError("init_state(..., schedule=...) needs frozen=: the method's state is built from the whole params tree.")
     if schedule is not None:
         method_state = jax.tree.map(jnp.copy, schedule.init(combine(trainable, buffers, frozen or {})))
     return TrainState(
@@ -100,18 +108,32 @@ def _pick(params: dict, like: dict) -> dict:
 
 def _run_schedule(schedule: Schedule, state: TrainState, opt_state, trainable, buffers, frozen, grads):
     """``schedule.update`` after an optimizer update; with gradient accumulation
-    (``optax.MultiSteps``) only on the micro-steps that emitted an update."""
+    (``optax.MultiSteps``) only on the micro-steps that emitted an update, with the mean gradient
+    of the accumulated micro-batches."""
 
-    def run(step):
+    def run(step, grads):
         params = combine(trainable, buffers, frozen)
         method_state, params = schedule.update(state.method_state, step, params, grads)
         return method_state, _pick(params, trainable), _pick(params, buffers)
 
     if isinstance(opt_state, optax.MultiStepsState):
-        emitted = opt_state.mini_step == 0
-        skip = lambda step: (state.method_state, trainable, buffers)
-        return jax.lax.cond(emitted, run, skip, opt_state.gradient_step)
-    return run(state.step + 1)
+        before = state.opt_state
+        emitted = opt_state.gradient_step > before.gradient_step
+        # MultiSteps keeps a running mean of the earlier micro-batches' gradients
+        n = (before.mini_step + 1).astype(jnp.float32)
+        mean = jax.tree.map(lambda acc, g: acc + (g - acc) / n, before.acc_grads, grads)
+        skip = lambda step, grads: (state.method_state, trainable, buffers)
+        return jax.lax.cond(emitted, run, skip, opt_state.gradient_step, mean)
+    return run(state.step + 1, grads)
+
+
+def _check_stateful(cfg: Optional[AdapterConfig], schedule: Optional[Schedule]) -> None:
+    method = get(cfg.method) if cfg is not None else None
+    if method is not None and method.schedule is not None and schedule is None:
+        raise ConfigError(
+            f"Method {cfg.method!r} is stateful: pass schedule=make_schedule(cfg, total_steps) to make_train_step "
+            f"and init_state (and split the params with partition())."
+        )
 
 
 def make_train_step(
@@ -133,10 +155,18 @@ def make_train_step(
     to ``jax.jit`` when given, so data-parallel or FSDP layouts need no change here.
     """
 
+    _check_stateful(cfg, schedule)
+
     def step(state: TrainState, frozen: dict, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
-
         buffers = state.buffers or {}
+        if schedule is not None and state.method_state is None:
+            raise ConfigError("The state has no method state: build it with init_state(..., schedule=schedule, frozen=frozen).")
+        if schedule is not None and get(cfg.method).buffers and not buffers:
+            raise ConfigError(
+                f"Method {cfg.method!r} rewrites its buffers {get(cfg.method).buffers} during training; they must be in "
+                f"the train state: split the params with partition(params, cfg) and pass buffers= to init_state."
+            )
 
         def objective(trainable):
             params = combine(trainable, buffers, frozen)

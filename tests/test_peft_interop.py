@@ -15,6 +15,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -32,7 +33,7 @@ def _small(kind, folder):
     import transformers as tf
 
     common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=64, max_position_embeddings=40, num_labels=3)
+                  intermediate_size=64, max_position_embeddings=40, num_labels=3, initializer_range=0.2)
     if kind == "bert":
         config, torch_cls, flax_cls = tf.BertConfig(**common), tf.BertForSequenceClassification, tf.FlaxBertForSequenceClassification
     else:
@@ -73,6 +74,16 @@ def minilm():
     return {"torch": torch_model, "flax": model, "params": params, "batch": batch, "arch": "bert"}
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path, data):
+    with open(path, "w") as f:
+        json.dump(data, f)
+
+
 def jax_logits(m, params, cfg):
     return np.asarray(dj.adapt(sequence_classifier_apply(m["flax"]), cfg)(params, m["batch"]))
 
@@ -80,6 +91,15 @@ def jax_logits(m, params, cfg):
 def torch_logits(model, batch):
     with torch.no_grad():
         return model(**{k: torch.as_tensor(np.asarray(v)) for k, v in batch.items()}).logits.numpy()
+
+
+def adapter_effect(m, params, cfg):
+    """How far the adapted logits are from the base model's with the same head: a test is only as
+    sensitive as this is large compared with TOL."""
+    head = {p: v for p, v in flatten_dict(params).items() if p[0] == "classifier"}
+    plain = unflatten_dict({**flatten_dict(m["params"]), **head})
+    base = np.asarray(sequence_classifier_apply(m["flax"])(plain, m["batch"]))
+    return np.abs(jax_logits(m, params, cfg) - base).max()
 
 
 def perturb(params, cfg, seed=0, scale=0.1):
@@ -110,11 +130,11 @@ def test_lora_export_loads_in_peft_on_minilm(minilm, tmp_path):
     ours = jax_logits(minilm, params, cfg)
     theirs = export_and_load(minilm, params, cfg, str(tmp_path))
     diff = np.abs(ours - theirs).max()
-    print(f"minilm lora max abs diff {diff:.2e}")
-    assert diff <= TOL
-    assert np.abs(ours - torch_logits(minilm["torch"], minilm["batch"])).max() > 1e-2  # the adapter matters
+    effect = adapter_effect(minilm, params, cfg)
+    print(f"minilm lora max abs diff {diff:.2e} (adapter effect {effect:.2e})")
+    assert diff <= TOL and effect > 100 * TOL
     # the folder is what PEFT itself writes
-    config = json.load(open(tmp_path / "adapter_config.json"))
+    config = read_json(tmp_path / "adapter_config.json")
     assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
     assert config["r"] == 8 and config["lora_alpha"] == 16 and not config["use_rslora"] and not config["use_dora"]
     assert sorted(config["target_modules"]) == ["query", "value"]
@@ -135,7 +155,8 @@ EXPORTS = {
     "ia3": dict(method="ia3", targets=r"attention/self/(key|value)$|intermediate/dense$", scale_bias=True),
     "ssl": dict(method="ssl", targets=r"intermediate/dense$|layer/\d+/output/dense$"),
     "adalora": dict(method="adalora", targets=ALL_LINEAR, rank=4, alpha=6),
-    "rslora": dict(method="lora", targets=ALL_LINEAR, rank=4, alpha=8, rslora=True),
+    "rslora": dict(method="lora", targets=ALL_LINEAR, rank=4, alpha=8, rslora=True,
+                   train_extra=r"^classifier/|^bert/pooler/"),  # the trained pooler goes to modules_to_save too
     "pissa": dict(method="pissa", targets=r"attention/self/(query|value)$|intermediate/dense$", rank=4, alpha=8),
     "milora": dict(method="milora", targets=r"attention/self/key$", rank=2, alpha=2, rslora=True),
 }
@@ -143,17 +164,21 @@ EXPORTS = {
 
 @pytest.mark.parametrize("name", sorted(EXPORTS))
 def test_export_matches_peft_on_small_bert(name, bert, tmp_path):
-    cfg = dj.AdapterConfig(**EXPORTS[name], train_extra=r"^classifier/")
+    cfg = dj.AdapterConfig(**{"train_extra": r"^classifier/", **EXPORTS[name]})
     params = perturb(dj.inject(bert["params"], cfg, jax.random.PRNGKey(1)), cfg)
     ours = jax_logits(bert, params, cfg)
     principal = name in ("pissa", "milora")
     theirs = export_and_load(bert, params, cfg, str(tmp_path), base_params=bert["params"] if principal else None)
     diff = np.abs(ours - theirs).max()
-    print(f"small bert {name} max abs diff {diff:.2e}")
-    assert diff <= TOL
+    effect = adapter_effect(bert, params, cfg)
+    print(f"small bert {name} max abs diff {diff:.2e} (adapter effect {effect:.2e})")
+    assert diff <= TOL and effect > 100 * TOL
+    config = read_json(tmp_path / "adapter_config.json")
     if principal:  # exported as a plain rank-2r LoRA on the original kernels
-        config = json.load(open(tmp_path / "adapter_config.json"))
         assert config["peft_type"] == "LORA" and config["r"] == 2 * cfg.rank
+    if name == "rslora":
+        assert config["modules_to_save"] == ["classifier", "score", "bert.pooler.dense"]
+        assert config["target_modules"] == ["intermediate.dense", "key", "output.dense", "query", "value"]
 
 
 def test_export_matches_peft_on_small_roberta(roberta, tmp_path):
@@ -163,9 +188,10 @@ def test_export_matches_peft_on_small_roberta(roberta, tmp_path):
     ours = jax_logits(roberta, params, cfg)
     theirs = export_and_load(roberta, params, cfg, str(tmp_path))
     diff = np.abs(ours - theirs).max()
-    print(f"small roberta dora max abs diff {diff:.2e}")
-    assert diff <= TOL
-    assert json.load(open(tmp_path / "adapter_config.json"))["target_modules"] == ["attention.output.dense", "query", "value"]
+    effect = adapter_effect(roberta, params, cfg)
+    print(f"small roberta dora max abs diff {diff:.2e} (adapter effect {effect:.2e})")
+    assert diff <= TOL and effect > 100 * TOL
+    assert read_json(tmp_path / "adapter_config.json")["target_modules"] == ["attention.output.dense", "query", "value"]
 
 
 def test_export_refuses_what_peft_cannot_reproduce(bert, tmp_path):
@@ -235,8 +261,9 @@ def test_peft_adapter_imports_into_jax(name, bert, tmp_path):
     assert cfg.method == expected_method and cfg.train_extra == "^(classifier)/"
     ours = jax_logits(bert, params, cfg)
     diff = np.abs(ours - theirs).max()
-    print(f"peft {name} -> jax max abs diff {diff:.2e}")
-    assert diff <= TOL
+    effect = adapter_effect(bert, params, cfg)
+    print(f"peft {name} -> jax max abs diff {diff:.2e} (adapter effect {effect:.2e})")
+    assert diff <= TOL and effect > 100 * TOL
     # and back: our export of the imported adapter writes the same tensors
     dj.export_peft(params, cfg, str(tmp_path / "again"), base_model_name_or_path="local", arch="bert")
     from safetensors.numpy import load_file
@@ -244,6 +271,13 @@ def test_peft_adapter_imports_into_jax(name, bert, tmp_path):
     first, again = load_file(str(tmp_path / "adapter_model.safetensors")), load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
     assert sorted(first) == sorted(again)
     assert all(np.allclose(first[k], again[k], atol=1e-7) for k in first)
+    theirs_cfg, ours_cfg = read_json(tmp_path / "adapter_config.json"), read_json(tmp_path / "again" / "adapter_config.json")
+    assert set(theirs_cfg) == set(ours_cfg)  # the fields PEFT 0.21 writes, no more, no less
+    same = ("peft_type", "task_type", "r", "init_r", "target_r", "use_dora", "use_rslora", "fan_in_fan_out",
+            "modules_to_save", "feedforward_modules", "lora_dropout", "bias")
+    assert {k: theirs_cfg.get(k) for k in same} == {k: ours_cfg.get(k) for k in same}
+    assert sorted(theirs_cfg["target_modules"]) == sorted(ours_cfg["target_modules"])
+    assert ours_cfg.get("lora_alpha") == pytest.approx(theirs_cfg.get("lora_alpha"), rel=1e-12)
 
 
 def test_adalora_with_rank_pattern_imports(bert, roberta, tmp_path):
@@ -260,8 +294,11 @@ def test_adalora_with_rank_pattern_imports(bert, roberta, tmp_path):
             f"base_model.model.{m['arch']}.encoder.layer.0.attention.self.query.lora_A"].shape == (3, 32)
         params, cfg = dj.import_peft(folder, m["params"], arch=m["arch"])
         diff = np.abs(jax_logits(m, params, cfg) - theirs).max()
-        print(f"peft adalora rank_pattern ({m['arch']}) -> jax max abs diff {diff:.2e}")
-        assert diff <= TOL
+        effect = adapter_effect(m, params, cfg)
+        print(f"peft adalora rank_pattern ({m['arch']}) -> jax max abs diff {diff:.2e} (adapter effect {effect:.2e})")
+        assert diff <= TOL and effect > 100 * TOL
+        lora_e = [v for p, v in flatten_dict(params).items() if p[-1] == "lora_e"]
+        assert all(np.count_nonzero(e) == 3 for e in lora_e) and len(lora_e) == 4  # masked triplets are zeros
 
 
 # --- (d) strictness --------------------------------------------------------------------------------
@@ -298,10 +335,10 @@ def test_import_is_strict(bert, tmp_path):
     folder = str(tmp_path / "prefix")
     dj.export_peft(params, cfg, folder, base_model_name_or_path="local", arch="bert")
     config_path = os.path.join(folder, "adapter_config.json")
-    config = json.load(open(config_path))
-    json.dump({**config, "peft_type": "PREFIX_TUNING"}, open(config_path, "w"))
+    config = read_json(config_path)
+    write_json(config_path, {**config, "peft_type": "PREFIX_TUNING"})
     with pytest.raises(PeftFormatError, match="LORA.*IA3.*ADALORA"):
         dj.import_peft(folder, bert["params"], arch="bert")
-    json.dump({**config, "rank_pattern": {"query": 2}}, open(config_path, "w"))
+    write_json(config_path, {**config, "rank_pattern": {"query": 2}})
     with pytest.raises(PeftFormatError, match="rank_pattern"):
         dj.import_peft(folder, bert["params"], arch="bert")

@@ -86,3 +86,13 @@ def test_mpc_on_every_lora_type_method(name, kind, tiny_bert):
 def test_mpc_refused_without_lora_factors():
     with pytest.raises(dj.ConfigError, match=r"method 'ssb' does not have.*'lora'"):
         dj.AdapterConfig(method="ssb", mpc="mpc_o")
+
+
+def test_plain_norm_has_finite_gradients_at_zero(tiny_bert):
+    """mpc_d's B term is exactly 0 while lora_b is zero (LoRA's init): the plain norm's gradient
+    must be 0 there, not NaN."""
+    _, base = tiny_bert
+    cfg = dj.AdapterConfig(method="lora", targets="query$", rank=4, mpc="mpc_d", mpc_norm="plain")
+    params = dj.inject(base, cfg, jax.random.PRNGKey(0))
+    grads = jax.grad(lambda p: dj.penalty(p, cfg))(params)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))

@@ -207,3 +207,52 @@ def test_train_state_holds_everything_a_resume_needs(name, options, tiny_bert, t
     state, rest = run_steps(step, restored, frozen, tiny_batch, 7)
     assert first + rest == full_losses
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(full_state), jax.device_get(state))
+
+
+def test_stateful_api_misuse_gets_clear_errors(tiny_bert, tiny_batch):
+    model, base = tiny_bert
+    cfg = dj.AdapterConfig(method="lora_dash", targets="query$", rank=4, options={"warmup_steps": 2, "dash_k": 2})
+    params = dj.inject(base, cfg, jax.random.PRNGKey(0))
+    apply = dj.adapt(sequence_classifier_apply(model), cfg)
+    loss_fn = lambda p, b, r: (classification_loss(apply(p, b), b["labels"]), {})
+    opt = dj.make_optimizer(1e-2, 5)
+    with pytest.raises(dj.ConfigError, match="stateful: pass schedule=make_schedule"):
+        dj.make_train_step(loss_fn, opt, cfg)
+    schedule = dj.make_schedule(cfg, 5)
+    trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg))  # not partition()
+    with pytest.raises(dj.ConfigError, match="needs frozen="):
+        dj.init_state(trainable, opt, jax.random.PRNGKey(0), schedule=schedule)
+    step = dj.make_train_step(loss_fn, opt, cfg, schedule=schedule)
+    with pytest.raises(dj.ConfigError, match="no method state"):
+        step(dj.init_state(trainable, opt, jax.random.PRNGKey(0)), frozen, tiny_batch)
+    state = dj.init_state(trainable, opt, jax.random.PRNGKey(0), schedule=schedule, frozen=frozen)
+    with pytest.raises(dj.ConfigError, match=r"rewrites its buffers.*partition\(params, cfg\)"):
+        step(state, frozen, tiny_batch)
+    with pytest.raises(dj.ConfigError, match="warmup_steps=2 is not below the run's 2 optimizer steps"):
+        dj.make_schedule(cfg, 2)
+
+
+def test_adalora_sensitivity_under_accumulation_uses_the_mean_gradient(tiny_bert, tiny_batch):
+    """Micro-batches A then B accumulated == one step on the batch A+B (its gradient is their
+    mean): AdaLoRA's EMAs must match, so they used the mean gradient, not B's alone."""
+    cfg = dj.AdapterConfig(method="adalora", targets="query$", rank=4, options={"target_rank": 2})
+    half = lambda part: {k: v[:2] if part == 0 else v[2:] for k, v in tiny_batch.items()}
+    step, state, frozen = _trainer(tiny_bert, cfg, total_steps=4, grad_accum=2)
+    state, _ = step(state, frozen, half(0))
+    state, _ = step(state, frozen, half(1))
+    step1, state1, frozen1 = _trainer(tiny_bert, cfg, total_steps=4)
+    state1, _ = step1(state1, frozen1, tiny_batch)
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-10)
+    jax.tree.map(close, state.trainable, state1.trainable)
+    jax.tree.map(close, state.method_state["ipt"], state1.method_state["ipt"])
+    assert any(np.any(np.asarray(x)) for x in jax.tree.leaves(state.method_state["ipt"]))
+
+
+def test_lora_dash_with_a_bfloat16_frozen_base(tiny_bert, tiny_batch):
+    """The direction search runs in float32 and writes the buffers in their own dtype."""
+    cfg = dj.AdapterConfig(method="lora_dash", targets="query$", rank=4, options={"warmup_steps": 2, "dash_k": 2})
+    step, state, frozen = _trainer(tiny_bert, cfg, total_steps=4)
+    frozen = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, frozen)
+    state, losses = run_steps(step, state, frozen, tiny_batch, 3)
+    assert all(np.isfinite(losses))
+    assert all(x.dtype == jnp.float32 and np.any(np.asarray(x)) for x in jax.tree.leaves(state.buffers))

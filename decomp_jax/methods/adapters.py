@@ -55,7 +55,6 @@ def _bottleneck(name: str, activation, act_name: str, placement: str) -> Method:
         factor_names=("down", "down_bias", "up", "up_bias"),
         init=_bottleneck_init,
         apply=apply,
-        uses_rank=True,
     ))
 
 

@@ -53,7 +53,7 @@ def dash_directions(kernel: jax.Array, delta: jax.Array, k: int):
     projected = jnp.abs(jnp.einsum("ij,ij->j", u, delta.astype(jnp.float32) @ vt.T))
     amplification = projected / jnp.maximum(s, jnp.finfo(jnp.float32).tiny)
     _, index = jax.lax.top_k(amplification, k)
-    return u[:, index].astype(kernel.dtype), vt[index].astype(kernel.dtype), index
+    return u[:, index], vt[index], index
 
 
 def _validate(cfg):
@@ -67,6 +67,11 @@ def _schedule(cfg, total_steps: int) -> Schedule:
     from decomp_jax.inject import adapted_layers, set_leaves
 
     warmup, k = cfg.option("warmup_steps"), cfg.option("dash_k")
+    if warmup >= total_steps:
+        raise ConfigError(
+            f"lora_dash: options.warmup_steps={warmup} is not below the run's {total_steps} optimizer steps, so the "
+            f"directions would never switch on. Lower warmup_steps or train longer."
+        )
 
     def update(state, step, params, grads):
         layers = dict(adapted_layers(params, cfg))
@@ -74,7 +79,9 @@ def _schedule(cfg, total_steps: int) -> Schedule:
         def search():
             out = {}
             for p, layer in layers.items():
-                out[p + ("dash_u",)], out[p + ("dash_vt",)], _ = dash_directions(layer["kernel"], lora_delta(layer, cfg), k)
+                u, vt, _ = dash_directions(layer["kernel"], lora_delta(layer, cfg), k)
+                out[p + ("dash_u",)] = u.astype(layer["dash_u"].dtype)
+                out[p + ("dash_vt",)] = vt.astype(layer["dash_vt"].dtype)
             return out
 
         def unchanged():
