@@ -103,6 +103,8 @@ class AdapterConfig(_Serializable):
     mpc_lambda:  weight of the MPC term; mpc_norm: squared (paper) | plain (toolkit).
     train_extra: regex over '/'-joined leaf paths of base leaves that also train (a new head, say).
     scale_bias:  IA3 only: scale the bias too, ``y = (x@K + b) * scale_out`` (HF PEFT's IA3).
+    transposed:  regex of layer paths whose kernels are stored ``(d_out, d_in)`` (GPT-2's Conv1D:
+                 ``(c_attn|c_proj|c_fc)$``); the methods see them transposed, factors keep their shapes.
     options:     method-specific options, validated by the method.
     """
 
@@ -118,6 +120,7 @@ class AdapterConfig(_Serializable):
     mpc_norm: str = "squared"
     train_extra: Optional[str] = None
     scale_bias: bool = False
+    transposed: Optional[str] = None
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -147,8 +150,9 @@ class AdapterConfig(_Serializable):
         if self.scale_bias and self.method != "ia3":
             raise ConfigError(f"scale_bias applies to method 'ia3' only, not {self.method!r}; remove it.")
         _compile(self.targets, "targets")
-        if self.train_extra is not None:
-            _compile(self.train_extra, "train_extra")
+        for name in ("train_extra", "transposed"):
+            if getattr(self, name) is not None:
+                _compile(getattr(self, name), name)
         object.__setattr__(self, "options", dict(self.options or {}))
         unknown = set(self.options) - set(method.options)
         if unknown:

@@ -22,11 +22,13 @@ import flax.linen as nn
 from flax.linen.dtypes import promote_dtype
 
 from decomp_jax.config import AdapterConfig, ConfigError
-from decomp_jax.inject import check_mergeable, merge
+from decomp_jax.inject import check_mergeable, is_transposed, merge
 from decomp_jax.methods import get
 from decomp_jax.methods.base import linear
 
 MODES = ("factored", "merged")
+# the Linen layers factored execution intercepts, and whether each stores its kernel (d_out, d_in)
+LAYOUTS = {"Dense": False, "FlaxConv1D": True}
 
 
 def _own_params(module: nn.Module) -> dict:
@@ -45,16 +47,24 @@ def _interceptor(cfg: AdapterConfig):
         params = _own_params(module)
         if not params or not all(n in params for n in method.factor_names):
             return next_fun(*args, **kwargs)
-        if type(module) is not nn.Dense:
+        kind, where = type(module).__name__, "/".join(module.path)
+        if kind not in LAYOUTS:
             raise ConfigError(
-                f"Layer {'/'.join(module.path)!r} is a {type(module).__name__}, which factored "
-                f"execution does not handle; use adapt(apply_fn, cfg, mode='merged')."
+                f"Layer {where!r} is a {kind}, which factored execution does not handle; "
+                f"use adapt(apply_fn, cfg, mode='merged')."
+            )
+        if LAYOUTS[kind] != is_transposed(tuple(module.path), cfg):
+            raise ConfigError(
+                f"Layer {where!r} is a {kind}, whose kernel is stored {'(d_out, d_in)' if LAYOUTS[kind] else '(d_in, d_out)'}, "
+                f"but adapter.transposed={cfg.transposed!r} says otherwise. Set `transposed` to match exactly the "
+                f"Conv1D layers (GPT-2: '(c_attn|c_proj|c_fc)$'; see models.hf.TARGET_PRESETS) and inject again."
             )
         (x,) = args
         factors = {n: params[n] for n in method.factor_names}
         x, kernel, bias, *values = promote_dtype(
             x, params["kernel"], params.get("bias"), *factors.values(), dtype=module.dtype
         )
+        kernel = kernel.T if LAYOUTS[kind] else kernel
         factors = dict(zip(factors, values))
         bias = bias if module.use_bias else None
         if method.apply is None:  # per-layer merged execution

@@ -56,6 +56,17 @@ def find_targets(params, cfg: AdapterConfig) -> list[Path]:
     return matched
 
 
+def is_transposed(path: Path, cfg: AdapterConfig) -> bool:
+    """Whether the layer at ``path`` stores its kernel as ``(d_out, d_in)`` (``cfg.transposed``)."""
+    return bool(cfg.transposed) and re.search(cfg.transposed, path_str(path)) is not None
+
+
+def oriented(kernel, path: Path, cfg: AdapterConfig):
+    """The kernel in the methods' ``(d_in, d_out)`` convention (a transpose for GPT-2's Conv1D);
+    the function is its own inverse."""
+    return kernel.T if is_transposed(path, cfg) else kernel
+
+
 def _layer_key(rng: jax.Array, path: Path) -> jax.Array:
     """A per-layer key that depends on the layer's path, not on the order of traversal."""
     return jax.random.fold_in(rng, zlib.crc32(path_str(path).encode()) & 0x7FFFFFFF)
@@ -70,12 +81,13 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
     method = get(cfg.method)
     flat = _flat(params)
     for path in find_targets(params, cfg):
-        kernel = flat[path + ("kernel",)]
+        kernel = oriented(flat[path + ("kernel",)], path, cfg)
         where = path_str(path)
         if np.ndim(kernel) != 2:
             raise ConfigError(
                 f"Layer {where!r} has a kernel of shape {np.shape(kernel)}; methods adapt 2-D dense "
-                f"kernels (d_in, d_out). Narrow `targets` so it selects dense layers only."
+                f"kernels (d_in, d_out) (or (d_out, d_in) for layers matched by `transposed`). Narrow `targets` "
+                f"so it selects dense layers only."
             )
         if method.uses_rank and cfg.rank > min(kernel.shape):
             raise ConfigError(
@@ -92,7 +104,7 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
         for name, value in factors.items():
             flat[path + (name,)] = value
         if method.residual is not None:  # PiSSA/MiLoRA: the layer keeps K - s * a0 @ b0
-            flat[path + ("kernel",)] = method.residual(kernel, factors, cfg)
+            flat[path + ("kernel",)] = oriented(method.residual(kernel, factors, cfg), path, cfg)
     return unflatten_dict(flat)
 
 
@@ -129,7 +141,8 @@ def merge(params, cfg: AdapterConfig):
     flat = _flat(params)
     for path, layer in adapted_layers(params, cfg):
         factors = {n: layer[n] for n in method.factor_names}
-        flat[path + ("kernel",)] = method.materialize(layer["kernel"], factors, cfg)
+        kernel = method.materialize(oriented(layer["kernel"], path, cfg), factors, cfg)
+        flat[path + ("kernel",)] = oriented(kernel, path, cfg)
         if method.materialize_bias is not None and "bias" in layer:
             flat[path + ("bias",)] = method.materialize_bias(layer["bias"], factors, cfg)
         for name in method.factor_names:
@@ -173,8 +186,9 @@ def unmerge(merged, adapter, cfg: AdapterConfig):
                 f"pass the merged params and the adapter of the same model."
             )
         factors = {n: flat_adapter[path + (n,)] for n in method.factor_names}
-        kernel, bias = method.unmaterialize(flat[path + ("kernel",)], flat.get(path + ("bias",)), factors, cfg)
-        flat[path + ("kernel",)] = kernel
+        merged_kernel = oriented(flat[path + ("kernel",)], path, cfg)
+        kernel, bias = method.unmaterialize(merged_kernel, flat.get(path + ("bias",)), factors, cfg)
+        flat[path + ("kernel",)] = oriented(kernel, path, cfg)
         if bias is not None:
             flat[path + ("bias",)] = bias
         flat.update({path + (n,): v for n, v in factors.items()})

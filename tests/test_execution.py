@@ -224,3 +224,44 @@ def test_factored_execution_follows_the_layer_dtype(tiny_batch):
     merged = dj.adapt(apply, cfg, mode="merged")(params, tiny_batch)
     assert factored.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(factored, np.float32), np.asarray(merged, np.float32), atol=0.05)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2():
+    from transformers import GPT2Config, FlaxGPT2LMHeadModel
+
+    model = FlaxGPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=32), seed=0)
+    ids = np.random.default_rng(0).integers(0, 50, (2, 8)).astype("int32")
+    return model, ids
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_gpt2_conv1d_kernels_stored_out_in(name, tiny_gpt2):
+    """GPT-2's Conv1D keeps (d_out, d_in) kernels: with `transposed`, every method is a no-op at
+    init, factored equals merged, and the factors have the usual (d_in, r) / (r, d_out) shapes."""
+    from decomp_jax.models.hf import TRANSPOSED
+
+    model, ids = tiny_gpt2
+    apply = lambda p, ids: model(ids, params=p).logits
+    cfg = dj.AdapterConfig(method=name, targets=TARGET_PRESETS["gpt2"]["all_linear"], transposed=TRANSPOSED["gpt2"], rank=4)
+    params = dj.inject(model.params, cfg, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(np.asarray(dj.adapt(apply, cfg)(params, ids)), np.asarray(apply(model.params, ids)), atol=2e-5)
+    c_attn = params["transformer"]["h"]["0"]["attn"]["c_attn"]
+    if "lora_a" in c_attn:
+        assert c_attn["lora_a"].shape == (32, 4) and c_attn["lora_b"].shape == (4, 96)
+    params = perturb(params, cfg, buffers=(name == "lora_dash"))
+    factored = dj.adapt(apply, cfg)(params, ids)
+    if methods.get(name).mergeable:
+        merged = dj.merge(params, cfg)
+        assert jax.tree.map(jnp.shape, merged) == jax.tree.map(jnp.shape, model.params)
+        np.testing.assert_allclose(np.asarray(factored), np.asarray(apply(merged, ids)), atol=2e-5)
+        if methods.get(name).unmaterialize is not None and name != "svdiff":
+            chex.assert_trees_all_close(dj.unmerge(merged, dj.adapter_leaves(params, cfg), cfg), params, rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_without_transposed_is_refused(tiny_gpt2):
+    model, ids = tiny_gpt2
+    cfg = dj.AdapterConfig(method="lora", targets="c_proj$", rank=4)  # square kernels: shapes would not catch it
+    params = dj.inject(model.params, cfg, jax.random.PRNGKey(0))
+    with pytest.raises(dj.ConfigError, match=r"FlaxConv1D, whose kernel is stored \(d_out, d_in\).*transposed"):
+        dj.adapt(lambda p, ids: model(ids, params=p).logits, cfg)(params, ids)

@@ -211,6 +211,10 @@ def test_export_refuses_what_peft_cannot_reproduce(bert, tmp_path):
     with pytest.raises(dj.ConfigError, match="arch"):
         dj.export_peft(dj.inject(bert["params"], lora, jax.random.PRNGKey(0)), lora, str(tmp_path),
                        base_model_name_or_path="x", arch="t5")
+    shifted = jax.tree_util.tree_map(lambda x: 1.01 * x, bert["params"])
+    with pytest.raises(dj.ConfigError, match="not the pretrained params"):
+        dj.export_peft(dj.inject(bert["params"], pissa, jax.random.PRNGKey(0)), pissa, str(tmp_path),
+                       base_model_name_or_path="x", arch="bert", base_params=shifted)
     assert not os.listdir(tmp_path)  # nothing half-written
 
 
@@ -222,6 +226,8 @@ def _peft_configs():
     seq = TaskType.SEQ_CLS
     return {
         "lora": LoraConfig(task_type=seq, r=4, lora_alpha=8, target_modules=["query", "value", "intermediate.dense"]),
+        "lora_exclude": LoraConfig(task_type=seq, r=2, lora_alpha=4, target_modules=["query", "value"],
+                                   exclude_modules=["layer.0.attention.self.query"]),
         "rslora": LoraConfig(task_type=seq, r=4, lora_alpha=8, use_rslora=True, target_modules=["key", "dense"]),
         "dora": LoraConfig(task_type=seq, r=4, lora_alpha=8, use_dora=True, target_modules=["query", "value"]),
         "ia3": IA3Config(task_type=seq, target_modules=["key", "value"], feedforward_modules=[]),
@@ -253,11 +259,11 @@ def _peft_adapter(m, peft_config, folder, seed=0, rank_pattern=False):
     return expected
 
 
-@pytest.mark.parametrize("name", ["lora", "rslora", "dora", "ia3", "ia3_ff", "adalora"])
+@pytest.mark.parametrize("name", ["lora", "lora_exclude", "rslora", "dora", "ia3", "ia3_ff", "adalora"])
 def test_peft_adapter_imports_into_jax(name, bert, tmp_path):
     theirs = _peft_adapter(bert, _peft_configs()[name], str(tmp_path))
     params, cfg = dj.import_peft(str(tmp_path), bert["params"], arch="bert")
-    expected_method = {"rslora": "lora", "ia3_ff": "ssl"}.get(name, name)
+    expected_method = {"rslora": "lora", "lora_exclude": "lora", "ia3_ff": "ssl"}.get(name, name)
     assert cfg.method == expected_method and cfg.train_extra == "^(classifier)/"
     ours = jax_logits(bert, params, cfg)
     diff = np.abs(ours - theirs).max()
@@ -273,6 +279,10 @@ def test_peft_adapter_imports_into_jax(name, bert, tmp_path):
     assert all(np.allclose(first[k], again[k], atol=1e-7) for k in first)
     theirs_cfg, ours_cfg = read_json(tmp_path / "adapter_config.json"), read_json(tmp_path / "again" / "adapter_config.json")
     assert set(theirs_cfg) == set(ours_cfg)  # the fields PEFT 0.21 writes, no more, no less
+    if name == "lora_exclude":  # written without exclude_modules, as the target list it amounts to
+        assert ours_cfg["exclude_modules"] is None
+        assert sorted(ours_cfg["target_modules"]) == ["1.attention.self.query", "value"]
+        return
     same = ("peft_type", "task_type", "r", "init_r", "target_r", "use_dora", "use_rslora", "fan_in_fan_out",
             "modules_to_save", "feedforward_modules", "lora_dropout", "bias")
     assert {k: theirs_cfg.get(k) for k in same} == {k: ours_cfg.get(k) for k in same}

@@ -69,8 +69,11 @@ class Arch:
         '.'-joined Flax module path (resp. to the PyTorch module name) where the two differ; the HF
         BERT/RoBERTa/GPT-2/Llama Flax ports use the PyTorch names, so these are usually empty.
     leaf_names: Flax leaf name -> PyTorch parameter name.
-    conv1d: regex over '/'-joined Flax module paths whose PyTorch layer is a ``Conv1D`` storing its
-        weight as ``(d_in, d_out)`` (GPT-2): no transpose, and PEFT's ``fan_in_fan_out: true``.
+    transposed: Flax leaves stored transposed in PyTorch (``kernel``: true of both ``nn.Linear`` and
+        GPT-2's ``Conv1D``, since HF's Flax ``Conv1D`` keeps its kernel as ``(d_out, d_in)``).
+    conv1d: regex over '/'-joined Flax module paths whose PyTorch layer is a ``Conv1D`` (weight
+        ``(d_in, d_out)``, GPT-2): PEFT then needs ``fan_in_fan_out: true``; its LoRA factors keep
+        the ``nn.Linear`` shapes.
     task_type / head_modules: PEFT's task type for the sequence classifier, and the module names its
         task wrapper adds to ``modules_to_save`` (they are saved whole, trained or not).
     """
@@ -83,6 +86,7 @@ class Arch:
     leaf_names: Mapping[str, str] = dataclasses.field(
         default_factory=lambda: {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
     )
+    transposed: tuple[str, ...] = ("kernel",)
     conv1d: Optional[str] = None
 
     def torch_module(self, path: Path) -> str:
@@ -99,12 +103,12 @@ class Arch:
         *module, leaf = path
         if leaf not in self.leaf_names:
             raise PeftFormatError(f"No PyTorch name for the Flax leaf {path_str(path)!r} in arch {self.name!r}.")
-        transpose = leaf == "kernel" and not self.is_conv1d(tuple(module))
-        return f"{self.torch_module(tuple(module))}.{self.leaf_names[leaf]}", transpose
+        return f"{self.torch_module(tuple(module))}.{self.leaf_names[leaf]}", leaf in self.transposed
 
 
-# GPT-2 would be Arch("gpt2", conv1d=r"/(c_attn|c_proj|c_fc)$") and Llama Arch("llama") with
-# head_modules ("score", "classifier"); both need a test against PEFT before they are listed.
+# Llama would be Arch("llama") (HF's Flax port uses the PyTorch names; its head is "score"), GPT-2
+# Arch("gpt2", conv1d=r"/(c_attn|c_proj|c_fc)$"). GPT-2 also needs decomp_jax to adapt HF's Flax
+# Conv1D, whose kernel is (d_out, d_in) and which is not an nn.Dense; each needs a test against PEFT.
 ARCHS: dict[str, Arch] = {"bert": Arch("bert"), "roberta": Arch("roberta")}
 
 
@@ -209,7 +213,14 @@ def _target_suffixes(targets: list[str], modules: set[str]):
     return sorted(chosen)
 
 
-def _peft_targets(key: str, target_modules) -> bool:
+def _peft_targets(key: str, target_modules, exclude_modules=None) -> bool:
+    """PEFT's target rule: ``re.fullmatch`` for a string, else ``key == t or key.endswith('.' + t)``;
+    ``exclude_modules`` (same forms) wins."""
+    if exclude_modules and (
+        re.fullmatch(exclude_modules, key) if isinstance(exclude_modules, str)
+        else key in exclude_modules or any(key.endswith("." + e) for e in exclude_modules)
+    ):
+        return False
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, key) is not None
     return key in target_modules or any(key.endswith("." + t) for t in target_modules)
@@ -271,7 +282,8 @@ def _principal_as_lora(kernel, base_kernel, layer, cfg, rank2: int, where: str):
     delta = k_res - k_orig + cfg.scale * (a @ b)
     u, sv, vt = np.linalg.svd(delta, full_matrices=False)
     k = min(rank2, sv.shape[0])
-    if sv.shape[0] > k and sv[k] > 1e-4 * max(sv[0], np.abs(k_orig).max() * 1e-3):
+    noise = max(1e-5, 50 * float(np.finfo(np.asarray(kernel).dtype).eps)) * np.linalg.norm(k_orig)
+    if sv.shape[0] > k and sv[k] > noise:
         raise ConfigError(
             f"Layer {where!r}: K_res + s*a@b - K_orig has rank > 2r (singular value {k + 1} is {sv[k]:.3g}); "
             f"base_params are not the pretrained params this adapter was injected into."
@@ -422,7 +434,7 @@ def _read(in_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
 
 def _refuse_unsupported(config: dict) -> None:
     bad = {}
-    for key in ("layers_to_transform", "exclude_modules", "layer_replication", "target_parameters",
+    for key in ("layers_to_transform", "layer_replication", "target_parameters",
                 "trainable_token_indices", "alora_invocation_tokens", "loftq_config", "alpha_pattern"):
         if config.get(key):
             bad[key] = config[key]
@@ -430,7 +442,7 @@ def _refuse_unsupported(config: dict) -> None:
         bad["rank_pattern"] = config["rank_pattern"]
     if config.get("bias", "none") != "none":
         bad["bias"] = config["bias"]
-    for key in ("lora_bias", "use_qalora", "use_bdlora"):
+    for key in ("lora_bias", "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "monteclora_config"):
         if config.get(key):
             bad[key] = config[key]
     init = config.get("init_lora_weights", True)
@@ -496,7 +508,7 @@ def import_peft(in_dir: str, base_params, *, arch: str):
         raise PeftFormatError("adapter_config.json has no target_modules.")
     paths = [
         p for p in layer_paths(base_params)
-        if _peft_targets(spec.torch_module(p), target_modules)
+        if _peft_targets(spec.torch_module(p), target_modules, config.get("exclude_modules"))
         and not _in_saved_module(spec.torch_module(p), modules_to_save)
     ]
     if not paths:

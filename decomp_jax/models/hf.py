@@ -27,6 +27,12 @@ TARGET_PRESETS = {
     },
 }
 TARGET_PRESETS["roberta"] = TARGET_PRESETS["bert"]
+TARGET_PRESETS["gpt2"] = {
+    "attention": r"attn/c_attn$",
+    "all_linear": r"(c_attn|c_proj|c_fc)$",
+}
+# layers whose kernels are stored (d_out, d_in): AdapterConfig.transposed per architecture
+TRANSPOSED = {"gpt2": r"(c_attn|c_proj|c_fc)$"}
 
 
 def resolve_model_path(name: str) -> str:
