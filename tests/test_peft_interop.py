@@ -358,3 +358,47 @@ def test_import_is_strict(bert, tmp_path):
     write_json(config_path, {**config, "rank_pattern": {"query": 2}})
     with pytest.raises(PeftFormatError, match="rank_pattern"):
         dj.import_peft(folder, bert["params"], arch="bert")
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    """A random 2-layer GPT-2 LM saved by PyTorch and loaded in Flax from it (Conv1D layers)."""
+    import transformers as tf
+
+    folder = str(tmp_path_factory.mktemp("gpt2"))
+    config = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=60, n_positions=32, initializer_range=0.05)
+    torch.manual_seed(0)
+    torch_model = tf.GPT2LMHeadModel(config).eval()
+    torch_model.save_pretrained(folder)
+    flax_model = tf.FlaxGPT2LMHeadModel.from_pretrained(folder, from_pt=True)
+    ids = np.random.default_rng(0).integers(0, 60, size=(2, 9)).astype("int64")
+    return {"torch": torch_model, "flax": flax_model, "folder": folder, "ids": ids}
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_gpt2_conv1d_adapter_both_ways(gpt2, tmp_path, method):
+    """GPT-2 keeps Conv1D layers: export sets fan_in_fan_out and PEFT reproduces our logits; the
+    adapter imported back gives the same params."""
+    from decomp_jax.models.hf import TRANSPOSED
+
+    cfg = dj.AdapterConfig(method=method, targets=r"(c_attn|c_fc)$", transposed=TRANSPOSED["gpt2"], rank=4)
+    params = dj.inject(gpt2["flax"].params, cfg, jax.random.PRNGKey(0))
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    mask = jax.tree_util.tree_leaves(dj.trainable_mask(params, cfg))
+    rng = np.random.default_rng(1)
+    params = jax.tree_util.tree_unflatten(treedef, [x + 0.1 * rng.normal(size=x.shape).astype(np.float32) if m else x
+                                                    for x, m in zip(leaves, mask)])
+    ours = np.asarray(dj.adapt(lambda p, ids: gpt2["flax"](ids, params=p).logits, cfg)(params, gpt2["ids"]))
+    base = np.asarray(gpt2["flax"](gpt2["ids"]).logits)
+    assert np.abs(ours - base).max() > 1e-2
+    dj.export_peft(params, cfg, str(tmp_path), base_model_name_or_path=gpt2["folder"], arch="gpt2")
+    config = read_json(tmp_path / "adapter_config.json")
+    assert config["fan_in_fan_out"] is True and config["task_type"] == "CAUSAL_LM"
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(gpt2["torch"]), str(tmp_path)).eval()
+    with torch.no_grad():
+        theirs = model(torch.as_tensor(gpt2["ids"])).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=TOL)
+    back, back_cfg = dj.import_peft(str(tmp_path), gpt2["flax"].params, arch="gpt2")
+    assert back_cfg.transposed == TRANSPOSED["gpt2"] and back_cfg.method == method
+    np.testing.assert_allclose(np.asarray(dj.adapt(lambda p, ids: gpt2["flax"](ids, params=p).logits, back_cfg)(back, gpt2["ids"])),
+                               ours, atol=TOL)

@@ -106,10 +106,13 @@ class Arch:
         return f"{self.torch_module(tuple(module))}.{self.leaf_names[leaf]}", leaf in self.transposed
 
 
-# Llama would be Arch("llama") (HF's Flax port uses the PyTorch names; its head is "score"), GPT-2
-# Arch("gpt2", conv1d=models.hf.TRANSPOSED["gpt2"]) (import passes conv1d on as AdapterConfig.transposed)
-# with the task type and head of the model it wraps; each needs a test against PEFT before it is listed.
-ARCHS: dict[str, Arch] = {"bert": Arch("bert"), "roberta": Arch("roberta")}
+# Llama would be Arch("llama") (HF's Flax port uses the PyTorch names; its head is "score"); it
+# needs a test against PEFT before it is listed. GPT-2 is the causal LM (GPT2LMHeadModel, tied head).
+ARCHS: dict[str, Arch] = {
+    "bert": Arch("bert"),
+    "roberta": Arch("roberta"),
+    "gpt2": Arch("gpt2", task_type="CAUSAL_LM", head_modules=(), conv1d=r"(c_attn|c_proj|c_fc)$"),
+}
 
 
 def _arch(arch: str) -> Arch:
