@@ -1,4 +1,4 @@
-"""``decomp-jax``: train | eval | methods."""
+"""``decomp-jax``: train | eval | merge | export | import | methods."""
 
 from __future__ import annotations
 
@@ -62,6 +62,23 @@ def _merge(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from decomp_jax.runs import export_peft_run, restore_run
+
+    info = export_peft_run(restore_run(args.checkpoint), args.out)
+    print(json.dumps(info, indent=2))
+    print(f"wrote {args.out} (adapter_config.json, adapter_model.safetensors)")
+    return 0
+
+
+def _import(args) -> int:
+    from decomp_jax.runs import import_peft_run
+
+    print(json.dumps(import_peft_run(args.peft_dir, args.config, args.out, args.set or []), indent=2))
+    print(f"wrote {args.out}: evaluate with `decomp-jax eval {args.out}`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="decomp-jax", description="Parameter-efficient fine-tuning in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +100,19 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--checkpoint", required=True, help="a run's output_dir (latest checkpoint) or output_dir/checkpoints/STEP")
     mg.add_argument("--out", required=True, help="the folder to write")
     mg.set_defaults(func=_merge)
+
+    ex = sub.add_parser("export", help="write a run's adapter in the Hugging Face PEFT format")
+    ex.add_argument("--checkpoint", required=True, help="a run's output_dir (latest checkpoint) or output_dir/checkpoints/STEP")
+    ex.add_argument("--format", default="peft", choices=["peft"], help="peft (merged weights: `decomp-jax merge`)")
+    ex.add_argument("--out", required=True, help="the folder to write")
+    ex.set_defaults(func=_export)
+
+    im = sub.add_parser("import", help="turn a Hugging Face PEFT adapter folder into a run folder")
+    im.add_argument("peft_dir", help="a folder with adapter_config.json and adapter_model.safetensors")
+    im.add_argument("--config", required=True, help="an experiment YAML naming the base model and the task")
+    im.add_argument("--out", required=True, help="the run folder to write")
+    im.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    im.set_defaults(func=_import)
 
     me = sub.add_parser("methods", help="list the methods: family, formula, and trainable parameters for a config")
     me.add_argument("config", nargs="?", help="an experiment YAML: count each method's trainable parameters on its "

@@ -111,3 +111,45 @@ def adapted_apply(run: RestoredRun):
 
     fn = adapt(sequence_classifier_apply(run.model), run.cfg.adapter, mode=run.cfg.train.mode)
     return lambda batch: fn(run.params, batch)
+
+
+def export_peft_run(run: RestoredRun, out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Write the run's adapter in the HF PEFT format (``adapter_config.json`` +
+    ``adapter_model.safetensors``), relative to the run's base model."""
+    from decomp_jax.interop.peft import export_peft
+    from decomp_jax.models.hf import resolve_model_path
+
+    arch = run.model.config.model_type
+    export_peft(run.params, run.cfg.adapter, str(out_dir), base_model_name_or_path=resolve_model_path(run.cfg.model.name),
+                arch=arch, base_params=run.base_params)
+    return {"source_step": run.step, "method": run.cfg.adapter.method, "arch": arch, "format": "peft"}
+
+
+def import_peft_run(peft_dir: str | os.PathLike, config_path: str | os.PathLike, out_dir: str | os.PathLike,
+                    overrides=()) -> dict[str, Any]:
+    """Turn a PEFT adapter folder into a run folder of ours: ``config.yaml`` (the experiment config
+    with the imported adapter section), ``adapter.safetensors`` and a step-0 checkpoint, so that
+    ``decomp-jax eval``, ``merge`` and ``export`` work on it."""
+    from decomp_jax.experiment import load_config, save_adapter
+    from decomp_jax.interop.peft import import_peft
+
+    cfg = load_config(config_path, overrides)
+    num_labels = glue.get_task(cfg.data.task).num_labels
+    model, base, _ = load_sequence_classifier(cfg.model.name, num_labels, cfg.model.dtype, seed=cfg.train.seed)
+    params, adapter_cfg = import_peft(str(peft_dir), base, arch=model.config.model_type)
+    cfg = ExperimentConfig(model=cfg.model, data=cfg.data, adapter=adapter_cfg,
+                           train=cfg.train.replace(output_dir=str(out_dir)))
+    out_dir = Path(out_dir)
+    mngr = checkpoint.manager(out_dir / "checkpoints")
+    try:
+        if mngr.latest_step() is not None:
+            raise ConfigError(f"{out_dir} already holds checkpoints; import into a new folder.")
+        trainable, buffers, frozen = partition(params, adapter_cfg)
+        _, _, state = initial_state(cfg, 1, trainable, buffers, frozen)
+        checkpoint.save(mngr, state, frozen, adapter_cfg, metadata={"experiment": cfg.to_dict(), "imported_from": str(peft_dir)},
+                        fingerprint=checkpoint.fingerprint(base, adapter_cfg, architecture(model)))
+    finally:
+        mngr.close()
+    (out_dir / "config.yaml").write_text(cfg.to_yaml())
+    save_adapter(combine(trainable, buffers), out_dir / "adapter.safetensors")
+    return {"method": adapter_cfg.method, "targets": adapter_cfg.targets, "rank": adapter_cfg.rank, "out": str(out_dir)}

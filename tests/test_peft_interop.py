@@ -402,3 +402,25 @@ def test_gpt2_conv1d_adapter_both_ways(gpt2, tmp_path, method):
     assert back_cfg.transposed == TRANSPOSED["gpt2"] and back_cfg.method == method
     np.testing.assert_allclose(np.asarray(dj.adapt(lambda p, ids: gpt2["flax"](ids, params=p).logits, back_cfg)(back, gpt2["ids"])),
                                ours, atol=TOL)
+
+
+def test_cli_export_then_import_round_trip(tiny_model_dir, tmp_path, capsys):
+    """train -> export (PEFT) -> import (a new run folder) -> eval gives the run's own metrics."""
+    from conftest import DATA, REPO
+    from decomp_jax import cli
+    from decomp_jax.experiment import load_config, run
+
+    args = [f"model.name={tiny_model_dir}", f"data.path={DATA / 'glue' / 'SST-2'}", "data.max_train_samples=64",
+            "data.max_eval_samples=32", "data.max_length=16", "adapter.rank=4", "train.steps=3", "train.batch_size=8",
+            "train.learning_rate=0.05"]
+    record = run(load_config(REPO / "configs" / "quickstart.yaml", [*args, f"train.output_dir={tmp_path / 'run'}"]), progress=False)
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
+    config = read_json(tmp_path / "peft" / "adapter_config.json")
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and sorted(config["target_modules"]) == ["query", "value"]
+    cli_args = ["import", str(tmp_path / "peft"), "--config", str(REPO / "configs" / "quickstart.yaml"), "--out", str(tmp_path / "imported")]
+    for a in args:
+        cli_args += ["--set", a]
+    assert cli.main(cli_args) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "imported")]) == 0
+    assert json.loads(capsys.readouterr().out)["eval"] == record["eval"]
