@@ -72,20 +72,19 @@ def restore_run(path: str | os.PathLike) -> RestoredRun:
     return RestoredRun(cfg, model, base, adapted, tokenizer, step)
 
 
-def torch_state_dict(params) -> dict[str, np.ndarray]:
-    """PyTorch ``state_dict`` names and layouts for HF BERT/RoBERTa-style Flax params: '.'-joined
-    paths; ``kernel`` (2-D, transposed), ``scale`` and ``embedding`` become ``weight``."""
+def torch_state_dict(params, arch: str) -> dict[str, np.ndarray]:
+    """The PyTorch ``state_dict`` of HF Flax params: names and layouts from the architecture's
+    table in ``interop.peft.ARCHS`` (kernels transposed, ``scale``/``embedding`` -> ``weight``)."""
+    from decomp_jax.interop.peft import get_arch
+
+    spec = get_arch(arch)
     out = {}
     for path, value in flatten_dict(jax.device_get(params)).items():
+        name, transpose = spec.torch_leaf(path)
         value = np.asarray(value)
-        *prefix, leaf = path
-        if leaf == "kernel":
-            if value.ndim != 2:
-                raise ConfigError(f"{'/'.join(path)}: a {value.ndim}-D kernel has no nn.Linear layout; export it merged in Flax only.")
-            leaf, value = "weight", value.T
-        elif leaf in ("scale", "embedding"):
-            leaf = "weight"
-        out[".".join([*prefix, leaf])] = np.ascontiguousarray(value)
+        if transpose and value.ndim != 2:
+            raise ConfigError(f"{'/'.join(path)}: a {value.ndim}-D kernel has no PyTorch Linear layout.")
+        out[name] = np.ascontiguousarray(value.T if transpose else value)
     return out
 
 
@@ -98,7 +97,7 @@ def export_merged(run: RestoredRun, out_dir: str | os.PathLike) -> dict[str, Any
     out_dir.mkdir(parents=True, exist_ok=True)
     merged = merge(run.params, run.cfg.adapter)
     run.model.save_pretrained(out_dir, params=merged)
-    save_file(torch_state_dict(merged), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(torch_state_dict(merged, run.model.config.model_type), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     run.tokenizer.save_pretrained(out_dir)
     info = {"source_step": run.step, "method": run.cfg.adapter.method, "model": run.cfg.model.name}
     (out_dir / "decomp_jax_merge.json").write_text(json.dumps(info, indent=2))

@@ -115,7 +115,7 @@ ARCHS: dict[str, Arch] = {
 }
 
 
-def _arch(arch: str) -> Arch:
+def get_arch(arch: str) -> Arch:
     if arch not in ARCHS:
         raise ConfigError(f"arch={arch!r} is not supported for the PEFT format; choose one of {sorted(ARCHS)}.")
     return ARCHS[arch]
@@ -313,7 +313,7 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str, *, base_model_name_or_
     ``base_params`` (the un-injected pretrained params) must provide. The classifier head, and every
     module with a leaf in ``cfg.train_extra``, goes to ``modules_to_save``.
     """
-    spec = _arch(arch)
+    spec = get_arch(arch)
     if cfg.method not in EXPORTABLE:
         raise ConfigError(
             f"Method {cfg.method!r} has no Hugging Face PEFT equivalent here; export_peft supports "
@@ -496,7 +496,7 @@ def import_peft(in_dir: str, base_params, *, arch: str):
     every target is a feedforward module), ADALORA (rank_pattern included). Strict: a missing,
     unexpected or mis-shaped tensor raises ``PeftFormatError`` naming every such key.
     """
-    spec = _arch(arch)
+    spec = get_arch(arch)
     config, stored = _read(in_dir)
     peft_type = config.get("peft_type")
     if peft_type not in IMPORTABLE:
