@@ -118,6 +118,25 @@ def perturb(params, cfg, seed=0, scale=0.1):
     return jax.tree_util.tree_unflatten(tree, out)
 
 
+def trained_a_few_steps(m, params, cfg, steps=4):
+    """A real adapter: a few AdamW steps on the fixture's sentences (labels 1, 0, 1, 0)."""
+    from decomp_jax.train import classification_loss
+
+    apply = dj.adapt(sequence_classifier_apply(m["flax"]), cfg)
+    batch = {**{k: np.asarray(v) for k, v in m["batch"].items()}, "labels": np.array([1, 0, 1, 0])}
+    loss_fn = lambda p, b, rng: (classification_loss(apply(p, b, train=True, rng=rng), b["labels"]), {})
+    trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg))
+    opt = dj.make_optimizer(2e-2, steps, warmup_ratio=0.0)
+    step = dj.make_train_step(loss_fn, opt, cfg)
+    state = dj.init_state(trainable, opt, jax.random.PRNGKey(0))
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, frozen, batch)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < losses[0]
+    return dj.combine(state.trainable, frozen)
+
+
 def export_and_load(m, params, cfg, folder, base_params=None):
     dj.export_peft(params, cfg, folder, base_model_name_or_path="local", arch=m["arch"], base_params=base_params)
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(m["torch"]), folder).eval()
@@ -129,7 +148,7 @@ def export_and_load(m, params, cfg, folder, base_params=None):
 def test_lora_export_loads_in_peft_on_minilm(minilm, tmp_path):
     cfg = dj.AdapterConfig(method="lora", targets=r"attention/self/(query|value)$", rank=8, alpha=16,
                            train_extra=r"^classifier/")
-    params = perturb(dj.inject(minilm["params"], cfg, jax.random.PRNGKey(0)), cfg, scale=0.05)
+    params = trained_a_few_steps(minilm, dj.inject(minilm["params"], cfg, jax.random.PRNGKey(0)), cfg)
     ours = jax_logits(minilm, params, cfg)
     theirs = export_and_load(minilm, params, cfg, str(tmp_path))
     diff = np.abs(ours - theirs).max()
