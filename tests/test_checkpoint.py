@@ -164,3 +164,30 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(like), jax.device_get(restored))
     assert not any("tmp" in p for p in os.listdir(ckpt))  # the half-written folder was cleaned up
     mngr.close()
+
+
+def test_cli_run_killed_by_sigkill_resumes_to_the_same_losses(tiny_model_dir, tmp_path):
+    """The real thing: `decomp-jax train` SIGKILLed mid-run, then `--resume`."""
+    from decomp_jax import cli
+
+    sets = [f"model.name={tiny_model_dir}", f"data.path={SST2}", "data.max_train_samples=512", "data.max_eval_samples=32",
+            "data.max_length=16", "adapter.rank=4", "train.steps=48", "train.save_every=4", "train.log_every=1",
+            "train.batch_size=8", "train.learning_rate=0.01"]
+    argv = ["train", str(REPO / "configs" / "quickstart.yaml"), "--no-progress", *[x for s in sets for x in ("--set", s)]]
+    assert cli.main([*argv, "--output-dir", str(tmp_path / "full")]) == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "decomp_jax.cli", *argv, "--output-dir", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (killed / "checkpoints" / "8").is_dir():
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists()
+    assert cli.main([*argv, "--output-dir", str(killed), "--resume"]) == 0
+    full, resumed = _losses(tmp_path / "full"), _losses(killed)
+    assert sorted(resumed) == list(range(1, 49))
+    np.testing.assert_allclose([resumed[s] for s in range(1, 49)], [full[s] for s in range(1, 49)], rtol=1e-6, atol=1e-6)
+    assert json.loads((killed / "metrics.json").read_text())["eval"] == json.loads((tmp_path / "full" / "metrics.json").read_text())["eval"]
