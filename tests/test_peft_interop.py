@@ -143,18 +143,21 @@ def export_and_load(m, params, cfg, folder, base_params=None):
     return torch_logits(loaded, m["batch"])
 
 
+def assert_peft_matches(m, params, cfg, folder, label, base_params=None):
+    """Export, load with PEFT, compare logits; the adapter must move them far more than TOL."""
+    diff = np.abs(jax_logits(m, params, cfg) - export_and_load(m, params, cfg, folder, base_params)).max()
+    effect = adapter_effect(m, params, cfg)
+    print(f"{label} max abs diff {diff:.2e} (adapter effect {effect:.2e})")
+    assert diff <= TOL and effect > 100 * TOL
+
+
 # --- (a) JAX -> PyTorch on the real MiniLM --------------------------------------------------------
 
 def test_lora_export_loads_in_peft_on_minilm(minilm, tmp_path):
     cfg = dj.AdapterConfig(method="lora", targets=r"attention/self/(query|value)$", rank=8, alpha=16,
                            train_extra=r"^classifier/")
     params = trained_a_few_steps(minilm, dj.inject(minilm["params"], cfg, jax.random.PRNGKey(0)), cfg)
-    ours = jax_logits(minilm, params, cfg)
-    theirs = export_and_load(minilm, params, cfg, str(tmp_path))
-    diff = np.abs(ours - theirs).max()
-    effect = adapter_effect(minilm, params, cfg)
-    print(f"minilm lora max abs diff {diff:.2e} (adapter effect {effect:.2e})")
-    assert diff <= TOL and effect > 100 * TOL
+    assert_peft_matches(minilm, params, cfg, str(tmp_path), "minilm lora")
     # the folder is what PEFT itself writes
     config = read_json(tmp_path / "adapter_config.json")
     assert config["peft_type"] == "LORA" and config["task_type"] == "SEQ_CLS"
@@ -188,13 +191,8 @@ EXPORTS = {
 def test_export_matches_peft_on_small_bert(name, bert, tmp_path):
     cfg = dj.AdapterConfig(**{"train_extra": r"^classifier/", **EXPORTS[name]})
     params = perturb(dj.inject(bert["params"], cfg, jax.random.PRNGKey(1)), cfg)
-    ours = jax_logits(bert, params, cfg)
     principal = name in ("pissa", "milora")
-    theirs = export_and_load(bert, params, cfg, str(tmp_path), base_params=bert["params"] if principal else None)
-    diff = np.abs(ours - theirs).max()
-    effect = adapter_effect(bert, params, cfg)
-    print(f"small bert {name} max abs diff {diff:.2e} (adapter effect {effect:.2e})")
-    assert diff <= TOL and effect > 100 * TOL
+    assert_peft_matches(bert, params, cfg, str(tmp_path), f"small bert {name}", bert["params"] if principal else None)
     config = read_json(tmp_path / "adapter_config.json")
     if principal:  # exported as a plain rank-2r LoRA on the original kernels
         assert config["peft_type"] == "LORA" and config["r"] == 2 * cfg.rank
@@ -207,12 +205,7 @@ def test_export_matches_peft_on_small_roberta(roberta, tmp_path):
     cfg = dj.AdapterConfig(method="dora", targets=r"attention/self/(query|value)$|attention/output/dense$", rank=4,
                            alpha=8, train_extra=r"^classifier/")
     params = perturb(dj.inject(roberta["params"], cfg, jax.random.PRNGKey(2)), cfg)
-    ours = jax_logits(roberta, params, cfg)
-    theirs = export_and_load(roberta, params, cfg, str(tmp_path))
-    diff = np.abs(ours - theirs).max()
-    effect = adapter_effect(roberta, params, cfg)
-    print(f"small roberta dora max abs diff {diff:.2e} (adapter effect {effect:.2e})")
-    assert diff <= TOL and effect > 100 * TOL
+    assert_peft_matches(roberta, params, cfg, str(tmp_path), "small roberta dora")
     assert read_json(tmp_path / "adapter_config.json")["target_modules"] == ["attention.output.dense", "query", "value"]
 
 
