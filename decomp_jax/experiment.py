@@ -365,8 +365,9 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
 
         eval_metrics = task.evaluate(state.trainable, state.buffers)
         _append_jsonl(log_path, {"step": steps, "eval": eval_metrics, "final": True})
-        checkpoint.save(mngr, state, task.frozen, cfg.adapter, fingerprint=base_fingerprint, metadata=metadata,
-                        metrics=eval_metrics)
+        if int(state.step) not in mngr.all_steps():  # (resuming a finished run only re-evaluates)
+            checkpoint.save(mngr, state, task.frozen, cfg.adapter, fingerprint=base_fingerprint, metadata=metadata,
+                            metrics=eval_metrics)
         save_adapter(combine(state.trainable, state.buffers), out_dir / "adapter.safetensors")
         record = {
             "task": task.spec.name,

@@ -191,3 +191,11 @@ def test_cli_run_killed_by_sigkill_resumes_to_the_same_losses(tiny_model_dir, tm
     assert sorted(resumed) == list(range(1, 49))
     np.testing.assert_allclose([resumed[s] for s in range(1, 49)], [full[s] for s in range(1, 49)], rtol=1e-6, atol=1e-6)
     assert json.loads((killed / "metrics.json").read_text())["eval"] == json.loads((tmp_path / "full" / "metrics.json").read_text())["eval"]
+
+
+def test_resuming_a_finished_run_only_reevaluates(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path, "train.steps=4")
+    record = run(cfg, progress=False)
+    again = run(cfg, progress=False, resume=True)
+    assert again["eval"] == record["eval"] and again["steps"] == 4
+    assert [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r] == [1, 2, 3, 4]
