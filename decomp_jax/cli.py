@@ -1,4 +1,4 @@
-"""``decomp-jax``: train | eval | merge | export | import | methods."""
+"""``decomp-jax``: train | eval | merge | export | import | methods | bench."""
 
 from __future__ import annotations
 
@@ -79,6 +79,41 @@ def _import(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from decomp_jax import bench
+
+    changes = {}
+    if args.models:
+        changes["models"] = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    if args.methods:
+        changes["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    for name in ("batch_size", "seq_len", "warmup", "steps"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.no_peft:
+        changes["peft"] = False
+    if args.no_merged:
+        changes["merged"] = ()
+    if args.steps is not None or args.warmup is not None:  # the same counts for every model
+        changes["model_steps"] = {}
+    unknown = [m for m in changes.get("models", ()) if m not in bench.MODELS]
+    if unknown:
+        raise ConfigError(f"--models: unknown {unknown}; choose from {list(bench.MODELS)}.")
+    config = bench.BenchConfig.quick_config(**changes) if args.quick else bench.BenchConfig(**changes)
+    try:
+        result = bench.run_bench(config)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    paths = bench.write_outputs(result, args.out)
+    print("\ntargets (issue 5):")
+    print("\n".join(bench.format_targets(result["targets"])))
+    meta = result["meta"]
+    print(f"\nwall {meta['wall_s']:.0f} s; 1-min load average {meta['load_avg_1min_start']:.2f} at the start, "
+          f"{meta['load_avg_1min_end']:.2f} at the end")
+    print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="decomp-jax", description="Parameter-efficient fine-tuning in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "model with its targets, rank and train_extra")
     me.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     me.set_defaults(func=_methods)
+
+    be = sub.add_parser("bench", help="time a train step of full fine-tuning and every method (and HF PEFT); "
+                        "write bench.json, bench.md, bench.png")
+    be.add_argument("--out", default="bench", help="the folder to write (default: bench/)")
+    be.add_argument("--quick", action="store_true", help="a few minutes: MiniLM only; full, lora, dora, ssl, ssb, ia3 "
+                    "(lora, dora, ssb also merged); HF PEFT lora, dora, ia3; 2 warm-up and 5 timed steps")
+    be.add_argument("--models", help="comma-separated: minilm,bert-base (default: both; --quick: minilm)")
+    be.add_argument("--methods", help="comma-separated method names (default: all; full fine-tuning always runs)")
+    be.add_argument("--batch-size", type=int, help="batch size (default 32)")
+    be.add_argument("--seq-len", type=int, help="sequence length (default 64)")
+    be.add_argument("--warmup", type=int, help="untimed steps, the first included (default 3; bert-base 1)")
+    be.add_argument("--steps", type=int, help="timed steps (default 10; bert-base 5)")
+    be.add_argument("--no-peft", action="store_true", help="do not time HF PEFT in PyTorch")
+    be.add_argument("--no-merged", action="store_true", help="do not time mode='merged'")
+    be.set_defaults(func=_bench)
     return parser
 
 
