@@ -286,7 +286,8 @@ def measure_peft(model_path: str, method: Optional[str], batch: dict, bench: Ben
     """Time one PyTorch train step of ``BertForSequenceClassification`` from ``model_path`` with
     HF PEFT's ``method`` (lora, dora, ia3 on query/value; r and alpha as ours; the head in
     ``modules_to_save``) or, for ``method=None``, full fine-tuning. AdamW, global-norm clipping at
-    1.0, train mode (dropout on), ``torch.set_num_threads(os.cpu_count())``."""
+    1.0, train mode (dropout on), ``torch.set_num_threads(os.cpu_count())``; on CUDA when JAX runs
+    on a GPU and torch sees one."""
     import torch
     from transformers import BertForSequenceClassification
     from transformers.utils import logging as hf_logging
@@ -311,11 +312,13 @@ def measure_peft(model_path: str, method: Optional[str], batch: dict, bench: Ben
             config = LoraConfig(task_type="SEQ_CLS", r=bench.rank, lora_alpha=bench.alpha, lora_dropout=0.0,
                                 target_modules=["query", "value"], use_dora=(method == "dora"))
         model = get_peft_model(model, config)
-    model.train()
+    # on the accelerator JAX runs on, when torch sees one too (CUDA); else on the CPU
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=bench.learning_rate, weight_decay=0.01)
-    inputs = {k: torch.from_numpy(np.asarray(v).astype(np.int64)) for k, v in batch.items() if k != "labels"}
-    labels = torch.from_numpy(np.asarray(batch["labels"]).astype(np.int64))
+    inputs = {k: torch.from_numpy(np.asarray(v).astype(np.int64)).to(device) for k, v in batch.items() if k != "labels"}
+    labels = torch.from_numpy(np.asarray(batch["labels"]).astype(np.int64)).to(device)
 
     def call():
         out = model(**inputs, labels=labels)
@@ -323,6 +326,8 @@ def measure_peft(model_path: str, method: Optional[str], batch: dict, bench: Ben
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     t0 = time.perf_counter()
     call()
@@ -330,8 +335,9 @@ def measure_peft(model_path: str, method: Optional[str], batch: dict, bench: Ben
     times = _time_calls(call, max(warmup - 1, 0), steps)
     peak, source = peak_memory()
     if source == "device":  # the JAX device's peak says nothing about torch
-        peak, source = None, None
+        peak = int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
     row = {
+        "peft_device": device,
         "peft_step_time_s": statistics.median(times),
         "peft_step_time_min_s": min(times),
         "peft_first_call_s": first_call_s,

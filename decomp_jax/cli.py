@@ -108,8 +108,9 @@ def _bench(args) -> int:
     print("\ntargets (issue 5):")
     print("\n".join(bench.format_targets(result["targets"])))
     meta = result["meta"]
-    print(f"\nwall {meta['wall_s']:.0f} s; 1-min load average {meta['load_avg_1min_start']:.2f} at the start, "
-          f"{meta['load_avg_1min_end']:.2f} at the end")
+    load = meta["load_avg_1min_start"], meta["load_avg_1min_end"]
+    print(f"\nwall {meta['wall_s']:.0f} s" + (f"; 1-min load average {load[0]:.2f} at the start, {load[1]:.2f} at the end"
+                                             if None not in load else ""))
     print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
     return 0
 

@@ -4,7 +4,6 @@ computed from the measured times. Nothing here compares a time with a threshold.
 
 import json
 
-import jax
 import pytest
 
 from decomp_jax import bench
