@@ -68,8 +68,8 @@ def _row(method, t, **extra):
 
 
 def test_target_checks_on_given_times():
-    rows = [_row("full", 1.0), _row("lora", 0.6, peft_step_time_s=0.5, ratio_vs_peft=1.2),
-            _row("ssl", 0.61), _row("ssb", 0.59, factored_vs_merged=0.9), _row("dora", 0.79),
+    rows = [_row("full", 1.0), _row("lora", 0.6, step_time_min_s=0.55, peft_step_time_s=0.5, ratio_vs_peft=1.2),
+            _row("ssl", 0.61, step_time_min_s=0.6), _row("ssb", 0.59, factored_vs_merged=0.9), _row("dora", 0.79),
             _row("houlsby", 0.9), _row("ia3", 0.55, opt_state_extra_bytes=4096, opt_state_is_adamw_moments=False)]
     checks = {t["what"]: t for t in bench.check_targets(rows)}
     assert checks["lora / full"]["passed"]
@@ -80,7 +80,12 @@ def test_target_checks_on_given_times():
     assert not checks["lora / HF PEFT lora"]["passed"]
     assert checks["ssb factored / merged"]["passed"]
     assert not checks["ia3 opt state = AdamW moments"]["passed"]
-    assert len(bench.format_targets(bench.check_targets(rows))) == len(checks)
+    lines = bench.format_targets(bench.check_targets(rows))
+    assert len(lines) == len(checks)
+    # ssl / lora = 1.017 fails, by less than the lora timings' median-min spread (0.05 / 0.6)
+    assert checks["ssl / lora"]["noise"] == pytest.approx(0.05 / 0.6)
+    assert any("ssl / lora" in line and "within timing noise 8%" in line for line in lines)
+    assert any("dora / lora" in line and line.endswith("FAIL") for line in lines)  # no min times: no noise
 
 
 def test_outputs_are_written(result, tmp_path):
