@@ -301,9 +301,10 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
             if mngr.latest_step() is None:
                 raise FileNotFoundError(f"--resume: {mngr.directory} holds no checkpoint to resume from; drop --resume to start.")
             saved = checkpoint.read_metadata(mngr).get("metadata", {}).get("experiment")
-            if saved is not None and saved != cfg.to_dict():
-                diff = {f"{sec}.{k}": (v, cfg.to_dict()[sec].get(k)) for sec, d in saved.items() for k, v in d.items()
-                        if cfg.to_dict()[sec].get(k) != v}
+            now = cfg.to_dict()
+            if saved is not None and saved != now:
+                diff = {f"{sec}.{k}": (v, now[sec].get(k)) for sec, d in saved.items() for k, v in d.items()
+                        if now[sec].get(k) != v}
                 raise ConfigError(f"--resume with a config that differs from the run's: {diff} (saved, now). Use the run's config.yaml.")
             state, task.frozen, _ = checkpoint.restore(mngr, state, task.frozen, cfg.adapter, fingerprint=base_fingerprint)
             start = int(state.step)
