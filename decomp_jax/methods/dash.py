@@ -43,7 +43,13 @@ def _delta(f, cfg):
 
 
 def _apply(x, kernel, bias, f, cfg, *, train=False, key=None):
-    return linear(x, kernel, bias) + lora_path(x, f, cfg, train, key) + spectral_product(x, f["dash_u"], f["dash"], f["dash_vt"])
+    if train and cfg.dropout > 0 and key is not None:  # the LoRA path reads dropout(x), the Dash path x
+        return linear(x, kernel, bias) + lora_path(x, f, cfg, train, key) + spectral_product(x, f["dash_u"], f["dash"], f["dash_vt"])
+    # both low-rank paths in one pass over x: x @ [lora_a | dash_u], scaled by [s | dash], @ [lora_b ; dash_vt]
+    down = jnp.concatenate([f["lora_a"], f["dash_u"]], axis=1)
+    scale = jnp.concatenate([jnp.full((f["lora_a"].shape[1],), cfg.scale, f["dash"].dtype), f["dash"]])
+    up = jnp.concatenate([f["lora_b"], f["dash_vt"]], axis=0)
+    return linear(x, kernel, bias) + spectral_product(x, down, scale, up)
 
 
 def dash_directions(kernel: jax.Array, delta: jax.Array, k: int):
