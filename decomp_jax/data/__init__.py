@@ -29,3 +29,33 @@ __all__ = [
     "tokenize",
     "train_batch",
 ]
+
+# Commonsense reasoning for decoder LLMs (LLM-Adapters setting). Names shared with the GLUE
+# helpers (train_batch, steps_per_epoch, normalize_split) stay under `commonsense.`.
+from decomp_jax.data import commonsense  # noqa: E402
+from decomp_jax.data.commonsense import (  # noqa: E402
+    COMMONSENSE_DATASETS,
+    COMMONSENSE_MIXTURE,
+    CommonsenseExample,
+    causal_lm_loss,
+    eval_batches,
+    extract_answer,
+    load_commonsense,
+    load_mixture,
+    tokenize_prompts,
+    tokenize_train,
+)
+
+__all__ += [
+    "commonsense",
+    "COMMONSENSE_DATASETS",
+    "COMMONSENSE_MIXTURE",
+    "CommonsenseExample",
+    "causal_lm_loss",
+    "eval_batches",
+    "extract_answer",
+    "load_commonsense",
+    "load_mixture",
+    "tokenize_prompts",
+    "tokenize_train",
+]
