@@ -22,6 +22,8 @@ import numpy as np
 import yaml
 
 from decomp_jax import checkpoint
+from decomp_jax.causal_lm import TASKS as LM_TASKS
+from decomp_jax.causal_lm import CommonsenseTask, dataset_names, load_causal_lm
 from decomp_jax.config import AdapterConfig, ConfigError, _Serializable
 from decomp_jax.data import glue
 from decomp_jax.execution import MODES, adapt
@@ -47,20 +49,33 @@ class ModelConfig(_Serializable):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(_Serializable):
-    """A GLUE task from a local folder in the GLUE layout (``path``) or the hub (``hub: glue``)."""
+    """A GLUE task from a local folder in the GLUE layout (``path``) or the hub (``hub: glue``); or
+    ``task: commonsense`` (decoder LLMs): ``path`` is the commonsense root (default
+    ../shared/data/commonsense), ``datasets`` a comma-separated subset of boolq, arc_e, arc_c, obqa
+    (default all four; they train mixed and evaluate one by one)."""
 
     task: str = "sst2"
     path: Optional[str] = None
     hub: Optional[str] = None
     max_length: int = 64
     train_max_length: Optional[int] = None  # shorter padding for training (SST-2 train holds phrases)
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
+    max_train_samples: Optional[int] = None  # commonsense: per dataset
+    max_eval_samples: Optional[int] = None  # commonsense: per dataset
+    # commonsense only
+    datasets: Optional[str] = None
+    template: str = "alpaca"  # LLM-Adapters' instruction prompt, or "chat" (the tokenizer's chat template)
+    max_new_tokens: int = 16
+    bucket_multiple: int = 32  # batches are padded to a multiple of this (few shapes to compile)
 
     def __post_init__(self):
-        glue.get_task(self.task)  # raises for unknown tasks
-        if self.path is None and self.hub is None:
-            raise ConfigError("data needs `path` (a GLUE task folder, e.g. ../shared/data/glue/SST-2) or `hub: glue`.")
+        if self.task in LM_TASKS:
+            dataset_names(self.datasets)  # raises for unknown datasets
+            if self.template not in ("alpaca", "chat"):
+                raise ConfigError(f"data.template={self.template!r} is unknown; choose 'alpaca' or 'chat'.")
+        else:
+            glue.get_task(self.task)  # raises for unknown tasks
+            if self.path is None and self.hub is None:
+                raise ConfigError("data needs `path` (a GLUE task folder, e.g. ../shared/data/glue/SST-2) or `hub: glue`.")
         for name in ("max_length", "train_max_length"):
             value = getattr(self, name)
             if value is not None and value < 2:
@@ -159,7 +174,12 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> Exper
 
 
 class Task:
-    """Data, model and jitted steps for one experiment, shared by training and evaluation."""
+    """Data, model and jitted steps for one GLUE experiment, shared by training and evaluation.
+
+    The runner needs: ``trainable, buffers, frozen, base_params, model, backbone_params, name,
+    primary_metric, num_train, train_batch(micro), loss(params, batch, rng), evaluate(trainable,
+    buffers)``; ``causal_lm.CommonsenseTask`` has the same for decoder LLMs.
+    """
 
     def __init__(self, cfg: ExperimentConfig, need_train: bool = True):
         self.cfg = cfg
@@ -186,6 +206,21 @@ class Task:
     def backbone_params(self) -> int:
         return count_params(self.base_params)
 
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def primary_metric(self) -> str:
+        return TASK_METRICS[self.spec.name][0]
+
+    @property
+    def num_train(self) -> int:
+        return glue.num_rows(self.train_arrays)
+
+    def train_batch(self, micro: int) -> dict:
+        return glue.train_batch(self.train_arrays, self.cfg.train.batch_size, micro, self.cfg.train.seed)
+
     def loss(self, params, batch, rng):
         outputs = self.apply(params, batch, train=True, rng=rng)
         if self.spec.is_regression:
@@ -201,6 +236,11 @@ class Task:
             preds.append(out[real])
             labels.append(batch["labels"][real])
         return compute_metrics(self.spec.name, np.concatenate(preds), np.concatenate(labels))
+
+
+def make_task(cfg: ExperimentConfig, need_train: bool = True):
+    """The experiment's task object: GLUE (``Task``) or commonsense (``causal_lm.CommonsenseTask``)."""
+    return (CommonsenseTask if cfg.data.task in LM_TASKS else Task)(cfg, need_train=need_train)
 
 
 def total_steps(cfg: ExperimentConfig, num_train: int) -> int:
@@ -260,14 +300,14 @@ def initial_state(cfg: ExperimentConfig, steps: int, trainable, buffers, frozen)
 
 
 def architecture(model) -> str:
-    """The fingerprint's architecture string of an HF Flax model."""
-    return f"{type(model).__name__}:{model.config.model_type}"
+    """The fingerprint's architecture string of an HF Flax model (or of our Llama)."""
+    return f"{type(model).__name__}:{getattr(model.config, 'model_type', 'llama')}"
 
 
 def _checkpoints(cfg: ExperimentConfig, task: "Task"):
     """The run's checkpoint manager and the base model's fingerprint."""
     tc = cfg.train
-    best = tc.best_metric or TASK_METRICS[task.spec.name][0]
+    best = tc.best_metric or task.primary_metric
     mngr = checkpoint.manager(Path(tc.output_dir) / "checkpoints", keep_last=tc.keep_last, keep_best=tc.keep_best,
                               best_metric=best, best_mode="max")
     return mngr, checkpoint.fingerprint(task.base_params, cfg.adapter, architecture(task.model))
@@ -288,9 +328,9 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "metrics.jsonl"
 
-    task = Task(cfg)
+    task = make_task(cfg)
     tc = cfg.train
-    n_train = glue.num_rows(task.train_arrays)
+    n_train = task.num_train
     steps = total_steps(cfg, n_train)
     optimizer, schedule, state = initial_state(cfg, steps, task.trainable, task.buffers, task.frozen)
     train_step = make_train_step(task.loss, optimizer, cfg.adapter, schedule=schedule)
@@ -332,7 +372,7 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
         t0 = last_time = time.perf_counter()
         last_step = start // tc.grad_accum
         for micro in range(start, micro_steps):
-            batch = glue.train_batch(task.train_arrays, tc.batch_size, micro, tc.seed)
+            batch = task.train_batch(micro)
             state, metrics = train_step(state, task.frozen, batch)
             step = (micro + 1) // tc.grad_accum
             if (micro + 1) % tc.grad_accum:
@@ -371,7 +411,7 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
                             metrics=eval_metrics)
         save_adapter(combine(state.trainable, state.buffers), out_dir / "adapter.safetensors")
         record = {
-            "task": task.spec.name,
+            "task": task.name,
             "method": cfg.adapter.method,
             "eval": eval_metrics,
             "train_seconds": train_seconds,
@@ -394,7 +434,10 @@ def method_param_counts(config_path, overrides: Sequence[str] = ()) -> tuple[dic
     from decomp_jax.inject import trainable_count
 
     cfg = load_config(config_path, overrides)
-    _, base, _ = load_sequence_classifier(cfg.model.name, glue.get_task(cfg.data.task).num_labels, cfg.model.dtype)
+    if cfg.data.task in LM_TASKS:
+        _, base, _ = load_causal_lm(cfg.model.name, cfg.model.dtype)
+    else:
+        _, base, _ = load_sequence_classifier(cfg.model.name, glue.get_task(cfg.data.task).num_labels, cfg.model.dtype)
     a = cfg.adapter
     counts = {
         name: trainable_count(base, AdapterConfig(
@@ -412,6 +455,6 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> d
             f"{run_dir} holds no adapter.safetensors; pass the output_dir of a finished `decomp-jax train` run."
         )
     cfg = load_config(run_dir / "config.yaml", overrides)
-    task = Task(cfg, need_train=False)
+    task = make_task(cfg, need_train=False)
     adapter = load_adapter(run_dir / "adapter.safetensors", combine(task.trainable, task.buffers))
-    return {"task": task.spec.name, "method": cfg.adapter.method, "eval": task.evaluate(adapter, buffers={})}
+    return {"task": task.name, "method": cfg.adapter.method, "eval": task.evaluate(adapter, buffers={})}
