@@ -1,4 +1,4 @@
-"""``decomp-jax``: train | eval | merge | export | import | methods | bench."""
+"""``decomp-jax``: train | eval | merge | export | import | methods | bench | convert."""
 
 from __future__ import annotations
 
@@ -115,6 +115,14 @@ def _bench(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from decomp_jax.convert import convert
+
+    print(json.dumps(convert(args.src, args.out), indent=2))
+    print(f"wrote {args.out} (config.json, model.safetensors, tokenizer files)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="decomp-jax", description="Parameter-efficient fine-tuning in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-peft", action="store_true", help="do not time HF PEFT in PyTorch")
     be.add_argument("--no-merged", action="store_true", help="do not time mode='merged'")
     be.set_defaults(func=_bench)
+
+    cv = sub.add_parser("convert", help="convert a Llama checkpoint (.gguf file or HF safetensors folder) into an HF "
+                        "folder that decomp_jax.convert.load_hf and PyTorch from_pretrained read")
+    cv.add_argument("src", help="a .gguf file (dequantised to float32) or a folder with config.json and safetensors")
+    cv.add_argument("--out", required=True, help="the folder to write")
+    cv.set_defaults(func=_convert)
     return parser
 
 

@@ -106,12 +106,18 @@ class Arch:
         return f"{self.torch_module(tuple(module))}.{self.leaf_names[leaf]}", leaf in self.transposed
 
 
-# Llama would be Arch("llama") (HF's Flax port uses the PyTorch names; its head is "score"); it
-# needs a test against PEFT before it is listed. GPT-2 is the causal LM (GPT2LMHeadModel, tied head).
+# GPT-2 (GPT2LMHeadModel, tied head) and Llama (decomp_jax.models.llama.LlamaForCausalLM, whose Flax
+# paths are the PyTorch names with layers.N written layers_N) are causal LMs: no task head.
 ARCHS: dict[str, Arch] = {
     "bert": Arch("bert"),
     "roberta": Arch("roberta"),
     "gpt2": Arch("gpt2", task_type="CAUSAL_LM", head_modules=(), conv1d=r"(c_attn|c_proj|c_fc)$"),
+    "llama": Arch(
+        "llama", task_type="CAUSAL_LM", head_modules=(),
+        to_torch=((r"(^|\.)layers_(\d+)(?=\.|$)", r"\1layers.\2"),),
+        from_torch=((r"(^|\.)layers\.(\d+)(?=\.|$)", r"\1layers_\2"),),
+        leaf_names={"kernel": "weight", "bias": "bias", "weight": "weight", "embedding": "weight"},
+    ),
 }
 
 

@@ -31,6 +31,14 @@ TARGET_PRESETS["gpt2"] = {
     "attention": r"attn/c_attn$",
     "all_linear": r"(c_attn|c_proj|c_fc)$",
 }
+# decomp_jax.models.llama.LlamaForCausalLM (plain nn.Dense layers, (d_in, d_out) kernels)
+TARGET_PRESETS["llama"] = {
+    "query_value": r"self_attn/(q_proj|v_proj)$",
+    "attention": r"self_attn/(q_proj|k_proj|v_proj|o_proj)$",
+    "all_linear": r"self_attn/(q_proj|k_proj|v_proj|o_proj)$|mlp/(gate_proj|up_proj|down_proj)$",
+    "houlsby": r"self_attn/o_proj$|mlp/down_proj$",
+    "pfeiffer": r"mlp/down_proj$",
+}
 # layers whose kernels are stored (d_out, d_in): AdapterConfig.transposed per architecture
 TRANSPOSED = {"gpt2": r"(c_attn|c_proj|c_fc)$"}
 

@@ -1,0 +1,526 @@
+"""A Llama decoder in Flax Linen, with a KV cache and jit-friendly greedy generation.
+
+Parameter tree (Flax layout, kernels ``(d_in, d_out)``), the names HF's PyTorch checkpoint uses
+with ``layers.N`` written ``layers_N``::
+
+    model/embed_tokens/embedding                          (vocab, hidden)
+    model/layers_{i}/self_attn/{q,k,v,o}_proj/kernel      (+ bias when attention_bias)
+    model/layers_{i}/mlp/{gate,up,down}_proj/kernel       (+ bias when mlp_bias)
+    model/layers_{i}/{input,post_attention}_layernorm/weight
+    model/norm/weight
+    lm_head/kernel                                        untied only; tied: logits = h @ embedding.T
+
+Every projection is a plain ``nn.Dense``, so ``dj.inject`` / ``dj.adapt`` work unchanged (targets
+such as ``self_attn/(q_proj|v_proj)$``).
+
+Calling convention::
+
+    logits = model.apply({"params": params}, input_ids, attention_mask)          # (B, L, vocab)
+    logits, cache = model.apply({"params": params}, ids, buffer_mask, cache=cache, cache_index=i)
+
+KV cache: an explicit pytree (no Linen "cache" collection, so no ``mutable=``), made by
+``init_cache(config, batch, length)``: a tuple with one ``{"key", "value"}`` dict per layer, each
+``(batch, length, num_key_value_heads, head_dim)`` in the compute dtype. Keys are stored after the
+rotary embedding. With ``cache=`` the call writes its ``L`` new keys/values at buffer positions
+``cache_index .. cache_index + L - 1`` (``cache_index`` may be traced) and attends to the whole
+buffer; ``attention_mask`` then covers the whole buffer ``(B, length)`` (1 for every real token
+written so far or now), which is also what the positions are computed from.
+
+Positions: ``position_ids`` default to ``cumsum(attention_mask) - 1`` (1 on padding, as HF's
+``generate``), so left-padded prompts get the positions of their unpadded selves; with no mask,
+``arange``. Padding is allowed on either side; the causal mask is combined with the key padding mask.
+
+Hooks for prompt / prefix tuning (kept minimal):
+
+- ``inputs_embeds`` (B, L, hidden) replaces the token embedding lookup, so virtual-token embeddings
+  can be prepended by the caller (extend ``attention_mask`` with ones for them).
+- ``prefix_kv``: a ``(keys, values)`` pair of arrays ``(num_layers, B or 1, P, num_key_value_heads,
+  head_dim)`` prepended to every layer's keys/values (already "rotated": used as given, as HF/PEFT
+  prefix tuning does with its past_key_values). Every query may attend to all prefix slots. The
+  positions of the real tokens are not shifted; PEFT's prefix tuning on HF Llama shifts them by
+  ``P`` (its past length), so pass ``position_ids`` explicitly to reproduce that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+def _freeze(value):
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """A Llama architecture; ``from_hf_dict`` / ``to_hf_dict`` read and write HF's config.json.
+
+    ``dtype`` is the compute dtype (activations, cache); parameters are float32 (``param_dtype``).
+    ``rope_scaling``: None or HF's dict with ``rope_type`` (or legacy ``type``) among
+    linear / dynamic / llama3 / yarn.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[Union[int, tuple]] = 2
+    pad_token_id: Optional[int] = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}."
+            )
+        if self.rope_scaling is not None:
+            scaling = dict(self.rope_scaling)
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind not in ROPE_TYPES:
+                raise ValueError(f"rope_scaling type {kind!r} is not supported; choose one of {ROPE_TYPES}.")
+            scaling["rope_type"] = kind
+            object.__setattr__(self, "rope_scaling", scaling)
+
+    def __hash__(self):  # rope_scaling is a dict: hash a frozen copy (modules are static jit args)
+        return hash(tuple(_freeze(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
+    @property
+    def rope_type(self) -> str:
+        return self.rope_scaling["rope_type"] if self.rope_scaling else "default"
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @classmethod
+    def from_hf_dict(cls, data: dict, **overrides) -> "LlamaConfig":
+        """From the dict of an HF ``config.json`` (``LlamaForCausalLM``); unknown keys are ignored."""
+        act = data.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act={act!r}: this Llama implements SwiGLU with silu only.")
+        known = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype"}
+        kwargs = {k: v for k, v in data.items() if k in known}
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict:
+        """HF's config.json for ``LlamaForCausalLM`` (weights stored float32)."""
+        out = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "attention_dropout": 0.0,
+            "pretraining_tp": 1,
+            "use_cache": True,
+            "torch_dtype": "float32",
+        }
+        for f in dataclasses.fields(self):
+            if f.name in ("dtype", "param_dtype"):
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = dict(self.rope_scaling)
+        return out
+
+
+# --- rotary embeddings ------------------------------------------------------------------------------
+
+def _default_inv_freq(base: float, dim: int) -> np.ndarray:
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return (1.0 / (np.float32(base) ** exponent)).astype(np.float32)
+
+
+def rope_parameters(config: LlamaConfig) -> tuple[np.ndarray, float]:
+    """``(inv_freq (head_dim // 2,), attention_scaling)`` as HF's ``ROPE_INIT_FUNCTIONS`` compute
+    them at init (dynamic scaling then equals the default; it changes per call, see ``_inv_freq``)."""
+    dim = config.head_dim
+    base = float(config.rope_theta)
+    inv_freq = _default_inv_freq(base, dim)
+    kind = config.rope_type
+    scaling = config.rope_scaling or {}
+    if kind in ("default", "dynamic"):
+        return inv_freq, 1.0
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return (inv_freq / np.float32(factor)).astype(np.float32), 1.0
+    if kind == "llama3":
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(factor), inv_freq).astype(np.float32)
+        smooth = ((old_len / wavelen - low) / (high - low)).astype(np.float32)
+        smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    # yarn
+    original = scaling.get("original_max_position_embeddings") or config.max_position_embeddings
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = float(mscale(factor, m) / mscale(factor, m_all)) if (m and m_all) else mscale(factor)
+    beta_fast = scaling.get("beta_fast") or 32
+    beta_slow = scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - lo) / (hi - lo), 0, 1).astype(np.float32)
+    extrapolation = 1 - ramp
+    pos_freqs = (np.float32(base) ** (np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))).astype(np.float32)
+    inv_extra = 1.0 / pos_freqs
+    inv_inter = 1.0 / (np.float32(factor) * pos_freqs)
+    inv_freq = inv_inter * (1 - extrapolation) + inv_extra * extrapolation
+    return inv_freq.astype(np.float32), float(attention)
+
+
+def _inv_freq(config: LlamaConfig, position_ids: jax.Array) -> jax.Array:
+    """The inverse frequencies for this call: static, except dynamic NTK scaling, which (as HF's
+    ``dynamic_rope_update``) uses base ``theta * (f * n / n_max - (f - 1)) ** (d / (d - 2))`` with
+    ``n = max(position_ids) + 1`` once ``n`` exceeds ``max_position_embeddings``."""
+    inv_freq, _ = rope_parameters(config)
+    if config.rope_type != "dynamic":
+        return jnp.asarray(inv_freq)
+    dim = config.head_dim
+    n_max = config.max_position_embeddings
+    factor = float(config.rope_scaling["factor"])
+    seq_len = jnp.maximum(jnp.max(position_ids) + 1, n_max).astype(jnp.float32)
+    base = config.rope_theta * ((factor * seq_len / n_max) - (factor - 1)) ** (dim / (dim - 2))
+    exponent = jnp.arange(0, dim, 2).astype(jnp.float32) / dim
+    dynamic = 1.0 / (base ** exponent)
+    return jnp.where(jnp.max(position_ids) + 1 > n_max, dynamic, jnp.asarray(inv_freq))
+
+
+def rotary_cos_sin(config: LlamaConfig, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin`` of shape ``(B, L, head_dim)`` (float32), the two halves repeated."""
+    _, scaling = rope_parameters(config)
+    freqs = position_ids.astype(jnp.float32)[..., None] * _inv_freq(config, position_ids)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x, cos, sin):
+    """``x`` (B, L, heads, head_dim); cos/sin (B, L, head_dim)."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+# --- modules ----------------------------------------------------------------------------------------
+
+def _dense(config: LlamaConfig, features: int, bias: bool, name: Optional[str] = None) -> nn.Dense:
+    return nn.Dense(features, use_bias=bias, dtype=config.compute_dtype, param_dtype=jnp.dtype(config.param_dtype),
+                    kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x**2) + eps)``, the normalisation computed in float32."""
+
+    eps: float = 1e-6
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight.astype(dtype) * x32.astype(dtype)
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None, prefix=None):
+        """``allowed``: bool (B, L, S) over the keys attended (prefix slots excluded)."""
+        c = self.config
+        heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        groups = heads // kv_heads
+        b, length, _ = x.shape
+        q = _dense(c, heads * d, c.attention_bias, "q_proj")(x).reshape(b, length, heads, d)
+        k = _dense(c, kv_heads * d, c.attention_bias, "k_proj")(x).reshape(b, length, kv_heads, d)
+        v = _dense(c, kv_heads * d, c.attention_bias, "v_proj")(x).reshape(b, length, kv_heads, d)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        new_cache = None
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            keys = jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start)
+            values = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), start)
+            new_cache = {"key": keys, "value": values}
+            k, v = keys.astype(q.dtype), values.astype(q.dtype)
+        if prefix is not None:
+            pk, pv = prefix
+            pk = jnp.broadcast_to(pk, (b,) + pk.shape[1:]).astype(q.dtype)
+            pv = jnp.broadcast_to(pv, (b,) + pv.shape[1:]).astype(q.dtype)
+            k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+            allowed = jnp.concatenate([jnp.ones((b, length, pk.shape[1]), bool), allowed], axis=-1)
+        q = q.reshape(b, length, kv_heads, groups, d)  # query head h = kv_head * groups + g (HF repeat_kv)
+        scores = jnp.einsum("blkgd,bskd->bkgls", q, k).astype(jnp.float32) * (d ** -0.5)
+        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, length, heads * d)
+        return _dense(c, c.hidden_size, c.attention_bias, "o_proj")(out), new_cache
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        gate = _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj")(x)
+        up = _dense(c, c.intermediate_size, c.mlp_bias, "up_proj")(x)
+        return _dense(c, c.hidden_size, c.mlp_bias, "down_proj")(nn.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None, prefix=None):
+        c = self.config
+        pdt = jnp.dtype(c.param_dtype)
+        h, new_cache = LlamaAttention(c, name="self_attn")(
+            RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(x), cos, sin, allowed, cache, cache_index, prefix
+        )
+        x = x + h
+        x = x + LlamaMLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(x))
+        return x, new_cache
+
+
+def _position_ids(attention_mask, length, cache_index):
+    """``cumsum(mask) - 1`` (1 on padding) at this call's ``length`` positions of the buffer."""
+    positions = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
+    positions = jnp.where(attention_mask == 0, 1, positions)
+    if cache_index is None:
+        return positions
+    return jax.lax.dynamic_slice_in_dim(positions, cache_index, length, axis=1)
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack: returns the final normed hidden states (and the new cache)."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.compute_dtype,
+                                     param_dtype=jnp.dtype(c.param_dtype),
+                                     embedding_init=nn.initializers.normal(c.initializer_range))
+        self.layers = [LlamaDecoderLayer(c) for _ in range(c.num_hidden_layers)]  # named layers_{i}
+        self.norm = RMSNorm(c.rms_norm_eps, jnp.dtype(c.param_dtype))
+
+    def attend(self, hidden):
+        """Tied head: ``hidden @ embedding.T``."""
+        return self.embed_tokens.attend(hidden)
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, *, inputs_embeds=None,
+                 cache=None, cache_index=None, prefix_kv=None):
+        c = self.config
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("Pass input_ids or inputs_embeds.")
+            x = self.embed_tokens(input_ids)
+        else:
+            x = inputs_embeds.astype(c.compute_dtype)
+        b, length = x.shape[:2]
+        if cache is not None and cache_index is None:
+            cache_index = 0
+        key_len = cache[0]["key"].shape[1] if cache is not None else length
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, key_len), jnp.int32)
+        if attention_mask.shape[-1] != key_len:
+            raise ValueError(
+                f"attention_mask has {attention_mask.shape[-1]} columns; expected {key_len} "
+                f"({'the cache buffer length' if cache is not None else 'the input length'})."
+            )
+        if position_ids is None:
+            position_ids = _position_ids(attention_mask, length, cache_index)
+        query_index = jnp.arange(length) + (0 if cache_index is None else cache_index)
+        causal = jnp.arange(key_len)[None, :] <= query_index[:, None]  # (L, S)
+        allowed = causal[None] & (attention_mask[:, None, :] > 0)  # (B, L, S)
+        cos, sin = rotary_cos_sin(c, position_ids)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            prefix = None if prefix_kv is None else (prefix_kv[0][i], prefix_kv[1][i])
+            x, layer_cache = layer(x, cos, sin, allowed, None if cache is None else cache[i], cache_index, prefix)
+            new_cache.append(layer_cache)
+        x = self.norm(x)
+        return x, (tuple(new_cache) if cache is not None else None)
+
+
+class LlamaForCausalLM(nn.Module):
+    """``apply({"params": p}, input_ids, attention_mask)`` -> logits ``(B, L, vocab)`` (float32);
+    with ``cache=`` -> ``(logits, new_cache)``. See the module docstring for the other arguments."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        self.model = LlamaModel(self.config)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = _dense(self.config, self.config.vocab_size, False)
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, *, inputs_embeds=None,
+                 cache=None, cache_index=None, prefix_kv=None):
+        hidden, new_cache = self.model(input_ids, attention_mask, position_ids, inputs_embeds=inputs_embeds,
+                                       cache=cache, cache_index=cache_index, prefix_kv=prefix_kv)
+        logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+    def embed(self, input_ids):
+        """The token embeddings (for building ``inputs_embeds``, e.g. with virtual tokens prepended)."""
+        return self.model.embed_tokens(input_ids)
+
+
+def init_params(config: LlamaConfig, rng: jax.Array):
+    """Random params (normal(initializer_range) kernels and embeddings, unit norms)."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return LlamaForCausalLM(config).init(rng, ids)["params"]
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype=None):
+    """An empty KV cache: one ``{"key", "value"}`` dict per layer, ``(batch, length, kv_heads, head_dim)``."""
+    dtype = dtype or config.compute_dtype
+    shape = (batch, length, config.num_key_value_heads, config.head_dim)
+    return tuple({"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+                 for _ in range(config.num_hidden_layers))
+
+
+# --- generation -------------------------------------------------------------------------------------
+
+def _eos_ids(eos_token_id) -> tuple[int, ...]:
+    if eos_token_id is None:
+        return ()
+    if isinstance(eos_token_id, (list, tuple)):
+        return tuple(int(e) for e in eos_token_id)
+    return (int(eos_token_id),)
+
+
+def greedy_generate(model: LlamaForCausalLM, params, input_ids, attention_mask=None, max_new_tokens: int = 20,
+                    eos_token_id=None, pad_token_id: Optional[int] = None, *,
+                    apply_fn: Optional[Callable] = None, use_cache: bool = True):
+    """Greedy decoding: ``(B, P + max_new_tokens)`` int32, the prompt followed by the new tokens.
+
+    Traceable (``jax.jit`` it with ``model, max_new_tokens, eos_token_id, pad_token_id, apply_fn,
+    use_cache`` static, or use ``generate``, which does). Prompts may be left- or right-padded
+    (``attention_mask``); the first new token follows each row's last real token. With the cache
+    (default) it runs one prefill call and then ``max_new_tokens - 1`` one-token calls in a
+    ``lax.fori_loop``; ``use_cache=False`` recomputes the whole buffer every step (a reference).
+    After a row emits an ``eos_token_id`` (int or sequence) it emits ``pad_token_id`` (default: the
+    first eos id, else 0), as HF ``generate`` does. ``apply_fn`` (default ``model.apply``) may be
+    ``dj.adapt(model.apply, cfg)`` to generate with an adapter in factored execution.
+    """
+    apply_fn = apply_fn or model.apply
+    eos = _eos_ids(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    b, prompt_len = input_ids.shape
+    total = prompt_len + max_new_tokens
+    mask = jnp.ones((b, prompt_len), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    buffer_mask = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
+    last = jnp.max(jnp.where(mask > 0, jnp.arange(prompt_len)[None], 0), axis=1)  # last real prompt token
+    variables = {"params": params}
+
+    def finish(tok, done, out, i):
+        tok = jnp.where(done, pad, tok).astype(jnp.int32)
+        out = out.at[:, i].set(tok)
+        if eos:
+            done = done | jnp.isin(tok, jnp.asarray(eos))
+        return tok, done, out
+
+    out = jnp.zeros((b, max_new_tokens), jnp.int32)
+    done = jnp.zeros((b,), bool)
+    rows = jnp.arange(b)
+    if use_cache:
+        cache = init_cache(model.config, b, total)
+        logits, cache = apply_fn(variables, input_ids, buffer_mask, cache=cache, cache_index=0)
+        tok = jnp.argmax(logits[rows, last], axis=-1)
+
+        def body(i, carry):
+            tok, done, out, cache, buffer_mask = carry
+            tok, done, out = finish(tok, done, out, i)
+            buffer_mask = buffer_mask.at[:, prompt_len + i].set(1)
+            logits, cache = apply_fn(variables, tok[:, None], buffer_mask, cache=cache, cache_index=prompt_len + i)
+            return jnp.argmax(logits[:, 0], axis=-1), done, out, cache, buffer_mask
+
+        tok, done, out, _, _ = jax.lax.fori_loop(0, max_new_tokens - 1, body, (tok, done, out, cache, buffer_mask))
+    else:
+        ids = jnp.concatenate([input_ids, jnp.full((b, max_new_tokens), pad, jnp.int32)], axis=1)
+        logits = apply_fn(variables, ids, buffer_mask)
+        tok = jnp.argmax(logits[rows, last], axis=-1)
+
+        def body(i, carry):
+            tok, done, out, ids, buffer_mask = carry
+            tok, done, out = finish(tok, done, out, i)
+            ids = ids.at[:, prompt_len + i].set(tok)
+            buffer_mask = buffer_mask.at[:, prompt_len + i].set(1)
+            logits = apply_fn(variables, ids, buffer_mask)
+            return jnp.argmax(logits[:, prompt_len + i], axis=-1), done, out, ids, buffer_mask
+
+        tok, done, out, _, _ = jax.lax.fori_loop(0, max_new_tokens - 1, body, (tok, done, out, ids, buffer_mask))
+    _, _, out = finish(tok, done, out, max_new_tokens - 1)
+    return jnp.concatenate([input_ids, out], axis=1)
+
+
+_generate_jit = jax.jit(
+    greedy_generate, static_argnames=("model", "max_new_tokens", "eos_token_id", "pad_token_id", "apply_fn", "use_cache")
+)
+
+
+def generate(model: LlamaForCausalLM, params, input_ids, attention_mask=None, max_new_tokens: int = 20,
+             eos_token_id=None, pad_token_id: Optional[int] = None, *, apply_fn: Optional[Callable] = None,
+             use_cache: bool = True):
+    """``greedy_generate`` under ``jax.jit`` (compiled once per model, length and settings)."""
+    eos = _eos_ids(eos_token_id) or None
+    return _generate_jit(model, params, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                         eos_token_id=eos, pad_token_id=pad_token_id, apply_fn=apply_fn, use_cache=use_cache)
