@@ -106,6 +106,10 @@ class AdapterConfig(_Serializable):
     transposed:  regex of layer paths whose kernels are stored ``(d_out, d_in)`` (GPT-2's Conv1D:
                  ``(c_attn|c_proj|c_fc)$``); the methods see them transposed, factors keep their shapes.
     options:     method-specific options, validated by the method.
+
+    Prompt methods (``prompt_tuning``, ``prefix_tuning``; ``decomp_jax.prompts``) add one subtree
+    ``params[method]`` to our Llama's params: ``targets``, ``rank``, ``alpha``, ``init`` and
+    ``transposed`` do not apply to them and are ignored; their settings are ``options``.
     """
 
     method: str = "lora"

@@ -88,6 +88,12 @@ def adapt(apply_fn: Callable[..., Any], cfg: AdapterConfig, mode: str = "factore
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r} is unknown; choose 'factored' or 'merged'.")
     method = get(cfg.method)
+    if method.kind == "prompt":  # prompt_tuning / prefix_tuning: decomp_jax.prompts (our Llama only)
+        if mode == "merged":
+            check_mergeable(method)
+        from decomp_jax.prompts import adapt_prompt
+
+        return adapt_prompt(apply_fn, cfg)
     if not method.factor_names:  # nothing to intercept or fold (BitFit)
         return apply_fn
     if mode == "merged":

@@ -79,6 +79,8 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
     model at init (for every method whose spec says so).
     """
     method = get(cfg.method)
+    if method.kind == "prompt":
+        return _inject_prompt(params, cfg, rng)
     flat = _flat(params)
     for path in find_targets(params, cfg):
         kernel = oriented(flat[path + ("kernel",)], path, cfg)
@@ -111,7 +113,7 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
 def adapted_layers(params, cfg: AdapterConfig) -> Iterator[tuple[Path, dict]]:
     """``(path, layer_dict)`` for every layer that holds all of the method's factor leaves."""
     names = get(cfg.method).factor_names
-    if not names:
+    if not names or get(cfg.method).kind == "prompt":  # prompt methods adapt no layer
         return
     flat = _flat(params)
     for path in layer_paths(params):
@@ -121,6 +123,12 @@ def adapted_layers(params, cfg: AdapterConfig) -> Iterator[tuple[Path, dict]]:
 
 
 def check_mergeable(method) -> None:
+    if method.kind == "prompt":
+        raise ConfigError(
+            f"Method {method.name!r} is not mergeable: it adds trainable virtual tokens / key-value prefixes to "
+            f"the model's input, not a new kernel. Keep the params as they are and run it with "
+            f"adapt(model.apply, cfg) (factored)."
+        )
     if not method.mergeable:
         from decomp_jax.methods import registry
 
@@ -153,6 +161,8 @@ def merge(params, cfg: AdapterConfig):
 def adapter_leaves(params, cfg: AdapterConfig) -> dict:
     """The method's factor leaves (trainable and buffers) of every adapted layer, as a nested dict."""
     names = get(cfg.method).factor_names
+    if get(cfg.method).kind == "prompt":
+        return {cfg.method: unfreeze(params)[cfg.method]} if cfg.method in params else {}
     return unflatten_dict({path + (n,): layer[n] for path, layer in adapted_layers(params, cfg) for n in names})
 
 
@@ -195,6 +205,18 @@ def unmerge(merged, adapter, cfg: AdapterConfig):
     return unflatten_dict(flat)
 
 
+# --- prompt methods (kind="prompt": prompt_tuning, prefix_tuning) -----------------------------------
+
+def _inject_prompt(params, cfg: AdapterConfig, rng: jax.Array):
+    """``params`` plus the method's subtree at ``params[cfg.method]`` (``targets`` is not used)."""
+    if cfg.method in params:
+        raise ConfigError(
+            f"These params already hold a {cfg.method!r} subtree: they are already adapted. Inject into the base params."
+        )
+    leaves = get(cfg.method).init(_layer_key(rng, (cfg.method,)), params, cfg)
+    return {**unfreeze(params), cfg.method: leaves}
+
+
 def set_leaves(params, changes: dict) -> dict:
     """A new tree with the leaves at the given paths (tuples) replaced."""
     flat = _flat(params)
@@ -213,6 +235,10 @@ def trainable_mask(params, cfg: AdapterConfig):
     """
     method = get(cfg.method)
     flat = _flat(params)
+    if method.kind == "prompt":  # the subtree params[method] trains (and train_extra)
+        extra = re.compile(cfg.train_extra) if cfg.train_extra else None
+        return unflatten_dict({path: path[0] == cfg.method or bool(extra and extra.search(path_str(path)))
+                               for path in flat})
     adapted = {path for path, _ in adapted_layers(params, cfg)}
     targets = re.compile(cfg.targets)
     extra = re.compile(cfg.train_extra) if cfg.train_extra else None

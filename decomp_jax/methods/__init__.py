@@ -2,5 +2,6 @@
 
 from decomp_jax.methods.base import Method, Schedule, get, names, register, registry
 from decomp_jax.methods import adalora, adapters, dash, dora, lowrank, scaling, spectral  # noqa: F401  (register)
+from decomp_jax.methods import prompt  # noqa: F401  (prompt_tuning, prefix_tuning: kind="prompt")
 
 __all__ = ["Method", "Schedule", "get", "names", "register", "registry"]

@@ -58,6 +58,10 @@ class Method(NamedTuple):
     validate: Optional[Callable[[Any], None]] = None  # checks cfg.options; raises ConfigError
     regularizer: Optional[str] = None  # built-in MPC kind used when cfg.mpc is None (AdaLoRA: mpc_o)
     schedule: Optional[Callable[[Any, int], Schedule]] = None  # (cfg, total_steps) -> Schedule
+    # "layer": the per-layer methods above. "prompt": prompt/prefix tuning (decomp_jax.prompts): the
+    # leaves live at params[name], ``init(key, params, cfg) -> that subtree``, and the layer hooks
+    # (materialize, apply, ...) are unused; ``names()``/``registry()`` list them only when asked.
+    kind: str = "layer"
 
     @property
     def mergeable(self) -> bool:
@@ -78,12 +82,14 @@ def register(method: Method) -> Method:
     return method
 
 
-def registry() -> dict[str, Method]:
-    return dict(_REGISTRY)
+def registry(kind: Optional[str] = "layer") -> dict[str, Method]:
+    """The registered methods of ``kind`` ("layer": the per-layer methods; "prompt"; None: all)."""
+    return {n: m for n, m in _REGISTRY.items() if kind is None or m.kind == kind}
 
 
-def names() -> list[str]:
-    return sorted(_REGISTRY)
+def names(kind: Optional[str] = "layer") -> list[str]:
+    """Sorted names of the methods of ``kind`` ("layer" by default, "prompt", or None for all)."""
+    return sorted(registry(kind))
 
 
 def get(name: str) -> Method:
@@ -94,7 +100,7 @@ def get(name: str) -> Method:
         hint = f" Did you mean {near[0]!r}?" if near else ""
         from decomp_jax.config import ConfigError
 
-        raise ConfigError(f"Unknown method {name!r}.{hint} Known methods: {', '.join(names())}.") from None
+        raise ConfigError(f"Unknown method {name!r}.{hint} Known methods: {', '.join(names(None))}.") from None
 
 
 def additive(delta: Callable[[dict, Any], jax.Array]) -> dict[str, Callable]:
