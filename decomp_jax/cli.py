@@ -32,7 +32,7 @@ def _eval(args) -> int:
 def _methods(args) -> int:
     from decomp_jax import methods
 
-    names = methods.names()
+    names = methods.names(None)  # per-layer methods, then the prompt methods (decoders only)
     counts, backbone = {}, None
     if args.config:
         from decomp_jax.experiment import method_param_counts
@@ -47,8 +47,10 @@ def _methods(args) -> int:
         m = methods.get(name)
         notes = ",".join(t for t, on in (("stateful", m.schedule is not None), ("no-merge", not m.mergeable)) if on)
         row = f"{name:<{width}}  {m.family:<14}  "
-        if counts:
+        if counts and name in counts:
             row += f"{counts[name]:>10,}  {100 * counts[name] / backbone:>9.3f}%  "
+        elif counts:  # prompt methods on an encoder: they need our Llama
+            row += f"{'-':>10}  {'-':>10}  "
         print(row + f"{notes:<11}  {m.formula}")
     return 0
 

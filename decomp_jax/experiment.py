@@ -439,10 +439,11 @@ def method_param_counts(config_path, overrides: Sequence[str] = ()) -> tuple[dic
     else:
         _, base, _ = load_sequence_classifier(cfg.model.name, glue.get_task(cfg.data.task).num_labels, cfg.model.dtype)
     a = cfg.adapter
+    names = methods.names() + (methods.names("prompt") if cfg.data.task in LM_TASKS else [])
     counts = {
         name: trainable_count(base, AdapterConfig(
             method=name, targets=a.targets, rank=a.rank, alpha=a.alpha, train_extra=a.train_extra))
-        for name in methods.names()
+        for name in names
     }
     return counts, count_params(base), cfg
 
