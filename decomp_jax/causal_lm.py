@@ -96,6 +96,8 @@ class CommonsenseTask:
         self.buckets = cs.default_buckets(d.max_length, d.bucket_multiple)
         train_length = d.train_max_length or d.max_length
         self.train_set = cs.tokenize_train(train, self.tokenizer, train_length, template=d.template) if need_train else None
+        self.eval_prompts = {n: cs.tokenize_prompts(ex, self.tokenizer, d.max_length, template=d.template)
+                             for n, ex in self.eval_examples.items()}
         params = inject(self.base_params, cfg.adapter, jax.random.PRNGKey(tc.seed))
         self.trainable, self.buffers, self.frozen = partition(params, cfg.adapter)
         self.apply = adapt(self.model.apply, cfg.adapter, mode=tc.mode)
@@ -121,18 +123,17 @@ class CommonsenseTask:
         """``(params, apply_fn)`` to decode with: the merged kernels when the method is mergeable
         (plain model, no interception per token), else factored execution."""
         method = get(self.cfg.adapter.method)
-        if method.factor_names and method.materialize is not None:
+        if method.factor_names and method.mergeable:
             return merge(params, self.cfg.adapter), None
         return params, self.apply
 
-    def generate(self, params, examples) -> list[str]:
-        """Greedy continuations of ``examples``' prompts (decoded, cut at eos), in order."""
+    def generate(self, params, apply_fn, prompts: cs.TokenizedSet) -> list[str]:
+        """Greedy continuations of tokenized ``prompts`` (decoded, cut at eos), in order; ``params,
+        apply_fn`` as ``generation_fn`` returns them."""
         from decomp_jax.models.llama import generate
 
         d, tc = self.cfg.data, self.cfg.train
-        prompts = cs.tokenize_prompts(examples, self.tokenizer, d.max_length, template=d.template)
-        params, apply_fn = self.generation_fn(params)
-        texts: list[Optional[str]] = [None] * len(examples)
+        texts: list[Optional[str]] = [None] * len(prompts.ids)
         for batch in cs.eval_batches(prompts, tc.eval_batch_size, self.buckets):
             out = generate(self.model, params, batch["input_ids"], batch["attention_mask"], d.max_new_tokens,
                            eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id, apply_fn=apply_fn)
@@ -144,18 +145,15 @@ class CommonsenseTask:
 
     def evaluate(self, trainable, buffers: Optional[dict] = None, *, return_generations: bool = False):
         params = combine(trainable, self.buffers if buffers is None else buffers, self.frozen)
+        params, apply_fn = self.generation_fn(params)  # merged once for every dataset
         metrics, generations = {}, {}
         for name, examples in self.eval_examples.items():
-            texts = self.generate(params, examples)
+            texts = self.generate(params, apply_fn, self.eval_prompts[name])
             generations[name] = texts
             metrics[f"{name}_accuracy"] = cs.accuracy(name, texts, examples)
             metrics[f"{name}_answered"] = float(np.mean([cs.extract_answer(name, t) is not None for t in texts]))
         metrics["accuracy"] = float(np.mean([metrics[f"{n}_accuracy"] for n in self.eval_examples]))
         return (metrics, generations) if return_generations else metrics
-
-
-def architecture(model) -> str:
-    return f"{type(model).__name__}:llama"
 
 
 __all__ = ["TASKS", "CommonsenseTask", "dataset_names", "load_causal_lm", "resolve_llm"]

@@ -22,8 +22,7 @@ import numpy as np
 import yaml
 
 from decomp_jax import checkpoint
-from decomp_jax.causal_lm import TASKS as LM_TASKS
-from decomp_jax.causal_lm import CommonsenseTask, dataset_names, load_causal_lm
+from decomp_jax.causal_lm import TASKS as LM_TASKS, CommonsenseTask, dataset_names, load_causal_lm
 from decomp_jax.config import AdapterConfig, ConfigError, _Serializable
 from decomp_jax.data import glue
 from decomp_jax.execution import MODES, adapt
