@@ -97,18 +97,9 @@ def fold_prefix(params, cfg: AdapterConfig):
     return {**unfreeze(params), "prefix_tuning": {"key": keys, "value": values}}
 
 
-def _real_positions(mask, length: int, cache_index, shift: int):
-    """The real tokens' positions at this call: ``shift + cumsum(mask) - 1`` (padding: 1)."""
-    positions = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1 + shift
-    positions = jnp.where(mask == 0, 1, positions)
-    if cache_index is None:
-        return positions
-    return jax.lax.dynamic_slice_in_dim(positions, cache_index, length, axis=1)
-
-
 def adapt_prompt(apply_fn: Callable[..., Any], cfg: AdapterConfig) -> Callable[..., Any]:
     """``adapt`` for the prompt methods (see the module docstring)."""
-    from decomp_jax.models.llama import LlamaForCausalLM, init_cache
+    from decomp_jax.models.llama import LlamaForCausalLM, init_cache, mask_positions
 
     model = _llama_model(apply_fn, cfg)
     config = model.config
@@ -152,7 +143,7 @@ def adapt_prompt(apply_fn: Callable[..., Any], cfg: AdapterConfig) -> Callable[.
         if name == "prefix_tuning":
             prefix = prefix_arrays(leaves, config)
             shift = prefix[0].shape[2]
-            positions = _real_positions(mask, length, cache_index, shift) if positions is None else positions + shift
+            positions = mask_positions(mask, length, cache_index, shift) if positions is None else positions + shift
             return apply_fn(variables, ids, mask, positions, inputs_embeds=embeds, cache=cache,
                             cache_index=cache_index, prefix_kv=prefix, **kwargs)
 
@@ -162,7 +153,7 @@ def adapt_prompt(apply_fn: Callable[..., Any], cfg: AdapterConfig) -> Callable[.
         if embeds is None:
             embeds = apply_fn(variables, ids, method=LlamaForCausalLM.embed)
         virtual = virtual.astype(embeds.dtype)
-        positions = _real_positions(mask, length, cache_index, n) if positions is None else positions + n
+        positions = mask_positions(mask, length, cache_index, n) if positions is None else positions + n
         if cache is None:  # one sequence: [virtual; real]
             x = jnp.concatenate([jnp.broadcast_to(virtual[None], (b,) + virtual.shape), embeds], axis=1)
             full_mask = jnp.concatenate([jnp.ones((b, n), mask.dtype), mask], axis=1)

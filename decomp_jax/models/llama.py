@@ -337,9 +337,10 @@ class LlamaDecoderLayer(nn.Module):
         return x, new_cache
 
 
-def _position_ids(attention_mask, length, cache_index):
-    """``cumsum(mask) - 1`` (1 on padding) at this call's ``length`` positions of the buffer."""
-    positions = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
+def mask_positions(attention_mask, length, cache_index, shift: int = 0):
+    """``shift + cumsum(mask) - 1`` (1 on padding) at this call's ``length`` positions of the buffer
+    (``shift``: slots before the real tokens, e.g. prompt tuning's virtual tokens)."""
+    positions = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1 + shift
     positions = jnp.where(attention_mask == 0, 1, positions)
     if cache_index is None:
         return positions
@@ -384,7 +385,7 @@ class LlamaModel(nn.Module):
                 f"({'the cache buffer length' if cache is not None else 'the input length'})."
             )
         if position_ids is None:
-            position_ids = _position_ids(attention_mask, length, cache_index)
+            position_ids = mask_positions(attention_mask, length, cache_index)
         query_index = jnp.arange(length) + (0 if cache_index is None else cache_index)
         causal = jnp.arange(key_len)[None, :] <= query_index[:, None]  # (L, S)
         allowed = causal[None] & (attention_mask[:, None, :] > 0)  # (B, L, S)
