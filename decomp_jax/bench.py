@@ -19,6 +19,9 @@ one fixed random batch in training mode (dropout on):
   step time in PyTorch for lora, dora, ia3 and full fine-tuning (``peft_step_time_s``,
   ``ratio_vs_peft``).
 
+``BenchConfig.backbone="native"`` runs the same params through ``decomp_jax.models.bert`` (the
+native encoder) instead of transformers' Flax classes.
+
 ``check_targets`` compares the ratios with the targets of issue 5; ``write_outputs`` writes
 ``bench.json``, ``bench.md`` and ``bench.png``. ``decomp-jax bench`` is the command line.
 """
@@ -84,6 +87,9 @@ class BenchConfig:
     total_steps: int = 1000  # the optimizer's and stateful schedules' horizon (LoRA-Dash searches at step 100)
     seed: int = 0
     quick: bool = False
+    # the encoder implementation: "hf" (transformers' Flax classes) or "native"
+    # (decomp_jax.models.bert, same params, faster on XLA:CPU); build_model applies it
+    backbone: str = "hf"
 
     @classmethod
     def quick_config(cls, **changes) -> "BenchConfig":
@@ -107,18 +113,36 @@ def method_config(name: str, rank: int = 8, alpha: float = 16.0) -> AdapterConfi
 # models and data
 
 
-def build_model(name: str, num_labels: int = 2, seed: int = 0):
+BACKBONES = ("hf", "native")
+
+
+def build_model(name: str, num_labels: int = 2, seed: int = 0, backbone: str = "hf"):
     """``(model, params)``: ``minilm`` (the installed all-MiniLM-L6-v2 package with a new head) or
-    ``bert-base`` (``transformers.BertConfig()`` defaults, random init, built in Flax)."""
+    ``bert-base`` (``transformers.BertConfig()`` defaults, random init, built in Flax).
+    ``backbone="native"`` runs the same params through ``decomp_jax.models.bert``."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose from {BACKBONES}")
     if name == "minilm":
         model, params, _ = load_sequence_classifier(MINILM, num_labels, seed=seed)
-        return model, params
-    if name == "bert-base":
+    elif name == "bert-base":
         from transformers import BertConfig, FlaxBertForSequenceClassification
 
         model = FlaxBertForSequenceClassification(BertConfig(num_labels=num_labels), seed=seed)
-        return model, model.params
-    raise ValueError(f"unknown benchmark model {name!r}; choose from {MODELS}")
+        params = model.params
+    else:
+        raise ValueError(f"unknown benchmark model {name!r}; choose from {MODELS}")
+    return with_backbone(model, backbone), params
+
+
+def with_backbone(model, backbone: str):
+    """``model`` itself (``"hf"``) or its ``decomp_jax.models.bert`` equivalent (``"native"``)."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; choose from {BACKBONES}")
+    if backbone == "hf":
+        return model
+    from decomp_jax.models.bert import NativeSequenceClassifier, native_like
+
+    return model if isinstance(model, NativeSequenceClassifier) else native_like(model)
 
 
 def random_batch(batch_size: int, seq_len: int, vocab_size: int, num_labels: int = 2, seed: int = 0) -> dict:
@@ -375,8 +399,9 @@ def run_bench(bench: BenchConfig, *, models: Optional[dict] = None, log: Callabl
         if models is not None:
             entry = models[model_name]
             model, params = entry() if callable(entry) else entry
+            model = with_backbone(model, bench.backbone)
         else:
-            model, params = build_model(model_name, seed=bench.seed)
+            model, params = build_model(model_name, seed=bench.seed, backbone=bench.backbone)
         config = model.config
         log(f"[{model_name}] {count_params(params):,} parameters, {config.num_hidden_layers} layers, hidden "
             f"{config.hidden_size}; batch {bench.batch_size} x length {bench.seq_len} (built in {time.perf_counter() - t0:.1f} s)")
@@ -427,7 +452,7 @@ def run_bench(bench: BenchConfig, *, models: Optional[dict] = None, log: Callabl
     meta = {
         "batch_size": bench.batch_size, "seq_len": bench.seq_len, "rank": bench.rank, "alpha": bench.alpha,
         "warmup": bench.warmup, "steps": bench.steps, "model_steps": {k: list(v) for k, v in bench.model_steps.items()},
-        "quick": bench.quick, "device": str(jax.devices()[0]), "platform": jax.default_backend(),
+        "quick": bench.quick, "backbone": bench.backbone, "device": str(jax.devices()[0]), "platform": jax.default_backend(),
         "cpu_count": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
         "load_avg_1min_start": load_before, "load_avg_1min_end": load_after,
         "wall_s": time.perf_counter() - started, "peft_note": peft_note,
@@ -543,7 +568,7 @@ def markdown(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
     lines = [
         f"Batch {meta['batch_size']} x length {meta['seq_len']}, {meta['device']} ({meta['cpu_count']} CPUs), "
-        f"JAX {meta['jax']}; {meta['targets_note']}; AdamW; median (min) of timed steps after warm-up; "
+        f"JAX {meta['jax']}; backbone {meta.get('backbone', 'hf')}; {meta['targets_note']}; AdamW; median (min) of timed steps after warm-up; "
         f"1-min load average {_fmt(meta['load_avg_1min_start'], '.2f')} at the start, {_fmt(meta['load_avg_1min_end'], '.2f')} at the end.",
         "",
     ]

@@ -119,3 +119,20 @@ def test_cli_bench_arguments(capsys):
     assert quick.models == ("minilm",) and set(quick.methods) >= {"lora", "dora", "ssl", "ssb", "ia3"}
     assert main(["bench", "--models", "gpt5"]) == 2
     assert "unknown" in capsys.readouterr().err
+
+
+def test_native_backbone(tiny_bert):
+    from decomp_jax.models.bert import NativeSequenceClassifier
+
+    model, params = tiny_bert
+    assert bench.with_backbone(model, "hf") is model
+    native = bench.with_backbone(model, "native")
+    assert isinstance(native, NativeSequenceClassifier) and native.config is model.config
+    config = bench.BenchConfig(batch_size=2, seq_len=8, methods=("lora",), merged=(), warmup=1, steps=1, peft=False,
+                               total_steps=20, backbone="native")
+    out = bench.run_bench(config, models={"tiny": tiny_bert}, log=lambda _: None)
+    rows = {r["method"]: r for r in out["rows"]}
+    assert out["meta"]["backbone"] == "native" and rows["lora"]["step_time_s"] > 0
+    assert rows["lora"]["trainable_params"] == trainable_count(params, bench.method_config("lora"))
+    with pytest.raises(ValueError):
+        bench.with_backbone(model, "torch")
