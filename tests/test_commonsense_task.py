@@ -63,18 +63,65 @@ def _cfg(model_dir, out_dir, *extra):
     ])
 
 
-def test_commonsense_run_trains_evaluates_and_re_evaluates(tiny_llm, tmp_path):
-    cfg = _cfg(tiny_llm, tmp_path / "run")
-    record = run(cfg, progress=False)
+@pytest.fixture(scope="module")
+def lora_run(tiny_llm, tmp_path_factory):
+    """A finished 3-step LoRA run on the tiny model: ``(run folder, its record)``."""
+    out = tmp_path_factory.mktemp("lora_run") / "run"
+    return out, run(_cfg(tiny_llm, out), progress=False)
+
+
+def test_commonsense_run_trains_evaluates_and_re_evaluates(lora_run):
+    out, record = lora_run
     ev = record["eval"]
     assert set(ev) == {"boolq_accuracy", "boolq_answered", "arc_e_accuracy", "arc_e_answered", "accuracy"}
     assert ev["accuracy"] == pytest.approx((ev["boolq_accuracy"] + ev["arc_e_accuracy"]) / 2)
-    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in logged if "loss" in r]
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert record["trainable_params"] == 2 * 8 * ((32 + 32) + (32 + 16))  # 2 layers, r=8: q 32->32, v 32->16
     # re-evaluating the run folder gives the same metrics (greedy decoding is deterministic)
-    assert evaluate_run(tmp_path / "run")["eval"] == ev
+    assert evaluate_run(out)["eval"] == ev
+
+
+def test_commonsense_run_exports_merged_and_peft(tiny_llm, lora_run, tmp_path):
+    """`decomp-jax merge` / `export` on an LM run: the merged folder loads with load_hf and gives
+    the adapted logits; the PEFT folder loads in PyTorch PeftModel on the base weights with the
+    same logits; `import` turns it back into a run."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    import peft
+    import transformers
+
+    from decomp_jax import convert
+    from decomp_jax.execution import adapt
+    from decomp_jax.runs import export_merged, export_peft_run, import_peft_run, restore_run
+
+    out, _ = lora_run
+    restored = restore_run(out)
+    ids = jnp.asarray([[1, 40, 41, 42, 43, 44], [0, 0, 1, 45, 46, 47]], jnp.int32)
+    mask = (ids > 0).astype(jnp.int32).at[:, 2].set(1)
+    adapted = np.asarray(adapt(restored.model.apply, restored.cfg.adapter)({"params": restored.params}, ids, mask))
+    base = np.asarray(restored.model.apply({"params": restored.base_params}, ids, mask))
+    assert np.abs(adapted - base).max() > 1e-4  # the trained adapter changes the logits
+
+    export_merged(restored, tmp_path / "merged")
+    config, merged, _ = convert.load_hf(str(tmp_path / "merged"))
+    got = llama.LlamaForCausalLM(config).apply({"params": merged}, ids, mask)
+    valid = np.asarray(mask) > 0
+    assert np.abs(np.asarray(got) - adapted)[valid].max() < 1e-5
+
+    info = export_peft_run(restored, tmp_path / "peft")
+    assert info["arch"] == "llama" and info["method"] == "lora"
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tiny_llm), attn_implementation="eager").eval()
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        theirs = pm(input_ids=torch.as_tensor(np.asarray(ids[:1], np.int64))).logits.numpy()
+    assert np.abs(theirs - adapted[:1]).max() < 1e-4  # row 0 unpadded: same positions in both
+
+    import_peft_run(tmp_path / "peft", out / "config.yaml", tmp_path / "imported")
+    again = restore_run(tmp_path / "imported")
+    back = adapt(again.model.apply, again.cfg.adapter)({"params": again.params}, ids, mask)
+    assert np.abs(np.asarray(back) - adapted)[valid].max() < 1e-5
 
 
 def test_generations_land_on_their_own_examples(tiny_llm, tmp_path, monkeypatch):

@@ -364,8 +364,11 @@ def test_import_is_strict(bert, tmp_path):
     dj.export_peft(params, cfg, folder, base_model_name_or_path="local", arch="bert")
     config_path = os.path.join(folder, "adapter_config.json")
     config = read_json(config_path)
-    write_json(config_path, {**config, "peft_type": "PREFIX_TUNING"})
-    with pytest.raises(PeftFormatError, match="LORA.*IA3.*ADALORA"):
+    write_json(config_path, {**config, "peft_type": "LOHA"})
+    with pytest.raises(PeftFormatError, match="LORA.*IA3.*ADALORA.*PROMPT_TUNING"):
+        dj.import_peft(folder, bert["params"], arch="bert")
+    write_json(config_path, {**config, "peft_type": "PREFIX_TUNING"})  # a decoder method on an encoder
+    with pytest.raises(PeftFormatError, match="arch='llama'"):
         dj.import_peft(folder, bert["params"], arch="bert")
     write_json(config_path, {**config, "rank_pattern": {"query": 2}})
     with pytest.raises(PeftFormatError, match="rank_pattern"):

@@ -241,6 +241,51 @@ def test_matches_pytorch_peft(which, llama, tmp_path):
     assert valid_diff(got, out, mask) <= 1e-4
 
 
+@pytest.mark.parametrize("which", ALL)
+def test_peft_format_export_loads_in_pytorch_and_imports_back(which, llama, tmp_path):
+    """export_peft writes what PeftModel.from_pretrained loads (same logits as ours), and
+    import_peft reads it back into params that give the same logits."""
+    torch, hf_model, model, base = _torch_pair(tmp_path / "base")
+    import peft
+
+    from decomp_jax.interop.peft import export_peft, import_peft
+
+    cfg = ALL[which]
+    params = randomized(dj.inject(base, cfg, jax.random.PRNGKey(1)), cfg)
+    export_peft(params, cfg, str(tmp_path / "adapter"), base_model_name_or_path="tiny", arch="llama",
+                model_config=model.config)
+    pm = peft.PeftModel.from_pretrained(hf_model, str(tmp_path / "adapter")).eval()
+    ids, mask = batch()
+    rows = np.array([0, 2])
+    ids, mask = ids[rows], mask[rows]
+    with torch.no_grad():
+        out = pm(input_ids=torch.as_tensor(np.asarray(ids, np.int64)), attention_mask=torch.as_tensor(np.asarray(mask))).logits
+    got = dj.adapt(model.apply, cfg)({"params": params}, ids, mask)
+    assert valid_diff(got, out.numpy()[:, -ids.shape[1]:], mask) <= 1e-4
+
+    back, back_cfg = import_peft(str(tmp_path / "adapter"), base, arch="llama")
+    assert back_cfg.method == cfg.method and back_cfg.option("num_virtual_tokens") == N
+    again = dj.adapt(model.apply, back_cfg)({"params": back}, ids, mask)
+    assert valid_diff(again, got, mask) <= 1e-5
+    assert set(back) == set(base) | {cfg.method}
+
+
+def test_peft_prompt_import_refuses_wrong_shapes(llama, tmp_path):
+    from safetensors.numpy import save_file
+
+    from decomp_jax.interop.peft import PeftFormatError, export_peft, import_peft
+
+    model, base = llama
+    params = dj.inject(base, PROMPT, jax.random.PRNGKey(1))
+    export_peft(params, PROMPT, str(tmp_path), base_model_name_or_path="tiny", arch="llama")
+    save_file({"prompt_embeddings": np.zeros((N, CONFIG.hidden_size + 1), np.float32)},
+              str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(PeftFormatError, match=r"shape \(5, 33\).*needs \(5, 32\)"):
+        import_peft(str(tmp_path), base, arch="llama")
+    with pytest.raises(dj.ConfigError, match="arch='llama'"):
+        export_peft(params, PROMPT, str(tmp_path / "x"), base_model_name_or_path="tiny", arch="bert")
+
+
 # --- training ------------------------------------------------------------------------------------------
 
 def _lm_loss(logits, ids, mask):

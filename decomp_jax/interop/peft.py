@@ -16,6 +16,10 @@ What the format holds (checked against files that PEFT 0.21 itself writes):
 - AdaLoRA: ``lora_A (r, d_in)``, ``lora_E (r, 1)``, ``lora_B (d_out, r)`` (no ``.weight``), update
   ``lora_alpha * B @ (A * E) / (ranknum + 1e-5)`` with ``ranknum = init_r`` (not saved);
   ``rank_pattern`` (when set) names the kept triplets and the stored factors hold only those;
+- prompt learning (causal LMs, our Llama): one tensor ``prompt_embeddings``; PROMPT_TUNING:
+  ``(num_virtual_tokens, hidden)``, the virtual-token embeddings; PREFIX_TUNING:
+  ``(P, num_layers * 2 * kv_dim)``, row p = ``[layer 0 key, layer 0 value, layer 1 key, ...]``
+  (``kv_dim = kv_heads * head_dim``); PEFT saves the projected prefix (never the MLP);
 - ``modules_to_save`` modules (for ``task_type: SEQ_CLS`` PEFT always adds ``classifier`` and
   ``score``) are stored whole under their plain names, e.g. ``base_model.model.classifier.weight``.
 
@@ -48,8 +52,10 @@ PEFT_VERSION = "0.21.0"  # the format written here is the one PEFT 0.21 writes
 ADALORA_EPS = 1e-5  # PEFT's AdaLoRA divides by (ranknum + 1e-5)
 ADALORA_TOTAL_STEP = 1000  # nominal: PEFT needs total_step > 0 to build the config; inference ignores it
 
-EXPORTABLE = ("adalora", "dora", "ia3", "lora", "milora", "pissa", "ssl")
-IMPORTABLE = {"LORA": "lora / dora (use_dora)", "IA3": "ia3 / ssl (feedforward_modules)", "ADALORA": "adalora"}
+EXPORTABLE = ("adalora", "dora", "ia3", "lora", "milora", "pissa", "ssl", "prompt_tuning", "prefix_tuning")
+IMPORTABLE = {"LORA": "lora / dora (use_dora)", "IA3": "ia3 / ssl (feedforward_modules)", "ADALORA": "adalora",
+              "PROMPT_TUNING": "prompt_tuning (llama)", "PREFIX_TUNING": "prefix_tuning (llama)"}
+PROMPT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING"}
 
 Path = tuple[str, ...]
 
@@ -181,6 +187,19 @@ _ADALORA_CONFIG = {
     **_LORA_CONFIG, "peft_type": "ADALORA", "rank_pattern": None, "beta1": 0.85, "beta2": 0.85, "deltaT": 1,
     "init_r": 12, "orth_reg_weight": 0.5, "target_r": 8, "tfinal": 0, "tinit": 0, "total_step": None,
 }
+_PROMPT_CONFIG = {
+    "auto_mapping": None, "base_model_name_or_path": None, "inference_mode": True, "modules_to_save": None,
+    "num_attention_heads": None, "num_layers": None, "num_transformer_submodules": 1, "num_virtual_tokens": None,
+    "peft_version": PEFT_VERSION, "revision": None, "task_type": "CAUSAL_LM", "token_dim": None,
+}
+_PROMPT_TUNING_CONFIG = {
+    **_PROMPT_CONFIG, "peft_type": "PROMPT_TUNING", "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
+    "tokenizer_kwargs": None, "tokenizer_name_or_path": None,
+}
+_PREFIX_TUNING_CONFIG = {
+    **_PROMPT_CONFIG, "peft_type": "PREFIX_TUNING", "encoder_hidden_size": None, "init_weights": None,
+    "prefix_projection": False,
+}
 _IA3_CONFIG = {
     "auto_mapping": None, "base_model_name_or_path": None, "exclude_modules": None, "fan_in_fan_out": False,
     "feedforward_modules": None, "inference_mode": True, "init_ia3_weights": True, "modules_to_save": None,
@@ -309,7 +328,7 @@ def _principal_as_lora(kernel, base_kernel, layer, cfg, rank2: int, where: str):
 # --- export -------------------------------------------------------------------------------------------
 
 def export_peft(params, cfg: AdapterConfig, out_dir: str, *, base_model_name_or_path: str, arch: str,
-                base_params=None) -> None:
+                base_params=None, model_config=None) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT 0.21's format.
 
     ``params``: adapted params of a Flax sequence classifier (``dj.inject`` of its params, trained).
@@ -318,8 +337,14 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str, *, base_model_name_or_
     ``ranknum + 1e-5``), pissa / milora as a rank-2r LoRA relative to the original kernels, which
     ``base_params`` (the un-injected pretrained params) must provide. The classifier head, and every
     module with a leaf in ``cfg.train_extra``, goes to ``modules_to_save``.
+
+    prompt_tuning / prefix_tuning (``arch="llama"``): PEFT's PROMPT_TUNING / PREFIX_TUNING for a
+    causal LM; prefix projection is folded (PEFT saves the projected prefix too). ``model_config``
+    (the ``LlamaConfig``) fills ``num_attention_heads``; without it PEFT takes it from the base model.
     """
     spec = get_arch(arch)
+    if cfg.method in PROMPT_TYPES:
+        return _export_prompt(params, cfg, out_dir, spec, base_model_name_or_path, model_config)
     if cfg.method not in EXPORTABLE:
         raise ConfigError(
             f"Method {cfg.method!r} has no Hugging Face PEFT equivalent here; export_peft supports "
@@ -430,6 +455,67 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str, *, base_model_name_or_
     _write(out_dir, config, tensors)
 
 
+def _export_prompt(params, cfg: AdapterConfig, out_dir: str, spec: Arch, base_model_name_or_path: str,
+                   model_config) -> None:
+    from decomp_jax.methods.prompt import llama_dims
+    from decomp_jax.prompts import fold_prefix
+
+    if spec.name != "llama":
+        raise ConfigError(f"Method {cfg.method!r} runs on decomp_jax.models.llama only; export it with arch='llama'.")
+    dims = llama_dims(params, cfg.method)
+    leaves = unfreeze(params).get(cfg.method)
+    if leaves is None:
+        raise ConfigError(f"params hold no {cfg.method!r} subtree; pass the params dj.inject returned.")
+    heads = getattr(model_config, "num_attention_heads", None)
+    common = {"base_model_name_or_path": base_model_name_or_path, "num_layers": dims["num_layers"]}
+    if cfg.method == "prompt_tuning":
+        embedding = _np(leaves["embedding"])
+        config = {**_PROMPT_TUNING_CONFIG, **common, "num_virtual_tokens": int(embedding.shape[0]),
+                  "token_dim": dims["hidden"], "num_attention_heads": heads}
+    else:
+        folded = fold_prefix(params, cfg)["prefix_tuning"]
+        keys, values = _np(folded["key"]), _np(folded["value"])  # (layers, P, kv_dim)
+        layers, p, kv_dim = keys.shape
+        embedding = np.stack([keys, values], axis=1).transpose(2, 0, 1, 3).reshape(p, layers * 2 * kv_dim)
+        kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+        config = {**_PREFIX_TUNING_CONFIG, **common, "num_virtual_tokens": int(p), "token_dim": int(kv_dim),
+                  "num_attention_heads": kv_heads, "encoder_hidden_size": int(kv_dim)}
+    _write(out_dir, config, {"prompt_embeddings": embedding})
+
+
+def _import_prompt(in_dir: str, config: dict, stored: dict, base_params):
+    from decomp_jax.methods.prompt import llama_dims
+
+    method = {v: k for k, v in PROMPT_TYPES.items()}[config["peft_type"]]
+    if int(config.get("num_transformer_submodules") or 1) != 1:
+        raise PeftFormatError(f"num_transformer_submodules={config['num_transformer_submodules']}: only decoder-only "
+                              f"models (1) are supported.")
+    if set(stored) != {"prompt_embeddings"}:
+        raise PeftFormatError(f"{os.path.join(in_dir, WEIGHTS_NAME)} should hold one tensor 'prompt_embeddings'; "
+                              f"it holds {sorted(stored)}.")
+    dims = llama_dims(base_params, method)
+    n = int(config["num_virtual_tokens"])
+    got = stored["prompt_embeddings"]
+    if method == "prompt_tuning":
+        want = (n, dims["hidden"])
+        cfg = AdapterConfig(method=method, options={"num_virtual_tokens": n, "init": "random"})
+    else:
+        want = (n, dims["num_layers"] * 2 * dims["kv_dim"])
+        cfg = AdapterConfig(method=method, options={"num_virtual_tokens": n})
+    if tuple(got.shape) != want:
+        raise PeftFormatError(f"prompt_embeddings has shape {tuple(got.shape)}; this {config['peft_type']} adapter on "
+                              f"the given model needs {want}.")
+    params = unfreeze(inject(base_params, cfg, jax.random.PRNGKey(0)))
+    if method == "prompt_tuning":
+        table = params["model"]["embed_tokens"]["embedding"]
+        params[method] = {"embedding": jax.numpy.asarray(got, dtype=table.dtype)}
+    else:
+        kv = got.reshape(n, dims["num_layers"], 2, dims["kv_dim"]).transpose(2, 1, 0, 3)  # (2, layers, P, kv_dim)
+        params[method] = {"key": jax.numpy.asarray(kv[0], jax.numpy.float32),
+                          "value": jax.numpy.asarray(kv[1], jax.numpy.float32)}
+    return params, cfg
+
+
 # --- import -------------------------------------------------------------------------------------------
 
 def _read(in_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -499,7 +585,8 @@ def import_peft(in_dir: str, base_params, *, arch: str):
     modules_to_save leaves, e.g. the classifier head) written in.
 
     PEFT types: LORA (lora, dora with use_dora, rslora), IA3 (ia3 with ``scale_bias=True``; ssl when
-    every target is a feedforward module), ADALORA (rank_pattern included). Strict: a missing,
+    every target is a feedforward module), ADALORA (rank_pattern included), PROMPT_TUNING and
+    PREFIX_TUNING (``arch="llama"``; the prefix comes back as plain ``key``/``value``). Strict: a missing,
     unexpected or mis-shaped tensor raises ``PeftFormatError`` naming every such key.
     """
     spec = get_arch(arch)
@@ -510,6 +597,10 @@ def import_peft(in_dir: str, base_params, *, arch: str):
             f"PEFT type {peft_type!r} is not supported; import_peft reads "
             f"{', '.join(f'{k} ({v})' for k, v in IMPORTABLE.items())}."
         )
+    if peft_type in PROMPT_TYPES.values():
+        if spec.name != "llama":
+            raise PeftFormatError(f"{peft_type} adapters are read for arch='llama' (decomp_jax.models.llama) only.")
+        return _import_prompt(in_dir, config, stored, base_params)
     _refuse_unsupported(config)
     base_flat = _flat(base_params)
     modules_to_save = list(config.get("modules_to_save") or [])

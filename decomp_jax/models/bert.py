@@ -107,16 +107,27 @@ class NativeBertConfig:
         return self.hidden_dropout_prob if self.classifier_dropout is None else self.classifier_dropout
 
 
+def native_support(config: Any) -> Optional[str]:
+    """``None`` when this module can run a model of the transformers ``config``, else the reason."""
+    model_type = getattr(config, "model_type", "bert")
+    if model_type not in ("bert",) + ROBERTA_TYPES:
+        return f"model_type {model_type!r} is not a BERT or RoBERTa encoder"
+    if getattr(config, "add_cross_attention", False) or getattr(config, "is_decoder", False):
+        return "decoder / cross-attention BERT configs are not supported"
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        return "only absolute position embeddings are supported"
+    if getattr(config, "hidden_act", "gelu") not in ACTIVATIONS:
+        return f"hidden_act={config.hidden_act!r} is not supported"
+    return None
+
+
 def from_hf_config(config: Any, **options) -> NativeBertConfig:
     """A ``NativeBertConfig`` from a transformers BERT/RoBERTa config; ``options`` set the
     implementation fields (``dropout_impl``, ``attention_dropout``)."""
+    problem = native_support(config)
+    if problem is not None:
+        raise ValueError(problem)
     model_type = getattr(config, "model_type", "bert")
-    if model_type not in ("bert",) + ROBERTA_TYPES:
-        raise ValueError(f"model_type {model_type!r} is not a BERT or RoBERTa encoder")
-    if getattr(config, "add_cross_attention", False) or getattr(config, "is_decoder", False):
-        raise ValueError("decoder / cross-attention BERT configs are not supported")
-    if getattr(config, "position_embedding_type", "absolute") != "absolute":
-        raise ValueError("only absolute position embeddings are supported")
     implementation = {"dropout_impl", "attention_dropout", "model_type"}
     fields = {f.name for f in dataclasses.fields(NativeBertConfig)} - implementation
     values = {name: getattr(config, name) for name in fields if getattr(config, name, None) is not None}
@@ -414,17 +425,36 @@ class NativeSequenceClassifier:
     """Drop-in for a transformers Flax ``...ForSequenceClassification`` object:
     ``model(input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
     head_mask=None, params=None, dropout_rng=None, train=False).logits``; ``.config`` (the HF
-    config), ``.module`` (the Linen module), ``.params``."""
+    config), ``.module`` (the Linen module), ``.params``; ``save_pretrained`` writes the HF Flax
+    format through the transformers class (the two share the param tree)."""
 
     def __init__(self, config: Any, params: Optional[dict] = None, dtype: Any = jnp.float32, seed: Optional[int] = None,
-                 **options):
+                 hf_model: Any = None, **options):
         self.config = config
+        self.hf_model = hf_model
         self.native_config = config if isinstance(config, NativeBertConfig) else from_hf_config(config, **options)
         self.dtype = dtype
         self.module = BertForSequenceClassification(self.native_config, dtype=dtype)
         if params is None and seed is not None:
             params = self.init_params(jax.random.PRNGKey(seed))
         self.params = params
+
+    @property
+    def architecture_name(self) -> str:
+        """The transformers class this model stands in for (checkpoint fingerprints use it, so
+        adapters trained with either backbone restore into the other)."""
+        return "FlaxRobertaForSequenceClassification" if self.native_config.is_roberta else "FlaxBertForSequenceClassification"
+
+    def save_pretrained(self, folder, params: Optional[dict] = None, **kwargs):
+        """The HF Flax folder (config.json, flax_model.msgpack) of ``params`` (default ``self.params``)."""
+        if isinstance(self.config, NativeBertConfig):
+            raise ValueError("save_pretrained needs a transformers config; build the model with native_like(hf_model)")
+        hf = self.hf_model
+        if hf is None:
+            from transformers import FlaxAutoModelForSequenceClassification
+
+            hf = FlaxAutoModelForSequenceClassification.from_config(self.config, _do_init=False)
+        return hf.save_pretrained(folder, params=self.params if params is None else params, **kwargs)
 
     def init_params(self, rng: jax.Array, seq_len: int = 8) -> dict:
         ids = jnp.zeros((1, seq_len), jnp.int32)
@@ -453,4 +483,4 @@ def native_like(hf_model: Any, params: Optional[dict] = None, **options) -> Nati
     """A ``NativeSequenceClassifier`` with ``hf_model``'s config, dtype and (unless given) params."""
     dtype = getattr(hf_model, "dtype", jnp.float32)
     return NativeSequenceClassifier(hf_model.config, params=hf_model.params if params is None else params,
-                                    dtype=dtype, **options)
+                                    dtype=dtype, hf_model=hf_model, **options)

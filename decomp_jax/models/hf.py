@@ -62,11 +62,20 @@ def _has_flax_weights(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, "flax_model.msgpack"))
 
 
-def load_sequence_classifier(name: str, num_labels: int, dtype: str = "float32", seed: int = 0):
+BACKBONES = ("auto", "native", "hf")
+
+
+def load_sequence_classifier(name: str, num_labels: int, dtype: str = "float32", seed: int = 0,
+                             backbone: str = "auto"):
     """``(model, params, tokenizer)`` for a sequence-classification (or regression) fine-tune.
 
     The classification head is new (random, seeded); its params are under ``classifier``.
+    ``backbone`` picks the code that runs those params: ``"hf"`` transformers' Flax class,
+    ``"native"`` ``decomp_jax.models.bert`` (BERT/RoBERTa only; same param tree, faster on
+    XLA:CPU), ``"auto"`` native where the architecture allows it, else HF.
     """
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone={backbone!r} is unknown; choose from {BACKBONES}")
     from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -87,7 +96,27 @@ def load_sequence_classifier(name: str, num_labels: int, dtype: str = "float32",
     finally:
         hf_logging.set_verbosity(verbosity)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    model = with_backbone(model, backbone)
     return model, model.params, tokenizer
+
+
+def with_backbone(model, backbone: str = "auto"):
+    """``model`` (a transformers Flax sequence classifier) run by the chosen code (see
+    ``load_sequence_classifier``); the params are shared, not copied."""
+    from decomp_jax.models.bert import NativeSequenceClassifier, native_like, native_support
+
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone={backbone!r} is unknown; choose from {BACKBONES}")
+    if isinstance(model, NativeSequenceClassifier):
+        return model.hf_model if backbone == "hf" and model.hf_model is not None else model
+    if backbone == "hf":
+        return model
+    problem = native_support(model.config)
+    if problem is None:
+        return native_like(model)
+    if backbone == "native":
+        raise ValueError(f"backbone='native' cannot run this model: {problem}. Use backbone: hf (or auto).")
+    return model
 
 
 def sequence_classifier_apply(model) -> Callable[..., jax.Array]:
