@@ -219,3 +219,33 @@ def test_real_minilm_matches_hf():
     assert _max_diff(got, want) <= TOL
     assert native.native_config.num_hidden_layers == 6 and native.native_config.hidden_size == 384
 
+
+
+def test_backbone_choice_fingerprint_and_save_pretrained(pair, tmp_path):
+    """``with_backbone``: auto picks native for BERT/RoBERTa and keeps transformers' class for
+    others (native refuses them by name); both backbones share the checkpoint fingerprint; the
+    native model's save_pretrained writes an HF Flax folder that transformers loads."""
+    from transformers import DistilBertConfig, FlaxAutoModelForSequenceClassification, FlaxDistilBertForSequenceClassification
+
+    from decomp_jax.experiment import architecture
+    from decomp_jax.models.hf import with_backbone
+
+    kind, hf, native = pair
+    assert isinstance(with_backbone(hf, "auto"), NativeSequenceClassifier)
+    assert with_backbone(hf, "hf") is hf and with_backbone(native, "hf") is hf
+    assert architecture(native) == architecture(hf)
+    other = FlaxDistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32), seed=0)
+    assert with_backbone(other, "auto") is other
+    with pytest.raises(ValueError, match="backbone='native' cannot run this model.*distilbert.*backbone: hf"):
+        with_backbone(other, "native")
+    with pytest.raises(ValueError, match="unknown"):
+        with_backbone(hf, "torch")
+
+    params = jax.tree_util.tree_map(lambda x: x * 1.5, hf.params)  # not the params the model holds
+    native.save_pretrained(tmp_path, params=params)
+    loaded = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path)
+    batch = _batch()
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    want = native(**inputs, params=params).logits
+    assert _max_diff(loaded(**inputs).logits, want) < TOL
