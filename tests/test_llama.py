@@ -534,3 +534,11 @@ def test_smollm2_gguf_matches_pytorch_and_answers(smollm2):
     text = tok.decode(answer[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     print(f"SmolLM2: {text!r}")
     assert "Paris" in text
+
+
+def test_convert_names_what_it_accepts(tmp_path, capsys):
+    from decomp_jax import cli
+
+    assert cli.main(["convert", "no-such-model", "--out", str(tmp_path / "out")]) == 2
+    assert "installed package that ships a .gguf file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
