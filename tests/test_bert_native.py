@@ -241,6 +241,11 @@ def test_backbone_choice_fingerprint_and_save_pretrained(pair, tmp_path):
         with_backbone(other, "native")
     with pytest.raises(ValueError, match="unknown"):
         with_backbone(hf, "torch")
+    from decomp_jax.config import ConfigError
+    from decomp_jax.experiment import ModelConfig
+
+    with pytest.raises(ConfigError, match="model.backbone='torch' is unknown; choose one of auto, native, hf"):
+        ModelConfig(backbone="torch")
 
     params = jax.tree_util.tree_map(lambda x: x * 1.5, hf.params)  # not the params the model holds
     native.save_pretrained(tmp_path, params=params)

@@ -65,6 +65,12 @@ def _has_flax_weights(folder: str) -> bool:
 BACKBONES = ("auto", "native", "hf")
 
 
+def check_backbone(backbone: str) -> None:
+    """ValueError naming the choices unless ``backbone`` is one of ``BACKBONES``."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone={backbone!r} is unknown; choose from {BACKBONES}")
+
+
 def load_sequence_classifier(name: str, num_labels: int, dtype: str = "float32", seed: int = 0,
                              backbone: str = "auto"):
     """``(model, params, tokenizer)`` for a sequence-classification (or regression) fine-tune.
@@ -74,8 +80,7 @@ def load_sequence_classifier(name: str, num_labels: int, dtype: str = "float32",
     ``"native"`` ``decomp_jax.models.bert`` (BERT/RoBERTa only; same param tree, faster on
     XLA:CPU), ``"auto"`` native where the architecture allows it, else HF.
     """
-    if backbone not in BACKBONES:
-        raise ValueError(f"backbone={backbone!r} is unknown; choose from {BACKBONES}")
+    check_backbone(backbone)  # before the (slow) load
     from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -105,8 +110,7 @@ def with_backbone(model, backbone: str = "auto"):
     ``load_sequence_classifier``); the params are shared, not copied."""
     from decomp_jax.models.bert import NativeSequenceClassifier, native_like, native_support
 
-    if backbone not in BACKBONES:
-        raise ValueError(f"backbone={backbone!r} is unknown; choose from {BACKBONES}")
+    check_backbone(backbone)
     if isinstance(model, NativeSequenceClassifier):
         return model.hf_model if backbone == "hf" and model.hf_model is not None else model
     if backbone == "hf":
