@@ -99,7 +99,7 @@ def fold_prefix(params, cfg: AdapterConfig):
 
 def adapt_prompt(apply_fn: Callable[..., Any], cfg: AdapterConfig) -> Callable[..., Any]:
     """``adapt`` for the prompt methods (see the module docstring)."""
-    from decomp_jax.models.llama import LlamaForCausalLM, init_cache, mask_positions
+    from decomp_jax.models.llama import LlamaForCausalLM, init_cache, mask_positions, resolve_mask
 
     model = _llama_model(apply_fn, cfg)
     config = model.config
@@ -134,11 +134,7 @@ def adapt_prompt(apply_fn: Callable[..., Any], cfg: AdapterConfig) -> Callable[.
         if source is None:
             raise ValueError("Pass input_ids or inputs_embeds.")
         b, length = source.shape[:2]
-        if cache is not None and cache_index is None:
-            cache_index = 0
-        key_len = cache[0]["key"].shape[1] if cache is not None else length
-        if mask is None:
-            mask = jnp.ones((b, key_len), jnp.int32)
+        mask, cache_index, _ = resolve_mask(b, length, mask, cache, cache_index)
 
         if name == "prefix_tuning":
             prefix = prefix_arrays(leaves, config)

@@ -347,6 +347,23 @@ def mask_positions(attention_mask, length, cache_index, shift: int = 0):
     return jax.lax.dynamic_slice_in_dim(positions, cache_index, length, axis=1)
 
 
+def resolve_mask(batch: int, length: int, attention_mask=None, cache=None, cache_index=None):
+    """``(attention_mask, cache_index, key_len)`` with the model's defaults: ``cache_index`` 0 when a
+    cache is given; keys span the cache buffer (else the ``length`` inputs); no mask = all ones.
+    ValueError when the mask does not span the keys."""
+    if cache is not None and cache_index is None:
+        cache_index = 0
+    key_len = cache[0]["key"].shape[1] if cache is not None else length
+    if attention_mask is None:
+        attention_mask = jnp.ones((batch, key_len), jnp.int32)
+    if attention_mask.shape[-1] != key_len:
+        raise ValueError(
+            f"attention_mask has {attention_mask.shape[-1]} columns; expected {key_len} "
+            f"({'the cache buffer length' if cache is not None else 'the input length'})."
+        )
+    return attention_mask, cache_index, key_len
+
+
 class LlamaModel(nn.Module):
     """The decoder stack: returns the final normed hidden states (and the new cache)."""
 
@@ -374,16 +391,7 @@ class LlamaModel(nn.Module):
         else:
             x = inputs_embeds.astype(c.compute_dtype)
         b, length = x.shape[:2]
-        if cache is not None and cache_index is None:
-            cache_index = 0
-        key_len = cache[0]["key"].shape[1] if cache is not None else length
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, key_len), jnp.int32)
-        if attention_mask.shape[-1] != key_len:
-            raise ValueError(
-                f"attention_mask has {attention_mask.shape[-1]} columns; expected {key_len} "
-                f"({'the cache buffer length' if cache is not None else 'the input length'})."
-            )
+        attention_mask, cache_index, key_len = resolve_mask(b, length, attention_mask, cache, cache_index)
         if position_ids is None:
             position_ids = mask_positions(attention_mask, length, cache_index)
         query_index = jnp.arange(length) + (0 if cache_index is None else cache_index)
