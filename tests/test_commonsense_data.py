@@ -7,14 +7,15 @@ The tokenizer is a small byte-level BPE trained here with the `tokenizers` libra
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from decomp_jax.data import commonsense as cs
 
-ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "commonsense"
+from conftest import DATA
+
+ROOT = DATA / "commonsense"
 
 COUNTS = {  # name: (train rows, test rows)
     "boolq": (9427, 3270),

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +23,9 @@ from decomp_jax.experiment import evaluate_run, load_config, make_task, run
 from decomp_jax.inject import combine
 from decomp_jax.models import llama
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "commonsense"
+from conftest import DATA as SHARED_DATA, REPO
+
+DATA = SHARED_DATA / "commonsense"
 
 
 @pytest.fixture(scope="module")
