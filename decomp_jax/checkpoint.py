@@ -10,12 +10,18 @@ of the step (``data.glue.train_batch``).
 ``orbax.checkpoint.CheckpointManager`` writes each step to a temporary folder and renames it when
 complete, so a process killed mid-save leaves the previous checkpoints loadable. It keeps the
 last ``keep_last`` checkpoints plus the ``keep_best`` best by an eval metric.
+
+Guards: ``save`` refuses a state with NaN or inf leaves (``guards.NonFiniteError``) and records a
+SHA-256 of every saved array; ``restore`` checks them, and when the latest checkpoint cannot be
+read or its arrays do not match their checksums it says so by name and falls back to the
+previous good one (``CheckpointFallbackWarning``). A failed write is one ``CheckpointError`` line.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -24,6 +30,7 @@ import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax.config import AdapterConfig, ConfigError
+from decomp_jax.guards import NonFiniteError
 from decomp_jax.inject import adapted_layers, combine, find_targets, path_str, set_leaves
 from decomp_jax.methods import get
 from decomp_jax.train import TrainState
@@ -116,18 +123,64 @@ def _state_tree(state: TrainState) -> dict:
             "buffers": state.buffers or {}, "method_state": state.method_state}
 
 
+class CheckpointError(OSError):
+    """A checkpoint could not be written or read; the message names the folder, the step and the cause."""
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """The latest checkpoint was unreadable or corrupted; an earlier one was restored instead."""
+
+
+def _checksum(value: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{value.dtype.str}{value.shape}".encode())
+    digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+def _state_leaves(tree: dict) -> dict[str, np.ndarray]:
+    """Host arrays of a saved state tree, keyed by '/'-joined paths (optimizer states are
+    NamedTuples: their fields are numbered by ``jax.tree_util`` paths)."""
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    return {jax.tree_util.keystr(path): np.asarray(value) for path, value in leaves}
+
+
 def save(mngr: ocp.CheckpointManager, state: TrainState, frozen: dict, cfg: AdapterConfig, *,
          fingerprint: dict, metadata: Optional[dict] = None, metrics: Optional[dict] = None) -> int:
-    """Save ``state`` (at step ``int(state.step)``) with the constants in ``frozen``; returns the step."""
+    """Save ``state`` (at step ``int(state.step)``) with the constants in ``frozen``; returns the step.
+
+    Raises ``guards.NonFiniteError`` (nothing written) when a leaf holds NaN or inf, and
+    ``CheckpointError`` (one line: folder, step, cause) when the write fails."""
     step = int(state.step)
     constants = _constants(state, frozen, cfg)
-    meta = {"adapter": cfg.to_dict(), "fingerprint": fingerprint, "metadata": metadata or {}, "metrics": metrics}
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({**_state_tree(state), "constants": constants}),
-        meta=ocp.args.JsonSave(meta),
-    ), metrics=metrics, force=True)
-    mngr.wait_until_finished()
+    tree = {**_state_tree(state), "constants": constants}
+    leaves = _state_leaves(tree)
+    bad = [k for k, v in leaves.items() if np.issubdtype(v.dtype, np.inexact) and not np.all(np.isfinite(v))]
+    if bad:
+        raise NonFiniteError(
+            f"Refusing to save checkpoint step {step} in {mngr.directory}: NaN or inf in {len(bad)} leaves "
+            f"({', '.join(bad[:3])}); the checkpoints already there are kept."
+        )
+    checksums = {k: _checksum(v) for k, v in leaves.items()}
+    meta = {"adapter": cfg.to_dict(), "fingerprint": fingerprint, "metadata": metadata or {}, "metrics": metrics,
+            "checksums": checksums}
+    try:
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(tree),
+            meta=ocp.args.JsonSave(meta),
+        ), metrics=metrics, force=True)
+        mngr.wait_until_finished()
+    except Exception as err:  # orbax wraps OSError (disk full, permissions) in several types
+        raise CheckpointError(f"Could not write checkpoint step {step} in {mngr.directory}: "
+                              f"{one_line(err)}") from err
     return step
+
+
+def one_line(err: BaseException) -> str:
+    """The innermost cause of ``err`` as ``Type: message`` on one line."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:300]}"
 
 
 def read_metadata(mngr: ocp.CheckpointManager, step: Optional[int] = None) -> dict:
@@ -140,15 +193,40 @@ def read_metadata(mngr: ocp.CheckpointManager, step: Optional[int] = None) -> di
 
 def restore(mngr: ocp.CheckpointManager, like: TrainState, frozen: dict, cfg: AdapterConfig, *,
             fingerprint: dict, step: Optional[int] = None) -> tuple[TrainState, dict, dict]:
-    """``(state, frozen, metadata)`` from checkpoint ``step`` (default: the latest).
+    """``(state, frozen, metadata)`` from checkpoint ``step`` (default: the latest good one).
 
     ``like`` is a fresh state of the same run (its structure, shapes and dtypes are the target);
     ``frozen`` gets the saved constants. Raises a ``ConfigError`` naming the difference when
-    the checkpoint belongs to another base model or another adapter config.
+    the checkpoint belongs to another base model or another adapter config. A checkpoint that
+    cannot be read or whose arrays do not match the checksums saved with them is corrupted: with
+    ``step=None`` the next older one is tried (a ``CheckpointFallbackWarning`` names the skipped
+    step and why); with an explicit ``step`` a ``CheckpointError`` says so. The restored state's
+    ``step`` tells which checkpoint was used.
     """
-    meta = read_metadata(mngr, step)
-    step = mngr.latest_step() if step is None else step
-    check_fingerprint(meta["fingerprint"], fingerprint, where=f"{mngr.directory}/{step}")
+    steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+    if not steps:
+        raise FileNotFoundError(f"No checkpoint in {mngr.directory}.")
+    problems = []
+    for candidate in steps:
+        try:
+            return _restore_step(mngr, like, frozen, cfg, fingerprint, candidate)
+        except CheckpointError as err:
+            problems.append(str(err))
+            if step is not None:
+                raise
+            later = [s for s in steps if s < candidate]
+            warnings.warn(f"{err} " + (f"Falling back to checkpoint step {later[0]}." if later else ""),
+                          CheckpointFallbackWarning, stacklevel=2)
+    raise CheckpointError(f"Every checkpoint in {mngr.directory} is unreadable: {' | '.join(problems)}")
+
+
+def _restore_step(mngr, like: TrainState, frozen: dict, cfg: AdapterConfig, fingerprint: dict, step: int):
+    where = f"{mngr.directory}/{step}"
+    try:
+        meta = read_metadata(mngr, step)
+    except Exception as err:
+        raise CheckpointError(f"Checkpoint {where} is corrupted: its metadata cannot be read ({one_line(err)}).") from err
+    check_fingerprint(meta["fingerprint"], fingerprint, where=where)
     saved_cfg = AdapterConfig.from_dict(meta["adapter"])
     if saved_cfg != cfg:
         diff = {k: (v, getattr(cfg, k)) for k, v in saved_cfg.to_dict().items() if getattr(cfg, k) != v}
@@ -160,7 +238,18 @@ def restore(mngr: ocp.CheckpointManager, like: TrainState, frozen: dict, cfg: Ad
     try:
         tree = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     except (ValueError, KeyError) as err:
-        raise ConfigError(f"Checkpoint {mngr.directory}/{step} does not fit this run's state: {err}") from err
+        if "checksums" in meta:  # same adapter config, so the structure fits: the files are damaged
+            raise CheckpointError(f"Checkpoint {where} is corrupted: its arrays cannot be read ({one_line(err)}).") from err
+        raise ConfigError(f"Checkpoint {where} does not fit this run's state: {err}") from err
+    except Exception as err:
+        raise CheckpointError(f"Checkpoint {where} is corrupted: its arrays cannot be read ({one_line(err)}).") from err
+    saved = meta.get("checksums")
+    if saved is not None:
+        leaves = _state_leaves(tree)
+        wrong = sorted(k for k in set(saved) | set(leaves) if k not in leaves or saved.get(k) != _checksum(leaves[k]))
+        if wrong:
+            raise CheckpointError(f"Checkpoint {where} is corrupted: {len(wrong)} arrays do not match the checksums "
+                                  f"saved with them ({', '.join(wrong[:3])}).")
     constants = flatten_dict(tree.pop("constants"))
     state = TrainState(**tree)
     return state, (set_leaves(frozen, constants) if constants else frozen), meta["metadata"]

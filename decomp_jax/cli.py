@@ -129,10 +129,18 @@ def _convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="decomp-jax", description="Parameter-efficient fine-tuning in JAX/Flax.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback of an error (default: one line)")
+    parser = argparse.ArgumentParser(prog="decomp-jax", description="Parameter-efficient fine-tuning in JAX/Flax.",
+                                     parents=[common])
+    parser.set_defaults(debug=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="fine-tune from a YAML experiment config")
+    def add(name: str, **kwargs) -> argparse.ArgumentParser:  # every command takes --debug too
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    train = add("train", help="fine-tune from a YAML experiment config")
     train.add_argument("config", help="YAML file, e.g. configs/quickstart.yaml")
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     train.add_argument("--output-dir", help="where to write metrics and the adapter (train.output_dir)")
@@ -140,36 +148,36 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir/checkpoints")
     train.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="evaluate a finished run folder on the dev set")
+    ev = add("eval", help="evaluate a finished run folder on the dev set")
     ev.add_argument("run_dir", help="the output_dir of a `decomp-jax train` run")
     ev.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     ev.set_defaults(func=_eval)
 
-    mg = sub.add_parser("merge", help="write a run's adapted model merged into plain weights (Flax and PyTorch formats)")
+    mg = add("merge", help="write a run's adapted model merged into plain weights (Flax and PyTorch formats)")
     mg.add_argument("--checkpoint", required=True, help="a run's output_dir (latest checkpoint) or output_dir/checkpoints/STEP")
     mg.add_argument("--out", required=True, help="the folder to write")
     mg.set_defaults(func=_merge)
 
-    ex = sub.add_parser("export", help="write a run's adapter in the Hugging Face PEFT format")
+    ex = add("export", help="write a run's adapter in the Hugging Face PEFT format")
     ex.add_argument("--checkpoint", required=True, help="a run's output_dir (latest checkpoint) or output_dir/checkpoints/STEP")
     ex.add_argument("--format", default="peft", choices=["peft"], help="peft (merged weights: `decomp-jax merge`)")
     ex.add_argument("--out", required=True, help="the folder to write")
     ex.set_defaults(func=_export)
 
-    im = sub.add_parser("import", help="turn a Hugging Face PEFT adapter folder into a run folder")
+    im = add("import", help="turn a Hugging Face PEFT adapter folder into a run folder")
     im.add_argument("peft_dir", help="a folder with adapter_config.json and adapter_model.safetensors")
     im.add_argument("--config", required=True, help="an experiment YAML naming the base model and the task")
     im.add_argument("--out", required=True, help="the run folder to write")
     im.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     im.set_defaults(func=_import)
 
-    me = sub.add_parser("methods", help="list the methods: family, formula, and trainable parameters for a config")
+    me = add("methods", help="list the methods: family, formula, and trainable parameters for a config")
     me.add_argument("config", nargs="?", help="an experiment YAML: count each method's trainable parameters on its "
                     "model with its targets, rank and train_extra")
     me.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     me.set_defaults(func=_methods)
 
-    be = sub.add_parser("bench", help="time a train step of full fine-tuning and every method (and HF PEFT); "
+    be = add("bench", help="time a train step of full fine-tuning and every method (and HF PEFT); "
                         "write bench.json, bench.md, bench.png")
     be.add_argument("--out", default="bench", help="the folder to write (default: bench/)")
     be.add_argument("--quick", action="store_true", help="a few minutes: MiniLM only; full, lora, dora, ssl, ssb, ia3 "
@@ -186,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-merged", action="store_true", help="do not time mode='merged'")
     be.set_defaults(func=_bench)
 
-    cv = sub.add_parser("convert", help="convert a Llama checkpoint (.gguf file or HF safetensors folder) into an HF "
+    cv = add("convert", help="convert a Llama checkpoint (.gguf file or HF safetensors folder) into an HF "
                         "folder that decomp_jax.convert.load_hf and PyTorch from_pretrained read")
     cv.add_argument("src", help="a .gguf file (dequantised to float32) or a folder with config.json and safetensors")
     cv.add_argument("--out", required=True, help="the folder to write")
@@ -194,13 +202,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings() -> None:
+    """Warnings as one ``decomp-jax: warning: ...`` line (Python's default adds the source line)."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *args, **kwargs: \
+        f"decomp-jax: warning: {' '.join(str(message).split())}\n"
+
+
+def _expected_errors() -> tuple[type, ...]:
+    """What bad input, files or numbers raise: reported as one line (``--debug``: the traceback)."""
+    import yaml
+
+    kinds = [ConfigError, ValueError, OSError, KeyError, FloatingPointError, ImportError, yaml.YAMLError]
+    try:
+        from safetensors import SafetensorError
+
+        kinds.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        pass
+    try:
+        import jax
+
+        kinds.append(jax.errors.JaxRuntimeError)  # out of memory and the like
+    except (ImportError, AttributeError):  # pragma: no cover
+        pass
+    return tuple(kinds)
+
+
+def error_line(err: BaseException) -> str:
+    """``err`` as one line: our errors speak for themselves, others say their type."""
+    from decomp_jax.guards import NonFiniteError
+
+    if isinstance(err, KeyError) and err.args:
+        text = str(err.args[0])
+    else:
+        text = str(err)
+    text = " ".join(text.split()) or type(err).__name__
+    ours = (ConfigError, FileNotFoundError, NonFiniteError)
+    try:
+        from decomp_jax.checkpoint import CheckpointError
+
+        ours += (CheckpointError,)
+    except ImportError:  # pragma: no cover
+        pass
+    return text if isinstance(err, ours) else f"{type(err).__name__}: {text}"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    _one_line_warnings()
+    if args.debug:
+        return args.func(args)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, KeyError, FloatingPointError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"decomp-jax: error: {message}", file=sys.stderr)
+    except _expected_errors() as err:
+        print(f"decomp-jax: error: {error_line(err)} (run with --debug for the traceback)", file=sys.stderr)
         return 2
 
 

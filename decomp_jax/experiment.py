@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -23,9 +24,12 @@ import yaml
 
 from decomp_jax import checkpoint
 from decomp_jax.causal_lm import TASKS as LM_TASKS, CommonsenseTask, dataset_names, load_causal_lm
-from decomp_jax.config import AdapterConfig, ConfigError, _Serializable
+from decomp_jax.config import AdapterConfig, ConfigError, _closest, _Serializable
 from decomp_jax.data import glue
 from decomp_jax.execution import MODES, adapt
+from decomp_jax.guards import (
+    NonFiniteError, atomic_save_safetensors, atomic_write_text, check_finite, load_safetensors,
+)
 from decomp_jax.inject import combine, count_params, inject, partition
 from decomp_jax.metrics import TASK_METRICS, compute_metrics
 from decomp_jax.models.hf import BACKBONES, load_sequence_classifier, sequence_classifier_apply
@@ -78,7 +82,12 @@ class DataConfig(_Serializable):
             if self.template not in ("alpaca", "chat"):
                 raise ConfigError(f"data.template={self.template!r} is unknown; choose 'alpaca' or 'chat'.")
         else:
-            glue.get_task(self.task)  # raises for unknown tasks
+            try:
+                glue.get_task(self.task)
+            except ValueError:
+                known = sorted({t.name for t in glue.TASKS.values()}) + list(LM_TASKS)
+                raise ConfigError(f"data.task={self.task!r} is unknown.{_closest(self.task, known)} "
+                                  f"Choose one of {', '.join(known)}.") from None
             if self.path is None and self.hub is None:
                 raise ConfigError("data needs `path` (a GLUE task folder, e.g. ../shared/data/glue/SST-2) or `hub: glue`.")
         for name in ("max_length", "train_max_length"):
@@ -116,8 +125,8 @@ class TrainConfig(_Serializable):
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"train.steps must be >= 1 (or null to use epochs), got {self.steps}.")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError(f"train.learning_rate must be a finite number > 0, got {self.learning_rate}.")
         if self.save_every < 0 or self.keep_best < 0:
             raise ConfigError("train.save_every and train.keep_best must be >= 0.")
         if self.mode not in MODES:
@@ -134,6 +143,14 @@ class ExperimentConfig:
     adapter: AdapterConfig
     train: TrainConfig
 
+    def __post_init__(self):
+        best = self.train.best_metric
+        if best is not None:
+            names = metric_names(self)
+            if best not in names:
+                raise ConfigError(f"train.best_metric={best!r} is not a metric of task {self.data.task!r}."
+                                  f"{_closest(best, names)} Choose one of {', '.join(names)}.")
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ExperimentConfig":
         data = dict(data or {})
@@ -147,6 +164,14 @@ class ExperimentConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def metric_names(cfg: "ExperimentConfig") -> list[str]:
+    """The names of the metrics that the experiment's evaluation reports."""
+    if cfg.data.task in LM_TASKS:
+        sets = dataset_names(cfg.data.datasets)
+        return ["accuracy"] + [f"{n}_{m}" for n in sets for m in ("accuracy", "answered")]
+    return list(TASK_METRICS[glue.get_task(cfg.data.task).name])
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -195,10 +220,13 @@ class Task:
         )
         # data first: a wrong path or column fails before the model is loaded
         train_examples = read("train", cfg.data.max_train_samples) if need_train else None
+        if need_train:
+            check_train_size(len(train_examples), cfg)
         eval_examples = read("validation", cfg.data.max_eval_samples)
         self.model, self.base_params, self.tokenizer = load_sequence_classifier(
             cfg.model.name, self.spec.num_labels, cfg.model.dtype, seed=seed, backbone=cfg.model.backbone
         )
+        check_positions(cfg, self.model.config)
         train_length = cfg.data.train_max_length or cfg.data.max_length
         self.train_arrays = glue.tokenize(train_examples, self.tokenizer, train_length) if need_train else None
         self.eval_arrays = glue.tokenize(eval_examples, self.tokenizer, cfg.data.max_length)
@@ -240,7 +268,42 @@ class Task:
             out = np.asarray(jax.device_get(self.eval_step(trainable, frozen, batch)), np.float32)
             preds.append(out[real])
             labels.append(batch["labels"][real])
+        check_predictions(np.concatenate(preds))
         return compute_metrics(self.spec.name, np.concatenate(preds), np.concatenate(labels))
+
+
+def check_train_size(num_examples: int, cfg: ExperimentConfig) -> None:
+    """Stop before the model loads when the training set cannot fill one batch."""
+    if num_examples < cfg.train.batch_size:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is larger than the {num_examples} training examples "
+            f"(data.max_train_samples={cfg.data.max_train_samples}); lower train.batch_size or use more data."
+        )
+
+
+def check_positions(cfg: ExperimentConfig, model_config) -> None:
+    """``data.max_length`` must fit the model's learned position embeddings (beyond them BERT-type
+    models index past the table and produce NaN). RoBERTa's positions start after its padding index."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if limit is None or getattr(model_config, "model_type", None) in ("llama",):
+        return
+    if getattr(model_config, "model_type", None) == "roberta":
+        limit -= (getattr(model_config, "pad_token_id", 1) or 0) + 1
+    for name in ("max_length", "train_max_length"):
+        value = getattr(cfg.data, name)
+        if value is not None and value > limit:
+            raise ConfigError(f"data.{name}={value} exceeds the {limit} positions of model {cfg.model.name!r}; "
+                              f"set data.{name} to {limit} or less.")
+
+
+def check_predictions(outputs: np.ndarray) -> None:
+    """Refuse to score NaN or inf model outputs (argmax would silently call them class 0)."""
+    bad = ~np.isfinite(outputs).reshape(len(outputs), -1).all(axis=1)
+    if bad.any():
+        raise NonFiniteError(
+            f"Evaluation produced NaN or inf outputs for {int(bad.sum())} of {len(outputs)} examples; no metric is "
+            f"reported. The adapter or the base model holds non-finite values, or data.max_length exceeds the model."
+        )
 
 
 def load_base_model(cfg: ExperimentConfig, seed: Optional[int] = None):
@@ -275,22 +338,21 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def save_adapter(trainable, path: Path) -> None:
-    """The trainable leaves as safetensors with '/'-joined names."""
+    """The trainable leaves as safetensors with '/'-joined names, written atomically (a crash
+    leaves the previous file intact); NaN or inf leaves are refused."""
     from flax.traverse_util import flatten_dict
-    from safetensors.numpy import save_file
 
+    check_finite(trainable, f"The adapter for {path}", "it is not written.")
     flat = flatten_dict(jax.device_get(trainable), sep="/")
-    tmp = path.with_suffix(".tmp")
-    save_file({k: np.asarray(v) for k, v in flat.items()}, str(tmp))
-    os.replace(tmp, path)  # atomic: a crash leaves the previous file intact
+    atomic_save_safetensors({k: np.asarray(v) for k, v in flat.items()}, path)
 
 
 def load_adapter(path: Path, like: dict) -> dict:
     """Read ``save_adapter``'s file into the structure of ``like``; names and shapes must match."""
     from flax.traverse_util import flatten_dict, unflatten_dict
-    from safetensors.numpy import load_file
 
-    stored = load_file(str(path))
+    stored = load_safetensors(path)
+    check_finite(stored, str(path), "re-create it from a good checkpoint (decomp-jax export / a new run).")
     expected = flatten_dict(like, sep="/")
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     if missing or unexpected:
@@ -333,52 +395,143 @@ def _checkpoints(cfg: ExperimentConfig, task: "Task"):
     return mngr, checkpoint.fingerprint(task.base_params, cfg.adapter, architecture(task.model))
 
 
+FINISHED = ("metrics.json", "adapter.safetensors")  # what a finished run leaves in its folder
+
+
+def _saved_steps(folder: Path) -> list[int]:
+    """Step folders in a checkpoints folder, without opening it with Orbax."""
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def check_output_dir(cfg: ExperimentConfig, resume: bool) -> None:
+    """Before anything loads: never start over a run's results; resume only what was saved."""
+    out_dir = Path(cfg.train.output_dir)
+    steps = _saved_steps(out_dir / "checkpoints")
+    if resume:
+        if not steps:
+            raise FileNotFoundError(f"--resume: {out_dir / 'checkpoints'} holds no checkpoint to resume from; "
+                                    f"drop --resume to start.")
+        return
+    if steps:
+        raise ConfigError(f"{out_dir} already holds checkpoints (latest step {steps[-1]}); pass --resume to continue "
+                          f"that run, or choose another train.output_dir.")
+    done = [name for name in FINISHED if (out_dir / name).exists()]
+    if done:
+        raise ConfigError(f"{out_dir} holds a finished run ({', '.join(done)}); choose another train.output_dir "
+                          f"(or move that folder away) to train again.")
+
+
+def _config_diff(saved: dict, now: dict) -> dict:
+    """``{section.key: (saved, now)}`` of two experiment dicts, ignoring ``train.output_dir``
+    (the checkpoint is read from the folder given now, wherever the run was moved)."""
+    return {f"{sec}.{k}": (v, now.get(sec, {}).get(k)) for sec, d in saved.items() for k, v in d.items()
+            if now.get(sec, {}).get(k) != v and (sec, k) != ("train", "output_dir")}
+
+
+class _FiniteGuard:
+    """Checks the train step's ``finite`` flags on the host in batches (one transfer at each log,
+    eval and save step and at the end, none in between) and stops at the first bad step."""
+
+    def __init__(self, cfg: ExperimentConfig, mngr):
+        self.cfg, self.mngr, self.pending = cfg, mngr, []
+
+    def add(self, step: int, metrics: dict) -> None:
+        self.pending.append((step, metrics))
+
+    def check(self) -> None:
+        if not self.pending:
+            return
+        flags = jax.device_get([m["finite"] for _, m in self.pending])
+        for (step, metrics), ok in zip(self.pending, flags):
+            if not ok:
+                values = jax.device_get(metrics)
+                steps = self.mngr.all_steps()
+                kept = (f"the last good checkpoint is step {max(steps)} in {self.mngr.directory}" if steps
+                        else "no checkpoint was written")
+                tc = self.cfg.train
+                raise NonFiniteError(
+                    f"Training diverged at step {step}: loss {float(values['loss'])}, gradient norm "
+                    f"{float(values['grad_norm'])}; stopped without saving that state ({kept}). Lower "
+                    f"train.learning_rate (now {tc.learning_rate})"
+                    + ("" if tc.grad_clip else " or set train.grad_clip") + " and start a new train.output_dir."
+                )
+        self.pending.clear()
+
+
 def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
         on_step: Optional[Callable[[int, dict], None]] = None) -> dict[str, Any]:
     """Fine-tune, evaluate, write the run folder, and return the final metrics record.
 
     Checkpoints go to ``output_dir/checkpoints`` every ``train.save_every`` optimizer steps and at
-    the end. ``resume=True`` continues from the latest one; the per-step losses and the final
+    the end. ``resume=True`` continues from the latest good one; the per-step losses and the final
     metrics equal those of an uninterrupted run. ``on_step(step, metrics)`` is called after every
     optimizer step (``metrics`` only holds values at logging steps).
+
+    Nothing is lost: a folder holding checkpoints or a finished run is never started over; a step
+    with a NaN or inf loss or gradient stops the run (``guards.NonFiniteError``) before anything of
+    it is saved; ``metrics.json``, ``config.yaml`` and ``adapter.safetensors`` are written
+    atomically, the adapter and metrics before the final checkpoint; a run that fails before it
+    logged or saved anything removes the output folder it created.
     """
+    check_output_dir(cfg, resume)
+    out_dir = Path(cfg.train.output_dir)
+    task = make_task(cfg)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train(cfg, task, out_dir, progress=progress, resume=resume, on_step=on_step)
+    except BaseException:
+        if created and not _saved_steps(out_dir / "checkpoints") and not _read_jsonl(out_dir / "metrics.jsonl"):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _resume(cfg: ExperimentConfig, task, mngr, state, base_fingerprint, log_path: Path):
+    """The state restored from the latest good checkpoint (corrupted later ones are moved to
+    ``output_dir/corrupted_checkpoints``), with metrics.jsonl cut back to its step."""
+    state, task.frozen, meta = checkpoint.restore(mngr, state, task.frozen, cfg.adapter, fingerprint=base_fingerprint)
+    saved = meta.get("experiment")
+    diff = _config_diff(saved, cfg.to_dict()) if saved is not None else {}
+    if diff:
+        raise ConfigError(f"--resume with a config that differs from the run's: {diff} (saved, now). "
+                          f"Use the run's config.yaml.")
+    start = int(state.step)
+    skipped = [s for s in mngr.all_steps() if s > start]
+    if skipped:
+        aside = Path(cfg.train.output_dir) / "corrupted_checkpoints"
+        aside.mkdir(exist_ok=True)
+        for s in skipped:
+            os.replace(Path(mngr.directory) / str(s), aside / str(s))
+        mngr.reload()
+        print(f"moved corrupted checkpoint(s) {skipped} to {aside}", flush=True)
+    kept = [r for r in _read_jsonl(log_path) if r.get("step", 0) <= start // cfg.train.grad_accum and "final" not in r]
+    atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+    return state, start
+
+
+def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume: bool, on_step) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    out_dir = Path(cfg.train.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "metrics.jsonl"
-
-    task = make_task(cfg)
     tc = cfg.train
-    n_train = task.num_train
-    steps = total_steps(cfg, n_train)
+    steps = total_steps(cfg, task.num_train)
     optimizer, schedule, state = initial_state(cfg, steps, task.trainable, task.buffers, task.frozen)
     train_step = make_train_step(task.loss, optimizer, cfg.adapter, schedule=schedule)
     mngr, base_fingerprint = _checkpoints(cfg, task)
     try:
         start = 0
         if resume:
-            if mngr.latest_step() is None:
-                raise FileNotFoundError(f"--resume: {mngr.directory} holds no checkpoint to resume from; drop --resume to start.")
-            saved = checkpoint.read_metadata(mngr).get("metadata", {}).get("experiment")
-            now = cfg.to_dict()
-            if saved is not None and saved != now:
-                diff = {f"{sec}.{k}": (v, now[sec].get(k)) for sec, d in saved.items() for k, v in d.items()
-                        if now[sec].get(k) != v}
-                raise ConfigError(f"--resume with a config that differs from the run's: {diff} (saved, now). Use the run's config.yaml.")
-            state, task.frozen, _ = checkpoint.restore(mngr, state, task.frozen, cfg.adapter, fingerprint=base_fingerprint)
-            start = int(state.step)
-            kept = [r for r in _read_jsonl(log_path) if r.get("step", 0) <= start // tc.grad_accum and "final" not in r]
-            log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            state, start = _resume(cfg, task, mngr, state, base_fingerprint, log_path)
         else:
-            if mngr.latest_step() is not None:
-                raise ConfigError(
-                    f"{out_dir} already holds checkpoints (latest step {mngr.latest_step()}); pass --resume to "
-                    f"continue that run, or choose another train.output_dir."
-                )
-            log_path.write_text("")
-        (out_dir / "config.yaml").write_text(cfg.to_yaml())
+            atomic_write_text(log_path, "")
+        atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
         metadata = {"experiment": cfg.to_dict()}
+        guard = _FiniteGuard(cfg, mngr)
+
+        def save(state, metrics=None):
+            guard.check()
+            checkpoint.save(mngr, state, task.frozen, cfg.adapter, fingerprint=base_fingerprint, metadata=metadata,
+                            metrics=metrics)
 
         n_trainable = count_params(task.trainable)
         n_backbone = task.backbone_params
@@ -395,16 +548,13 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
             batch = task.train_batch(micro)
             state, metrics = train_step(state, task.frozen, batch)
             step = (micro + 1) // tc.grad_accum
+            guard.add(step, metrics)
             if (micro + 1) % tc.grad_accum:
                 continue
             values = {}
             if step % tc.log_every == 0 or step == steps:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(values["loss"]):
-                    raise FloatingPointError(
-                        f"loss is {values['loss']} at step {step}; training stopped (the last checkpoint is kept). "
-                        f"Lower train.learning_rate (now {tc.learning_rate}) or set train.grad_clip."
-                    )
+                guard.check()
+                values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
                 now = time.perf_counter()
                 rate = (step - last_step) * tc.batch_size * tc.grad_accum / (now - last_time)
                 last_time, last_step = now, step
@@ -413,22 +563,21 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
             bar.update(1)
             eval_metrics = None
             if tc.eval_every and step % tc.eval_every == 0 and step < steps:
+                guard.check()
                 eval_metrics = task.evaluate(state.trainable, state.buffers)
                 _append_jsonl(log_path, {"step": step, "eval": eval_metrics})
             if tc.save_every and step % tc.save_every == 0 and step < steps:
-                checkpoint.save(mngr, state, task.frozen, cfg.adapter, fingerprint=base_fingerprint,
-                                metadata=metadata, metrics=eval_metrics)
+                save(state, eval_metrics)
             if on_step is not None:
                 on_step(step, values)
+        guard.check()
         jax.block_until_ready(state.trainable)
         bar.close()
         train_seconds = time.perf_counter() - t0
 
         eval_metrics = task.evaluate(state.trainable, state.buffers)
         _append_jsonl(log_path, {"step": steps, "eval": eval_metrics, "final": True})
-        if int(state.step) not in mngr.all_steps():  # (resuming a finished run only re-evaluates)
-            checkpoint.save(mngr, state, task.frozen, cfg.adapter, fingerprint=base_fingerprint, metadata=metadata,
-                            metrics=eval_metrics)
+        # the results first: a failing final checkpoint (a full disk, say) keeps them
         save_adapter(combine(state.trainable, state.buffers), out_dir / "adapter.safetensors")
         record = {
             "task": task.name,
@@ -439,9 +588,11 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
             "trainable_params": n_trainable,
             "backbone_params": n_backbone,
             "trainable_fraction": n_trainable / n_backbone,
-            "checkpoint": str(mngr.directory / str(steps)),
+            "checkpoint": str(Path(mngr.directory) / str(int(state.step))),
         }
-        (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))
+        atomic_write_text(out_dir / "metrics.json", json.dumps(record, indent=2))
+        if int(state.step) not in mngr.all_steps():  # (resuming a finished run only re-evaluates)
+            save(state, eval_metrics)
         return record
     finally:
         mngr.close()

@@ -72,6 +72,21 @@ def atomic_save_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike,
         raise
 
 
+def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """``safetensors.numpy.load_file`` whose errors name the file (a truncated or foreign file
+    otherwise fails with a bare header message)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} is not a readable safetensors file ({' '.join(str(err).split())}); "
+                         f"it is damaged or was not written by safetensors: write it again.") from err
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``out_dir``; when the block succeeds it becomes ``out_dir``.

@@ -18,6 +18,7 @@ from flax.traverse_util import flatten_dict
 from decomp_jax import checkpoint
 from decomp_jax.config import ConfigError
 from decomp_jax.experiment import ExperimentConfig, architecture, initial_state, load_base_model, peft_arch
+from decomp_jax.guards import atomic_folder, atomic_save_safetensors, atomic_write_text, check_finite
 from decomp_jax.inject import combine, inject, merge, partition
 from decomp_jax.models.hf import sequence_classifier_apply
 
@@ -45,19 +46,33 @@ def _locate(path: Path) -> tuple[Path, Optional[int]]:
     )
 
 
+def _experiment(mngr, steps: list[int]) -> dict:
+    """The experiment config saved with the first of ``steps`` whose metadata reads (every
+    checkpoint of a run holds the same; ``checkpoint.restore`` reports the unreadable ones)."""
+    errors = []
+    for step in steps:
+        try:
+            meta = checkpoint.read_metadata(mngr, step)
+        except Exception as err:  # a damaged checkpoint: try the previous one
+            errors.append(f"step {step}: {checkpoint.one_line(err)}")
+            continue
+        experiment = meta.get("metadata", {}).get("experiment")
+        if experiment is None:
+            raise ConfigError(f"{mngr.directory}/{step} holds no experiment config; restore it with checkpoint.restore().")
+        return experiment
+    raise checkpoint.CheckpointError(f"No checkpoint in {mngr.directory} can be read: {'; '.join(errors)}")
+
+
 def restore_run(path: str | os.PathLike) -> RestoredRun:
-    """The adapted model of a run at a checkpoint (default: the run's latest)."""
+    """The adapted model of a run at a checkpoint (default: the run's latest good one; a
+    corrupted latest checkpoint is named in a warning and the previous one is used)."""
     folder, step = _locate(Path(path))
     mngr = checkpoint.manager(folder)
     try:
-        step = mngr.latest_step() if step is None else step
-        if step is None or step not in mngr.all_steps():
-            raise FileNotFoundError(f"No checkpoint {'' if step is None else step} in {folder}; it holds {mngr.all_steps()}.")
-        meta = checkpoint.read_metadata(mngr, step)
-        experiment = meta.get("metadata", {}).get("experiment")
-        if experiment is None:
-            raise ConfigError(f"{folder}/{step} holds no experiment config; restore it with checkpoint.restore().")
-        cfg = ExperimentConfig.from_dict(experiment)
+        steps = sorted(mngr.all_steps(), reverse=True)
+        if not steps or (step is not None and step not in steps):
+            raise FileNotFoundError(f"No checkpoint {'' if step is None else step} in {folder}; it holds {steps[::-1]}.")
+        cfg = ExperimentConfig.from_dict(_experiment(mngr, steps if step is None else [step]))
         model, base, tokenizer = load_base_model(cfg)
         params = inject(base, cfg.adapter, jax.random.PRNGKey(cfg.train.seed))
         trainable, buffers, frozen = partition(params, cfg.adapter)
@@ -66,8 +81,10 @@ def restore_run(path: str | os.PathLike) -> RestoredRun:
         state, frozen, _ = checkpoint.restore(mngr, like, frozen, cfg.adapter, fingerprint=fingerprint, step=step)
     finally:
         mngr.close()
+    check_finite(combine(state.trainable, state.buffers or {}), f"The adapter in {folder}/{int(state.step)}",
+                 "it cannot be exported or merged; use an earlier checkpoint (checkpoints/STEP).")
     adapted = combine(state.trainable, state.buffers or {}, frozen)
-    return RestoredRun(cfg, model, base, adapted, tokenizer, step)
+    return RestoredRun(cfg, model, base, adapted, tokenizer, int(state.step))
 
 
 def torch_state_dict(params, arch: str) -> dict[str, np.ndarray]:
@@ -91,22 +108,20 @@ def export_merged(run: RestoredRun, out_dir: str | os.PathLike) -> dict[str, Any
     flax_model.msgpack), the same weights as PyTorch-format ``model.safetensors``, and the
     tokenizer; for our Llama the HF folder of ``convert.save_converted`` (config.json,
     model.safetensors, tokenizer), which transformers' ``LlamaForCausalLM`` and ``load_hf`` read."""
-    from safetensors.numpy import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     merged = merge(run.params, run.cfg.adapter)
-    if peft_arch(run.model) == "llama":
-        from decomp_jax.convert import save_converted
-
-        save_converted(str(out_dir), run.model.config, merged, run.tokenizer)
-    else:
-        run.model.save_pretrained(out_dir, params=merged)
-        save_file(torch_state_dict(merged, run.model.config.model_type), str(out_dir / "model.safetensors"),
-                  metadata={"format": "pt"})
-        run.tokenizer.save_pretrained(out_dir)
+    check_finite(merged, "The merged model", "nothing is written.")
     info = {"source_step": run.step, "method": run.cfg.adapter.method, "model": run.cfg.model.name}
-    (out_dir / "decomp_jax_merge.json").write_text(json.dumps(info, indent=2))
+    with atomic_folder(out_dir) as tmp:  # all files or none: an existing out_dir is replaced only on success
+        if peft_arch(run.model) == "llama":
+            from decomp_jax.convert import save_converted
+
+            save_converted(str(tmp), run.model.config, merged, run.tokenizer)
+        else:
+            run.model.save_pretrained(tmp, params=merged)
+            atomic_save_safetensors(torch_state_dict(merged, run.model.config.model_type), tmp / "model.safetensors",
+                                    metadata={"format": "pt"})
+            run.tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / "decomp_jax_merge.json", json.dumps(info, indent=2))
     return info
 
 
@@ -122,16 +137,11 @@ def export_peft_run(run: RestoredRun, out_dir: str | os.PathLike) -> dict[str, A
     """Write the run's adapter in the HF PEFT format (``adapter_config.json`` +
     ``adapter_model.safetensors``), relative to the run's base model."""
     from decomp_jax.interop.peft import export_peft
-    from decomp_jax.models.hf import resolve_model_path
 
     arch = peft_arch(run.model)
-    if arch == "llama":
-        from decomp_jax.causal_lm import resolve_llm
-
-        source = resolve_llm(run.cfg.model.name)
-    else:
-        source = resolve_model_path(run.cfg.model.name)
-    export_peft(run.params, run.cfg.adapter, str(out_dir), base_model_name_or_path=source, arch=arch,
+    # the model as the config names it (a model package, a hub id or the user's folder), not the
+    # folder it resolved to on this machine (a path inside a virtualenv means nothing elsewhere)
+    export_peft(run.params, run.cfg.adapter, str(out_dir), base_model_name_or_path=run.cfg.model.name, arch=arch,
                 base_params=run.base_params, model_config=run.model.config)
     return {"source_step": run.step, "method": run.cfg.adapter.method, "arch": arch, "format": "peft"}
 
@@ -144,22 +154,25 @@ def import_peft_run(peft_dir: str | os.PathLike, config_path: str | os.PathLike,
     from decomp_jax.experiment import load_config, save_adapter
     from decomp_jax.interop.peft import import_peft
 
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ConfigError(f"{out_dir} is not empty; import into a new folder.")
     cfg = load_config(config_path, overrides)
     model, base, _ = load_base_model(cfg)
-    params, adapter_cfg = import_peft(str(peft_dir), base, arch=peft_arch(model))
+    params, adapter_cfg = import_peft(str(peft_dir), base, arch=peft_arch(model),
+                                      base_model_name_or_path=cfg.model.name)
     cfg = ExperimentConfig(model=cfg.model, data=cfg.data, adapter=adapter_cfg,
                            train=cfg.train.replace(output_dir=str(out_dir)))
-    out_dir = Path(out_dir)
-    mngr = checkpoint.manager(out_dir / "checkpoints")
-    try:
-        if mngr.latest_step() is not None:
-            raise ConfigError(f"{out_dir} already holds checkpoints; import into a new folder.")
-        trainable, buffers, frozen = partition(params, adapter_cfg)
-        _, _, state = initial_state(cfg, 1, trainable, buffers, frozen)
-        checkpoint.save(mngr, state, frozen, adapter_cfg, metadata={"experiment": cfg.to_dict(), "imported_from": str(peft_dir)},
-                        fingerprint=checkpoint.fingerprint(base, adapter_cfg, architecture(model)))
-    finally:
-        mngr.close()
-    (out_dir / "config.yaml").write_text(cfg.to_yaml())
-    save_adapter(combine(trainable, buffers), out_dir / "adapter.safetensors")
+    trainable, buffers, frozen = partition(params, adapter_cfg)
+    _, _, state = initial_state(cfg, 1, trainable, buffers, frozen)
+    with atomic_folder(out_dir) as tmp:  # a failed import leaves no folder behind
+        mngr = checkpoint.manager(tmp / "checkpoints")
+        try:
+            checkpoint.save(mngr, state, frozen, adapter_cfg,
+                            metadata={"experiment": cfg.to_dict(), "imported_from": str(peft_dir)},
+                            fingerprint=checkpoint.fingerprint(base, adapter_cfg, architecture(model)))
+        finally:
+            mngr.close()
+        atomic_write_text(tmp / "config.yaml", cfg.to_yaml())
+        save_adapter(combine(trainable, buffers), tmp / "adapter.safetensors")
     return {"method": adapter_cfg.method, "targets": adapter_cfg.targets, "rank": adapter_cfg.rank, "out": str(out_dir)}

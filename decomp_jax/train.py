@@ -150,9 +150,11 @@ def make_train_step(
     """A jitted ``step(state, frozen, batch) -> (state, metrics)``.
 
     ``loss_fn(params, batch, rng) -> (loss, aux)`` sees the recombined params; the MPC penalty
-    of ``cfg`` is added to it. ``schedule`` (``make_schedule(cfg, total_steps)``) runs a stateful
-    method's update after each optimizer update. Shardings (``jax.sharding`` objects or pytrees of them) are passed
-    to ``jax.jit`` when given, so data-parallel or FSDP layouts need no change here.
+    of ``cfg`` is added to it. ``metrics`` holds ``loss``, ``penalty``, ``grad_norm``, the loss
+    function's ``aux`` and ``finite`` (a bool: loss, penalty and every gradient finite this
+    step). ``schedule`` (``make_schedule(cfg, total_steps)``) runs a stateful method's update
+    after each optimizer update. Shardings (``jax.sharding`` objects or pytrees of them) are
+    passed to ``jax.jit`` when given, so data-parallel or FSDP layouts need no change here.
     """
 
     _check_stateful(cfg, schedule)
@@ -180,7 +182,11 @@ def make_train_step(
         method_state = state.method_state
         if schedule is not None:
             method_state, trainable, buffers = _run_schedule(schedule, state, opt_state, trainable, buffers, frozen, grads)
-        metrics = {"loss": task_loss, "penalty": reg, "grad_norm": optax.tree.norm(grads), **aux}
+        grad_norm = optax.tree.norm(grads)
+        # one scalar per step that the host can check in batches (no sync per step): a NaN or inf
+        # loss, penalty or gradient anywhere makes the global norm or the objective non-finite
+        finite = jnp.isfinite(task_loss + reg) & jnp.isfinite(grad_norm)
+        metrics = {"loss": task_loss, "penalty": reg, "grad_norm": grad_norm, "finite": finite, **aux}
         new_state = TrainState(
             step=state.step + 1, trainable=trainable, opt_state=opt_state, rng=rng,
             buffers=buffers, method_state=method_state,
