@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -57,7 +57,8 @@ def llama(tmp_path_factory):
     def ours_untied(p, cfg):
         return np.asarray(dj.adapt(untied_model.apply, cfg)({"params": p}, jnp.asarray(ids), jnp.asarray(mask)))
 
-    return {"name": "llama", "untied_base": untied_base, "ours_untied": ours_untied, "arch": "llama", "torch": torch_model, "base": params, "folder": str(folder),
+    return {"name": "llama", "untied_base": untied_base, "ours_untied": ours_untied, "arch": "llama",
+            "torch": torch_model, "base": params, "folder": str(folder),
             "ours": ours, "theirs": theirs, "mask": mask, "embedding": ("model", "embed_tokens"),
             "emb_name": "model.embed_tokens", "short": "embed_tokens", "targets": r"self_attn/(q_proj|v_proj)$",
             "peft_targets": ["q_proj", "v_proj"], "transposed": None}
@@ -115,8 +116,6 @@ def perturbed(m, cfg, seed=0, scale=0.1):
 def with_embedding(params, m, table):
     flat = flatten_dict(params)
     flat[m["embedding"] + ("embedding",)] = jnp.asarray(table)
-    from flax.traverse_util import unflatten_dict
-
     return unflatten_dict(flat)
 
 
@@ -157,7 +156,8 @@ def test_trained_tied_embedding_exports_to_peft(lm, method, tmp_path):
                                   stored["base_model.model.lm_head.weight"])
     theirs = m["theirs"](load(m, tmp_path))
     d = diff(ours, theirs, m)
-    print(f"{m['name']} tied {method} export: max abs logit diff vs PEFT {d:.2e} (embedding effect {untied_effect:.2f})")
+    print(f"{m['name']} tied {method} export: max abs logit diff vs PEFT {d:.2e} "
+          f"(embedding effect {untied_effect:.2f})")
     assert d <= TOL and untied_effect > 100 * TOL
     # and back: the import reads the same model
     back, back_cfg = dj.import_peft(tmp_path, m["base"], arch=m["arch"])

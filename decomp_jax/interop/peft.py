@@ -771,10 +771,11 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
     check_finite(stored, f"The PEFT adapter file {weights_path}",
                  "re-save the adapter from a model whose weights are finite; imported, it would give NaN/inf outputs.")
     theirs = config.get("base_model_name_or_path")
-    if base_model_name_or_path is not None and theirs and not _same_base(str(theirs), os.fspath(base_model_name_or_path)):
+    ours = None if base_model_name_or_path is None else os.fspath(base_model_name_or_path)
+    if ours is not None and theirs and not _same_base(str(theirs), ours):
         warnings.warn(
-            f"{os.path.join(in_dir, CONFIG_NAME)} names base model {theirs!r}, but it is imported onto "
-            f"{os.fspath(base_model_name_or_path)!r}; an adapter reproduces its outputs on its own base model only.",
+            f"{os.path.join(in_dir, CONFIG_NAME)} names base model {theirs!r}, but it is imported onto {ours!r}; "
+            f"an adapter reproduces its outputs on its own base model only.",
             stacklevel=2,
         )
     peft_type = config.get("peft_type")
