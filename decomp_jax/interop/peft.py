@@ -21,7 +21,15 @@ What the format holds (checked against files that PEFT 0.21 itself writes):
   ``(P, num_layers * 2 * kv_dim)``, row p = ``[layer 0 key, layer 0 value, layer 1 key, ...]``
   (``kv_dim = kv_heads * head_dim``); PEFT saves the projected prefix (never the MLP);
 - ``modules_to_save`` modules (for ``task_type: SEQ_CLS`` PEFT always adds ``classifier`` and
-  ``score``) are stored whole under their plain names, e.g. ``base_model.model.classifier.weight``.
+  ``score``) are stored whole under their plain names, e.g. ``base_model.model.classifier.weight``;
+- tied input/output embeddings (GPT-2's ``wte``, a Llama with ``tie_word_embeddings``): PEFT's
+  ``modules_to_save`` wraps a *copy* of the named module, so saving only the embedding unties the
+  model (input: the trained copy; ``lm_head``: the original matrix). With ``ensure_weight_tying``
+  (LoRA / AdaLoRA configs) and a ``modules_to_save`` entry whose last name is ``embed_tokens`` or
+  ``lm_head`` (PEFT checks exactly those two names), PEFT adds the input embedding to
+  ``modules_to_save`` and makes ``lm_head``'s copy share the embedding copy's weight; it then saves
+  the matrix under both ``<embedding>.weight`` and ``lm_head.weight``. At load, a stored
+  ``lm_head.weight`` whose module is not wrapped is written into the base model's (shared) weight.
 
 Our kernels are Flax ``(d_in, d_out)``; an ``nn.Linear.weight`` is ``K.T``. Name maps between Flax
 paths and PyTorch module names live in one ``Arch`` entry per architecture (``ARCHS``).
@@ -34,6 +42,7 @@ import json
 import math
 import os
 import re
+import warnings
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -42,6 +51,7 @@ from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax.config import AdapterConfig, ConfigError
+from decomp_jax.guards import atomic_folder, check_finite
 from decomp_jax.inject import adapted_layers, find_targets, inject, layer_paths, oriented, path_str
 from decomp_jax.methods import get
 
@@ -56,6 +66,8 @@ EXPORTABLE = ("adalora", "dora", "ia3", "lora", "milora", "pissa", "ssl", "promp
 IMPORTABLE = {"LORA": "lora / dora (use_dora)", "IA3": "ia3 / ssl (feedforward_modules)", "ADALORA": "adalora",
               "PROMPT_TUNING": "prompt_tuning (llama)", "PREFIX_TUNING": "prefix_tuning (llama)"}
 PROMPT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING"}
+TIEABLE_TYPES = ("LORA", "ADALORA")  # the PEFT configs with ensure_weight_tying
+TIE_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES: the only names ensure_weight_tying reacts to
 
 Path = tuple[str, ...]
 
@@ -82,6 +94,9 @@ class Arch:
         the ``nn.Linear`` shapes.
     task_type / head_modules: PEFT's task type for the sequence classifier, and the module names its
         task wrapper adds to ``modules_to_save`` (they are saved whole, trained or not).
+    embedding / lm_head: for causal LMs, the Flax module path of the input embedding and the PyTorch
+        name of the output layer; when the params hold no ``lm_head`` the head is tied to the
+        embedding (one matrix) and the PEFT format needs both names (see ``_tied_embedding``).
     """
 
     name: str
@@ -94,6 +109,8 @@ class Arch:
     )
     transposed: tuple[str, ...] = ("kernel",)
     conv1d: Optional[str] = None
+    embedding: Optional[Path] = None
+    lm_head: str = "lm_head"
 
     def torch_module(self, path: Path) -> str:
         name = ".".join(path)
@@ -117,9 +134,10 @@ class Arch:
 ARCHS: dict[str, Arch] = {
     "bert": Arch("bert"),
     "roberta": Arch("roberta"),
-    "gpt2": Arch("gpt2", task_type="CAUSAL_LM", head_modules=(), conv1d=r"(c_attn|c_proj|c_fc)$"),
+    "gpt2": Arch("gpt2", task_type="CAUSAL_LM", head_modules=(), conv1d=r"(c_attn|c_proj|c_fc)$",
+                 embedding=("transformer", "wte")),
     "llama": Arch(
-        "llama", task_type="CAUSAL_LM", head_modules=(),
+        "llama", task_type="CAUSAL_LM", head_modules=(), embedding=("model", "embed_tokens"),
         to_torch=((r"(^|\.)layers_(\d+)(?=\.|$)", r"\1layers.\2"),),
         from_torch=((r"(^|\.)layers\.(\d+)(?=\.|$)", r"\1layers_\2"),),
         leaf_names={"kernel": "weight", "bias": "bias", "weight": "weight", "embedding": "weight"},
@@ -284,14 +302,40 @@ def _saved_tensors(flat: Mapping[Path, Any], arch: Arch, modules: list[Path]) ->
     return out
 
 
+def _tied_embedding(flat: Mapping[Path, Any], spec: Arch) -> Optional[Path]:
+    """The input embedding's Flax module path when the model's LM head is tied to it (a causal LM
+    whose params hold the embedding and no ``lm_head``: one matrix for both), else None."""
+    emb = spec.embedding
+    if spec.task_type != "CAUSAL_LM" or emb is None or not any(p[: len(emb)] == emb for p in flat):
+        return None
+    return None if any(p[0] == spec.lm_head for p in flat) else emb
+
+
+def _check_replaceable(out_dir: str) -> None:
+    """``_write`` replaces ``out_dir`` whole; refuse a folder that holds anything but a PEFT export."""
+    if os.path.isdir(out_dir):
+        other = sorted(set(os.listdir(out_dir)) - {CONFIG_NAME, WEIGHTS_NAME})
+        if other:
+            raise FileExistsError(
+                f"{out_dir} holds {other[:5]}{' ...' if len(other) > 5 else ''} besides a PEFT adapter; the export "
+                f"replaces the folder whole, so it would delete them. Export into a new or empty folder."
+            )
+
+
 def _write(out_dir: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
+    """Write the adapter folder atomically: into a temporary sibling that replaces ``out_dir`` only
+    once both files are complete, so a failure leaves an existing export byte-identical."""
     from safetensors.numpy import save_file
 
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
-        f.write(json.dumps(config, indent=2, sort_keys=True))
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(out_dir, WEIGHTS_NAME),
-              metadata={"format": "pt"})
+    check_finite(tensors, f"The adapter to export to {out_dir}",
+                 "export a checkpoint whose adapter is finite (PEFT would load NaN/inf without a word).")
+    _check_replaceable(out_dir)
+    text = json.dumps(config, indent=2, sort_keys=True)
+    with atomic_folder(out_dir) as tmp:
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            f.write(text)
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(tmp, WEIGHTS_NAME),
+                  metadata={"format": "pt"})
 
 
 def _adalora_ranknum(r: int) -> float:
@@ -327,8 +371,9 @@ def _principal_as_lora(kernel, base_kernel, layer, cfg, rank2: int, where: str):
 
 # --- export -------------------------------------------------------------------------------------------
 
-def export_peft(params, cfg: AdapterConfig, out_dir: str, *, base_model_name_or_path: str, arch: str,
-                base_params=None, model_config=None) -> None:
+def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
+                base_model_name_or_path: str | os.PathLike | None, arch: str, base_params=None,
+                model_config=None) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT 0.21's format.
 
     ``params``: adapted params of a Flax sequence classifier (``dj.inject`` of its params, trained).
@@ -338,11 +383,22 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str, *, base_model_name_or_
     ``base_params`` (the un-injected pretrained params) must provide. The classifier head, and every
     module with a leaf in ``cfg.train_extra``, goes to ``modules_to_save``.
 
+    Tied embeddings (GPT-2, a Llama with ``tie_word_embeddings``: the params hold no ``lm_head``): a
+    trained embedding is written as PEFT writes it with ``ensure_weight_tying``: ``modules_to_save``
+    names the embedding and ``lm_head``, and the matrix is stored under both names, so PEFT's input
+    embedding and LM head are the one trained matrix (without this PEFT would keep the original head).
+
+    The folder is written atomically (an existing export is replaced only by a complete new one);
+    non-finite adapter tensors are refused (``NonFiniteError`` naming them).
+
     prompt_tuning / prefix_tuning (``arch="llama"``): PEFT's PROMPT_TUNING / PREFIX_TUNING for a
     causal LM; prefix projection is folded (PEFT saves the projected prefix too). ``model_config``
     (the ``LlamaConfig``) fills ``num_attention_heads``; without it PEFT takes it from the base model.
     """
     spec = get_arch(arch)
+    out_dir = os.fspath(out_dir)
+    if base_model_name_or_path is not None:
+        base_model_name_or_path = os.fspath(base_model_name_or_path)  # a pathlib.Path is not JSON
     if cfg.method in PROMPT_TYPES:
         return _export_prompt(params, cfg, out_dir, spec, base_model_name_or_path, model_config)
     if cfg.method not in EXPORTABLE:
@@ -402,6 +458,17 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str, *, base_model_name_or_
         raise ConfigError(f"Targeted layers {clash[:3]} lie inside modules_to_save modules, which PEFT never adapts.")
     modules_to_save = list(spec.head_modules) if spec.task_type == "SEQ_CLS" else []
     modules_to_save += [spec.torch_module(p) for p in saved if p not in heads]
+    # a trained embedding of a tied model: PEFT must train lm_head as the same matrix (ensure_weight_tying)
+    tied = _tied_embedding(flat, spec)
+    tie = tied is not None and any(tied[: len(s)] == s for s in saved)
+    if tie:
+        modules_to_save.append(spec.lm_head)
+    exported = factor_leaves | set(_leaves_under(flat, saved))
+    if principal:
+        exported |= {p + ("kernel",) for p in layers}
+    check_finite({path_str(p): flat[p] for p in sorted(exported) if p in flat}, f"The {cfg.method} adapter to export",
+                 f"nothing was written to {out_dir}; export a checkpoint whose adapter is finite (an earlier step, "
+                 f"or retrain with a lower learning rate).")
 
     # adapter tensors
     tensors: dict[str, np.ndarray] = {}
@@ -421,6 +488,8 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str, *, base_model_name_or_
         for suffix, leaf, to_torch, _ in FACTORS[cfg.method]:
             tensors[module + suffix] = np.ascontiguousarray(to_torch(_np(layer[leaf])))
     tensors.update(_saved_tensors(flat, spec, saved))
+    if tie:
+        tensors[PREFIX + spec.lm_head + ".weight"] = tensors[PREFIX + spec.torch_leaf(tied + ("embedding",))[0]]
 
     # adapter_config.json
     target_modules = _target_suffixes([spec.torch_module(p) for p in layers], _module_names(flat, spec))
@@ -452,6 +521,8 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str, *, base_model_name_or_
             **_LORA_CONFIG, **common, "r": r, "lora_alpha": alpha, "lora_dropout": float(cfg.dropout),
             "use_rslora": bool(cfg.rslora), "use_dora": cfg.method == "dora",
         }
+    if tie and "ensure_weight_tying" in config:  # IA3 has no such field: PEFT loads two equal copies there
+        config["ensure_weight_tying"] = True
     _write(out_dir, config, tensors)
 
 
@@ -462,6 +533,14 @@ def _export_prompt(params, cfg: AdapterConfig, out_dir: str, spec: Arch, base_mo
 
     if spec.name != "llama":
         raise ConfigError(f"Method {cfg.method!r} runs on decomp_jax.models.llama only; export it with arch='llama'.")
+    extra = re.compile(cfg.train_extra) if cfg.train_extra else None
+    lost = [path_str(p) for p in _flat(params) if extra and p[0] != cfg.method and extra.search(path_str(p))]
+    if lost:
+        raise ConfigError(
+            f"train_extra={cfg.train_extra!r} trains {lost[:3]}{' ...' if len(lost) > 3 else ''}, but the "
+            f"{PROMPT_TYPES[cfg.method]} export writes prompt_embeddings only, so they would be lost. Export an "
+            f"adapter trained without train_extra."
+        )
     dims = llama_dims(params, cfg.method)
     leaves = unfreeze(params).get(cfg.method)
     if leaves is None:
@@ -567,6 +646,91 @@ def _targets_regex(paths: list[Path], target_modules, base_params) -> str:
     return "^(" + "|".join(re.escape(path_str(p)) for p in sorted(wanted)) + ")$"
 
 
+def _same_base(a: str, b: str) -> bool:
+    """Whether two base_model_name_or_path values name the same model: the same string, the same
+    last path component (a hub id and a local copy of it), or the same resolved path."""
+    if a == b:
+        return True
+    name_a, name_b = (os.path.basename(x.rstrip("/\\")) for x in (a, b))
+    if name_a and name_a == name_b:
+        return True
+    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+
+
+def _refuse_embedding_targets(base_flat, spec: Arch, tied: Optional[Path], target_modules, exclude) -> None:
+    """PEFT can put LoRA on an ``nn.Embedding`` (and, tied, on ``lm_head`` as the same adapter);
+    decomp_jax's methods adapt dense kernels only: say so instead of listing unexpected keys."""
+    names = sorted({spec.torch_module(p[:-1]) for p in base_flat if p[-1] == "embedding"})
+    hit = [n for n in names if _peft_targets(n, target_modules, exclude)]
+    if tied is not None and _peft_targets(spec.lm_head, target_modules, exclude):
+        hit.append(f"{spec.lm_head} (tied to {spec.torch_module(tied)})")
+    if hit:
+        raise PeftFormatError(
+            f"target_modules={target_modules!r} puts PEFT adapters on the embedding layers {hit}; decomp_jax's "
+            f"methods adapt dense kernels, not embeddings. Fix: train the embedding whole instead "
+            f"(modules_to_save, with ensure_weight_tying=True on a tied model), or leave it out of target_modules."
+        )
+
+
+def _tied_import(config: dict, stored: Mapping[str, np.ndarray], base_flat, spec: Arch, tied: Path,
+                 modules_to_save: list, saved: list[Path], weights_path: str):
+    """The one matrix that PEFT 0.21's model uses as both input embedding and LM head after loading
+    this adapter on the tied base, as ``(matrix or None when the adapter leaves it alone, keys read,
+    keys missing)``; refuses an adapter with which PEFT's two matrices differ.
+
+    As PEFT loads it: a ``modules_to_save`` wrapper holds a copy of its module and gets the stored
+    tensor; ``ensure_weight_tying`` (LoRA/AdaLoRA, with ``embed_tokens`` or ``lm_head`` named in
+    ``modules_to_save``) wraps the embedding and makes ``lm_head``'s copy share its weight; a stored
+    ``lm_head.weight`` whose module is not wrapped is written into the base's shared tied weight.
+    """
+    emb_module = spec.torch_module(tied)
+    emb_key, head_key = PREFIX + spec.torch_leaf(tied + ("embedding",))[0], PREFIX + spec.lm_head + ".weight"
+    tying = (config.get("peft_type") in TIEABLE_TYPES and bool(config.get("ensure_weight_tying"))
+             and any(str(m).split(".")[-1] in TIE_NAMES for m in modules_to_save))
+    emb_wrapped = tying or any(tied[: len(s)] == s for s in saved)
+    head_wrapped = tying or any(spec.lm_head.endswith(m) for m in modules_to_save)
+    missing = [k for k, wrapped in ((emb_key, emb_wrapped), (head_key, head_wrapped)) if wrapped and k not in stored]
+    read = {k for k in (emb_key, head_key) if k in stored and (k == head_key or emb_wrapped)}
+    if missing:
+        return None, read, missing
+    base = np.asarray(base_flat[tied + ("embedding",)])
+    wrong = [f"{k}: stored {tuple(stored[k].shape)}, expected {base.shape}" for k in sorted(read)
+             if tuple(stored[k].shape) != base.shape]
+    if wrong:
+        raise PeftFormatError(f"Tensors of the wrong shape in {weights_path}: {wrong}.")
+    a = stored[emb_key] if emb_wrapped else None
+    b = stored.get(head_key)
+    base_src = "the base model's embedding"
+    shared, shared_src = (b, f"the stored {head_key}") if b is not None and not head_wrapped else (base, base_src)
+    e_in, in_src = (a, f"the stored {emb_key}") if emb_wrapped else (shared, shared_src)
+    if tying:
+        if not np.array_equal(a, b):
+            raise PeftFormatError(
+                f"{weights_path} stores different {emb_key} and {head_key} (max abs difference "
+                f"{np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max():.3g}) although "
+                f"ensure_weight_tying makes them one matrix in PEFT (which one wins depends on PEFT's load order). "
+                f"Fix: save the adapter again with PEFT (it writes the tied matrix under both names)."
+            )
+        e_out, out_src = a, in_src
+    elif head_wrapped:
+        e_out, out_src = b, f"the stored {head_key}"
+    else:
+        e_out, out_src = shared, shared_src
+    if not np.array_equal(e_in, e_out):
+        diff = np.abs(np.asarray(e_in, np.float64) - np.asarray(e_out, np.float64)).max()
+        raise PeftFormatError(
+            f"{weights_path}: PEFT would run this adapter with untied embeddings: input embedding = {in_src}, "
+            f"LM head = {out_src} (max abs difference {diff:.3g}), since modules_to_save={modules_to_save} with "
+            f"ensure_weight_tying={bool(config.get('ensure_weight_tying'))} leaves PEFT two separate matrices. "
+            f"decomp_jax's {spec.name} model here ties them (one matrix), so it cannot represent that. Fix: train "
+            f"and save the adapter with modules_to_save=[{emb_module!r}, {spec.lm_head!r}] and "
+            f"ensure_weight_tying=True (PEFT then ties lm_head to the trained embedding), or import it into an "
+            f"untied copy of the base model (tie_word_embeddings=False, lm_head = the embedding)."
+        )
+    changed = emb_wrapped or not np.array_equal(e_in, base)
+    return (np.asarray(e_in) if changed else None), read, []
+
+
 def _adalora_pattern(config: dict, module: str) -> Optional[np.ndarray]:
     pattern = config.get("rank_pattern")
     if not pattern:
@@ -579,7 +743,8 @@ def _adalora_pattern(config: dict, module: str) -> Optional[np.ndarray]:
     return None
 
 
-def import_peft(in_dir: str, base_params, *, arch: str):
+def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
+                base_model_name_or_path: str | os.PathLike | None = None):
     """Read a PEFT adapter folder into ``(params, cfg)``: ``cfg`` is the equivalent ``AdapterConfig``
     and ``params`` is ``dj.inject(base_params, cfg, ...)`` with the stored factors (and the stored
     modules_to_save leaves, e.g. the classifier head) written in.
@@ -587,10 +752,32 @@ def import_peft(in_dir: str, base_params, *, arch: str):
     PEFT types: LORA (lora, dora with use_dora, rslora), IA3 (ia3 with ``scale_bias=True``; ssl when
     every target is a feedforward module), ADALORA (rank_pattern included), PROMPT_TUNING and
     PREFIX_TUNING (``arch="llama"``; the prefix comes back as plain ``key``/``value``). Strict: a missing,
-    unexpected or mis-shaped tensor raises ``PeftFormatError`` naming every such key.
+    unexpected or mis-shaped tensor raises ``PeftFormatError`` naming every such key; a NaN/inf tensor
+    raises ``NonFiniteError`` naming the file and the keys.
+
+    Tied embeddings (``base_params`` with no ``lm_head``: GPT-2, a tied Llama): the adapter is read as
+    PEFT loads it on the tied PyTorch model. When PEFT's input embedding and LM head end up the same
+    matrix (``ensure_weight_tying``, or both names saved equal) it becomes the embedding, trained through
+    ``train_extra``; when they differ (an embedding or head saved alone, untied) the import is refused,
+    as is LoRA on an embedding (``target_modules`` naming it, or naming a tied ``lm_head``).
+
+    ``base_model_name_or_path``: the base model ``base_params`` come from; when given and the adapter's
+    config names another one, a warning says so.
     """
     spec = get_arch(arch)
+    in_dir = os.fspath(in_dir)
     config, stored = _read(in_dir)
+    weights_path = os.path.join(in_dir, WEIGHTS_NAME)
+    check_finite(stored, f"The PEFT adapter file {weights_path}",
+                 "re-save the adapter from a model whose weights are finite; imported, it would give NaN/inf outputs.")
+    theirs = config.get("base_model_name_or_path")
+    ours = None if base_model_name_or_path is None else os.fspath(base_model_name_or_path)
+    if ours is not None and theirs and not _same_base(str(theirs), ours):
+        warnings.warn(
+            f"{os.path.join(in_dir, CONFIG_NAME)} names base model {theirs!r}, but it is imported onto {ours!r}; "
+            f"an adapter reproduces its outputs on its own base model only.",
+            stacklevel=2,
+        )
     peft_type = config.get("peft_type")
     if peft_type not in IMPORTABLE:
         raise PeftFormatError(
@@ -609,6 +796,8 @@ def import_peft(in_dir: str, base_params, *, arch: str):
     target_modules = config.get("target_modules")
     if not target_modules:
         raise PeftFormatError("adapter_config.json has no target_modules.")
+    tied = _tied_embedding(base_flat, spec)
+    _refuse_embedding_targets(base_flat, spec, tied, target_modules, config.get("exclude_modules"))
     paths = [
         p for p in layer_paths(base_params)
         if _peft_targets(spec.torch_module(p), target_modules, config.get("exclude_modules"))
@@ -626,6 +815,12 @@ def import_peft(in_dir: str, base_params, *, arch: str):
             f"({'Conv1D' if conv == {True} else 'nn.Linear'})."
         )
     saved = _saved_modules(base_flat, spec, modules_to_save)
+    tied_value, tied_read, tied_missing = None, set(), []
+    if tied is not None:  # PEFT's input embedding and LM head must be one matrix, as in our tied model
+        tied_value, tied_read, tied_missing = _tied_import(config, stored, base_flat, spec, tied, modules_to_save,
+                                                           saved, weights_path)
+        if tied_value is not None and not any(tied[: len(s)] == s for s in saved):
+            saved = saved + [tied]
     train_extra = "^(" + "|".join(re.escape(path_str(m)) for m in saved) + ")/" if saved else None
     targets = _targets_regex(paths, target_modules, base_params)
 
@@ -681,17 +876,20 @@ def import_peft(in_dir: str, base_params, *, arch: str):
         for suffix, leaf, _, to_flax in FACTORS[cfg.method]:
             expected[module + suffix] = (path + (leaf,), to_flax)
     for path in _leaves_under(base_flat, saved):
+        if tied is not None and path[: len(tied)] == tied:
+            continue  # read by _tied_import
         name, transpose = spec.torch_leaf(path)
         expected[PREFIX + name] = (path, _t if transpose else _same)
-    missing = sorted(set(expected) - set(stored))
-    unexpected = sorted(set(stored) - set(expected))
+    rest = {k for k in stored if k not in tied_read}
+    missing = sorted(set(expected) - rest) + tied_missing
+    unexpected = sorted(rest - set(expected))
     if missing or unexpected:
         raise PeftFormatError(
             f"{os.path.join(in_dir, WEIGHTS_NAME)} does not match this {peft_type} adapter on arch {arch!r}: "
             f"missing keys {missing}; unexpected keys {unexpected}."
         )
 
-    values = dict(stored)
+    values = {k: v for k, v in stored.items() if k in rest}
     if peft_type == "ADALORA" and config.get("rank_pattern"):
         # PEFT stores only the kept triplets; the others are zero rows of lora_A / lora_E, columns of lora_B
         for path in paths:
@@ -722,6 +920,9 @@ def import_peft(in_dir: str, base_params, *, arch: str):
     if wrong:
         raise PeftFormatError(f"Tensors of the wrong shape in {os.path.join(in_dir, WEIGHTS_NAME)}: {wrong}.")
     flat.update(changes)
+    if tied_value is not None:
+        leaf = tied + ("embedding",)
+        flat[leaf] = jax.numpy.asarray(tied_value, dtype=flat[leaf].dtype)
     return unflatten_dict(flat), cfg
 
 
