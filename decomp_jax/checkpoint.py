@@ -19,7 +19,9 @@ previous good one (``CheckpointFallbackWarning``). A failed write is one ``Check
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import warnings
 from typing import Any, Optional
@@ -164,15 +166,29 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, frozen: dict, cfg: Adap
     meta = {"adapter": cfg.to_dict(), "fingerprint": fingerprint, "metadata": metadata or {}, "metrics": metrics,
             "checksums": checksums}
     try:
-        mngr.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(tree),
-            meta=ocp.args.JsonSave(meta),
-        ), metrics=metrics, force=True)
-        mngr.wait_until_finished()
+        with _quiet_orbax():
+            mngr.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(tree),
+                meta=ocp.args.JsonSave(meta),
+            ), metrics=metrics, force=True)
+            mngr.wait_until_finished()
     except Exception as err:  # orbax wraps OSError (disk full, permissions) in several types
         raise CheckpointError(f"Could not write checkpoint step {step} in {mngr.directory}: "
                               f"{one_line(err)}") from err
     return step
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax logs a failed write's traceback from each of its worker threads (over a hundred
+    lines for one full disk) before raising; the error raised says it all, in one line."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def one_line(err: BaseException) -> str:

@@ -134,7 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the full traceback of an error (default: one line)")
     parser = argparse.ArgumentParser(prog="decomp-jax", description="Parameter-efficient fine-tuning in JAX/Flax.",
                                      parents=[common])
-    parser.set_defaults(debug=False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, **kwargs) -> argparse.ArgumentParser:  # every command takes --debug too
@@ -202,12 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line_warnings() -> None:
-    """Warnings as one ``decomp-jax: warning: ...`` line (Python's default adds the source line)."""
-    import warnings
-
-    warnings.formatwarning = lambda message, category, *args, **kwargs: \
-        f"decomp-jax: warning: {' '.join(str(message).split())}\n"
+def _one_line(message, category, *args, **kwargs) -> str:
+    """A warning as one ``decomp-jax: warning: ...`` line (Python's default adds the source line)."""
+    return f"decomp-jax: warning: {' '.join(str(message).split())}\n"
 
 
 def _expected_errors() -> tuple[type, ...]:
@@ -250,15 +246,19 @@ def error_line(err: BaseException) -> str:
 
 
 def main(argv=None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
-    _one_line_warnings()
-    if args.debug:
-        return args.func(args)
+    original, warnings.formatwarning = warnings.formatwarning, _one_line
     try:
         return args.func(args)
     except _expected_errors() as err:
+        if getattr(args, "debug", False):  # given before or after the command's name
+            raise
         print(f"decomp-jax: error: {error_line(err)} (run with --debug for the traceback)", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = original
 
 
 if __name__ == "__main__":

@@ -29,9 +29,18 @@ class NonFiniteError(FloatingPointError):
     """NaN or inf where a finite value is needed; the message names the leaves and the fix."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _tmp_sibling(path: Path, suffix: str = "") -> Path:
+    """A new empty file beside ``path`` with the permissions a plain ``open(path, "w")`` gives
+    (``mkstemp`` makes it private)."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())
     return Path(name)
 
 
@@ -100,6 +109,7 @@ def atomic_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
         raise FileExistsError(f"{out_dir} exists and is not a folder; choose another output path.")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would make it (mkdtemp makes it private)
     try:
         yield tmp
     except BaseException:
