@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decomp_jax.config import ConfigError
-from decomp_jax.data import commonsense as cs
+from decomp_jax.data import check_train_size, commonsense as cs
 from decomp_jax.execution import adapt
 from decomp_jax.inject import combine, count_params, inject, merge, partition
 from decomp_jax.methods import get
@@ -89,6 +89,8 @@ class CommonsenseTask:
         # data first: a wrong path fails before the model is loaded
         train = cs.load_mixture(self.datasets, "train", data_dir=d.path, hub=d.hub, limit=d.max_train_samples,
                                 seed=tc.seed) if need_train else None
+        if need_train:
+            check_train_size(len(train), cfg)
         self.eval_examples = {n: cs.load_commonsense(n, "test", data_dir=d.path, hub=d.hub, limit=d.max_eval_samples)
                               for n in self.datasets}
         self.model, self.base_params, tokenizer = load_causal_lm(cfg.model.name, cfg.model.dtype)

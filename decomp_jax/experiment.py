@@ -25,7 +25,7 @@ import yaml
 from decomp_jax import checkpoint
 from decomp_jax.causal_lm import TASKS as LM_TASKS, CommonsenseTask, dataset_names, load_causal_lm
 from decomp_jax.config import AdapterConfig, ConfigError, _closest, _Serializable
-from decomp_jax.data import glue
+from decomp_jax.data import check_train_size, glue
 from decomp_jax.execution import MODES, adapt
 from decomp_jax.guards import (
     NonFiniteError, atomic_save_safetensors, atomic_write_text, check_finite, load_safetensors,
@@ -270,15 +270,6 @@ class Task:
             labels.append(batch["labels"][real])
         check_predictions(np.concatenate(preds))
         return compute_metrics(self.spec.name, np.concatenate(preds), np.concatenate(labels))
-
-
-def check_train_size(num_examples: int, cfg: ExperimentConfig) -> None:
-    """Stop before the model loads when the training set cannot fill one batch."""
-    if num_examples < cfg.train.batch_size:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} is larger than the {num_examples} training examples "
-            f"(data.max_train_samples={cfg.data.max_train_samples}); lower train.batch_size or use more data."
-        )
 
 
 def check_positions(cfg: ExperimentConfig, model_config) -> None:

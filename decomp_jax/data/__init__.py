@@ -15,8 +15,22 @@ from decomp_jax.data.glue import (
     train_batch,
 )
 
+
+
+def check_train_size(num_examples: int, cfg) -> None:
+    """Stop before the model loads when the training set of an experiment config cannot fill one batch."""
+    from decomp_jax.config import ConfigError
+
+    if num_examples < cfg.train.batch_size:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is larger than the {num_examples} training examples "
+            f"(data.max_train_samples={cfg.data.max_train_samples}); lower train.batch_size or use more data."
+        )
+
+
 __all__ = [
     "TASKS",
+    "check_train_size",
     "Examples",
     "TaskSpec",
     "batches",
