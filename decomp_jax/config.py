@@ -140,8 +140,13 @@ class _Serializable:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: Optional[str] = None):
-        data = dict(data or {})
         where = where or cls.__name__
+        if data is not None and not isinstance(data, AbcMapping):
+            raise ConfigTypeError(
+                f"{where} must be a mapping of keys to values (key: value lines in YAML), with keys among "
+                f"{', '.join(f.name for f in dataclasses.fields(cls))}; {_got(data)}."
+            )
+        data = dict(data or {})
         _check_keys(cls, data, where)
         hints = typing.get_type_hints(cls)
         return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
@@ -151,9 +156,14 @@ class _Serializable:
 
     @classmethod
     def from_yaml(cls, text: str):
-        return cls.from_dict(yaml.safe_load(text) or {})
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"The {cls.__name__} text is not valid YAML: {err}") from err
+        return cls.from_dict(data or {})
 
     def replace(self, **changes):
+        _check_keys(type(self), changes, f"{type(self).__name__}.replace()")
         return dataclasses.replace(self, **changes)
 
 
@@ -269,4 +279,7 @@ class AdapterConfig(_Serializable):
         """A method option, falling back to the method's declared default."""
         from decomp_jax.methods import base
 
-        return self.options.get(name, base.get(self.method).options[name])
+        declared = base.get(self.method).options
+        if name not in declared:
+            raise ConfigError(f"Method {self.method!r} has no option {name!r}; it has {sorted(declared) or 'none'}.")
+        return self.options.get(name, declared[name])
