@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import re
 import typing
+from collections.abc import Mapping as AbcMapping
 from typing import Any, Mapping, Optional
 
+import numpy as np
 import yaml
 
 MPC_KINDS = (None, "mpc_o", "mpc_d")
@@ -18,6 +21,11 @@ LORA_INITS = ("kaiming", "normal", "gaussian")
 
 class ConfigError(ValueError):
     """A configuration value or key is wrong; the message says which and how to fix it."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A configuration value has the wrong type (a string where a number goes, say): both a
+    ``ConfigError`` (the CLI prints it as one line) and a ``TypeError``."""
 
 
 def _closest(word: str, choices) -> str:
@@ -42,6 +50,66 @@ def _compile(pattern: str, field: str) -> None:
         raise ConfigError(f"{field}={pattern!r} is not a valid regular expression ({err}).") from err
 
 
+def _got(value: Any) -> str:
+    return f"got {value!r} ({type(value).__name__})"
+
+
+def _string_hint(value: Any, field: str, kind=float) -> str:
+    """`` Write mpc_lambda=0.0005, not the string '5e-4'.`` for a number given as a string."""
+    if isinstance(value, str):
+        try:
+            return f" Write {field}={kind(value)!r}, not the string {value!r}."
+        except ValueError:
+            pass
+    return ""
+
+
+def _real(value: Any, field: str, example: str) -> float:
+    """A finite real number (not a bool), as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigTypeError(
+            f"{field} must be a number, e.g. {field}={example}; {_got(value)}.{_string_hint(value, field)}"
+        )
+    value = float(value)
+    if not math.isfinite(value):
+        raise ConfigError(f"{field} must be a finite number, e.g. {field}={example}; got {value!r}.")
+    return value
+
+
+def _integer(value: Any, field: str, example: str) -> int:
+    """An integer (not a bool), as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        whole = isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer()
+        fix = f" Write {field}={int(value)}." if whole else _string_hint(value, field, int)
+        raise ConfigTypeError(f"{field} must be an integer, e.g. {field}={example}; {_got(value)}.{fix}")
+    return int(value)
+
+
+def _boolean(value: Any, field: str) -> bool:
+    if isinstance(value, np.bool_):
+        value = bool(value)
+    if not isinstance(value, bool):
+        raise ConfigTypeError(f"{field} must be True or False; {_got(value)}.")
+    return value
+
+
+def _string(value: Any, field: str, choices, optional: bool = False) -> None:
+    if not isinstance(value, str) and not (optional and value is None):
+        none = "None or " if optional else ""
+        raise ConfigTypeError(f"{field} must be {none}a string, one of {tuple(choices)}; {_got(value)}.")
+
+
+def _regex(value: Any, field: str, example: str, meaning: str, optional: bool) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        none = " (or None)" if optional else ""
+        raise ConfigTypeError(
+            f"{field} must be a regular expression string{none} {meaning}, e.g. {field}={example}; {_got(value)}."
+        )
+    _compile(value, field)
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     """Convert YAML scalars to a field's type: ``"5e-4"`` (YAML 1.1 reads it as a string) -> 5e-4."""
     args = typing.get_args(hint)
@@ -57,10 +125,10 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if hint is int and isinstance(value, float) and value.is_integer():
             return int(value)
     except ValueError:
-        raise ConfigError(f"{where} must be of type {hint.__name__}, got {value!r}.") from None
+        raise ConfigTypeError(f"{where} must be of type {hint.__name__}, got {value!r}.") from None
     is_bool_for_number = isinstance(value, bool) and hint is not bool
     if hint in (int, float, bool, str) and (not isinstance(value, hint) or is_bool_for_number):
-        raise ConfigError(f"{where} must be of type {hint.__name__}, got {value!r}.")
+        raise ConfigTypeError(f"{where} must be of type {hint.__name__}, got {value!r}.")
     return value
 
 
@@ -72,8 +140,13 @@ class _Serializable:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: Optional[str] = None):
-        data = dict(data or {})
         where = where or cls.__name__
+        if data is not None and not isinstance(data, AbcMapping):
+            raise ConfigTypeError(
+                f"{where} must be a mapping of keys to values (key: value lines in YAML), with keys among "
+                f"{', '.join(f.name for f in dataclasses.fields(cls))}; {_got(data)}."
+            )
+        data = dict(data or {})
         _check_keys(cls, data, where)
         hints = typing.get_type_hints(cls)
         return cls(**{k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()})
@@ -83,9 +156,14 @@ class _Serializable:
 
     @classmethod
     def from_yaml(cls, text: str):
-        return cls.from_dict(yaml.safe_load(text) or {})
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"The {cls.__name__} text is not valid YAML: {err}") from err
+        return cls.from_dict(data or {})
 
     def replace(self, **changes):
+        _check_keys(type(self), changes, f"{type(self).__name__}.replace()")
         return dataclasses.replace(self, **changes)
 
 
@@ -130,17 +208,41 @@ class AdapterConfig(_Serializable):
     def __post_init__(self):
         from decomp_jax.methods import base  # local import: the registry imports this module
 
+        if not isinstance(self.method, str):
+            raise ConfigTypeError(
+                f"method must be a string naming a method, e.g. method='lora'; {_got(self.method)}. "
+                f"Known methods: {', '.join(base.names(None))}."
+            )
         method = base.get(self.method)  # raises a clear error for unknown names
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-            raise ConfigError(f"rank must be a positive integer, got {self.rank!r}.")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ConfigError(f"alpha must be a finite number > 0, got {self.alpha!r}.")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}.")
+        _regex(self.targets, "targets", r"'attention/self/(query|value)$'",
+               "searched in each dense layer's '/'-joined path", optional=False)
+        _regex(self.train_extra, "train_extra", "'^classifier/'",
+               "searched in each leaf's '/'-joined path", optional=True)
+        _regex(self.transposed, "transposed", "'(c_attn|c_proj|c_fc)$'",
+               "searched in each layer's '/'-joined path", optional=True)
+        checked = {
+            "rank": _integer(self.rank, "rank", "8"),
+            "alpha": _real(self.alpha, "alpha", "16.0"),
+            "dropout": _real(self.dropout, "dropout", "0.1"),
+            "mpc_lambda": _real(self.mpc_lambda, "mpc_lambda", "0.1"),
+            "rslora": _boolean(self.rslora, "rslora"),
+            "scale_bias": _boolean(self.scale_bias, "scale_bias"),
+        }
+        for name, value in checked.items():  # numpy scalars become Python ones (they dump to YAML)
+            object.__setattr__(self, name, value)
+        if self.rank < 1:
+            raise ConfigError(f"rank must be a positive integer, e.g. rank=8; got {self.rank!r}.")
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha must be a finite number > 0, e.g. alpha=16.0; got {self.alpha!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), e.g. dropout=0.1; got {self.dropout!r}.")
+        _string(self.init, "init", LORA_INITS)
         if self.init not in LORA_INITS:
             raise ConfigError(f"init={self.init!r} is unknown.{_closest(self.init, LORA_INITS)} Choose one of {LORA_INITS}.")
+        _string(self.mpc, "mpc", MPC_KINDS[1:], optional=True)
         if self.mpc not in MPC_KINDS:
             raise ConfigError(f"mpc={self.mpc!r} is unknown.{_closest(self.mpc, MPC_KINDS[1:])} Choose None, 'mpc_o' or 'mpc_d'.")
+        _string(self.mpc_norm, "mpc_norm", MPC_NORMS)
         if self.mpc_norm not in MPC_NORMS:
             raise ConfigError(f"mpc_norm={self.mpc_norm!r} is unknown. Choose 'squared' or 'plain'.")
         if self.mpc is not None and not {"lora_a", "lora_b"} <= set(method.factor_names):
@@ -149,20 +251,21 @@ class AdapterConfig(_Serializable):
                 f"mpc={self.mpc!r} constrains lora_a/lora_b factors, which method {self.method!r} does not have. "
                 f"Use it with one of {with_ab}, or set mpc: null."
             )
-        if float(self.mpc_lambda) < 0:
-            raise ConfigError(f"mpc_lambda must be >= 0, got {self.mpc_lambda!r}.")
+        if self.mpc_lambda < 0:
+            raise ConfigError(f"mpc_lambda must be >= 0, e.g. mpc_lambda=0.1; got {self.mpc_lambda!r}.")
         if self.scale_bias and self.method != "ia3":
             raise ConfigError(f"scale_bias applies to method 'ia3' only, not {self.method!r}; remove it.")
-        _compile(self.targets, "targets")
-        for name in ("train_extra", "transposed"):
-            if getattr(self, name) is not None:
-                _compile(getattr(self, name), name)
+        accepts = sorted(method.options) or "none"
+        if self.options is not None and not isinstance(self.options, AbcMapping):
+            raise ConfigTypeError(
+                f"options must be a mapping (a dict) of method options, e.g. options={dict(method.options)!r}; "
+                f"{_got(self.options)}. Method {self.method!r} accepts {accepts}."
+            )
         object.__setattr__(self, "options", dict(self.options or {}))
         unknown = set(self.options) - set(method.options)
         if unknown:
             raise ConfigError(
-                f"Unknown option(s) {sorted(unknown)} for method {self.method!r}; "
-                f"it accepts {sorted(method.options) or 'none'}."
+                f"Unknown option(s) {sorted(unknown, key=str)} for method {self.method!r}; it accepts {accepts}."
             )
         if method.validate is not None:
             method.validate(self)
@@ -176,4 +279,7 @@ class AdapterConfig(_Serializable):
         """A method option, falling back to the method's declared default."""
         from decomp_jax.methods import base
 
-        return self.options.get(name, base.get(self.method).options[name])
+        declared = base.get(self.method).options
+        if name not in declared:
+            raise ConfigError(f"Method {self.method!r} has no option {name!r}; it has {sorted(declared) or 'none'}.")
+        return self.options.get(name, declared[name])

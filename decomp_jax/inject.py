@@ -2,7 +2,9 @@
 
 Everything here is a pure function of nested dicts: flatten to '/'-joinable paths, transform,
 unflatten. A *layer* is a dict that holds a 2-D ``kernel`` (Flax ``Dense`` layout ``(d_in, d_out)``);
-an *adapted layer* also holds the method's factor leaves.
+an *adapted layer* also holds all of the method's factor leaves. A targeted layer that holds only
+some of them (a half of ``split``, say) raises a ``ConfigError``; one that holds none is not adapted.
+Bad input (an NNX state, a list, a dict for ``cfg``) raises a ``TypeError`` that says what to pass.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import difflib
 import math
 import re
 import zlib
+from collections.abc import Mapping
 from typing import Any, Iterator
 
 import jax
 import numpy as np
-from flax.core import unfreeze
+from flax.core import FrozenDict, unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax.config import AdapterConfig, ConfigError
@@ -28,8 +31,64 @@ def path_str(path: Path) -> str:
     return "/".join(str(p) for p in path)
 
 
-def _flat(params) -> dict[Path, Any]:
-    return flatten_dict(unfreeze(params))
+def _is_nnx(value) -> bool:
+    return any(c.__module__.startswith("flax.nnx") for c in type(value).__mro__)
+
+
+def _nnx_error(value, name: str) -> TypeError:
+    return TypeError(
+        f"{name} is a Flax NNX {type(value).__name__}: decomp_jax works on nested dicts of arrays (Linen-style "
+        f"params) and does not support NNX modules or states yet. Convert: graphdef, state, rest = nnx.split(model, nnx.Param, ...); "
+        f"params = nnx.to_pure_dict(state); run with dj.adapt(lambda p, x: nnx.merge(graphdef, p, rest)(x), cfg, "
+        f"mode='merged') (factored execution intercepts Linen layers only); get the merged model back with "
+        f"nnx.merge(graphdef, dj.merge(params, cfg), rest). Or use a Linen model."
+    )
+
+
+def _check_tree(tree, name: str = "params") -> None:
+    """Raise a clear ``TypeError`` unless ``tree`` is a nested dict (or ``FrozenDict``)."""
+    if isinstance(tree, (dict, FrozenDict)):
+        return
+    if _is_nnx(tree):
+        raise _nnx_error(tree, name)
+    if isinstance(tree, AdapterConfig):
+        hint = " The arguments are (params, cfg, ...): params first."
+    elif isinstance(getattr(tree, "params", None), (dict, FrozenDict)):
+        hint = " Pass its .params."
+    elif isinstance(tree, Mapping):
+        hint = " Convert it to nested dicts."
+    else:
+        hint = ""
+    raise TypeError(
+        f"{name} must be a nested dict of arrays (a Linen model's variables['params'], an HF Flax model's .params); "
+        f"got {type(tree).__name__}.{hint}"
+    )
+
+
+def _check_args(params, cfg, name: str = "params") -> None:
+    """Raise a clear ``TypeError`` unless ``params`` is a nested dict and ``cfg`` an ``AdapterConfig``."""
+    _check_tree(params, name)
+    if isinstance(cfg, AdapterConfig):
+        return
+    if isinstance(getattr(cfg, "adapter", None), AdapterConfig):
+        hint = " Pass its .adapter."
+    elif isinstance(cfg, Mapping) and set(cfg) <= {f for f in AdapterConfig.__dataclass_fields__}:
+        hint = " Build it from a dict with dj.AdapterConfig.from_dict(d)."
+    else:
+        hint = ""
+    raise TypeError(
+        f"cfg must be an AdapterConfig, e.g. dj.AdapterConfig(method='lora', targets=r'attention/self/(query|value)$'); "
+        f"got {type(cfg).__name__}.{hint}"
+    )
+
+
+def _flat(params, name: str = "params") -> dict[Path, Any]:
+    _check_tree(params, name)
+    flat = flatten_dict(unfreeze(params))
+    for path, value in flat.items():
+        if _is_nnx(value):  # e.g. dict(nnx_state): NNX Variables or States as leaves
+            raise _nnx_error(value, f"{name} leaf {path_str(path)!r}")
+    return flat
 
 
 def layer_paths(params) -> list[Path]:
@@ -42,8 +101,14 @@ def find_targets(params, cfg: AdapterConfig) -> list[Path]:
 
     Raises a ``ConfigError`` listing the nearest layer paths when nothing matches.
     """
+    _check_args(params, cfg)
     pattern = re.compile(cfg.targets)
     candidates = layer_paths(params)
+    if not candidates:
+        raise ConfigError(
+            f"params hold no dense layer (no dict with a 'kernel' leaf); top-level keys: {list(params)[:8]}. "
+            f"Pass the model's parameter tree, e.g. variables['params'] of a Linen model or an HF Flax model's .params."
+        )
     matched = [p for p in candidates if pattern.search(path_str(p))]
     if not matched:
         shown = [path_str(p) for p in candidates]
@@ -78,6 +143,9 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
     Pure: returns a new tree; ``params`` is not modified. The adapted model equals the base
     model at init (for every method whose spec says so).
     """
+    _check_args(params, cfg)
+    if rng is None or isinstance(rng, (int, np.integer)):
+        raise TypeError(f"rng must be a JAX PRNG key, e.g. jax.random.PRNGKey(0); got {rng!r}.")
     method = get(cfg.method)
     if method.kind == "prompt":
         return _inject_prompt(params, cfg, rng)
@@ -110,16 +178,50 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
     return unflatten_dict(flat)
 
 
+def _by_layer(flat: dict[Path, Any]) -> dict[Path, dict]:
+    """The leaves of ``flat`` grouped by the dict that holds them: ``{dict path: {leaf name: value}}``."""
+    layers: dict[Path, dict] = {}
+    for path, value in flat.items():
+        layers.setdefault(path[:-1], {})[path[-1]] = value
+    return layers
+
+
+_WHOLE_TREE = ("Pass the whole adapted tree (e.g. dj.combine(trainable, buffers, frozen) of dj.partition(params, cfg), "
+               "or dj.combine(trainable, frozen) of dj.split) and the AdapterConfig it was injected with.")
+
+
 def adapted_layers(params, cfg: AdapterConfig) -> Iterator[tuple[Path, dict]]:
-    """``(path, layer_dict)`` for every layer that holds all of the method's factor leaves."""
-    names = get(cfg.method).factor_names
-    if not names or get(cfg.method).kind == "prompt":  # prompt methods adapt no layer
-        return
+    """``(path, layer_dict)`` for every layer that holds a ``kernel`` and all of the method's factor leaves.
+
+    A targeted layer (``cfg.targets`` matches its path) that holds only some of them, or factor leaves
+    but no kernel, is part of an adapted tree (the trainable half of a split, say): that raises a
+    ``ConfigError`` naming the layer, instead of skipping it. A layer with none is not adapted.
+    """
+    _check_args(params, cfg)
+    method = get(cfg.method)
+    names = method.factor_names
+    if not names or method.kind == "prompt":  # prompt methods adapt no layer
+        return iter(())
     flat = _flat(params)
-    for path in layer_paths(params):
-        if all(path + (n,) in flat for n in names):
-            prefix = len(path)
-            yield path, {k[prefix]: v for k, v in flat.items() if k[:prefix] == path and len(k) == prefix + 1}
+    layers = _by_layer(flat)
+    targets = re.compile(cfg.targets)
+    for path, layer in layers.items():
+        present = [n for n in names if n in layer]
+        if not present or not targets.search(path_str(path)):
+            continue
+        missing = [n for n in names if n not in layer]
+        if "kernel" not in layer:
+            raise ConfigError(
+                f"Layer {path_str(path)!r} holds {cfg.method} factor leaves {present} but no kernel: these params are "
+                f"only part of the adapted tree. {_WHOLE_TREE}"
+            )
+        if missing:
+            raise ConfigError(
+                f"Layer {path_str(path)!r} holds {cfg.method} factor leaves {present} but lacks {missing}: these params "
+                f"are only part of the adapted tree. {_WHOLE_TREE}"
+            )
+    kernels = [path[:-1] for path in flat if path[-1] == "kernel"]  # layer_paths, in tree order
+    return iter([(path, layers[path]) for path in kernels if all(n in layers[path] for n in names)])
 
 
 def check_mergeable(method) -> None:
@@ -144,9 +246,11 @@ def merge(params, cfg: AdapterConfig):
 
     Returns plain params with the base model's structure and shapes.
     """
+    _check_args(params, cfg)
     method = get(cfg.method)
     check_mergeable(method)
     flat = _flat(params)
+    _check_foreign(flat, cfg, "merge")
     for path, layer in adapted_layers(params, cfg):
         factors = {n: layer[n] for n in method.factor_names}
         kernel = method.materialize(oriented(layer["kernel"], path, cfg), factors, cfg)
@@ -158,8 +262,31 @@ def merge(params, cfg: AdapterConfig):
     return unflatten_dict(flat)
 
 
+def _check_foreign(flat: dict[Path, Any], cfg: AdapterConfig, what: str) -> None:
+    """Raise when a targeted layer holds factor leaves of another method than ``cfg.method``: ``what``
+    would leave them behind as stray leaves."""
+    from decomp_jax.methods import registry
+
+    methods = registry().values()
+    own = set(get(cfg.method).factor_names)
+    every = {n for m in methods for n in m.factor_names}
+    targets = re.compile(cfg.targets)
+    for path, layer in _by_layer(flat).items():
+        foreign = [n for n in layer if n in every and n not in own]
+        if foreign and "kernel" in layer and targets.search(path_str(path)):
+            held = {n for n in layer if n in every}
+            exact = sorted(m.name for m in methods if set(m.factor_names) == held)
+            raise ConfigError(
+                f"Layer {path_str(path)!r} holds {foreign}, factor leaves of "
+                f"{'method ' + ' / '.join(exact) if exact else 'another method'}, not of {cfg.method!r} "
+                f"{list(get(cfg.method).factor_names)}: {what} would leave them behind. Pass the AdapterConfig these "
+                f"params were injected with."
+            )
+
+
 def adapter_leaves(params, cfg: AdapterConfig) -> dict:
     """The method's factor leaves (trainable and buffers) of every adapted layer, as a nested dict."""
+    _check_args(params, cfg)
     names = get(cfg.method).factor_names
     if get(cfg.method).kind == "prompt":
         return {cfg.method: unfreeze(params)[cfg.method]} if cfg.method in params else {}
@@ -174,6 +301,8 @@ def unmerge(merged, adapter, cfg: AdapterConfig):
     method whose ``K`` is recoverable: not DoRA (the column norms of ``K + dK`` are lost) nor
     SAM-PARSER (the original singular values are lost); the scaling methods need non-zero scales.
     """
+    _check_args(merged, cfg, "merged")
+    _check_tree(adapter, "adapter")
     method = get(cfg.method)
     check_mergeable(method)
     if method.unmaterialize is None:
@@ -183,17 +312,29 @@ def unmerge(merged, adapter, cfg: AdapterConfig):
         )
     if not method.factor_names:  # BitFit: merging changed nothing
         return merged
-    flat, flat_adapter = _flat(merged), _flat(adapter)
+    flat, flat_adapter = _flat(merged, "merged"), _flat(adapter, "adapter")
     layers = sorted({path[:-1] for path in flat_adapter if path[-1] in method.factor_names})
     if not layers:
         raise ConfigError(f"`adapter` holds no {cfg.method} factor leaves {method.factor_names}; pass adapter_leaves(params, cfg).")
     for path in layers:
         where = path_str(path)
         missing = [n for n in method.factor_names if path + (n,) not in flat_adapter]
-        if missing or path + ("kernel",) not in flat:
+        if missing:
             raise ConfigError(
-                f"Layer {where!r}: the adapter lacks {missing} or the merged params lack its kernel; "
-                f"pass the merged params and the adapter of the same model."
+                f"Layer {where!r}: the adapter holds {cfg.method} factor leaves "
+                f"{[n for n in method.factor_names if n not in missing]} but lacks {missing}. Pass "
+                f"adapter_leaves(params, cfg) of the whole adapted tree (e.g. dj.combine(trainable, buffers, frozen))."
+            )
+        if path + ("kernel",) not in flat:
+            raise ConfigError(
+                f"Layer {where!r} is in the adapter but the merged params have no kernel there; pass the merged params "
+                f"and the adapter of the same model."
+            )
+        again = [n for n in method.factor_names if path + (n,) in flat]
+        if again:
+            raise ConfigError(
+                f"Layer {where!r} of the merged params already holds factor leaves {again}: these params are not "
+                f"merged. unmerge takes the output of dj.merge(params, cfg)."
             )
         factors = {n: flat_adapter[path + (n,)] for n in method.factor_names}
         merged_kernel = oriented(flat[path + ("kernel",)], path, cfg)
@@ -222,7 +363,7 @@ def set_leaves(params, changes: dict) -> dict:
     flat = _flat(params)
     unknown = [path_str(p) for p in changes if p not in flat]
     if unknown:
-        raise KeyError(f"no leaves at {unknown[:5]}")
+        raise KeyError(f"set_leaves: no leaves at {unknown[:5]}; it replaces existing leaves only.")
     flat.update(changes)
     return unflatten_dict(flat)
 
@@ -233,6 +374,7 @@ def trainable_mask(params, cfg: AdapterConfig):
     Trainable: the method's factor leaves (not its buffers), the biases of targeted layers for
     methods that train biases (BitFit), and base leaves whose path matches ``cfg.train_extra``.
     """
+    _check_args(params, cfg)
     method = get(cfg.method)
     flat = _flat(params)
     if method.kind == "prompt":  # the subtree params[method] trains (and train_extra)
@@ -260,7 +402,13 @@ def split(params, mask) -> tuple[dict, dict]:
     Each half holds only its own leaves, so gradients and optimizer state exist only for the
     trainable half (the equinox ``partition`` idea, with leaves dropped instead of set to None).
     """
-    flat, flat_mask = _flat(params), _flat(mask)
+    flat, flat_mask = _flat(params), _flat(mask, "mask")
+    unmasked = [path_str(p) for p in flat if p not in flat_mask]
+    if unmasked:
+        raise ValueError(
+            f"mask has no entry for leaves {unmasked[:5]} of params: build the mask from the same params, "
+            f"mask = dj.trainable_mask(params, cfg)."
+        )
     trainable = {p: v for p, v in flat.items() if flat_mask[p]}
     frozen = {p: v for p, v in flat.items() if not flat_mask[p]}
     return unflatten_dict(trainable), unflatten_dict(frozen)
@@ -270,6 +418,7 @@ def partition(params, cfg: AdapterConfig) -> tuple[dict, dict, dict]:
     """``(trainable, buffers, frozen)``: ``buffers`` holds the buffers that a stateful method's
     schedule rewrites during training (LoRA-Dash's directions); it lives in the train state and is
     empty for every other method (their buffers are constants and stay in ``frozen``)."""
+    _check_args(params, cfg)
     trainable, frozen = split(params, trainable_mask(params, cfg))
     method = get(cfg.method)
     if method.schedule is None or not method.buffers:
@@ -285,9 +434,12 @@ def combine(*trees) -> dict:
     """Inverse of ``split``: the union of disjoint nested dicts."""
     flat: dict[Path, Any] = {}
     for tree in trees:
-        for path, value in _flat(tree).items():
+        for path, value in _flat(tree, "each tree passed to combine").items():
             if path in flat:
-                raise ValueError(f"leaf {path_str(path)!r} appears in more than one tree")
+                raise ValueError(
+                    f"leaf {path_str(path)!r} appears in more than one tree; combine takes disjoint trees, such as "
+                    f"the halves of dj.split(params, mask) or the three parts of dj.partition(params, cfg)."
+                )
             flat[path] = value
     return unflatten_dict(flat)
 
