@@ -58,6 +58,22 @@ def tiny_batch():
             "labels": np.array([0, 1, 2, 1], "int32")}
 
 
+def tiny_gpt2(folder):
+    """A random 2-layer GPT-2 LM (tied head, Conv1D layers) saved by PyTorch in ``folder`` and
+    loaded in Flax from it: ``(torch_model, flax_model, ids)``."""
+    import numpy as np
+    import torch
+    import transformers as tf
+
+    config = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=60, n_positions=32, initializer_range=0.05)
+    torch.manual_seed(0)
+    torch_model = tf.GPT2LMHeadModel(config).eval()
+    torch_model.save_pretrained(folder)
+    flax_model = tf.FlaxGPT2LMHeadModel.from_pretrained(folder, from_pt=True)
+    ids = np.random.default_rng(0).integers(0, 60, size=(2, 9)).astype("int64")
+    return torch_model, flax_model, ids
+
+
 def run_steps(step, state, frozen, batch, n):
     """``n`` train steps on one batch: ``(state, per-step losses)``."""
     losses = []

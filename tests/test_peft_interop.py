@@ -23,6 +23,7 @@ peft = pytest.importorskip("peft")
 import decomp_jax as dj  # noqa: E402
 from decomp_jax.interop.peft import PeftFormatError  # noqa: E402
 from decomp_jax.models.hf import load_sequence_classifier, sequence_classifier_apply  # noqa: E402
+from conftest import tiny_gpt2  # noqa: E402
 
 TOL = 1e-4
 ALL_LINEAR = r"attention/self/(query|key|value)$|attention/output/dense$|intermediate/dense$|layer/\d+/output/dense$"
@@ -381,15 +382,8 @@ def test_import_is_strict(bert, tmp_path):
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     """A random 2-layer GPT-2 LM saved by PyTorch and loaded in Flax from it (Conv1D layers)."""
-    import transformers as tf
-
     folder = str(tmp_path_factory.mktemp("gpt2"))
-    config = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=60, n_positions=32, initializer_range=0.05)
-    torch.manual_seed(0)
-    torch_model = tf.GPT2LMHeadModel(config).eval()
-    torch_model.save_pretrained(folder)
-    flax_model = tf.FlaxGPT2LMHeadModel.from_pretrained(folder, from_pt=True)
-    ids = np.random.default_rng(0).integers(0, 60, size=(2, 9)).astype("int64")
+    torch_model, flax_model, ids = tiny_gpt2(folder)
     return {"torch": torch_model, "flax": flax_model, "folder": folder, "ids": ids}
 
 

@@ -23,6 +23,7 @@ from decomp_jax import convert  # noqa: E402
 from decomp_jax.interop.peft import PeftFormatError  # noqa: E402
 from decomp_jax.models.llama import LlamaForCausalLM  # noqa: E402
 from test_llama import batch, max_diff_valid, torch_llama  # noqa: E402
+from conftest import tiny_gpt2  # noqa: E402
 
 TOL = 1e-4
 WEIGHTS = "adapter_model.safetensors"
@@ -67,18 +68,11 @@ def llama(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     """A random 2-layer GPT-2 LM (tied head, Conv1D layers) saved by PyTorch and loaded in Flax."""
-    import transformers as tf
-
     from decomp_jax.models.hf import TRANSPOSED
 
     folder = str(tmp_path_factory.mktemp("gpt2_tied"))
-    config = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=60, n_positions=32, initializer_range=0.05)
-    torch.manual_seed(0)
-    torch_model = tf.GPT2LMHeadModel(config).eval()
-    torch_model.save_pretrained(folder)
-    flax_model = tf.FlaxGPT2LMHeadModel.from_pretrained(folder, from_pt=True)
+    torch_model, flax_model, ids = tiny_gpt2(folder)
     assert "lm_head" not in flax_model.params
-    ids = np.random.default_rng(0).integers(0, 60, size=(2, 9)).astype("int64")
 
     def ours(p, cfg):
         return np.asarray(dj.adapt(lambda q, x: flax_model(x, params=q).logits, cfg)(p, ids))
