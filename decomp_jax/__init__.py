@@ -13,7 +13,7 @@ Stateful methods (adalora, lora_dash) add ``partition`` (trainable, buffers, fro
 """
 
 from decomp_jax import methods
-from decomp_jax.config import AdapterConfig, ConfigError
+from decomp_jax.config import AdapterConfig, ConfigError, ConfigTypeError
 from decomp_jax.execution import adapt
 from decomp_jax.inject import (
     adapter_leaves, combine, count_params, find_targets, inject, merge, partition, set_leaves, split, trainable_mask,
@@ -29,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterConfig",
     "ConfigError",
+    "ConfigTypeError",
     "Schedule",
     "TrainState",
     "adapt",

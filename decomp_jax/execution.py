@@ -45,9 +45,16 @@ def _interceptor(cfg: AdapterConfig):
         if context.method_name != "__call__" or module.is_initializing():
             return next_fun(*args, **kwargs)
         params = _own_params(module)
-        if not params or not all(n in params for n in method.factor_names):
+        present = [n for n in method.factor_names if n in params]
+        if not present:
             return next_fun(*args, **kwargs)
         kind, where = type(module).__name__, "/".join(module.path)
+        if len(present) < len(method.factor_names):  # it would silently run the base layer
+            missing = [n for n in method.factor_names if n not in params]
+            raise ConfigError(
+                f"Layer {where!r} holds {cfg.method} factor leaves {present} but lacks {missing}: these params are only "
+                f"part of the adapted tree. Pass the whole adapted tree (dj.combine(trainable, buffers, frozen))."
+            )
         if kind not in LAYOUTS:
             raise ConfigError(
                 f"Layer {where!r} is a {kind}, which factored execution does not handle; "

@@ -295,3 +295,17 @@ def test_split_and_combine_errors(adapted, lora):
         dj.combine(trainable, adapted)
     with pytest.raises(TypeError, match=r"each tree passed to combine must be a nested dict.*got NoneType"):
         dj.combine(trainable, None, frozen)
+
+
+def test_factored_execution_refuses_a_layer_with_part_of_its_factors(tiny_bert, tiny_batch):
+    import jax
+
+    model, base = tiny_bert
+    cfg = dj.AdapterConfig(method="lora", targets="query$", rank=2)
+    params = dj.inject(base, cfg, jax.random.PRNGKey(0))
+    layer = params["bert"]["encoder"]["layer"]["0"]["attention"]["self"]["query"]
+    del layer["lora_b"]
+    apply = dj.adapt(lambda p, b: model(b["input_ids"], params=p).logits, cfg)
+    with pytest.raises(dj.ConfigError, match=r"'bert/encoder/layer/0/attention/self/query' holds lora factor leaves "
+                                             r"\['lora_a'\] but lacks \['lora_b'\]"):
+        apply(params, tiny_batch)
