@@ -208,40 +208,22 @@ def _one_line(message, category, *args, **kwargs) -> str:
 
 def _expected_errors() -> tuple[type, ...]:
     """What bad input, files or numbers raise: reported as one line (``--debug``: the traceback)."""
+    import jax
     import yaml
+    from safetensors import SafetensorError
 
-    kinds = [ConfigError, ValueError, OSError, KeyError, FloatingPointError, ImportError, yaml.YAMLError]
-    try:
-        from safetensors import SafetensorError
-
-        kinds.append(SafetensorError)
-    except ImportError:  # pragma: no cover - safetensors is a dependency
-        pass
-    try:
-        import jax
-
-        kinds.append(jax.errors.JaxRuntimeError)  # out of memory and the like
-    except (ImportError, AttributeError):  # pragma: no cover
-        pass
-    return tuple(kinds)
+    return (ConfigError, ValueError, OSError, KeyError, FloatingPointError, ImportError, yaml.YAMLError,
+            SafetensorError, jax.errors.JaxRuntimeError)  # the last: out of memory and the like
 
 
 def error_line(err: BaseException) -> str:
     """``err`` as one line: our errors speak for themselves, others say their type."""
+    from decomp_jax.checkpoint import CheckpointError
     from decomp_jax.guards import NonFiniteError
 
-    if isinstance(err, KeyError) and err.args:
-        text = str(err.args[0])
-    else:
-        text = str(err)
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     text = " ".join(text.split()) or type(err).__name__
-    ours = (ConfigError, FileNotFoundError, NonFiniteError)
-    try:
-        from decomp_jax.checkpoint import CheckpointError
-
-        ours += (CheckpointError,)
-    except ImportError:  # pragma: no cover
-        pass
+    ours = (ConfigError, FileNotFoundError, NonFiniteError, CheckpointError)
     return text if isinstance(err, ours) else f"{type(err).__name__}: {text}"
 
 
