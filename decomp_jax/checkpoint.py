@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax.config import AdapterConfig, ConfigError
-from decomp_jax.guards import NonFiniteError
+from decomp_jax.guards import NonFiniteError, nonfinite_leaves
 from decomp_jax.inject import adapted_layers, combine, find_targets, path_str, set_leaves
 from decomp_jax.methods import get
 from decomp_jax.train import TrainState
@@ -156,7 +156,7 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, frozen: dict, cfg: Adap
     constants = _constants(state, frozen, cfg)
     tree = {**_state_tree(state), "constants": constants}
     leaves = _state_leaves(tree)
-    bad = [k for k, v in leaves.items() if np.issubdtype(v.dtype, np.inexact) and not np.all(np.isfinite(v))]
+    bad = nonfinite_leaves(leaves)
     if bad:
         raise NonFiniteError(
             f"Refusing to save checkpoint step {step} in {mngr.directory}: NaN or inf in {len(bad)} leaves "
