@@ -25,7 +25,7 @@ import decomp_jax as dj  # noqa: E402
 from decomp_jax import sharding as sh  # noqa: E402
 from decomp_jax.train import classification_loss  # noqa: E402
 
-STEPS, BATCH, LENGTH = 3, 8, 8
+STEPS, BATCH, LENGTH, LR = 3, 8, 8, 1e-2
 BERT_METHODS = ("lora", "dora", "ssb", "adalora", "lora_dash", "pissa", "houlsby")
 BERT_MESHES = ({"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 4})
 LLAMA_METHODS = ("lora", "dora", "ssb", "pissa", "houlsby", "prompt_tuning")
@@ -34,12 +34,27 @@ OPTIONS = {"adalora": {"t_init": 0.0, "t_final": 0.34, "interval": 1}, "lora_das
            "prompt_tuning": {"num_virtual_tokens": 4}}
 
 
+_CACHE = {}
+
+
 def tiny_bert():
+    if "bert" not in _CACHE:
+        _CACHE["bert"] = _tiny_bert()
+    return _CACHE["bert"]
+
+
+def tiny_llama():
+    if "llama" not in _CACHE:
+        _CACHE["llama"] = _tiny_llama()
+    return _CACHE["llama"]
+
+
+def _tiny_bert():
     from transformers import BertConfig, FlaxBertForSequenceClassification
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    config = BertConfig(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+    config = BertConfig(vocab_size=128, hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
                         intermediate_size=256, max_position_embeddings=32, num_labels=2,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = FlaxBertForSequenceClassification(config, seed=0)
@@ -53,10 +68,10 @@ def tiny_bert():
     return model.params, sequence_classifier_apply(model), batch
 
 
-def tiny_llama():
+def _tiny_llama():
     from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_params
 
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=64,
                          initializer_range=0.1)
     model = LlamaForCausalLM(config)
@@ -98,7 +113,7 @@ def llama_setup(method):
 def train(base, cfg, loss_fn, batch, mesh):
     params = dj.inject(base, cfg, jax.random.PRNGKey(0))
     trainable, buffers, frozen = dj.partition(params, cfg)
-    opt = dj.make_optimizer(3e-2, STEPS, warmup_ratio=0.0)
+    opt = dj.make_optimizer(LR, STEPS, warmup_ratio=0.0)
     schedule = dj.make_schedule(cfg, STEPS)
     state = dj.init_state(trainable, opt, jax.random.PRNGKey(1), buffers=buffers, schedule=schedule, frozen=frozen)
     step = dj.make_train_step(loss_fn, opt, cfg, schedule=schedule, mesh=mesh)
@@ -136,7 +151,21 @@ def frozen_bytes():
     """Per-device bytes of the base params under fsdp=8 against replicated."""
     base, _, _ = tiny_bert()
     mesh = sh.make_mesh({"fsdp": 8})
-    host = jax.tree.map(np.asarray, base)
+    import tempfile
+
+    from flax.traverse_util import flatten_dict, unflatten_dict
+    from safetensors.numpy import save_file
+
+    from decomp_jax.convert import read_safetensors
+
+    with tempfile.TemporaryDirectory() as folder:  # memory-mapped host arrays, as a checkpoint is read
+        save_file({k: np.asarray(v) for k, v in flatten_dict(base, sep="/").items()}, f"{folder}/base.safetensors")
+        mapped = read_safetensors(f"{folder}/base.safetensors")
+        host = unflatten_dict({tuple(k.split("/")): v for k, v in mapped.items()})
+        return _frozen_bytes(host, mesh)
+
+
+def _frozen_bytes(host, mesh):
     shardings = sh.param_shardings(host, mesh)
     placed = sh.place(host, shardings)
     sharded = [(x, h) for x, h in zip(jax.tree_util.tree_leaves(placed), jax.tree_util.tree_leaves(host))
@@ -154,10 +183,20 @@ def frozen_bytes():
                       "ratio_all": max(all_per_device.values()) / all_total}), flush=True)
 
 
+# the default suite: every method and every mesh at least once (each method on one mesh)
+QUICK = (("bert", "lora", {"data": 8}), ("bert", "dora", {"fsdp": 8}), ("bert", "ssb", {"data": 2, "fsdp": 4}),
+         ("bert", "adalora", {"data": 8}), ("bert", "lora_dash", {"fsdp": 8}), ("bert", "pissa", {"data": 2, "fsdp": 4}),
+         ("bert", "houlsby", {"fsdp": 8}), ("llama", "lora", {"data": 2, "tensor": 4}),
+         ("llama", "prompt_tuning", {"data": 2, "tensor": 4}))
+
+
 def main(which):
     assert jax.device_count() == 8, jax.devices()
     if "bytes" in which:
         frozen_bytes()
+    for i, part in enumerate((QUICK[::2], QUICK[1::2])):
+        for model, method, mesh in part if ("quick" in which or f"quick{i}" in which) else ():
+            compare(model, method, bert_setup if model == "bert" else llama_setup, [mesh])
     if "bert" in which:
         for method in BERT_METHODS:
             compare("bert", method, bert_setup, BERT_MESHES)
@@ -167,4 +206,4 @@ def main(which):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["bytes", "bert", "llama"])
+    main(sys.argv[1:] or ["bytes", "quick"])
