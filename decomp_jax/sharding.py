@@ -397,6 +397,19 @@ def state_shapes(trainable, optimizer, *, buffers=None, schedule=None, frozen=No
                           trainable, buffers or {}, frozen, rng)
 
 
+def init_state_sharded(trainable, optimizer, rng, mesh, specs, *, buffers=None, schedule=None, frozen=None):
+    """``init_state`` built directly in its sharded layout: one jitted call whose ``out_shardings``
+    come from ``jax.eval_shape`` (no leaf is first materialised on one device). ``specs``:
+    ``param_specs`` of the whole adapted tree."""
+    from decomp_jax.train import init_state
+
+    shapes = state_shapes(trainable, optimizer, buffers=buffers, schedule=schedule, frozen=frozen, rng=rng)
+    out = follow(shapes, specs, mesh)
+    build = jax.jit(lambda t, b, f, r: init_state(t, optimizer, r, buffers=b, schedule=schedule, frozen=f),
+                    out_shardings=out)
+    return build(trainable, buffers or {}, frozen, rng)
+
+
 def train_shardings(params, cfg: Optional[AdapterConfig], mesh, optimizer, *, rules=None, schedule=None,
                     fsdp_min_size: int = FSDP_MIN_SIZE, logical_rules=None):
     """``(state_sharding, frozen_sharding)`` for training ``params`` (the whole adapted tree) with
@@ -472,6 +485,6 @@ def device_bytes(tree) -> dict:
 
 __all__ = [
     "AXES", "BATCH_AXES", "FACTOR_AXES", "FSDP_MIN_SIZE", "RULES", "base_specs", "batch_sharding", "batch_spec",
-    "detect_architecture", "device_bytes", "factor_spec", "fit_spec", "follow", "make_mesh", "named", "param_shardings",
+    "detect_architecture", "device_bytes", "factor_spec", "fit_spec", "follow", "init_state_sharded", "make_mesh", "named", "param_shardings",
     "param_specs", "place", "resolve_rules", "state_shapes", "train_shardings",
 ]

@@ -333,3 +333,27 @@ def test_training_on_meshes_equals_one_device():
           f"{size['ratio_all']:.4f}")
     assert size["ratio_sharded"] == pytest.approx(1 / 8)
     assert size["ratio_all"] < 0.2
+
+
+def test_runner_with_a_mesh_equals_the_runner_without(tiny_model_dir, tmp_path):
+    """train.mesh through experiment.run (one device here; 8 in the subprocess test): same losses and eval."""
+    from decomp_jax.experiment import load_config, run
+
+    from conftest import DATA
+
+    def config(out, *extra):
+        return load_config(REPO / "configs" / "quickstart.yaml", [
+            f"model.name={tiny_model_dir}", f"data.path={DATA / 'glue' / 'SST-2'}", "data.max_train_samples=64",
+            "data.max_eval_samples=16", "data.max_length=16", "adapter.rank=4", "train.steps=3", "train.log_every=1",
+            "train.learning_rate=0.01", "train.batch_size=8", f"train.output_dir={tmp_path / out}", *extra])
+
+    with pytest.raises(ConfigError, match="train.batch_size=8 is not divisible by the mesh's data x fsdp = 3"):
+        config("bad", "train.mesh={data: 3}")
+    with pytest.raises(ConfigError, match="model.partition_rules='bertt' is unknown"):
+        config("bad", "model.partition_rules=bertt")
+    plain = run(config("plain"), progress=False)
+    meshed = run(config("mesh", "train.mesh={data: -1, fsdp: 1, tensor: 1}", "model.partition_rules=bert"), progress=False)
+    losses = lambda out: [json.loads(l)["loss"] for l in (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+                          if '"loss"' in l]
+    np.testing.assert_allclose(losses("mesh"), losses("plain"), rtol=0, atol=1e-6)
+    assert meshed["eval"] == plain["eval"]
