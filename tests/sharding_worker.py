@@ -57,7 +57,8 @@ def _tiny_bert():
     config = BertConfig(vocab_size=128, hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
                         intermediate_size=256, max_position_embeddings=32, num_labels=2,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = FlaxBertForSequenceClassification(config, seed=0)
+    model = FlaxBertForSequenceClassification(config, seed=0, _do_init=False)
+    params = jax.device_get(jax.jit(model.init_weights, static_argnums=1)(jax.random.PRNGKey(0), (1, 1)))
     from decomp_jax.models.hf import sequence_classifier_apply
 
     rng = np.random.default_rng(0)
@@ -65,7 +66,7 @@ def _tiny_bert():
              "attention_mask": np.ones((BATCH, LENGTH), np.int32),
              "token_type_ids": np.zeros((BATCH, LENGTH), np.int32),
              "labels": rng.integers(0, 2, (BATCH,)).astype(np.int32)}
-    return model.params, sequence_classifier_apply(model), batch
+    return params, sequence_classifier_apply(model), batch
 
 
 def _tiny_llama():
@@ -187,11 +188,32 @@ def _frozen_bytes(host, mesh):
 QUICK = (("bert", "lora", {"data": 8}), ("bert", "dora", {"fsdp": 8}), ("bert", "ssb", {"data": 2, "fsdp": 4}),
          ("bert", "adalora", {"data": 8}), ("bert", "lora_dash", {"fsdp": 8}), ("bert", "pissa", {"data": 2, "fsdp": 4}),
          ("bert", "houlsby", {"fsdp": 8}), ("llama", "lora", {"data": 2, "tensor": 4}),
-         ("llama", "prompt_tuning", {"data": 2, "tensor": 4}))
+         ("llama", "prompt_tuning", {"data": 2, "tensor": 4}), ("llama", "dora", {"data": 2, "fsdp": 4}))
+
+
+def runner(model_dir, data_dir, out_dir):
+    """experiment.run with train.mesh {data: 2, fsdp: 4} against one device: losses and eval."""
+    from decomp_jax.experiment import load_config, run
+
+    def config(out, *extra):
+        return load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.yaml"), [
+            f"model.name={model_dir}", f"data.path={data_dir}", "data.max_train_samples=64", "data.max_eval_samples=16",
+            "data.max_length=16", "adapter.rank=4", "train.steps=3", "train.log_every=1", "train.learning_rate=0.01",
+            "train.batch_size=8", f"train.output_dir={out_dir}/{out}", *extra])
+
+    t0 = time.perf_counter()
+    plain = run(config("plain"), progress=False)
+    meshed = run(config("mesh", "train.mesh={data: 2, fsdp: 4}"), progress=False)
+    losses = lambda out: [json.loads(l)["loss"] for l in open(f"{out_dir}/{out}/metrics.jsonl") if '"loss"' in l]
+    print(json.dumps({"runner": True, "losses": losses("mesh"), "ref_losses": losses("plain"), "eval": meshed["eval"],
+                      "ref_eval": plain["eval"], "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
 
 
 def main(which):
     assert jax.device_count() == 8, jax.devices()
+    for arg in which:
+        if arg.startswith("runner="):
+            runner(*arg[len("runner="):].split(","))
     if "bytes" in which:
         frozen_bytes()
     for i, part in enumerate((QUICK[::2], QUICK[1::2])):
