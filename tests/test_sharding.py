@@ -307,9 +307,8 @@ def _check_cases(records):
 
 
 def test_training_on_meshes_equals_one_device(tiny_model_dir, tmp_path):
-    """lora, dora, ssb, adalora, lora_dash, pissa, houlsby (BERT) and lora, dora, prompt_tuning (Llama,
-    data=2 x tensor=4 and data=2 x fsdp=4) each on one of data=8, fsdp=8, data=2 x fsdp=4 (every mesh
-    used): per-step losses and final adapters equal the single-device run; the frozen base under
+    """lora, dora, adalora, lora_dash (BERT) on data=8, fsdp=8, data=2 x fsdp=4 and lora, prompt_tuning
+    (Llama) on data=2 x tensor=4, one mesh each (every mesh used): per-step losses and final adapters equal the single-device run; the frozen base under
     fsdp=8 holds 1/8 per device; experiment.run with train.mesh {data: 2, fsdp: 4} logs the losses and
     eval of the one-device run. Two worker processes run side by side. (Every method on every mesh:
     test_every_method_on_every_mesh, marked slow.)"""
@@ -319,7 +318,7 @@ def test_training_on_meshes_equals_one_device(tiny_model_dir, tmp_path):
     records = _records(_run_worker("bytes", "quick0"), _run_worker("quick1", runner))
     cases = _check_cases(records)
     done = {(r["model"], r["method"]) for r in cases}
-    assert {("bert", m) for m in ("lora", "dora", "ssb", "adalora", "lora_dash", "pissa", "houlsby")} <= done
+    assert {("bert", m) for m in ("lora", "dora", "adalora", "lora_dash")} <= done
     assert {("llama", "lora"), ("llama", "prompt_tuning")} <= done
     assert {json.dumps(r["mesh"], sort_keys=True) for r in cases} == {
         '{"data": 8}', '{"fsdp": 8}', '{"data": 2, "fsdp": 4}', '{"data": 2, "tensor": 4}'}
@@ -337,9 +336,10 @@ def test_training_on_meshes_equals_one_device(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_every_method_on_every_mesh():
-    """The full matrix: 7 methods x 3 meshes on BERT, 6 methods x 2 meshes on Llama (a few minutes)."""
-    records = _records(_run_worker("bert"), _run_worker("llama"))
-    cases = _check_cases(records)
+    """The full matrix: lora, dora, ssb, adalora, lora_dash, pissa, houlsby on BERT x (data=8, fsdp=8,
+    data=2 x fsdp=4); lora, dora, ssb, pissa, houlsby, prompt_tuning on Llama x (data=2 x tensor=4,
+    data=2 x fsdp=4) (a few minutes)."""
+    cases = _check_cases(_records(_run_worker("bert"), _run_worker("llama")))
     assert len(cases) == 7 * 3 + 6 * 2
 
 
