@@ -359,3 +359,15 @@ def test_runner_mesh_config_errors(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="model.partition_rules='bertt' is unknown"):
         config("bad", "model.partition_rules=bertt")
     # the runs themselves: on 8 devices in test_training_on_meshes_equals_one_device
+
+
+def test_eval_step_with_a_mesh_and_explicit_shardings_still_work():
+    mesh = sh.make_mesh({"data": -1}, devices=jax.devices()[:1])
+    predict = lambda p, b: b["x"] @ p["w"]["kernel"]
+    params = {"w": {"kernel": jnp.arange(6.0).reshape(3, 2)}}
+    batch = {"x": np.ones((4, 3), np.float32)}
+    plain = dj.make_eval_step(predict)(params, {}, batch)
+    meshed = dj.make_eval_step(predict, mesh=mesh)(params, {}, batch)
+    explicit = dj.make_eval_step(predict, batch_sharding=sh.batch_sharding(batch, mesh))(params, {}, batch)
+    np.testing.assert_array_equal(np.asarray(meshed), np.asarray(plain))
+    np.testing.assert_array_equal(np.asarray(explicit), np.asarray(plain))
