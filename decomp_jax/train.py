@@ -146,6 +146,8 @@ def make_train_step(
     frozen_sharding=None,
     batch_sharding=None,
     donate: bool = True,
+    mesh=None,
+    rules=None,
 ) -> Callable[[TrainState, dict, dict], tuple[TrainState, dict]]:
     """A jitted ``step(state, frozen, batch) -> (state, metrics)``.
 
@@ -155,6 +157,13 @@ def make_train_step(
     step). ``schedule`` (``make_schedule(cfg, total_steps)``) runs a stateful method's update
     after each optimizer update. Shardings (``jax.sharding`` objects or pytrees of them) are
     passed to ``jax.jit`` when given, so data-parallel or FSDP layouts need no change here.
+
+    With a ``mesh`` (``decomp_jax.sharding.make_mesh``) and no explicit shardings, every sharding is
+    derived at the first call from the arguments' structure: params by ``rules`` (a
+    ``sharding.RULES`` preset name, a list of (regex, spec) pairs, or None for the architecture's
+    preset), factor leaves from their kernels, optimizer and method state following the trainable
+    leaves, the batch's leading axis over ``("data", "fsdp")``. Arguments not laid out that way are
+    placed first (``sharding.place``), so host arrays can be passed.
     """
 
     _check_stateful(cfg, schedule)
@@ -194,19 +203,58 @@ def make_train_step(
         return new_state, metrics
 
     jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
+    explicit = any(s is not None for s in (state_sharding, frozen_sharding, batch_sharding))
+    if mesh is not None and not explicit:
+        return _meshed_step(step, jit_kwargs, cfg, mesh, rules)
     if any(s is not None for s in (state_sharding, frozen_sharding, batch_sharding)):
         jit_kwargs["in_shardings"] = (state_sharding, frozen_sharding, batch_sharding)
         jit_kwargs["out_shardings"] = (state_sharding, None)
     return jax.jit(step, **jit_kwargs)
 
 
-def make_eval_step(predict_fn: Callable[[Any, dict], jax.Array], *, batch_sharding=None) -> Callable:
+def _meshed_step(step, jit_kwargs, cfg, mesh, rules):
+    """``step`` jitted with the shardings of ``sharding`` derived from the first arguments of each
+    tree structure (cached); arguments are placed onto the mesh when they are not already."""
+    from decomp_jax import sharding as sh
+
+    compiled: dict = {}
+
+    def run(state: TrainState, frozen: dict, batch: dict):
+        key = (jax.tree.structure(state), jax.tree.structure(frozen), jax.tree.structure(batch),
+               tuple(jnp.shape(x) for x in jax.tree_util.tree_leaves(batch)))
+        if key not in compiled:
+            params = combine(state.trainable, state.buffers or {}, frozen)
+            specs = sh.param_specs(params, mesh, rules, cfg=cfg)
+            state_sh, frozen_sh = sh.follow(state, specs, mesh), sh.follow(frozen, specs, mesh)
+            batch_sh = sh.batch_sharding(batch, mesh, strict=True)
+            fn = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, None),
+                         **jit_kwargs)
+            compiled[key] = (fn, state_sh, frozen_sh, batch_sh)
+        fn, state_sh, frozen_sh, batch_sh = compiled[key]
+        return fn(sh.place(state, state_sh), sh.place(frozen, frozen_sh), sh.place(batch, batch_sh))
+
+    run.mesh = mesh
+    return run
+
+
+def make_eval_step(predict_fn: Callable[[Any, dict], jax.Array], *, batch_sharding=None, mesh=None) -> Callable:
     """A jitted ``eval_step(trainable, frozen, batch) -> predictions`` (pass
-    ``combine(state.buffers, frozen)`` as ``frozen`` for a method with buffers in the state)."""
+    ``combine(state.buffers, frozen)`` as ``frozen`` for a method with buffers in the state). With a
+    ``mesh``, the batch's leading axis is split over ``("data", "fsdp")`` where they divide it (else
+    replicated); the params keep the shardings they were placed with."""
 
     def eval_step(trainable, frozen, batch):
         return predict_fn(combine(trainable, frozen), batch)
 
+    if mesh is not None and batch_sharding is None:
+        from decomp_jax import sharding as sh
+
+        jitted = jax.jit(eval_step)
+
+        def run(trainable, frozen, batch):
+            return jitted(trainable, frozen, sh.place(batch, sh.batch_sharding(batch, mesh)))
+
+        return run
     if batch_sharding is not None:
         return jax.jit(eval_step, in_shardings=(None, None, batch_sharding))
     return jax.jit(eval_step)

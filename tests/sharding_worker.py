@@ -1,0 +1,231 @@
+"""Run by tests/test_sharding.py in a subprocess with 8 simulated CPU devices
+(XLA_FLAGS=--xla_force_host_platform_device_count=8, set before JAX is imported).
+
+For each (model, method, mesh) case: 3 train steps (batch 8, length 8) through
+``make_train_step(..., mesh=mesh)`` and the same steps on one device; prints one JSON line per case
+with the largest per-step loss and final adapter differences, and one with the per-device bytes of
+the frozen base under fsdp=8.
+"""
+
+import json
+import os
+import sys
+import time
+
+assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", ""), "set XLA_FLAGS first"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import decomp_jax as dj  # noqa: E402
+from decomp_jax import sharding as sh  # noqa: E402
+from decomp_jax.train import classification_loss  # noqa: E402
+
+STEPS, BATCH, LENGTH, LR = 3, 8, 8, 1e-2
+BERT_METHODS = ("lora", "dora", "ssb", "adalora", "lora_dash", "pissa", "houlsby")
+BERT_MESHES = ({"data": 8}, {"fsdp": 8}, {"data": 2, "fsdp": 4})
+LLAMA_METHODS = ("lora", "dora", "ssb", "pissa", "houlsby", "prompt_tuning")
+LLAMA_MESHES = ({"data": 2, "tensor": 4}, {"data": 2, "fsdp": 4})
+OPTIONS = {"adalora": {"t_init": 0.0, "t_final": 0.34, "interval": 1}, "lora_dash": {"warmup_steps": 2, "dash_k": 2},
+           "prompt_tuning": {"num_virtual_tokens": 4}}
+
+
+_CACHE = {}
+
+
+def tiny_bert():
+    if "bert" not in _CACHE:
+        _CACHE["bert"] = _tiny_bert()
+    return _CACHE["bert"]
+
+
+def tiny_llama():
+    if "llama" not in _CACHE:
+        _CACHE["llama"] = _tiny_llama()
+    return _CACHE["llama"]
+
+
+def _tiny_bert():
+    from transformers import BertConfig, FlaxBertForSequenceClassification
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    config = BertConfig(vocab_size=128, hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=256, max_position_embeddings=32, num_labels=2,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = FlaxBertForSequenceClassification(config, seed=0, _do_init=False)
+    params = jax.device_get(jax.jit(model.init_weights, static_argnums=1)(jax.random.PRNGKey(0), (1, 1)))
+    from decomp_jax.models.hf import sequence_classifier_apply
+
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(1, 128, (BATCH, LENGTH)).astype(np.int32),
+             "attention_mask": np.ones((BATCH, LENGTH), np.int32),
+             "token_type_ids": np.zeros((BATCH, LENGTH), np.int32),
+             "labels": rng.integers(0, 2, (BATCH,)).astype(np.int32)}
+    return params, sequence_classifier_apply(model), batch
+
+
+def _tiny_llama():
+    from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_params
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=64,
+                         initializer_range=0.1)
+    model = LlamaForCausalLM(config)
+    params = init_params(config, jax.random.PRNGKey(0))
+    ids = np.random.default_rng(1).integers(3, 128, (BATCH, LENGTH)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    return jax.device_get(params), model.apply, batch
+
+
+def bert_setup(method):
+    base, apply, batch = tiny_bert()
+    targets = {"houlsby": r"layer/\d+/output/dense$", "lora_dash": r"attention/self/query$"}.get(
+        method, r"attention/self/(query|value)$|intermediate/dense$")
+    cfg = dj.AdapterConfig(method=method, targets=targets, rank=4, train_extra="^classifier/",
+                           dropout=0.1 if method == "lora" else 0.0, options=OPTIONS.get(method, {}))
+    run = dj.adapt(apply, cfg)
+
+    def loss_fn(p, b, rng):
+        return classification_loss(run(p, b, train=True, rng=rng), b["labels"]), {}
+
+    return base, cfg, loss_fn, batch
+
+
+def llama_setup(method):
+    base, apply, batch = tiny_llama()
+    targets = r"self_attn/o_proj$|mlp/down_proj$" if method == "houlsby" else \
+        r"self_attn/(q_proj|v_proj|o_proj)$|mlp/(gate_proj|down_proj)$"
+    cfg = dj.AdapterConfig(method=method, targets=targets, rank=4, dropout=0.0, options=OPTIONS.get(method, {}))
+    run = dj.adapt(apply, cfg)
+
+    def loss_fn(p, b, rng):
+        logits = run({"params": p}, b["input_ids"], b["attention_mask"])[:, -b["input_ids"].shape[1]:]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), b["input_ids"][:, 1:])
+        return jnp.mean(ce), {}
+
+    return base, cfg, loss_fn, batch
+
+
+def train(base, cfg, loss_fn, batch, mesh):
+    params = dj.inject(base, cfg, jax.random.PRNGKey(0))
+    trainable, buffers, frozen = dj.partition(params, cfg)
+    opt = dj.make_optimizer(LR, STEPS, warmup_ratio=0.0)
+    schedule = dj.make_schedule(cfg, STEPS)
+    state = dj.init_state(trainable, opt, jax.random.PRNGKey(1), buffers=buffers, schedule=schedule, frozen=frozen)
+    step = dj.make_train_step(loss_fn, opt, cfg, schedule=schedule, mesh=mesh)
+    losses = []
+    for _ in range(STEPS):
+        state, metrics = step(state, frozen, batch)
+        losses.append(float(metrics["loss"]))
+    adapter = jax.device_get(dj.combine(state.trainable, state.buffers or {}))
+    specs = None
+    if mesh is not None:
+        leaves = jax.tree_util.tree_leaves(state.trainable)
+        assert all(isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh.devices.size == 8
+                   for x in leaves), "trainable leaves are not on the mesh"
+        specs = sorted({str(x.sharding.spec) for x in leaves})
+    return losses, adapter, specs
+
+
+def compare(model, method, setup, meshes):
+    base, cfg, loss_fn, batch = setup(method)
+    ref_losses, ref_adapter, _ = train(base, cfg, loss_fn, batch, None)
+    for shape in meshes:
+        t0 = time.perf_counter()
+        mesh = sh.make_mesh(shape)
+        losses, adapter, specs = train(base, cfg, loss_fn, batch, mesh)
+        loss_diff = max(abs(a - b) for a, b in zip(losses, ref_losses))
+        adapter_diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) if np.size(a) else 0.0
+                           for a, b in zip(jax.tree_util.tree_leaves(adapter), jax.tree_util.tree_leaves(ref_adapter)))
+        moved = max(float(np.max(np.abs(np.asarray(a, np.float64)))) for a in jax.tree_util.tree_leaves(adapter))
+        print(json.dumps({"model": model, "method": method, "mesh": shape, "losses": losses, "ref_losses": ref_losses,
+                          "loss_diff": loss_diff, "adapter_diff": adapter_diff, "adapter_max": moved,
+                          "specs": specs, "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
+
+
+def frozen_bytes():
+    """Per-device bytes of the base params under fsdp=8 against replicated."""
+    base, _, _ = tiny_bert()
+    mesh = sh.make_mesh({"fsdp": 8})
+    import tempfile
+
+    from flax.traverse_util import flatten_dict, unflatten_dict
+    from safetensors.numpy import save_file
+
+    from decomp_jax.convert import read_safetensors
+
+    with tempfile.TemporaryDirectory() as folder:  # memory-mapped host arrays, as a checkpoint is read
+        save_file({k: np.asarray(v) for k, v in flatten_dict(base, sep="/").items()}, f"{folder}/base.safetensors")
+        mapped = read_safetensors(f"{folder}/base.safetensors")
+        host = unflatten_dict({tuple(k.split("/")): v for k, v in mapped.items()})
+        return _frozen_bytes(host, mesh)
+
+
+def _frozen_bytes(host, mesh):
+    shardings = sh.param_shardings(host, mesh)
+    placed = sh.place(host, shardings)
+    sharded = [(x, h) for x, h in zip(jax.tree_util.tree_leaves(placed), jax.tree_util.tree_leaves(host))
+               if not x.sharding.is_fully_replicated]
+    for x, h in zip(jax.tree_util.tree_leaves(placed), jax.tree_util.tree_leaves(host)):
+        np.testing.assert_array_equal(np.asarray(x), h)
+    per_device = sh.device_bytes([x for x, _ in sharded])
+    total = sum(h.nbytes for _, h in sharded)
+    all_total = sum(h.nbytes for h in jax.tree_util.tree_leaves(host))
+    all_per_device = sh.device_bytes(placed)
+    print(json.dumps({"frozen_bytes": True, "sharded_leaves": len(sharded), "leaves": len(jax.tree_util.tree_leaves(host)),
+                      "sharded_replicated_bytes": total, "sharded_max_device_bytes": max(per_device.values()),
+                      "ratio_sharded": max(per_device.values()) / total,
+                      "all_replicated_bytes": all_total, "all_max_device_bytes": max(all_per_device.values()),
+                      "ratio_all": max(all_per_device.values()) / all_total}), flush=True)
+
+
+# the default suite: every mesh, the method families (low-rank, DoRA, the two stateful methods, prompts);
+# the full matrix (ssb, pissa, houlsby too, every mesh) is test_every_method_on_every_mesh (slow)
+QUICK0 = (("bert", "lora", {"data": 8}), ("bert", "dora", {"fsdp": 8}), ("bert", "lora_dash", {"data": 2, "fsdp": 4}),
+          ("llama", "prompt_tuning", {"data": 2, "tensor": 4}))
+QUICK1 = (("bert", "adalora", {"fsdp": 8}), ("llama", "lora", {"data": 2, "tensor": 4}))
+
+
+def runner(model_dir, data_dir, out_dir):
+    """experiment.run with train.mesh {data: 2, fsdp: 4} against one device: losses and eval."""
+    from decomp_jax.experiment import load_config, run
+
+    def config(out, *extra):
+        return load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.yaml"), [
+            f"model.name={model_dir}", f"data.path={data_dir}", "data.max_train_samples=64", "data.max_eval_samples=16",
+            "data.max_length=16", "adapter.rank=4", "train.steps=3", "train.log_every=1", "train.learning_rate=0.01",
+            "train.batch_size=8", f"train.output_dir={out_dir}/{out}", *extra])
+
+    t0 = time.perf_counter()
+    plain = run(config("plain"), progress=False)
+    meshed = run(config("mesh", "train.mesh={data: 2, fsdp: 4}"), progress=False)
+    losses = lambda out: [json.loads(l)["loss"] for l in open(f"{out_dir}/{out}/metrics.jsonl") if '"loss"' in l]
+    print(json.dumps({"runner": True, "losses": losses("mesh"), "ref_losses": losses("plain"), "eval": meshed["eval"],
+                      "ref_eval": plain["eval"], "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
+
+
+def main(which):
+    assert jax.device_count() == 8, jax.devices()
+    for arg in which:
+        if arg.startswith("runner="):
+            runner(*arg[len("runner="):].split(","))
+    if "bytes" in which:
+        frozen_bytes()
+    for i, part in enumerate((QUICK0, QUICK1)):
+        for model, method, mesh in part if ("quick" in which or f"quick{i}" in which) else ():
+            compare(model, method, bert_setup if model == "bert" else llama_setup, [mesh])
+    if "bert" in which:
+        for method in BERT_METHODS:
+            compare("bert", method, bert_setup, BERT_MESHES)
+    if "llama" in which:
+        for method in LLAMA_METHODS:
+            compare("llama", method, llama_setup, LLAMA_MESHES)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["bytes", "quick"])
