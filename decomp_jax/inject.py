@@ -179,6 +179,78 @@ def unrolled_path(path: Path, index: int, cfg: AdapterConfig) -> Path:
     return path[:at] + (f"{path[at]}_{index}",) + path[at + 1:]
 
 
+def scan_roots(params, cfg: AdapterConfig) -> set:
+    """The subtrees (paths up to the ``cfg.stacked`` component) that hold a stacked kernel of a targeted layer."""
+    roots = set()
+    if cfg.stacked is None:
+        return roots
+    targets = re.compile(cfg.targets)
+    for path, value in _flat(params).items():
+        layer = path[:-1]
+        if path[-1] == "kernel" and np.ndim(value) == 3 and targets.search(path_str(layer)):
+            at = stack_component(layer, cfg)
+            if at is not None:
+                roots.add(layer[:at + 1])
+    return roots
+
+
+def _root_of(path: Path, roots) -> Any:
+    for root in roots:
+        if path[:len(root)] == root:
+            return root
+    return None
+
+
+def unstack_view(tree, roots) -> dict:
+    """``tree`` with every leaf under a scan root (``scan_roots``) split along its leading axis into the
+    unrolled model's leaves (``.../layers_{i}/...``): what a per-layer algorithm sees as the unrolled model."""
+    out = {}
+    for path, value in _flat(tree).items():
+        root = _root_of(path, roots)
+        if root is None:
+            out[path] = value
+            continue
+        n = len(root)
+        for i in range(value.shape[0]):
+            out[root[:-1] + (f"{root[-1]}_{i}",) + path[n:]] = value[i]
+    return unflatten_dict(out)
+
+
+def restack_view(view, roots, like) -> dict:
+    """Inverse of ``unstack_view``: the leaves of ``like`` (the stacked tree) read back from ``view``."""
+    flat_view = _flat(view)
+    out = {}
+    for path, value in _flat(like).items():
+        root = _root_of(path, roots)
+        if root is None:
+            out[path] = flat_view[path]
+            continue
+        n = len(root)
+        out[path] = jax.numpy.stack(
+            [flat_view[root[:-1] + (f"{root[-1]}_{i}",) + path[n:]] for i in range(value.shape[0])])
+    return unflatten_dict(out)
+
+
+def unrolled_schedule(schedule, cfg: AdapterConfig):
+    """A method's ``Schedule`` run on the unrolled view of stacked layers (``unstack_view``): its state
+    and decisions equal those of the unrolled model; the params it returns are stacked again. Unchanged
+    for trees without stacked layers."""
+    from decomp_jax.methods.base import Schedule
+
+    def init(params):
+        roots = scan_roots(params, cfg)
+        return schedule.init(unstack_view(params, roots) if roots else params)
+
+    def update(state, step, params, grads):
+        roots = scan_roots(params, cfg)
+        if not roots:
+            return schedule.update(state, step, params, grads)
+        state, new = schedule.update(state, step, unstack_view(params, roots), unstack_view(grads, roots))
+        return state, restack_view(new, roots, params)
+
+    return Schedule(init, update)
+
+
 def _layer_key(rng: jax.Array, path: Path) -> jax.Array:
     """A per-layer key that depends on the layer's path, not on the order of traversal."""
     return jax.random.fold_in(rng, zlib.crc32(path_str(path).encode()) & 0x7FFFFFFF)
