@@ -866,6 +866,12 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
         cfg = AdapterConfig(method="ssl" if any(is_ff) else "ia3", targets=targets, train_extra=train_extra,
                             scale_bias=not any(is_ff), transposed=spec.conv1d)
 
+    if scan_roots(base_params, cfg):
+        raise ConfigError(
+            "import_peft reads per-layer PEFT tensors into unrolled params (model/layers_{i}/...); these base_params "
+            "hold stacked (scanned) layers. Import into the unrolled params and stack them after: "
+            "decomp_jax.models.llama.stack_layers(import_peft(...)[0]) (stack_layers moves factor leaves too)."
+        )
     params = inject(base_params, cfg, jax.random.PRNGKey(0))
     flat = _flat(params)
     layers = dict(adapted_layers(params, cfg))
