@@ -288,9 +288,11 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
             )
         base_dtype = kernel.dtype
         bias = flat.get(path + ("bias",))
-        # factors are made from the kernel in factor_dtype (an SVD of a bfloat16 kernel runs in float32)
-        work = kernel.astype(factor_dtype) if jax.numpy.issubdtype(base_dtype, jax.numpy.floating) else kernel
-        work_bias = None if bias is None else bias.astype(factor_dtype)
+        # factors are made from the kernel in the wider of its dtype and factor_dtype (the init of float32
+        # factors over a bfloat16 kernel runs in float32; PiSSA's residual of a float32 kernel stays float32)
+        work_dtype = jax.numpy.promote_types(base_dtype, factor_dtype)
+        work = kernel.astype(work_dtype) if jax.numpy.issubdtype(base_dtype, jax.numpy.floating) else kernel
+        work_bias = None if bias is None else bias.astype(work_dtype)
         if stacked:  # layer i's key is the unrolled layer's: factors equal those of the unrolled model
             keys = jax.numpy.stack([_layer_key(rng, unrolled_path(path, i, cfg)) for i in range(kernel.shape[0])])
         else:

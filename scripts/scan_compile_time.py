@@ -52,7 +52,7 @@ def main():
         t1 = time.perf_counter()
         compiled = lowered.compile()
         t2 = time.perf_counter()
-        _, metrics = compiled(state, frozen, {"ids": ids})
+        _, metrics = jax.block_until_ready(compiled(state, frozen, {"ids": ids}))
         t3 = time.perf_counter()
         print(f"{'scanned ' if scan else 'unrolled'}: lower {t1 - t0:6.2f} s  compile {t2 - t1:6.2f} s  "
               f"first step {t3 - t2:5.2f} s  loss {float(metrics['loss']):.6f}  load {os.getloadavg()[0]:.2f}")
