@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 import decomp_jax as dj
-from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_params, stack_layers
+from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, cast_params, init_params, stack_layers
 
 SMOLLM2_135M = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                            num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
@@ -28,12 +28,18 @@ def main():
     ap.add_argument("--length", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--remat", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="a bfloat16 frozen base (float32 factors, float32 compute)")
+    ap.add_argument("--only", choices=["scanned", "unrolled"], default=None)
     args = ap.parse_args()
     cfg = dj.AdapterConfig(method="lora", targets=r"self_attn/(q_proj|v_proj)$", rank=8)
     base = jax.jit(init_params, static_argnums=0)(SMOLLM2_135M, jax.random.PRNGKey(0))
     ids = jax.random.randint(jax.random.PRNGKey(1), (args.batch, args.length + 1), 0, SMOLLM2_135M.vocab_size)
     print("load average before:", os.getloadavg())
+    if args.bf16:
+        base = cast_params(base, "bfloat16")
     for scan in (False, True):
+        if args.only and args.only != ("scanned" if scan else "unrolled"):
+            continue
         config = dataclasses.replace(SMOLLM2_135M, scan_layers=scan, remat=args.remat)
         params = dj.inject(stack_layers(base) if scan else base, cfg, jax.random.PRNGKey(2))
         trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg))
@@ -54,8 +60,11 @@ def main():
         t2 = time.perf_counter()
         _, metrics = jax.block_until_ready(compiled(state, frozen, {"ids": ids}))
         t3 = time.perf_counter()
+        mem = compiled.memory_analysis()
+        peak = "" if mem is None else (f"  XLA memory: temp {mem.temp_size_in_bytes / 2**20:.0f} MiB, arguments "
+                                       f"{mem.argument_size_in_bytes / 2**20:.0f} MiB")
         print(f"{'scanned ' if scan else 'unrolled'}: lower {t1 - t0:6.2f} s  compile {t2 - t1:6.2f} s  "
-              f"first step {t3 - t2:5.2f} s  loss {float(metrics['loss']):.6f}  load {os.getloadavg()[0]:.2f}")
+              f"first step {t3 - t2:5.2f} s  loss {float(metrics['loss']):.6f}  load {os.getloadavg()[0]:.2f}{peak}")
 
 
 if __name__ == "__main__":

@@ -196,3 +196,15 @@ def test_peft_export_of_stacked_layers(base, tmp_path):
     assert sorted(u) == sorted(s) and any(".layers.1." in k for k in s)
     for k in u:
         np.testing.assert_array_equal(s[k], u[k])
+
+
+@pytest.mark.parametrize("name", ["prefix_tuning"])
+def test_prompt_methods_on_scanned_llama(name, base, ids):
+    """The prefix keys/values (num_layers, ...) are scanned over with the layers."""
+    cfg = dj.AdapterConfig(method=name, options={"num_virtual_tokens": 3})
+    unrolled = dj.inject(base, cfg, jax.random.PRNGKey(4))
+    stacked = dj.inject(stack_layers(base), cfg, jax.random.PRNGKey(4))
+    assert _maxdiff(stacked[name], unrolled[name]) == 0.0
+    ref = dj.adapt(LlamaForCausalLM(CFG).apply, cfg)({"params": unrolled}, ids)
+    out = dj.adapt(LlamaForCausalLM(SCFG).apply, cfg)({"params": stacked}, ids)
+    assert _maxdiff(out, ref) <= 1e-5
