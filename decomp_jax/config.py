@@ -17,6 +17,7 @@ import yaml
 MPC_KINDS = (None, "mpc_o", "mpc_d")
 MPC_NORMS = ("squared", "plain")
 LORA_INITS = ("kaiming", "normal", "gaussian")
+FACTOR_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -184,6 +185,14 @@ class AdapterConfig(_Serializable):
     transposed:  regex of layer paths whose kernels are stored ``(d_out, d_in)`` (GPT-2's Conv1D:
                  ``(c_attn|c_proj|c_fc)$``); the methods see them transposed, factors keep their shapes.
     options:     method-specific options, validated by the method.
+    stacked:     the name of a scanned module (a path component; default ``layers``, as ``nn.scan``'d
+                 decoders name it in our Llama with ``scan_layers`` and in MaxText): a targeted layer under
+                 it whose kernel is 3-D is stacked ``(L, d_in, d_out)``; its factors get the same leading
+                 axis and layer ``i``'s equal those of the unrolled layer at ``.../layers_{i}/...``. None: no
+                 stacked layers (a 3-D kernel is then an error).
+    factor_dtype: dtype of the factor leaves (and so of their optimizer moments), whatever the base
+                 kernel's dtype: ``float32`` (default) | ``bfloat16`` | ``float16``. Factored execution
+                 computes in the layer's activation dtype (the Dense ``dtype``), casting the factors to it.
 
     Prompt methods (``prompt_tuning``, ``prefix_tuning``; ``decomp_jax.prompts``) add one subtree
     ``params[method]`` to our Llama's params: ``targets``, ``rank``, ``alpha``, ``init`` and
@@ -204,6 +213,8 @@ class AdapterConfig(_Serializable):
     scale_bias: bool = False
     transposed: Optional[str] = None
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    stacked: Optional[str] = "layers"
+    factor_dtype: str = "float32"
 
     def __post_init__(self):
         from decomp_jax.methods import base  # local import: the registry imports this module
@@ -220,6 +231,17 @@ class AdapterConfig(_Serializable):
                "searched in each leaf's '/'-joined path", optional=True)
         _regex(self.transposed, "transposed", "'(c_attn|c_proj|c_fc)$'",
                "searched in each layer's '/'-joined path", optional=True)
+        if self.stacked is not None and (not isinstance(self.stacked, str) or not self.stacked or "/" in self.stacked):
+            raise ConfigTypeError(
+                f"stacked must be None or the name of the scanned module, one path component such as 'layers'; "
+                f"{_got(self.stacked)}."
+            )
+        _string(self.factor_dtype, "factor_dtype", FACTOR_DTYPES)
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise ConfigError(
+                f"factor_dtype={self.factor_dtype!r} is unknown.{_closest(self.factor_dtype, FACTOR_DTYPES)} "
+                f"Choose one of {FACTOR_DTYPES}."
+            )
         checked = {
             "rank": _integer(self.rank, "rank", "8"),
             "alpha": _real(self.alpha, "alpha", "16.0"),

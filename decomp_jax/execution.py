@@ -19,6 +19,7 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from decomp_jax.config import AdapterConfig, ConfigError
@@ -68,8 +69,17 @@ def _interceptor(cfg: AdapterConfig):
             )
         (x,) = args
         factors = {n: params[n] for n in method.factor_names}
+        if params["kernel"].ndim != 2:  # a stacked (L, ...) kernel outside the nn.scan that slices it
+            raise ConfigError(
+                f"Layer {where!r} is a {kind} called with a kernel of shape {tuple(params['kernel'].shape)}: factored "
+                f"execution adapts 2-D kernels; a stacked (L, d_in, d_out) kernel must be sliced per layer by the "
+                f"nn.scan (variable_axes={{'params': 0}}) that calls the layer."
+            )
+        # mixed precision: compute in the layer's activation dtype (float32 factors over a bfloat16 base are
+        # cast to it; their gradients come back in float32); with dtype=None, in the dtype of x @ kernel
+        dtype = module.dtype if module.dtype is not None else jnp.result_type(x, params["kernel"])
         x, kernel, bias, *values = promote_dtype(
-            x, params["kernel"], params.get("bias"), *factors.values(), dtype=module.dtype
+            x, params["kernel"], params.get("bias"), *factors.values(), dtype=dtype
         )
         kernel = kernel.T if LAYOUTS[kind] else kernel
         factors = dict(zip(factors, values))

@@ -127,9 +127,128 @@ def is_transposed(path: Path, cfg: AdapterConfig) -> bool:
 
 
 def oriented(kernel, path: Path, cfg: AdapterConfig):
-    """The kernel in the methods' ``(d_in, d_out)`` convention (a transpose for GPT-2's Conv1D);
-    the function is its own inverse."""
-    return kernel.T if is_transposed(path, cfg) else kernel
+    """The kernel in the methods' ``(d_in, d_out)`` convention (a transpose for GPT-2's Conv1D; of
+    the last two axes for a stacked ``(L, d_out, d_in)`` kernel); the function is its own inverse."""
+    if not is_transposed(path, cfg):
+        return kernel
+    return kernel.T if np.ndim(kernel) == 2 else jax.numpy.swapaxes(kernel, -1, -2)
+
+
+def stack_component(path: Path, cfg: AdapterConfig):
+    """The index in ``path`` of the scanned module's component (``cfg.stacked``, e.g. ``layers``), or None."""
+    if cfg.stacked is None:
+        return None
+    for i, part in enumerate(path):
+        if str(part) == cfg.stacked:
+            return i
+    return None
+
+
+def is_stacked(path: Path, kernel, cfg: AdapterConfig) -> bool:
+    """Whether the layer at ``path`` holds a stacked kernel ``(L, d_in, d_out)`` of a scanned layer
+    (``nn.scan`` with ``variable_axes={"params": 0}``): 3-D and under a ``cfg.stacked`` component.
+    Raises a ``ConfigError`` for any other kernel that is not 2-D."""
+    ndim = np.ndim(kernel)
+    if ndim == 2:
+        return False
+    where = path_str(path)
+    if ndim == 3 and stack_component(path, cfg) is not None:
+        return True
+    if ndim == 3:
+        hint = (f"If it is the stacked kernel (L, d_in, d_out) of a layer scanned with nn.scan, set adapter.stacked to "
+                f"the scanned module's name (a component of the path, e.g. stacked: 'layers'; now {cfg.stacked!r}). ")
+    else:
+        hint = ""
+    raise ConfigError(
+        f"Layer {where!r} has a kernel of shape {tuple(np.shape(kernel))}; methods adapt 2-D dense kernels (d_in, d_out) "
+        f"(or (d_out, d_in) for layers matched by `transposed`) and stacked kernels (L, d_in, d_out) of scanned layers. "
+        f"{hint}nn.DenseGeneral / einsum kernels such as (embed, heads, head_dim) are not supported yet. Narrow "
+        f"`targets` so it selects dense layers only."
+    )
+
+
+def per_layer(fn, stacked: bool):
+    """``fn`` itself, or ``jax.vmap(fn)`` over the leading layer axis of every argument (None stays None)."""
+    return jax.vmap(fn) if stacked else fn
+
+
+def unrolled_path(path: Path, index: int, cfg: AdapterConfig) -> Path:
+    """The path layer ``index`` of the stacked layer at ``path`` has in the unrolled model: the scanned
+    component ``X`` written ``X_{index}`` (Flax's name for the i-th of a list of submodules)."""
+    at = stack_component(path, cfg)
+    return path[:at] + (f"{path[at]}_{index}",) + path[at + 1:]
+
+
+def scan_roots(params, cfg: AdapterConfig) -> set:
+    """The subtrees (paths up to the ``cfg.stacked`` component) that hold a stacked kernel of a targeted layer."""
+    roots = set()
+    if cfg.stacked is None:
+        return roots
+    targets = re.compile(cfg.targets)
+    for path, value in _flat(params).items():
+        layer = path[:-1]
+        if path[-1] == "kernel" and np.ndim(value) == 3 and targets.search(path_str(layer)):
+            at = stack_component(layer, cfg)
+            if at is not None:
+                roots.add(layer[:at + 1])
+    return roots
+
+
+def _root_of(path: Path, roots) -> Any:
+    for root in roots:
+        if path[:len(root)] == root:
+            return root
+    return None
+
+
+def unstack_view(tree, roots) -> dict:
+    """``tree`` with every leaf under a scan root (``scan_roots``) split along its leading axis into the
+    unrolled model's leaves (``.../layers_{i}/...``): what a per-layer algorithm sees as the unrolled model."""
+    out = {}
+    for path, value in _flat(tree).items():
+        root = _root_of(path, roots)
+        if root is None:
+            out[path] = value
+            continue
+        n = len(root)
+        for i in range(value.shape[0]):
+            out[root[:-1] + (f"{root[-1]}_{i}",) + path[n:]] = value[i]
+    return unflatten_dict(out)
+
+
+def restack_view(view, roots, like) -> dict:
+    """Inverse of ``unstack_view``: the leaves of ``like`` (the stacked tree) read back from ``view``."""
+    flat_view = _flat(view)
+    out = {}
+    for path, value in _flat(like).items():
+        root = _root_of(path, roots)
+        if root is None:
+            out[path] = flat_view[path]
+            continue
+        n = len(root)
+        out[path] = jax.numpy.stack(
+            [flat_view[root[:-1] + (f"{root[-1]}_{i}",) + path[n:]] for i in range(value.shape[0])])
+    return unflatten_dict(out)
+
+
+def unrolled_schedule(schedule, cfg: AdapterConfig):
+    """A method's ``Schedule`` run on the unrolled view of stacked layers (``unstack_view``): its state
+    and decisions equal those of the unrolled model; the params it returns are stacked again. Unchanged
+    for trees without stacked layers."""
+    from decomp_jax.methods.base import Schedule
+
+    def init(params):
+        roots = scan_roots(params, cfg)
+        return schedule.init(unstack_view(params, roots) if roots else params)
+
+    def update(state, step, params, grads):
+        roots = scan_roots(params, cfg)
+        if not roots:
+            return schedule.update(state, step, params, grads)
+        state, new = schedule.update(state, step, unstack_view(params, roots), unstack_view(grads, roots))
+        return state, restack_view(new, roots, params)
+
+    return Schedule(init, update)
 
 
 def _layer_key(rng: jax.Array, path: Path) -> jax.Array:
@@ -150,19 +269,16 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
     if method.kind == "prompt":
         return _inject_prompt(params, cfg, rng)
     flat = _flat(params)
+    factor_dtype = jax.numpy.dtype(cfg.factor_dtype)
     for path in find_targets(params, cfg):
         kernel = oriented(flat[path + ("kernel",)], path, cfg)
         where = path_str(path)
-        if np.ndim(kernel) != 2:
+        stacked = is_stacked(path, kernel, cfg)
+        d_in, d_out = kernel.shape[-2:]
+        if method.uses_rank and cfg.rank > min(d_in, d_out):
             raise ConfigError(
-                f"Layer {where!r} has a kernel of shape {np.shape(kernel)}; methods adapt 2-D dense "
-                f"kernels (d_in, d_out) (or (d_out, d_in) for layers matched by `transposed`). Narrow `targets` "
-                f"so it selects dense layers only."
-            )
-        if method.uses_rank and cfg.rank > min(kernel.shape):
-            raise ConfigError(
-                f"rank={cfg.rank} is larger than min(d_in, d_out)={min(kernel.shape)} for layer "
-                f"{where!r} (kernel {tuple(kernel.shape)}). Use rank <= {min(kernel.shape)}."
+                f"rank={cfg.rank} is larger than min(d_in, d_out)={min(d_in, d_out)} for layer "
+                f"{where!r} (kernel {tuple(kernel.shape)}). Use rank <= {min(d_in, d_out)}."
             )
         clash = [n for n in method.factor_names if path + (n,) in flat]
         if clash:
@@ -170,11 +286,24 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
                 f"Layer {where!r} already holds {clash}: these params are already adapted. "
                 f"Inject into the base params, or merge() first."
             )
-        factors = method.init(_layer_key(rng, path), kernel, flat.get(path + ("bias",)), cfg)
+        base_dtype = kernel.dtype
+        bias = flat.get(path + ("bias",))
+        # factors are made from the kernel in the wider of its dtype and factor_dtype (the init of float32
+        # factors over a bfloat16 kernel runs in float32; PiSSA's residual of a float32 kernel stays float32)
+        work_dtype = jax.numpy.promote_types(base_dtype, factor_dtype)
+        work = kernel.astype(work_dtype) if jax.numpy.issubdtype(base_dtype, jax.numpy.floating) else kernel
+        work_bias = None if bias is None else bias.astype(work_dtype)
+        if stacked:  # layer i's key is the unrolled layer's: factors equal those of the unrolled model
+            keys = jax.numpy.stack([_layer_key(rng, unrolled_path(path, i, cfg)) for i in range(kernel.shape[0])])
+        else:
+            keys = _layer_key(rng, path)
+        init = per_layer(lambda k, w, b: method.init(k, w, b, cfg), stacked)
+        factors = {n: v.astype(factor_dtype) for n, v in init(keys, work, work_bias).items()}
         for name, value in factors.items():
             flat[path + (name,)] = value
         if method.residual is not None:  # PiSSA/MiLoRA: the layer keeps K - s * a0 @ b0
-            flat[path + ("kernel",)] = oriented(method.residual(kernel, factors, cfg), path, cfg)
+            residual = per_layer(lambda w, f: method.residual(w, f, cfg), stacked)(work, factors)
+            flat[path + ("kernel",)] = oriented(residual.astype(base_dtype), path, cfg)
     return unflatten_dict(flat)
 
 
@@ -253,10 +382,13 @@ def merge(params, cfg: AdapterConfig):
     _check_foreign(flat, cfg, "merge")
     for path, layer in adapted_layers(params, cfg):
         factors = {n: layer[n] for n in method.factor_names}
-        kernel = method.materialize(oriented(layer["kernel"], path, cfg), factors, cfg)
-        flat[path + ("kernel",)] = oriented(kernel, path, cfg)
+        stacked = is_stacked(path, layer["kernel"], cfg)
+        base = oriented(layer["kernel"], path, cfg)
+        kernel = per_layer(lambda k, f: method.materialize(k, f, cfg), stacked)(base, factors)
+        flat[path + ("kernel",)] = oriented(kernel.astype(base.dtype), path, cfg)
         if method.materialize_bias is not None and "bias" in layer:
-            flat[path + ("bias",)] = method.materialize_bias(layer["bias"], factors, cfg)
+            bias = per_layer(lambda b, f: method.materialize_bias(b, f, cfg), stacked)(layer["bias"], factors)
+            flat[path + ("bias",)] = bias.astype(layer["bias"].dtype)
         for name in method.factor_names:
             del flat[path + (name,)]
     return unflatten_dict(flat)
@@ -338,10 +470,13 @@ def unmerge(merged, adapter, cfg: AdapterConfig):
             )
         factors = {n: flat_adapter[path + (n,)] for n in method.factor_names}
         merged_kernel = oriented(flat[path + ("kernel",)], path, cfg)
-        kernel, bias = method.unmaterialize(merged_kernel, flat.get(path + ("bias",)), factors, cfg)
-        flat[path + ("kernel",)] = oriented(kernel, path, cfg)
+        stacked = is_stacked(path, merged_kernel, cfg)
+        old_bias = flat.get(path + ("bias",))
+        kernel, bias = per_layer(lambda k, b, f: method.unmaterialize(k, b, f, cfg), stacked)(
+            merged_kernel, old_bias, factors)
+        flat[path + ("kernel",)] = oriented(kernel.astype(merged_kernel.dtype), path, cfg)
         if bias is not None:
-            flat[path + ("bias",)] = bias
+            flat[path + ("bias",)] = bias if old_bias is None else bias.astype(old_bias.dtype)
         flat.update({path + (n,): v for n, v in factors.items()})
     return unflatten_dict(flat)
 

@@ -9,10 +9,11 @@ i.e. ``R = (||.||_A + ||.||_B) / 2``.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from decomp_jax.config import AdapterConfig
-from decomp_jax.inject import adapted_layers
+from decomp_jax.inject import adapted_layers, is_stacked
 from decomp_jax.methods import get
 
 
@@ -47,10 +48,17 @@ def penalty(params, cfg: AdapterConfig):
     if kind is None or cfg.mpc_lambda == 0:
         return jnp.float32(0.0)
     squared = cfg.mpc_norm == "squared"
-    per_layer = []
-    for _, layer in adapted_layers(params, cfg):
-        term_a, term_b = mpc_terms(layer["lora_a"].astype(jnp.float32), layer["lora_b"].astype(jnp.float32), kind, squared)
-        per_layer.append(term_a + term_b if squared else (term_a + term_b) / 2)
+
+    def layer_term(lora_a, lora_b):
+        term_a, term_b = mpc_terms(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), kind, squared)
+        return term_a + term_b if squared else (term_a + term_b) / 2
+
+    per_layer = []  # a stacked layer (L, ...) counts as its L layers, as if unrolled
+    for path, layer in adapted_layers(params, cfg):
+        if is_stacked(path, layer["kernel"], cfg):
+            per_layer.append(jax.vmap(layer_term)(layer["lora_a"], layer["lora_b"]))
+        else:
+            per_layer.append(layer_term(layer["lora_a"], layer["lora_b"])[None])
     if not per_layer:
         return jnp.float32(0.0)
-    return cfg.mpc_lambda * jnp.mean(jnp.stack(per_layer))
+    return cfg.mpc_lambda * jnp.mean(jnp.concatenate(per_layer))

@@ -52,7 +52,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax.config import AdapterConfig, ConfigError
 from decomp_jax.guards import atomic_folder, check_finite
-from decomp_jax.inject import adapted_layers, find_targets, inject, layer_paths, oriented, path_str
+from decomp_jax.inject import (adapted_layers, find_targets, inject, layer_paths, oriented, path_str, scan_roots,
+                               unstack_view)
 from decomp_jax.methods import get
 
 CONFIG_NAME = "adapter_config.json"
@@ -414,6 +415,11 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
             f"K_res + s*a@b - K as a rank-2r LoRA."
         )
     method = get(cfg.method)
+    roots = scan_roots(params, cfg)
+    if roots:  # stacked (scanned) layers: exported per layer, under the unrolled model's names (layers.{i})
+        params = unstack_view(params, roots)
+        if base_params is not None:
+            base_params = unstack_view(base_params, scan_roots(base_params, cfg))
     flat = _flat(params)
     layers = dict(adapted_layers(params, cfg))
     if not layers:
@@ -860,6 +866,12 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
         cfg = AdapterConfig(method="ssl" if any(is_ff) else "ia3", targets=targets, train_extra=train_extra,
                             scale_bias=not any(is_ff), transposed=spec.conv1d)
 
+    if scan_roots(base_params, cfg):
+        raise ConfigError(
+            "import_peft reads per-layer PEFT tensors into unrolled params (model/layers_{i}/...); these base_params "
+            "hold stacked (scanned) layers. Import into the unrolled params and stack them after: "
+            "decomp_jax.models.llama.stack_layers(import_peft(...)[0]) (stack_layers moves factor leaves too)."
+        )
     params = inject(base_params, cfg, jax.random.PRNGKey(0))
     flat = _flat(params)
     layers = dict(adapted_layers(params, cfg))

@@ -138,7 +138,9 @@ def _schedule(cfg, total_steps: int) -> Schedule:
         new_state = {"ipt": unflatten_dict(ipt), "unc": unflatten_dict(unc), "keep": unflatten_dict(keep)}
         return new_state, set_leaves(params, new_e)
 
-    return Schedule(init, update)
+    from decomp_jax.inject import unrolled_schedule
+
+    return unrolled_schedule(Schedule(init, update), cfg)  # stacked (scanned) layers: run on the unrolled view
 
 
 ADALORA = lowrank_method(

@@ -95,7 +95,10 @@ def _schedule(cfg, total_steps: int) -> Schedule:
 
         return state, set_leaves(params, jax.lax.cond(step == warmup, search, unchanged))
 
-    return Schedule(init=lambda params: {}, update=update)
+    from decomp_jax.inject import unrolled_schedule
+
+    # stacked (scanned) layers: the search runs on the unrolled view
+    return unrolled_schedule(Schedule(init=lambda params: {}, update=update), cfg)
 
 
 LORA_DASH = register(Method(

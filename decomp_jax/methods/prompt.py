@@ -42,8 +42,11 @@ def llama_dims(params, method: str) -> dict:
     try:
         model = params["model"]
         vocab, hidden = np.shape(model["embed_tokens"]["embedding"])
-        num_layers = sum(1 for k in model if str(k).startswith("layers_"))
-        kv_dim = np.shape(model["layers_0"]["self_attn"]["k_proj"]["kernel"])[1]
+        if "layers" in model:  # scan_layers: kernels stacked (L, d_in, d_out)
+            num_layers, _, kv_dim = np.shape(model["layers"]["self_attn"]["k_proj"]["kernel"])
+        else:
+            num_layers = sum(1 for k in model if str(k).startswith("layers_"))
+            kv_dim = np.shape(model["layers_0"]["self_attn"]["k_proj"]["kernel"])[1]
     except (KeyError, TypeError, ValueError):
         raise _error(
             f"Method {method!r} works with the params of decomp_jax.models.llama.LlamaForCausalLM "

@@ -67,7 +67,14 @@ def _freeze(value):
 class LlamaConfig:
     """A Llama architecture; ``from_hf_dict`` / ``to_hf_dict`` read and write HF's config.json.
 
-    ``dtype`` is the compute dtype (activations, cache); parameters are float32 (``param_dtype``).
+    ``dtype`` is the compute dtype (activations, cache). ``param_dtype`` is the dtype ``init_params``
+    creates parameters in (the Dense/Embed/RMSNorm ``param_dtype``); it does not cast given params:
+    for a bfloat16 frozen base cast them yourself (``jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)``,
+    ``cast_params``). Each Dense computes in ``dtype`` (its inputs, kernel and factors are cast to it).
+    ``scan_layers``: the decoder layers run under one ``nn.scan`` (params ``model/layers/...`` with a
+    leading layer axis ``L``, compiled once instead of ``L`` times); ``stack_layers`` / ``unstack_layers``
+    convert between that tree and the unrolled ``model/layers_{i}/...`` one (HF/GGUF loaders give the
+    unrolled tree). ``remat``: ``nn.remat`` (activation checkpointing) around each decoder layer.
     ``rope_scaling``: None or HF's dict with ``rope_type`` (or legacy ``type``) among
     linear / dynamic / llama3 / yarn.
     """
@@ -92,6 +99,8 @@ class LlamaConfig:
     initializer_range: float = 0.02
     dtype: str = "float32"
     param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: bool = False
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -130,7 +139,7 @@ class LlamaConfig:
         act = data.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"hidden_act={act!r}: this Llama implements SwiGLU with silu only.")
-        known = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype"}
+        known = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "scan_layers", "remat"}
         kwargs = {k: v for k, v in data.items() if k in known}
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -147,7 +156,7 @@ class LlamaConfig:
             "torch_dtype": "float32",
         }
         for f in dataclasses.fields(self):
-            if f.name in ("dtype", "param_dtype"):
+            if f.name in ("dtype", "param_dtype", "scan_layers", "remat"):
                 continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
@@ -337,6 +346,13 @@ class LlamaDecoderLayer(nn.Module):
         return x, new_cache
 
 
+def _layer_class(config: LlamaConfig):
+    if not config.remat:
+        return LlamaDecoderLayer
+    # cache_index (arg 6, counting self) may be None or traced: nothing is static
+    return nn.remat(LlamaDecoderLayer, prevent_cse=not config.scan_layers)
+
+
 def mask_positions(attention_mask, length, cache_index, shift: int = 0):
     """``shift + cumsum(mask) - 1`` (1 on padding) at this call's ``length`` positions of the buffer
     (``shift``: slots before the real tokens, e.g. prompt tuning's virtual tokens)."""
@@ -374,7 +390,13 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.compute_dtype,
                                      param_dtype=jnp.dtype(c.param_dtype),
                                      embedding_init=nn.initializers.normal(c.initializer_range))
-        self.layers = [LlamaDecoderLayer(c) for _ in range(c.num_hidden_layers)]  # named layers_{i}
+        if c.scan_layers:  # params model/layers/... with a leading axis of num_hidden_layers
+            # carry x; scanned over (cache, prefix) slices; cos, sin, allowed, cache_index broadcast
+            self.layers = nn.scan(_layer_class(c), variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+                                  length=c.num_hidden_layers)(c)
+        else:
+            self.layers = [_layer_class(c)(c) for _ in range(c.num_hidden_layers)]  # named layers_{i}
         self.norm = RMSNorm(c.rms_norm_eps, jnp.dtype(c.param_dtype))
 
     def attend(self, hidden):
@@ -398,6 +420,13 @@ class LlamaModel(nn.Module):
         causal = jnp.arange(key_len)[None, :] <= query_index[:, None]  # (L, S)
         allowed = causal[None] & (attention_mask[:, None, :] > 0)  # (B, L, S)
         cos, sin = rotary_cos_sin(c, position_ids)
+        if c.scan_layers:
+            stacked_cache = None if cache is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *cache)
+            x, new_stacked = self.layers(x, cos, sin, allowed, stacked_cache, cache_index, prefix_kv)
+            x = self.norm(x)
+            if cache is None:
+                return x, None
+            return x, tuple(jax.tree_util.tree_map(lambda a: a[i], new_stacked) for i in range(c.num_hidden_layers))
         new_cache = []
         for i, layer in enumerate(self.layers):
             prefix = None if prefix_kv is None else (prefix_kv[0][i], prefix_kv[1][i])
@@ -435,6 +464,60 @@ def init_params(config: LlamaConfig, rng: jax.Array):
     """Random params (normal(initializer_range) kernels and embeddings, unit norms)."""
     ids = jnp.zeros((1, 2), jnp.int32)
     return LlamaForCausalLM(config).init(rng, ids)["params"]
+
+
+def stack_layers(params, num_layers: Optional[int] = None):
+    """The unrolled tree (``model/layers_{i}/...``) as the ``scan_layers`` one (``model/layers/...``,
+    each leaf stacked on a new leading axis). Any leaves under ``layers_{i}`` move, factor leaves of an
+    adapted tree too. ``num_layers`` (default: all present) is checked when given."""
+    from flax.core import unfreeze
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    flat = flatten_dict(unfreeze(params))
+    per_layer: dict[int, dict] = {}
+    out = {}
+    for path, value in flat.items():
+        if len(path) > 1 and path[0] == "model" and str(path[1]).startswith("layers_"):
+            per_layer.setdefault(int(str(path[1])[len("layers_"):]), {})[path[2:]] = value
+        else:
+            out[path] = value
+    if not per_layer:
+        raise ValueError("params hold no model/layers_{i} subtrees: are they already stacked (model/layers/...)?")
+    n = len(per_layer)
+    if sorted(per_layer) != list(range(n)) or (num_layers is not None and n != num_layers):
+        raise ValueError(f"params hold layers {sorted(per_layer)}; expected layers_0 .. layers_{(num_layers or n) - 1}.")
+    keys = set(per_layer[0])
+    for i, layer in per_layer.items():
+        if set(layer) != keys:
+            raise ValueError(f"layers_{i} holds other leaves than layers_0: {sorted(set(layer) ^ keys)[:5]}.")
+    for sub in per_layer[0]:
+        out[("model", "layers") + sub] = jnp.stack([per_layer[i][sub] for i in range(n)])
+    return unflatten_dict(out)
+
+
+def unstack_layers(params):
+    """Inverse of ``stack_layers``: ``model/layers/...`` (leading layer axis) -> ``model/layers_{i}/...``."""
+    from flax.core import unfreeze
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    flat = flatten_dict(unfreeze(params))
+    out = {}
+    stacked = {p: v for p, v in flat.items() if p[:2] == ("model", "layers")}
+    if not stacked:
+        raise ValueError("params hold no model/layers subtree: are they unrolled (model/layers_{i}/...)?")
+    for path, value in flat.items():
+        if path in stacked:
+            for i in range(value.shape[0]):
+                out[("model", f"layers_{i}") + path[2:]] = value[i]
+        else:
+            out[path] = value
+    return unflatten_dict(out)
+
+
+def cast_params(params, dtype="bfloat16"):
+    """Every floating leaf cast to ``dtype`` (a bfloat16 frozen base, say)."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree_util.tree_map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype=None):
