@@ -46,7 +46,8 @@ def _losses(out_dir):
     return {r["step"]: r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
-@pytest.mark.parametrize("method", list(METHOD_SETTINGS))
+@pytest.mark.parametrize("method", [m if m in ("lora", "adalora", "lora_dash") else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in METHOD_SETTINGS])  # dora, ssb, pissa: -m slow
 def test_killed_and_resumed_run_equals_the_uninterrupted_run(method, tiny_model_dir, tmp_path):
     extra = [f"adapter.method={method}", *METHOD_SETTINGS[method]]
     full = run(tiny_config(tiny_model_dir, tmp_path / "full", *extra), progress=False)

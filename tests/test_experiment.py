@@ -25,6 +25,7 @@ def small_config(tmp_path, *extra):
     ])
 
 
+@pytest.mark.slow  # 40 s; the quick start's accuracy test (slow too) covers the same path at full length
 def test_minilm_lora_lowers_the_loss_on_sst2(tmp_path):
     cfg = small_config(tmp_path)
     task = Task(cfg)

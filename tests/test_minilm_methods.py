@@ -35,7 +35,12 @@ def minilm():
     return model, params, glue.train_batch(arrays, 32, 0, 0)
 
 
-@pytest.mark.parametrize("name", methods.names())
+# one method per kind of update in the default suite (about 10 s each); every method with -m slow
+DEFAULT = {"lora", "dora", "ssb", "ia3", "adalora", "lora_dash", "pissa", "houlsby"}
+
+
+@pytest.mark.parametrize("name", [n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in methods.names()])
 def test_a_few_minilm_steps_lower_the_loss(name, minilm):
     model, base, batch = minilm
     cfg = dj.AdapterConfig(method=name, targets=TARGETS.get(name, r"attention/self/(query|value)$"), rank=4,
