@@ -49,20 +49,34 @@ def resolve_llm(name: str) -> str:
     )
 
 
-def load_causal_lm(name: str, dtype: str = "float32"):
-    """``(model, params, tokenizer)``: our ``LlamaForCausalLM`` (compute dtype ``dtype``; params stay
-    float32) with the weights and tokenizer of ``name`` (see :func:`resolve_llm`)."""
+def load_causal_lm(name: str, dtype: str = "float32", *, param_dtype: str = "float32", scan_layers: bool = False,
+                   remat: bool = False):
+    """``(model, params, tokenizer)``: our ``LlamaForCausalLM`` with the weights and tokenizer of
+    ``name`` (see :func:`resolve_llm`). ``dtype`` is the compute dtype; ``param_dtype`` the dtype the
+    loaded base is stored in (``bfloat16``: half the memory of the frozen base; adapter factors keep
+    ``adapter.factor_dtype``); ``scan_layers`` runs the decoder layers under one ``nn.scan`` (the
+    params stacked with ``stack_layers``: faster compiles); ``remat`` recomputes each decoder layer's
+    activations in the backward pass."""
     import dataclasses
 
     from decomp_jax import convert
-    from decomp_jax.models.llama import LlamaForCausalLM
+    from decomp_jax.models.llama import LlamaForCausalLM, cast_params, stack_layers
 
     path = resolve_llm(name)
     config, params, tokenizer = convert.load_gguf(path) if path.endswith(".gguf") else convert.load_hf(path)
-    if dtype != "float32":
-        config = dataclasses.replace(config, dtype=dtype)
+    config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat)
     params = jax.tree_util.tree_map(jnp.asarray, params)
+    if param_dtype != "float32":
+        params = cast_params(params, param_dtype)
+    if scan_layers:
+        params = stack_layers(params, config.num_hidden_layers)
     return LlamaForCausalLM(config), params, tokenizer
+
+
+def load_for(cfg):
+    """``load_causal_lm`` with an experiment config's model and train settings."""
+    m = cfg.model
+    return load_causal_lm(m.name, m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=cfg.train.remat)
 
 
 def dataset_names(spec: Optional[str]) -> list[str]:
@@ -93,7 +107,7 @@ class CommonsenseTask:
             check_train_size(len(train), cfg)
         self.eval_examples = {n: cs.load_commonsense(n, "test", data_dir=d.path, hub=d.hub, limit=d.max_eval_samples)
                               for n in self.datasets}
-        self.model, self.base_params, tokenizer = load_causal_lm(cfg.model.name, cfg.model.dtype)
+        self.model, self.base_params, tokenizer = load_for(cfg)
         self.tokenizer = cs.as_tokenizer(tokenizer)
         self.buckets = cs.default_buckets(d.max_length, d.bucket_multiple)
         train_length = d.train_max_length or d.max_length

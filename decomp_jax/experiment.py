@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from decomp_jax import checkpoint
-from decomp_jax.causal_lm import TASKS as LM_TASKS, CommonsenseTask, dataset_names, load_causal_lm
+from decomp_jax.causal_lm import TASKS as LM_TASKS, CommonsenseTask, dataset_names, load_for
 from decomp_jax.config import AdapterConfig, ConfigError, _closest, _Serializable
 from decomp_jax.data import check_train_size, glue
 from decomp_jax.execution import MODES, adapt
@@ -49,6 +49,9 @@ class ModelConfig(_Serializable):
     dtype: str = "float32"
     backbone: str = "auto"
     partition_rules: Optional[str] = None  # a decomp_jax.sharding.RULES preset (default: the architecture's)
+    # decoder LLMs (data.task: commonsense) only
+    param_dtype: str = "float32"  # the frozen base's storage dtype (bfloat16: half its memory)
+    scan_layers: bool = False  # the decoder layers under one nn.scan (params stacked: faster compiles)
 
     def __post_init__(self):
         if self.partition_rules is not None:
@@ -57,8 +60,9 @@ class ModelConfig(_Serializable):
             if self.partition_rules not in RULES:
                 raise ConfigError(f"model.partition_rules={self.partition_rules!r} is unknown; choose one of "
                                   f"{', '.join(sorted(RULES))} (or leave it out: the architecture's preset).")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"model.dtype={self.dtype!r} is unknown; choose float32, bfloat16 or float16.")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
+                raise ConfigError(f"model.{name}={getattr(self, name)!r} is unknown; choose float32, bfloat16 or float16.")
         if self.backbone not in BACKBONES:
             raise ConfigError(f"model.backbone={self.backbone!r} is unknown; choose one of {', '.join(BACKBONES)}.")
 
@@ -125,6 +129,7 @@ class TrainConfig(_Serializable):
     keep_last: int = 2  # checkpoints kept: the last keep_last ...
     keep_best: int = 1  # ... plus the keep_best best by best_metric (checkpoints saved with an eval)
     best_metric: Optional[str] = None  # default: the task's first metric (accuracy, pearson, ...)
+    remat: bool = False  # decoder LLMs: recompute each decoder layer's activations in the backward pass
     # a device mesh, e.g. {data: -1, fsdp: 1, tensor: 1} (-1: the remaining devices); None: one device
     mesh: Optional[dict] = None
 
@@ -162,6 +167,12 @@ class ExperimentConfig:
     train: TrainConfig
 
     def __post_init__(self):
+        decoder_only = {"model.param_dtype": self.model.param_dtype != "float32",
+                        "model.scan_layers": self.model.scan_layers, "train.remat": self.train.remat}
+        used = [k for k, on in decoder_only.items() if on]
+        if used and self.data.task not in LM_TASKS:
+            raise ConfigError(f"{', '.join(used)} apply to our decoder LLM (data.task: commonsense), not to "
+                              f"task {self.data.task!r}; remove them.")
         best = self.train.best_metric
         if best is not None:
             names = metric_names(self)
@@ -319,7 +330,7 @@ def load_base_model(cfg: ExperimentConfig, seed: Optional[int] = None):
     """``(model, base params, tokenizer)`` of the experiment's model, without its data: our Llama
     for the LM tasks, else a sequence classifier with the task's label count (head seeded)."""
     if cfg.data.task in LM_TASKS:
-        return load_causal_lm(cfg.model.name, cfg.model.dtype)
+        return load_for(cfg)
     return load_sequence_classifier(cfg.model.name, glue.get_task(cfg.data.task).num_labels, cfg.model.dtype,
                                     seed=cfg.train.seed if seed is None else seed, backbone=cfg.model.backbone)
 

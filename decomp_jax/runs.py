@@ -115,7 +115,7 @@ def export_merged(run: RestoredRun, out_dir: str | os.PathLike) -> dict[str, Any
         if peft_arch(run.model) == "llama":
             from decomp_jax.convert import save_converted
 
-            save_converted(str(tmp), run.model.config, merged, run.tokenizer)
+            save_converted(str(tmp), run.model.config, _unrolled(run.model, merged), run.tokenizer)
         else:
             run.model.save_pretrained(tmp, params=merged)
             atomic_save_safetensors(torch_state_dict(merged, run.model.config.model_type), tmp / "model.safetensors",
@@ -123,6 +123,15 @@ def export_merged(run: RestoredRun, out_dir: str | os.PathLike) -> dict[str, Any
             run.tokenizer.save_pretrained(tmp)
         atomic_write_text(tmp / "decomp_jax_merge.json", json.dumps(info, indent=2))
     return info
+
+
+def _unrolled(model, params):
+    """Our Llama's params with ``model/layers_{i}`` subtrees (``scan_layers`` stacks them)."""
+    if not getattr(model.config, "scan_layers", False):
+        return params
+    from decomp_jax.models.llama import unstack_layers
+
+    return unstack_layers(params)
 
 
 def adapted_apply(run: RestoredRun):
@@ -159,8 +168,12 @@ def import_peft_run(peft_dir: str | os.PathLike, config_path: str | os.PathLike,
         raise ConfigError(f"{out_dir} is not empty; import into a new folder.")
     cfg = load_config(config_path, overrides)
     model, base, _ = load_base_model(cfg)
-    params, adapter_cfg = import_peft(str(peft_dir), base, arch=peft_arch(model),
+    params, adapter_cfg = import_peft(str(peft_dir), _unrolled(model, base), arch=peft_arch(model),
                                       base_model_name_or_path=cfg.model.name)
+    if getattr(model.config, "scan_layers", False):  # PEFT names layers one by one: stack them again
+        from decomp_jax.models.llama import stack_layers
+
+        params = stack_layers(params)
     cfg = ExperimentConfig(model=cfg.model, data=cfg.data, adapter=adapter_cfg,
                            train=cfg.train.replace(output_dir=str(out_dir)))
     trainable, buffers, frozen = partition(params, adapter_cfg)

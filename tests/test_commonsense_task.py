@@ -212,3 +212,34 @@ def test_cpu_sized_smollm2_lora_run(tmp_path):
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2]), losses
     for name in ("boolq", "arc_e", "arc_c", "obqa"):
         assert record["eval"][f"{name}_answered"] >= 0.9, record["eval"]
+
+
+def test_scanned_remat_run_equals_the_unrolled_run_and_merges(tiny_llm, lora_run, tmp_path):
+    """model.scan_layers + train.remat: the same per-step losses and metrics as the unrolled run;
+    `merge` writes the same unrolled HF folder."""
+    from decomp_jax import convert
+    from decomp_jax.runs import export_merged, restore_run
+
+    out, record = lora_run
+    scanned = run(_cfg(tiny_llm, tmp_path / "scan", "model.scan_layers=true", "train.remat=true"), progress=False)
+    losses = lambda d: [r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    np.testing.assert_allclose(losses(tmp_path / "scan"), losses(out), atol=1e-5)
+    assert scanned["eval"] == record["eval"]
+    export_merged(restore_run(tmp_path / "scan"), tmp_path / "m_scan")
+    export_merged(restore_run(out), tmp_path / "m_unrolled")
+    _, a, _ = convert.load_hf(str(tmp_path / "m_scan"))
+    _, b, _ = convert.load_hf(str(tmp_path / "m_unrolled"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+def test_bf16_base_and_decoder_options_are_checked(tiny_llm, tmp_path):
+    from decomp_jax.causal_lm import load_for
+
+    model, params, _ = load_for(_cfg(tiny_llm, tmp_path, "model.param_dtype=bfloat16", "model.scan_layers=true"))
+    assert model.config.scan_layers and {str(x.dtype) for x in jax.tree.leaves(params)} == {"bfloat16"}
+    assert jax.tree.leaves(params["model"]["layers"])[0].shape[0] == model.config.num_hidden_layers
+    from decomp_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.scan_layers, train.remat apply to our decoder LLM"):
+        load_config(REPO / "configs" / "quickstart.yaml", ["model.scan_layers=true", "train.remat=true"])
