@@ -297,8 +297,9 @@ class Task:
             out = np.asarray(jax.device_get(self.eval_step(trainable, frozen, batch)), np.float32)
             preds.append(out[real])
             labels.append(batch["labels"][real])
-        check_predictions(np.concatenate(preds))
-        return compute_metrics(self.spec.name, np.concatenate(preds), np.concatenate(labels))
+        preds = np.concatenate(preds)
+        check_predictions(preds)
+        return compute_metrics(self.spec.name, preds, np.concatenate(labels))
 
 
 def check_positions(cfg: ExperimentConfig, model_config) -> None:

@@ -206,7 +206,7 @@ def make_train_step(
     explicit = any(s is not None for s in (state_sharding, frozen_sharding, batch_sharding))
     if mesh is not None and not explicit:
         return _meshed_step(step, jit_kwargs, cfg, mesh, rules)
-    if any(s is not None for s in (state_sharding, frozen_sharding, batch_sharding)):
+    if explicit:
         jit_kwargs["in_shardings"] = (state_sharding, frozen_sharding, batch_sharding)
         jit_kwargs["out_shardings"] = (state_sharding, None)
     return jax.jit(step, **jit_kwargs)
