@@ -22,6 +22,7 @@ import numpy as np
 
 from decomp_jax.config import ConfigError
 from decomp_jax.data import check_train_size, commonsense as cs
+from decomp_jax.distributed import to_host
 from decomp_jax.execution import adapt
 from decomp_jax.inject import combine, count_params, inject, merge, partition
 from decomp_jax.methods import get
@@ -126,9 +127,9 @@ class CommonsenseTask:
     def num_train(self) -> int:
         return len(self.train_set.ids)
 
-    def train_batch(self, micro: int) -> dict:
+    def train_batch(self, micro: int, rows: Optional[slice] = None) -> dict:
         tc = self.cfg.train
-        b = cs.train_batch(self.train_set, micro, tc.batch_size, tc.seed, self.buckets)
+        b = cs.train_batch(self.train_set, micro, tc.batch_size, tc.seed, self.buckets, rows=rows)
         return {k: b[k] for k in ("input_ids", "attention_mask", "loss_mask", "weights")}
 
     def loss(self, params, batch, rng):
@@ -153,7 +154,7 @@ class CommonsenseTask:
         for batch in cs.eval_batches(prompts, tc.eval_batch_size, self.buckets):
             out = generate(self.model, params, batch["input_ids"], batch["attention_mask"], d.max_new_tokens,
                            eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id, apply_fn=apply_fn)
-            new = np.asarray(jax.device_get(out))[:, batch["input_ids"].shape[1]:]
+            new = to_host(out)[:, batch["input_ids"].shape[1]:]
             real = [int(i) for i in batch["index"] if i >= 0]
             for i, text in zip(real, cs.decode_generations(self.tokenizer, new, batch["index"])):
                 texts[i] = text

@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax.config import AdapterConfig, ConfigError
+from decomp_jax.distributed import to_host
 from decomp_jax.guards import NonFiniteError, nonfinite_leaves
 from decomp_jax.inject import adapted_layers, combine, find_targets, path_str, set_leaves
 from decomp_jax.methods import get
@@ -40,17 +41,20 @@ from decomp_jax.train import TrainState
 
 def fingerprint(base_params, cfg: AdapterConfig, architecture: str = "") -> dict:
     """What identifies the base model an adapter belongs to: an architecture string, every
-    leaf's shape and dtype, and a SHA-256 of the targeted kernels' bytes."""
-    flat = flatten_dict(jax.device_get(base_params), sep="/")
+    leaf's shape and dtype, and a SHA-256 of the targeted kernels' bytes. Only the targeted kernels
+    are read, one at a time; sharded arrays (also across processes: then every process calls this)
+    give the same fingerprint as host arrays."""
+    flat = flatten_dict(base_params, sep="/")
     digest = hashlib.sha256()
     targets = find_targets(base_params, cfg)
     for path in targets:
-        kernel = np.ascontiguousarray(flat[path_str(path + ("kernel",))])
+        kernel = np.ascontiguousarray(to_host(flat[path_str(path + ("kernel",))]))
         digest.update(path_str(path).encode())
         digest.update(kernel.tobytes())
     return {
         "architecture": architecture,
-        "shapes": {k: [list(np.shape(v)), str(np.asarray(v).dtype)] for k, v in sorted(flat.items())},
+        "shapes": {k: [list(np.shape(v)), str(np.dtype(getattr(v, "dtype", None) or np.asarray(v).dtype))]
+                   for k, v in sorted(flat.items())},
         "targets": [path_str(p) for p in targets],
         "targets_sha256": digest.hexdigest(),
     }
@@ -142,7 +146,7 @@ def _checksum(value: np.ndarray) -> str:
 def _state_leaves(tree: dict) -> dict[str, np.ndarray]:
     """Host arrays of a saved state tree, keyed by '/'-joined paths (optimizer states are
     NamedTuples: their fields are numbered by ``jax.tree_util`` paths)."""
-    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+    leaves = jax.tree_util.tree_flatten_with_path(to_host(tree))[0]
     return {jax.tree_util.keystr(path): np.asarray(value) for path, value in leaves}
 
 

@@ -11,15 +11,23 @@ from decomp_jax.config import ConfigError
 
 
 def _train(args) -> int:
+    from decomp_jax import distributed
     from decomp_jax.experiment import load_config, run
 
     overrides = list(args.set or [])
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)  # a bad config fails before any process waits for the others
+    given = distributed.settings(args.coordinator, args.num_processes, args.process_id)
+    if (given or args.distributed) and not os.environ.get(distributed.CHILD_ENV):
+        # several processes: train in a child, and name the process that died if the job fails
+        return distributed.supervise(args.argv, cfg.train.output_dir, given["process_id"] if given else None)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
+                           init_timeout=args.init_timeout, heartbeat_timeout=args.heartbeat_timeout)
     record = run(cfg, progress=not args.no_progress, resume=args.resume)
-    print(json.dumps(record, indent=2))
-    print(f"wrote {cfg.train.output_dir}/metrics.json")
+    if distributed.is_primary():
+        print(json.dumps(record, indent=2))
+        print(f"wrote {cfg.train.output_dir}/metrics.json")
     return 0
 
 
@@ -145,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", help="where to write metrics and the adapter (train.output_dir)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir/checkpoints")
+    many = train.add_argument_group("several processes (hosts): run the same command on each, see README 'Training on a pod'")
+    many.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address and a free port "
+                      "(env DECOMP_JAX_COORDINATOR)")
+    many.add_argument("--num-processes", type=int, metavar="N", help="processes in the job (env DECOMP_JAX_NUM_PROCESSES)")
+    many.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (env DECOMP_JAX_PROCESS_ID)")
+    many.add_argument("--distributed", action="store_true", help="let JAX detect the processes (TPU pod slices, "
+                      "SLURM, Open MPI, Kubernetes, JAX_COORDINATOR_ADDRESS)")
+    many.add_argument("--init-timeout", type=float, default=300, metavar="S",
+                      help="seconds to wait for the coordinator and every process (default 300)")
+    many.add_argument("--heartbeat-timeout", type=int, default=30, metavar="S",
+                      help="a process silent this long counts as dead and the others stop (default 30)")
     train.set_defaults(func=_train)
 
     ev = add("eval", help="evaluate a finished run folder on the dev set")
@@ -231,6 +250,7 @@ def main(argv=None) -> int:
     import warnings
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     original, warnings.formatwarning = warnings.formatwarning, _one_line
     try:
         return args.func(args)

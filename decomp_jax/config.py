@@ -193,6 +193,11 @@ class AdapterConfig(_Serializable):
     factor_dtype: dtype of the factor leaves (and so of their optimizer moments), whatever the base
                  kernel's dtype: ``float32`` (default) | ``bfloat16`` | ``float16``. Factored execution
                  computes in the layer's activation dtype (the Dense ``dtype``), casting the factors to it.
+    kernel_in_axes: for kernels that are not matrices (``nn.DenseGeneral`` projections such as
+                 ``(embed, heads, head_dim)`` or ``(heads, head_dim, embed)``): ``{layer path regex: n}``, the
+                 first ``n`` axes (after a stacked layer axis) are inputs. The methods see the matrix
+                 ``(prod(input axes), prod(output axes))``; factors are made for it and merged back in the
+                 kernel's shape. E.g. ``{"(query|key|value)$": 1, "out$": 2}``.
 
     Prompt methods (``prompt_tuning``, ``prefix_tuning``; ``decomp_jax.prompts``) add one subtree
     ``params[method]`` to our Llama's params: ``targets``, ``rank``, ``alpha``, ``init`` and
@@ -215,6 +220,7 @@ class AdapterConfig(_Serializable):
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     stacked: Optional[str] = "layers"
     factor_dtype: str = "float32"
+    kernel_in_axes: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         from decomp_jax.methods import base  # local import: the registry imports this module
@@ -236,6 +242,17 @@ class AdapterConfig(_Serializable):
                 f"stacked must be None or the name of the scanned module, one path component such as 'layers'; "
                 f"{_got(self.stacked)}."
             )
+        if not isinstance(self.kernel_in_axes, AbcMapping):
+            raise ConfigTypeError(f"kernel_in_axes must be a mapping of layer path regexes to input axis counts, e.g. "
+                                  f"{{'(query|key|value)$': 1, 'out$': 2}}; {_got(self.kernel_in_axes)}.")
+        object.__setattr__(self, "kernel_in_axes", dict(self.kernel_in_axes))
+        for regex, n in self.kernel_in_axes.items():
+            _regex(regex, "a kernel_in_axes key", "'(query|key|value)$'", "searched in each layer's '/'-joined path",
+                   optional=False)
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+                raise ConfigError(f"kernel_in_axes[{regex!r}] must be a positive integer (the number of input axes of "
+                                  f"the kernel); got {n!r}.")
+            self.kernel_in_axes[regex] = int(n)
         _string(self.factor_dtype, "factor_dtype", FACTOR_DTYPES)
         if self.factor_dtype not in FACTOR_DTYPES:
             raise ConfigError(

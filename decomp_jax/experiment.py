@@ -26,6 +26,7 @@ from decomp_jax import checkpoint
 from decomp_jax.causal_lm import TASKS as LM_TASKS, CommonsenseTask, dataset_names, load_for
 from decomp_jax.config import AdapterConfig, ConfigError, _closest, _Serializable
 from decomp_jax.data import check_train_size, glue
+from decomp_jax.distributed import barrier, is_primary, to_host
 from decomp_jax.execution import MODES, adapt
 from decomp_jax.guards import (
     NonFiniteError, atomic_save_safetensors, atomic_write_text, check_finite, load_safetensors,
@@ -262,7 +263,14 @@ class Task:
         params = inject(self.base_params, cfg.adapter, jax.random.PRNGKey(seed))
         self.trainable, self.buffers, self.frozen = partition(params, cfg.adapter)
         self.apply = adapt(sequence_classifier_apply(self.model), cfg.adapter, mode=cfg.train.mode)
-        self.eval_step = make_eval_step(lambda p, b: self.apply(p, b, train=False))
+        self.eval_step = make_eval_step(self.predict)
+
+    def predict(self, params, batch):
+        return self.apply(params, batch, train=False)
+
+    def use_mesh(self, mesh) -> None:
+        """Evaluate with each batch split over the mesh (the params keep their placement)."""
+        self.eval_step = make_eval_step(self.predict, mesh=mesh)
 
     @property
     def backbone_params(self) -> int:
@@ -280,8 +288,8 @@ class Task:
     def num_train(self) -> int:
         return glue.num_rows(self.train_arrays)
 
-    def train_batch(self, micro: int) -> dict:
-        return glue.train_batch(self.train_arrays, self.cfg.train.batch_size, micro, self.cfg.train.seed)
+    def train_batch(self, micro: int, rows: Optional[slice] = None) -> dict:
+        return glue.train_batch(self.train_arrays, self.cfg.train.batch_size, micro, self.cfg.train.seed, rows=rows)
 
     def loss(self, params, batch, rng):
         outputs = self.apply(params, batch, train=True, rng=rng)
@@ -294,7 +302,7 @@ class Task:
         preds, labels = [], []
         for batch in glue.batches(self.eval_arrays, self.cfg.train.eval_batch_size, shuffle=False, seed=0, drop_last=False):
             real = batch["weights"] > 0
-            out = np.asarray(jax.device_get(self.eval_step(trainable, frozen, batch)), np.float32)
+            out = np.asarray(to_host(self.eval_step(trainable, frozen, batch)), np.float32)
             preds.append(out[real])
             labels.append(batch["labels"][real])
         preds = np.concatenate(preds)
@@ -363,9 +371,10 @@ def save_adapter(trainable, path: Path) -> None:
     leaves the previous file intact); NaN or inf leaves are refused."""
     from flax.traverse_util import flatten_dict
 
-    check_finite(trainable, f"The adapter for {path}", "it is not written.")
-    flat = flatten_dict(jax.device_get(trainable), sep="/")
-    atomic_save_safetensors({k: np.asarray(v) for k, v in flat.items()}, path)
+    host = to_host(trainable)  # (a collective with several processes: every process calls this)
+    check_finite(host, f"The adapter for {path}", "it is not written.")
+    if is_primary():
+        atomic_save_safetensors({k: np.asarray(v) for k, v in flatten_dict(host, sep="/").items()}, path)
 
 
 def load_adapter(path: Path, like: dict) -> dict:
@@ -393,7 +402,7 @@ def _place_on_mesh(cfg: ExperimentConfig, task):
     factor leaves following their kernels)."""
     from decomp_jax import sharding
 
-    mesh = sharding.make_mesh(cfg.train.mesh)
+    mesh = sharding.make_mesh(cfg.train.mesh or {"data": -1})  # several processes: data parallel by default
     n = math.prod(dict(mesh.shape).get(a, 1) for a in sharding.BATCH_AXES)
     if cfg.train.batch_size % n:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the mesh's data x fsdp = {n} "
@@ -402,7 +411,28 @@ def _place_on_mesh(cfg: ExperimentConfig, task):
                                  cfg=cfg.adapter)
     task.trainable, task.buffers, task.frozen = (
         sharding.place(t, sharding.follow(t, specs, mesh)) for t in (task.trainable, task.buffers, task.frozen))
+    if hasattr(task, "use_mesh"):
+        task.use_mesh(mesh)
     return mesh
+
+
+def _batch_feed(cfg: ExperimentConfig, task, mesh) -> Callable[[int], dict]:
+    """``micro -> batch``: the task's host batch; with several processes, each reads only the rows
+    its devices hold and the global batch is assembled from the processes' shares."""
+    if mesh is None or jax.process_count() == 1:
+        return task.train_batch
+    from decomp_jax import sharding
+    from decomp_jax.distributed import global_batch, process_rows
+
+    size = cfg.train.batch_size
+    batch_sh = sharding.batch_sharding(jax.ShapeDtypeStruct((size,), np.float32), mesh, strict=True)
+    rows = process_rows(size, batch_sh)
+
+    def feed(micro: int) -> dict:
+        local = task.train_batch(micro, rows=rows)
+        return global_batch(local, {k: batch_sh for k in local}, size)
+
+    return feed
 
 
 def initial_state(cfg: ExperimentConfig, steps: int, trainable, buffers, frozen, mesh=None):
@@ -467,11 +497,15 @@ def check_output_dir(cfg: ExperimentConfig, resume: bool) -> None:
                           f"(or move that folder away) to train again.")
 
 
+LAYOUT_KEYS = {("train", "output_dir"), ("train", "mesh"), ("model", "partition_rules")}
+
+
 def _config_diff(saved: dict, now: dict) -> dict:
-    """``{section.key: (saved, now)}`` of two experiment dicts, ignoring ``train.output_dir``
-    (the checkpoint is read from the folder given now, wherever the run was moved)."""
+    """``{section.key: (saved, now)}`` of two experiment dicts, ignoring ``LAYOUT_KEYS``: where the run
+    lives (the checkpoint is read from the folder given now) and how it is laid out on devices (a
+    checkpoint restores onto any mesh shape and process count)."""
     return {f"{sec}.{k}": (v, now.get(sec, {}).get(k)) for sec, d in saved.items() for k, v in d.items()
-            if now.get(sec, {}).get(k) != v and (sec, k) != ("train", "output_dir")}
+            if now.get(sec, {}).get(k) != v and (sec, k) not in LAYOUT_KEYS}
 
 
 class _FiniteGuard:
@@ -527,7 +561,7 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
     try:
         return _train(cfg, task, out_dir, progress=progress, resume=resume, on_step=on_step)
     except BaseException:
-        if created and not _saved_steps(out_dir / "checkpoints") and not _read_jsonl(out_dir / "metrics.jsonl"):
+        if created and is_primary() and not _saved_steps(out_dir / "checkpoints") and not _read_jsonl(out_dir / "metrics.jsonl"):
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
 
@@ -545,13 +579,16 @@ def _resume(cfg: ExperimentConfig, task, mngr, state, base_fingerprint, log_path
     skipped = [s for s in mngr.all_steps() if s > start]
     if skipped:
         aside = Path(cfg.train.output_dir) / "corrupted_checkpoints"
-        aside.mkdir(exist_ok=True)
-        for s in skipped:
-            os.replace(Path(mngr.directory) / str(s), aside / str(s))
+        if is_primary():
+            aside.mkdir(exist_ok=True)
+            for s in skipped:
+                os.replace(Path(mngr.directory) / str(s), aside / str(s))
+            print(f"moved corrupted checkpoint(s) {skipped} to {aside}", flush=True)
+        barrier("decomp_jax.resume.moved")
         mngr.reload()
-        print(f"moved corrupted checkpoint(s) {skipped} to {aside}", flush=True)
-    kept = [r for r in _read_jsonl(log_path) if r.get("step", 0) <= start // cfg.train.grad_accum and "final" not in r]
-    atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+    if is_primary():
+        kept = [r for r in _read_jsonl(log_path) if r.get("step", 0) <= start // cfg.train.grad_accum and "final" not in r]
+        atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
     return state, start
 
 
@@ -561,22 +598,25 @@ def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume
     log_path = out_dir / "metrics.jsonl"
     tc = cfg.train
     steps = total_steps(cfg, task.num_train)
+    primary = is_primary()  # with several processes, process 0 prints and writes the run's files
     mesh = None
-    if tc.mesh:
+    if tc.mesh or jax.process_count() > 1:
         mesh = _place_on_mesh(cfg, task)
         optimizer, schedule, state = initial_state(cfg, steps, task.trainable, task.buffers, task.frozen, mesh=mesh)
     else:
         optimizer, schedule, state = initial_state(cfg, steps, task.trainable, task.buffers, task.frozen)
     train_step = make_train_step(task.loss, optimizer, cfg.adapter, schedule=schedule, mesh=mesh,
                                  rules=cfg.model.partition_rules)
+    feed = _batch_feed(cfg, task, mesh)
     mngr, base_fingerprint = _checkpoints(cfg, task)
     try:
         start = 0
         if resume:
             state, start = _resume(cfg, task, mngr, state, base_fingerprint, log_path)
-        else:
+        elif primary:
             atomic_write_text(log_path, "")
-        atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
+        if primary:
+            atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
         metadata = {"experiment": cfg.to_dict()}
         guard = _FiniteGuard(cfg, mngr)
 
@@ -589,15 +629,18 @@ def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume
         n_backbone = task.backbone_params
         summary = (f"{cfg.adapter.method}: {n_trainable:,} trainable parameters = "
                    f"{100 * n_trainable / n_backbone:.3f}% of the {n_backbone:,}-parameter backbone")
-        print(summary + (f"; resuming at step {start // tc.grad_accum}" if start else ""), flush=True)
+        if primary:
+            print(summary + (f"; resuming at step {start // tc.grad_accum}" if start else "")
+                  + (f"; {jax.process_count()} processes, {jax.device_count()} devices" if jax.process_count() > 1 else ""),
+                  flush=True)
 
         micro_steps = steps * tc.grad_accum
         bar = tqdm(total=steps, initial=start // tc.grad_accum, desc=f"{cfg.data.task}/{cfg.adapter.method}",
-                   disable=not progress, unit="step")
+                   disable=not (progress and primary), unit="step")
         t0 = last_time = time.perf_counter()
         last_step = start // tc.grad_accum
         for micro in range(start, micro_steps):
-            batch = task.train_batch(micro)
+            batch = feed(micro)
             state, metrics = train_step(state, task.frozen, batch)
             step = (micro + 1) // tc.grad_accum
             guard.add(step, metrics)
@@ -610,14 +653,16 @@ def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume
                 now = time.perf_counter()
                 rate = (step - last_step) * tc.batch_size * tc.grad_accum / (now - last_time)
                 last_time, last_step = now, step
-                _append_jsonl(log_path, {"step": step, **values, "examples_per_s": rate})
+                if primary:
+                    _append_jsonl(log_path, {"step": step, **values, "examples_per_s": rate})
                 bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{rate:.0f}")
             bar.update(1)
             eval_metrics = None
             if tc.eval_every and step % tc.eval_every == 0 and step < steps:
                 guard.check()
                 eval_metrics = task.evaluate(state.trainable, state.buffers)
-                _append_jsonl(log_path, {"step": step, "eval": eval_metrics})
+                if primary:
+                    _append_jsonl(log_path, {"step": step, "eval": eval_metrics})
             if tc.save_every and step % tc.save_every == 0 and step < steps:
                 save(state, eval_metrics)
             if on_step is not None:
@@ -628,7 +673,8 @@ def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume
         train_seconds = time.perf_counter() - t0
 
         eval_metrics = task.evaluate(state.trainable, state.buffers)
-        _append_jsonl(log_path, {"step": steps, "eval": eval_metrics, "final": True})
+        if primary:
+            _append_jsonl(log_path, {"step": steps, "eval": eval_metrics, "final": True})
         # the results first: a failing final checkpoint (a full disk, say) keeps them
         save_adapter(combine(state.trainable, state.buffers), out_dir / "adapter.safetensors")
         record = {
@@ -642,7 +688,8 @@ def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume
             "trainable_fraction": n_trainable / n_backbone,
             "checkpoint": str(Path(mngr.directory) / str(int(state.step))),
         }
-        atomic_write_text(out_dir / "metrics.json", json.dumps(record, indent=2))
+        if primary:
+            atomic_write_text(out_dir / "metrics.json", json.dumps(record, indent=2))
         if int(state.step) not in mngr.all_steps():  # (resuming a finished run only re-evaluates)
             save(state, eval_metrics)
         return record

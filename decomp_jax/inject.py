@@ -14,7 +14,7 @@ import math
 import re
 import zlib
 from collections.abc import Mapping
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import jax
 import numpy as np
@@ -37,11 +37,11 @@ def _is_nnx(value) -> bool:
 
 def _nnx_error(value, name: str) -> TypeError:
     return TypeError(
-        f"{name} is a Flax NNX {type(value).__name__}: decomp_jax works on nested dicts of arrays (Linen-style "
-        f"params) and does not support NNX modules or states yet. Convert: graphdef, state, rest = nnx.split(model, nnx.Param, ...); "
-        f"params = nnx.to_pure_dict(state); run with dj.adapt(lambda p, x: nnx.merge(graphdef, p, rest)(x), cfg, "
-        f"mode='merged') (factored execution intercepts Linen layers only); get the merged model back with "
-        f"nnx.merge(graphdef, dj.merge(params, cfg), rest). Or use a Linen model."
+        f"{name} is a Flax NNX {type(value).__name__}: this function works on nested dicts of arrays (Linen-style "
+        f"params) and does not support NNX modules or states. For an NNX model use decomp_jax.nnx: "
+        f"decomp_jax.nnx.inject(model, cfg, key) adapts its nnx.Linear / nnx.LinearGeneral layers in place "
+        f"(factored), and nnx.split(model, decomp_jax.nnx.AdapterParam, ...) gives the factors. Or convert: graphdef, "
+        f"state, rest = nnx.split(model, nnx.Param, ...); params = nnx.to_pure_dict(state)."
     )
 
 
@@ -126,12 +126,58 @@ def is_transposed(path: Path, cfg: AdapterConfig) -> bool:
     return bool(cfg.transposed) and re.search(cfg.transposed, path_str(path)) is not None
 
 
+def kernel_in_axes(path: Path, cfg: AdapterConfig) -> Optional[int]:
+    """The number of input axes of the general (``nn.DenseGeneral``) kernel at ``path`` by
+    ``cfg.kernel_in_axes`` (first matching regex), or None for a matrix kernel."""
+    where = path_str(path)
+    for regex, n in cfg.kernel_in_axes.items():
+        if re.search(regex, where):
+            return n
+    return None
+
+
+def _general_lead(path: Path, shape, n_in: int, cfg: AdapterConfig) -> int:
+    """1 when the general kernel at ``path`` carries a stacked layer axis first, else 0; checks its rank."""
+    lead = 1 if stack_component(path, cfg) is not None and len(shape) >= n_in + 2 else 0
+    if len(shape) - lead - n_in < 1:
+        raise ConfigError(
+            f"Layer {path_str(path)!r} has a kernel of shape {tuple(shape)} but adapter.kernel_in_axes gives it {n_in} "
+            f"input axes, which leaves no output axis. Give the number of input axes of its nn.DenseGeneral (len(axis)).")
+    return lead
+
+
 def oriented(kernel, path: Path, cfg: AdapterConfig):
-    """The kernel in the methods' ``(d_in, d_out)`` convention (a transpose for GPT-2's Conv1D; of
-    the last two axes for a stacked ``(L, d_out, d_in)`` kernel); the function is its own inverse."""
+    """The kernel in the methods' ``(d_in, d_out)`` convention (``(L, d_in, d_out)`` when stacked): a
+    transpose for GPT-2's Conv1D (of the last two axes when stacked); a general kernel (``kernel_in_axes``)
+    flattened to ``(prod(input axes), prod(output axes))``. ``restore_layout`` is the inverse."""
+    n_in = kernel_in_axes(path, cfg)
+    if n_in is not None:
+        shape = np.shape(kernel)
+        lead = _general_lead(path, shape, n_in, cfg)
+        return kernel.reshape(shape[:lead] + (math.prod(shape[lead:lead + n_in]), math.prod(shape[lead + n_in:])))
     if not is_transposed(path, cfg):
         return kernel
     return kernel.T if np.ndim(kernel) == 2 else jax.numpy.swapaxes(kernel, -1, -2)
+
+
+def restore_layout(matrix, path: Path, cfg: AdapterConfig, shape):
+    """Inverse of ``oriented``: a ``(d_in, d_out)`` matrix back in the layer's stored layout ``shape``."""
+    if kernel_in_axes(path, cfg) is not None:
+        return matrix.reshape(tuple(shape))
+    return oriented(matrix, path, cfg)
+
+
+def bias_vector(bias, matrix):
+    """A layer's bias as the methods see it beside ``matrix`` (its ``oriented`` kernel): ``(d_out,)``, or
+    ``(L, d_out)`` when stacked (a general kernel's bias has the shape of its output axes). None stays None."""
+    if bias is None:
+        return None
+    shape = tuple(np.shape(matrix)[:-2]) + (np.shape(matrix)[-1],)
+    if np.size(bias) != math.prod(shape):
+        raise ConfigError(f"A bias of shape {tuple(np.shape(bias))} does not fit its kernel seen as the matrix "
+                          f"{tuple(np.shape(matrix))}: for an nn.DenseGeneral layer, adapter.kernel_in_axes must give the "
+                          f"number of input axes it contracts (len(axis)); the output axes are the bias's.")
+    return bias.reshape(shape)
 
 
 def stack_component(path: Path, cfg: AdapterConfig):
@@ -149,6 +195,9 @@ def is_stacked(path: Path, kernel, cfg: AdapterConfig) -> bool:
     (``nn.scan`` with ``variable_axes={"params": 0}``): 3-D and under a ``cfg.stacked`` component.
     Raises a ``ConfigError`` for any other kernel that is not 2-D."""
     ndim = np.ndim(kernel)
+    n_in = kernel_in_axes(path, cfg)
+    if n_in is not None:
+        return _general_lead(path, np.shape(kernel), n_in, cfg) == 1
     if ndim == 2:
         return False
     where = path_str(path)
@@ -162,8 +211,8 @@ def is_stacked(path: Path, kernel, cfg: AdapterConfig) -> bool:
     raise ConfigError(
         f"Layer {where!r} has a kernel of shape {tuple(np.shape(kernel))}; methods adapt 2-D dense kernels (d_in, d_out) "
         f"(or (d_out, d_in) for layers matched by `transposed`) and stacked kernels (L, d_in, d_out) of scanned layers. "
-        f"{hint}nn.DenseGeneral / einsum kernels such as (embed, heads, head_dim) are not supported yet. Narrow "
-        f"`targets` so it selects dense layers only."
+        f"{hint}For an nn.DenseGeneral kernel such as (embed, heads, head_dim), give its number of input axes in "
+        f"adapter.kernel_in_axes (e.g. {{{where.rsplit('/', 1)[-1] + '$'!r}: 1}}); or narrow `targets` to dense layers."
     )
 
 
@@ -271,9 +320,10 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
     flat = _flat(params)
     factor_dtype = jax.numpy.dtype(cfg.factor_dtype)
     for path in find_targets(params, cfg):
-        kernel = oriented(flat[path + ("kernel",)], path, cfg)
+        stored = flat[path + ("kernel",)]
+        kernel = oriented(stored, path, cfg)
         where = path_str(path)
-        stacked = is_stacked(path, kernel, cfg)
+        stacked = is_stacked(path, stored, cfg)
         d_in, d_out = kernel.shape[-2:]
         if method.uses_rank and cfg.rank > min(d_in, d_out):
             raise ConfigError(
@@ -287,7 +337,7 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
                 f"Inject into the base params, or merge() first."
             )
         base_dtype = kernel.dtype
-        bias = flat.get(path + ("bias",))
+        bias = bias_vector(flat.get(path + ("bias",)), kernel)
         # factors are made from the kernel in the wider of its dtype and factor_dtype (the init of float32
         # factors over a bfloat16 kernel runs in float32; PiSSA's residual of a float32 kernel stays float32)
         work_dtype = jax.numpy.promote_types(base_dtype, factor_dtype)
@@ -303,7 +353,7 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
             flat[path + (name,)] = value
         if method.residual is not None:  # PiSSA/MiLoRA: the layer keeps K - s * a0 @ b0
             residual = per_layer(lambda w, f: method.residual(w, f, cfg), stacked)(work, factors)
-            flat[path + ("kernel",)] = oriented(residual.astype(base_dtype), path, cfg)
+            flat[path + ("kernel",)] = restore_layout(residual.astype(base_dtype), path, cfg, np.shape(stored))
     return unflatten_dict(flat)
 
 
@@ -385,10 +435,11 @@ def merge(params, cfg: AdapterConfig):
         stacked = is_stacked(path, layer["kernel"], cfg)
         base = oriented(layer["kernel"], path, cfg)
         kernel = per_layer(lambda k, f: method.materialize(k, f, cfg), stacked)(base, factors)
-        flat[path + ("kernel",)] = oriented(kernel.astype(base.dtype), path, cfg)
+        flat[path + ("kernel",)] = restore_layout(kernel.astype(base.dtype), path, cfg, np.shape(layer["kernel"]))
         if method.materialize_bias is not None and "bias" in layer:
-            bias = per_layer(lambda b, f: method.materialize_bias(b, f, cfg), stacked)(layer["bias"], factors)
-            flat[path + ("bias",)] = bias.astype(layer["bias"].dtype)
+            old = layer["bias"]
+            bias = per_layer(lambda b, f: method.materialize_bias(b, f, cfg), stacked)(bias_vector(old, base), factors)
+            flat[path + ("bias",)] = bias.reshape(np.shape(old)).astype(old.dtype)
         for name in method.factor_names:
             del flat[path + (name,)]
     return unflatten_dict(flat)
@@ -469,14 +520,15 @@ def unmerge(merged, adapter, cfg: AdapterConfig):
                 f"merged. unmerge takes the output of dj.merge(params, cfg)."
             )
         factors = {n: flat_adapter[path + (n,)] for n in method.factor_names}
-        merged_kernel = oriented(flat[path + ("kernel",)], path, cfg)
-        stacked = is_stacked(path, merged_kernel, cfg)
+        stored = flat[path + ("kernel",)]
+        merged_kernel = oriented(stored, path, cfg)
+        stacked = is_stacked(path, stored, cfg)
         old_bias = flat.get(path + ("bias",))
         kernel, bias = per_layer(lambda k, b, f: method.unmaterialize(k, b, f, cfg), stacked)(
-            merged_kernel, old_bias, factors)
-        flat[path + ("kernel",)] = oriented(kernel.astype(merged_kernel.dtype), path, cfg)
+            merged_kernel, bias_vector(old_bias, merged_kernel), factors)
+        flat[path + ("kernel",)] = restore_layout(kernel.astype(merged_kernel.dtype), path, cfg, np.shape(stored))
         if bias is not None:
-            flat[path + ("bias",)] = bias if old_bias is None else bias.astype(old_bias.dtype)
+            flat[path + ("bias",)] = bias if old_bias is None else bias.reshape(np.shape(old_bias)).astype(old_bias.dtype)
         flat.update({path + (n,): v for n, v in factors.items()})
     return unflatten_dict(flat)
 

@@ -316,7 +316,7 @@ def param_specs(params, mesh, rules=None, *, cfg: Optional[AdapterConfig] = None
     """A ``PartitionSpec`` per leaf of ``params``: base leaves by ``rules`` (see ``base_specs``); with
     ``cfg``, the method's factor leaves derived from their kernel's spec and a prompt method's
     subtree replicated."""
-    from decomp_jax.inject import adapted_layers, is_transposed
+    from decomp_jax.inject import adapted_layers, is_stacked, is_transposed, kernel_in_axes
     from decomp_jax.methods import get
 
     specs = flatten_dict(base_specs(params, mesh, rules, fsdp_min_size=fsdp_min_size, logical_rules=logical_rules))
@@ -331,13 +331,26 @@ def param_specs(params, mesh, rules=None, *, cfg: Optional[AdapterConfig] = None
     values = _unbox(params)
     for path, layer in adapted_layers(values, cfg):
         transposed = is_transposed(path, cfg)
-        shape = tuple(np.shape(layer["kernel"]))
-        d_in, d_out = shape[::-1] if transposed else shape
-        kernel_spec = specs[path + ("kernel",)]
+        shape = tuple(np.shape(layer["kernel"]))  # (L,) + ... when stacked
+        lead = 1 if is_stacked(path, layer["kernel"], cfg) else 0
+        entries = list(specs[path + ("kernel",)]) + [None] * len(shape)
+        n_in = kernel_in_axes(path, cfg)
+        if n_in is not None:  # a general kernel: each flattened axis keeps the spec of its first (major) axis
+            d_in, d_out = math.prod(shape[lead:lead + n_in]), math.prod(shape[lead + n_in:])
+            entries = entries[:lead] + [_major(entries[lead:lead + n_in]), _major(entries[lead + n_in:len(shape)])]
+        else:
+            d_in, d_out = shape[lead:][::-1] if transposed else shape[lead:]
+        kernel_spec = P(*entries[lead:lead + 2])
         for name in method.factor_names:
-            specs[path + (name,)] = factor_spec(name, np.shape(layer[name]), kernel_spec, d_in, d_out,
-                                                transposed=transposed)
+            own = factor_spec(name, np.shape(layer[name])[lead:], kernel_spec, d_in, d_out, transposed=transposed)
+            specs[path + (name,)] = P(*entries[:lead], *own)
     return unflatten_dict(specs)
+
+
+def _major(entries):
+    """The spec entry of a group of axes flattened into one: the first axis's when the others are unsharded
+    (its shards are then contiguous blocks of the flattened axis), else replicated."""
+    return entries[0] if all(e is None for e in entries[1:]) else None
 
 
 def named(specs, mesh):
@@ -457,14 +470,20 @@ def place(tree, shardings):
     """``tree``'s leaves on the devices of ``shardings`` (a matching pytree, or one sharding for all).
     Host arrays (NumPy arrays and memmaps, e.g. from ``convert.read_safetensors``) are read one
     device slice at a time with ``jax.make_array_from_callback``: no device nor host holds a full copy
-    beyond its own slices. JAX arrays are moved with ``jax.device_put``. Flax boxes are unboxed."""
+    beyond its own slices. JAX arrays are moved with ``jax.device_put`` (a process-local array onto a
+    mesh spanning several processes is read slice by slice like a host array). Flax boxes are unboxed."""
     tree = _unbox(tree) if isinstance(tree, dict) else tree
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, tree)
 
     def put(x, sharding):
         if isinstance(x, jax.Array):
-            return x if x.sharding == sharding else jax.device_put(x, sharding)
+            if x.sharding == sharding:
+                return x
+            if x.is_fully_addressable and not sharding.is_fully_addressable:
+                x = np.asarray(x)  # a process-local copy onto a mesh spanning processes: read our slices
+            else:
+                return jax.device_put(x, sharding)
         if isinstance(x, np.ndarray) or hasattr(x, "__array__"):
             dtype = getattr(x, "dtype", None)
             return jax.make_array_from_callback(tuple(np.shape(x)), sharding,

@@ -46,8 +46,10 @@ def _losses(out_dir):
     return {r["step"]: r["loss"] for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
-@pytest.mark.parametrize("method", [m if m in ("lora", "adalora", "lora_dash") else pytest.param(m, marks=pytest.mark.slow)
-                                    for m in METHOD_SETTINGS])  # dora, ssb, pissa: -m slow
+# the stateful methods by default; lora, dora, ssb, pissa with -m slow (test_multihost.py resumes a
+# killed lora run through the CLI in the default suite)
+@pytest.mark.parametrize("method", [m if m in ("adalora", "lora_dash") else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in METHOD_SETTINGS])
 def test_killed_and_resumed_run_equals_the_uninterrupted_run(method, tiny_model_dir, tmp_path):
     extra = [f"adapter.method={method}", *METHOD_SETTINGS[method]]
     full = run(tiny_config(tiny_model_dir, tmp_path / "full", *extra), progress=False)
@@ -167,6 +169,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path)
     mngr.close()
 
 
+@pytest.mark.slow  # 30 s; tests/test_multihost.py kills and resumes `decomp-jax train` in the default suite
 def test_cli_run_killed_by_sigkill_resumes_to_the_same_losses(tiny_model_dir, tmp_path):
     """The real thing: `decomp-jax train` SIGKILLed mid-run, then `--resume`."""
     from decomp_jax import cli

@@ -111,3 +111,12 @@ def test_quickstart_reaches_target(tmp_path):
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [f"data.path={SST2}", f"train.output_dir={tmp_path}"])
     record = run(cfg, progress=False)
     assert record["eval"]["accuracy"] >= 0.85, record
+
+
+def test_every_shipped_config_loads():
+    """configs/ (the quick start, the commonsense settings, the FSDP one) parse and validate."""
+    loaded = {p.name: load_config(p) for p in sorted((REPO / "configs").rglob("*.yaml"))}
+    assert {"quickstart.yaml", "smollm2_lora.yaml", "smollm2_lora_cpu.yaml", "smollm2_lora_fsdp.yaml"} <= set(loaded)
+    fsdp = loaded["smollm2_lora_fsdp.yaml"]
+    assert fsdp.train.mesh == {"data": 1, "fsdp": -1, "tensor": 1}
+    assert (fsdp.model.param_dtype, fsdp.model.scan_layers, fsdp.train.remat) == ("bfloat16", True, True)

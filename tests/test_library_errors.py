@@ -3,6 +3,7 @@ one clear error that names the problem and the fix (issue 12), instead of a bare
 silently wrong result. Tiny random params dicts only: no model is loaded."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -205,9 +206,9 @@ def nnx_model():
     return model
 
 
-NNX_MESSAGE = (r"params is a Flax NNX State: decomp_jax works on nested dicts of arrays .* does not support NNX modules or "
-               r"states yet\. Convert: graphdef, state, rest = nnx\.split\(model, nnx\.Param, \.\.\.\); params = "
-               r"nnx\.to_pure_dict\(state\)")
+NNX_MESSAGE = (r"params is a Flax NNX State: this function works on nested dicts of arrays .* does not support NNX modules or "
+               r"states\. For an NNX model use decomp_jax\.nnx: decomp_jax\.nnx\.inject\(model, cfg, key\) .* Or convert: "
+               r"graphdef, state, rest = nnx\.split\(model, nnx\.Param, \.\.\.\); params = nnx\.to_pure_dict\(state\)")
 
 
 def test_nnx_state_is_refused_clearly(nnx_model, lora):
@@ -241,6 +242,23 @@ def test_the_recommended_nnx_round_trip_works(nnx_model, lora):
     assert set(grads["query"]) == {"lora_a", "lora_b"}
     merged_model = nnx.merge(graphdef, dj.merge(params, lora), rest)
     np.testing.assert_allclose(merged_model(x), apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+def test_factored_forward_that_adapts_no_layer_is_an_error(nnx_model, lora):
+    """A model that is no Linen module (NNX, an einsum projection, a function of the params) in factored
+    mode used to run the base model and train nothing, silently (gradient norm 0)."""
+    _, state, _ = nnx.split(nnx_model, nnx.Param, ...)
+    params = dj.inject(nnx.to_pure_dict(state), lora, jax.random.PRNGKey(0))
+
+    def forward(p, x):  # reads the kernels itself: nothing for factored execution to intercept
+        h = jax.nn.relu(jnp.einsum("bi,io->bo", x, p["query"]["kernel"]) + p["query"]["bias"])
+        return h @ p["value"]["kernel"] + p["value"]["bias"]
+
+    apply = dj.adapt(forward, lora)
+    with pytest.raises(dj.ConfigError, match=r"the forward pass ran no Linen layer holding them.*mode='merged'"):
+        apply(params, np.ones((3, 8), np.float32))
+    with pytest.raises(dj.ConfigError, match=r"ran no Linen layer"):  # under jit too (raised while tracing)
+        jax.jit(apply)(params, np.ones((3, 8), np.float32))
 
 
 @pytest.mark.parametrize("params, message", [

@@ -619,7 +619,8 @@ def _pad_rows(data: TokenizedSet, idx: np.ndarray, length: int, left: bool) -> t
 
 
 def train_batch(data: TokenizedSet, step: int, batch_size: int, seed: int = 0,
-                buckets: Sequence[int] | None = None, *, chunk_batches: int = 16) -> dict[str, np.ndarray]:
+                buckets: Sequence[int] | None = None, *, chunk_batches: int = 16,
+                rows: slice | None = None) -> dict[str, np.ndarray]:
     """Right-padded causal-LM batch for global step ``step`` (0-based) of an endless stream.
 
     A pure function of ``(data, step, batch_size, seed, buckets, chunk_batches)``: epoch
@@ -635,6 +636,8 @@ def train_batch(data: TokenizedSet, step: int, batch_size: int, seed: int = 0,
       unshifted, the loss shifts; :func:`causal_lm_loss` does ``logits[:, t]`` vs token ``t+1``);
     - ``position_ids`` int32, ``0..L-1``;
     - ``weights`` float32 ``(batch_size,)``, all ones (no padding rows in training batches).
+
+    ``rows`` pads only those rows of the batch (one process's share; same padded length).
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}.")
@@ -646,6 +649,7 @@ def train_batch(data: TokenizedSet, step: int, batch_size: int, seed: int = 0,
     epoch, position = divmod(int(step), per_epoch)
     idx = epoch_batches(data, batch_size, seed, epoch, chunk_batches)[position]
     length = bucket_length(int(data.lengths[idx].max()), buckets)
+    idx = idx if rows is None else idx[rows]
     ids, attn, lmask = _pad_rows(data, idx, length, left=False)
     return {
         "input_ids": ids,

@@ -12,7 +12,7 @@ import csv
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -399,8 +399,10 @@ def batches(arrays: Mapping[str, np.ndarray], batch_size: int, *, shuffle: bool,
         yield _gather(arrays, idx, n_real)
 
 
-def train_batch(arrays: Mapping[str, np.ndarray], batch_size: int, step: int, seed: int) -> dict[str, np.ndarray]:
-    """Batch for global optimizer step ``step`` (0-based) of an endless shuffled stream.
+def train_batch(arrays: Mapping[str, np.ndarray], batch_size: int, step: int, seed: int,
+                rows: Optional[slice] = None) -> dict[str, np.ndarray]:
+    """Batch for global optimizer step ``step`` (0-based) of an endless shuffled stream; ``rows``
+    reads only those rows of it (one process's share of a global batch).
 
     Epoch ``step // steps_per_epoch`` is shuffled with ``default_rng((seed, epoch))`` and its
     incomplete tail dropped, so the data position is a pure function of ``step`` (exact
@@ -415,4 +417,5 @@ def train_batch(arrays: Mapping[str, np.ndarray], batch_size: int, step: int, se
                          f"lower the batch size or use more data.")
     epoch, position = divmod(int(step), per_epoch)
     idx = _epoch_order(n, int(seed), epoch)[position * batch_size:(position + 1) * batch_size]
-    return _gather(arrays, idx, batch_size)
+    idx = idx if rows is None else idx[rows]
+    return _gather(arrays, idx, len(idx))

@@ -402,6 +402,9 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
         base_model_name_or_path = os.fspath(base_model_name_or_path)  # a pathlib.Path is not JSON
     if cfg.method in PROMPT_TYPES:
         return _export_prompt(params, cfg, out_dir, spec, base_model_name_or_path, model_config)
+    if cfg.kernel_in_axes:
+        raise ConfigError(f"adapter.kernel_in_axes={cfg.kernel_in_axes!r}: PEFT adapts torch nn.Linear layers and has no "
+                          f"format for nn.DenseGeneral kernels. Merge the adapter instead (dj.merge / decomp-jax merge).")
     if cfg.method not in EXPORTABLE:
         raise ConfigError(
             f"Method {cfg.method!r} has no Hugging Face PEFT equivalent here; export_peft supports "
