@@ -24,7 +24,7 @@ import hashlib
 import logging
 import os
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import numpy as np

@@ -194,10 +194,12 @@ class AdapterConfig(_Serializable):
                  kernel's dtype: ``float32`` (default) | ``bfloat16`` | ``float16``. Factored execution
                  computes in the layer's activation dtype (the Dense ``dtype``), casting the factors to it.
     kernel_in_axes: for kernels that are not matrices (``nn.DenseGeneral`` projections such as
-                 ``(embed, heads, head_dim)`` or ``(heads, head_dim, embed)``): ``{layer path regex: n}``, the
-                 first ``n`` axes (after a stacked layer axis) are inputs. The methods see the matrix
-                 ``(prod(input axes), prod(output axes))``; factors are made for it and merged back in the
-                 kernel's shape. E.g. ``{"(query|key|value)$": 1, "out$": 2}``.
+                 ``(embed, heads, head_dim)`` or ``(heads, head_dim, embed)``, ``nn.Einsum`` kernels):
+                 ``{layer path regex: n or [axes]}``: the first ``n`` axes (after a stacked layer axis), or
+                 the listed axes, are inputs (contracted with x); the others are outputs. The methods see
+                 the matrix ``(prod(input axes), prod(output axes))`` (axes in the kernel's order); factors
+                 are made for it and merged back in the kernel's layout. E.g.
+                 ``{"(query|key|value)$": 1, "out$": 2}``; an Einsum ``"BTD,NDH->BTNH"`` kernel: ``[1]``.
 
     Prompt methods (``prompt_tuning``, ``prefix_tuning``; ``decomp_jax.prompts``) add one subtree
     ``params[method]`` to our Llama's params: ``targets``, ``rank``, ``alpha``, ``init`` and
@@ -249,10 +251,14 @@ class AdapterConfig(_Serializable):
         for regex, n in self.kernel_in_axes.items():
             _regex(regex, "a kernel_in_axes key", "'(query|key|value)$'", "searched in each layer's '/'-joined path",
                    optional=False)
-            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-                raise ConfigError(f"kernel_in_axes[{regex!r}] must be a positive integer (the number of input axes of "
-                                  f"the kernel); got {n!r}.")
-            self.kernel_in_axes[regex] = int(n)
+            is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+            if isinstance(n, (list, tuple)) and n and all(is_int(a) and a >= 0 for a in n) and len(set(n)) == len(n):
+                self.kernel_in_axes[regex] = [int(a) for a in n]
+            elif is_int(n) and n >= 1:
+                self.kernel_in_axes[regex] = int(n)
+            else:
+                raise ConfigError(f"kernel_in_axes[{regex!r}] must be a positive integer (the kernel's first n axes are "
+                                  f"inputs) or a list of distinct axis indices (the input axes); got {n!r}.")
         _string(self.factor_dtype, "factor_dtype", FACTOR_DTYPES)
         if self.factor_dtype not in FACTOR_DTYPES:
             raise ConfigError(

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from decomp_jax.config import AdapterConfig, ConfigError
@@ -30,7 +31,7 @@ from decomp_jax.methods.base import linear
 
 MODES = ("factored", "merged")
 # the Linen layers factored execution intercepts, and whether each stores its kernel (d_out, d_in)
-LAYOUTS = {"Dense": False, "FlaxConv1D": True, "DenseGeneral": False}
+LAYOUTS = {"Dense": False, "FlaxConv1D": True, "DenseGeneral": False, "Einsum": False}
 
 
 def _own_params(module: nn.Module) -> dict:
@@ -76,10 +77,19 @@ def _interceptor(cfg: AdapterConfig, seen: list):
                 f"Conv1D layers (GPT-2: '(c_attn|c_proj|c_fc)$'; see models.hf.TARGET_PRESETS) and inject again."
             )
         seen.append(where)
-        (x,) = args
+        x = args[0]
         factors = {n: params[n] for n in method.factor_names}
-        if kind == "DenseGeneral":
-            return _dense_general(module, x, params, factors, method, cfg, where)
+        if kind in ("DenseGeneral", "Einsum"):
+            if kind == "DenseGeneral":
+                if module.batch_dims:
+                    raise ConfigError(f"Layer {where!r} is an nn.DenseGeneral with batch_dims={module.batch_dims}, which "
+                                      f"factored execution does not handle; use adapt(apply_fn, cfg, mode='merged').")
+                equation = dense_general_equation(x.ndim, module.axis, params["kernel"].ndim)
+            else:
+                equation = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
+            bias = params.get("bias") if module.use_bias else None
+            run = lambda xf, matrix, b: _run(module, xf, matrix, b, factors, method, cfg)
+            return general_layer(x, params["kernel"], bias, equation, kernel_in_axes(tuple(module.path), cfg), where, run)
         if params["kernel"].ndim != 2:  # a stacked (L, ...) kernel outside the nn.scan that slices it
             raise ConfigError(
                 f"Layer {where!r} is a {kind} called with a kernel of shape {tuple(params['kernel'].shape)}: factored "
@@ -108,28 +118,66 @@ def _run(module, x, kernel, bias, factors, method, cfg):
     return method.apply(x, kernel, bias, factors, cfg, train=train, key=key)
 
 
-def _dense_general(module, x, params, factors, method, cfg, where):
-    """An ``nn.DenseGeneral`` layer as the matrix the methods see: its contracted axes of ``x`` moved
-    last and flattened, the kernel ``(prod(inputs), prod(features))``, the output unflattened."""
-    axes = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-    axes = tuple(a % x.ndim for a in axes)
-    n_in = kernel_in_axes(tuple(module.path), cfg)
-    if module.batch_dims:
-        raise ConfigError(f"Layer {where!r} is an nn.DenseGeneral with batch_dims={module.batch_dims}, which factored "
-                          f"execution does not handle; use adapt(apply_fn, cfg, mode='merged').")
-    if n_in != len(axes) or params["kernel"].ndim < len(axes) + 1:
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def dense_general_equation(x_ndim: int, axis, kernel_ndim: int) -> str:
+    """The einsum equation of a DenseGeneral contracting ``axis`` of ``x`` (its kernel stores the
+    contracted axes first, then the features; the output puts the features last)."""
+    axes = [a % x_ndim for a in (axis if isinstance(axis, (tuple, list)) else (axis,))]
+    xs = _LETTERS[:x_ndim]
+    feats = _LETTERS[x_ndim:x_ndim + kernel_ndim - len(axes)]
+    kernel = "".join(xs[a] for a in axes) + feats
+    return f"{xs},{kernel}->{''.join(c for i, c in enumerate(xs) if i not in axes)}{feats}"
+
+
+def _parse_einsum(equation: str, x_ndim: int) -> tuple[str, str, str]:
+    """``(lhs, rhs, out)`` letter strings of a two-operand equation, an ellipsis in ``lhs``/``out`` spelled out."""
+    inputs, out = equation.replace(" ", "").split("->")
+    lhs, rhs = inputs.split(",")
+    if "..." in lhs:
+        spare = [c for c in _LETTERS if c not in equation][:x_ndim - (len(lhs) - 3)]
+        lhs, out = (s.replace("...", "".join(spare)) for s in (lhs, out))
+    return lhs, rhs, out
+
+
+def einsum_in_axes(equation: str) -> tuple[int, ...]:
+    """The kernel axes an ``x, kernel -> y`` equation contracts with ``x`` (positions in the kernel)."""
+    inputs, out = equation.replace(" ", "").split("->")
+    lhs, rhs = inputs.split(",")
+    return tuple(i for i, c in enumerate(rhs) if c in lhs and c not in out)
+
+
+def general_layer(x, kernel, bias, equation: str, in_axes, where: str, run):
+    """A ``DenseGeneral`` / ``Einsum`` projection ``x, kernel -> y`` run as the matrix the methods see:
+    ``x``'s contracted axes moved last and flattened, the kernel ``(prod(inputs), prod(outputs))`` (its
+    axes in the kernel's order), ``run(x_flat, matrix, bias_flat)``, the output laid out as ``equation`` says."""
+    lhs, rhs, out = _parse_einsum(equation, x.ndim)
+    contracted = [c for c in rhs if c in lhs and c not in out]
+    outs = [c for c in rhs if c in out and c not in lhs]
+    batch = [c for c in lhs if c not in contracted]
+    if (len(contracted) + len(outs) != len(rhs) or not contracted or not outs or any(c not in out for c in batch)
+            or len(out) != len(batch) + len(outs)):
+        raise ConfigError(f"Layer {where!r} computes {equation!r}, which is not a projection that factored execution "
+                          f"handles (each kernel axis contracted with x or an output axis, no batch axes in the kernel); "
+                          f"use adapt(apply_fn, cfg, mode='merged').")
+    wanted = tuple(rhs.index(c) for c in contracted)
+    if in_axes is None or tuple(in_axes) != wanted:
         raise ConfigError(
-            f"Layer {where!r} is an nn.DenseGeneral contracting {len(axes)} input axes (kernel "
-            f"{tuple(params['kernel'].shape)}), but adapter.kernel_in_axes gives it {n_in}. Set kernel_in_axes to "
-            f"{{'{where.rsplit('/', 1)[-1]}$': {len(axes)}}} (a regex matching this layer) and inject again.")
-    kernel = params["kernel"]
-    x = jnp.moveaxis(x, axes, tuple(range(x.ndim - n_in, x.ndim)))
-    batch = x.shape[:x.ndim - n_in]
-    flat_in = x.reshape(batch + (-1,))
-    matrix = kernel.reshape(flat_in.shape[-1], -1)
-    bias = params["bias"].reshape(-1) if module.use_bias and "bias" in params else None
-    out = _run(module, flat_in, matrix, bias, factors, method, cfg)
-    return out.reshape(batch + tuple(kernel.shape[n_in:]))
+            f"Layer {where!r} computes {equation!r}: its kernel {tuple(kernel.shape)} contracts axes {list(wanted)} with "
+            f"the input, but adapter.kernel_in_axes gives {None if in_axes is None else list(in_axes)}. Set "
+            f"kernel_in_axes to {{'{where.rsplit('/', 1)[-1]}$': {list(wanted)}}} (a regex matching this layer) and "
+            f"inject again.")
+    if bias is not None and [c for c in out if c in outs] != outs:
+        raise ConfigError(f"Layer {where!r} computes {equation!r}, whose output axes come in another order than in "
+                          f"its kernel; factored execution needs them in the same order: use mode='merged'.")
+    moved = jnp.einsum(f"{lhs}->{''.join(batch + contracted)}", x)
+    lead = moved.shape[:len(batch)]
+    d_in = int(np.prod([kernel.shape[rhs.index(c)] for c in contracted]))
+    matrix = jnp.einsum(f"{rhs}->{''.join(contracted + outs)}", kernel).reshape(d_in, -1)
+    y = run(moved.reshape(lead + (-1,)), matrix, None if bias is None else bias.reshape(-1))
+    y = y.reshape(lead + tuple(kernel.shape[rhs.index(c)] for c in outs))
+    return jnp.einsum(f"{''.join(batch + outs)}->{out}", y)
 
 
 def adapt(apply_fn: Callable[..., Any], cfg: AdapterConfig, mode: str = "factored") -> Callable[..., Any]:

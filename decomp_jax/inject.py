@@ -126,35 +126,42 @@ def is_transposed(path: Path, cfg: AdapterConfig) -> bool:
     return bool(cfg.transposed) and re.search(cfg.transposed, path_str(path)) is not None
 
 
-def kernel_in_axes(path: Path, cfg: AdapterConfig) -> Optional[int]:
-    """The number of input axes of the general (``nn.DenseGeneral``) kernel at ``path`` by
-    ``cfg.kernel_in_axes`` (first matching regex), or None for a matrix kernel."""
+def kernel_in_axes(path: Path, cfg: AdapterConfig) -> Optional[tuple[int, ...]]:
+    """The input axes of the general (``nn.DenseGeneral`` / ``nn.Einsum``) kernel at ``path`` by
+    ``cfg.kernel_in_axes`` (first matching regex; ``n`` means the first ``n``), or None for a matrix kernel."""
     where = path_str(path)
     for regex, n in cfg.kernel_in_axes.items():
         if re.search(regex, where):
-            return n
+            return tuple(range(n)) if isinstance(n, int) else tuple(n)
     return None
 
 
-def _general_lead(path: Path, shape, n_in: int, cfg: AdapterConfig) -> int:
-    """1 when the general kernel at ``path`` carries a stacked layer axis first, else 0; checks its rank."""
-    lead = 1 if stack_component(path, cfg) is not None and len(shape) >= n_in + 2 else 0
-    if len(shape) - lead - n_in < 1:
+def _general_layout(path: Path, shape, in_axes: tuple, cfg: AdapterConfig) -> tuple[int, list[int]]:
+    """``(lead, perm)`` of the general kernel at ``path``: ``lead`` 1 when it carries a stacked layer axis
+    first, and the axis permutation that puts its input axes, then its output axes, after it."""
+    lead = 1 if stack_component(path, cfg) is not None and len(shape) >= len(in_axes) + 2 else 0
+    rank = len(shape) - lead
+    if any(a >= rank for a in in_axes) or rank - len(in_axes) < 1:
         raise ConfigError(
-            f"Layer {path_str(path)!r} has a kernel of shape {tuple(shape)} but adapter.kernel_in_axes gives it {n_in} "
-            f"input axes, which leaves no output axis. Give the number of input axes of its nn.DenseGeneral (len(axis)).")
-    return lead
+            f"Layer {path_str(path)!r} has a kernel of shape {tuple(shape)} but adapter.kernel_in_axes gives it input "
+            f"axes {list(in_axes)}, which {'do not exist' if any(a >= rank for a in in_axes) else 'leave no output axis'}. "
+            f"Give the axes its nn.DenseGeneral / nn.Einsum contracts with the input (DenseGeneral: the first len(axis)).")
+    outs = [a for a in range(rank) if a not in in_axes]
+    return lead, list(range(lead)) + [lead + a for a in (*in_axes, *outs)]
 
 
 def oriented(kernel, path: Path, cfg: AdapterConfig):
     """The kernel in the methods' ``(d_in, d_out)`` convention (``(L, d_in, d_out)`` when stacked): a
     transpose for GPT-2's Conv1D (of the last two axes when stacked); a general kernel (``kernel_in_axes``)
     flattened to ``(prod(input axes), prod(output axes))``. ``restore_layout`` is the inverse."""
-    n_in = kernel_in_axes(path, cfg)
-    if n_in is not None:
+    in_axes = kernel_in_axes(path, cfg)
+    if in_axes is not None:
         shape = np.shape(kernel)
-        lead = _general_lead(path, shape, n_in, cfg)
-        return kernel.reshape(shape[:lead] + (math.prod(shape[lead:lead + n_in]), math.prod(shape[lead + n_in:])))
+        lead, perm = _general_layout(path, shape, in_axes, cfg)
+        n_in = len(in_axes)
+        moved = kernel if perm == sorted(perm) else jax.numpy.transpose(kernel, perm)
+        shape = np.shape(moved)
+        return moved.reshape(shape[:lead] + (math.prod(shape[lead:lead + n_in]), math.prod(shape[lead + n_in:])))
     if not is_transposed(path, cfg):
         return kernel
     return kernel.T if np.ndim(kernel) == 2 else jax.numpy.swapaxes(kernel, -1, -2)
@@ -162,21 +169,27 @@ def oriented(kernel, path: Path, cfg: AdapterConfig):
 
 def restore_layout(matrix, path: Path, cfg: AdapterConfig, shape):
     """Inverse of ``oriented``: a ``(d_in, d_out)`` matrix back in the layer's stored layout ``shape``."""
-    if kernel_in_axes(path, cfg) is not None:
-        return matrix.reshape(tuple(shape))
+    in_axes = kernel_in_axes(path, cfg)
+    if in_axes is not None:
+        _, perm = _general_layout(path, shape, in_axes, cfg)
+        moved = matrix.reshape(tuple(shape[p] for p in perm))
+        return moved if perm == sorted(perm) else jax.numpy.transpose(moved, np.argsort(perm))
     return oriented(matrix, path, cfg)
 
 
-def bias_vector(bias, matrix):
+def bias_vector(bias, matrix, where: str = "a layer"):
     """A layer's bias as the methods see it beside ``matrix`` (its ``oriented`` kernel): ``(d_out,)``, or
-    ``(L, d_out)`` when stacked (a general kernel's bias has the shape of its output axes). None stays None."""
+    ``(L, d_out)`` when stacked (a general kernel's bias has the shape of its output axes). None stays None.
+    A bias that does not fit means the adapter config misreads the kernel's layout: a clear error."""
     if bias is None:
         return None
     shape = tuple(np.shape(matrix)[:-2]) + (np.shape(matrix)[-1],)
     if np.size(bias) != math.prod(shape):
-        raise ConfigError(f"A bias of shape {tuple(np.shape(bias))} does not fit its kernel seen as the matrix "
-                          f"{tuple(np.shape(matrix))}: for an nn.DenseGeneral layer, adapter.kernel_in_axes must give the "
-                          f"number of input axes it contracts (len(axis)); the output axes are the bias's.")
+        raise ConfigError(
+            f"Layer {where}: its bias of shape {tuple(np.shape(bias))} does not fit its kernel read as the (d_in, d_out) "
+            f"matrix {tuple(np.shape(matrix))}, so the adapter config misreads the kernel's layout. A transformers "
+            f"Conv1D kernel is stored (d_out, d_in): set `transposed` (GPT-2: '(c_attn|c_proj|c_fc)$'); an "
+            f"nn.DenseGeneral / nn.Einsum kernel needs adapter.kernel_in_axes = the axes it contracts with the input.")
     return bias.reshape(shape)
 
 
@@ -195,9 +208,9 @@ def is_stacked(path: Path, kernel, cfg: AdapterConfig) -> bool:
     (``nn.scan`` with ``variable_axes={"params": 0}``): 3-D and under a ``cfg.stacked`` component.
     Raises a ``ConfigError`` for any other kernel that is not 2-D."""
     ndim = np.ndim(kernel)
-    n_in = kernel_in_axes(path, cfg)
-    if n_in is not None:
-        return _general_lead(path, np.shape(kernel), n_in, cfg) == 1
+    in_axes = kernel_in_axes(path, cfg)
+    if in_axes is not None:
+        return _general_layout(path, np.shape(kernel), in_axes, cfg)[0] == 1
     if ndim == 2:
         return False
     where = path_str(path)
@@ -337,7 +350,7 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
                 f"Inject into the base params, or merge() first."
             )
         base_dtype = kernel.dtype
-        bias = bias_vector(flat.get(path + ("bias",)), kernel)
+        bias = bias_vector(flat.get(path + ("bias",)), kernel, repr(where))
         # factors are made from the kernel in the wider of its dtype and factor_dtype (the init of float32
         # factors over a bfloat16 kernel runs in float32; PiSSA's residual of a float32 kernel stays float32)
         work_dtype = jax.numpy.promote_types(base_dtype, factor_dtype)

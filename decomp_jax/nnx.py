@@ -29,11 +29,11 @@ import json
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx as fnnx
 from flax.linen.dtypes import promote_dtype
 
 from decomp_jax.config import AdapterConfig, ConfigError
+from decomp_jax.execution import dense_general_equation, einsum_in_axes, general_layer
 from decomp_jax.inject import adapted_layers, inject as inject_params, kernel_in_axes, merge as merge_params, path_str
 from decomp_jax.methods import get
 from decomp_jax.methods.base import linear
@@ -48,7 +48,8 @@ class AdapterBuffer(fnnx.Variable):
 
 
 _CFG_ATTR = "_decomp_jax_adapter"  # the layer's AdapterConfig as JSON (static, hashable graph data)
-SUPPORTED = (fnnx.Linear, fnnx.LinearGeneral)
+_PATH_ATTR, _PATH_ATTR_STR = "_decomp_jax_path", "_decomp_jax_where"  # its path in the model (a tuple, a string)
+SUPPORTED = (fnnx.Linear, fnnx.LinearGeneral, fnnx.Einsum)
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,30 +58,30 @@ def _config(text: str) -> AdapterConfig:
 
 
 def _factored_call(self, inputs, *args, **kwargs):
-    """``__call__`` of an adapted ``nnx.Linear`` / ``nnx.LinearGeneral``: the method's layer."""
+    """``__call__`` of an adapted ``nnx.Linear`` / ``nnx.LinearGeneral`` / ``nnx.Einsum``: the method's layer."""
     cfg = _config(getattr(self, _CFG_ATTR))
     method = get(cfg.method)
     factors = {n: getattr(self, n)[...] for n in method.factor_names}
     kernel = self.kernel[...]
     bias = self.bias[...] if self.bias is not None else None
-    x, batch, out_shape = inputs, None, None
+
+    def run(x, kernel, bias):
+        x, kernel, bias, *values = promote_dtype(x, kernel, bias, *factors.values(), dtype=self.dtype)
+        fs = dict(zip(factors, values))
+        if method.apply is None:  # no factored form: materialised per layer (LiERA, SVDiff, SAM-PARSER)
+            if method.materialize_bias is not None and bias is not None:
+                bias = method.materialize_bias(bias, fs, cfg)
+            return linear(x, method.materialize(kernel, fs, cfg), bias)
+        return method.apply(x, kernel, bias, fs, cfg, train=False, key=None)
+
+    if isinstance(self, fnnx.Linear):
+        return run(inputs, kernel, bias)
     if isinstance(self, fnnx.LinearGeneral):
-        n_in = len(self.in_features)
-        axes = tuple(a % x.ndim for a in self.axis)
-        x = jnp.moveaxis(x, axes, tuple(range(x.ndim - n_in, x.ndim)))
-        batch, out_shape = x.shape[:x.ndim - n_in], kernel.shape[n_in:]
-        x = x.reshape(batch + (-1,))
-        kernel = kernel.reshape(x.shape[-1], -1)
-        bias = None if bias is None else bias.reshape(-1)
-    x, kernel, bias, *values = promote_dtype(x, kernel, bias, *factors.values(), dtype=self.dtype)
-    factors = dict(zip(factors, values))
-    if method.apply is None:  # no factored form: materialised per layer (LiERA, SVDiff, SAM-PARSER)
-        if method.materialize_bias is not None and bias is not None:
-            bias = method.materialize_bias(bias, factors, cfg)
-        y = linear(x, method.materialize(kernel, factors, cfg), bias)
-    else:
-        y = method.apply(x, kernel, bias, factors, cfg, train=False, key=None)
-    return y if out_shape is None else y.reshape(batch + tuple(out_shape))
+        equation = dense_general_equation(inputs.ndim, self.axis, kernel.ndim)
+    else:  # nnx.Einsum
+        equation = (args[0] if args else kwargs.get("einsum_str")) or self.einsum_str
+    return general_layer(inputs, kernel, bias, equation, kernel_in_axes(getattr(self, _PATH_ATTR), cfg),
+                         getattr(self, _PATH_ATTR_STR), run)
 
 
 @functools.lru_cache(maxsize=None)
@@ -135,6 +136,8 @@ def inject(model, cfg: AdapterConfig, rng: jax.Array):
             kind = AdapterBuffer if name in method.buffers else AdapterParam
             setattr(module, name, kind(layer[name]))
         setattr(module, _CFG_ATTR, text)
+        setattr(module, _PATH_ATTR, tuple(path))
+        setattr(module, _PATH_ATTR_STR, path_str(path))
         module.__class__ = adapted_class(type(module))
     return model
 
@@ -147,18 +150,22 @@ def _targets(model, params: dict, cfg: AdapterConfig):
     for path in find_targets(params, cfg):
         module = _module_at(model, path)
         where = path_str(path)
-        if isinstance(module, fnnx.Einsum):
-            raise ConfigError(f"Layer {where!r} is an nnx.Einsum, whose equation factored execution does not read. "
-                              f"Narrow `targets`, or adapt the params dict (nnx.to_pure_dict) with mode='merged'.")
         if not isinstance(module, SUPPORTED):
-            raise ConfigError(f"Layer {where!r} is a {type(module).__name__}; decomp_jax.nnx adapts nnx.Linear and "
-                              f"nnx.LinearGeneral. Narrow `targets`.")
+            raise ConfigError(f"Layer {where!r} is a {type(module).__name__}; decomp_jax.nnx adapts nnx.Linear, "
+                              f"nnx.LinearGeneral and nnx.Einsum. Narrow `targets`.")
+        if isinstance(module, fnnx.Einsum) and module.einsum_str is not None:
+            wanted = einsum_in_axes(module.einsum_str)
+            if kernel_in_axes(path, cfg) != wanted:
+                raise ConfigError(
+                    f"Layer {where!r} is an nnx.Einsum {module.einsum_str!r} whose kernel {tuple(module.kernel.shape)} "
+                    f"contracts axes {list(wanted)} with the input; give them in adapter.kernel_in_axes (e.g. "
+                    f"{{{where.rsplit('/', 1)[-1] + '$'!r}: {list(wanted)}}}).")
         if isinstance(module, fnnx.LinearGeneral):
             if module.batch_axis:
                 raise ConfigError(f"Layer {where!r} is an nnx.LinearGeneral with batch_axis {dict(module.batch_axis)}, "
                                   f"which factored execution does not handle; narrow `targets`.")
             n_in = len(module.in_features)
-            if kernel_in_axes(path, cfg) != n_in:
+            if kernel_in_axes(path, cfg) != tuple(range(n_in)):
                 raise ConfigError(
                     f"Layer {where!r} is an nnx.LinearGeneral with {n_in} input axes (kernel {tuple(module.kernel.shape)}); "
                     f"give them in adapter.kernel_in_axes (e.g. {{{where.rsplit('/', 1)[-1] + '$'!r}: {n_in}}}).")
@@ -186,7 +193,8 @@ def merge(model, cfg: AdapterConfig):
             module.bias[...] = layer["bias"]
         for name in method.factor_names:
             delattr(module, name)
-        delattr(module, _CFG_ATTR)
+        for attr in (_CFG_ATTR, _PATH_ATTR, _PATH_ATTR_STR):
+            delattr(module, attr)
         module.__class__ = type(module).__mro__[1]
     return merged_model
 

@@ -30,7 +30,6 @@ import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -334,10 +333,12 @@ def param_specs(params, mesh, rules=None, *, cfg: Optional[AdapterConfig] = None
         shape = tuple(np.shape(layer["kernel"]))  # (L,) + ... when stacked
         lead = 1 if is_stacked(path, layer["kernel"], cfg) else 0
         entries = list(specs[path + ("kernel",)]) + [None] * len(shape)
-        n_in = kernel_in_axes(path, cfg)
-        if n_in is not None:  # a general kernel: each flattened axis keeps the spec of its first (major) axis
-            d_in, d_out = math.prod(shape[lead:lead + n_in]), math.prod(shape[lead + n_in:])
-            entries = entries[:lead] + [_major(entries[lead:lead + n_in]), _major(entries[lead + n_in:len(shape)])]
+        in_axes = kernel_in_axes(path, cfg)
+        if in_axes is not None:  # a general kernel: each flattened group keeps the spec of its first (major) axis
+            ins = [lead + a for a in in_axes]
+            outs = [a for a in range(lead, len(shape)) if a not in ins]
+            d_in, d_out = math.prod(shape[a] for a in ins), math.prod(shape[a] for a in outs)
+            entries = entries[:lead] + [_major([entries[a] for a in ins]), _major([entries[a] for a in outs])]
         else:
             d_in, d_out = shape[lead:][::-1] if transposed else shape[lead:]
         kernel_spec = P(*entries[lead:lead + 2])
@@ -428,7 +429,7 @@ def train_shardings(params, cfg: Optional[AdapterConfig], mesh, optimizer, *, ru
     """``(state_sharding, frozen_sharding)`` for training ``params`` (the whole adapted tree) with
     ``cfg``: pytrees of ``NamedSharding`` for ``init_state``'s ``TrainState`` and the frozen part of
     ``partition(params, cfg)``."""
-    from decomp_jax.inject import partition, split
+    from decomp_jax.inject import partition
 
     specs = param_specs(params, mesh, rules, cfg=cfg, fsdp_min_size=fsdp_min_size, logical_rules=logical_rules)
     params = _unbox(params)

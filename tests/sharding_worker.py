@@ -209,11 +209,38 @@ def runner(model_dir, data_dir, out_dir):
                       "ref_eval": plain["eval"], "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
 
 
+def lm_runner(model_dir, out_dir):
+    """A commonsense run of a tiny Llama on train.mesh {data: 2, fsdp: 2, tensor: 2} against one device:
+    losses, metrics and the greedy generations of evaluation."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_commonsense_task import _cfg
+
+    from decomp_jax.experiment import make_task, run
+
+    out = {}
+    for name, extra in (("plain", ()), ("mesh", ("train.mesh={data: 2, fsdp: 2, tensor: 2}",))):
+        cfg = _cfg(model_dir, f"{out_dir}/{name}", *extra)
+        record = run(cfg, progress=False)
+        task = make_task(cfg, need_train=False)
+        from decomp_jax.experiment import _place_on_mesh, load_adapter
+        from decomp_jax.inject import combine
+
+        if cfg.train.mesh:
+            _place_on_mesh(cfg, task)
+        adapter = load_adapter(f"{out_dir}/{name}/adapter.safetensors", combine(task.trainable, task.buffers))
+        _, generations = task.evaluate(adapter, {}, return_generations=True)
+        losses = [json.loads(l)["loss"] for l in open(f"{out_dir}/{name}/metrics.jsonl") if '"loss"' in l]
+        out[name] = {"losses": losses, "eval": record["eval"], "generations": generations}
+    print(json.dumps({"lm_runner": True, **out}), flush=True)
+
+
 def main(which):
     assert jax.device_count() == 8, jax.devices()
     for arg in which:
         if arg.startswith("runner="):
             runner(*arg[len("runner="):].split(","))
+        if arg.startswith("lm_runner="):
+            lm_runner(*arg[len("lm_runner="):].split(","))
     if "bytes" in which:
         frozen_bytes()
     for i, part in enumerate((QUICK0, QUICK1)):

@@ -266,7 +266,10 @@ def test_gpt2_conv1d_kernels_stored_out_in(name, tiny_gpt2):
 
 def test_gpt2_without_transposed_is_refused(tiny_gpt2):
     model, ids = tiny_gpt2
-    cfg = dj.AdapterConfig(method="lora", targets="c_proj$", rank=4)  # square kernels: shapes would not catch it
+    cfg = dj.AdapterConfig(method="lora", targets="attn/c_proj$", rank=4)  # square kernels: shapes would not catch it
     params = dj.inject(model.params, cfg, jax.random.PRNGKey(0))
+    with pytest.raises(dj.ConfigError, match=r"Layer '.*mlp/c_proj': its bias of shape \(32,\) does not fit its kernel read "
+                                             r"as the \(d_in, d_out\) matrix \(32, 128\).*set `transposed`"):
+        dj.inject(model.params, cfg.replace(targets="mlp/c_proj$"), jax.random.PRNGKey(0))
     with pytest.raises(dj.ConfigError, match=r"FlaxConv1D, whose kernel is stored \(d_out, d_in\).*transposed"):
         dj.adapt(lambda p, ids: model(ids, params=p).logits, cfg)(params, ids)

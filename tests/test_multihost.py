@@ -1,6 +1,7 @@
 """Several processes (hosts) on localhost: `decomp-jax train` with --coordinator/--num-processes/
---process-id, 2 processes x 4 simulated CPU devices each (gloo collectives). The metrics equal the
-one-process run; kill -9 of one process ends the other with a message naming it; --resume continues
+--process-id, 2 processes x 4 simulated CPU devices each (gloo collectives), FSDP over all 8 (the
+trained word embeddings are split across the processes, so checkpoints, checksums and the adapter
+file gather them). The metrics equal the one-process run; kill -9 of one process ends the other with a message naming it; --resume continues
 exactly; the checkpoint restores onto 1 x 8 and 1 x 1 devices; an unreachable coordinator is a clear
 error."""
 
@@ -25,7 +26,8 @@ STEPS = 12
 def _sets(model_dir):
     return [f"model.name={model_dir}", f"data.path={SST2}", "data.max_train_samples=256", "data.max_eval_samples=32",
             "data.max_length=16", "adapter.rank=4", f"train.steps={STEPS}", "train.save_every=4", "train.log_every=1",
-            "train.batch_size=8", "train.learning_rate=0.01"]
+            "train.batch_size=8", "train.learning_rate=0.01",
+            "adapter.train_extra=word_embeddings"]  # a trained (30522, 32) leaf: FSDP splits it across the processes
 
 
 def _free_port() -> int:
@@ -37,7 +39,7 @@ def _free_port() -> int:
 def _launch(model_dir, out_dir, *extra, devices=4, processes=2):
     port = _free_port()
     argv = ["train", str(REPO / "configs" / "quickstart.yaml"), "--no-progress", "--output-dir", str(out_dir),
-            *[x for s in _sets(model_dir) for x in ("--set", s)], *extra]
+            *[x for s in [*_sets(model_dir), "train.mesh={fsdp: 8}"] for x in ("--set", s)], *extra]
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     return [subprocess.Popen([sys.executable, "-m", "decomp_jax.cli", *argv, "--coordinator", f"127.0.0.1:{port}",
                               "--num-processes", str(processes), "--process-id", str(i), "--heartbeat-timeout", "5"],

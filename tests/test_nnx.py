@@ -18,8 +18,8 @@ from decomp_jax import nnx as dnnx
 
 E, H, D = 16, 4, 4
 METHODS = ("lora", "dora", "ssb", "pissa", "houlsby", "svdiff")
-IN_AXES = {"(query|key|value)$": 1, "out$": 2}
-TARGETS = r"(query|value|out|mlp/1)$"
+IN_AXES = {"(query|key|value)$": 1, "out$": 2, "gate$": [1]}
+TARGETS = r"(query|value|out|mlp/1|gate)$"
 
 
 class Model(nnx.Module):
@@ -29,12 +29,14 @@ class Model(nnx.Module):
         self.value = nnx.LinearGeneral(E, (H, D), rngs=rngs)
         self.out = nnx.LinearGeneral((H, D), E, axis=(-2, -1), rngs=rngs)
         self.mlp = nnx.List([nnx.Linear(E, 2 * E, rngs=rngs), nnx.Linear(2 * E, E, rngs=rngs)])
+        self.gate = nnx.Einsum("btd,ndh->btnh", (2, E, E // 2), rngs=rngs)  # Gemma's layout: contracted axis 1
 
     def __call__(self, x):
         q, k, v = self.query(x), self.key(x), self.value(x)
         w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D))
         o = self.out(jnp.einsum("bhqk,bkhd->bqhd", w, v))
-        return self.mlp[1](jax.nn.gelu(self.mlp[0](o)))
+        h = self.mlp[1](jax.nn.gelu(self.mlp[0](o)))
+        return h * jax.nn.sigmoid(self.gate(h).reshape(h.shape))
 
 
 class LinenTwin(nn.Module):
@@ -45,7 +47,8 @@ class LinenTwin(nn.Module):
         q, k, v = (nn.DenseGeneral((H, D), name=n)(x) for n in ("query", "key", "value"))
         w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D))
         o = nn.DenseGeneral(E, axis=(-2, -1), name="out")(jnp.einsum("bhqk,bkhd->bqhd", w, v))
-        return _Mlp(name="mlp")(o)
+        h = _Mlp(name="mlp")(o)
+        return h * jax.nn.sigmoid(nn.Einsum((2, E, E // 2), "btd,ndh->btnh", name="gate")(h).reshape(h.shape))
 
 
 class _Mlp(nn.Module):
@@ -137,12 +140,10 @@ def test_nnx_training_updates_only_the_factors():
 
 
 def test_nnx_refusals_name_the_fix():
-    class WithEinsum(nnx.Module):
-        def __init__(self, rngs):
-            self.proj = nnx.Einsum("bd,dk->bk", (E, E), rngs=rngs)
-
-    with pytest.raises(dj.ConfigError, match=r"'proj' is an nnx\.Einsum.*mode='merged'"):
-        dnnx.inject(WithEinsum(nnx.Rngs(0)), dj.AdapterConfig(targets="proj$"), jax.random.PRNGKey(0))
+    with pytest.raises(dj.ConfigError, match=r"'gate' is an nnx\.Einsum 'btd,ndh->btnh' whose kernel \(2, 16, 8\) "
+                                             r"contracts axes \[1\].*\{'gate\$': \[1\]\}"):
+        dnnx.inject(Model(nnx.Rngs(0)), dj.AdapterConfig(targets="gate$", rank=2, kernel_in_axes={"gate$": 1}),
+                    jax.random.PRNGKey(0))
     with pytest.raises(dj.ConfigError, match=r"nnx\.LinearGeneral with 2 input axes.*kernel_in_axes.*'out\$': 2"):
         dnnx.inject(Model(nnx.Rngs(0)), dj.AdapterConfig(targets="out$", rank=2, kernel_in_axes={"out$": 1}),
                     jax.random.PRNGKey(0))

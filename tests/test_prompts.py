@@ -16,7 +16,7 @@ import decomp_jax as dj
 from decomp_jax import methods
 from decomp_jax.inject import trainable_count
 from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, generate, init_cache, init_params
-from decomp_jax.prompts import fold_prefix, prefix_arrays
+from decomp_jax.prompts import fold_prefix
 
 CONFIG = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64, initializer_range=0.1,

@@ -12,7 +12,7 @@ import pytest
 
 import decomp_jax as dj
 from decomp_jax import checkpoint, cli, guards
-from decomp_jax.experiment import evaluate_run, load_adapter, load_config, run, save_adapter
+from decomp_jax.experiment import evaluate_run, load_config, run, save_adapter
 from decomp_jax.runs import export_merged, restore_run
 
 from conftest import DATA, REPO

@@ -335,6 +335,26 @@ def test_training_on_meshes_equals_one_device(tiny_model_dir, tmp_path):
     assert r["eval"] == r["ref_eval"]
 
 
+@pytest.mark.slow  # 40 s
+def test_commonsense_run_on_a_mesh_equals_one_device(tmp_path):
+    """A decoder LLM fine-tune on data=2 x fsdp=2 x tensor=2, generation included: the per-step losses,
+    the metrics and every greedy generation of evaluation equal the one-device run."""
+    from test_commonsense_task import tiny_llm
+
+    class Factory:
+        def mktemp(self, name):
+            folder = tmp_path / name
+            folder.mkdir()
+            return folder
+
+    model_dir = tiny_llm.__wrapped__(Factory())
+    (r,) = [r for r in _records(_run_worker(f"lm_runner={model_dir},{tmp_path}")) if r.get("lm_runner")]
+    np.testing.assert_allclose(r["mesh"]["losses"], r["plain"]["losses"], rtol=0, atol=1e-5)
+    assert r["mesh"]["eval"] == r["plain"]["eval"]
+    assert r["mesh"]["generations"] == r["plain"]["generations"]
+    assert sum(len(texts) for texts in r["plain"]["generations"].values()) == 12
+
+
 @pytest.mark.slow
 def test_every_method_on_every_mesh():
     """The full matrix: lora, dora, ssb, adalora, lora_dash, pissa, houlsby on BERT x (data=8, fsdp=8,
