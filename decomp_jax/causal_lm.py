@@ -130,11 +130,13 @@ class CommonsenseTask:
     def train_batch(self, micro: int, rows: Optional[slice] = None) -> dict:
         tc = self.cfg.train
         b = cs.train_batch(self.train_set, micro, tc.batch_size, tc.seed, self.buckets, rows=rows)
-        return {k: b[k] for k in ("input_ids", "attention_mask", "loss_mask", "weights")}
+        return {k: b[k] for k in ("input_ids", "attention_mask", "weights", "loss_index", "loss_targets", "loss_weights")}
 
     def loss(self, params, batch, rng):
-        logits = self.apply({"params": params}, batch["input_ids"], batch["attention_mask"], rngs={"dropout": rng})
-        return cs.causal_lm_loss(logits, batch), {}
+        """The causal-LM loss on the response tokens, with logits computed at those positions only."""
+        logits = self.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                            logits_at=batch["loss_index"], rngs={"dropout": rng})
+        return cs.response_loss(logits, batch), {}
 
     def generation_fn(self, params):
         """``(params, apply_fn)`` to decode with: the merged kernels when the method is mergeable

@@ -155,6 +155,9 @@ def adapt_prompt(apply_fn: Callable[..., Any], cfg: AdapterConfig) -> Callable[.
             full_mask = jnp.concatenate([jnp.ones((b, n), mask.dtype), mask], axis=1)
             full_positions = jnp.concatenate(
                 [jnp.broadcast_to(jnp.arange(n, dtype=positions.dtype), (b, n)), positions], axis=1)
+            if kwargs.get("logits_at") is not None:  # positions of the real tokens: after the virtual ones
+                return apply_fn(variables, None, full_mask, full_positions, inputs_embeds=x,
+                                **{**kwargs, "logits_at": jnp.asarray(kwargs["logits_at"]) + n})
             logits = apply_fn(variables, None, full_mask, full_positions, inputs_embeds=x, **kwargs)
             return logits[:, n:]
         # with a cache: the virtual tokens' keys/values (a function of the virtual tokens alone) as prefix_kv

@@ -356,3 +356,30 @@ def test_causal_lm_loss_on_a_real_batch(train_set):
     V = 1200
     logits = np.zeros(batch["input_ids"].shape + (V,), np.float32)
     np.testing.assert_allclose(float(cs.causal_lm_loss(logits, batch)), np.log(V), rtol=1e-6)
+
+
+def test_response_slots_hold_exactly_the_scored_positions(train_set):
+    """loss_index/loss_targets/loss_weights list the positions causal_lm_loss scores, in order; R is a
+    power of two (>= 8) shared by the batch; response_loss on the gathered logits equals causal_lm_loss."""
+    rng = np.random.default_rng(0)
+    V = 37
+    for step in range(4):
+        batch = cs.train_batch(train_set, step, 8, seed=0, buckets=BUCKETS)
+        L, R = batch["input_ids"].shape[1], batch["loss_index"].shape[1]
+        counts = batch["loss_mask"][:, 1:].sum(1)
+        assert R == min(max(8, 1 << int(np.ceil(np.log2(counts.max())))), L)
+        for r in range(8):
+            t = np.nonzero(batch["loss_mask"][r, 1:])[0]
+            assert batch["loss_weights"][r].tolist() == [1.0] * len(t) + [0.0] * (R - len(t))
+            assert np.array_equal(batch["loss_index"][r, :len(t)], t)
+            assert np.array_equal(batch["loss_targets"][r, :len(t)], batch["input_ids"][r, t + 1])
+        logits = rng.normal(size=(8, L, V)).astype(np.float32)
+        at = np.take_along_axis(logits, batch["loss_index"][..., None], axis=1)
+        np.testing.assert_allclose(float(cs.response_loss(at, batch)), float(cs.causal_lm_loss(logits, batch)), rtol=1e-6)
+        weighted = dict(batch, weights=np.array([1, 0, 1, 1, 0, 1, 1, 1], np.float32))
+        np.testing.assert_allclose(float(cs.response_loss(at, weighted)), float(cs.causal_lm_loss(logits, weighted)),
+                                   rtol=1e-6)
+    rows = cs.train_batch(train_set, 2, 8, seed=0, buckets=BUCKETS, rows=slice(4, 8))  # one process's share
+    whole = cs.train_batch(train_set, 2, 8, seed=0, buckets=BUCKETS)
+    for key in ("input_ids", "loss_index", "loss_targets", "loss_weights"):
+        assert np.array_equal(rows[key], whole[key][4:8])

@@ -243,3 +243,27 @@ def test_bf16_base_and_decoder_options_are_checked(tiny_llm, tmp_path):
 
     with pytest.raises(ConfigError, match=r"model.scan_layers, train.remat apply to our decoder LLM"):
         load_config(REPO / "configs" / "quickstart.yaml", ["model.scan_layers=true", "train.remat=true"])
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+def test_loss_on_response_positions_equals_the_full_logits_loss(tiny_llm, tmp_path, method):
+    """The task's loss computes logits at the scored positions only (logits_at); loss and gradients equal
+    causal_lm_loss of the full (B, L, V) logits, with prompt tuning's virtual tokens in front too."""
+    extra = ["adapter.method=prompt_tuning", "adapter.options={num_virtual_tokens: 3}"] if method != "lora" else []
+    task = make_task(_cfg(tiny_llm, tmp_path / "run", *extra))
+    batch = task.train_batch(1)
+    full = dict(batch, loss_mask=cs.train_batch(task.train_set, 1, 4, 0, task.buckets)["loss_mask"])
+    frozen = combine(task.buffers, task.frozen)
+    trainable = jax.tree.map(lambda x: x + 0.01 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), task.trainable)
+
+    def ours(t):
+        return task.loss(combine(t, frozen), batch, jax.random.PRNGKey(0))[0]
+
+    def reference(t):
+        logits = task.apply({"params": combine(t, frozen)}, batch["input_ids"], batch["attention_mask"])
+        return cs.causal_lm_loss(logits, full)
+
+    (a, ga), (b, gb) = jax.value_and_grad(ours)(trainable), jax.value_and_grad(reference)(trainable)
+    assert batch["loss_index"].shape[1] < batch["input_ids"].shape[1]
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), ga, gb)

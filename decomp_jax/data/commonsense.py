@@ -637,7 +637,13 @@ def train_batch(data: TokenizedSet, step: int, batch_size: int, seed: int = 0,
     - ``position_ids`` int32, ``0..L-1``;
     - ``weights`` float32 ``(batch_size,)``, all ones (no padding rows in training batches).
 
-    ``rows`` pads only those rows of the batch (one process's share; same padded length).
+    - ``loss_index`` int32 ``(batch_size, R)``: the positions ``t`` whose logits are scored (those
+      with ``loss_mask[t+1] == 1``), padded with 0; ``loss_targets`` the tokens ``t+1`` they predict;
+      ``loss_weights`` float32, 1 on real slots. ``R`` (the same for every row) is the smallest power of
+      two >= 8 holding the batch's longest response, at most ``L``: the model computes logits at these
+      positions only (``LlamaForCausalLM(..., logits_at=)``, :func:`response_loss`), not at all ``L``.
+
+    ``rows`` pads only those rows of the batch (one process's share; same padded length and ``R``).
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}.")
@@ -649,8 +655,10 @@ def train_batch(data: TokenizedSet, step: int, batch_size: int, seed: int = 0,
     epoch, position = divmod(int(step), per_epoch)
     idx = epoch_batches(data, batch_size, seed, epoch, chunk_batches)[position]
     length = bucket_length(int(data.lengths[idx].max()), buckets)
+    slots = response_slots(max(int(np.sum(data.loss_mask[i][1:])) for i in idx), length)
     idx = idx if rows is None else idx[rows]
     ids, attn, lmask = _pad_rows(data, idx, length, left=False)
+    loss_index, loss_targets, loss_weights = _loss_slots(ids, lmask, slots)
     return {
         "input_ids": ids,
         "attention_mask": attn,
@@ -659,7 +667,31 @@ def train_batch(data: TokenizedSet, step: int, batch_size: int, seed: int = 0,
         "position_ids": np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape).copy(),
         "weights": np.ones(len(idx), np.float32),
         "index": np.asarray(idx, np.int32),
+        "loss_index": loss_index,
+        "loss_targets": loss_targets,
+        "loss_weights": loss_weights,
     }
+
+
+def response_slots(count: int, length: int) -> int:
+    """The static number of scored positions of a batch whose longest response scores ``count`` tokens:
+    the smallest power of two >= max(count, 8), at most ``length`` (few shapes for jit to compile)."""
+    slots = 8
+    while slots < count:
+        slots *= 2
+    return min(slots, int(length))
+
+
+def _loss_slots(ids: np.ndarray, lmask: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(loss_index, loss_targets, loss_weights)`` ``(B, slots)`` of right-padded rows (see train_batch)."""
+    b = len(ids)
+    index = np.zeros((b, slots), np.int32)
+    targets = np.zeros((b, slots), np.int32)
+    weights = np.zeros((b, slots), np.float32)
+    for r in range(b):
+        t = np.nonzero(lmask[r, 1:])[0]
+        index[r, :len(t)], targets[r, :len(t)], weights[r, :len(t)] = t, ids[r, t + 1], 1.0
+    return index, targets, weights
 
 
 # --------------------------------------------------------------------------- eval batches
@@ -763,7 +795,27 @@ def causal_lm_loss(logits: Any, batch: Mapping[str, Any]) -> Any:
     mask = jnp.asarray(batch["loss_mask"], jnp.float32)[:, 1:]
     if "weights" in batch:
         mask = mask * jnp.asarray(batch["weights"], jnp.float32)[:, None]
+    return _masked_nll(logits, targets, mask)
+
+
+def _masked_nll(logits, targets, mask):
+    import jax
+    import jax.numpy as jnp
+
     log_z = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = log_z - picked
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return jnp.sum((log_z - picked) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def response_loss(logits: Any, batch: Mapping[str, Any]) -> Any:
+    """:func:`causal_lm_loss` from the logits at the scored positions only: ``logits`` ``(B, R, V)`` are
+    the model's outputs at ``batch["loss_index"]`` (``LlamaForCausalLM(..., logits_at=batch["loss_index"])``),
+    scored against ``loss_targets`` where ``loss_weights`` (times ``weights``) is 1. Equal to
+    ``causal_lm_loss`` of the full logits; the head's matmul and the log-softmax run on ``R`` positions
+    instead of ``L``."""
+    import jax.numpy as jnp
+
+    mask = jnp.asarray(batch["loss_weights"], jnp.float32)
+    if "weights" in batch:
+        mask = mask * jnp.asarray(batch["weights"], jnp.float32)[:, None]
+    return _masked_nll(jnp.asarray(logits, jnp.float32), jnp.asarray(batch["loss_targets"], jnp.int32), mask)

@@ -448,9 +448,13 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = _dense(self.config, self.config.vocab_size, False)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, *, inputs_embeds=None,
-                 cache=None, cache_index=None, prefix_kv=None):
+                 cache=None, cache_index=None, prefix_kv=None, logits_at=None):
+        """``logits_at`` ``(B, R)`` int: logits at those positions only, ``(B, R, vocab)`` (a causal-LM
+        loss needs them at the response tokens; the head then runs on R positions, not all L)."""
         hidden, new_cache = self.model(input_ids, attention_mask, position_ids, inputs_embeds=inputs_embeds,
                                        cache=cache, cache_index=cache_index, prefix_kv=prefix_kv)
+        if logits_at is not None:
+            hidden = jnp.take_along_axis(hidden, jnp.asarray(logits_at, jnp.int32)[..., None], axis=1)
         logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
         logits = logits.astype(jnp.float32)
         return logits if cache is None else (logits, new_cache)
