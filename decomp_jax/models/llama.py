@@ -293,8 +293,8 @@ class LlamaAttention(nn.Module):
         """``allowed``: bool (B, L, S) over the keys attended (prefix slots excluded)."""
         c = self.config
         heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        groups = heads // kv_heads
         b, length, _ = x.shape
+        x = x.reshape(b * length, -1)  # 2-D projections: no transposing copies in XLA:CPU's backward (see LlamaMLP)
         q = _dense(c, heads * d, c.attention_bias, "q_proj")(x).reshape(b, length, heads, d)
         k = _dense(c, kv_heads * d, c.attention_bias, "k_proj")(x).reshape(b, length, kv_heads, d)
         v = _dense(c, kv_heads * d, c.attention_bias, "v_proj")(x).reshape(b, length, kv_heads, d)
@@ -312,12 +312,27 @@ class LlamaAttention(nn.Module):
             pv = jnp.broadcast_to(pv, (b,) + pv.shape[1:]).astype(q.dtype)
             k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
             allowed = jnp.concatenate([jnp.ones((b, length, pk.shape[1]), bool), allowed], axis=-1)
-        q = q.reshape(b, length, kv_heads, groups, d)  # query head h = kv_head * groups + g (HF repeat_kv)
-        scores = jnp.einsum("blkgd,bskd->bkgls", q, k).astype(jnp.float32) * (d ** -0.5)
-        scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, length, heads * d)
-        return _dense(c, c.hidden_size, c.attention_bias, "o_proj")(out), new_cache
+        out = grouped_attention(q, k, v, allowed, kv_heads).reshape(b * length, heads * d)
+        return _dense(c, c.hidden_size, c.attention_bias, "o_proj")(out).reshape(b, length, -1), new_cache
+
+
+def grouped_attention(q, k, v, allowed, kv_heads: int):
+    """Grouped-query attention, heads-major: ``q (B, L, H, d)``, ``k, v (B, S, K, d)`` with query head
+    ``h = kv_head * groups + g`` (HF's ``repeat_kv`` order), ``allowed`` bool ``(B, L, S)``; returns
+    ``(B, L, H * d)``. Each key/value head serves its ``groups`` query heads as one ``(groups * L, d)``
+    block, so keys and values are never repeated and the two batched products have plain
+    ``(batch, kv_head)`` batch axes (25% faster forward + backward on CPU than the grouped einsum with
+    the heads in the middle). Scores and softmax in float32."""
+    b, length, heads, d = q.shape
+    groups = heads // kv_heads
+    qh = q.reshape(b, length, kv_heads, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * length, d)
+    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, d)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh).astype(jnp.float32) * (d ** -0.5)
+    scores = scores.reshape(b, kv_heads, groups, length, -1)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, groups * length, -1)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh).reshape(b, kv_heads, groups, length, d)
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, length, heads * d)
 
 
 class LlamaMLP(nn.Module):
@@ -325,10 +340,15 @@ class LlamaMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        """On ``x (..., hidden)`` flattened to 2-D: with 3-D ``(batch, length, hidden)`` operands XLA:CPU
+        writes the backward's gradients through transposing copies (measured on SmolLM2's MLP, forward +
+        backward: full fine-tuning 114 -> 85 ms, LoRA 119 -> 59 ms per layer)."""
         c = self.config
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
         gate = _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj")(x)
         up = _dense(c, c.intermediate_size, c.mlp_bias, "up_proj")(x)
-        return _dense(c, c.hidden_size, c.mlp_bias, "down_proj")(nn.silu(gate) * up)
+        return _dense(c, c.hidden_size, c.mlp_bias, "down_proj")(nn.silu(gate) * up).reshape(lead + (-1,))
 
 
 class LlamaDecoderLayer(nn.Module):

