@@ -25,6 +25,7 @@ from decomp_jax.execution import adapt
 ROUNDS, STEPS = (int(a) for a in (sys.argv[1:3] + ["3", "2"][len(sys.argv[1:3]):]))
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "commonsense")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TEMP: dict = {}
 
 
 def jax_steps(batch):
@@ -47,6 +48,8 @@ def jax_steps(batch):
         state = dj.init_state(trainable, opt, jax.random.PRNGKey(1))
         t0 = time.perf_counter()
         compiled = step.lower(state, frozen, batch).compile()
+        mem = compiled.memory_analysis()
+        TEMP[name] = mem.temp_size_in_bytes + mem.argument_size_in_bytes  # XLA's estimate: buffers + inputs
         holder = {"state": state}
 
         def call(compiled=compiled, holder=holder, frozen=frozen):
@@ -114,6 +117,8 @@ def main():
           f"{med['ours lora'] / med['peft lora']:.3f} (target <= 1.0); ours lora / ours full "
           f"{med['ours lora'] / med['ours full']:.3f} (target <= 0.70); peft lora / torch full "
           f"{med['peft lora'] / med['torch full']:.3f}")
+    print(f"XLA memory estimate (temp + arguments): ours full {TEMP['ours full'] / 2**20:.0f} MiB, ours lora "
+          f"{TEMP['ours lora'] / 2**20:.0f} MiB: lora / full {TEMP['ours lora'] / TEMP['ours full']:.3f} (target <= 0.5)")
     print(f"({ROUNDS} rounds x {STEPS} steps each, interleaved; load average {os.getloadavg()[0]:.2f})")
 
 
