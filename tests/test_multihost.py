@@ -76,7 +76,9 @@ def test_two_processes_train_die_together_and_resume_exactly(tiny_model_dir, tmp
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert "resuming at step" in outputs[0][0] and "2 processes, 8 devices" in outputs[0][0]
-    assert [ln for ln in outputs[1][0].splitlines() if not ln.startswith("[Gloo]")] == []  # only process 0 prints
+    # only process 0 prints (gloo itself writes "[Gloo] Rank i is connected to ... peer ranks" lines to stdout,
+    # from several threads, sometimes interleaved)
+    assert [ln for ln in outputs[1][0].splitlines() if ln.strip() and "Gloo" not in ln and "peer ranks" not in ln] == []
     losses = {r["step"]: r["loss"] for r in _records(out) if "loss" in r}
     assert sorted(losses) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([losses[s] for s in reference], list(reference.values()), rtol=1e-5, atol=1e-5)
