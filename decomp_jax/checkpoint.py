@@ -53,7 +53,7 @@ def fingerprint(base_params, cfg: AdapterConfig, architecture: str = "") -> dict
         digest.update(kernel.tobytes())
     return {
         "architecture": architecture,
-        "shapes": {k: [list(np.shape(v)), str(np.dtype(getattr(v, "dtype", None) or np.asarray(v).dtype))]
+        "shapes": {k: [list(np.shape(v)), str(np.dtype(v.dtype) if hasattr(v, "dtype") else np.asarray(v).dtype)]
                    for k, v in sorted(flat.items())},
         "targets": [path_str(p) for p in targets],
         "targets_sha256": digest.hexdigest(),

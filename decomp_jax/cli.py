@@ -8,6 +8,7 @@ import os
 import sys
 
 from decomp_jax.config import ConfigError
+from decomp_jax.distributed import HEARTBEAT_TIMEOUT, INIT_TIMEOUT
 
 
 def _train(args) -> int:
@@ -160,10 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     many.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (env DECOMP_JAX_PROCESS_ID)")
     many.add_argument("--distributed", action="store_true", help="let JAX detect the processes (TPU pod slices, "
                       "SLURM, Open MPI, Kubernetes, JAX_COORDINATOR_ADDRESS)")
-    many.add_argument("--init-timeout", type=float, default=300, metavar="S",
-                      help="seconds to wait for the coordinator and every process (default 300)")
-    many.add_argument("--heartbeat-timeout", type=int, default=30, metavar="S",
-                      help="a process silent this long counts as dead and the others stop (default 30)")
+    many.add_argument("--init-timeout", type=float, default=INIT_TIMEOUT, metavar="S",
+                      help=f"seconds to wait for the coordinator and every process (default {INIT_TIMEOUT})")
+    many.add_argument("--heartbeat-timeout", type=int, default=HEARTBEAT_TIMEOUT, metavar="S",
+                      help=f"a process silent this long counts as dead and the others stop (default {HEARTBEAT_TIMEOUT})")
     train.set_defaults(func=_train)
 
     ev = add("eval", help="evaluate a finished run folder on the dev set")

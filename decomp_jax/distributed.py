@@ -183,9 +183,10 @@ def process_rows(size: int, sharding) -> slice:
     return slice(lo, hi)
 
 
-def global_batch(local: dict, shardings: dict, size: int) -> dict:
-    """Global arrays of a batch of ``size`` rows from this process's rows ``local`` (see ``process_rows``)."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v), (size,) + np.shape(v)[1:])
+def global_batch(local: dict, sharding, size: int) -> dict:
+    """Global arrays of a batch of ``size`` rows (leading axis split by ``sharding``) from this process's
+    rows ``local`` (see ``process_rows``)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v), (size,) + np.shape(v)[1:])
             for k, v in local.items()}
 
 

@@ -103,13 +103,22 @@ def _interceptor(cfg: AdapterConfig, seen: list):
 
 
 def _run(module, x, kernel, bias, factors, method, cfg):
-    """The method's layer on ``x (..., d_in)`` with the ``(d_in, d_out)`` kernel. The leading axes are
-    flattened first: the method's matmuls (and their gradients) are then plain 2-D GEMMs, which XLA:CPU
-    runs without the transposing copies it inserts for 3-D ``(batch, length, d)`` operands (the LoRA
-    MLP of a decoder layer: 2.0x faster forward + backward)."""
+    """The method's layer in a Linen module: ``method_layer`` in the layer's activation dtype, with
+    adapter dropout when the call has a ``'dropout'`` RNG."""
     # mixed precision: compute in the layer's activation dtype (float32 factors over a bfloat16 base are
     # cast to it; their gradients come back in float32); with dtype=None, in the dtype of x @ kernel
     dtype = module.dtype if module.dtype is not None else jnp.result_type(x, kernel)
+    train = module.has_rng("dropout")
+    key = module.make_rng("dropout") if (train and cfg.dropout > 0 and method.apply is not None) else None
+    return method_layer(x, kernel, bias, factors, method, cfg, dtype=dtype, train=train, key=key)
+
+
+def method_layer(x, kernel, bias, factors, method, cfg, *, dtype, train: bool = False, key=None):
+    """The method's layer on ``x (..., d_in)`` with the ``(d_in, d_out)`` kernel, everything promoted to
+    ``dtype`` (None: their common type); a method with no factored form is materialised. The leading
+    axes are flattened first: the method's matmuls (and their gradients) are then plain 2-D GEMMs,
+    which XLA:CPU runs without the transposing copies it inserts for 3-D ``(batch, length, d)``
+    operands (the LoRA MLP of a decoder layer: 2.0x faster forward + backward)."""
     x, kernel, bias, *values = promote_dtype(x, kernel, bias, *factors.values(), dtype=dtype)
     factors = dict(zip(factors, values))
     lead = x.shape[:-1]
@@ -119,8 +128,6 @@ def _run(module, x, kernel, bias, factors, method, cfg):
             bias = method.materialize_bias(bias, factors, cfg)
         y = linear(x, method.materialize(kernel, factors, cfg), bias)
     else:
-        train = module.has_rng("dropout")
-        key = module.make_rng("dropout") if (train and cfg.dropout > 0) else None
         y = method.apply(x, kernel, bias, factors, cfg, train=train, key=key)
     return y.reshape(lead + y.shape[-1:])
 
@@ -138,10 +145,16 @@ def dense_general_equation(x_ndim: int, axis, kernel_ndim: int) -> str:
     return f"{xs},{kernel}->{''.join(c for i, c in enumerate(xs) if i not in axes)}{feats}"
 
 
-def _parse_einsum(equation: str, x_ndim: int) -> tuple[str, str, str]:
-    """``(lhs, rhs, out)`` letter strings of a two-operand equation, an ellipsis in ``lhs``/``out`` spelled out."""
+def _operands(equation: str) -> tuple[str, str, str]:
+    """``(lhs, rhs, out)`` of a two-operand einsum equation, as written."""
     inputs, out = equation.replace(" ", "").split("->")
     lhs, rhs = inputs.split(",")
+    return lhs, rhs, out
+
+
+def _parse_einsum(equation: str, x_ndim: int) -> tuple[str, str, str]:
+    """``(lhs, rhs, out)`` letter strings of a two-operand equation, an ellipsis in ``lhs``/``out`` spelled out."""
+    lhs, rhs, out = _operands(equation)
     if "..." in lhs:
         spare = [c for c in _LETTERS if c not in equation][:x_ndim - (len(lhs) - 3)]
         lhs, out = (s.replace("...", "".join(spare)) for s in (lhs, out))
@@ -150,8 +163,7 @@ def _parse_einsum(equation: str, x_ndim: int) -> tuple[str, str, str]:
 
 def einsum_in_axes(equation: str) -> tuple[int, ...]:
     """The kernel axes an ``x, kernel -> y`` equation contracts with ``x`` (positions in the kernel)."""
-    inputs, out = equation.replace(" ", "").split("->")
-    lhs, rhs = inputs.split(",")
+    lhs, rhs, out = _operands(equation)
     return tuple(i for i, c in enumerate(rhs) if c in lhs and c not in out)
 
 

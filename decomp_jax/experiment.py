@@ -430,7 +430,7 @@ def _batch_feed(cfg: ExperimentConfig, task, mesh) -> Callable[[int], dict]:
 
     def feed(micro: int) -> dict:
         local = task.train_batch(micro, rows=rows)
-        return global_batch(local, {k: batch_sh for k in local}, size)
+        return global_batch(local, batch_sh, size)
 
     return feed
 
@@ -599,12 +599,8 @@ def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume
     tc = cfg.train
     steps = total_steps(cfg, task.num_train)
     primary = is_primary()  # with several processes, process 0 prints and writes the run's files
-    mesh = None
-    if tc.mesh or jax.process_count() > 1:
-        mesh = _place_on_mesh(cfg, task)
-        optimizer, schedule, state = initial_state(cfg, steps, task.trainable, task.buffers, task.frozen, mesh=mesh)
-    else:
-        optimizer, schedule, state = initial_state(cfg, steps, task.trainable, task.buffers, task.frozen)
+    mesh = _place_on_mesh(cfg, task) if tc.mesh or jax.process_count() > 1 else None
+    optimizer, schedule, state = initial_state(cfg, steps, task.trainable, task.buffers, task.frozen, mesh=mesh)
     train_step = make_train_step(task.loss, optimizer, cfg.adapter, schedule=schedule, mesh=mesh,
                                  rules=cfg.model.partition_rules)
     feed = _batch_feed(cfg, task, mesh)
@@ -619,6 +615,10 @@ def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume
             atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
         metadata = {"experiment": cfg.to_dict()}
         guard = _FiniteGuard(cfg, mngr)
+
+        def log(record):  # a metrics.jsonl line (process 0's)
+            if primary:
+                _append_jsonl(log_path, record)
 
         def save(state, metrics=None):
             guard.check()
@@ -653,16 +653,14 @@ def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume
                 now = time.perf_counter()
                 rate = (step - last_step) * tc.batch_size * tc.grad_accum / (now - last_time)
                 last_time, last_step = now, step
-                if primary:
-                    _append_jsonl(log_path, {"step": step, **values, "examples_per_s": rate})
+                log({"step": step, **values, "examples_per_s": rate})
                 bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{rate:.0f}")
             bar.update(1)
             eval_metrics = None
             if tc.eval_every and step % tc.eval_every == 0 and step < steps:
                 guard.check()
                 eval_metrics = task.evaluate(state.trainable, state.buffers)
-                if primary:
-                    _append_jsonl(log_path, {"step": step, "eval": eval_metrics})
+                log({"step": step, "eval": eval_metrics})
             if tc.save_every and step % tc.save_every == 0 and step < steps:
                 save(state, eval_metrics)
             if on_step is not None:
@@ -673,8 +671,7 @@ def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume
         train_seconds = time.perf_counter() - t0
 
         eval_metrics = task.evaluate(state.trainable, state.buffers)
-        if primary:
-            _append_jsonl(log_path, {"step": steps, "eval": eval_metrics, "final": True})
+        log({"step": steps, "eval": eval_metrics, "final": True})
         # the results first: a failing final checkpoint (a full disk, say) keeps them
         save_adapter(combine(state.trainable, state.buffers), out_dir / "adapter.safetensors")
         record = {

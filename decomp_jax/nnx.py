@@ -30,13 +30,11 @@ from typing import Any
 
 import jax
 from flax import nnx as fnnx
-from flax.linen.dtypes import promote_dtype
 
 from decomp_jax.config import AdapterConfig, ConfigError
-from decomp_jax.execution import dense_general_equation, einsum_in_axes, general_layer
+from decomp_jax.execution import dense_general_equation, einsum_in_axes, general_layer, method_layer
 from decomp_jax.inject import adapted_layers, inject as inject_params, kernel_in_axes, merge as merge_params, path_str
 from decomp_jax.methods import get
-from decomp_jax.methods.base import linear
 
 
 class AdapterParam(fnnx.Param):
@@ -48,7 +46,7 @@ class AdapterBuffer(fnnx.Variable):
 
 
 _CFG_ATTR = "_decomp_jax_adapter"  # the layer's AdapterConfig as JSON (static, hashable graph data)
-_PATH_ATTR, _PATH_ATTR_STR = "_decomp_jax_path", "_decomp_jax_where"  # its path in the model (a tuple, a string)
+_PATH_ATTR = "_decomp_jax_path"  # its path in the model (a tuple)
 SUPPORTED = (fnnx.Linear, fnnx.LinearGeneral, fnnx.Einsum)
 
 
@@ -66,13 +64,7 @@ def _factored_call(self, inputs, *args, **kwargs):
     bias = self.bias[...] if self.bias is not None else None
 
     def run(x, kernel, bias):
-        x, kernel, bias, *values = promote_dtype(x, kernel, bias, *factors.values(), dtype=self.dtype)
-        fs = dict(zip(factors, values))
-        if method.apply is None:  # no factored form: materialised per layer (LiERA, SVDiff, SAM-PARSER)
-            if method.materialize_bias is not None and bias is not None:
-                bias = method.materialize_bias(bias, fs, cfg)
-            return linear(x, method.materialize(kernel, fs, cfg), bias)
-        return method.apply(x, kernel, bias, fs, cfg, train=False, key=None)
+        return method_layer(x, kernel, bias, factors, method, cfg, dtype=self.dtype)
 
     if isinstance(self, fnnx.Linear):
         return run(inputs, kernel, bias)
@@ -80,8 +72,8 @@ def _factored_call(self, inputs, *args, **kwargs):
         equation = dense_general_equation(inputs.ndim, self.axis, kernel.ndim)
     else:  # nnx.Einsum
         equation = (args[0] if args else kwargs.get("einsum_str")) or self.einsum_str
-    return general_layer(inputs, kernel, bias, equation, kernel_in_axes(getattr(self, _PATH_ATTR), cfg),
-                         getattr(self, _PATH_ATTR_STR), run)
+    path = getattr(self, _PATH_ATTR)
+    return general_layer(inputs, kernel, bias, equation, kernel_in_axes(path, cfg), path_str(path), run)
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,7 +129,6 @@ def inject(model, cfg: AdapterConfig, rng: jax.Array):
             setattr(module, name, kind(layer[name]))
         setattr(module, _CFG_ATTR, text)
         setattr(module, _PATH_ATTR, tuple(path))
-        setattr(module, _PATH_ATTR_STR, path_str(path))
         module.__class__ = adapted_class(type(module))
     return model
 
@@ -193,7 +184,7 @@ def merge(model, cfg: AdapterConfig):
             module.bias[...] = layer["bias"]
         for name in method.factor_names:
             delattr(module, name)
-        for attr in (_CFG_ATTR, _PATH_ATTR, _PATH_ATTR_STR):
+        for attr in (_CFG_ATTR, _PATH_ATTR):
             delattr(module, attr)
         module.__class__ = type(module).__mro__[1]
     return merged_model

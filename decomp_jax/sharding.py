@@ -315,7 +315,7 @@ def param_specs(params, mesh, rules=None, *, cfg: Optional[AdapterConfig] = None
     """A ``PartitionSpec`` per leaf of ``params``: base leaves by ``rules`` (see ``base_specs``); with
     ``cfg``, the method's factor leaves derived from their kernel's spec and a prompt method's
     subtree replicated."""
-    from decomp_jax.inject import adapted_layers, is_stacked, is_transposed, kernel_in_axes
+    from decomp_jax.inject import _general_layout, adapted_layers, is_stacked, is_transposed, kernel_in_axes
     from decomp_jax.methods import get
 
     specs = flatten_dict(base_specs(params, mesh, rules, fsdp_min_size=fsdp_min_size, logical_rules=logical_rules))
@@ -335,8 +335,8 @@ def param_specs(params, mesh, rules=None, *, cfg: Optional[AdapterConfig] = None
         entries = list(specs[path + ("kernel",)]) + [None] * len(shape)
         in_axes = kernel_in_axes(path, cfg)
         if in_axes is not None:  # a general kernel: each flattened group keeps the spec of its first (major) axis
-            ins = [lead + a for a in in_axes]
-            outs = [a for a in range(lead, len(shape)) if a not in ins]
+            _, perm = _general_layout(path, shape, in_axes, cfg)
+            ins, outs = perm[lead:lead + len(in_axes)], perm[lead + len(in_axes):]
             d_in, d_out = math.prod(shape[a] for a in ins), math.prod(shape[a] for a in outs)
             entries = entries[:lead] + [_major([entries[a] for a in ins]), _major([entries[a] for a in outs])]
         else:

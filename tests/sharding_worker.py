@@ -215,16 +215,14 @@ def lm_runner(model_dir, out_dir):
     sys.path.insert(0, os.path.dirname(__file__))
     from test_commonsense_task import _cfg
 
-    from decomp_jax.experiment import make_task, run
+    from decomp_jax.experiment import _place_on_mesh, load_adapter, make_task, run
+    from decomp_jax.inject import combine
 
     out = {}
     for name, extra in (("plain", ()), ("mesh", ("train.mesh={data: 2, fsdp: 2, tensor: 2}",))):
         cfg = _cfg(model_dir, f"{out_dir}/{name}", *extra)
         record = run(cfg, progress=False)
         task = make_task(cfg, need_train=False)
-        from decomp_jax.experiment import _place_on_mesh, load_adapter
-        from decomp_jax.inject import combine
-
         if cfg.train.mesh:
             _place_on_mesh(cfg, task)
         adapter = load_adapter(f"{out_dir}/{name}/adapter.safetensors", combine(task.trainable, task.buffers))

@@ -787,7 +787,6 @@ def causal_lm_loss(logits: Any, batch: Mapping[str, Any]) -> Any:
     (times ``batch["weights"][b]`` when present). The mean is over all scored tokens of the batch
     (token-level, as Hugging Face's causal-LM loss); 0 when none are scored.
     """
-    import jax
     import jax.numpy as jnp
 
     logits = jnp.asarray(logits, jnp.float32)[:, :-1]
