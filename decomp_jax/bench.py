@@ -13,7 +13,7 @@ one fixed random batch in training mode (dropout on):
 - ``peak_bytes``: the device's ``peak_bytes_in_use`` where ``memory_stats()`` exists (a
   process-lifetime peak), else the process's peak RSS over the measurement (Linux: VmHWM, reset
   before each measurement through ``/proc/self/clear_refs``; elsewhere ``getrusage``, a lifetime
-  peak); ``compiled_peak_bytes`` is XLA's own estimate for the step (``memory_analysis``);
+  peak); ``compiled_peak_bytes`` is XLA's own estimate for the step (``xla_memory``);
 - ratios to full fine-tuning; for mergeable methods the ``mode="merged"`` timing
   (``merged_step_time_s``, ``factored_vs_merged``); with torch and peft importable, HF PEFT's
   step time in PyTorch for lora, dora, ia3 and full fine-tuning (``peft_step_time_s``,
@@ -244,10 +244,7 @@ def measure_jax(model, params, cfg: Optional[AdapterConfig], batch: dict, bench:
     state = holder["state"]
     train_bytes = tree_bytes(state.trainable)
     opt_bytes = tree_bytes(state.opt_state)
-    try:
-        compiled_peak = int(compiled.memory_analysis().peak_memory_in_bytes)
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        compiled_peak = None
+    compiled_peak = xla_memory(compiled)
     row = {
         "mode": mode if cfg is not None else "full",
         "step_time_s": statistics.median(times),
@@ -267,6 +264,19 @@ def measure_jax(model, params, cfg: Optional[AdapterConfig], batch: dict, bench:
     del holder, state, compiled, step
     gc.collect()
     return row
+
+
+def xla_memory(compiled) -> Optional[int]:
+    """XLA's estimate of a compiled step's memory: arguments + temporaries + outputs - aliased (donated)
+    bytes (``memory_analysis``). Not its ``peak_memory_in_bytes``: on the CPU backend that leaves the
+    temporaries (the activations and gradients) out. None where the backend gives no analysis."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
 
 
 def opt_state_is_moments(opt_state, trainable) -> bool:

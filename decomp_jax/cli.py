@@ -1,4 +1,4 @@
-"""``decomp-jax``: train | eval | merge | export | import | methods | bench | convert."""
+"""``decomp-jax``: train | eval | merge | export | import | methods | sweep | report | bench | convert."""
 
 from __future__ import annotations
 
@@ -44,6 +44,10 @@ def _methods(args) -> int:
 
     names = methods.names(None)  # per-layer methods, then the prompt methods (decoders only)
     counts, backbone = {}, None
+    if args.paper_budgets:
+        if args.config:
+            raise ConfigError("--paper-budgets counts on RoBERTa-base at the paper's placements; drop the config.")
+        return _paper_budgets(args.rank)
     if args.config:
         from decomp_jax.experiment import method_param_counts
 
@@ -51,17 +55,60 @@ def _methods(args) -> int:
         print(f"model {cfg.model.name} ({backbone:,} parameters); targets {cfg.adapter.targets!r}, rank {cfg.adapter.rank}"
               + (f", also training {cfg.adapter.train_extra!r}" if cfg.adapter.train_extra else ""))
     width = max(len(n) for n in names)
-    header = f"{'method':<{width}}  {'family':<14}  " + (f"{'trainable':>10}  {'% backbone':>10}  " if counts else "")
+    header = f"{'method':<{width}}  {'family':<14}  " + (f"{'trainable':>10}  {'‰ backbone':>10}  " if counts else "")
     print(header + "notes        formula")
     for name in names:
         m = methods.get(name)
         notes = ",".join(t for t, on in (("stateful", m.schedule is not None), ("no-merge", not m.mergeable)) if on)
         row = f"{name:<{width}}  {m.family:<14}  "
         if counts and name in counts:
-            row += f"{counts[name]:>10,}  {100 * counts[name] / backbone:>9.3f}%  "
+            row += f"{counts[name]:>10,}  {1000 * counts[name] / backbone:>9.3f}‰  "
         elif counts:  # prompt methods on an encoder: they need our Llama
             row += f"{'-':>10}  {'-':>10}  "
         print(row + f"{notes:<11}  {m.formula}")
+    return 0
+
+
+def _paper_budgets(rank: int) -> int:
+    from decomp_jax.study import PAPER_BACKBONE, paper_budgets
+
+    rows = paper_budgets(rank)
+    print(f"RoBERTa-base (transformers' RobertaConfig(), shapes only; {rows[0]['backbone']:,} parameters), budgets "
+          f"per mille of the paper's {PAPER_BACKBONE / 1e6:.0f}M; rank {rank} where a method has one")
+    width = max(len(r["method"]) for r in rows)
+    print(f"{'method':<{width}}  {'placement':<24}  {'trainable':>10}  {'per mille':>9}  paper")
+    for r in rows:
+        paper = "" if r["paper_per_mille"] is None else f"{r['paper_per_mille']:.2f}"
+        print(f"{r['method']:<{width}}  {r['placement']:<24}  {r['trainable']:>10,}  {r['per_mille']:>9.2f}  {paper}")
+    return 0
+
+
+def _sweep(args) -> int:
+    from decomp_jax import study
+
+    spec = study.load_study(args.study, args.output_dir)
+    if args.dry_run:
+        cells = study.expand(spec)
+        i, n = study.parse_shard(args.shard)
+        mine = [c for c in cells if c.index % n == i]
+        for c in mine:
+            print(f"{c.id}  [{study.cell_status(spec.output_dir, c)}]")
+        print(f"{len(mine)} of {len(cells)} cells in shard {i}/{n}; output {spec.output_dir}")
+        return 0
+    result = study.sweep(spec, workers=args.workers, shard=study.parse_shard(args.shard))
+    print(f"report: decomp-jax report {spec.output_dir}")
+    return 1 if result["failed"] else 0
+
+
+def _report(args) -> int:
+    from decomp_jax import study
+
+    pairs = [tuple(p.split(":")) for p in args.pair] if args.pair else None
+    if pairs and any(len(p) != 2 for p in pairs):
+        raise ConfigError("--pair takes A:B (e.g. --pair lora+mpc_o:lora).")
+    paths = study.report(args.study_dir, args.out, pairs)
+    print(paths["md"].read_text())
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 
@@ -91,9 +138,61 @@ def _import(args) -> int:
     return 0
 
 
+def _bench_decoder(args) -> int:
+    from decomp_jax import bench_decoder as bd
+
+    given = [flag for flag, on in (("--quick", args.quick), ("--warmup", args.warmup is not None),
+                                   ("--backbone", args.backbone), ("--no-merged", args.no_merged)) if on]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: not for --decoder (its timed steps are --rounds x --steps; "
+                          f"it has no merged mode and runs our Llama).")
+    changes: dict = {}
+    if args.models:
+        changes["models"] = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        unknown = [m for m in changes["models"] if m not in bd.MODELS]
+        if unknown:
+            raise ConfigError(f"--models: unknown decoder models {unknown}; choose from {list(bd.MODELS)}.")
+    if args.methods:
+        changes["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "full")
+        changes["peft_methods"] = tuple(m for m in changes["methods"] if m in bd.PEFT_METHODS)
+        changes["torch_scored"] = tuple(m for m in ("full", "lora") if m == "full" or m in changes["methods"])
+    if args.batch_size is not None or args.seq_len is not None:
+        defaults = bd.DecoderBenchConfig().shapes
+        changes["shapes"] = {m: (args.batch_size or b, args.seq_len or n) for m, (b, n) in defaults.items()}
+    for name in ("rounds", "steps"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.decoder_layers is not None:
+        changes["llama_1b_layers"] = args.decoder_layers
+    if args.no_peft:
+        changes["torch"] = False
+    if args.no_generation:
+        changes["generation"] = False
+    try:
+        result = bd.run_decoder_bench(bd.DecoderBenchConfig(**changes))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    paths = bd.write_outputs(result, args.out)
+    print("\ntargets (issue 14):")
+    print("\n".join(bd.format_targets(result["targets"])))
+    _print_load(result["meta"])
+    print(f"wrote {paths['json']}, {paths['md']}")
+    return 0
+
+
+def _print_load(meta: dict) -> None:
+    load = meta["load_avg_1min_start"], meta["load_avg_1min_end"]
+    print(f"\nwall {meta['wall_s']:.0f} s" + (f"; 1-min load average {load[0]:.2f} at the start, {load[1]:.2f} at the end"
+                                             if None not in load else ""))
+
+
 def _bench(args) -> int:
     from decomp_jax import bench
 
+    if args.decoder:
+        return _bench_decoder(args)
+    if args.rounds is not None or args.decoder_layers is not None or args.no_generation:
+        raise ConfigError("--rounds, --decoder-layers and --no-generation apply to --decoder only.")
     changes = {}
     if args.models:
         changes["models"] = tuple(m.strip() for m in args.models.split(",") if m.strip())
@@ -121,10 +220,7 @@ def _bench(args) -> int:
     paths = bench.write_outputs(result, args.out)
     print("\ntargets (issue 5):")
     print("\n".join(bench.format_targets(result["targets"])))
-    meta = result["meta"]
-    load = meta["load_avg_1min_start"], meta["load_avg_1min_end"]
-    print(f"\nwall {meta['wall_s']:.0f} s" + (f"; 1-min load average {load[0]:.2f} at the start, {load[1]:.2f} at the end"
-                                             if None not in load else ""))
+    _print_load(result["meta"])
     print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
     return 0
 
@@ -194,23 +290,50 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("config", nargs="?", help="an experiment YAML: count each method's trainable parameters on its "
                     "model with its targets, rank and train_extra")
     me.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    me.add_argument("--paper-budgets", action="store_true", help="every method's trainable parameters on RoBERTa-base "
+                    "(random, shapes only) at the paper's placements, per mille of 125M, beside the paper's column")
+    me.add_argument("--rank", type=int, default=2, help="--paper-budgets: the rank of the low-rank methods (default 2)")
     me.set_defaults(func=_methods)
+
+    sw = add("sweep", help="run a study: a grid of experiments (methods x tasks x ranks x seeds ...), resumable")
+    sw.add_argument("study", help="a study YAML, e.g. configs/study/minilm_glue_cpu.yaml")
+    sw.add_argument("--workers", type=int, default=1, help="cells run at once on this machine (default 1)")
+    sw.add_argument("--shard", metavar="I/N", help="run only the cells with index = I mod N (a cluster array job: "
+                    "one shard per task, e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    sw.add_argument("--output-dir", help="the study folder (default: the study's output_dir, else studies/NAME)")
+    sw.add_argument("--dry-run", action="store_true", help="list the cells and their status; run nothing")
+    sw.set_defaults(func=_sweep)
+
+    rp = add("report", help="aggregate a study folder: tables (Markdown, CSV, LaTeX), plots, paired comparisons")
+    rp.add_argument("study_dir", help="the output folder of `decomp-jax sweep`")
+    rp.add_argument("--out", help="where to write (default STUDY_DIR/report)")
+    rp.add_argument("--pair", action="append", metavar="A:B", help="a paired comparison A - B (repeatable; "
+                    "default: the study file's pairs)")
+    rp.set_defaults(func=_report)
 
     be = add("bench", help="time a train step of full fine-tuning and every method (and HF PEFT); "
                         "write bench.json, bench.md, bench.png")
     be.add_argument("--out", default="bench", help="the folder to write (default: bench/)")
     be.add_argument("--quick", action="store_true", help="a few minutes: MiniLM only; full, lora, dora, ssl, ssb, ia3 "
                     "(lora, dora, ssb also merged); HF PEFT lora, dora, ia3; 2 warm-up and 5 timed steps")
-    be.add_argument("--models", help="comma-separated: minilm,bert-base (default: both; --quick: minilm)")
+    be.add_argument("--decoder", action="store_true", help="the decoder LLM case instead (issue 14): our Llama's "
+                    "full fine-tuning, LoRA, DoRA, SSB against transformers / HF PEFT LoRA, DoRA, interleaved; "
+                    "generation against transformers; writes bench_decoder.json, bench_decoder.md")
+    be.add_argument("--models", help="comma-separated: minilm,bert-base (default: both; --quick: minilm); "
+                    "with --decoder: smollm2,llama-1b (default: both)")
     be.add_argument("--methods", help="comma-separated method names (default: all; full fine-tuning always runs)")
-    be.add_argument("--batch-size", type=int, help="batch size (default 32)")
-    be.add_argument("--seq-len", type=int, help="sequence length (default 64)")
+    be.add_argument("--batch-size", type=int, help="batch size (default 32; --decoder: 4 for smollm2, 2 for llama-1b)")
+    be.add_argument("--seq-len", type=int, help="sequence length (default 64; --decoder: 256 for smollm2, 128 for llama-1b)")
     be.add_argument("--warmup", type=int, help="untimed steps, the first included (default 3; bert-base 1)")
-    be.add_argument("--steps", type=int, help="timed steps (default 10; bert-base 5)")
+    be.add_argument("--steps", type=int, help="timed steps (default 10; bert-base 5; --decoder: per round, default 2)")
     be.add_argument("--backbone", choices=("native", "hf"),
                     help="the encoder code: native (decomp_jax.models.bert, default) or hf (transformers' Flax classes)")
     be.add_argument("--no-peft", action="store_true", help="do not time HF PEFT in PyTorch")
     be.add_argument("--no-merged", action="store_true", help="do not time mode='merged'")
+    be.add_argument("--rounds", type=int, help="--decoder: interleaved rounds (default 3) of --steps steps (default 2)")
+    be.add_argument("--decoder-layers", type=int, help="--decoder: layers of the random 1B-shaped Llama "
+                    "(default: all 16 on an accelerator, 2 on a CPU)")
+    be.add_argument("--no-generation", action="store_true", help="--decoder: do not time generation")
     be.set_defaults(func=_bench)
 
     cv = add("convert", help="convert a Llama checkpoint (.gguf file or HF safetensors folder) into an HF "

@@ -25,6 +25,9 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "mrpc": ("accuracy", "f1"),
     "cola": ("matthews_corrcoef", "accuracy"),
     "stsb": ("pearson", "spearman"),
+    "mnli": ("accuracy",),
+    "qnli": ("accuracy",),
+    "qqp": ("accuracy", "f1"),
 }
 
 
@@ -130,7 +133,7 @@ def compute_metrics(task: str, predictions: np.ndarray, labels: np.ndarray) -> d
 
     Classification: ``predictions`` are logits ``(n, num_labels)`` (argmax taken).
     Regression (stsb): ``predictions`` are ``(n,)`` or ``(n, 1)`` scores.
-    Keys: sst2/rte accuracy; mrpc accuracy, f1; cola matthews_corrcoef, accuracy;
+    Keys: sst2/rte/mnli/qnli accuracy; mrpc/qqp accuracy, f1; cola matthews_corrcoef, accuracy;
     stsb pearson, spearman.
     """
     spec = get_task(task)

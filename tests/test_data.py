@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,15 +49,16 @@ def test_task_aliases_and_specs():
     assert get_task("CoLA").has_header is False
     assert get_task("stsb").is_regression and get_task("stsb").num_labels == 1
     assert {t: s.best_metric for t, s in TASKS.items()} == {
-        "sst2": "accuracy", "rte": "accuracy", "mrpc": "f1", "stsb": "pearson", "cola": "matthews_corrcoef"}
+        "sst2": "accuracy", "rte": "accuracy", "mrpc": "f1", "stsb": "pearson", "cola": "matthews_corrcoef",
+        "mnli": "accuracy", "qnli": "accuracy", "qqp": "f1"}
     assert {t: s.hub_name for t, s in TASKS.items()} == {t: t for t in TASKS}
     assert get_task("rte").split_file("dev") == "dev.tsv"
     assert get_task("rte").split_file("train") == "train.tsv"
 
 
 def test_unknown_task_lists_known():
-    with pytest.raises(ValueError, match=r"Unknown GLUE task 'qqp'.*sst2"):
-        get_task("qqp")
+    with pytest.raises(ValueError, match=r"Unknown GLUE task 'wnli'.*sst2"):
+        get_task("wnli")
 
 
 # --------------------------------------------------------------------------- local loading
@@ -350,3 +352,51 @@ def test_batch_errors():
         train_batch(_arrays(2), 4, step=0, seed=0)
     with pytest.raises(ValueError, match="batch_size must be positive"):
         list(batches(_arrays(2), 0, shuffle=False, seed=0, drop_last=True))
+
+
+def test_mnli_qnli_qqp_read_their_glue_files(tmp_path, monkeypatch):
+    """The paper's three large tasks: GLUE's TSV layouts (MNLI's matched dev file, string labels), their
+    metrics, and the hub's split names (MNLI: validation_matched)."""
+    from decomp_jax.data import glue
+    from decomp_jax.metrics import compute_metrics
+
+    def tsv(folder, name, header, rows):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        (tmp_path / folder / name).write_text("\n".join("\t".join(r) for r in [header] + rows) + "\n")
+
+    mnli = ["index", "genre", "sentence1", "sentence2", "label1", "gold_label"]
+    tsv("MNLI", "train.tsv", mnli, [["0", "fiction", "A man sleeps.", "A person rests.", "entailment", "entailment"],
+                                    ["1", "fiction", "It rains.", "It is dry.", "contradiction", "contradiction"]])
+    tsv("MNLI", "dev_matched.tsv", mnli, [["0", "travel", "We left.", "We stayed home.", "neutral", "neutral"]])
+    tsv("QNLI", "dev.tsv", ["index", "question", "sentence", "label"],
+        [["0", "Who wrote it?", "She wrote it.", "entailment"], ["1", "When?", "Blue.", "not_entailment"]])
+    tsv("QQP", "dev.tsv", ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"],
+        [["0", "1", "2", "How old?", "What age?", "1"], ["1", "3", "4", "Why?", "Where?", "0"]])
+    train = glue.load_examples("mnli", "train", tmp_path)
+    assert train.text_a == ["A man sleeps.", "It rains."] and train.labels.tolist() == [0, 2]
+    dev = glue.load_examples("MNLI", "dev", tmp_path / "MNLI")
+    assert dev.text_b == ["We stayed home."] and dev.labels.tolist() == [1]
+    assert glue.load_examples("qnli", "dev", tmp_path).labels.tolist() == [0, 1]
+    qqp = glue.load_examples("qqp", "validation", tmp_path)
+    assert qqp.text_b == ["What age?", "Where?"] and qqp.labels.tolist() == [1, 0]
+    logits = np.array([[0.1, 0.9], [0.2, 0.1]])  # predicts 1, 0
+    assert compute_metrics("qqp", logits, qqp.labels) == {"accuracy": 1.0, "f1": 1.0}
+    assert glue.get_task("mnli").num_labels == 3
+
+    asked = []
+
+    class FakeDatasets:
+        @staticmethod
+        def load_dataset(hub, name, split):
+            asked.append((hub, name, split))
+            return _Rows()
+
+    class _Rows(dict):
+        column_names = ["premise", "hypothesis", "label"]
+
+        def __getitem__(self, key):
+            return {"premise": ["p"], "hypothesis": ["h"], "label": [2]}[key]
+
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
+    hub = glue.load_examples("mnli", "validation", hub="glue")
+    assert asked == [("glue", "mnli", "validation_matched")] and hub.labels.tolist() == [2]

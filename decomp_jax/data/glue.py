@@ -60,6 +60,7 @@ class TaskSpec:
     column_names: tuple[str, ...] | None = None
     label_names: tuple[str, ...] | None = None
     split_files: tuple[tuple[str, str], ...] = (("train", "train.tsv"), ("validation", "dev.tsv"))
+    hub_splits: tuple[tuple[str, str], ...] = (("train", "train"), ("validation", "validation"))
 
     def split_file(self, split: str) -> str:
         """File name holding ``split`` ("train", "validation" or "dev")."""
@@ -99,10 +100,33 @@ TASKS: dict[str, TaskSpec] = {
         num_labels=2, is_regression=False, best_metric="matthews_corrcoef",
         has_header=False, column_names=("source", "label", "original_label_mark", "sentence"),
     ),
+    # the paper's three large tasks: GLUE's TSV columns; MNLI is scored on the matched dev set
+    "mnli": TaskSpec(
+        name="mnli", folder="MNLI", hub_name="mnli",
+        text_columns=("sentence1", "sentence2"), label_column="gold_label",
+        hub_text_columns=("premise", "hypothesis"), hub_label_column="label",
+        num_labels=3, is_regression=False, best_metric="accuracy",
+        label_names=("entailment", "neutral", "contradiction"),
+        split_files=(("train", "train.tsv"), ("validation", "dev_matched.tsv")),
+        hub_splits=(("train", "train"), ("validation", "validation_matched")),
+    ),
+    "qnli": TaskSpec(
+        name="qnli", folder="QNLI", hub_name="qnli",
+        text_columns=("question", "sentence"), label_column="label",
+        hub_text_columns=("question", "sentence"), hub_label_column="label",
+        num_labels=2, is_regression=False, best_metric="accuracy",
+        label_names=("entailment", "not_entailment"),
+    ),
+    "qqp": TaskSpec(
+        name="qqp", folder="QQP", hub_name="qqp",
+        text_columns=("question1", "question2"), label_column="is_duplicate",
+        hub_text_columns=("question1", "question2"), hub_label_column="label",
+        num_labels=2, is_regression=False, best_metric="f1",
+    ),
 }
 
 _TASK_ALIASES = {"sst2": "sst2", "sst-2": "sst2", "rte": "rte", "mrpc": "mrpc",
-                 "stsb": "stsb", "sts-b": "stsb", "cola": "cola"}
+                 "stsb": "stsb", "sts-b": "stsb", "cola": "cola", "mnli": "mnli", "qnli": "qnli", "qqp": "qqp"}
 
 
 def get_task(task: str | TaskSpec) -> TaskSpec:
@@ -265,6 +289,7 @@ def _load_hub(spec: TaskSpec, split: str, hub: str) -> Examples:
     except ImportError as err:  # pragma: no cover - datasets is a declared dependency
         raise ImportError("Loading from the hub needs the `datasets` package: pip install datasets, "
                           "or pass a local GLUE folder with data.path.") from err
+    split = dict(spec.hub_splits)[split]
     dataset = datasets.load_dataset(hub, spec.hub_name, split=split)
     source = f"hub dataset {hub!r} config {spec.hub_name!r} split {split!r}"
     for column in (*spec.hub_text_columns, spec.hub_label_column):

@@ -1,0 +1,123 @@
+"""The decoder benchmark (decomp_jax.bench_decoder, issue 14) on a tiny random Llama: every variant runs
+and computes the same first loss as its PyTorch twin (ours full = transformers full; LoRA and DoRA, a
+no-op at init, = full = HF PEFT's), greedy generation gives transformers' tokens, the FLOP counts
+follow from the parameter tree, and the target checks are computed from the measured numbers.
+Nothing here compares a time with a threshold."""
+
+import json
+
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from decomp_jax import bench_decoder as bd
+from decomp_jax.cli import main
+from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+CONFIG = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return LlamaForCausalLM(CONFIG), bd.random_llama_params(CONFIG, 0)
+
+
+@pytest.fixture(scope="module")
+def result(tiny):
+    pytest.importorskip("peft")
+    bench = bd.DecoderBenchConfig(shapes={"tiny": (2, 32)}, response=8, rounds=2, steps=1, gen_batch=2,
+                                  prompt_length=8, new_tokens=6, gen_repeats=1)
+    lines = []
+    return bd.run_decoder_bench(bench, log=lines.append, models={"tiny": tiny}), lines
+
+
+def test_every_variant_runs_and_matches_pytorch_at_step_one(result):
+    out, lines = result
+    rows = {(r["framework"], r["method"], r.get("remat", False), r.get("logits")): r for r in out["models"]["tiny"]["rows"]}
+    assert set(rows) == {("jax", m, False, None) for m in ("full", "lora", "dora", "ssb")} | {
+        ("jax", "full", True, None), ("jax", "lora", True, None)} | {
+        ("torch", m, False, "all") for m in ("full", "lora", "dora")} | {("torch", m, False, "scored") for m in ("full", "lora")}
+    full = rows[("jax", "full", False, None)]["first_loss"]
+    assert np.log(256) - 0.5 < full < np.log(256) + 0.5  # random model on random tokens: about log(V)
+    for key, row in rows.items():
+        if "first_loss" in row:  # adapters are a no-op at init: every first loss is the base model's
+            assert row["first_loss"] == pytest.approx(full, abs=2e-5), key
+        if not key[2]:
+            assert len(row["step_times_s"]) == 2 and 0 < row["step_time_min_s"] <= row["step_time_s"]
+    for method in ("full", "lora", "dora"):  # same factors as HF PEFT's
+        assert rows[("jax", method, False, None)]["trainable_params"] == rows[("torch", method, False, "all")]["trainable_params"]
+    for key in (("jax", "full", False, None), ("jax", "lora", False, None), ("jax", "full", True, None)):
+        assert rows[key]["compile_s"] > 0 and rows[key]["xla_memory_bytes"] > 0
+    assert any("ours dora" in line and "median step" in line for line in lines)
+
+
+def test_generation_gives_transformers_tokens(result):
+    gen = result[0]["models"]["tiny"]["generation"]
+    assert gen["same_tokens"] == 1.0
+    assert gen["speedup"] == pytest.approx(gen["hf_s"] / gen["ours_s"])
+    assert gen["ours_tokens_per_s"] == pytest.approx(2 * 6 / gen["ours_s"])
+
+
+def test_targets_are_computed_from_the_measurements(result, tmp_path):
+    out = result[0]
+    rows = {(r["framework"], r["method"]): r for r in out["models"]["tiny"]["rows"]
+            if not r.get("remat") and r.get("logits") != "scored"}
+    scored = {r["method"]: r for r in out["models"]["tiny"]["rows"] if r.get("logits") == "scored"}
+    checks = {t["what"]: t for t in out["targets"]}
+    lora, full = rows[("jax", "lora")], rows[("jax", "full")]
+    assert checks["lora / full"]["value"] == pytest.approx(lora["step_time_s"] / full["step_time_s"])
+    assert checks["lora / full"]["passed"] == (checks["lora / full"]["value"] <= bd.LORA_VS_FULL)
+    assert checks["lora / full"]["flops"] == out["models"]["tiny"]["flops"]["lora_vs_full_flops"]
+    assert checks["lora / HF PEFT lora"]["value"] == pytest.approx(lora["step_time_s"] / rows[("torch", "lora")]["step_time_s"])
+    assert checks["full / transformers full"]["value"] == pytest.approx(
+        full["step_time_s"] / rows[("torch", "full")]["step_time_s"])
+    assert checks["lora / HF PEFT lora, same logits"]["value"] == pytest.approx(
+        lora["step_time_s"] / scored["lora"]["step_time_s"])
+    assert checks["lora / full memory (XLA)"]["value"] == pytest.approx(lora["xla_memory_bytes"] / full["xla_memory_bytes"])
+    assert checks["generation vs transformers"]["target"] == ">= 1.5"
+    assert len(bd.format_targets(out["targets"])) == len(out["targets"])
+    paths = bd.write_outputs(out, tmp_path)
+    assert json.loads(paths["json"].read_text())["targets"] == json.loads(json.dumps(out["targets"]))
+    text = paths["md"].read_text()
+    assert "| HF PEFT dora |" in text and "| HF PEFT lora (scored logits only) |" in text and "| ours full (remat, memory only) |" in text and "Generation" in text
+
+
+def test_model_flops_follow_the_parameter_tree(tiny):
+    _, params = tiny
+    flat = flatten_dict(params)
+    n = sum(np.size(v) for k, v in flat.items() if k[-1] == "kernel" and k[-2] in bd.PROJECTIONS)
+    head = np.size(params["model"]["embed_tokens"]["embedding"])
+    r, b, s, scored = 16, 2, 32, 8
+    attention = 12 * 2 * s * 4 * 8
+    adapter = sum(6 * r * sum(v.shape) for k, v in flat.items() if k[-1] == "kernel" and k[-2] in bd.PROJECTIONS)
+    full = bd.model_flops(CONFIG, "full", b, s, r, scored=scored)
+    lora = bd.model_flops(CONFIG, "lora", b, s, r, scored=scored)
+    assert full["matmul_params"] == n and full["head_params"] == head
+    assert full["flops_per_step"] == (6 * n + attention) * b * s + 6 * head * b * scored
+    assert lora["flops_per_step"] == (4 * n + attention + adapter) * b * s + 4 * head * b * scored
+    assert bd.model_flops(CONFIG, "ssb", b, s, r)["flops_per_step"] == (4 * n + attention) * b * s + 4 * head * b * s
+    with pytest.raises(ValueError, match="unknown method"):
+        bd.model_flops(CONFIG, "ia3", b, s)
+
+
+def test_synthetic_batch_scores_the_last_tokens():
+    batch = bd.synthetic_batch(100, 3, 16, 5, seed=1)
+    assert batch["input_ids"].shape == (3, 16) and batch["loss_mask"][:, -5:].all() and not batch["loss_mask"][:, :-5].any()
+    real = batch["loss_weights"] > 0
+    assert real.sum(axis=1).tolist() == [5, 5, 5]  # positions 10..14 predict the response tokens 11..15
+    np.testing.assert_array_equal(batch["loss_index"][real].reshape(3, 5), np.tile(np.arange(10, 15), (3, 1)))
+    np.testing.assert_array_equal(batch["loss_targets"][real].reshape(3, 5), batch["input_ids"][:, 11:16])
+    with pytest.raises(ValueError, match="response=16"):
+        bd.synthetic_batch(100, 3, 16, 16)
+
+
+def test_cli_refuses_what_does_not_apply(capsys):
+    assert main(["bench", "--decoder", "--models", "minilm"]) == 2
+    assert "unknown decoder models ['minilm']" in capsys.readouterr().err
+    assert main(["bench", "--decoder", "--warmup", "2"]) == 2
+    assert "--warmup: not for --decoder" in capsys.readouterr().err
+    assert main(["bench", "--rounds", "2"]) == 2
+    assert "--decoder only" in capsys.readouterr().err
+    assert main(["bench", "--decoder", "--methods", "lora,ia3", "--no-generation"]) == 2
+    assert "unknown methods ['ia3']" in capsys.readouterr().err
