@@ -542,7 +542,7 @@ def check_targets(models: dict) -> list[dict]:
 def format_targets(targets: Sequence[dict]) -> list[str]:
     lines = []
     for t in targets:
-        line = f"[{t['model']}] {t['what']:<34} {t['value']:>7.3f}  target {t['target']:<7} {_verdict(t)}"
+        line = f"[{t['model']}] {t['what']:<40} {t['value']:>7.3f}  target {t['target']:<7} {_verdict(t)}"
         if "flops" in t:
             line += f"  (model FLOPs: {t['flops']:.3f})"
         lines.append(line)

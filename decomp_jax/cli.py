@@ -91,9 +91,12 @@ def _sweep(args) -> int:
         cells = study.expand(spec)
         i, n = study.parse_shard(args.shard)
         mine = [c for c in cells if c.index % n == i]
+        status = {c.id: study.cell_status(spec.output_dir, c) for c in cells}
         for c in mine:
-            print(f"{c.id}  [{study.cell_status(spec.output_dir, c)}]")
-        print(f"{len(mine)} of {len(cells)} cells in shard {i}/{n}; output {spec.output_dir}")
+            print(f"{c.id}  [{status[c.id]}]")
+        counts = {s: sum(v == s for v in status.values()) for s in ("done", "partial", "failed", "pending")}
+        print(f"{len(mine)} of {len(cells)} cells in shard {i}/{n}; the whole grid: " +
+              ", ".join(f"{v} {k}" for k, v in counts.items()) + f"; output {spec.output_dir}")
         return 0
     result = study.sweep(spec, workers=args.workers, shard=study.parse_shard(args.shard))
     print(f"report: decomp-jax report {spec.output_dir}")
@@ -301,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--shard", metavar="I/N", help="run only the cells with index = I mod N (a cluster array job: "
                     "one shard per task, e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
     sw.add_argument("--output-dir", help="the study folder (default: the study's output_dir, else studies/NAME)")
-    sw.add_argument("--dry-run", action="store_true", help="list the cells and their status; run nothing")
+    sw.add_argument("--dry-run", action="store_true", help="list the cells and their status (done, partial, failed, pending) with counts over the whole grid; run nothing")
     sw.set_defaults(func=_sweep)
 
     rp = add("report", help="aggregate a study folder: tables (Markdown, CSV, LaTeX), plots, paired comparisons")

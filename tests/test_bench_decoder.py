@@ -2,7 +2,8 @@
 and computes the same first loss as its PyTorch twin (ours full = transformers full; LoRA and DoRA, a
 no-op at init, = full = HF PEFT's), greedy generation gives transformers' tokens, the FLOP counts
 follow from the parameter tree, and the target checks are computed from the measured numbers.
-Nothing here compares a time with a threshold."""
+Nothing here compares a time with a threshold. The comparisons with PyTorch are `slow` (about 25 s);
+the default suite runs our side alone."""
 
 import json
 
@@ -32,6 +33,7 @@ def result(tiny):
     return bd.run_decoder_bench(bench, log=lines.append, models={"tiny": tiny}), lines
 
 
+@pytest.mark.slow
 def test_every_variant_runs_and_matches_pytorch_at_step_one(result):
     out, lines = result
     rows = {(r["framework"], r["method"], r.get("remat", False), r.get("logits")): r for r in out["models"]["tiny"]["rows"]}
@@ -52,6 +54,7 @@ def test_every_variant_runs_and_matches_pytorch_at_step_one(result):
     assert any("ours dora" in line and "median step" in line for line in lines)
 
 
+@pytest.mark.slow
 def test_generation_gives_transformers_tokens(result):
     gen = result[0]["models"]["tiny"]["generation"]
     assert gen["same_tokens"] == 1.0
@@ -59,6 +62,7 @@ def test_generation_gives_transformers_tokens(result):
     assert gen["ours_tokens_per_s"] == pytest.approx(2 * 6 / gen["ours_s"])
 
 
+@pytest.mark.slow
 def test_targets_are_computed_from_the_measurements(result, tmp_path):
     out = result[0]
     rows = {(r["framework"], r["method"]): r for r in out["models"]["tiny"]["rows"]
@@ -81,6 +85,21 @@ def test_targets_are_computed_from_the_measurements(result, tmp_path):
     assert json.loads(paths["json"].read_text())["targets"] == json.loads(json.dumps(out["targets"]))
     text = paths["md"].read_text()
     assert "| HF PEFT dora |" in text and "| HF PEFT lora (scored logits only) |" in text and "| ours full (remat, memory only) |" in text and "Generation" in text
+
+
+def test_our_side_alone_gives_rows_and_targets(tiny):
+    """Without PyTorch, generation and remat: our full fine-tuning and LoRA, their ratio and memory."""
+    bench = bd.DecoderBenchConfig(shapes={"tiny": (2, 32)}, response=8, rounds=1, steps=2, methods=("lora",),
+                                  torch=False, generation=False, remat_memory=False)
+    out = bd.run_decoder_bench(bench, log=lambda _: None, models={"tiny": tiny})
+    rows = {r["method"]: r for r in out["models"]["tiny"]["rows"]}
+    assert set(rows) == {"full", "lora"} and rows["full"]["first_loss"] == pytest.approx(rows["lora"]["first_loss"], abs=1e-6)
+    assert rows["lora"]["trainable_params"] == 2 * sum(16 * (a + b) for a, b in (
+        (32, 32), (32, 16), (32, 16), (32, 32), (32, 64), (32, 64), (64, 32)))  # r (d_in + d_out) per matrix
+    checks = {t["what"]: t for t in out["targets"]}
+    assert set(checks) == {"lora / full", "lora / full memory (XLA)"}
+    assert checks["lora / full"]["value"] == pytest.approx(rows["lora"]["step_time_s"] / rows["full"]["step_time_s"])
+    assert "| ours lora |" in bd.markdown(out) and out["models"]["tiny"]["generation"] == {}
 
 
 def test_model_flops_follow_the_parameter_tree(tiny):

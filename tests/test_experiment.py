@@ -89,7 +89,7 @@ def test_cli_methods_and_errors(tmp_path, capsys):
     assert rows["adalora"][2] == f"{6 * 2 * (384 * 8 + 8 + 8 * 384) + head:,}"
     assert rows["lora_dash"][2] == f"{6 * 2 * (384 * 8 + 8 * 384 + 8) + head:,}"  # dash_u/dash_vt are buffers
     assert rows["svdiff"][2] == f"{6 * 2 * 384 + head:,}"
-    assert rows["houlsby"][3] == f"{100 * (6 * 2 * (384 * 8 + 8 + 8 * 384 + 384) + head) / 22_713_986:.3f}%"
+    assert rows["houlsby"][3] == f"{1000 * (6 * 2 * (384 * 8 + 8 + 8 * 384 + 384) + head) / 22_713_986:.3f}‰"
 
     code = cli.main(["train", str(REPO / "configs" / "quickstart.yaml"), "--set", f"data.path={tmp_path}/nowhere"])
     assert code == 2

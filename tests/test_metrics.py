@@ -120,7 +120,7 @@ def test_compute_metrics_regression(shape):
 
 def test_compute_metrics_errors():
     with pytest.raises(ValueError, match="Known tasks"):
-        metrics.compute_metrics("qnli", np.zeros((2, 2)), np.zeros(2))
+        metrics.compute_metrics("wnli", np.zeros((2, 2)), np.zeros(2))
     with pytest.raises(ValueError, match=r"\(n,\) or \(n, 1\)"):
         metrics.compute_metrics("stsb", np.zeros((2, 3)), np.zeros(2))
     with pytest.raises(ValueError, match="must match"):

@@ -148,7 +148,7 @@ def test_merge_refuses_a_nonfinite_checkpoint(tiny_model_dir, tmp_path, monkeypa
     ("train.learning_rate=.inf", r"train.learning_rate must be a finite number > 0, got inf"),
     ("train.learning_rate=.nan", r"train.learning_rate must be a finite number > 0, got nan"),
     ("train.best_metric=acc", r"train.best_metric='acc' is not a metric of task 'sst2'.*Choose one of accuracy"),
-    ("data.task=mnli", r"data.task='mnli' is unknown.*Choose one of .*sst2"),
+    ("data.task=wnli", r"data.task='wnli' is unknown.*Choose one of .*sst2"),
     ("train.batch_size=500", r"train.batch_size=500 is larger than the 128 training examples"),
 ])
 def test_config_mistakes_stop_before_training_with_the_fix(override, message, tiny_model_dir, tmp_path, capsys):
@@ -168,10 +168,10 @@ def test_best_metric_is_checked_against_the_commonsense_metrics():
 
 
 def test_debug_shows_the_traceback(tiny_model_dir, tmp_path):
-    with pytest.raises(dj.ConfigError, match="data.task='mnli'"):
-        cli.main(["--debug", "train", QUICK, "--set", "data.task=mnli"])
-    with pytest.raises(dj.ConfigError, match="data.task='mnli'"):
-        cli.main(["train", QUICK, "--set", "data.task=mnli", "--debug"])
+    with pytest.raises(dj.ConfigError, match="data.task='wnli'"):
+        cli.main(["--debug", "train", QUICK, "--set", "data.task=wnli"])
+    with pytest.raises(dj.ConfigError, match="data.task='wnli'"):
+        cli.main(["train", QUICK, "--set", "data.task=wnli", "--debug"])
 
 
 def test_cli_reports_file_and_safetensors_errors_in_one_line(tmp_path, capsys):
