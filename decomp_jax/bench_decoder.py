@@ -111,29 +111,9 @@ class DecoderBenchConfig:
 # models and data
 
 
-def random_llama_params(config, seed: int = 0):
-    """Random params with ``init_params``' tree and distributions (normal(initializer_range) kernels and
-    embedding, unit norm weights, zero biases), drawn leaf by leaf: no compile of the model's init."""
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
-    from decomp_jax.models.llama import init_params
-
-    shapes = flatten_dict(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))
-    key = jax.random.PRNGKey(seed)
-    out = {}
-    for i, (path, sd) in enumerate(sorted(shapes.items())):
-        if path[-1] == "weight":
-            out[path] = jnp.ones(sd.shape, sd.dtype)
-        elif path[-1] == "bias":
-            out[path] = jnp.zeros(sd.shape, sd.dtype)
-        else:
-            out[path] = config.initializer_range * jax.random.normal(jax.random.fold_in(key, i), sd.shape, sd.dtype)
-    return unflatten_dict(out)
-
-
 def load_model(name: str, bench: DecoderBenchConfig):
     """``(model, params, description)`` of a benchmark model name."""
-    from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM
+    from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, random_params
 
     if name == "smollm2":
         from decomp_jax.causal_lm import load_causal_lm
@@ -143,7 +123,7 @@ def load_model(name: str, bench: DecoderBenchConfig):
     if name == "llama-1b":
         layers = bench.layers_1b()
         config = LlamaConfig(**{**LLAMA_1B, "num_hidden_layers": layers})
-        return (LlamaForCausalLM(config), random_llama_params(config, bench.seed),
+        return (LlamaForCausalLM(config), random_params(config, bench.seed),
                 f"random Llama, Llama-3.2-1B layer shapes, {layers} of its 16 layers")
     raise ValueError(f"unknown decoder benchmark model {name!r}; choose from {list(MODELS)}")
 

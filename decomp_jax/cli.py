@@ -171,22 +171,24 @@ def _bench_decoder(args) -> int:
         changes["torch"] = False
     if args.no_generation:
         changes["generation"] = False
+    return _bench_report(bd, lambda: bd.run_decoder_bench(bd.DecoderBenchConfig(**changes)), args.out, 14)
+
+
+def _bench_report(module, run, out: str, issue: int) -> int:
+    """Run a benchmark (``run()``), write its files with ``module.write_outputs`` and print its targets."""
     try:
-        result = bd.run_decoder_bench(bd.DecoderBenchConfig(**changes))
+        result = run()
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    paths = bd.write_outputs(result, args.out)
-    print("\ntargets (issue 14):")
-    print("\n".join(bd.format_targets(result["targets"])))
-    _print_load(result["meta"])
-    print(f"wrote {paths['json']}, {paths['md']}")
-    return 0
-
-
-def _print_load(meta: dict) -> None:
+    paths = module.write_outputs(result, out)
+    print(f"\ntargets (issue {issue}):")
+    print("\n".join(module.format_targets(result["targets"])))
+    meta = result["meta"]
     load = meta["load_avg_1min_start"], meta["load_avg_1min_end"]
     print(f"\nwall {meta['wall_s']:.0f} s" + (f"; 1-min load average {load[0]:.2f} at the start, {load[1]:.2f} at the end"
                                              if None not in load else ""))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
 
 
 def _bench(args) -> int:
@@ -216,16 +218,7 @@ def _bench(args) -> int:
     if unknown:
         raise ConfigError(f"--models: unknown {unknown}; choose from {list(bench.MODELS)}.")
     config = bench.BenchConfig.quick_config(**changes) if args.quick else bench.BenchConfig(**changes)
-    try:
-        result = bench.run_bench(config)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    paths = bench.write_outputs(result, args.out)
-    print("\ntargets (issue 5):")
-    print("\n".join(bench.format_targets(result["targets"])))
-    _print_load(result["meta"])
-    print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
-    return 0
+    return _bench_report(bench, lambda: bench.run_bench(config), args.out, 5)
 
 
 def _convert(args) -> int:

@@ -198,29 +198,6 @@ def jax_ceiling(tiny: bool) -> dict:
     return out
 
 
-def random_params(config):
-    """Random params with init_params' tree and distributions (normal(initializer_range) kernels and
-    embedding, unit norm weights), drawn leaf by leaf: jitting the Flax init of the whole model took
-    ~115 s on the H200 (it compiles the forward pass), this takes seconds."""
-    import jax
-    import jax.numpy as jnp
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
-    from decomp_jax.models.llama import init_params
-
-    shapes = flatten_dict(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))
-    key = jax.random.PRNGKey(0)
-    out = {}
-    for i, (path, sd) in enumerate(sorted(shapes.items())):
-        if path[-1] == "weight":
-            out[path] = jnp.ones(sd.shape, sd.dtype)
-        elif path[-1] == "bias":
-            out[path] = jnp.zeros(sd.shape, sd.dtype)
-        else:
-            out[path] = config.initializer_range * jax.random.normal(jax.random.fold_in(key, i), sd.shape, sd.dtype)
-    return unflatten_dict(out)
-
-
 def jax_measure(item: str, args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -229,7 +206,7 @@ def jax_measure(item: str, args) -> dict:
     from decomp_jax.config import AdapterConfig
     from decomp_jax.execution import adapt
     from decomp_jax.inject import count_params, inject, partition
-    from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM
+    from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, random_params
     from decomp_jax.train import init_state, make_optimizer, make_train_step
 
     _, shape, method, dtype = parse_item(item)

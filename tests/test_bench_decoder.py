@@ -13,7 +13,7 @@ from flax.traverse_util import flatten_dict
 
 from decomp_jax import bench_decoder as bd
 from decomp_jax.cli import main
-from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, random_params
 
 CONFIG = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128)
@@ -21,7 +21,7 @@ CONFIG = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_h
 
 @pytest.fixture(scope="module")
 def tiny():
-    return LlamaForCausalLM(CONFIG), bd.random_llama_params(CONFIG, 0)
+    return LlamaForCausalLM(CONFIG), random_params(CONFIG, 0)
 
 
 @pytest.fixture(scope="module")
