@@ -106,8 +106,8 @@ def test_sweep_runs_shards_skips_finished_and_records_failures(tmp_path):
     cells = study.expand(spec)
     lines = []
     first = study.sweep(spec, workers=2, shard=(0, 2), log=lines.append, poll_s=0.05, command=fake_command(tmp_path))
-    assert first["done"] == [c.id for c in cells if c.index % 2 == 0 and "mpc_d" not in c.id]
-    assert first["failed"] == [c.id for c in cells if c.index % 2 == 0 and "mpc_d" in c.id]
+    assert sorted(first["done"]) == sorted(c.id for c in cells if c.index % 2 == 0 and "mpc_d" not in c.id)
+    assert sorted(first["failed"]) == sorted(c.id for c in cells if c.index % 2 == 0 and "mpc_d" in c.id)
     failure = json.loads((spec.output_dir / "failed" / f"{first['failed'][0]}.json").read_text())
     assert failure["returncode"] == 1 and "boom" in failure["log_tail"][-1]
     assert any("ETA" in line for line in lines) and any("FAILED" in line for line in lines)
