@@ -50,6 +50,10 @@ class ModelConfig(_Serializable):
     dtype: str = "float32"
     backbone: str = "auto"
     partition_rules: Optional[str] = None  # a decomp_jax.sharding.RULES preset (default: the architecture's)
+    # regression tasks (STS-B): "label_mean" starts the new head's bias at the mean of the training
+    # labels, so the first steps need not move it from 0 to ~2.7 one learning rate at a time
+    # (Pearson/Spearman do not depend on the offset); None keeps the checkpoint's / the random init's
+    head_bias: Optional[str] = None
     # decoder LLMs (data.task: commonsense) only
     param_dtype: str = "float32"  # the frozen base's storage dtype (bfloat16: half its memory)
     scan_layers: bool = False  # the decoder layers under one nn.scan (params stacked: faster compiles)
@@ -66,6 +70,8 @@ class ModelConfig(_Serializable):
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is unknown; choose float32, bfloat16 or float16.")
         if self.backbone not in BACKBONES:
             raise ConfigError(f"model.backbone={self.backbone!r} is unknown; choose one of {', '.join(BACKBONES)}.")
+        if self.head_bias not in (None, "label_mean"):
+            raise ConfigError(f"model.head_bias={self.head_bias!r} is unknown; use label_mean (regression tasks) or leave it out.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +180,9 @@ class ExperimentConfig:
         if used and self.data.task not in LM_TASKS:
             raise ConfigError(f"{', '.join(used)} apply to our decoder LLM (data.task: commonsense), not to "
                               f"task {self.data.task!r}; remove them.")
+        if self.model.head_bias and (self.data.task in LM_TASKS or not glue.get_task(self.data.task).is_regression):
+            raise ConfigError(f"model.head_bias={self.model.head_bias!r} applies to regression tasks (stsb), not to "
+                              f"task {self.data.task!r}; remove it.")
         best = self.train.best_metric
         if best is not None:
             names = metric_names(self)
@@ -257,6 +266,9 @@ class Task:
             cfg.model.name, self.spec.num_labels, cfg.model.dtype, seed=seed, backbone=cfg.model.backbone
         )
         check_positions(cfg, self.model.config)
+        if cfg.model.head_bias == "label_mean":  # also when evaluating: the base must be the one trained on
+            labels = (train_examples if need_train else read("train", cfg.data.max_train_samples)).labels
+            self.base_params = set_head_bias(self.base_params, float(np.mean(labels)))
         train_length = cfg.data.train_max_length or cfg.data.max_length
         self.train_arrays = glue.tokenize(train_examples, self.tokenizer, train_length) if need_train else None
         self.eval_arrays = glue.tokenize(eval_examples, self.tokenizer, cfg.data.max_length)
@@ -333,6 +345,21 @@ def check_predictions(outputs: np.ndarray) -> None:
             f"Evaluation produced NaN or inf outputs for {int(bad.sum())} of {len(outputs)} examples; no metric is "
             f"reported. The adapter or the base model holds non-finite values, or data.max_length exceeds the model."
         )
+
+
+def set_head_bias(params, value: float):
+    """``params`` with the regression head's output bias (the one ``(1,)`` bias under ``classifier``:
+    BERT's ``classifier/bias``, RoBERTa's ``classifier/out_proj/bias``) set to ``value``."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    flat = flatten_dict(params)
+    found = [k for k, v in flat.items() if k[0] == "classifier" and k[-1] == "bias" and np.shape(v) == (1,)]
+    if len(found) != 1:
+        raise ConfigError(f"model.head_bias=label_mean needs a regression head with one output bias under "
+                          f"'classifier'; found {['/'.join(k) for k in found] or 'none'}. It applies to regression "
+                          f"tasks (stsb); remove it for this task.")
+    flat[found[0]] = jnp.full_like(flat[found[0]], value)
+    return unflatten_dict(flat)
 
 
 def load_base_model(cfg: ExperimentConfig, seed: Optional[int] = None):

@@ -121,3 +121,35 @@ def test_every_shipped_config_loads():
     fsdp = loaded["smollm2_lora_fsdp.yaml"]
     assert fsdp.train.mesh == {"data": 1, "fsdp": -1, "tensor": 1}
     assert (fsdp.model.param_dtype, fsdp.model.scan_layers, fsdp.train.remat) == ("bfloat16", True, True)
+
+
+def test_regression_head_bias_starts_at_the_label_mean(tiny_model_dir, tmp_path):
+    """model.head_bias: label_mean (STS-B): the new head's bias is the mean of the training labels, in
+    training and when a finished run is evaluated from its folder; refused for classification tasks."""
+    from decomp_jax.data import glue
+    from decomp_jax.experiment import ExperimentConfig, Task
+
+    import shutil
+
+    from transformers import BertConfig, FlaxBertForSequenceClassification
+
+    folder = tmp_path / "tiny_regressor"  # the tiny BERT with a one-output head
+    config = BertConfig.from_pretrained(tiny_model_dir, num_labels=1)
+    FlaxBertForSequenceClassification(config, seed=0).save_pretrained(folder)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    sts = REPO.parent / "shared" / "data" / "glue" / "STS-B"
+    data = {"model": {"name": str(folder), "head_bias": "label_mean"},
+            "data": {"task": "stsb", "path": str(sts), "max_train_samples": 64, "max_length": 32},
+            "adapter": {"method": "lora", "targets": "attention/self/(query|value)$", "rank": 2, "train_extra": "^classifier/"},
+            "train": {"steps": 2, "batch_size": 8, "output_dir": str(tmp_path / "run")}}
+    cfg = ExperimentConfig.from_dict(data)
+    mean = float(np.mean(glue.load_examples("stsb", "train", sts, max_samples=64, seed=0).labels))
+    assert 1.0 < mean < 4.0
+    for need_train in (True, False):
+        task = Task(cfg, need_train=need_train)
+        np.testing.assert_allclose(np.asarray(task.base_params["classifier"]["bias"]), [mean], rtol=1e-6)
+    plain = Task(ExperimentConfig.from_dict({**data, "model": {"name": str(folder)}}), need_train=False)
+    assert float(np.asarray(plain.base_params["classifier"]["bias"])[0]) == 0.0
+    with pytest.raises(dj.ConfigError, match="applies to regression tasks"):
+        ExperimentConfig.from_dict({**data, "data": {"task": "rte", "path": str(sts.parent / "RTE")}})
