@@ -16,7 +16,8 @@ Each row has the median and min step time, ours: the compile time (``lower().com
 memory estimate of the compiled step (``xla_memory``: arguments + temporaries + outputs - aliased; the
 frozen base, the trainable leaves, their AdamW moments and the activations); ``remat_memory`` also
 compiles full fine-tuning and LoRA with every decoder layer rematerialised (``nn.remat``) and reports
-their estimates (not timed). Generation: greedy decoding of ``new_tokens`` tokens for ``gen_batch``
+their estimates (not timed; XLA:CPU schedules the recomputation early, so there the estimate does not
+drop). Generation: greedy decoding of ``new_tokens`` tokens for ``gen_batch``
 prompts of ``prompt_length`` random tokens, ours (``models.llama.generate``, KV cache, jitted) against
 transformers' ``generate``, in tokens per second.
 

@@ -41,8 +41,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -339,6 +341,11 @@ def sweep(study: Study, *, workers: int = 1, shard: tuple[int, int] = (0, 1), lo
     done, failed, durations = list(skipped), [], []
     started = time.perf_counter()
 
+    def on_term(signum, frame):  # a scheduler's SIGTERM (a job's time limit): stop the cells as Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+
     def progress():
         left = len(queue) + len(running)
         eta = ""
@@ -390,6 +397,9 @@ def sweep(study: Study, *, workers: int = 1, shard: tuple[int, int] = (0, 1), lo
             handle.close()
         log(f"[sweep] interrupted: {len(running)} running cell(s) stopped; run the same command again to resume them")
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     log(f"[sweep] finished shard {i}/{n}: {len(done)} done ({len(skipped)} before), {len(failed)} failed"
         + (f": {', '.join(failed)}" if failed else ""))
     return {"done": done, "failed": failed, "skipped": skipped}

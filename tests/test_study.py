@@ -240,3 +240,31 @@ def test_shipped_studies_expand():
     assert len(cpu) == 4 * 19 * 3
     tuned = {c.id: c.config for c in cpu}["task=stsb,method=ssb@lr10,seed=2"]
     assert tuned["train"]["learning_rate"] == pytest.approx(2.2e-2) and tuned["adapter"]["method"] == "ssb"
+
+
+def test_sigterm_stops_the_running_cells(tmp_path):
+    """A scheduler's SIGTERM (a job's time limit) stops the sweep and the cells it runs, as Ctrl-C does."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    path = write_study(tmp_path)
+    cell = tmp_path / "slow_cell.py"
+    cell.write_text("import os, sys, time, pathlib\npathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\ntime.sleep(60)\n")
+    code = (f"import sys; from decomp_jax import study\nspec = study.load_study({str(path)!r})\n"
+            f"spec.grid = {{'task': ['rte'], 'method': ['lora'], 'train.seed': [0]}}\n"
+            f"study.sweep(spec, poll_s=0.05, log=lambda m: print(m, flush=True), command=lambda d, c, r: "
+            f"[sys.executable, {str(cell)!r}, {str(tmp_path / 'pid')!r}])")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    deadline = time.time() + 60
+    while not (tmp_path / "pid").is_file() and time.time() < deadline:
+        time.sleep(0.1)
+    child = int((tmp_path / "pid").read_text())
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "interrupted: 1 running cell(s) stopped" in out
+    time.sleep(0.2)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
