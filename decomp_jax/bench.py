@@ -50,7 +50,8 @@ from decomp_jax.config import AdapterConfig
 from decomp_jax.execution import adapt
 from decomp_jax.inject import count_params, inject, partition
 from decomp_jax.models.hf import (
-    TARGET_PRESETS, check_backbone, load_sequence_classifier, sequence_classifier_apply, with_backbone,
+    TARGET_PRESETS, check_backbone, load_sequence_classifier, quiet_transformers, sequence_classifier_apply,
+    with_backbone,
 )
 from decomp_jax.train import classification_loss, init_state, make_optimizer, make_schedule, make_train_step
 
@@ -311,19 +312,14 @@ def measure_peft(model_path: str, method: Optional[str], batch: dict, bench: Ben
     on a GPU and torch sees one."""
     import torch
     from transformers import BertForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     warmup = bench.warmup if warmup is None else warmup
     steps = bench.steps if steps is None else steps
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(bench.seed)
     reset_peak()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with quiet_transformers():
         model = BertForSequenceClassification.from_pretrained(model_path, num_labels=2)
-    finally:
-        hf_logging.set_verbosity(verbosity)
     if method is not None:
         from peft import IA3Config, LoraConfig, get_peft_model
 

@@ -52,6 +52,7 @@ from decomp_jax.bench import _spread, _verdict, peft_available, xla_memory
 from decomp_jax.config import AdapterConfig
 from decomp_jax.execution import adapt
 from decomp_jax.inject import combine, count_params, inject, partition
+from decomp_jax.models.hf import quiet_transformers
 from decomp_jax.train import init_state, make_optimizer, make_train_step
 
 MODELS = ("smollm2", "llama-1b")
@@ -261,14 +262,9 @@ def _torch_device() -> str:
 def _load_torch_model(folder: str):
     import torch
     from transformers import LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with quiet_transformers():
         return LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="sdpa")
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 def torch_step(folder: str, method: str, batch: dict, bench: DecoderBenchConfig, logits: str = "all") -> dict:
@@ -293,11 +289,12 @@ def torch_step(folder: str, method: str, batch: dict, bench: DecoderBenchConfig,
     optimizer = torch.optim.AdamW(params, lr=bench.learning_rate, weight_decay=0.0)
     ids = torch.from_numpy(batch["input_ids"].astype(np.int64)).to(device)
     mask = torch.from_numpy(batch["attention_mask"].astype(np.int64)).to(device)
-    response = int(batch["loss_mask"].sum(axis=1).max())
-    if not (batch["loss_mask"][:, -response:] > 0).all():
-        raise ValueError("torch_step scores the last tokens of every row (synthetic_batch's layout).")
-    targets = ids[:, -response:].reshape(-1)
     labels = torch.from_numpy(np.where(batch["loss_mask"] > 0, batch["input_ids"], -100).astype(np.int64)).to(device)
+    if logits == "scored":
+        response = int(batch["loss_mask"].sum(axis=1).max())
+        if not (batch["loss_mask"][:, -response:] > 0).all():
+            raise ValueError("torch_step(logits='scored') scores the last tokens of every row (synthetic_batch's layout).")
+        targets = ids[:, -response:].reshape(-1)
 
     def loss_of():
         if logits == "all":

@@ -141,6 +141,11 @@ def _import(args) -> int:
     return 0
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated command-line list (``--models a,b``)."""
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
 def _bench_decoder(args) -> int:
     from decomp_jax import bench_decoder as bd
 
@@ -151,12 +156,12 @@ def _bench_decoder(args) -> int:
                           f"it has no merged mode and runs our Llama).")
     changes: dict = {}
     if args.models:
-        changes["models"] = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        changes["models"] = _names(args.models)
         unknown = [m for m in changes["models"] if m not in bd.MODELS]
         if unknown:
             raise ConfigError(f"--models: unknown decoder models {unknown}; choose from {list(bd.MODELS)}.")
     if args.methods:
-        changes["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "full")
+        changes["methods"] = tuple(m for m in _names(args.methods) if m != "full")
         changes["peft_methods"] = tuple(m for m in changes["methods"] if m in bd.PEFT_METHODS)
         changes["torch_scored"] = tuple(m for m in ("full", "lora") if m == "full" or m in changes["methods"])
     if args.batch_size is not None or args.seq_len is not None:
@@ -200,9 +205,9 @@ def _bench(args) -> int:
         raise ConfigError("--rounds, --decoder-layers and --no-generation apply to --decoder only.")
     changes = {}
     if args.models:
-        changes["models"] = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        changes["models"] = _names(args.models)
     if args.methods:
-        changes["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        changes["methods"] = _names(args.methods)
     for name in ("batch_size", "seq_len", "warmup", "steps"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)

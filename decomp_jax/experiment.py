@@ -213,33 +213,55 @@ def metric_names(cfg: "ExperimentConfig") -> list[str]:
     return list(TASK_METRICS[glue.get_task(cfg.data.task).name])
 
 
+def is_dotted_key(key: str) -> bool:
+    """Whether ``key`` names a config value as ``section.key`` (``adapter.rank``)."""
+    parts = str(key).split(".")
+    return len(parts) == 2 and parts[0] in SECTIONS
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``section.key=value`` -> (["section", "key"], value parsed as YAML)."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r} is not of the form section.key=value (e.g. adapter.rank=16).")
     dotted, raw = item.split("=", 1)
-    keys = dotted.strip().split(".")
-    if len(keys) != 2 or keys[0] not in SECTIONS:
+    if not is_dotted_key(dotted.strip()):
         raise ConfigError(f"--set {item!r}: the key must be section.key with a section in {list(SECTIONS)}.")
-    return keys, yaml.safe_load(raw)
+    return dotted.strip().split("."), yaml.safe_load(raw)
 
 
-def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Read a YAML experiment config and apply ``section.key=value`` overrides."""
-    path = Path(path)
+def with_overrides(data: Mapping[str, Any], flat: Mapping[str, Any]) -> dict:
+    """A copy of the config dict ``data`` (its sections copied too) with ``{"section.key": value}`` set."""
+    out = {section: dict(values or {}) for section, values in data.items()}
+    for key, value in flat.items():
+        section, field = key.split(".")
+        out.setdefault(section, {})[field] = value
+    return out
+
+
+def read_yaml_mapping(path: Path, missing: str, holds: str) -> dict:
+    """The mapping in the YAML file ``path``; ``missing`` is the message when it does not exist, ``holds``
+    says what the mapping should hold."""
     if not path.is_file():
-        raise FileNotFoundError(f"Config file {str(path)!r} does not exist (try configs/quickstart.yaml).")
+        raise FileNotFoundError(missing)
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping with sections {list(SECTIONS)}.")
+        raise ConfigError(f"{path} must hold a mapping with {holds}.")
+    return data
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment config and apply ``section.key=value`` overrides."""
+    path = Path(path)
+    data = read_yaml_mapping(path, f"Config file {str(path)!r} does not exist (try configs/quickstart.yaml).",
+                             f"sections {list(SECTIONS)}")
+    flat = {}
     for item in overrides:
         (section, key), value = parse_override(item)
-        data.setdefault(section, {})
-        data[section] = {**(data[section] or {}), key: value}
-    return ExperimentConfig.from_dict(data)
+        flat[f"{section}.{key}"] = value
+    return ExperimentConfig.from_dict(with_overrides(data, flat))
 
 
 class Task:

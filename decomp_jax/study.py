@@ -96,38 +96,30 @@ def _mapping(value, where: str) -> dict:
     return dict(value)
 
 
-def _check_key(key: str, where: str) -> None:
-    from decomp_jax.experiment import SECTIONS
+def _check_key(key: str, where: str, lr_scale: bool = False) -> None:
+    """``key`` must be a config ``section.key`` (or, in a method preset, ``lr_scale``)."""
+    from decomp_jax.experiment import SECTIONS, is_dotted_key
 
-    if key == LR_SCALE and where.split(": ")[-1].startswith("methods."):
-        return
-
-    parts = str(key).split(".")
-    if len(parts) != 2 or parts[0] not in SECTIONS:
+    if not (is_dotted_key(key) or (lr_scale and key == LR_SCALE)):
         raise ConfigError(f"{where}: {key!r} is not section.key with a section in {list(SECTIONS)} "
                           f"(e.g. adapter.rank, train.learning_rate).")
 
 
 def load_study(path, output_dir: Optional[str] = None) -> Study:
     """Read and check a study file (see the module docstring)."""
+    from decomp_jax.experiment import SECTIONS, read_yaml_mapping
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"study file {str(path)!r} does not exist (try configs/study/minilm_glue_cpu.yaml).")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{path} must hold a mapping with keys {sorted(KEYS)}.")
+    data = read_yaml_mapping(path, f"study file {str(path)!r} does not exist (try configs/study/minilm_glue_cpu.yaml).",
+                             f"keys {sorted(KEYS)}")
     unknown = set(data) - KEYS
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {sorted(unknown)}; a study file has {sorted(KEYS)}.")
     base = data.get("base")
     if isinstance(base, str):
         base_path = (path.parent / base) if not os.path.isabs(base) else Path(base)
-        if not base_path.is_file():
-            raise FileNotFoundError(f"{path}: base {base!r} (read as {base_path}) does not exist.")
-        base = yaml.safe_load(base_path.read_text()) or {}
+        base = read_yaml_mapping(base_path, f"{path}: base {base!r} (read as {base_path}) does not exist.",
+                                 f"sections {list(SECTIONS)}")
     base = _mapping(base, f"{path}: base")
     grid = _mapping(data.get("grid"), f"{path}: grid")
     if not grid:
@@ -145,7 +137,7 @@ def load_study(path, output_dir: Optional[str] = None) -> Study:
     for where, table in (("tasks", tasks), ("methods", methods)):
         for name, sets in table.items():
             for key in sets:
-                _check_key(key, f"{path}: {where}.{name}")
+                _check_key(key, f"{path}: {where}.{name}", lr_scale=where == "methods")
     pairs = data.get("pairs") or []
     if not isinstance(pairs, list) or any(not isinstance(p, list) or len(p) != 2 for p in pairs):
         raise ConfigError(f"{path}: pairs must be a list of [A, B] method names, e.g. [[lora+mpc_o, lora]].")
@@ -177,14 +169,6 @@ def task_preset(name: str, presets: Mapping[str, Mapping]) -> dict:
     return dict(presets[name]) if name in presets else {"data.task": name}
 
 
-def _nest(flat: Mapping[str, Any], into: dict) -> dict:
-    out = {section: dict(values or {}) for section, values in into.items()}
-    for key, value in flat.items():
-        section, field = key.split(".")
-        out.setdefault(section, {})[field] = value
-    return out
-
-
 def _short(key: str) -> str:
     return key.split(".")[-1]
 
@@ -211,7 +195,7 @@ def _unused_keys(config: dict) -> set[str]:
 def expand(study: Study) -> list[Cell]:
     """The grid's cells, in grid order (the first key varies slowest), excluded ones left out and
     duplicates (the same config once the keys a method does not use are dropped) run once."""
-    from decomp_jax.experiment import ExperimentConfig
+    from decomp_jax.experiment import ExperimentConfig, with_overrides
 
     keys = list(study.grid)
     cells: list[Cell] = []
@@ -227,7 +211,7 @@ def expand(study: Study) -> list[Cell]:
             flat.update(method_preset(str(axes[AXIS_METHOD]), study.methods))
         flat.update({k: v for k, v in axes.items() if k not in (AXIS_TASK, AXIS_METHOD)})
         scale = flat.pop(LR_SCALE, None)
-        config = _nest(flat, study.base)
+        config = with_overrides(study.base, flat)
         if scale is not None:  # a method preset's multiplier of the task's learning rate
             train = config.setdefault("train", {})
             train["learning_rate"] = float(train.get("learning_rate", 1e-3)) * float(scale)

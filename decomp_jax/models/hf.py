@@ -7,6 +7,7 @@ has ``get_model_path()``), or a hub id (needs network access).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from typing import Any, Callable, Optional
@@ -71,6 +72,19 @@ def check_backbone(backbone: str) -> None:
         raise ValueError(f"backbone={backbone!r} is unknown; choose from {BACKBONES}")
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' logging at error level inside the block (loading a model with a new head warns)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def load_sequence_classifier(name: str, num_labels: int, dtype: str = "float32", seed: int = 0,
                              backbone: str = "auto"):
     """``(model, params, tokenizer)`` for a sequence-classification (or regression) fine-tune.
@@ -82,7 +96,6 @@ def load_sequence_classifier(name: str, num_labels: int, dtype: str = "float32",
     """
     check_backbone(backbone)  # before the (slow) load
     from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(name)
     if not os.path.isdir(path) and os.sep in name:
@@ -92,14 +105,10 @@ def load_sequence_classifier(name: str, num_labels: int, dtype: str = "float32",
         )
     config = AutoConfig.from_pretrained(path, num_labels=num_labels)
     from_pt = os.path.isdir(path) and not _has_flax_weights(path)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the "newly initialized head" warning is expected here
-    try:
+    with quiet_transformers():  # the "newly initialized head" warning is expected here
         model = FlaxAutoModelForSequenceClassification.from_pretrained(
             path, config=config, from_pt=from_pt, dtype=getattr(jnp, dtype), seed=seed
         )
-    finally:
-        hf_logging.set_verbosity(verbosity)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = with_backbone(model, backbone)
     return model, model.params, tokenizer
