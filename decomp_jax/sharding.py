@@ -290,9 +290,10 @@ FACTOR_AXES: dict[str, tuple] = {
 }
 
 
-def factor_roles(name: str, shape, d_in: int, d_out: int) -> tuple:
-    """The role ("in", "out" or None) of each axis of factor leaf ``name`` of a ``(d_in, d_out)`` kernel."""
-    declared = FACTOR_AXES.get(name)
+def factor_roles(name: str, shape, d_in: int, d_out: int, declared: Optional[tuple] = None) -> tuple:
+    """The role ("in", "out" or None) of each axis of factor leaf ``name`` of a ``(d_in, d_out)`` kernel
+    (``declared``: the method's own roles for it, else the table above)."""
+    declared = declared or FACTOR_AXES.get(name)
     size_of = {"in": d_in, "out": d_out, None: None}
     if declared is not None and len(declared) == len(shape) and all(
             r is None or size_of[r] == s for r, s in zip(declared, shape)):
@@ -301,13 +302,14 @@ def factor_roles(name: str, shape, d_in: int, d_out: int) -> tuple:
     return tuple("in" if s == d_in and s != d_out else "out" if s == d_out and s != d_in else None for s in shape)
 
 
-def factor_spec(name: str, shape, kernel_spec: P, d_in: int, d_out: int, *, transposed: bool = False) -> P:
+def factor_spec(name: str, shape, kernel_spec: P, d_in: int, d_out: int, *, transposed: bool = False,
+                declared: Optional[tuple] = None) -> P:
     """The spec of factor leaf ``name`` from its layer's kernel spec (stored layout: ``(d_out, d_in)``
-    when ``transposed``)."""
+    when ``transposed``); ``declared``: the roles of its axes where the method states them."""
     entries = list(kernel_spec) + [None] * (2 - len(kernel_spec))
     by_role = {"out": entries[0], "in": entries[1]} if transposed else {"in": entries[0], "out": entries[1]}
     by_role[None] = None
-    return P(*[by_role[r] for r in factor_roles(name, shape, d_in, d_out)])
+    return P(*[by_role[r] for r in factor_roles(name, shape, d_in, d_out, declared)])
 
 
 def param_specs(params, mesh, rules=None, *, cfg: Optional[AdapterConfig] = None,
@@ -328,6 +330,7 @@ def param_specs(params, mesh, rules=None, *, cfg: Optional[AdapterConfig] = None
                 specs[path] = P()
         return unflatten_dict(specs)
     values = _unbox(params)
+    declared = method.factor_axes(cfg) if method.factor_axes else {}
     for path, layer in adapted_layers(values, cfg):
         transposed = is_transposed(path, cfg)
         shape = tuple(np.shape(layer["kernel"]))  # (L,) + ... when stacked
@@ -343,7 +346,8 @@ def param_specs(params, mesh, rules=None, *, cfg: Optional[AdapterConfig] = None
             d_in, d_out = shape[lead:][::-1] if transposed else shape[lead:]
         kernel_spec = P(*entries[lead:lead + 2])
         for name in method.factor_names:
-            own = factor_spec(name, np.shape(layer[name])[lead:], kernel_spec, d_in, d_out, transposed=transposed)
+            own = factor_spec(name, np.shape(layer[name])[lead:], kernel_spec, d_in, d_out, transposed=transposed,
+                              declared=declared.get(name))
             specs[path + (name,)] = P(*entries[:lead], *own)
     return unflatten_dict(specs)
 

@@ -1,5 +1,7 @@
 """Injection, merging and execution on a real (small, random) Flax BERT."""
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -46,7 +48,7 @@ def test_adapters_refuse_merging(name, tiny_bert):
     model, base = tiny_bert
     cfg = dj.AdapterConfig(method=name, targets=ALL, rank=4)
     params = dj.inject(base, cfg, jax.random.PRNGKey(1))
-    expected = r"not mergeable.*mode='factored'.*\['houlsby', 'parallel_adapter', 'pfeiffer'\]"
+    expected = r"not mergeable.*mode='factored'.*" + re.escape(str(ADAPTERS))
     with pytest.raises(dj.ConfigError, match=expected):
         dj.merge(params, cfg)
     with pytest.raises(dj.ConfigError, match=expected):

@@ -22,7 +22,7 @@ from decomp_jax import convert
 from decomp_jax.inject import adapted_layers
 from decomp_jax.models.hf import TARGET_PRESETS
 from decomp_jax.models.llama import (
-    LlamaConfig, LlamaForCausalLM, generate, greedy_generate, init_cache, init_params, rope_parameters,
+    LlamaConfig, LlamaForCausalLM, generate, greedy_generate, init_cache, init_params, random_params, rope_parameters,
 )
 
 TOL = 1e-4
@@ -421,6 +421,42 @@ def test_adapter_on_llama_injects_merges_and_exports_to_peft(method, tiny_pair, 
     back, back_cfg = dj.import_peft(str(tmp_path), base, arch="llama")
     assert back_cfg.method == method
     np.testing.assert_allclose(dj.adapt(apply, back_cfg)(back, ids, mask), factored, atol=1e-5)
+
+
+@pytest.mark.parametrize("placement", ["mh", "output", "parallel"])
+def test_bottleneck_adapters_on_llama(placement):
+    """LLM-Adapters' placements at their LLaMA targets: a no-op at init (mam_adapter), the toolkit's
+    bert init is not, and a few steps lower the causal-LM loss."""
+    config = LlamaConfig.from_hf_dict(tiny_hf_config())
+    model = LlamaForCausalLM(config)
+    base = random_params(config)  # (init_params would compile the model's init)
+    ids, mask = batch()
+    apply = lambda p, ids: model.apply({"params": p}, ids, mask)  # noqa: E731
+    cfg = dj.AdapterConfig(method="bottleneck_learned", targets=TARGET_PRESETS["llama"][f"bottleneck_{placement}"],
+                           rank=16, options={"placement": placement})
+    params = dj.inject(base, cfg, jax.random.PRNGKey(1))
+    n_layers = {"mh": 3, "output": 1, "parallel": 3}[placement] * config.num_hidden_layers
+    assert len(list(adapted_layers(params, cfg))) == n_layers
+    adapted = dj.adapt(apply, cfg)
+    plain = apply(base, ids)
+    np.testing.assert_allclose(adapted(params, ids), plain, atol=1e-5)
+    bert = dj.inject(base, cfg.replace(options={"placement": placement, "init_weights": "bert"}), jax.random.PRNGKey(1))
+    assert max_diff_valid(adapted(bert, ids), plain, mask) > 1e-4
+
+    trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg))
+
+    def loss(t):
+        logits = adapted(dj.combine(t, frozen), ids)[:, :-1]
+        logp = jax.nn.log_softmax(logits)
+        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+        return (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+
+    grad = jax.jit(jax.value_and_grad(loss))
+    first, _ = grad(trainable)
+    for _ in range(5):
+        _, g = grad(trainable)
+        trainable = jax.tree.map(lambda p, d: p - 0.5 * d, trainable, g)
+    assert float(loss(trainable)) < float(first) - 0.05, (float(first), float(loss(trainable)))
 
 
 def test_peft_lora_with_saved_lm_head(tiny_pair, tmp_path):

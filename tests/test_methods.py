@@ -70,7 +70,27 @@ def reference_output(name, x, K, b, f, cfg):
         z = h @ f["down"] + f["down_bias"]
         act = z / (1 + np.exp(-z)) if name == "houlsby" else _relu(z)
         return h + act @ f["up"] + f["up_bias"]
+    if name in ("bottleneck", "bottleneck_learned"):
+        return reference_bottleneck(x, K, b, f, cfg)
     return x @ reference_kernel(name, K, f, cfg) + b
+
+
+NP_ACTIVATIONS = {"tanh": np.tanh, "relu": _relu, "sigmoid": lambda z: 1 / (1 + np.exp(-z)),
+                  "swish": lambda z: z / (1 + np.exp(-z)), "identity": lambda z: z}
+
+
+def reference_bottleneck(x, K, b, f, cfg):
+    """LLM-Adapters' bottleneck adapters (spec: output / parallel / mh placements)."""
+    o = {"placement": "output", "activation": "tanh", "scaling": 1.0, **cfg.options}
+    s = f["adapter_scaling"][0] if "adapter_scaling" in f else o["scaling"]
+
+    def adapter(v):
+        return s * NP_ACTIVATIONS[o["activation"]](v @ f["adapter_down"]) @ f["adapter_up"]
+
+    if o["placement"] == "mh":
+        return (x + adapter(x)) @ K + b
+    y = x @ K + b
+    return y + adapter(y if o["placement"] == "output" else x)
 
 
 def random_factors(method, key, K, b, cfg):
@@ -150,6 +170,44 @@ def test_init_is_identity(name, kernel_bias):
     if method.apply is not None:
         y = method.apply(x, base, jnp.asarray(b, jnp.float32), f, cfg)
         np.testing.assert_allclose(np.asarray(y), np.asarray(x) @ K + b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("learned", [False, True])
+@pytest.mark.parametrize("placement,activation", [("output", "tanh"), ("parallel", "relu"), ("mh", "swish"),
+                                                  ("mh", "sigmoid"), ("parallel", "identity")])
+def test_bottleneck_placements_match_reference(placement, activation, learned, kernel_bias):
+    K, b = kernel_bias
+    name = "bottleneck_learned" if learned else "bottleneck"
+    options = {"placement": placement, "activation": activation, **({} if learned else {"scaling": 0.7})}
+    cfg = dj.AdapterConfig(method=name, rank=R, options=options)
+    method = methods.get(name)
+    f = random_factors(method, jax.random.PRNGKey(0), K, b, cfg)
+    d, d_up = {"output": (D_OUT, D_OUT), "parallel": (D_IN, D_OUT), "mh": (D_IN, D_IN)}[placement]
+    assert f["adapter_down"].shape == (d, R) and f["adapter_up"].shape == (R, d_up)
+    x = np.random.default_rng(2).normal(size=(3, 5, D_IN))
+    y = method.apply(jnp.asarray(x, jnp.float32), jnp.asarray(K, jnp.float32), jnp.asarray(b, jnp.float32), _j(f), cfg)
+    want = reference_bottleneck(x, K, b, f, cfg)
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-4, atol=1e-4)
+    assert np.abs(want - (x @ K + b)).max() > 0.1  # the adapter changes the output
+
+
+def test_bottleneck_inits(kernel_bias):
+    """``bert`` (the toolkit's default): both matrices normal(0.02), not a no-op; ``mam_adapter`` (ours):
+    kaiming-uniform down (bound 1/sqrt(d)), zero up, a no-op (checked in test_init_is_identity)."""
+    K, b = np.random.default_rng(0).normal(size=(300, 200)), np.zeros(200)
+    method = methods.get("bottleneck")
+    bert = method.init(jax.random.PRNGKey(0), jnp.asarray(K, jnp.float32), None,
+                       dj.AdapterConfig(method="bottleneck", rank=64, options={"placement": "parallel", "init_weights": "bert"}))
+    for leaf in bert.values():
+        assert abs(float(jnp.std(leaf)) - 0.02) < 0.002 and abs(float(jnp.mean(leaf))) < 0.002
+    cfg = dj.AdapterConfig(method="bottleneck", rank=64, options={"placement": "parallel"})
+    mam = method.init(jax.random.PRNGKey(0), jnp.asarray(K, jnp.float32), None, cfg)
+    bound = 1 / np.sqrt(300)
+    assert float(jnp.max(jnp.abs(mam["adapter_down"]))) <= bound and float(jnp.max(jnp.abs(mam["adapter_down"]))) > 0.95 * bound
+    assert not np.any(np.asarray(mam["adapter_up"]))
+    learned = methods.get("bottleneck_learned").init(jax.random.PRNGKey(0), jnp.asarray(K, jnp.float32), None,
+                                                     cfg.replace(method="bottleneck_learned", options={}))
+    np.testing.assert_array_equal(np.asarray(learned["adapter_scaling"]), [1.0])
 
 
 @pytest.mark.parametrize("name", [n for n in MERGEABLE if methods.get(n).unmaterialize is not None])

@@ -154,6 +154,9 @@ BERT_TARGETS = r"attention/self/(query|value)$|attention/output/dense$|intermedi
 LLAMA_TARGETS = r"self_attn/(q_proj|k_proj|v_proj|o_proj)$|mlp/(gate_proj|up_proj|down_proj)$"
 
 
+BOTTLENECK_ROLES = {"output": ("out", "out"), "parallel": ("in", "out"), "mh": ("in", "in")}
+
+
 def _check_factor_specs(base, cfg, transposed=False):
     shapes = jax.eval_shape(lambda p: dj.inject(p, cfg, jax.random.PRNGKey(0)), base)
     specs = sh.param_specs(shapes, MESH, cfg=cfg, fsdp_min_size=1)
@@ -173,7 +176,10 @@ def _check_factor_specs(base, cfg, transposed=False):
                     "vt_r": (None, k_out), "adapter_u": (k_in, None), "adapter_v": (None, k_out), "dash_u": (k_in, None),
                     "dash_vt": (None, k_out), "dash": (None,), "down": (k_out, None), "up": (None, k_out),
                     "up_bias": (k_out,), "down_bias": (None,), "u": (k_in, None), "vt": (None, k_out), "sigma": (None,),
-                    "sigma0": (None,), "delta": (None,), "s_r": (None,)}
+                    "sigma0": (None,), "delta": (None,), "s_r": (None,), "adapter_scaling": (None,)}
+        if cfg.method.startswith("bottleneck"):  # the layout follows the placement
+            reads, writes = ({"in": k_in, "out": k_out}[r] for r in BOTTLENECK_ROLES[cfg.option("placement")])
+            expected |= {"adapter_down": (reads, None), "adapter_up": (None, writes)}
         for name, spec in f.items():
             if name in expected:
                 assert spec == expected[name], (cfg.method, path, name, spec, expected[name])
@@ -187,6 +193,10 @@ def test_every_method_gets_valid_factor_specs_on_bert_and_llama(method, tiny_ber
     llama_cfg = dj.AdapterConfig(method=method, targets=LLAMA_TARGETS, rank=4)
     n = _check_factor_specs(tiny_bert[1], bert_cfg) + _check_factor_specs(_llama_base(), llama_cfg)
     assert n > 0 or method == "bitfit"  # (no factor leaves)
+    if method.startswith("bottleneck"):
+        for placement in ("parallel", "mh"):
+            opts = {"placement": placement}
+            assert _check_factor_specs(_llama_base(), llama_cfg.replace(options=opts)) > 0
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ssb", "houlsby"])

@@ -58,6 +58,9 @@ class Method(NamedTuple):
     validate: Optional[Callable[[Any], None]] = None  # checks cfg.options; raises ConfigError
     regularizer: Optional[str] = None  # built-in MPC kind used when cfg.mpc is None (AdaLoRA: mpc_o)
     schedule: Optional[Callable[[Any, int], Schedule]] = None  # (cfg, total_steps) -> Schedule
+    # (cfg) -> {factor name: the role of each axis, "in" | "out" | None} where a factor's layout depends
+    # on the options (sharding.FACTOR_AXES holds the fixed ones)
+    factor_axes: Optional[Callable[[Any], Mapping[str, tuple]]] = None
     # "layer": the per-layer methods above. "prompt": prompt/prefix tuning (decomp_jax.prompts): the
     # leaves live at params[name], ``init(key, params, cfg) -> that subtree``, and the layer hooks
     # (materialize, apply, ...) are unused; ``names()``/``registry()`` list them only when asked.

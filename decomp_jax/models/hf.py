@@ -39,6 +39,11 @@ TARGET_PRESETS["llama"] = {
     "all_linear": r"self_attn/(q_proj|k_proj|v_proj|o_proj)$|mlp/(gate_proj|up_proj|down_proj)$",
     "houlsby": r"self_attn/o_proj$|mlp/down_proj$",
     "pfeiffer": r"mlp/down_proj$",
+    # LLM-Adapters' bottleneck placements on LLaMA (method bottleneck, options.placement): mh before
+    # the three MLP projections (its default), output after down_proj, parallel beside q, k, v
+    "bottleneck_mh": r"mlp/(gate_proj|up_proj|down_proj)$",
+    "bottleneck_output": r"mlp/down_proj$",
+    "bottleneck_parallel": r"self_attn/(q_proj|k_proj|v_proj)$",
 }
 # layers whose kernels are stored (d_out, d_in): AdapterConfig.transposed per architecture
 TRANSPOSED = {"gpt2": r"(c_attn|c_proj|c_fc)$"}
