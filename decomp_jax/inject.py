@@ -310,7 +310,7 @@ def unrolled_schedule(schedule, cfg: AdapterConfig):
         state, new = schedule.update(state, step, unstack_view(params, roots), unstack_view(grads, roots))
         return state, restack_view(new, roots, params)
 
-    return Schedule(init, update)
+    return schedule._replace(init=init, update=update)
 
 
 def _layer_key(rng: jax.Array, path: Path) -> jax.Array:

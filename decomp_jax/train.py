@@ -127,6 +127,15 @@ def _run_schedule(schedule: Schedule, state: TrainState, opt_state, trainable, b
     return run(state.step + 1, grads)
 
 
+def reset_moments(optimizer: optax.GradientTransformation, opt_state, before: dict, after: dict):
+    """``opt_state`` with every params-shaped entry (Adam's moments, accumulated gradients) zeroed
+    where ``after`` differs from ``before`` (the values a method's schedule rewrote)."""
+    changed = jax.tree.map(lambda a, b: a != b, before, after)
+    return optax.tree_utils.tree_map_params(
+        optimizer, lambda v, c: jnp.where(c, jnp.zeros_like(v), v), opt_state, changed,
+        transform_non_params=lambda v: v)
+
+
 def _check_stateful(cfg: Optional[AdapterConfig], schedule: Optional[Schedule]) -> None:
     method = get(cfg.method) if cfg is not None else None
     if method is not None and method.schedule is not None and schedule is None:
@@ -190,7 +199,10 @@ def make_train_step(
         trainable = optax.apply_updates(state.trainable, updates)
         method_state = state.method_state
         if schedule is not None:
+            updated = trainable
             method_state, trainable, buffers = _run_schedule(schedule, state, opt_state, trainable, buffers, frozen, grads)
+            if schedule.reset_moments:
+                opt_state = reset_moments(optimizer, opt_state, updated, trainable)
         grad_norm = optax.tree.norm(grads)
         # one scalar per step that the host can check in batches (no sync per step): a NaN or inf
         # loss, penalty or gradient anywhere makes the global norm or the objective non-finite

@@ -26,6 +26,7 @@ METHOD_SETTINGS = {
     "ssb": ["adapter.targets=attention/self/(key|value)$|intermediate/dense$"],
     "adalora": ["adapter.options={target_rank: 2, interval: 2, t_init: 0.1, t_final: 0.2}"],
     "lora_dash": ["adapter.options={warmup_steps: 3, dash_k: 4}"],
+    "flexlora": ["adapter.rank=2", "adapter.options={max_rank: 4, interval: 2, b: 2}"],
     "pissa": [],
 }
 
@@ -48,7 +49,7 @@ def _losses(out_dir):
 
 # the stateful methods by default; lora, dora, ssb, pissa with -m slow (test_multihost.py resumes a
 # killed lora run through the CLI in the default suite)
-@pytest.mark.parametrize("method", [m if m in ("adalora", "lora_dash") else pytest.param(m, marks=pytest.mark.slow)
+@pytest.mark.parametrize("method", [m if m in ("adalora", "lora_dash", "flexlora") else pytest.param(m, marks=pytest.mark.slow)
                                     for m in METHOD_SETTINGS])
 def test_killed_and_resumed_run_equals_the_uninterrupted_run(method, tiny_model_dir, tmp_path):
     extra = [f"adapter.method={method}", *METHOD_SETTINGS[method]]

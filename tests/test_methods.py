@@ -33,6 +33,9 @@ def reference_kernel(name, K, f, cfg):
         return K + s_t * f["lora_a"] @ np.diag(f["lora_e"]) @ f["lora_b"]
     if name == "adalora":
         return K + (cfg.alpha / cfg.rank) * f["lora_a"] @ np.diag(f["lora_e"]) @ f["lora_b"]
+    if name == "flexlora":  # the live triplets only, scaled by alpha / (their number)
+        live = f["active"] > 0
+        return K + (cfg.alpha / live.sum()) * f["lora_a"][:, live] @ np.diag(f["lora_e"][live]) @ f["lora_b"][live]
     if name in ("flora", "moslora"):
         return K + s * f["lora_a"] @ f["lora_g"] @ f["lora_b"]
     if name == "liera":
@@ -102,6 +105,8 @@ def random_factors(method, key, K, b, cfg):
         val = rng.normal(size=v.shape)
         if n in ("scale_in", "scale_out", "magnitude", "sigma", "sigma0", "s_r"):
             val = 1.0 + 0.3 * val  # positive-ish, some sigma0 + delta < 0 so relu matters
+        if n == "active":  # FlexLoRA's live slots: some on, some off
+            val = (np.arange(v.shape[0]) % 3 != 1).astype(np.float64)
         out[n] = val
     return out
 
@@ -120,7 +125,7 @@ def _j(tree):
 @pytest.mark.parametrize("rslora", [False, True])
 def test_materialize_and_apply_match_reference(name, rslora, kernel_bias):
     K, b = kernel_bias
-    if name == "adalora" and rslora:
+    if name in ("adalora", "flexlora") and rslora:
         with pytest.raises(dj.ConfigError, match="rslora does not apply"):
             dj.AdapterConfig(method=name, rslora=True)
         return

@@ -11,6 +11,7 @@ PyTorch side gets the JAX head through the adapter file itself.
 import copy
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -200,6 +201,23 @@ def test_export_matches_peft_on_small_bert(name, bert, tmp_path):
     if name == "rslora":
         assert config["modules_to_save"] == ["classifier", "score", "bert.pooler.dense"]
         assert config["target_modules"] == ["intermediate.dense", "key", "output.dense", "query", "value"]
+
+
+def test_flexlora_exports_as_lora_with_its_live_ranks(bert, tmp_path):
+    cfg = dj.AdapterConfig(method="flexlora", targets=ALL_LINEAR, rank=2, alpha=6, train_extra=r"^classifier/",
+                           options={"max_rank": 5})
+    params = perturb(dj.inject(bert["params"], cfg, jax.random.PRNGKey(1)), cfg)
+    flat = flatten_dict(params)
+    actives = sorted(p for p in flat if p[-1] == "active")
+    live_counts = [1 + i % 5 for i in range(len(actives))]  # ranks 1..5 across the 12 layers, gaps in the slots
+    for path, n in zip(actives, live_counts):
+        flat[path] = np.isin(np.arange(5), np.random.default_rng(len(path) + n).permutation(5)[:n]).astype(np.float32)
+    params = unflatten_dict(flat)
+    assert_peft_matches(bert, params, cfg, str(tmp_path), "small bert flexlora")
+    config = read_json(tmp_path / "adapter_config.json")
+    assert config["peft_type"] == "LORA" and config["lora_alpha"] == 6
+    module = lambda p: ".".join(p[:-1]).replace("/", ".")  # noqa: E731  (BERT's Flax and torch names agree)
+    assert config["rank_pattern"] == {re.escape(module(p)): n for p, n in zip(actives, live_counts)}
 
 
 def test_export_matches_peft_on_small_roberta(roberta, tmp_path):

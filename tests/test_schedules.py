@@ -7,7 +7,8 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 import decomp_jax as dj
-from decomp_jax.methods import adalora, dash
+from decomp_jax.inject import set_leaves
+from decomp_jax.methods import adalora, dash, flexlora
 from decomp_jax.models.hf import sequence_classifier_apply
 from decomp_jax.train import classification_loss
 
@@ -256,3 +257,142 @@ def test_lora_dash_with_a_bfloat16_frozen_base(tiny_bert, tiny_batch):
     state, losses = run_steps(step, state, frozen, tiny_batch, 3)
     assert all(np.isfinite(losses))
     assert all(x.dtype == jnp.float32 and np.any(np.asarray(x)) for x in jax.tree.leaves(state.buffers))
+
+
+# --- FlexLoRA -------------------------------------------------------------------------------------------
+
+
+def _np_entropy(e, active):
+    energy = np.asarray(e, np.float64) ** 2 * active
+    r = active.sum()
+    if r <= 1:
+        return 0.0
+    if energy.sum() == 0:
+        return 1.0
+    p = energy[energy > 0] / energy.sum()
+    return float(-(p * np.log(p)).sum() / np.log(r))
+
+
+@pytest.mark.parametrize("e,active", [
+    ([3.0, 4.0, 9.0], [1, 1, 0]),          # p = (0.36, 0.64) over the two live
+    ([1.0, -1.0, 1.0, 1.0], [1, 1, 1, 1]),  # uniform: 1
+    ([2.0, 0.0, 0.0, 5.0], [1, 1, 1, 0]),   # one carries everything: 0
+    ([0.0, 0.0, 0.0], [1, 1, 1]),           # nothing learned yet: 1
+    ([0.7, 0.2], [0, 1]),                   # a single live triplet: 0
+    ([0.5, -0.1, 0.3, 2.0], [1, 1, 1, 1]),
+])
+def test_flexlora_spectral_entropy(e, active):
+    active = np.asarray(active, np.float32)
+    got = float(flexlora.spectral_entropy(jnp.asarray(e, jnp.float32), jnp.asarray(active)))
+    assert got == pytest.approx(_np_entropy(e, active), abs=1e-6)
+    if e == [3.0, 4.0, 9.0]:
+        assert got == pytest.approx(-(0.36 * np.log(0.36) + 0.64 * np.log(0.64)) / np.log(2), abs=1e-6)
+
+
+def test_flexlora_chooses_layers_by_entropy():
+    entropy = jnp.asarray([0.2, 0.9, 0.5, 0.1, 0.95, 0.2], jnp.float32)
+    live = jnp.asarray([3, 3, 1, 2, 4, 2], jnp.int32)
+    prune, grow = flexlora.choose_layers(entropy, live, slots=4, n=2)
+    # prunable (live > 1): 0, 1, 3, 4, 5 -> lowest two: 3 (0.1), then 0 and 5 tie at 0.2 -> the earlier, 0
+    assert list(np.flatnonzero(np.asarray(prune))) == [0, 3]
+    # growable (live < 4, not pruned): 1, 2, 5 -> highest two: 1 (0.9), 2 (0.5); 4 is full
+    assert list(np.flatnonzero(np.asarray(grow))) == [1, 2]
+    prune, grow = flexlora.choose_layers(entropy, live, slots=4, n=0)
+    assert not np.any(np.asarray(prune)) and not np.any(np.asarray(grow))
+    prune, grow = flexlora.choose_layers(entropy, live, slots=4, n=10)  # more than there are
+    assert list(np.flatnonzero(np.asarray(prune))) == [0, 1, 3, 4, 5] and list(np.flatnonzero(np.asarray(grow))) == [2]
+
+
+def test_flexlora_change_counts():
+    kw = dict(b=4, t_init=10, end=80)
+    assert [int(flexlora.changes_at(t, decay=False, **kw)) for t in (5, 10, 11, 80, 81)] == [0, 0, 4, 4, 0]
+    decayed = [int(flexlora.changes_at(t, decay=True, **kw)) for t in (11, 30, 45, 60, 80)]
+    assert decayed == [int(np.floor(4 * (1 - (t - 10) / 70) ** 3)) for t in (11, 30, 45, 60, 80)] == [3, 1, 0, 0, 0]
+
+
+def _flex_params(tiny_bert, **options):
+    _, base = tiny_bert
+    cfg = dj.AdapterConfig(method="flexlora", targets="(query|value)$", rank=2, alpha=4.0,
+                           options={"max_rank": 4, "interval": 5, "b": 1, **options})
+    return dj.inject(base, cfg, jax.random.PRNGKey(0)), cfg
+
+
+def test_flexlora_update_moves_one_triplet_on_constructed_values(tiny_bert):
+    params, cfg = _flex_params(tiny_bert)
+    layers = _layers(params, cfg)
+    paths = sorted(layers)  # 4 layers: layer_0 query, value; layer_1 query, value
+    e_values = {paths[0]: [0.5, 0.5], paths[1]: [2.0, -0.01], paths[2]: [0.3, 0.2], paths[3]: [1.0, 0.02]}
+    changes = {p + ("lora_e",): jnp.asarray(v + [0.0, 0.0], jnp.float32) for p, v in e_values.items()}
+    params = set_leaves(params, changes)
+    schedule = dj.make_schedule(cfg, 100)  # t_init 10, end 80
+    state = schedule.init(params)
+    _, same = schedule.update(state, jnp.int32(7), params, None)  # off the schedule: nothing moves
+    jax.tree.map(np.testing.assert_array_equal, same, params)
+    x = jax.random.normal(jax.random.PRNGKey(5), (3, 32))
+
+    def delta(p, layer):
+        f = {n: layer[n] for n in ("lora_a", "lora_e", "lora_b", "active")}
+        return np.asarray(x @ flexlora._delta(f, cfg))
+
+    before = {p: delta(p, layer) for p, layer in _layers(params, cfg).items()}
+    _, new = schedule.update(state, jnp.int32(15), params, None)
+    after = _layers(new, cfg)
+    # entropies: paths[0] 1.0 (uniform), paths[1] ~0.0002, paths[2] 0.96, paths[3] 0.003
+    prune, grow = paths[1], paths[0]
+    np.testing.assert_array_equal(np.asarray(after[prune]["active"]), [1, 0, 0, 0])  # the smallest *signed* e (-0.01)
+    np.testing.assert_array_equal(np.asarray(after[prune]["lora_e"]), [2.0, 0, 0, 0])
+    np.testing.assert_array_equal(np.asarray(after[grow]["active"]), [1, 1, 1, 0])  # the lowest free slot
+    np.testing.assert_array_equal(np.asarray(after[grow]["lora_e"]), [0.5, 0.5, 0, 0])
+    new_a, new_b = np.asarray(after[grow]["lora_a"][:, 2]), np.asarray(after[grow]["lora_b"][2])
+    assert 0.6 < new_a.std() < 1.5 and 0.6 < new_b.std() < 1.5  # N(0, 1), not the 0.02 init
+    np.testing.assert_array_equal(np.asarray(after[grow]["lora_a"][:, :2]), np.asarray(layers[grow]["lora_a"][:, :2]))
+    # the new triplet adds nothing; the layer's scale goes from alpha/2 to alpha/3
+    np.testing.assert_allclose(delta(grow, after[grow]), before[grow] * 2 / 3, rtol=1e-5, atol=1e-6)
+    for p in (paths[2], paths[3]):
+        jax.tree.map(np.testing.assert_array_equal, after[p], _layers(params, cfg)[p])
+    # deterministic; another seed draws other new vectors
+    _, again = schedule.update(state, jnp.int32(15), params, None)
+    jax.tree.map(np.testing.assert_array_equal, again, new)
+    other_cfg = cfg.replace(options={**cfg.options, "seed": 1})
+    _, other = dj.make_schedule(other_cfg, 100).update(state, jnp.int32(15), params, None)
+    assert not np.allclose(np.asarray(_layers(other, other_cfg)[grow]["lora_a"][:, 2]), new_a)
+
+
+def test_flexlora_training_moves_ranks_and_resets_the_new_slots_moments(tiny_bert, tiny_batch):
+    cfg = dj.AdapterConfig(method="flexlora", targets="(query|value)$", rank=2,
+                           options={"max_rank": 4, "interval": 3, "b": 1, "t_init": 0.1, "t_final": 0.2})
+    step, state, frozen = _trainer(tiny_bert, cfg, total_steps=30)
+    assert {k[-1] for k in flatten_dict(state.buffers)} == {"active"}
+    losses, trace = [], []
+    for i in range(30):  # (determinism and resume: the constructed test above, test_checkpoint)
+        live_before = jax.tree.map(np.asarray, state.buffers)
+        state, metrics = step(state, frozen, tiny_batch)
+        losses.append(float(metrics["loss"]))
+        if i + 1 == 6:  # optimizer step 6: the first change (t_init = 3 is not after t_init)
+            trace.append((live_before, jax.tree.map(np.asarray, state)))  # (the step donates the state)
+    assert losses[-1] < losses[0]
+    live = {k[:-1]: int(np.asarray(v).sum()) for k, v in flatten_dict(state.buffers).items()}
+    print("FlexLoRA live ranks after 30 steps:", sorted(live.values()))
+    assert sum(live.values()) == 4 * 2 and sorted(live.values()) != [2, 2, 2, 2]  # moved, conserved (b=1 each side)
+    # the slot added at step 6 starts with zero Adam moments; the other live ones keep theirs
+    live_before, after = trace[0]
+    flat_before, flat_after = flatten_dict(live_before), flatten_dict(after.buffers)
+    grown = [k for k in flat_after if np.asarray(flat_after[k]).sum() > np.asarray(flat_before[k]).sum()]
+    assert len(grown) == 1
+    slot = int(np.flatnonzero(np.asarray(flat_after[grown[0]]) - np.asarray(flat_before[grown[0]]))[0])
+    adam = [s for s in jax.tree.leaves(after.opt_state, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu")][0]
+    mu = flatten_dict(adam.mu)
+    a_mu = np.asarray(mu[grown[0][:-1] + ("lora_a",)])
+    assert not np.any(a_mu[:, slot]) and np.all(np.abs(a_mu[:, 0]) > 0)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"max_rank": 1}, r"max_rank must be an integer >= rank=2"),
+    ({"t_init": 0.6, "t_final": 0.5}, "leaves no steps"),
+    ({"b": -1}, "b must be an integer >= 0"),
+])
+def test_flexlora_bad_options(options, match):
+    with pytest.raises(dj.ConfigError, match=match):
+        dj.AdapterConfig(method="flexlora", rank=2, options=options)
+    with pytest.raises(dj.ConfigError, match="flexlora with mpc"):
+        dj.AdapterConfig(method="flexlora", rank=2, mpc="mpc_o")

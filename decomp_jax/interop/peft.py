@@ -63,7 +63,7 @@ PEFT_VERSION = "0.21.0"  # the format written here is the one PEFT 0.21 writes
 ADALORA_EPS = 1e-5  # PEFT's AdaLoRA divides by (ranknum + 1e-5)
 ADALORA_TOTAL_STEP = 1000  # nominal: PEFT needs total_step > 0 to build the config; inference ignores it
 
-EXPORTABLE = ("adalora", "dora", "ia3", "lora", "milora", "pissa", "ssl", "prompt_tuning", "prefix_tuning")
+EXPORTABLE = ("adalora", "dora", "flexlora", "ia3", "lora", "milora", "pissa", "ssl", "prompt_tuning", "prefix_tuning")
 IMPORTABLE = {"LORA": "lora / dora (use_dora)", "IA3": "ia3 / ssl (feedforward_modules)", "ADALORA": "adalora",
               "PROMPT_TUNING": "prompt_tuning (llama)", "PREFIX_TUNING": "prefix_tuning (llama)"}
 PROMPT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING"}
@@ -379,7 +379,8 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
 
     ``params``: adapted params of a Flax sequence classifier (``dj.inject`` of its params, trained).
     Methods: lora (rslora too), dora, ia3 (``scale_bias=True`` or bias-free targets: PEFT's IA3 scales
-    the bias), ssl (PEFT IA3 on feedforward modules), adalora (``lora_alpha`` compensates PEFT's
+    the bias), ssl (PEFT IA3 on feedforward modules), flexlora (its live triplets as a LoRA with a
+    per-module ``rank_pattern``: exact), adalora (``lora_alpha`` compensates PEFT's
     ``ranknum + 1e-5``), pissa / milora as a rank-2r LoRA relative to the original kernels, which
     ``base_params`` (the un-injected pretrained params) must provide. The classifier head, and every
     module with a leaf in ``cfg.train_extra``, goes to ``modules_to_save``.
@@ -483,6 +484,7 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
     tensors: dict[str, np.ndarray] = {}
     base_flat = _flat(base_params) if principal else {}
     rank2 = 2 * cfg.rank
+    rank_pattern: dict[str, int] = {}  # flexlora: each layer's live rank
     for path, layer in layers.items():
         module = PREFIX + spec.torch_module(path) + "."
         if principal:
@@ -493,6 +495,12 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
                                         oriented(base_flat[path + ("kernel",)], path, cfg), layer, cfg, rank2, where)
             tensors[module + "lora_A.weight"] = _t(a2)
             tensors[module + "lora_B.weight"] = _t(b2)
+            continue
+        if cfg.method == "flexlora":  # the live triplets as a LoRA of rank r_l: A = diag(e) a^T, B = b^T
+            live = _np(layer["active"]) > 0
+            rank_pattern[spec.torch_module(path)] = int(live.sum())
+            tensors[module + "lora_A.weight"] = np.ascontiguousarray(_t(_np(layer["lora_a"])[:, live] * _np(layer["lora_e"])[live]))
+            tensors[module + "lora_B.weight"] = np.ascontiguousarray(_t(_np(layer["lora_b"])[live]))
             continue
         for suffix, leaf, to_torch, _ in FACTORS[cfg.method]:
             tensors[module + suffix] = np.ascontiguousarray(to_torch(_np(layer[leaf])))
@@ -530,6 +538,9 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
             **_LORA_CONFIG, **common, "r": r, "lora_alpha": alpha, "lora_dropout": float(cfg.dropout),
             "use_rslora": bool(cfg.rslora), "use_dora": cfg.method == "dora",
         }
+        if rank_pattern:  # flexlora: PEFT's scale lora_alpha / r_l per module is ours, alpha / (live rank)
+            # (PEFT matches a key as the regex "(.*\.)?(key)$" against module names: the escaped full name is exact)
+            config["rank_pattern"] = {re.escape(m): r_l for m, r_l in sorted(rank_pattern.items())}
     if tie and "ensure_weight_tying" in config:  # IA3 has no such field: PEFT loads two equal copies there
         config["ensure_weight_tying"] = True
     _write(out_dir, config, tensors)

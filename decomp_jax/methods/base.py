@@ -33,11 +33,14 @@ class Schedule(NamedTuple):
     ``init(params) -> state``; ``update(state, step, params, grads) -> (state, params)``, where
     ``step`` counts optimizer updates done (1 after the first), ``params`` is the whole adapted
     tree after the update and ``grads`` the gradient of the trainable leaves. The returned params
-    may change trainable leaves and the method's buffers; both live in the train state.
+    may change trainable leaves and the method's buffers; both live in the train state. With
+    ``reset_moments``, the train step zeroes the optimizer's moments of every trainable value the
+    update rewrote (FlexLoRA's new triplets start as fresh parameters).
     """
 
     init: Callable[[Any], Any]
     update: Callable[[Any, jax.Array, Any, Any], tuple[Any, Any]]
+    reset_moments: bool = False
 
 
 class Method(NamedTuple):
