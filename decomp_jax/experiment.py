@@ -32,6 +32,7 @@ from decomp_jax.guards import (
     NonFiniteError, atomic_save_safetensors, atomic_write_text, check_finite, load_safetensors,
 )
 from decomp_jax.inject import combine, count_params, inject, partition
+from decomp_jax.methods.flexlora import live_ranks
 from decomp_jax.metrics import TASK_METRICS, compute_metrics
 from decomp_jax.models.hf import BACKBONES, load_sequence_classifier, sequence_classifier_apply
 from decomp_jax.train import (
@@ -734,6 +735,13 @@ def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume
             "trainable_fraction": n_trainable / n_backbone,
             "checkpoint": str(Path(mngr.directory) / str(int(state.step))),
         }
+        ranks = live_ranks(combine(state.trainable, state.buffers, task.frozen), cfg.adapter)
+        if ranks is not None:  # FlexLoRA, AdaLoRA: where the ranks went
+            record["live_ranks"] = ranks
+            values = sorted(ranks.values())
+            if primary:
+                print(f"live ranks over {len(values)} layers: min {values[0]}, median {values[len(values) // 2]}, "
+                      f"max {values[-1]}, total {sum(values)}", flush=True)
         if primary:
             atomic_write_text(out_dir / "metrics.json", json.dumps(record, indent=2))
         if int(state.step) not in mngr.all_steps():  # (resuming a finished run only re-evaluates)

@@ -13,7 +13,8 @@ is the frozen model) and:
 - ``prompt_tuning``: prepends the n virtual-token embeddings to the input embeddings, extends the
   attention mask with n ones and returns the logits of the real positions only. With ``cache=``
   (``greedy_generate``'s prefill and decoding calls) the cache buffer holds the real tokens only,
-  as for the base model: the virtual tokens' per-layer keys/values (which depend on the virtual
+  as for the base model (``p_tuning``: the same, with the virtual tokens computed by its prompt
+  encoder in each call): the virtual tokens' per-layer keys/values (which depend on the virtual
   tokens alone: they come first and attention is causal) are computed in the same call and given
   to the model as ``prefix_kv``. Same maths as the concatenation, so generation with the cache
   equals recomputation without it; the price is n extra tokens (batch 1) per decoding call.
@@ -38,6 +39,7 @@ from flax.core import unfreeze
 
 from decomp_jax.config import AdapterConfig, ConfigError
 from decomp_jax.methods import get
+from decomp_jax.methods.prompt import p_tuning_embeddings
 
 _ARG_NAMES = ("input_ids", "attention_mask", "position_ids")
 
@@ -143,8 +145,8 @@ def adapt_prompt(apply_fn: Callable[..., Any], cfg: AdapterConfig) -> Callable[.
             return apply_fn(variables, ids, mask, positions, inputs_embeds=embeds, cache=cache,
                             cache_index=cache_index, prefix_kv=prefix, **kwargs)
 
-        # prompt_tuning
-        virtual = leaves["embedding"]
+        # prompt_tuning, p_tuning
+        virtual = p_tuning_embeddings(leaves) if name == "p_tuning" else leaves["embedding"]
         n = virtual.shape[0]
         if embeds is None:
             embeds = apply_fn(variables, ids, method=LlamaForCausalLM.embed)

@@ -27,7 +27,12 @@ PROMPT = dj.AdapterConfig(method="prompt_tuning", options={"num_virtual_tokens":
 PREFIX = dj.AdapterConfig(method="prefix_tuning", options={"num_virtual_tokens": N})
 PROJECTED = dj.AdapterConfig(method="prefix_tuning",
                              options={"num_virtual_tokens": N, "prefix_projection": True, "encoder_hidden_size": 24})
-ALL = {"prompt": PROMPT, "prefix": PREFIX, "projected": PROJECTED}
+P_MLP = dj.AdapterConfig(method="p_tuning", options={"num_virtual_tokens": N, "encoder_hidden_size": 24})
+P_LSTM = dj.AdapterConfig(method="p_tuning", options={"num_virtual_tokens": N, "encoder_hidden_size": 12,
+                                                      "encoder_reparameterization_type": "LSTM"})
+ALL = {"prompt": PROMPT, "prefix": PREFIX, "projected": PROJECTED, "p_mlp": P_MLP, "p_lstm": P_LSTM}
+# training and generation run p-tuning's MLP encoder with -m slow only (the LSTM one, and both against PEFT, always)
+MOST = [pytest.param(w, marks=pytest.mark.slow) if w == "p_mlp" else w for w in ALL]
 TOL = 2e-5
 
 
@@ -48,7 +53,7 @@ def batch(length=9, seed=0):
 
 def randomized(params, cfg, seed=7):
     """The method's leaves replaced by random ones of a larger scale (not the init)."""
-    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 64))
     sub = jax.tree.map(lambda x: 0.5 * jax.random.normal(next(keys), x.shape, x.dtype), params[cfg.method])
     return {**params, cfg.method: sub}
 
@@ -60,8 +65,8 @@ def valid_diff(a, b, mask):
 # --- registry, injection, counts ----------------------------------------------------------------------
 
 def test_registry_kind():
-    assert {"prompt_tuning", "prefix_tuning"} == set(methods.names("prompt"))
-    assert not {"prompt_tuning", "prefix_tuning"} & set(methods.names())  # per-layer methods only by default
+    assert {"prompt_tuning", "prefix_tuning", "p_tuning"} == set(methods.names("prompt"))
+    assert not {"prompt_tuning", "prefix_tuning", "p_tuning"} & set(methods.names())  # per-layer methods only by default
     assert {"prompt_tuning", "prefix_tuning", "lora"} <= set(methods.names(None))
     for name in ("prompt_tuning", "prefix_tuning"):
         m = methods.get(name)
@@ -80,12 +85,23 @@ def test_inject_adds_exactly_the_subtree(which, llama):
         "prefix": {("key",): (2, N, KV_DIM), ("value",): (2, N, KV_DIM)},
         "projected": {("embedding",): (N, KV_DIM), ("dense_in", "kernel"): (KV_DIM, 24), ("dense_in", "bias"): (24,),
                       ("dense_out", "kernel"): (24, 2 * 2 * KV_DIM), ("dense_out", "bias"): (2 * 2 * KV_DIM,)},
+        "p_mlp": {("embedding",): (N, 32), ("mlp_0", "kernel"): (32, 24), ("mlp_0", "bias"): (24,),
+                  ("mlp_1", "kernel"): (24, 24), ("mlp_1", "bias"): (24,), ("mlp_2", "kernel"): (24, 32),
+                  ("mlp_2", "bias"): (32,)},
+        "p_lstm": {("embedding",): (N, 32), **{(f"lstm_{l}_{d}", w): s for l in (0, 1) for d in ("forward", "backward")
+                                               for w, s in (("w_ih", (32 if l == 0 else 24, 48)), ("w_hh", (12, 48)),
+                                                            ("b_ih", (48,)), ("b_hh", (48,)))},
+                   ("mlp_0", "kernel"): (24, 24), ("mlp_0", "bias"): (24,), ("mlp_1", "kernel"): (24, 32),
+                   ("mlp_1", "bias"): (32,)},
     }[which]
     assert shapes == expected
     rest = {k: v for k, v in params.items() if k != cfg.method}
     assert jax.tree.all(jax.tree.map(lambda a, b: a is b, rest, dict(base)))  # base leaves untouched
     count = {"prompt": N * 32, "prefix": 2 * 2 * N * KV_DIM,
-             "projected": N * KV_DIM + KV_DIM * 24 + 24 + 24 * 4 * KV_DIM + 4 * KV_DIM}[which]
+             "projected": N * KV_DIM + KV_DIM * 24 + 24 + 24 * 4 * KV_DIM + 4 * KV_DIM,
+             "p_mlp": N * 32 + (32 * 24 + 24) + (24 * 24 + 24) + (24 * 32 + 32),
+             "p_lstm": N * 32 + 2 * (32 * 48 + 12 * 48 + 96) + 2 * (24 * 48 + 12 * 48 + 96) + (24 * 24 + 24) + (24 * 32 + 32),
+             }[which]
     trainable, buffers, frozen = dj.partition(params, cfg)
     assert list(trainable) == [cfg.method] and buffers == {}
     assert dj.count_params(trainable) == count == trainable_count(base, cfg)
@@ -126,7 +142,7 @@ def test_prompt_inits_and_option_errors(llama):
         dj.inject({"dense": {"kernel": jnp.ones((3, 3))}}, PROMPT, jax.random.PRNGKey(0))
 
 
-@pytest.mark.parametrize("which", ALL)
+@pytest.mark.parametrize("which", MOST)
 def test_merge_refuses_and_adapt_needs_our_llama(which, llama):
     model, base = llama
     cfg = ALL[which]
@@ -215,6 +231,10 @@ def test_matches_pytorch_peft(which, llama, tmp_path):
     leaves = jax.tree.map(lambda x: torch.tensor(np.asarray(x)), params[cfg.method])
     if which == "prompt":
         pcfg = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N)
+    elif which.startswith("p_"):
+        pcfg = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=N,
+                                        encoder_hidden_size=cfg.option("encoder_hidden_size"),
+                                        encoder_reparameterization_type=cfg.option("encoder_reparameterization_type"))
     else:
         pcfg = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N,
                                        prefix_projection=which == "projected", encoder_hidden_size=24)
@@ -223,6 +243,19 @@ def test_matches_pytorch_peft(which, llama, tmp_path):
     with torch.no_grad():
         if which == "prompt":
             encoder.embedding.weight.copy_(leaves["embedding"])
+        elif which.startswith("p_"):  # PEFT's PromptEncoder: mlp_head (Linear, ReLU, ...), lstm_head
+            encoder.embedding.weight.copy_(leaves["embedding"])
+            linears = [m for m in encoder.mlp_head if isinstance(m, torch.nn.Linear)]
+            for i, linear in enumerate(linears):
+                linear.weight.copy_(leaves[f"mlp_{i}"]["kernel"].T)
+                linear.bias.copy_(leaves[f"mlp_{i}"]["bias"])
+            if which == "p_lstm":
+                for layer in (0, 1):
+                    for direction, suffix in (("forward", ""), ("backward", "_reverse")):
+                        for ours, theirs in (("w_ih", "weight_ih"), ("w_hh", "weight_hh"), ("b_ih", "bias_ih"),
+                                             ("b_hh", "bias_hh")):
+                            value = leaves[f"lstm_{layer}_{direction}"][ours]
+                            getattr(encoder.lstm_head, f"{theirs}_l{layer}{suffix}").copy_(value.T if value.ndim == 2 else value)
         elif which == "prefix":  # PEFT's row p: [layer0 key, layer0 value, layer1 key, ...]
             encoder.embedding.weight.copy_(torch.stack([leaves["key"], leaves["value"]], 1).permute(2, 0, 1, 3).reshape(N, -1))
         else:
@@ -264,10 +297,12 @@ def test_peft_format_export_loads_in_pytorch_and_imports_back(which, llama, tmp_
     assert valid_diff(got, out.numpy()[:, -ids.shape[1]:], mask) <= 1e-4
 
     back, back_cfg = import_peft(str(tmp_path / "adapter"), base, arch="llama")
-    assert back_cfg.method == cfg.method and back_cfg.option("num_virtual_tokens") == N
+    # P_TUNING files hold the virtual tokens (the encoder's output): they import as prompt tuning
+    assert back_cfg.method == ("prompt_tuning" if which.startswith("p_") else cfg.method)
+    assert back_cfg.option("num_virtual_tokens") == N
     again = dj.adapt(model.apply, back_cfg)({"params": back}, ids, mask)
     assert valid_diff(again, got, mask) <= 1e-5
-    assert set(back) == set(base) | {cfg.method}
+    assert set(back) == set(base) | {back_cfg.method}
 
 
 def test_peft_prompt_import_refuses_wrong_shapes(llama, tmp_path):
@@ -295,7 +330,7 @@ def _lm_loss(logits, ids, mask):
     return jnp.sum(nll * weights) / jnp.sum(weights)
 
 
-@pytest.mark.parametrize("which", ALL)
+@pytest.mark.parametrize("which", MOST)
 def test_gradients_reach_only_the_new_leaves_and_steps_lower_the_loss(which, llama):
     model, base = llama
     cfg = ALL[which]
@@ -324,7 +359,7 @@ def test_gradients_reach_only_the_new_leaves_and_steps_lower_the_loss(which, lla
 
 # --- generation ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("which", ALL)
+@pytest.mark.parametrize("which", MOST)
 def test_generation_with_cache_equals_recomputation(which, llama):
     model, base = llama
     cfg = ALL[which]

@@ -63,10 +63,14 @@ PEFT_VERSION = "0.21.0"  # the format written here is the one PEFT 0.21 writes
 ADALORA_EPS = 1e-5  # PEFT's AdaLoRA divides by (ranknum + 1e-5)
 ADALORA_TOTAL_STEP = 1000  # nominal: PEFT needs total_step > 0 to build the config; inference ignores it
 
-EXPORTABLE = ("adalora", "dora", "flexlora", "ia3", "lora", "milora", "pissa", "ssl", "prompt_tuning", "prefix_tuning")
+EXPORTABLE = ("adalora", "dora", "flexlora", "ia3", "lora", "milora", "pissa", "ssl", "prompt_tuning", "prefix_tuning",
+              "p_tuning")
 IMPORTABLE = {"LORA": "lora / dora (use_dora)", "IA3": "ia3 / ssl (feedforward_modules)", "ADALORA": "adalora",
-              "PROMPT_TUNING": "prompt_tuning (llama)", "PREFIX_TUNING": "prefix_tuning (llama)"}
-PROMPT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING"}
+              "PROMPT_TUNING": "prompt_tuning (llama)", "PREFIX_TUNING": "prefix_tuning (llama)",
+              "P_TUNING": "prompt_tuning (llama; the file holds the encoder's output only)"}
+PROMPT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING", "p_tuning": "P_TUNING"}
+# what each PEFT prompt type imports as: P_TUNING files hold the virtual tokens, not the encoder
+PROMPT_IMPORTS = {"PROMPT_TUNING": "prompt_tuning", "PREFIX_TUNING": "prefix_tuning", "P_TUNING": "prompt_tuning"}
 TIEABLE_TYPES = ("LORA", "ADALORA")  # the PEFT configs with ensure_weight_tying
 TIE_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES: the only names ensure_weight_tying reacts to
 
@@ -218,6 +222,10 @@ _PROMPT_TUNING_CONFIG = {
 _PREFIX_TUNING_CONFIG = {
     **_PROMPT_CONFIG, "peft_type": "PREFIX_TUNING", "encoder_hidden_size": None, "init_weights": None,
     "prefix_projection": False,
+}
+_P_TUNING_CONFIG = {
+    **_PROMPT_CONFIG, "peft_type": "P_TUNING", "encoder_reparameterization_type": "MLP", "encoder_hidden_size": None,
+    "encoder_num_layers": 2, "encoder_dropout": 0.0,
 }
 _IA3_CONFIG = {
     "auto_mapping": None, "base_model_name_or_path": None, "exclude_modules": None, "fan_in_fan_out": False,
@@ -393,8 +401,9 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
     The folder is written atomically (an existing export is replaced only by a complete new one);
     non-finite adapter tensors are refused (``NonFiniteError`` naming them).
 
-    prompt_tuning / prefix_tuning (``arch="llama"``): PEFT's PROMPT_TUNING / PREFIX_TUNING for a
-    causal LM; prefix projection is folded (PEFT saves the projected prefix too). ``model_config``
+    prompt_tuning / prefix_tuning / p_tuning (``arch="llama"``): PEFT's PROMPT_TUNING / PREFIX_TUNING /
+    P_TUNING for a causal LM; prefix projection is folded (PEFT saves the projected prefix too) and
+    p-tuning's encoder is run (PEFT saves its output, the virtual tokens). ``model_config``
     (the ``LlamaConfig``) fills ``num_attention_heads``; without it PEFT takes it from the base model.
     """
     spec = get_arch(arch)
@@ -571,6 +580,15 @@ def _export_prompt(params, cfg: AdapterConfig, out_dir: str, spec: Arch, base_mo
         embedding = _np(leaves["embedding"])
         config = {**_PROMPT_TUNING_CONFIG, **common, "num_virtual_tokens": int(embedding.shape[0]),
                   "token_dim": dims["hidden"], "num_attention_heads": heads}
+    elif cfg.method == "p_tuning":  # PEFT saves the encoder's output (and loads it without an encoder)
+        from decomp_jax.methods.prompt import p_tuning_embeddings
+
+        embedding = _np(p_tuning_embeddings(leaves))
+        config = {**_P_TUNING_CONFIG, **common, "num_virtual_tokens": int(embedding.shape[0]),
+                  "token_dim": dims["hidden"], "num_attention_heads": heads,
+                  "encoder_reparameterization_type": cfg.option("encoder_reparameterization_type"),
+                  "encoder_hidden_size": int(cfg.option("encoder_hidden_size") or dims["hidden"]),
+                  "encoder_num_layers": int(cfg.option("encoder_num_layers"))}
     else:
         folded = fold_prefix(params, cfg)["prefix_tuning"]
         keys, values = _np(folded["key"]), _np(folded["value"])  # (layers, P, kv_dim)
@@ -585,7 +603,7 @@ def _export_prompt(params, cfg: AdapterConfig, out_dir: str, spec: Arch, base_mo
 def _import_prompt(in_dir: str, config: dict, stored: dict, base_params):
     from decomp_jax.methods.prompt import llama_dims
 
-    method = {v: k for k, v in PROMPT_TYPES.items()}[config["peft_type"]]
+    method = PROMPT_IMPORTS[config["peft_type"]]
     if int(config.get("num_transformer_submodules") or 1) != 1:
         raise PeftFormatError(f"num_transformer_submodules={config['num_transformer_submodules']}: only decoder-only "
                               f"models (1) are supported.")

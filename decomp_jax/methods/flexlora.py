@@ -183,3 +183,17 @@ FLEXLORA = register(Method(
     validate=_validate,
     schedule=_schedule,
 ))
+
+
+def live_ranks(params, cfg) -> dict[str, int] | None:
+    """``{layer path: live rank}`` for the methods whose ranks change in training (FlexLoRA: its live
+    slots; AdaLoRA: its unmasked triplets), in path order; None for the others."""
+    from decomp_jax.inject import adapted_layers, path_str, scan_roots, unstack_view
+
+    if cfg.method not in ("flexlora", "adalora"):
+        return None
+    roots = scan_roots(params, cfg)
+    view = unstack_view(params, roots) if roots else params
+    count = (lambda layer: jnp.sum(layer["active"] > 0)) if cfg.method == "flexlora" else (
+        lambda layer: jnp.sum(layer["lora_e"] != 0))
+    return {path_str(path): int(count(layer)) for path, layer in sorted(adapted_layers(view, cfg))}

@@ -14,6 +14,13 @@ params (our Llama: ``decomp_jax.models.llama``). Execution is ``decomp_jax.promp
   encoder_hidden_size, default kv_dim; tanh) ``dense_out`` (-> 2 * num_layers * kv_dim), PyTorch
   ``nn.Linear`` init; PEFT's shapes (its ``token_dim`` is kv_heads * head_dim, = hidden without GQA);
   ``decomp_jax.prompts.fold_prefix`` turns it into the plain ``key``/``value`` for inference.
+- ``p_tuning`` (PEFT's ``P_TUNING``): prompt tuning whose n virtual tokens are the output of a
+  prompt encoder applied to a trainable ``embedding`` (n, hidden) (normal(1), PyTorch's
+  ``nn.Embedding``). ``options.encoder_reparameterization_type``: ``MLP`` (``mlp_0``..``mlp_2``:
+  hidden -> h -> h -> hidden, ReLU between) or ``LSTM`` (``encoder_num_layers`` bidirectional layers
+  ``lstm_{l}_forward`` / ``lstm_{l}_backward`` of width h, then ``mlp_0`` (2h -> 2h), ReLU, ``mlp_1``
+  (2h -> hidden)); ``h = encoder_hidden_size`` (default: hidden). PyTorch's inits (``nn.Linear``,
+  ``nn.LSTM``: U(-1/sqrt(fan), 1/sqrt(fan))). ``p_tuning_embeddings`` runs the encoder.
 """
 
 from __future__ import annotations
@@ -138,6 +145,86 @@ def _init_prefix(key, params, cfg) -> dict:
             "value": std * jax.random.normal(k_out, (layers, p, kv_dim), jnp.float32)}
 
 
+ENCODER_TYPES = ("MLP", "LSTM")
+
+
+def _uniform(key, shape, bound):
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def _init_p_tuning(key, params, cfg) -> dict:
+    dims = llama_dims(params, cfg.method)
+    n, d = cfg.option("num_virtual_tokens"), dims["hidden"]
+    h = cfg.option("encoder_hidden_size") or d
+    keys = iter(jax.random.split(key, 8 + 4 * 2 * cfg.option("encoder_num_layers")))
+    out = {"embedding": jax.random.normal(next(keys), (n, d), jnp.float32)}
+    if cfg.option("encoder_reparameterization_type") == "MLP":
+        for i, (d_in, d_out) in enumerate([(d, h), (h, h), (h, d)]):
+            out[f"mlp_{i}"] = _linear_init(next(keys), d_in, d_out)
+        return out
+    bound = 1.0 / math.sqrt(h)  # PyTorch's nn.LSTM: every weight and bias U(-1/sqrt(h), 1/sqrt(h))
+    for layer in range(cfg.option("encoder_num_layers")):
+        d_in = d if layer == 0 else 2 * h
+        for direction in ("forward", "backward"):
+            out[f"lstm_{layer}_{direction}"] = {
+                "w_ih": _uniform(next(keys), (d_in, 4 * h), bound), "w_hh": _uniform(next(keys), (h, 4 * h), bound),
+                "b_ih": _uniform(next(keys), (4 * h,), bound), "b_hh": _uniform(next(keys), (4 * h,), bound)}
+    out["mlp_0"] = _linear_init(next(keys), 2 * h, 2 * h)
+    out["mlp_1"] = _linear_init(next(keys), 2 * h, d)
+    return out
+
+
+def _dense(x, p):
+    return x @ p["kernel"] + p["bias"]
+
+
+def _lstm(x: jax.Array, p: dict) -> jax.Array:
+    """One direction of PyTorch's LSTM over the rows of ``x`` (n, d_in): gates i, f, g, o."""
+    h_size = p["w_hh"].shape[0]
+
+    def cell(carry, x_t):
+        h, c = carry
+        i, f, g, o = jnp.split(x_t @ p["w_ih"] + p["b_ih"] + h @ p["w_hh"] + p["b_hh"], 4)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        return (h, c), h
+
+    zeros = jnp.zeros((h_size,), x.dtype)
+    return jax.lax.scan(cell, (zeros, zeros), x)[1]
+
+
+def p_tuning_embeddings(leaves: dict) -> jax.Array:
+    """The n virtual-token embeddings (n, hidden): p-tuning's prompt encoder applied to its
+    ``embedding`` (the encoder type is read from the leaves)."""
+    x = leaves["embedding"]
+    if "lstm_0_forward" not in leaves:  # MLP
+        return _dense(jax.nn.relu(_dense(jax.nn.relu(_dense(x, leaves["mlp_0"])), leaves["mlp_1"])), leaves["mlp_2"])
+    layer = 0
+    while f"lstm_{layer}_forward" in leaves:
+        forward = _lstm(x, leaves[f"lstm_{layer}_forward"])
+        backward = _lstm(x[::-1], leaves[f"lstm_{layer}_backward"])[::-1]
+        x = jnp.concatenate([forward, backward], axis=-1)
+        layer += 1
+    return _dense(jax.nn.relu(_dense(x, leaves["mlp_0"])), leaves["mlp_1"])
+
+
+def _validate_p_tuning(cfg):
+    if cfg.dropout:
+        raise _error(f"Method {cfg.method!r} has no adapter dropout; set dropout: 0.")
+    _positive_int(cfg, "num_virtual_tokens")
+    kind = cfg.option("encoder_reparameterization_type")
+    if kind not in ENCODER_TYPES:
+        raise _error(f"options.encoder_reparameterization_type={kind!r} is unknown for p_tuning; choose MLP or LSTM.")
+    _positive_int(cfg, "encoder_hidden_size", allow_none=True)
+    _positive_int(cfg, "encoder_num_layers")
+    if cfg.option("encoder_num_layers") != 2 and kind == "MLP":
+        raise _error("options.encoder_num_layers applies to the LSTM encoder; the MLP encoder always has 3 layers "
+                     "(PEFT ignores it there with a warning). Remove it or use encoder_reparameterization_type: LSTM.")
+    if cfg.option("encoder_dropout"):
+        raise _error(f"options.encoder_dropout={cfg.option('encoder_dropout')!r}: dropout between the LSTM encoder's "
+                     f"layers is not implemented; set it to 0.")
+
+
 PROMPT_TUNING = register(Method(
     name="prompt_tuning",
     family="reconstruction",
@@ -157,5 +244,17 @@ PREFIX_TUNING = register(Method(
     init=_init_prefix,
     options={"num_virtual_tokens": 20, "prefix_projection": False, "encoder_hidden_size": None, "init_std": None},
     validate=_validate_prefix,
+    kind="prompt",
+))
+
+P_TUNING = register(Method(
+    name="p_tuning",
+    family="reconstruction",
+    formula="h_0 = [encoder(embedding) (n virtual tokens; MLP or bi-LSTM encoder); E(x)] (Llama)",
+    factor_names=("embedding",),
+    init=_init_p_tuning,
+    options={"num_virtual_tokens": 20, "encoder_reparameterization_type": "MLP", "encoder_hidden_size": None,
+             "encoder_num_layers": 2, "encoder_dropout": 0.0},
+    validate=_validate_p_tuning,
     kind="prompt",
 ))
