@@ -297,7 +297,6 @@ def unrolled_schedule(schedule, cfg: AdapterConfig):
     """A method's ``Schedule`` run on the unrolled view of stacked layers (``unstack_view``): its state
     and decisions equal those of the unrolled model; the params it returns are stacked again. Unchanged
     for trees without stacked layers."""
-    from decomp_jax.methods.base import Schedule
 
     def init(params):
         roots = scan_roots(params, cfg)
