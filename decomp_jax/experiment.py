@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 
 from decomp_jax import checkpoint
-from decomp_jax.causal_lm import TASKS as LM_TASKS, CommonsenseTask, dataset_names, load_for
+from decomp_jax.causal_lm import load_for
 from decomp_jax.config import AdapterConfig, ConfigError, _closest, _Serializable
 from decomp_jax.data import check_train_size, glue
 from decomp_jax.distributed import barrier, is_primary, to_host
@@ -34,6 +34,7 @@ from decomp_jax.guards import (
 from decomp_jax.inject import combine, count_params, inject, partition
 from decomp_jax.methods.flexlora import live_ranks
 from decomp_jax.metrics import TASK_METRICS, compute_metrics
+from decomp_jax.tasks import TASKS as LM_TASKS
 from decomp_jax.models.hf import BACKBONES, load_sequence_classifier, sequence_classifier_apply
 from decomp_jax.train import (
     classification_loss, init_state, make_eval_step, make_optimizer, make_schedule, make_train_step, regression_loss,
@@ -55,7 +56,7 @@ class ModelConfig(_Serializable):
     # labels, so the first steps need not move it from 0 to ~2.7 one learning rate at a time
     # (Pearson/Spearman do not depend on the offset); None keeps the checkpoint's / the random init's
     head_bias: Optional[str] = None
-    # decoder LLMs (data.task: commonsense) only
+    # decoder LLMs (data.task: commonsense or math) only
     param_dtype: str = "float32"  # the frozen base's storage dtype (bfloat16: half its memory)
     scan_layers: bool = False  # the decoder layers under one nn.scan (params stacked: faster compiles)
 
@@ -77,10 +78,13 @@ class ModelConfig(_Serializable):
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig(_Serializable):
-    """A GLUE task from a local folder in the GLUE layout (``path``) or the hub (``hub: glue``); or
-    ``task: commonsense`` (decoder LLMs): ``path`` is the commonsense root (default
-    ../shared/data/commonsense), ``datasets`` a comma-separated subset of boolq, arc_e, arc_c, obqa
-    (default all four; they train mixed and evaluate one by one)."""
+    """A GLUE task from a local folder in the GLUE layout (``path``) or the hub (``hub: glue``); or a
+    decoder-LLM task (``decomp_jax.tasks``): ``task: commonsense``: ``path`` is the commonsense root
+    (default ../shared/data/commonsense), ``datasets`` a comma-separated subset of boolq, arc_e, arc_c,
+    obqa (default all four; they train mixed), ``eval_datasets`` the sets evaluated one by one (default
+    the training sets; ``all``: every test file present, piqa and siqa included); ``task: math``:
+    ``path`` holds gsm8k/ and math/ (../shared/data), training on GSM8K's train set, ``datasets`` the
+    test sets (default all seven)."""
 
     task: str = "sst2"
     path: Optional[str] = None
@@ -88,16 +92,17 @@ class DataConfig(_Serializable):
     max_length: int = 64
     train_max_length: Optional[int] = None  # shorter padding for training (SST-2 train holds phrases)
     max_train_samples: Optional[int] = None  # commonsense: per dataset
-    max_eval_samples: Optional[int] = None  # commonsense: per dataset
-    # commonsense only
+    max_eval_samples: Optional[int] = None  # commonsense, math: per test set
+    # decoder-LLM tasks only
     datasets: Optional[str] = None
+    eval_datasets: Optional[str] = None  # commonsense: the sets to evaluate (default: datasets; "all")
     template: str = "alpaca"  # LLM-Adapters' instruction prompt, or "chat" (the tokenizer's chat template)
     max_new_tokens: int = 16
     bucket_multiple: int = 32  # batches are padded to a multiple of this (few shapes to compile)
 
     def __post_init__(self):
         if self.task in LM_TASKS:
-            dataset_names(self.datasets)  # raises for unknown datasets
+            LM_TASKS[self.task].check(self)  # raises for unknown datasets
             if self.template not in ("alpaca", "chat"):
                 raise ConfigError(f"data.template={self.template!r} is unknown; choose 'alpaca' or 'chat'.")
         else:
@@ -109,6 +114,8 @@ class DataConfig(_Serializable):
                                   f"Choose one of {', '.join(known)}.") from None
             if self.path is None and self.hub is None:
                 raise ConfigError("data needs `path` (a GLUE task folder, e.g. ../shared/data/glue/SST-2) or `hub: glue`.")
+            if self.eval_datasets is not None:
+                raise ConfigError(f"data.eval_datasets applies to data.task: commonsense, not {self.task!r}; remove it.")
         for name in ("max_length", "train_max_length"):
             value = getattr(self, name)
             if value is not None and value < 2:
@@ -179,7 +186,7 @@ class ExperimentConfig:
                         "model.scan_layers": self.model.scan_layers, "train.remat": self.train.remat}
         used = [k for k, on in decoder_only.items() if on]
         if used and self.data.task not in LM_TASKS:
-            raise ConfigError(f"{', '.join(used)} apply to our decoder LLM (data.task: commonsense), not to "
+            raise ConfigError(f"{', '.join(used)} apply to our decoder LLM (data.task: commonsense or math), not to "
                               f"task {self.data.task!r}; remove them.")
         if self.model.head_bias and (self.data.task in LM_TASKS or not glue.get_task(self.data.task).is_regression):
             raise ConfigError(f"model.head_bias={self.model.head_bias!r} applies to regression tasks (stsb), not to "
@@ -209,8 +216,7 @@ class ExperimentConfig:
 def metric_names(cfg: "ExperimentConfig") -> list[str]:
     """The names of the metrics that the experiment's evaluation reports."""
     if cfg.data.task in LM_TASKS:
-        sets = dataset_names(cfg.data.datasets)
-        return ["accuracy"] + [f"{n}_{m}" for n in sets for m in ("accuracy", "answered")]
+        return LM_TASKS[cfg.data.task].metric_names(cfg.data)
     return list(TASK_METRICS[glue.get_task(cfg.data.task).name])
 
 
@@ -270,7 +276,7 @@ class Task:
 
     The runner needs: ``trainable, buffers, frozen, base_params, model, backbone_params, name,
     primary_metric, num_train, train_batch(micro), loss(params, batch, rng), evaluate(trainable,
-    buffers)``; ``causal_lm.CommonsenseTask`` has the same for decoder LLMs.
+    buffers)``; ``tasks.GenerationTask`` has the same for decoder LLMs.
     """
 
     def __init__(self, cfg: ExperimentConfig, need_train: bool = True):
@@ -400,8 +406,8 @@ def peft_arch(model) -> str:
 
 
 def make_task(cfg: ExperimentConfig, need_train: bool = True):
-    """The experiment's task object: GLUE (``Task``) or commonsense (``causal_lm.CommonsenseTask``)."""
-    return (CommonsenseTask if cfg.data.task in LM_TASKS else Task)(cfg, need_train=need_train)
+    """The experiment's task object: GLUE (``Task``) or a decoder-LLM task (``decomp_jax.tasks.TASKS``)."""
+    return LM_TASKS.get(cfg.data.task, Task)(cfg, need_train=need_train)
 
 
 def total_steps(cfg: ExperimentConfig, num_train: int) -> int:

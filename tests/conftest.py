@@ -58,6 +58,36 @@ def tiny_batch():
             "labels": np.array([0, 1, 2, 1], "int32")}
 
 
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory):
+    """A folder with a tiny random Llama (config.json + model.safetensors) and a byte-level BPE
+    tokenizer trained on commonsense and math prompts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from decomp_jax import convert
+    from decomp_jax.data import commonsense as cs, math as mathdata
+    from decomp_jax.models import llama
+
+    rows = cs.load_mixture(data_dir=DATA / "commonsense", limit=40, seed=0) + mathdata.load_train(DATA, limit=40)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([cs.render_prompt(e) + e.output for e in rows], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    config = llama.LlamaConfig(
+        vocab_size=bpe.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    params = llama.init_params(config, jax.random.PRNGKey(0))
+    folder = tmp_path_factory.mktemp("tiny_llm")
+    convert.save_converted(str(folder), config, params, tok)
+    return folder
+
+
 def tiny_gpt2(folder):
     """A random 2-layer GPT-2 LM (tied head, Conv1D layers) saved by PyTorch in ``folder`` and
     loaded in Flax from it: ``(torch_model, flax_model, ids)``."""

