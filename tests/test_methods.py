@@ -196,10 +196,10 @@ def test_bottleneck_placements_match_reference(placement, activation, learned, k
     assert np.abs(want - (x @ K + b)).max() > 0.1  # the adapter changes the output
 
 
-def test_bottleneck_inits(kernel_bias):
+def test_bottleneck_inits():
     """``bert`` (the toolkit's default): both matrices normal(0.02), not a no-op; ``mam_adapter`` (ours):
     kaiming-uniform down (bound 1/sqrt(d)), zero up, a no-op (checked in test_init_is_identity)."""
-    K, b = np.random.default_rng(0).normal(size=(300, 200)), np.zeros(200)
+    K = np.random.default_rng(0).normal(size=(300, 200))
     method = methods.get("bottleneck")
     bert = method.init(jax.random.PRNGKey(0), jnp.asarray(K, jnp.float32), None,
                        dj.AdapterConfig(method="bottleneck", rank=64, options={"placement": "parallel", "init_weights": "bert"}))

@@ -1,14 +1,17 @@
-"""The decoder-LLM tasks behind one interface (``GenerationTask``): ``commonsense`` and ``math``.
+"""The tasks behind one interface (data, loss, evaluate, metric names, config checks):
+``GlueTask`` for the GLUE tasks of encoder classifiers, ``GenerationTask`` for the decoder-LLM tasks
+``commonsense`` and ``math``.
 
-``TASKS`` maps ``data.task`` to its class; the experiment runner asks a task class for its metric
-names and its data checks, so adding a task adds no branch to the runner. (The GLUE tasks of the
-encoder models are ``experiment.Task``.)
+``TASKS`` maps the decoder-LLM ``data.task`` names to their classes (every other name is a GLUE task);
+the experiment runner asks a task class for its metric names and its data checks, so adding a task
+adds no branch to the runner.
 """
 
 from decomp_jax.tasks.commonsense import CommonsenseTask, dataset_names
 from decomp_jax.tasks.generation import GenerationTask
+from decomp_jax.tasks.glue import GlueTask
 from decomp_jax.tasks.math import MathTask
 
 TASKS = {"commonsense": CommonsenseTask, "math": MathTask}
 
-__all__ = ["TASKS", "CommonsenseTask", "GenerationTask", "MathTask", "dataset_names"]
+__all__ = ["TASKS", "CommonsenseTask", "GenerationTask", "GlueTask", "MathTask", "dataset_names"]

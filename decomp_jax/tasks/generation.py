@@ -19,7 +19,7 @@ from decomp_jax.methods import get
 
 
 class GenerationTask:
-    """Data, model and jitted steps of a decoder-LLM fine-tune (the interface of ``experiment.Task``).
+    """Data, model and jitted steps of a decoder-LLM fine-tune (the interface of ``GlueTask``).
 
     Subclasses define ``name``, ``load_train(cfg) -> [example]``, ``load_eval(cfg) -> {set: [example]}``
     (examples with ``instruction``, ``input``, ``output``, ``answer``), ``score(set, texts, examples) ->
