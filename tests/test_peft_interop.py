@@ -238,7 +238,7 @@ def test_export_refuses_what_peft_cannot_reproduce(bert, tmp_path):
         dj.export_peft(dj.inject(bert["params"], pissa, jax.random.PRNGKey(0)), pissa, str(tmp_path),
                        base_model_name_or_path="x", arch="bert")
     ssb = dj.AdapterConfig(method="ssb")
-    with pytest.raises(dj.ConfigError, match="supports adalora, dora, ia3, lora, milora, pissa, ssl"):
+    with pytest.raises(dj.ConfigError, match="supports adalora, dora, flexlora, ia3, lora, milora, pissa, ssl"):
         dj.export_peft(dj.inject(bert["params"], ssb, jax.random.PRNGKey(0)), ssb, str(tmp_path),
                        base_model_name_or_path="x", arch="bert")
     lora = dj.AdapterConfig(method="lora")

@@ -31,8 +31,9 @@ P_MLP = dj.AdapterConfig(method="p_tuning", options={"num_virtual_tokens": N, "e
 P_LSTM = dj.AdapterConfig(method="p_tuning", options={"num_virtual_tokens": N, "encoder_hidden_size": 12,
                                                       "encoder_reparameterization_type": "LSTM"})
 ALL = {"prompt": PROMPT, "prefix": PREFIX, "projected": PROJECTED, "p_mlp": P_MLP, "p_lstm": P_LSTM}
-# training and generation run p-tuning's MLP encoder with -m slow only (the LSTM one, and both against PEFT, always)
-MOST = [pytest.param(w, marks=pytest.mark.slow) if w == "p_mlp" else w for w in ALL]
+# training and generation run p-tuning with -m slow only (its encoders against PEFT and export, always:
+# past the encoder, p-tuning runs prompt tuning's path)
+MOST = [pytest.param(w, marks=pytest.mark.slow) if w.startswith("p_") else w for w in ALL]
 TOL = 2e-5
 
 

@@ -349,7 +349,7 @@ def test_training_on_meshes_equals_one_device(tiny_model_dir, tmp_path):
 def test_commonsense_run_on_a_mesh_equals_one_device(tmp_path):
     """A decoder LLM fine-tune on data=2 x fsdp=2 x tensor=2, generation included: the per-step losses,
     the metrics and every greedy generation of evaluation equal the one-device run."""
-    from test_commonsense_task import tiny_llm
+    from conftest import tiny_llm
 
     class Factory:
         def mktemp(self, name):
