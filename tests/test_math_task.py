@@ -4,9 +4,6 @@ extraction and scoring, and a run end to end on the tiny random Llama (fast) and
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +12,7 @@ from decomp_jax.config import ConfigError
 from decomp_jax.data import math as mathdata
 from decomp_jax.experiment import evaluate_run, load_config, make_task, run
 
-from conftest import DATA, REPO
+from conftest import DATA, REPO, cli_train
 
 SIZES = {"gsm8k": 1319, "addsub": 395, "multiarith": 600, "singleeq": 508, "svamp": 1000, "mawps": 238, "aqua": 254}
 
@@ -130,16 +127,7 @@ def test_math_config_errors(tmp_path):
 @pytest.mark.slow
 def test_cpu_sized_smollm2_math_run(tmp_path):
     """configs/math/smollm2_lora_cpu.yaml through the CLI: the loss falls and every test set is scored."""
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "decomp_jax.cli", "train", str(REPO / "configs/math/smollm2_lora_cpu.yaml"),
-         "--set", f"train.output_dir={out}", "--set", f"data.path={DATA}", "--no-progress"],
-        cwd=REPO, capture_output=True, text=True, timeout=1800, env={**os.environ},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    record = json.loads((out / "metrics.json").read_text())
-    print(json.dumps(record["eval"], indent=1), record["train_seconds"])
-    losses = [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    record, losses = cli_train("configs/math/smollm2_lora_cpu.yaml", tmp_path / "run", DATA)
     assert np.mean(losses[-3:]) < np.mean(losses[:2]), losses
     assert {f"{n}_accuracy" for n in SIZES} <= set(record["eval"])
     assert np.mean([record["eval"][f"{n}_answered"] for n in SIZES if n != "aqua"]) >= 0.5, record["eval"]
