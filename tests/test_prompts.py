@@ -207,6 +207,42 @@ def test_prefix_tuning_equals_prompt_tuning_kv_as_prefix(which, llama):
         np.testing.assert_allclose(dj.adapt(model.apply, cfg)({"params": folded}, ids, mask), got, atol=1e-5)
 
 
+def _np_lstm(x, p):
+    """PyTorch's LSTM recurrence in NumPy (gates i, f, g, o)."""
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    h = c = np.zeros(p["w_hh"].shape[0])
+    out = []
+    for x_t in x:
+        i, f, g, o = np.split(x_t @ p["w_ih"] + p["b_ih"] + h @ p["w_hh"] + p["b_hh"], 4)
+        c = sig(f) * c + sig(i) * np.tanh(g)
+        h = sig(o) * np.tanh(c)
+        out.append(h)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("which", ["p_mlp", "p_lstm"])
+def test_p_tuning_encoder_matches_numpy(which, llama):
+    from decomp_jax.methods.prompt import p_tuning_embeddings
+
+    _, base = llama
+    cfg = ALL[which]
+    leaves = jax.tree.map(lambda x: np.asarray(x, np.float64), randomized(dj.inject(base, cfg, jax.random.PRNGKey(1)), cfg)[cfg.method])
+    relu = lambda z: np.maximum(z, 0)  # noqa: E731
+    dense = lambda z, q: z @ q["kernel"] + q["bias"]  # noqa: E731
+    x = leaves["embedding"]
+    if which == "p_mlp":
+        want = dense(relu(dense(relu(dense(x, leaves["mlp_0"])), leaves["mlp_1"])), leaves["mlp_2"])
+    else:
+        for layer in (0, 1):
+            fwd = _np_lstm(x, leaves[f"lstm_{layer}_forward"])
+            bwd = _np_lstm(x[::-1], leaves[f"lstm_{layer}_backward"])[::-1]
+            x = np.concatenate([fwd, bwd], axis=-1)
+        want = dense(relu(dense(x, leaves["mlp_0"])), leaves["mlp_1"])
+    got = p_tuning_embeddings(jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), leaves))
+    assert got.shape == (N, 32)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
 def _torch_pair(tmp_path):
     torch = pytest.importorskip("torch")
     tf = pytest.importorskip("transformers")
