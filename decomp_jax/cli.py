@@ -136,7 +136,8 @@ def _export(args) -> int:
 def _import(args) -> int:
     from decomp_jax.runs import import_peft_run
 
-    print(json.dumps(import_peft_run(args.peft_dir, args.config, args.out, args.set or []), indent=2))
+    print(json.dumps(import_peft_run(args.peft_dir, args.config, args.out, args.set or [], subfolder=args.subfolder),
+                     indent=2))
     print(f"wrote {args.out}: evaluate with `decomp-jax eval {args.out}`")
     return 0
 
@@ -281,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_export)
 
     im = add("import", help="turn a Hugging Face PEFT adapter folder into a run folder")
-    im.add_argument("peft_dir", help="a folder with adapter_config.json and adapter_model.safetensors")
+    im.add_argument("peft_dir", help="a folder with adapter_config.json and adapter_model.safetensors (or the older "
+                    "adapter_model.bin, read with torch)")
+    im.add_argument("--subfolder", help="a named adapter PEFT saved in a subfolder of peft_dir")
     im.add_argument("--config", required=True, help="an experiment YAML naming the base model and the task")
     im.add_argument("--out", required=True, help="the run folder to write")
     im.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")

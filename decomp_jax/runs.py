@@ -156,10 +156,10 @@ def export_peft_run(run: RestoredRun, out_dir: str | os.PathLike) -> dict[str, A
 
 
 def import_peft_run(peft_dir: str | os.PathLike, config_path: str | os.PathLike, out_dir: str | os.PathLike,
-                    overrides=()) -> dict[str, Any]:
-    """Turn a PEFT adapter folder into a run folder of ours: ``config.yaml`` (the experiment config
-    with the imported adapter section), ``adapter.safetensors`` and a step-0 checkpoint, so that
-    ``decomp-jax eval``, ``merge`` and ``export`` work on it."""
+                    overrides=(), subfolder: Optional[str] = None) -> dict[str, Any]:
+    """Turn a PEFT adapter folder (``subfolder``: a named adapter inside it) into a run folder of ours:
+    ``config.yaml`` (the experiment config with the imported adapter section), ``adapter.safetensors``
+    and a step-0 checkpoint, so that ``decomp-jax eval``, ``merge`` and ``export`` work on it."""
     from decomp_jax.experiment import load_config, save_adapter
     from decomp_jax.interop.peft import import_peft
 
@@ -169,7 +169,7 @@ def import_peft_run(peft_dir: str | os.PathLike, config_path: str | os.PathLike,
     cfg = load_config(config_path, overrides)
     model, base, _ = load_base_model(cfg)
     params, adapter_cfg = import_peft(str(peft_dir), _unrolled(model, base), arch=peft_arch(model),
-                                      base_model_name_or_path=cfg.model.name)
+                                      base_model_name_or_path=cfg.model.name, subfolder=subfolder)
     if getattr(model.config, "scan_layers", False):  # PEFT names layers one by one: stack them again
         from decomp_jax.models.llama import stack_layers
 

@@ -330,6 +330,36 @@ def test_peft_adapter_imports_into_jax(name, bert, tmp_path):
         assert ours_cfg.get("lora_alpha") == pytest.approx(theirs_cfg["lora_alpha"], rel=1e-9)
 
 
+def test_named_adapter_in_a_subfolder_and_the_older_bin_format(bert, tmp_path, monkeypatch):
+    """PEFT saves an adapter not named "default" in a subfolder, and older PEFT releases (or
+    safe_serialization=False) write adapter_model.bin: both import, with the same logits."""
+    import sys
+
+    from peft import LoraConfig, TaskType
+
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"])
+    model = peft.get_peft_model(copy.deepcopy(bert["torch"]), config, adapter_name="task_a")
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn(p.shape, generator=gen) * (1 + p.abs().mean()))
+    model.eval()
+    theirs = torch_logits(model, bert["batch"])
+    model.save_pretrained(str(tmp_path), safe_serialization=False)
+    assert {"adapter_config.json", "adapter_model.bin"} <= set(os.listdir(tmp_path / "task_a"))
+    assert "adapter_model.safetensors" not in os.listdir(tmp_path / "task_a")
+    with pytest.raises(FileNotFoundError, match=r"named adapters in subfolders \['task_a'\].*subfolder='task_a'"):
+        dj.import_peft(str(tmp_path), bert["params"], arch="bert")
+    params, cfg = dj.import_peft(str(tmp_path), bert["params"], arch="bert", subfolder="task_a")
+    diff = np.abs(jax_logits(bert, params, cfg) - theirs).max()
+    print(f"named .bin adapter -> jax max abs diff {diff:.2e} (adapter effect {adapter_effect(bert, params, cfg):.2e})")
+    assert diff <= TOL and adapter_effect(bert, params, cfg) > 100 * TOL
+    monkeypatch.setitem(sys.modules, "torch", None)  # without torch: the error says what to do
+    with pytest.raises(ImportError, match=r"adapter_model.bin.*needs torch.*safe_serialization=True"):
+        dj.import_peft(str(tmp_path), bert["params"], arch="bert", subfolder="task_a")
+
+
 def test_adalora_with_rank_pattern_imports(bert, roberta, tmp_path):
     from peft import AdaLoraConfig, TaskType
 

@@ -58,6 +58,7 @@ from decomp_jax.methods import get
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"  # PEFT's default before safetensors; read with torch
 PREFIX = "base_model.model."
 PEFT_VERSION = "0.21.0"  # the format written here is the one PEFT 0.21 writes
 ADALORA_EPS = 1e-5  # PEFT's AdaLoRA divides by (ranknum + 1e-5)
@@ -608,7 +609,7 @@ def _import_prompt(in_dir: str, config: dict, stored: dict, base_params):
         raise PeftFormatError(f"num_transformer_submodules={config['num_transformer_submodules']}: only decoder-only "
                               f"models (1) are supported.")
     if set(stored) != {"prompt_embeddings"}:
-        raise PeftFormatError(f"{os.path.join(in_dir, WEIGHTS_NAME)} should hold one tensor 'prompt_embeddings'; "
+        raise PeftFormatError(f"{in_dir}: the adapter weights should hold one tensor 'prompt_embeddings'; "
                               f"it holds {sorted(stored)}.")
     dims = llama_dims(base_params, method)
     n = int(config["num_virtual_tokens"])
@@ -635,16 +636,49 @@ def _import_prompt(in_dir: str, config: dict, stored: dict, base_params):
 
 # --- import -------------------------------------------------------------------------------------------
 
-def _read(in_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
+def adapter_folder(in_dir: str, subfolder: Optional[str] = None) -> str:
+    """The folder holding ``adapter_config.json``: ``in_dir`` or ``in_dir/subfolder`` (PEFT saves an
+    adapter not named ``default`` under its name). A folder whose adapters all sit in subfolders
+    gets an error that lists them."""
+    folder = os.path.join(in_dir, subfolder) if subfolder else in_dir
+    if os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+        return folder
+    named = sorted(d for d in (os.listdir(folder) if os.path.isdir(folder) else [])
+                   if os.path.isfile(os.path.join(folder, d, CONFIG_NAME)))
+    if named:
+        raise FileNotFoundError(
+            f"{folder} holds no {CONFIG_NAME}; it holds named adapters in subfolders {named}: pick one with "
+            f"subfolder={named[0]!r} (decomp-jax import --subfolder {named[0]}).")
+    raise FileNotFoundError(f"Not a PEFT adapter folder: {os.path.join(folder, CONFIG_NAME)} missing "
+                            f"(save it with save_pretrained).")
+
+
+def _read_bin(path: str) -> dict[str, np.ndarray]:
+    """``adapter_model.bin`` (PEFT's older default: a PyTorch pickle), read with torch's safe loader."""
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"{path} is a PyTorch pickle (adapter_model.bin, PEFT's older format): reading it needs torch "
+            f"(pip install -e '.[torch]'), or re-save the adapter with save_pretrained(..., safe_serialization=True) "
+            f"to get adapter_model.safetensors.") from None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
+
+
+def _read(in_dir: str) -> tuple[dict, dict[str, np.ndarray], str]:
+    """``(config, tensors, weights file)`` of the adapter folder ``in_dir``."""
     from safetensors.numpy import load_file
 
-    paths = [os.path.join(in_dir, n) for n in (CONFIG_NAME, WEIGHTS_NAME)]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"Not a PEFT adapter folder: {missing} missing (save it with save_pretrained).")
-    with open(paths[0]) as f:
+    with open(os.path.join(in_dir, CONFIG_NAME)) as f:
         config = json.load(f)
-    return config, load_file(paths[1])
+    weights = os.path.join(in_dir, WEIGHTS_NAME)
+    if os.path.isfile(weights):
+        return config, load_file(weights), weights
+    legacy = os.path.join(in_dir, LEGACY_WEIGHTS_NAME)
+    if os.path.isfile(legacy):
+        return config, _read_bin(legacy), legacy
+    raise FileNotFoundError(f"Not a PEFT adapter folder: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} in {in_dir}.")
 
 
 def _refuse_unsupported(config: dict) -> None:
@@ -782,7 +816,7 @@ def _adalora_pattern(config: dict, module: str) -> Optional[np.ndarray]:
 
 
 def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
-                base_model_name_or_path: str | os.PathLike | None = None):
+                base_model_name_or_path: str | os.PathLike | None = None, subfolder: Optional[str] = None):
     """Read a PEFT adapter folder into ``(params, cfg)``: ``cfg`` is the equivalent ``AdapterConfig``
     and ``params`` is ``dj.inject(base_params, cfg, ...)`` with the stored factors (and the stored
     modules_to_save leaves, e.g. the classifier head) written in.
@@ -800,12 +834,13 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
     as is LoRA on an embedding (``target_modules`` naming it, or naming a tied ``lm_head``).
 
     ``base_model_name_or_path``: the base model ``base_params`` come from; when given and the adapter's
-    config names another one, a warning says so.
+    config names another one, a warning says so. ``subfolder``: a named adapter that PEFT saved under
+    ``in_dir/<name>``. The weights are ``adapter_model.safetensors`` or, from older PEFT releases,
+    ``adapter_model.bin`` (read with torch when it is installed; otherwise an error says so).
     """
     spec = get_arch(arch)
-    in_dir = os.fspath(in_dir)
-    config, stored = _read(in_dir)
-    weights_path = os.path.join(in_dir, WEIGHTS_NAME)
+    in_dir = adapter_folder(os.fspath(in_dir), subfolder)
+    config, stored, weights_path = _read(in_dir)
     check_finite(stored, f"The PEFT adapter file {weights_path}",
                  "re-save the adapter from a model whose weights are finite; imported, it would give NaN/inf outputs.")
     theirs = config.get("base_model_name_or_path")
@@ -929,7 +964,7 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
     unexpected = sorted(rest - set(expected))
     if missing or unexpected:
         raise PeftFormatError(
-            f"{os.path.join(in_dir, WEIGHTS_NAME)} does not match this {peft_type} adapter on arch {arch!r}: "
+            f"{weights_path} does not match this {peft_type} adapter on arch {arch!r}: "
             f"missing keys {missing}; unexpected keys {unexpected}."
         )
 
@@ -962,7 +997,7 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
             continue
         changes[leaf] = jax.numpy.asarray(to_flax(values[key]), dtype=flat[leaf].dtype)
     if wrong:
-        raise PeftFormatError(f"Tensors of the wrong shape in {os.path.join(in_dir, WEIGHTS_NAME)}: {wrong}.")
+        raise PeftFormatError(f"Tensors of the wrong shape in {weights_path}: {wrong}.")
     flat.update(changes)
     if tied_value is not None:
         leaf = tied + ("embedding",)
