@@ -185,6 +185,11 @@ class AdapterConfig(_Serializable):
     transposed:  regex of layer paths whose kernels are stored ``(d_out, d_in)`` (GPT-2's Conv1D:
                  ``(c_attn|c_proj|c_fc)$``); the methods see them transposed, factors keep their shapes.
     options:     method-specific options, validated by the method.
+    rank_pattern, alpha_pattern: per-layer rank and alpha, ``{layer path regex: value}`` (PEFT's options of
+                 the same names): a layer whose '/'-joined path the first matching regex (in order) finds
+                 gets that rank / alpha, the others ``rank`` / ``alpha``. ``for_layer(path)`` is the config
+                 a layer's method functions see. On stacked (scanned) layers a pattern matches the stacked
+                 path, one value for the whole stack.
     stacked:     the name of a scanned module (a path component; default ``layers``, as ``nn.scan``'d
                  decoders name it in our Llama with ``scan_layers`` and in MaxText): a targeted layer under
                  it whose kernel is 3-D is stacked ``(L, d_in, d_out)``; its factors get the same leading
@@ -223,6 +228,8 @@ class AdapterConfig(_Serializable):
     stacked: Optional[str] = "layers"
     factor_dtype: str = "float32"
     kernel_in_axes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         from decomp_jax.methods import base  # local import: the registry imports this module
@@ -314,6 +321,44 @@ class AdapterConfig(_Serializable):
             )
         if method.validate is not None:
             method.validate(self)
+        self._check_patterns(method)
+
+    def _check_patterns(self, method) -> None:
+        for name, kind in (("rank_pattern", "rank"), ("alpha_pattern", "alpha")):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, AbcMapping):
+                raise ConfigTypeError(f"{name} must be a mapping of layer path regexes to {kind}s, e.g. "
+                                      f"{{'attention/self/value$': 16}}; {_got(pattern)}.")
+            checked = {}
+            for regex, value in pattern.items():
+                _regex(regex, f"a {name} key", "'attention/self/value$'", "searched in each layer's '/'-joined path",
+                       optional=False)
+                number = _integer(value, f"{name}[{regex!r}]", "16") if kind == "rank" else _real(
+                    value, f"{name}[{regex!r}]", "32.0")
+                if number <= 0:
+                    raise ConfigError(f"{name}[{regex!r}] must be > 0; got {value!r}.")
+                checked[regex] = number
+            object.__setattr__(self, name, checked)
+        if (self.rank_pattern or self.alpha_pattern) and not method.uses_rank:
+            raise ConfigError(f"rank_pattern / alpha_pattern set a per-layer rank and alpha; method {self.method!r} has "
+                              f"no rank. Remove them.")
+        if (self.rank_pattern or self.alpha_pattern) and method.schedule is not None:
+            raise ConfigError(f"rank_pattern / alpha_pattern with {self.method!r}, whose schedule budgets ranks over all "
+                              f"layers, is not supported; use one rank (its schedule moves the ranks).")
+
+    def for_layer(self, where: str) -> "AdapterConfig":
+        """The config a layer's method functions see: ``rank`` and ``alpha`` from the first matching
+        ``rank_pattern`` / ``alpha_pattern`` regex (searched in ``where``, the '/'-joined layer path)."""
+        if not self.rank_pattern and not self.alpha_pattern:
+            return self
+        cache = self.__dict__.setdefault("_layer_cache", {})
+        if where not in cache:
+            pick = lambda pattern, default: next(  # noqa: E731
+                (v for regex, v in pattern.items() if re.search(regex, where)), default)
+            cache[where] = dataclasses.replace(self, rank=pick(self.rank_pattern, self.rank),
+                                               alpha=pick(self.alpha_pattern, self.alpha), rank_pattern={},
+                                               alpha_pattern={})
+        return cache[where]
 
     @property
     def scale(self) -> float:

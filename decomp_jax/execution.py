@@ -79,6 +79,7 @@ def _interceptor(cfg: AdapterConfig, seen: list):
         seen.append(where)
         x = args[0]
         factors = {n: params[n] for n in method.factor_names}
+        lcfg = cfg.for_layer(where)  # rank_pattern / alpha_pattern
         if kind in ("DenseGeneral", "Einsum"):
             if kind == "DenseGeneral":
                 if module.batch_dims:
@@ -88,7 +89,7 @@ def _interceptor(cfg: AdapterConfig, seen: list):
             else:
                 equation = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
             bias = params.get("bias") if module.use_bias else None
-            run = lambda xf, matrix, b: _run(module, xf, matrix, b, factors, method, cfg)
+            run = lambda xf, matrix, b: _run(module, xf, matrix, b, factors, method, lcfg)
             return general_layer(x, params["kernel"], bias, equation, kernel_in_axes(tuple(module.path), cfg), where, run)
         if params["kernel"].ndim != 2:  # a stacked (L, ...) kernel outside the nn.scan that slices it
             raise ConfigError(
@@ -97,7 +98,7 @@ def _interceptor(cfg: AdapterConfig, seen: list):
                 f"nn.scan (variable_axes={{'params': 0}}) that calls the layer."
             )
         kernel = params["kernel"].T if LAYOUTS[kind] else params["kernel"]
-        return _run(module, x, kernel, params.get("bias") if module.use_bias else None, factors, method, cfg)
+        return _run(module, x, kernel, params.get("bias") if module.use_bias else None, factors, method, lcfg)
 
     return intercept
 

@@ -337,9 +337,10 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
         where = path_str(path)
         stacked = is_stacked(path, stored, cfg)
         d_in, d_out = kernel.shape[-2:]
-        if method.uses_rank and cfg.rank > min(d_in, d_out):
+        lcfg = cfg.for_layer(where)  # rank_pattern / alpha_pattern
+        if method.uses_rank and lcfg.rank > min(d_in, d_out):
             raise ConfigError(
-                f"rank={cfg.rank} is larger than min(d_in, d_out)={min(d_in, d_out)} for layer "
+                f"rank={lcfg.rank} is larger than min(d_in, d_out)={min(d_in, d_out)} for layer "
                 f"{where!r} (kernel {tuple(kernel.shape)}). Use rank <= {min(d_in, d_out)}."
             )
         clash = [n for n in method.factor_names if path + (n,) in flat]
@@ -359,12 +360,12 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
             keys = jax.numpy.stack([_layer_key(rng, unrolled_path(path, i, cfg)) for i in range(kernel.shape[0])])
         else:
             keys = _layer_key(rng, path)
-        init = per_layer(lambda k, w, b: method.init(k, w, b, cfg), stacked)
+        init = per_layer(lambda k, w, b: method.init(k, w, b, lcfg), stacked)
         factors = {n: v.astype(factor_dtype) for n, v in init(keys, work, work_bias).items()}
         for name, value in factors.items():
             flat[path + (name,)] = value
         if method.residual is not None:  # PiSSA/MiLoRA: the layer keeps K - s * a0 @ b0
-            residual = per_layer(lambda w, f: method.residual(w, f, cfg), stacked)(work, factors)
+            residual = per_layer(lambda w, f: method.residual(w, f, lcfg), stacked)(work, factors)
             flat[path + ("kernel",)] = restore_layout(residual.astype(base_dtype), path, cfg, np.shape(stored))
     return unflatten_dict(flat)
 
@@ -446,11 +447,12 @@ def merge(params, cfg: AdapterConfig):
         factors = {n: layer[n] for n in method.factor_names}
         stacked = is_stacked(path, layer["kernel"], cfg)
         base = oriented(layer["kernel"], path, cfg)
-        kernel = per_layer(lambda k, f: method.materialize(k, f, cfg), stacked)(base, factors)
+        lcfg = cfg.for_layer(path_str(path))
+        kernel = per_layer(lambda k, f: method.materialize(k, f, lcfg), stacked)(base, factors)
         flat[path + ("kernel",)] = restore_layout(kernel.astype(base.dtype), path, cfg, np.shape(layer["kernel"]))
         if method.materialize_bias is not None and "bias" in layer:
             old = layer["bias"]
-            bias = per_layer(lambda b, f: method.materialize_bias(b, f, cfg), stacked)(bias_vector(old, base), factors)
+            bias = per_layer(lambda b, f: method.materialize_bias(b, f, lcfg), stacked)(bias_vector(old, base), factors)
             flat[path + ("bias",)] = bias.reshape(np.shape(old)).astype(old.dtype)
         for name in method.factor_names:
             del flat[path + (name,)]
@@ -536,7 +538,8 @@ def unmerge(merged, adapter, cfg: AdapterConfig):
         merged_kernel = oriented(stored, path, cfg)
         stacked = is_stacked(path, stored, cfg)
         old_bias = flat.get(path + ("bias",))
-        kernel, bias = per_layer(lambda k, b, f: method.unmaterialize(k, b, f, cfg), stacked)(
+        lcfg = cfg.for_layer(path_str(path))
+        kernel, bias = per_layer(lambda k, b, f: method.unmaterialize(k, b, f, lcfg), stacked)(
             merged_kernel, bias_vector(old_bias, merged_kernel), factors)
         flat[path + ("kernel",)] = restore_layout(kernel.astype(merged_kernel.dtype), path, cfg, np.shape(stored))
         if bias is not None:

@@ -119,8 +119,8 @@ def inject(model, cfg: AdapterConfig, rng: jax.Array):
             raise ConfigError(f"Layer {path_str(path)!r} is already adapted; inject into the base model, or "
                               f"decomp_jax.nnx.merge first.")
     adapted = inject_params(params, cfg, rng)
-    text = json.dumps(cfg.to_dict(), sort_keys=True)
     for path, layer in adapted_layers(adapted, cfg):
+        text = json.dumps(cfg.for_layer(path_str(path)).to_dict(), sort_keys=True)  # its own rank and alpha
         module = _module_at(model, path)
         if method.residual is not None:
             module.kernel[...] = layer["kernel"]

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 import decomp_jax as dj
 from decomp_jax import methods
@@ -275,3 +276,40 @@ def test_gpt2_without_transposed_is_refused(tiny_gpt2):
         dj.inject(model.params, cfg.replace(targets="mlp/c_proj$"), jax.random.PRNGKey(0))
     with pytest.raises(dj.ConfigError, match=r"FlaxConv1D, whose kernel is stored \(d_out, d_in\).*transposed"):
         dj.adapt(lambda p, ids: model(ids, params=p).logits, cfg)(params, ids)
+
+
+def test_rank_and_alpha_patterns_give_each_layer_its_own(tiny_bert, tiny_batch):
+    """rank_pattern / alpha_pattern: per-layer factor shapes and scales; factored == merged; each layer
+    equals a one-layer adapter with that rank and alpha; the config round-trips through YAML."""
+    model, base = tiny_bert
+    cfg = dj.AdapterConfig(method="lora", targets=ALL, rank=4, alpha=8.0,
+                           rank_pattern={r"attention/self/value$": 2, r"intermediate/dense$": 6},
+                           alpha_pattern={r"layer/1/attention/self/value$": 3.0})
+    assert dj.AdapterConfig.from_yaml(cfg.to_yaml()) == cfg
+    params = perturb(dj.inject(base, cfg, jax.random.PRNGKey(1)), cfg)
+    layers = dict(adapted_layers(params, cfg))
+    rank = {"/".join(p): layer["lora_a"].shape[1] for p, layer in layers.items()}
+    assert rank["bert/encoder/layer/0/attention/self/value"] == 2 and rank["bert/encoder/layer/1/intermediate/dense"] == 6
+    assert rank["bert/encoder/layer/0/attention/self/query"] == 4
+    assert cfg.for_layer("bert/encoder/layer/1/attention/self/value").scale == 3.0 / 2
+    assert cfg.for_layer("bert/encoder/layer/0/attention/self/value").scale == 8.0 / 2
+    apply = sequence_classifier_apply(model)
+    factored = np.asarray(dj.adapt(apply, cfg)(params, tiny_batch))
+    merged_params = dj.merge(params, cfg)
+    np.testing.assert_allclose(factored, np.asarray(apply(merged_params, tiny_batch)), atol=1e-5)
+    # one layer's merged kernel is K + (alpha_l / r_l) a b
+    path = ("bert", "encoder", "layer", "1", "attention", "self", "value")
+    layer = layers[path]
+    want = np.asarray(layer["kernel"]) + 1.5 * np.asarray(layer["lora_a"]) @ np.asarray(layer["lora_b"])
+    got = np.asarray(flatten_dict(merged_params)[path + ("kernel",)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    back = dj.unmerge(merged_params, dj.adapter_leaves(params, cfg), cfg)
+    np.testing.assert_allclose(np.asarray(flatten_dict(back)[path + ("kernel",)]), np.asarray(layer["kernel"]), atol=1e-5)
+    with pytest.raises(dj.ConfigError, match="no rank"):
+        dj.AdapterConfig(method="ia3", rank_pattern={"value$": 2})
+    with pytest.raises(dj.ConfigError, match="schedule budgets ranks"):
+        dj.AdapterConfig(method="adalora", rank_pattern={"value$": 2})
+    with pytest.raises(dj.ConfigError, match=r"rank_pattern\['value\$'\] must be > 0"):
+        dj.AdapterConfig(method="lora", rank_pattern={"value$": 0})
+    with pytest.raises(dj.ConfigError, match="rank=64 is larger"):
+        dj.inject(base, cfg.replace(rank_pattern={"value$": 64}), jax.random.PRNGKey(0))

@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 import decomp_jax as dj  # noqa: E402
+from decomp_jax.inject import adapted_layers, path_str  # noqa: E402
 from decomp_jax.interop.peft import PeftFormatError  # noqa: E402
 from decomp_jax.models.hf import load_sequence_classifier, sequence_classifier_apply  # noqa: E402
 from conftest import tiny_gpt2  # noqa: E402
@@ -360,6 +361,29 @@ def test_named_adapter_in_a_subfolder_and_the_older_bin_format(bert, tmp_path, m
         dj.import_peft(str(tmp_path), bert["params"], arch="bert", subfolder="task_a")
 
 
+def test_lora_with_rank_and_alpha_patterns_both_ways(bert, tmp_path):
+    """PEFT LoRA with per-module ranks and alphas (rank_pattern, alpha_pattern) imports as our
+    per-layer patterns with PEFT's logits; our export writes patterns PEFT loads back to the same."""
+    from peft import LoraConfig, TaskType
+
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value", "intermediate.dense"],
+                        rank_pattern={"value": 2, "layer.1.intermediate.dense": 6},
+                        alpha_pattern={"layer.0.attention.self.query": 3})
+    theirs = _peft_adapter(bert, config, str(tmp_path))
+    params, cfg = dj.import_peft(str(tmp_path), bert["params"], arch="bert")
+    ranks = {path_str(p): layer["lora_a"].shape[1] for p, layer in adapted_layers(params, cfg)}
+    assert ranks["bert/encoder/layer/1/attention/self/value"] == 2 and ranks["bert/encoder/layer/1/intermediate/dense"] == 6
+    assert ranks["bert/encoder/layer/0/intermediate/dense"] == 4
+    assert cfg.for_layer("bert/encoder/layer/0/attention/self/query").alpha == 3.0
+    diff = np.abs(jax_logits(bert, params, cfg) - theirs).max()
+    print(f"peft lora rank/alpha patterns -> jax max abs diff {diff:.2e}")
+    assert diff <= TOL and adapter_effect(bert, params, cfg) > 100 * TOL
+    assert_peft_matches(bert, params, cfg, str(tmp_path / "again"), "patterns round trip")
+    again = read_json(tmp_path / "again" / "adapter_config.json")
+    assert again["r"] == 4 and again["lora_alpha"] == 8.0
+    assert sorted(again["rank_pattern"].values()) == [2, 2, 6] and list(again["alpha_pattern"].values()) == [3.0]
+
+
 def test_adalora_with_rank_pattern_imports(bert, roberta, tmp_path):
     from peft import AdaLoraConfig, TaskType
 
@@ -422,8 +446,11 @@ def test_import_is_strict(bert, tmp_path):
     write_json(config_path, {**config, "peft_type": "PREFIX_TUNING"})  # a decoder method on an encoder
     with pytest.raises(PeftFormatError, match="arch='llama'"):
         dj.import_peft(folder, bert["params"], arch="bert")
-    write_json(config_path, {**config, "rank_pattern": {"query": 2}})
-    with pytest.raises(PeftFormatError, match="rank_pattern"):
+    write_json(config_path, {**config, "layers_to_transform": [0]})
+    with pytest.raises(PeftFormatError, match="layers_to_transform"):
+        dj.import_peft(folder, bert["params"], arch="bert")
+    write_json(config_path, {**config, "rank_pattern": {"query": 2}})  # a pattern the tensors do not follow
+    with pytest.raises(PeftFormatError, match=r"self.query.lora_A.weight: stored \(4, 32\), expected \(2, 32\)"):
         dj.import_peft(folder, bert["params"], arch="bert")
 
 

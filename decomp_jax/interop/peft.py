@@ -422,6 +422,9 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
             f"{', '.join(EXPORTABLE)}."
         )
     principal = cfg.method in ("pissa", "milora")
+    if principal and (cfg.rank_pattern or cfg.alpha_pattern):
+        raise ConfigError(f"Exporting {cfg.method} with rank_pattern / alpha_pattern is not supported (its update is "
+                          f"written as a rank-2r LoRA per layer); merge the adapter instead (dj.merge / decomp-jax merge).")
     if principal and base_params is None:
         raise ConfigError(
             f"Exporting {cfg.method} needs base_params (the pretrained params before inject): its layers hold "
@@ -551,6 +554,8 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
         if rank_pattern:  # flexlora: PEFT's scale lora_alpha / r_l per module is ours, alpha / (live rank)
             # (PEFT matches a key as the regex "(.*\.)?(key)$" against module names: the escaped full name is exact)
             config["rank_pattern"] = {re.escape(m): r_l for m, r_l in sorted(rank_pattern.items())}
+        elif not principal:  # per-layer ranks and alphas (cfg.rank_pattern / alpha_pattern)
+            config["rank_pattern"], config["alpha_pattern"] = _module_patterns(layers, spec, cfg)
     if tie and "ensure_weight_tying" in config:  # IA3 has no such field: PEFT loads two equal copies there
         config["ensure_weight_tying"] = True
     _write(out_dir, config, tensors)
@@ -684,11 +689,11 @@ def _read(in_dir: str) -> tuple[dict, dict[str, np.ndarray], str]:
 def _refuse_unsupported(config: dict) -> None:
     bad = {}
     for key in ("layers_to_transform", "layer_replication", "target_parameters",
-                "trainable_token_indices", "alora_invocation_tokens", "loftq_config", "alpha_pattern"):
+                "trainable_token_indices", "alora_invocation_tokens", "loftq_config"):
         if config.get(key):
             bad[key] = config[key]
-    if config["peft_type"] == "LORA" and config.get("rank_pattern"):
-        bad["rank_pattern"] = config["rank_pattern"]
+    if config["peft_type"] != "LORA" and config.get("alpha_pattern"):
+        bad["alpha_pattern"] = config["alpha_pattern"]
     if config.get("bias", "none") != "none":
         bad["bias"] = config["bias"]
     for key in ("lora_bias", "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "monteclora_config"):
@@ -699,10 +704,44 @@ def _refuse_unsupported(config: dict) -> None:
         bad["init_lora_weights"] = init  # PiSSA/OLoRA/...: the adapter expects a modified base model
     if bad:
         raise PeftFormatError(
-            f"import_peft does not support these adapter_config.json settings: {bad}. Supported: one rank and "
-            f"alpha for all target_modules, bias 'none', and an adapter relative to the unmodified base model "
+            f"import_peft does not support these adapter_config.json settings: {bad}. Supported: rank and alpha "
+            f"per module (rank_pattern, alpha_pattern), bias 'none', and an adapter relative to the unmodified base model "
             f"(save PiSSA/OLoRA adapters with path_initial_model_for_weight_conversion)."
         )
+
+
+def _peft_pattern_value(pattern: Mapping[str, Any], module: str):
+    """PEFT's lookup of a ``rank_pattern`` / ``alpha_pattern`` key: the first key ``k`` (in order) with
+    ``re.match(rf"(.*[.])?({k})$", module)``; None when none matches."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return None
+
+
+def _layer_pattern(pattern, paths: list[Path], spec: "Arch", default, kind) -> dict:
+    """A PEFT ``rank_pattern`` / ``alpha_pattern`` as ours: an exact path regex for every layer whose
+    value differs from the default."""
+    out = {}
+    for path in paths:
+        value = _peft_pattern_value(pattern or {}, spec.torch_module(path))
+        if value is not None and kind(value) != default:
+            out[f"^{re.escape(path_str(path))}$"] = kind(value)
+    return out
+
+
+def _module_patterns(layers, spec: "Arch", cfg: AdapterConfig) -> tuple[dict, dict]:
+    """PEFT's ``rank_pattern`` and ``alpha_pattern`` of an adapter with per-layer ranks / alphas: the
+    escaped module name (exact under PEFT's ``(.*[.])?(key)$`` match) of every layer that differs."""
+    ranks, alphas = {}, {}
+    for path in layers:
+        lcfg = cfg.for_layer(path_str(path))
+        module = re.escape(spec.torch_module(path))
+        if lcfg.rank != cfg.rank:
+            ranks[module] = lcfg.rank
+        if lcfg.alpha != cfg.alpha:
+            alphas[module] = lcfg.alpha
+    return ranks, alphas
 
 
 def _targets_regex(paths: list[Path], target_modules, base_params) -> str:
@@ -899,10 +938,13 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
 
     if peft_type == "LORA":
         method = "dora" if config.get("use_dora") else "lora"
+        rank, alpha = int(config["r"]), float(config["lora_alpha"])
         cfg = AdapterConfig(
-            method=method, targets=targets, rank=int(config["r"]), alpha=float(config["lora_alpha"]),
+            method=method, targets=targets, rank=rank, alpha=alpha,
             rslora=bool(config.get("use_rslora")), dropout=float(config.get("lora_dropout") or 0.0),
             train_extra=train_extra, transposed=spec.conv1d,
+            rank_pattern=_layer_pattern(config.get("rank_pattern"), paths, spec, rank, int),
+            alpha_pattern=_layer_pattern(config.get("alpha_pattern"), paths, spec, alpha, float),
         )
     elif peft_type == "ADALORA":
         r = int(config["init_r"])
