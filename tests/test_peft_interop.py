@@ -53,7 +53,8 @@ def _small(kind, folder):
     mask[1, 7:] = 0
     ids[1, 7:] = config.pad_token_id
     batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-    return {"torch": torch_model, "flax": flax_model, "params": flax_model.params, "batch": batch, "arch": kind}
+    return {"torch": torch_model, "flax": flax_model, "params": flax_model.params, "batch": batch, "arch": kind,
+            "folder": folder}
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +220,47 @@ def test_flexlora_exports_as_lora_with_its_live_ranks(bert, tmp_path):
     assert config["peft_type"] == "LORA" and config["lora_alpha"] == 6
     module = lambda p: ".".join(p[:-1]).replace("/", ".")  # noqa: E731  (BERT's Flax and torch names agree)
     assert config["rank_pattern"] == {re.escape(module(p)): n for p, n in zip(actives, live_counts)}
+
+
+@pytest.mark.parametrize("kind", ["bare", "token"])
+def test_export_of_a_bare_encoder_and_a_token_classifier(kind, bert, tmp_path):
+    """Not only sequence classifiers: a bare FlaxBertModel (the sentence-embedding case) exports as
+    PEFT's FEATURE_EXTRACTION, a token classifier as TOKEN_CLS with its head; PEFT loads both on the
+    PyTorch model with our outputs, and they import back."""
+    import transformers as tf
+
+    folder = bert["folder"]
+    if kind == "bare":
+        flax_model, torch_cls = tf.FlaxBertModel.from_pretrained(folder, from_pt=True), tf.BertModel
+        train_extra, task_type = None, None
+    else:
+        flax_model, torch_cls = tf.FlaxBertForTokenClassification.from_pretrained(folder, from_pt=True, num_labels=3), \
+            tf.BertForTokenClassification
+        train_extra, task_type = r"^classifier/", "TOKEN_CLS"
+    cfg = dj.AdapterConfig(method="lora", targets=r"attention/self/(query|value)$", rank=4, alpha=8, train_extra=train_extra)
+    params = perturb(dj.inject(flax_model.params, cfg, jax.random.PRNGKey(1)), cfg)
+    batch = {k: np.asarray(v) for k, v in bert["batch"].items()}
+    ours = np.asarray(dj.adapt(lambda p, b: flax_model(**b, params=p)[0], cfg)(params, batch))
+    dj.export_peft(params, cfg, str(tmp_path), base_model_name_or_path="local", arch="bert", task_type=task_type)
+    config = read_json(tmp_path / "adapter_config.json")
+    assert config["task_type"] == ("FEATURE_EXTRACTION" if kind == "bare" else "TOKEN_CLS")
+    assert config["modules_to_save"] == (None if kind == "bare" else ["classifier", "score"])
+    torch_model = torch_cls.from_pretrained(folder, **({} if kind == "bare" else {"num_labels": 3})).eval()
+    loaded = peft.PeftModel.from_pretrained(torch_model, str(tmp_path)).eval()
+    with torch.no_grad():
+        theirs = loaded(**{k: torch.as_tensor(v) for k, v in batch.items()})[0].numpy()
+    valid = batch["attention_mask"] > 0
+    base = np.asarray(flax_model(**batch, params=flax_model.params)[0])
+    diff, effect = np.abs(ours - theirs)[valid].max(), np.abs(ours - base)[valid].max()
+    print(f"{kind}: PEFT max abs diff {diff:.2e} (adapter effect {effect:.2e})")
+    assert diff <= TOL and effect > 100 * TOL
+    back, back_cfg = dj.import_peft(str(tmp_path), flax_model.params, arch="bert")
+    again = np.asarray(dj.adapt(lambda p, b: flax_model(**b, params=p)[0], back_cfg)(back, batch))
+    assert np.abs(again - ours)[valid].max() <= 1e-5
+    if kind == "bare":
+        with pytest.raises(dj.ConfigError, match="FEATURE_EXTRACTION"):
+            dj.export_peft(params, cfg, str(tmp_path / "x"), base_model_name_or_path="local", arch="bert",
+                           task_type="SEQ_CLS")
 
 
 def test_export_matches_peft_on_small_roberta(roberta, tmp_path):

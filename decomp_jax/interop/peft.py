@@ -381,12 +381,39 @@ def _principal_as_lora(kernel, base_kernel, layer, cfg, rank2: int, where: str):
 
 # --- export -------------------------------------------------------------------------------------------
 
+HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")  # PEFT's wrappers that add classifier/score to modules_to_save
+ENCODER_TASK_TYPES = HEAD_TASK_TYPES + ("FEATURE_EXTRACTION", "QUESTION_ANS")
+
+
+def _task_type(spec: "Arch", flat: Mapping[Path, Any], task_type: Optional[str]) -> str:
+    """PEFT's ``task_type`` of an export: the given one, else the architecture's (causal LMs), else
+    ``SEQ_CLS`` for an encoder with a ``classifier``/``score`` head and ``FEATURE_EXTRACTION`` for a
+    bare encoder (FlaxBertModel: the sentence-embedding case)."""
+    has_head = any(p[0] in spec.head_modules for p in flat)
+    if task_type is None:
+        if spec.task_type != "SEQ_CLS":
+            return spec.task_type
+        return "SEQ_CLS" if has_head else "FEATURE_EXTRACTION"
+    allowed = (spec.task_type,) if spec.task_type != "SEQ_CLS" else ENCODER_TASK_TYPES
+    if task_type not in allowed:
+        raise ConfigError(f"task_type={task_type!r} does not fit arch {spec.name!r}; choose one of {allowed}.")
+    if task_type in HEAD_TASK_TYPES and not has_head:
+        raise ConfigError(
+            f"task_type={task_type!r} means a model with a top-level {' or '.join(spec.head_modules)!r} head, which "
+            f"these params lack (top-level keys {sorted({p[0] for p in flat})}); for a bare encoder use "
+            f"FEATURE_EXTRACTION (the default for one).")
+    return task_type
+
+
 def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
                 base_model_name_or_path: str | os.PathLike | None, arch: str, base_params=None,
-                model_config=None) -> None:
+                model_config=None, task_type: Optional[str] = None) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT 0.21's format.
 
-    ``params``: adapted params of a Flax sequence classifier (``dj.inject`` of its params, trained).
+    ``params``: adapted params (``dj.inject`` of the model's params, trained) of a Flax sequence or token
+    classifier, a bare encoder (``FlaxBertModel``: PEFT's FEATURE_EXTRACTION), GPT-2's LM or our Llama.
+    ``task_type``: PEFT's task type (default: CAUSAL_LM for the decoders, SEQ_CLS for an encoder with a
+    ``classifier`` head, FEATURE_EXTRACTION for a bare one; TOKEN_CLS for a token classifier).
     Methods: lora (rslora too), dora, ia3 (``scale_bias=True`` or bias-free targets: PEFT's IA3 scales
     the bias), ssl (PEFT IA3 on feedforward modules), flexlora (its live triplets as a LoRA with a
     per-module ``rank_pattern``: exact), adalora (``lora_alpha`` compensates PEFT's
@@ -443,11 +470,7 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
         raise ConfigError(
             f"params hold no {cfg.method} factor leaves {method.factor_names}; pass the params dj.inject returned."
         )
-    if spec.task_type == "SEQ_CLS" and not any(p[0] in spec.head_modules for p in flat):
-        raise ConfigError(
-            f"export_peft expects the params of a sequence classifier with a top-level "
-            f"{' or '.join(spec.head_modules)!r} head; got top-level keys {sorted({p[0] for p in flat})}."
-        )
+    task_type = _task_type(spec, flat, task_type)
     conv = {spec.is_conv1d(p) for p in layers}
     if len(conv) > 1:
         raise ConfigError("The targeted layers mix nn.Linear and Conv1D layers; PEFT's fan_in_fan_out is one flag.")
@@ -471,7 +494,7 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
             f"train_extra={cfg.train_extra!r} selects leaves of adapted layers {in_layers[:3]}; PEFT cannot save a "
             f"targeted module in modules_to_save. Narrow train_extra."
         )
-    heads = [(h,) for h in spec.head_modules if any(p[0] == h for p in flat)] if spec.task_type == "SEQ_CLS" else []
+    heads = [(h,) for h in spec.head_modules if any(p[0] == h for p in flat)] if task_type in HEAD_TASK_TYPES else []
     saved = list(heads)
     for path in sorted({p[:-1] for p in extra_leaves}):
         if not any(path[: len(s)] == s for s in saved):
@@ -479,7 +502,7 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
     clash = [path_str(p) for p in layers if any(p[: len(s)] == s for s in saved)]
     if clash:
         raise ConfigError(f"Targeted layers {clash[:3]} lie inside modules_to_save modules, which PEFT never adapts.")
-    modules_to_save = list(spec.head_modules) if spec.task_type == "SEQ_CLS" else []
+    modules_to_save = list(spec.head_modules) if task_type in HEAD_TASK_TYPES else []
     modules_to_save += [spec.torch_module(p) for p in saved if p not in heads]
     # a trained embedding of a tied model: PEFT must train lm_head as the same matrix (ensure_weight_tying)
     tied = _tied_embedding(flat, spec)
@@ -525,7 +548,7 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
     target_modules = _target_suffixes([spec.torch_module(p) for p in layers], _module_names(flat, spec))
     common = {
         "base_model_name_or_path": base_model_name_or_path, "fan_in_fan_out": fan_in_fan_out,
-        "modules_to_save": modules_to_save or None, "target_modules": target_modules, "task_type": spec.task_type,
+        "modules_to_save": modules_to_save or None, "target_modules": target_modules, "task_type": task_type,
     }
     if cfg.method in ("ia3", "ssl"):
         feedforward = target_modules if cfg.method == "ssl" else []
@@ -903,7 +926,7 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
     _refuse_unsupported(config)
     base_flat = _flat(base_params)
     modules_to_save = list(config.get("modules_to_save") or [])
-    if config.get("task_type") == "SEQ_CLS":  # PEFT's sequence-classification wrapper adds its heads
+    if config.get("task_type") in HEAD_TASK_TYPES:  # PEFT's classification wrappers add their heads
         modules_to_save += [h for h in spec.head_modules if h not in modules_to_save]
     target_modules = config.get("target_modules")
     if not target_modules:
