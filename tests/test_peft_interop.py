@@ -157,6 +157,11 @@ def assert_peft_matches(m, params, cfg, folder, label, base_params=None):
 
 # --- (a) JAX -> PyTorch on the real MiniLM --------------------------------------------------------
 
+def _plain(value):
+    """A PEFT config value as JSON holds it (enums as their strings, sets as sorted lists)."""
+    return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, set) else getattr(v, "value", str(v))))
+
+
 def test_lora_export_loads_in_peft_on_minilm(minilm, tmp_path):
     cfg = dj.AdapterConfig(method="lora", targets=r"attention/self/(query|value)$", rank=8, alpha=16,
                            train_extra=r"^classifier/")
@@ -218,7 +223,8 @@ def test_flexlora_exports_as_lora_with_its_live_ranks(bert, tmp_path):
     assert_peft_matches(bert, params, cfg, str(tmp_path), "small bert flexlora")
     config = read_json(tmp_path / "adapter_config.json")
     assert config["peft_type"] == "LORA" and config["lora_alpha"] == 6
-    module = lambda p: ".".join(p[:-1]).replace("/", ".")  # noqa: E731  (BERT's Flax and torch names agree)
+    # keys: the escaped module name after its first component (exact in PEFT 0.14 to 0.21)
+    module = lambda p: ".".join(p[1:-1])  # noqa: E731  (BERT's Flax and torch names agree)
     assert config["rank_pattern"] == {re.escape(module(p)): n for p, n in zip(actives, live_counts)}
 
 
@@ -358,9 +364,13 @@ def test_peft_adapter_imports_into_jax(name, bert, tmp_path):
     assert all(np.allclose(first[k], again[k], atol=1e-7) for k in first)
     theirs_cfg = read_json(tmp_path / "adapter_config.json")
     ours_cfg = read_json(tmp_path / "again" / "adapter_config.json")
-    assert set(theirs_cfg) == set(ours_cfg)  # the fields PEFT 0.21 writes, no more, no less
+    # the fields PEFT 0.21 writes, less those at PEFT's defaults (older releases do not know them all)
+    assert set(ours_cfg) <= set(theirs_cfg) - {"peft_version"}
+    defaults = peft.PeftConfig.from_pretrained(str(tmp_path / "again")).to_dict()
+    omitted = set(theirs_cfg) - set(ours_cfg) - {"peft_version", "exclude_modules"}  # (exclusions: see below)
+    assert {k: theirs_cfg[k] for k in omitted} == {k: _plain(defaults[k]) for k in omitted}
     if name == "lora_exclude":  # written without exclude_modules, as the target list it amounts to
-        assert ours_cfg["exclude_modules"] is None
+        assert ours_cfg.get("exclude_modules") is None
         assert sorted(ours_cfg["target_modules"]) == ["1.attention.self.query", "value"]
         return
     same = ("peft_type", "task_type", "r", "init_r", "target_r", "use_dora", "use_rslora", "fan_in_fan_out",

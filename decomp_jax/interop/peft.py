@@ -332,11 +332,31 @@ def _check_replaceable(out_dir: str) -> None:
             )
 
 
+# written even at their default values: what every PEFT release since 0.14 reads and a reader expects
+CORE_FIELDS = frozenset({
+    "peft_type", "task_type", "base_model_name_or_path", "target_modules", "modules_to_save", "inference_mode",
+    "fan_in_fan_out", "r", "lora_alpha", "lora_dropout", "bias", "use_rslora", "use_dora", "init_r", "target_r",
+    "feedforward_modules", "num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads",
+    "num_transformer_submodules",
+})
+
+
+def _compact(config: dict) -> dict:
+    """``config`` without the fields that hold PEFT 0.21's default (and without ``peft_version``): PEFT
+    fills them in, and older releases (checked: 0.14, 0.17) then load the file without warning about
+    fields they do not know."""
+    defaults = {"LORA": _LORA_CONFIG, "ADALORA": _ADALORA_CONFIG, "IA3": _IA3_CONFIG, "PROMPT_TUNING": _PROMPT_TUNING_CONFIG,
+                "PREFIX_TUNING": _PREFIX_TUNING_CONFIG, "P_TUNING": _P_TUNING_CONFIG}[config["peft_type"]]
+    return {k: v for k, v in config.items()
+            if k in CORE_FIELDS or (k != "peft_version" and (k not in defaults or v != defaults[k]))}
+
+
 def _write(out_dir: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
     """Write the adapter folder atomically: into a temporary sibling that replaces ``out_dir`` only
     once both files are complete, so a failure leaves an existing export byte-identical."""
     from safetensors.numpy import save_file
 
+    config = _compact(config)
     check_finite(tensors, f"The adapter to export to {out_dir}",
                  "export a checkpoint whose adapter is finite (PEFT would load NaN/inf without a word).")
     _check_replaceable(out_dir)
@@ -575,8 +595,7 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
             "use_rslora": bool(cfg.rslora), "use_dora": cfg.method == "dora",
         }
         if rank_pattern:  # flexlora: PEFT's scale lora_alpha / r_l per module is ours, alpha / (live rank)
-            # (PEFT matches a key as the regex "(.*\.)?(key)$" against module names: the escaped full name is exact)
-            config["rank_pattern"] = {re.escape(m): r_l for m, r_l in sorted(rank_pattern.items())}
+            config["rank_pattern"] = {_pattern_key(m): r_l for m, r_l in sorted(rank_pattern.items())}
         elif not principal:  # per-layer ranks and alphas (cfg.rank_pattern / alpha_pattern)
             config["rank_pattern"], config["alpha_pattern"] = _module_patterns(layers, spec, cfg)
     if tie and "ensure_weight_tying" in config:  # IA3 has no such field: PEFT loads two equal copies there
@@ -753,13 +772,21 @@ def _layer_pattern(pattern, paths: list[Path], spec: "Arch", default, kind) -> d
     return out
 
 
+def _pattern_key(module: str) -> str:
+    """A ``rank_pattern`` key that selects exactly ``module`` in every PEFT release: the escaped name
+    after its first component (PEFT 0.21 matches ``(.*[.])?(key)$``, 0.14 ``.*[.]key$``, which needs a
+    component before the key)."""
+    tail = module.split(".", 1)[1] if "." in module else module
+    return re.escape(tail)
+
+
 def _module_patterns(layers, spec: "Arch", cfg: AdapterConfig) -> tuple[dict, dict]:
     """PEFT's ``rank_pattern`` and ``alpha_pattern`` of an adapter with per-layer ranks / alphas: the
     escaped module name (exact under PEFT's ``(.*[.])?(key)$`` match) of every layer that differs."""
     ranks, alphas = {}, {}
     for path in layers:
         lcfg = cfg.for_layer(path_str(path))
-        module = re.escape(spec.torch_module(path))
+        module = _pattern_key(spec.torch_module(path))
         if lcfg.rank != cfg.rank:
             ranks[module] = lcfg.rank
         if lcfg.alpha != cfg.alpha:
