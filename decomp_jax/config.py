@@ -348,16 +348,21 @@ class AdapterConfig(_Serializable):
 
     def for_layer(self, where: str) -> "AdapterConfig":
         """The config a layer's method functions see: ``rank`` and ``alpha`` from the first matching
-        ``rank_pattern`` / ``alpha_pattern`` regex (searched in ``where``, the '/'-joined layer path)."""
-        if not self.rank_pattern and not self.alpha_pattern:
+        ``rank_pattern`` / ``alpha_pattern`` regex (searched in ``where``, the '/'-joined layer path),
+        and the method's per-layer options (``Method.layer_options``)."""
+        from decomp_jax.methods import base
+
+        layer_options = base.get(self.method).layer_options
+        if not self.rank_pattern and not self.alpha_pattern and layer_options is None:
             return self
         cache = self.__dict__.setdefault("_layer_cache", {})
         if where not in cache:
             pick = lambda pattern, default: next(  # noqa: E731
                 (v for regex, v in pattern.items() if re.search(regex, where)), default)
+            options = {**self.options, **(layer_options(self, where) if layer_options else {})}
             cache[where] = dataclasses.replace(self, rank=pick(self.rank_pattern, self.rank),
                                                alpha=pick(self.alpha_pattern, self.alpha), rank_pattern={},
-                                               alpha_pattern={})
+                                               alpha_pattern={}, options=options)
         return cache[where]
 
     @property

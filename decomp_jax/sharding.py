@@ -317,7 +317,7 @@ def param_specs(params, mesh, rules=None, *, cfg: Optional[AdapterConfig] = None
     """A ``PartitionSpec`` per leaf of ``params``: base leaves by ``rules`` (see ``base_specs``); with
     ``cfg``, the method's factor leaves derived from their kernel's spec and a prompt method's
     subtree replicated."""
-    from decomp_jax.inject import _general_layout, adapted_layers, is_stacked, is_transposed, kernel_in_axes
+    from decomp_jax.inject import _general_layout, adapted_layers, is_stacked, is_transposed, kernel_in_axes, path_str
     from decomp_jax.methods import get
 
     specs = flatten_dict(base_specs(params, mesh, rules, fsdp_min_size=fsdp_min_size, logical_rules=logical_rules))
@@ -330,8 +330,8 @@ def param_specs(params, mesh, rules=None, *, cfg: Optional[AdapterConfig] = None
                 specs[path] = P()
         return unflatten_dict(specs)
     values = _unbox(params)
-    declared = method.factor_axes(cfg) if method.factor_axes else {}
     for path, layer in adapted_layers(values, cfg):
+        declared = method.factor_axes(cfg.for_layer(path_str(path))) if method.factor_axes else {}
         transposed = is_transposed(path, cfg)
         shape = tuple(np.shape(layer["kernel"]))  # (L,) + ... when stacked
         lead = 1 if is_stacked(path, layer["kernel"], cfg) else 0

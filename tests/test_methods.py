@@ -45,6 +45,8 @@ def reference_kernel(name, K, f, cfg):
         return V * (f["magnitude"] / _np_colnorm(V))[None, :]
     if name == "ia3":
         return K * f["scale_out"][None, :]
+    if name == "ia3_mixed":
+        return f["ia3_l"][:, None] * K if cfg.options.get("input_side") else K * f["ia3_l"][None, :]
     if name == "ssl":
         return f["scale_in"][:, None] * K
     if name == "ssb":
@@ -75,6 +77,10 @@ def reference_output(name, x, K, b, f, cfg):
         return h + act @ f["up"] + f["up_bias"]
     if name in ("bottleneck", "bottleneck_learned"):
         return reference_bottleneck(x, K, b, f, cfg)
+    if name == "ia3_mixed":  # output side (the default): the bias is scaled too; input side: the input
+        if cfg.options.get("input_side"):
+            return (x * f["ia3_l"]) @ K + b
+        return (x @ K + b) * f["ia3_l"]
     return x @ reference_kernel(name, K, f, cfg) + b
 
 
@@ -103,7 +109,7 @@ def random_factors(method, key, K, b, cfg):
     out = {}
     for n, v in init.items():
         val = rng.normal(size=v.shape)
-        if n in ("scale_in", "scale_out", "magnitude", "sigma", "sigma0", "s_r"):
+        if n in ("scale_in", "scale_out", "magnitude", "sigma", "sigma0", "s_r", "ia3_l"):
             val = 1.0 + 0.3 * val  # positive-ish, some sigma0 + delta < 0 so relu matters
         if n == "active":  # FlexLoRA's live slots: some on, some off
             val = (np.arange(v.shape[0]) % 3 != 1).astype(np.float64)
@@ -141,6 +147,26 @@ def test_materialize_and_apply_match_reference(name, rslora, kernel_bias):
     if method.apply is None:  # runs merged per layer (LiERA)
         y = x @ np.asarray(method.materialize(jnp.asarray(K, jnp.float32), _j(f), cfg)) + b
     np.testing.assert_allclose(np.asarray(y), reference_output(name, x, K, b, f, cfg), rtol=1e-4, atol=1e-4)
+
+
+def test_ia3_mixed_sides_per_layer(kernel_bias):
+    """ia3_mixed: layers matching options.feedforward scale their input, the others their output and bias."""
+    K, b = kernel_bias
+    cfg = dj.AdapterConfig(method="ia3_mixed", options={"feedforward": "mlp/down$"})
+    method = methods.get("ia3_mixed")
+    x = np.random.default_rng(2).normal(size=(4, D_IN))
+    for where, side in (("model/mlp/down", True), ("model/attn/k", False)):
+        lcfg = cfg.for_layer(where)
+        assert lcfg.option("input_side") is side
+        f = random_factors(method, jax.random.PRNGKey(0), K, b, lcfg)
+        assert f["ia3_l"].shape == ((D_IN,) if side else (D_OUT,))
+        y = method.apply(jnp.asarray(x, jnp.float32), jnp.asarray(K, jnp.float32), jnp.asarray(b, jnp.float32), _j(f), lcfg)
+        np.testing.assert_allclose(np.asarray(y), reference_output("ia3_mixed", x, K, b, f, lcfg), rtol=1e-5, atol=1e-5)
+        merged = x @ np.asarray(method.materialize(jnp.asarray(K, jnp.float32), _j(f), lcfg)) + np.asarray(
+            method.materialize_bias(jnp.asarray(b, jnp.float32), _j(f), lcfg))
+        np.testing.assert_allclose(merged, np.asarray(y), rtol=1e-5, atol=1e-5)
+    with pytest.raises(dj.ConfigError, match="regex"):
+        dj.AdapterConfig(method="ia3_mixed", options={"feedforward": "("})
 
 
 def test_trilora_scale_by_rank_option(kernel_bias):

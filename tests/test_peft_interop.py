@@ -287,7 +287,7 @@ def test_export_refuses_what_peft_cannot_reproduce(bert, tmp_path):
         dj.export_peft(dj.inject(bert["params"], pissa, jax.random.PRNGKey(0)), pissa, str(tmp_path),
                        base_model_name_or_path="x", arch="bert")
     ssb = dj.AdapterConfig(method="ssb")
-    with pytest.raises(dj.ConfigError, match="supports adalora, dora, flexlora, ia3, lora, milora, pissa, ssl"):
+    with pytest.raises(dj.ConfigError, match="supports adalora, dora, flexlora, ia3, ia3_mixed, lora, milora, pissa, ssl"):
         dj.export_peft(dj.inject(bert["params"], ssb, jax.random.PRNGKey(0)), ssb, str(tmp_path),
                        base_model_name_or_path="x", arch="bert")
     lora = dj.AdapterConfig(method="lora")
@@ -436,6 +436,32 @@ def test_lora_with_rank_and_alpha_patterns_both_ways(bert, tmp_path):
     assert sorted(again["rank_pattern"].values()) == [2, 2, 6] and list(again["alpha_pattern"].values()) == [3.0]
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_peft_default_ia3_mixes_input_and_output_scaling(arch, bert, roberta, tmp_path):
+    """PEFT's IA3 with its default targets scales the input of feedforward_modules and the output of the
+    other targets in one adapter: it imports as ia3_mixed with PEFT's logits, and exports back to the
+    same tensors and config."""
+    from peft import IA3Config, TaskType
+
+    m = {"bert": bert, "roberta": roberta}[arch]
+    theirs = _peft_adapter(m, IA3Config(task_type=TaskType.SEQ_CLS), str(tmp_path))  # PEFT's default targets
+    stored = read_json(tmp_path / "adapter_config.json")
+    assert sorted(stored["target_modules"]) == ["key", "output.dense", "value"] and stored["feedforward_modules"] == ["output.dense"]
+    params, cfg = dj.import_peft(str(tmp_path), m["params"], arch=arch)
+    assert cfg.method == "ia3_mixed"
+    sides = {path_str(p): cfg.for_layer(path_str(p)).option("input_side") for p, _ in adapted_layers(params, cfg)}
+    assert sum(sides.values()) == 4 and len(sides) == 8  # output.dense: the attention's and the FFN's, input side
+    diff = np.abs(jax_logits(m, params, cfg) - theirs).max()
+    print(f"{arch} PEFT default IA3 -> jax max abs diff {diff:.2e}")
+    assert diff <= TOL and adapter_effect(m, params, cfg) > 100 * TOL
+    assert_peft_matches(m, params, cfg, str(tmp_path / "again"), f"{arch} ia3_mixed round trip")
+    from safetensors.numpy import load_file
+
+    first, again = load_file(str(tmp_path / "adapter_model.safetensors")), load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert sorted(first) == sorted(again) and all(np.allclose(first[k], again[k], atol=1e-7) for k in first)
+    assert read_json(tmp_path / "again" / "adapter_config.json")["feedforward_modules"] == ["output.dense"]
+
+
 def test_adalora_with_rank_pattern_imports(bert, roberta, tmp_path):
     from peft import AdaLoraConfig, TaskType
 
@@ -541,6 +567,26 @@ def test_gpt2_conv1d_adapter_both_ways(gpt2, tmp_path, method):
     assert back_cfg.transposed == TRANSPOSED["gpt2"] and back_cfg.method == method
     np.testing.assert_allclose(np.asarray(dj.adapt(lambda p, ids: gpt2["flax"](ids, params=p).logits, back_cfg)(back, gpt2["ids"])),
                                ours, atol=TOL)
+
+
+def test_gpt2_peft_default_ia3_imports(gpt2, tmp_path):
+    """PEFT's default IA3 on GPT-2 (c_attn and mlp.c_proj, the latter input-scaled; Conv1D layers)."""
+    from peft import IA3Config
+
+    model = peft.get_peft_model(copy.deepcopy(gpt2["torch"]), IA3Config(task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+        theirs = model.eval()(torch.as_tensor(gpt2["ids"])).logits.numpy()
+    model.save_pretrained(str(tmp_path))
+    params, cfg = dj.import_peft(str(tmp_path), gpt2["flax"].params, arch="gpt2")
+    assert cfg.method == "ia3_mixed"
+    ours = np.asarray(dj.adapt(lambda p, ids: gpt2["flax"](ids, params=p).logits, cfg)(params, gpt2["ids"]))
+    base = np.asarray(gpt2["flax"](gpt2["ids"]).logits)
+    print(f"gpt2 PEFT default IA3 -> jax max abs diff {np.abs(ours - theirs).max():.2e} (effect {np.abs(ours - base).max():.2e})")
+    np.testing.assert_allclose(ours, theirs, atol=TOL)
+    assert np.abs(ours - base).max() > 100 * TOL
 
 
 def test_cli_export_then_import_round_trip(tiny_model_dir, tmp_path, capsys):

@@ -176,7 +176,7 @@ def _check_factor_specs(base, cfg, transposed=False):
                     "vt_r": (None, k_out), "adapter_u": (k_in, None), "adapter_v": (None, k_out), "dash_u": (k_in, None),
                     "dash_vt": (None, k_out), "dash": (None,), "down": (k_out, None), "up": (None, k_out),
                     "up_bias": (k_out,), "down_bias": (None,), "u": (k_in, None), "vt": (None, k_out), "sigma": (None,),
-                    "sigma0": (None,), "delta": (None,), "s_r": (None,), "adapter_scaling": (None,)}
+                    "sigma0": (None,), "delta": (None,), "s_r": (None,), "adapter_scaling": (None,), "ia3_l": (k_out,)}
         if cfg.method.startswith("bottleneck"):  # the layout follows the placement
             reads, writes = ({"in": k_in, "out": k_out}[r] for r in BOTTLENECK_ROLES[cfg.option("placement")])
             expected |= {"adapter_down": (reads, None), "adapter_up": (None, writes)}

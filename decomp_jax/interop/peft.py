@@ -64,9 +64,9 @@ PEFT_VERSION = "0.21.0"  # the format written here is the one PEFT 0.21 writes
 ADALORA_EPS = 1e-5  # PEFT's AdaLoRA divides by (ranknum + 1e-5)
 ADALORA_TOTAL_STEP = 1000  # nominal: PEFT needs total_step > 0 to build the config; inference ignores it
 
-EXPORTABLE = ("adalora", "dora", "flexlora", "ia3", "lora", "milora", "pissa", "ssl", "prompt_tuning", "prefix_tuning",
-              "p_tuning")
-IMPORTABLE = {"LORA": "lora / dora (use_dora)", "IA3": "ia3 / ssl (feedforward_modules)", "ADALORA": "adalora",
+EXPORTABLE = ("adalora", "dora", "flexlora", "ia3", "ia3_mixed", "lora", "milora", "pissa", "ssl", "prompt_tuning",
+              "prefix_tuning", "p_tuning")
+IMPORTABLE = {"LORA": "lora / dora (use_dora)", "IA3": "ia3 / ssl / ia3_mixed (feedforward_modules)", "ADALORA": "adalora",
               "PROMPT_TUNING": "prompt_tuning (llama)", "PREFIX_TUNING": "prefix_tuning (llama)",
               "P_TUNING": "prompt_tuning (llama; the file holds the encoder's output only)"}
 PROMPT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING", "p_tuning": "P_TUNING"}
@@ -191,6 +191,15 @@ FACTORS: dict[str, tuple[tuple[str, str, Callable, Callable], ...]] = {
     "ia3": (("ia3_l", "scale_out", _col, _uncol),),  # (d_out, 1): scales the output, bias included
     "ssl": (("ia3_l", "scale_in", _row, _unrow),),  # (1, d_in): PEFT's IA3 on feedforward_modules
 }
+
+
+def layer_factors(cfg: AdapterConfig, path: Path) -> tuple:
+    """``FACTORS`` of one layer: ia3_mixed stores ``ia3_l`` as a column (output side) or a row (its
+    feedforward layers, input side), as PEFT does."""
+    if cfg.method == "ia3_mixed":
+        side = cfg.for_layer(path_str(path)).option("input_side")
+        return (("ia3_l", "ia3_l", _row, _unrow),) if side else (("ia3_l", "ia3_l", _col, _uncol),)
+    return FACTORS[cfg.method]
 
 
 # --- adapter_config.json: the fields PEFT 0.21 writes, with its defaults -----------------------------
@@ -558,7 +567,7 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
             tensors[module + "lora_A.weight"] = np.ascontiguousarray(_t(_np(layer["lora_a"])[:, live] * _np(layer["lora_e"])[live]))
             tensors[module + "lora_B.weight"] = np.ascontiguousarray(_t(_np(layer["lora_b"])[live]))
             continue
-        for suffix, leaf, to_torch, _ in FACTORS[cfg.method]:
+        for suffix, leaf, to_torch, _ in layer_factors(cfg, path):
             tensors[module + suffix] = np.ascontiguousarray(to_torch(_np(layer[leaf])))
     tensors.update(_saved_tensors(flat, spec, saved))
     if tie:
@@ -570,8 +579,11 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
         "base_model_name_or_path": base_model_name_or_path, "fan_in_fan_out": fan_in_fan_out,
         "modules_to_save": modules_to_save or None, "target_modules": target_modules, "task_type": task_type,
     }
-    if cfg.method in ("ia3", "ssl"):
+    if cfg.method in ("ia3", "ssl", "ia3_mixed"):
         feedforward = target_modules if cfg.method == "ssl" else []
+        if cfg.method == "ia3_mixed":  # the input-side layers, by module name
+            inputs = [spec.torch_module(p) for p in layers if cfg.for_layer(path_str(p)).option("input_side")]
+            feedforward = _target_suffixes(inputs, _module_names(flat, spec)) if inputs else []
         config = {**_IA3_CONFIG, **common, "feedforward_modules": feedforward}
     elif cfg.method == "adalora":
         from decomp_jax.methods.adalora import target_rank
@@ -1017,13 +1029,13 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
             else any(spec.torch_module(p).endswith(m) for m in ff_modules)
             for p in paths
         ]
-        if any(is_ff) and not all(is_ff):
-            raise PeftFormatError(
-                f"This IA3 adapter scales the input of its feedforward_modules {ff_modules} and the output of its "
-                f"other targets; decomp_jax holds one of the two per adapter (ssl: input, ia3: output)."
-            )
-        cfg = AdapterConfig(method="ssl" if any(is_ff) else "ia3", targets=targets, train_extra=train_extra,
-                            scale_bias=not any(is_ff), transposed=spec.conv1d)
+        if any(is_ff) and not all(is_ff):  # PEFT's default for most models: both sides in one adapter
+            feedforward = "^(" + "|".join(re.escape(path_str(p)) for p, ff in zip(paths, is_ff) if ff) + ")$"
+            cfg = AdapterConfig(method="ia3_mixed", targets=targets, train_extra=train_extra, transposed=spec.conv1d,
+                                options={"feedforward": feedforward})
+        else:
+            cfg = AdapterConfig(method="ssl" if any(is_ff) else "ia3", targets=targets, train_extra=train_extra,
+                                scale_bias=not any(is_ff), transposed=spec.conv1d)
 
     if scan_roots(base_params, cfg):
         raise ConfigError(
@@ -1044,7 +1056,7 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
     expected: dict[str, tuple[Path, Callable]] = {}
     for path in paths:
         module = PREFIX + spec.torch_module(path) + "."
-        for suffix, leaf, _, to_flax in FACTORS[cfg.method]:
+        for suffix, leaf, _, to_flax in layer_factors(cfg, path):
             expected[module + suffix] = (path + (leaf,), to_flax)
     for path in _leaves_under(base_flat, saved):
         if tied is not None and path[: len(tied)] == tied:

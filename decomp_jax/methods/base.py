@@ -64,6 +64,9 @@ class Method(NamedTuple):
     # (cfg) -> {factor name: the role of each axis, "in" | "out" | None} where a factor's layout depends
     # on the options (sharding.FACTOR_AXES holds the fixed ones)
     factor_axes: Optional[Callable[[Any], Mapping[str, tuple]]] = None
+    # (cfg, layer path) -> options that depend on the layer (ia3_mixed: which side it scales); the
+    # layer's config (AdapterConfig.for_layer) carries them
+    layer_options: Optional[Callable[[Any, str], Mapping[str, Any]]] = None
     # "layer": the per-layer methods above. "prompt": prompt/prefix tuning (decomp_jax.prompts): the
     # leaves live at params[name], ``init(key, params, cfg) -> that subtree``, and the layer hooks
     # (materialize, apply, ...) are unused; ``names()``/``registry()`` list them only when asked.

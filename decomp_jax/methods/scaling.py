@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from decomp_jax.config import ConfigError
 from decomp_jax.methods.base import Method, linear, register
 
 
@@ -84,4 +85,73 @@ BITFIT = register(Method(
     unmaterialize=lambda kernel, bias, f, cfg: (kernel, bias),
     apply=lambda x, kernel, bias, f, cfg, *, train=False, key=None: linear(x, kernel, bias),
     trains_bias=True,
+))
+
+
+# --- PEFT's IA3: one vector per layer, on the output or (feedforward layers) the input ---------------------
+
+def _input_side(cfg) -> bool:
+    return bool(cfg.option("input_side"))
+
+
+def _mixed_init(key, kernel, bias, cfg):
+    return {"ia3_l": jnp.ones((kernel.shape[0] if _input_side(cfg) else kernel.shape[1],), kernel.dtype)}
+
+
+def _mixed_kernel(kernel, f, cfg):
+    return f["ia3_l"][:, None] * kernel if _input_side(cfg) else kernel * f["ia3_l"][None, :]
+
+
+def _mixed_apply(x, kernel, bias, f, cfg, *, train=False, key=None):
+    if _input_side(cfg):
+        return linear(x * f["ia3_l"], kernel, bias)
+    return linear(x, kernel, bias) * f["ia3_l"]
+
+
+def _mixed_bias(bias, f, cfg):
+    return bias if (bias is None or _input_side(cfg)) else bias * f["ia3_l"]
+
+
+def _mixed_inverse(kernel, bias, f, cfg):
+    if _input_side(cfg):
+        return kernel / f["ia3_l"][:, None], bias
+    return kernel / f["ia3_l"][None, :], (None if bias is None else bias / f["ia3_l"])
+
+
+def _mixed_layer_options(cfg, where: str) -> dict:
+    """Per layer: whether it is one of ``options.feedforward`` (its input is scaled)."""
+    import re
+
+    pattern = cfg.option("feedforward")
+    return {"input_side": bool(pattern and re.search(pattern, where))}
+
+
+def _mixed_validate(cfg):
+    pattern = cfg.option("feedforward")
+    if pattern is not None:
+        import re
+
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise ConfigError(f"options.feedforward of ia3_mixed must be a regex over layer paths (the layers whose "
+                              f"input is scaled), e.g. 'intermediate/dense$'; {pattern!r}: {err}") from None
+    if not isinstance(cfg.option("input_side"), bool):
+        raise ConfigError("options.input_side of ia3_mixed is set per layer from options.feedforward; do not set it.")
+
+
+IA3_MIXED = register(Method(
+    name="ia3_mixed",
+    family="reconstruction",
+    formula="y = (x@K + b) * ia3_l; on options.feedforward layers y = (x * ia3_l) @ K + b  (HF PEFT's IA3)",
+    factor_names=("ia3_l",),
+    init=_mixed_init,
+    materialize=_mixed_kernel,
+    apply=_mixed_apply,
+    materialize_bias=_mixed_bias,
+    unmaterialize=_mixed_inverse,
+    options={"feedforward": None, "input_side": False},
+    validate=_mixed_validate,
+    layer_options=_mixed_layer_options,
+    factor_axes=lambda cfg: {"ia3_l": ("in",) if _input_side(cfg) else ("out",)},
 ))
