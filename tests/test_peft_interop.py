@@ -462,6 +462,35 @@ def test_peft_default_ia3_mixes_input_and_output_scaling(arch, bert, roberta, tm
     assert read_json(tmp_path / "again" / "adapter_config.json")["feedforward_modules"] == ["output.dense"]
 
 
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_lora_with_trained_biases_both_ways(bias, bert, tmp_path):
+    """PEFT's bias option: the trained biases of the LoRA layers (lora_only) or of the whole model (all)
+    import as train_extra bias leaves with PEFT's logits, and export back as the same option."""
+    from peft import LoraConfig, TaskType
+
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"], bias=bias)
+    theirs = _peft_adapter(bert, config, str(tmp_path))
+    params, cfg = dj.import_peft(str(tmp_path), bert["params"], arch="bert")
+    trained = {"/".join(k) for k, v in flatten_dict(dj.trainable_mask(params, cfg)).items() if v and k[-1] == "bias"}
+    every = {"/".join(k) for k in flatten_dict(params) if k[-1] == "bias"}
+    lora_layers = {f"bert/encoder/layer/{i}/attention/self/{m}/bias" for i in (0, 1) for m in ("query", "value")}
+    assert trained == (every if bias == "all" else lora_layers | {"classifier/bias"})
+    diff = np.abs(jax_logits(bert, params, cfg) - theirs).max()
+    print(f"peft lora bias={bias} -> jax max abs diff {diff:.2e}")
+    assert diff <= TOL
+    assert_peft_matches(bert, params, cfg, str(tmp_path / "again"), f"bias={bias} round trip")
+    assert read_json(tmp_path / "again" / "adapter_config.json")["bias"] == bias
+    from safetensors.numpy import load_file
+
+    first, again = load_file(str(tmp_path / "adapter_model.safetensors")), load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    wrappers = {k for k in first if ".modules_to_save." in k or ".original_module." in k}  # PEFT's redundant copies
+    assert sorted(set(first) - wrappers) == sorted(again) and all(np.allclose(first[k], again[k], atol=1e-7) for k in again)
+    if bias == "all":  # a set of biases that is neither is refused with what would work
+        some = cfg.replace(train_extra=r"^(classifier)/|layer/0/attention/self/query/bias$")
+        with pytest.raises(dj.ConfigError, match="bias='lora_only'.*bias='all'"):
+            dj.export_peft(params, some, str(tmp_path / "x"), base_model_name_or_path="local", arch="bert")
+
+
 def test_adalora_with_rank_pattern_imports(bert, roberta, tmp_path):
     from peft import AdaLoraConfig, TaskType
 

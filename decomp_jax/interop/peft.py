@@ -414,6 +414,28 @@ HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS")  # PEFT's wrappers that add classifie
 ENCODER_TASK_TYPES = HEAD_TASK_TYPES + ("FEATURE_EXTRACTION", "QUESTION_ANS")
 
 
+def _bias_mode(flat, layers, extra_leaves, heads, cfg) -> tuple[str, list]:
+    """PEFT's ``bias`` option of an export whose ``train_extra`` trains biases, and those bias leaves:
+    ``lora_only`` when they are exactly the adapted layers' biases, ``all`` when they are every bias of
+    the model outside the heads (``modules_to_save``); ``none`` when it trains no bias of an adapted
+    layer. Anything in between has no PEFT form: a ConfigError says what would."""
+    in_head = lambda p: any(p[: len(h)] == h for h in heads)  # noqa: E731
+    chosen = {p for p in extra_leaves if p[-1] == "bias" and not in_head(p)}
+    if not any(p[:-1] in layers for p in chosen):
+        return "none", []
+    lora_only = {p + ("bias",) for p in layers if p + ("bias",) in flat}
+    every = {p for p in flat if p[-1] == "bias" and not in_head(p)}
+    if chosen == every:
+        return "all", sorted(every)
+    if chosen == lora_only:
+        return "lora_only", sorted(lora_only)
+    raise ConfigError(
+        f"train_extra={cfg.train_extra!r} trains {len(chosen)} biases, including adapted layers' ones; PEFT saves "
+        f"trained biases only as bias='lora_only' (exactly the {len(lora_only)} biases of the adapted layers) or "
+        f"bias='all' (all {len(every)} biases of the model). Train one of those sets, e.g. train_extra matching "
+        f"'/bias$' for all.")
+
+
 def _task_type(spec: "Arch", flat: Mapping[Path, Any], task_type: Optional[str]) -> str:
     """PEFT's ``task_type`` of an export: the given one, else the architecture's (causal LMs), else
     ``SEQ_CLS`` for an encoder with a ``classifier``/``score`` head and ``FEATURE_EXTRACTION`` for a
@@ -517,13 +539,16 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
     factor_leaves = {p + (n,) for p in layers for n in method.factor_names}
     extra = re.compile(cfg.train_extra) if cfg.train_extra else None
     extra_leaves = [p for p in flat if extra and p not in factor_leaves and extra.search(path_str(p))]
+    heads = [(h,) for h in spec.head_modules if any(p[0] == h for p in flat)] if task_type in HEAD_TASK_TYPES else []
+    bias_mode, bias_leaves = _bias_mode(flat, layers, extra_leaves, heads, cfg)
+    extra_leaves = [p for p in extra_leaves if p not in bias_leaves]
     in_layers = [path_str(p) for p in extra_leaves if p[:-1] in layers]
     if in_layers:
         raise ConfigError(
             f"train_extra={cfg.train_extra!r} selects leaves of adapted layers {in_layers[:3]}; PEFT cannot save a "
-            f"targeted module in modules_to_save. Narrow train_extra."
+            f"targeted module in modules_to_save. Narrow train_extra (trained biases export as PEFT's bias option: "
+            f"all the adapted layers' biases, or every bias of the model)."
         )
-    heads = [(h,) for h in spec.head_modules if any(p[0] == h for p in flat)] if task_type in HEAD_TASK_TYPES else []
     saved = list(heads)
     for path in sorted({p[:-1] for p in extra_leaves}):
         if not any(path[: len(s)] == s for s in saved):
@@ -570,6 +595,9 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
         for suffix, leaf, to_torch, _ in layer_factors(cfg, path):
             tensors[module + suffix] = np.ascontiguousarray(to_torch(_np(layer[leaf])))
     tensors.update(_saved_tensors(flat, spec, saved))
+    for path in bias_leaves:  # PEFT's bias option: a wrapped (adapted) layer's bias sits under base_layer
+        module = spec.torch_module(path[:-1]) + (".base_layer" if path[:-1] in layers else "")
+        tensors[f"{PREFIX}{module}.bias"] = _np(flat[path])
     if tie:
         tensors[PREFIX + spec.lm_head + ".weight"] = tensors[PREFIX + spec.torch_leaf(tied + ("embedding",))[0]]
 
@@ -610,6 +638,11 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
             config["rank_pattern"] = {_pattern_key(m): r_l for m, r_l in sorted(rank_pattern.items())}
         elif not principal:  # per-layer ranks and alphas (cfg.rank_pattern / alpha_pattern)
             config["rank_pattern"], config["alpha_pattern"] = _module_patterns(layers, spec, cfg)
+    if bias_mode != "none":
+        if "bias" not in config:
+            raise ConfigError(f"PEFT's {config['peft_type']} has no bias option: the trained biases selected by "
+                              f"train_extra={cfg.train_extra!r} cannot be exported. Train without them.")
+        config["bias"] = bias_mode
     if tie and "ensure_weight_tying" in config:  # IA3 has no such field: PEFT loads two equal copies there
         config["ensure_weight_tying"] = True
     _write(out_dir, config, tensors)
@@ -748,7 +781,7 @@ def _refuse_unsupported(config: dict) -> None:
             bad[key] = config[key]
     if config["peft_type"] != "LORA" and config.get("alpha_pattern"):
         bad["alpha_pattern"] = config["alpha_pattern"]
-    if config.get("bias", "none") != "none":
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
         bad["bias"] = config["bias"]
     for key in ("lora_bias", "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "monteclora_config"):
         if config.get(key):
@@ -997,6 +1030,15 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
             saved = saved + [tied]
     train_extra = "^(" + "|".join(re.escape(path_str(m)) for m in saved) + ")/" if saved else None
     targets = _targets_regex(paths, target_modules, base_params)
+    # PEFT's bias option: the trained biases of the adapted layers ("lora_only") or of the whole model ("all")
+    bias_mode = config.get("bias", "none")
+    in_saved = lambda p: any(p[: len(m)] == m for m in saved)  # noqa: E731
+    bias_leaves = sorted(
+        p for p in base_flat if p[-1] == "bias" and not in_saved(p) and (bias_mode == "all" or (
+            bias_mode == "lora_only" and p[:-1] in set(paths))))
+    if bias_leaves:
+        biases = "^(" + "|".join(re.escape(path_str(p)) for p in bias_leaves) + ")$"
+        train_extra = biases if train_extra is None else f"{train_extra}|{biases}"
 
     if peft_type == "LORA":
         method = "dora" if config.get("use_dora") else "lora"
@@ -1058,12 +1100,18 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
         module = PREFIX + spec.torch_module(path) + "."
         for suffix, leaf, _, to_flax in layer_factors(cfg, path):
             expected[module + suffix] = (path + (leaf,), to_flax)
+    adapted = set(paths)
+    for path in bias_leaves:
+        module = spec.torch_module(path[:-1]) + (".base_layer" if path[:-1] in adapted else "")
+        expected[f"{PREFIX}{module}.bias"] = (path, _same)
     for path in _leaves_under(base_flat, saved):
         if tied is not None and path[: len(tied)] == tied:
             continue  # read by _tied_import
         name, transpose = spec.torch_leaf(path)
         expected[PREFIX + name] = (path, _t if transpose else _same)
     rest = {k for k in stored if k not in tied_read}
+    if bias_mode == "all":  # PEFT's bias="all" also saves the modules_to_save wrappers' own bias copies
+        rest -= {k for k in rest if re.search(r"\.(modules_to_save|original_module)\.bias$", k)}
     missing = sorted(set(expected) - rest) + tied_missing
     unexpected = sorted(rest - set(expected))
     if missing or unexpected:
