@@ -462,6 +462,23 @@ def test_peft_default_ia3_mixes_input_and_output_scaling(arch, bert, roberta, tm
     assert read_json(tmp_path / "again" / "adapter_config.json")["feedforward_modules"] == ["output.dense"]
 
 
+@pytest.mark.parametrize("pattern", [None, "layer"])
+def test_lora_on_some_layers_only(pattern, bert, tmp_path):
+    """layers_to_transform (with or without layers_pattern): LoRA on the listed layer indices only."""
+    from peft import LoraConfig, TaskType
+
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"],
+                        layers_to_transform=[1], layers_pattern=pattern)
+    theirs = _peft_adapter(bert, config, str(tmp_path))
+    params, cfg = dj.import_peft(str(tmp_path), bert["params"], arch="bert")
+    assert sorted(path_str(p) for p, _ in adapted_layers(params, cfg)) == [
+        "bert/encoder/layer/1/attention/self/query", "bert/encoder/layer/1/attention/self/value"]
+    diff = np.abs(jax_logits(bert, params, cfg) - theirs).max()
+    print(f"layers_to_transform (pattern {pattern}) -> jax max abs diff {diff:.2e}")
+    assert diff <= TOL and adapter_effect(bert, params, cfg) > 100 * TOL
+    assert_peft_matches(bert, params, cfg, str(tmp_path / "again"), "layers_to_transform round trip")
+
+
 @pytest.mark.parametrize("bias", ["lora_only", "all"])
 def test_lora_with_trained_biases_both_ways(bias, bert, tmp_path):
     """PEFT's bias option: the trained biases of the LoRA layers (lora_only) or of the whole model (all)
@@ -553,8 +570,8 @@ def test_import_is_strict(bert, tmp_path):
     write_json(config_path, {**config, "peft_type": "PREFIX_TUNING"})  # a decoder method on an encoder
     with pytest.raises(PeftFormatError, match="arch='llama'"):
         dj.import_peft(folder, bert["params"], arch="bert")
-    write_json(config_path, {**config, "layers_to_transform": [0]})
-    with pytest.raises(PeftFormatError, match="layers_to_transform"):
+    write_json(config_path, {**config, "layer_replication": [[0, 2]]})
+    with pytest.raises(PeftFormatError, match="layer_replication"):
         dj.import_peft(folder, bert["params"], arch="bert")
     write_json(config_path, {**config, "rank_pattern": {"query": 2}})  # a pattern the tensors do not follow
     with pytest.raises(PeftFormatError, match=r"self.query.lora_A.weight: stored \(4, 32\), expected \(2, 32\)"):

@@ -291,6 +291,27 @@ def _peft_targets(key: str, target_modules, exclude_modules=None) -> bool:
     return key in target_modules or any(key.endswith("." + t) for t in target_modules)
 
 
+def _in_layers_to_transform(key: str, config: Mapping[str, Any]) -> bool:
+    """PEFT's ``layers_to_transform`` / ``layers_pattern`` rule (for a list of ``target_modules`` matched by
+    suffix): the module's layer index, the first number after ``<layers_pattern>.`` (any component when
+    no pattern is given), must be one of the listed layers."""
+    indexes, patterns, targets = config.get("layers_to_transform"), config.get("layers_pattern"), config.get("target_modules")
+    if indexes is None or indexes == [] or isinstance(targets, str) or key in (targets or []):
+        return True
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == indexes if isinstance(indexes, int) else index in indexes
+
+
 def _in_saved_module(key: str, modules_to_save) -> bool:
     """PEFT never puts an adapter on (or inside) a modules_to_save module."""
     return any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in modules_to_save or ())
@@ -775,7 +796,7 @@ def _read(in_dir: str) -> tuple[dict, dict[str, np.ndarray], str]:
 
 def _refuse_unsupported(config: dict) -> None:
     bad = {}
-    for key in ("layers_to_transform", "layer_replication", "target_parameters",
+    for key in ("layer_replication", "target_parameters",
                 "trainable_token_indices", "alora_invocation_tokens", "loftq_config"):
         if config.get(key):
             bad[key] = config[key]
@@ -1008,6 +1029,7 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
     paths = [
         p for p in layer_paths(base_params)
         if _peft_targets(spec.torch_module(p), target_modules, config.get("exclude_modules"))
+        and _in_layers_to_transform(spec.torch_module(p), config)
         and not _in_saved_module(spec.torch_module(p), modules_to_save)
     ]
     if not paths:
