@@ -141,7 +141,7 @@ def _schedule(cfg, total_steps: int) -> Schedule:
     slots = max_rank(cfg)
 
     def update(state, step, params, grads):
-        layers = list(adapted_layers(params, cfg))
+        layers = sorted(adapted_layers(params, cfg), key=lambda item: item[0])  # path order (ties: the earlier)
         entropy = jnp.stack([spectral_entropy(layer["lora_e"], layer["active"]) for _, layer in layers])
         live = jnp.stack([jnp.sum(layer["active"]).astype(jnp.int32) for _, layer in layers])
         n = jnp.where(step % interval == 0, changes_at(step, b=b, decay=decay, t_init=t_init, end=end), 0)
