@@ -459,6 +459,34 @@ def test_bottleneck_adapters_on_llama(placement):
     assert float(loss(trainable)) < float(first) - 0.05, (float(first), float(loss(trainable)))
 
 
+def test_peft_default_ia3_on_llama_imports_and_exports(tiny_pair, tmp_path):
+    """PEFT's default IA3 on Llama: k_proj and v_proj scale their output, down_proj (feedforward) its
+    input; it imports as ia3_mixed with PEFT's logits and exports back."""
+    pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import torch
+
+    model_pt = peft.get_peft_model(copy.deepcopy(tiny_pair["torch"]), peft.IA3Config(task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for _, p in model_pt.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    model_pt.eval().save_pretrained(str(tmp_path / "theirs"))
+    ids, mask = batch()
+    theirs = torch_logits(model_pt, ids, mask)
+    params, cfg = dj.import_peft(str(tmp_path / "theirs"), tiny_pair["params"], arch="llama")
+    assert cfg.method == "ia3_mixed"
+    model = LlamaForCausalLM(tiny_pair["config"])
+    ours = np.asarray(dj.adapt(lambda p, ids, mask: model.apply({"params": p}, ids, mask), cfg)(params, ids, mask))
+    base = np.asarray(model.apply({"params": tiny_pair["params"]}, ids, mask))
+    diff = max_diff_valid(ours, theirs, mask)
+    print(f"llama PEFT default IA3 -> jax max abs diff {diff:.2e} (effect {max_diff_valid(ours, base, mask):.2e})")
+    assert diff <= 1e-4 and max_diff_valid(ours, base, mask) > 1e-2
+    dj.export_peft(params, cfg, str(tmp_path / "ours"), base_model_name_or_path=tiny_pair["folder"], arch="llama")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_pair["torch"]), str(tmp_path / "ours")).eval()
+    assert max_diff_valid(torch_logits(loaded, ids, mask), ours, mask) <= 1e-4
+
+
 def test_peft_lora_with_saved_lm_head(tiny_pair, tmp_path):
     """train_extra on the untied head: PEFT's modules_to_save carries lm_head."""
     peft = pytest.importorskip("peft")
