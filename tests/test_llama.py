@@ -423,7 +423,8 @@ def test_adapter_on_llama_injects_merges_and_exports_to_peft(method, tiny_pair, 
     np.testing.assert_allclose(dj.adapt(apply, back_cfg)(back, ids, mask), factored, atol=1e-5)
 
 
-@pytest.mark.parametrize("placement", ["mh", "output", "parallel"])
+@pytest.mark.parametrize("placement", ["mh", pytest.param("output", marks=pytest.mark.slow),
+                                       pytest.param("parallel", marks=pytest.mark.slow)])
 def test_bottleneck_adapters_on_llama(placement):
     """LLM-Adapters' placements at their LLaMA targets: a no-op at init (mam_adapter), the toolkit's
     bert init is not, and a few steps lower the causal-LM loss."""

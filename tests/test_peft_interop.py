@@ -228,7 +228,7 @@ def test_flexlora_exports_as_lora_with_its_live_ranks(bert, tmp_path):
     assert config["rank_pattern"] == {re.escape(module(p)): n for p, n in zip(actives, live_counts)}
 
 
-@pytest.mark.parametrize("kind", ["bare", "token"])
+@pytest.mark.parametrize("kind", ["bare", pytest.param("token", marks=pytest.mark.slow)])
 def test_export_of_a_bare_encoder_and_a_token_classifier(kind, bert, tmp_path):
     """Not only sequence classifiers: a bare FlaxBertModel (the sentence-embedding case) exports as
     PEFT's FEATURE_EXTRACTION, a token classifier as TOKEN_CLS with its head; PEFT loads both on the
@@ -436,7 +436,7 @@ def test_lora_with_rank_and_alpha_patterns_both_ways(bert, tmp_path):
     assert sorted(again["rank_pattern"].values()) == [2, 2, 6] and list(again["alpha_pattern"].values()) == [3.0]
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("arch", ["bert", pytest.param("roberta", marks=pytest.mark.slow)])
 def test_peft_default_ia3_mixes_input_and_output_scaling(arch, bert, roberta, tmp_path):
     """PEFT's IA3 with its default targets scales the input of feedforward_modules and the output of the
     other targets in one adapter: it imports as ia3_mixed with PEFT's logits, and exports back to the
@@ -462,7 +462,7 @@ def test_peft_default_ia3_mixes_input_and_output_scaling(arch, bert, roberta, tm
     assert read_json(tmp_path / "again" / "adapter_config.json")["feedforward_modules"] == ["output.dense"]
 
 
-@pytest.mark.parametrize("pattern", [None, "layer"])
+@pytest.mark.parametrize("pattern", [pytest.param(None, marks=pytest.mark.slow), "layer"])
 def test_lora_on_some_layers_only(pattern, bert, tmp_path):
     """layers_to_transform (with or without layers_pattern): LoRA on the listed layer indices only."""
     from peft import LoraConfig, TaskType
@@ -479,7 +479,7 @@ def test_lora_on_some_layers_only(pattern, bert, tmp_path):
     assert_peft_matches(bert, params, cfg, str(tmp_path / "again"), "layers_to_transform round trip")
 
 
-@pytest.mark.parametrize("bias", ["lora_only", "all"])
+@pytest.mark.parametrize("bias", [pytest.param("lora_only", marks=pytest.mark.slow), "all"])
 def test_lora_with_trained_biases_both_ways(bias, bert, tmp_path):
     """PEFT's bias option: the trained biases of the LoRA layers (lora_only) or of the whole model (all)
     import as train_extra bias leaves with PEFT's logits, and export back as the same option."""
