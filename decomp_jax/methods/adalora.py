@@ -52,19 +52,24 @@ def _validate(cfg):
     o = {k: cfg.option(k) for k in OPTIONS}
     if o["target_rank"] is not None and (not isinstance(o["target_rank"], int) or not 1 <= o["target_rank"] <= cfg.rank):
         raise ConfigError(f"options.target_rank must be an integer in [1, rank={cfg.rank}], got {o['target_rank']!r}.")
-    for name in ("t_init", "t_final"):
-        if not isinstance(o[name], (int, float)) or not 0 <= o[name] < 1:
-            raise ConfigError(f"options.{name} is a fraction of the training steps in [0, 1), got {o[name]!r}.")
-    if o["t_init"] + o["t_final"] >= 1:
-        raise ConfigError(
-            f"options.t_init + options.t_final = {o['t_init'] + o['t_final']} leaves no steps for the rank "
-            f"budget to shrink; keep their sum below 1 (defaults 0.1 and 0.2)."
-        )
+    check_phases(cfg, "the rank budget to shrink")
     if not isinstance(o["interval"], int) or o["interval"] < 1:
         raise ConfigError(f"options.interval must be a positive integer, got {o['interval']!r}.")
     for name in ("beta1", "beta2"):
         if not isinstance(o[name], (int, float)) or not 0 <= o[name] < 1:
             raise ConfigError(f"options.{name} must be in [0, 1), got {o[name]!r}.")
+
+
+def check_phases(cfg, what: str) -> None:
+    """``options.t_init`` and ``t_final``: fractions of the run in [0, 1) that leave steps for ``what``
+    (AdaLoRA's budget, FlexLoRA's rank changes)."""
+    t_init, t_final = cfg.option("t_init"), cfg.option("t_final")
+    for name, value in (("t_init", t_init), ("t_final", t_final)):
+        if not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ConfigError(f"options.{name} is a fraction of the training steps in [0, 1), got {value!r}.")
+    if t_init + t_final >= 1:
+        raise ConfigError(f"options.t_init + options.t_final = {t_init + t_final} leaves no steps for {what}; keep "
+                          f"their sum below 1 (defaults 0.1 and 0.2).")
 
 
 def phase_steps(cfg, total_steps: int) -> tuple[int, int]:

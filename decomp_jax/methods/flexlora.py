@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from decomp_jax.config import ConfigError
 from decomp_jax.methods.base import Method, Schedule, additive, linear, register
+from decomp_jax.methods.adalora import check_phases, phase_steps
 from decomp_jax.methods.lowrank import lowrank_path, normal_002
 
 OPTIONS = {"max_rank": None, "t_init": 0.1, "t_final": 0.2, "interval": 10, "b": 4, "b_decay": False, "seed": 0}
@@ -119,12 +120,7 @@ def _validate(cfg):
                                       or o["max_rank"] < cfg.rank):
         raise ConfigError(f"options.max_rank must be an integer >= rank={cfg.rank} (the slots per layer), "
                           f"got {o['max_rank']!r}.")
-    for name in ("t_init", "t_final"):
-        if not isinstance(o[name], (int, float)) or not 0 <= o[name] < 1:
-            raise ConfigError(f"options.{name} is a fraction of the training steps in [0, 1), got {o[name]!r}.")
-    if o["t_init"] + o["t_final"] >= 1:
-        raise ConfigError(f"options.t_init + options.t_final = {o['t_init'] + o['t_final']} leaves no steps for rank "
-                          f"changes; keep their sum below 1 (defaults 0.1 and 0.2).")
+    check_phases(cfg, "rank changes")
     for name, low in (("interval", 1), ("b", 0), ("seed", 0)):
         if not isinstance(o[name], int) or isinstance(o[name], bool) or o[name] < low:
             raise ConfigError(f"options.{name} must be an integer >= {low}, got {o[name]!r}.")
@@ -134,7 +130,6 @@ def _validate(cfg):
 
 def _schedule(cfg, total_steps: int) -> Schedule:
     from decomp_jax.inject import adapted_layers, set_leaves, unrolled_schedule
-    from decomp_jax.methods.adalora import phase_steps
 
     interval, b, decay = cfg.option("interval"), cfg.option("b"), cfg.option("b_decay")
     t_init, end = phase_steps(cfg, total_steps)

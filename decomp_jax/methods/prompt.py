@@ -71,10 +71,15 @@ def _positive_int(cfg, name, allow_none=False):
         raise _error(f"options.{name} must be a positive integer{' or null' if allow_none else ''}, got {value!r}.")
 
 
-def _check_common(cfg):
+def _check_tokens(cfg):
+    """What every prompt method checks: no adapter dropout, a positive number of virtual tokens."""
     if cfg.dropout:
         raise _error(f"Method {cfg.method!r} has no adapter dropout; set dropout: 0.")
     _positive_int(cfg, "num_virtual_tokens")
+
+
+def _check_common(cfg):
+    _check_tokens(cfg)
     std = cfg.option("init_std")
     if std is not None and (isinstance(std, bool) or not isinstance(std, (int, float)) or not std > 0):
         raise _error(f"options.init_std must be a number > 0 or null, got {std!r}.")
@@ -209,9 +214,7 @@ def p_tuning_embeddings(leaves: dict) -> jax.Array:
 
 
 def _validate_p_tuning(cfg):
-    if cfg.dropout:
-        raise _error(f"Method {cfg.method!r} has no adapter dropout; set dropout: 0.")
-    _positive_int(cfg, "num_virtual_tokens")
+    _check_tokens(cfg)
     kind = cfg.option("encoder_reparameterization_type")
     if kind not in ENCODER_TYPES:
         raise _error(f"options.encoder_reparameterization_type={kind!r} is unknown for p_tuning; choose MLP or LSTM.")
