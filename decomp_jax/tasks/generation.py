@@ -90,10 +90,11 @@ class GenerationTask:
         return {k: b[k] for k in ("input_ids", "attention_mask", "weights", "loss_index", "loss_targets", "loss_weights")}
 
     def loss(self, params, batch, rng):
-        """The causal-LM loss on the response tokens, with logits computed at those positions only."""
-        logits = self.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                            logits_at=batch["loss_index"], rngs={"dropout": rng})
-        return cs.response_loss(logits, batch), {}
+        """The causal-LM loss on the response tokens, with logits computed at those positions only
+        (``train.loss_chunk`` of them at a time)."""
+        nll = self.apply({"params": params}, batch["input_ids"], batch["attention_mask"], logits_at=batch["loss_index"],
+                         targets=batch["loss_targets"], chunk=self.cfg.train.loss_chunk, rngs={"dropout": rng})
+        return cs.response_nll_loss(nll, batch), {}
 
     def generation_fn(self, params):
         """``(params, apply_fn)`` to decode with: the merged kernels when the method is mergeable
