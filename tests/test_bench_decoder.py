@@ -27,7 +27,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def result(tiny):
     pytest.importorskip("peft")
-    bench = bd.DecoderBenchConfig(shapes={"tiny": (2, 32)}, response=8, rounds=2, steps=1, gen_batch=2,
+    bench = bd.DecoderBenchConfig(shapes={"tiny": (2, 32)}, remat=("tiny",), response=8, rounds=2, steps=1, gen_batch=2,
                                   prompt_length=8, new_tokens=6, gen_repeats=1)
     lines = []
     return bd.run_decoder_bench(bench, log=lines.append, models={"tiny": tiny}), lines
@@ -94,7 +94,7 @@ def test_targets_are_computed_from_the_measurements(result, tmp_path):
 def test_our_side_alone_gives_rows_and_targets(tiny):
     """Without PyTorch, generation and remat: our full fine-tuning and LoRA, their ratio and memory."""
     bench = bd.DecoderBenchConfig(shapes={"tiny": (2, 32)}, response=8, rounds=1, steps=2, methods=("lora",),
-                                  torch=False, generation=False, remat=False)
+                                  torch=False, generation=False, remat=())
     out = bd.run_decoder_bench(bench, log=lambda _: None, models={"tiny": tiny})
     rows = {r["method"]: r for r in out["models"]["tiny"]["rows"]}
     assert set(rows) == {"full", "lora"} and rows["full"]["first_loss"] == pytest.approx(rows["lora"]["first_loss"], abs=1e-6)
