@@ -443,6 +443,30 @@ def run_model(name: str, model, params, bench: DecoderBenchConfig, log: Callable
             "batch": batch_size, "length": length, "parameters": count_params(params)}
 
 
+def _run_named(name: str, bench: DecoderBenchConfig, log: Callable[[str], None], use_torch: bool) -> dict:
+    model, params, description = load_model(name, bench)
+    return run_model(name, model, params, bench, log, description, use_torch)
+
+
+def _model_in_subprocess(name: str, bench: DecoderBenchConfig, log: Callable[[str], None], use_torch: bool) -> dict:
+    """``run_model`` of one named model in a new Python process (its log lines passed on as they come)."""
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config, result = Path(tmp) / "bench.json", Path(tmp) / "result.json"
+        config.write_text(json.dumps({"bench": dataclasses.asdict(bench), "name": name, "use_torch": use_torch}))
+        proc = subprocess.Popen([sys.executable, "-m", "decomp_jax.bench_decoder", str(config), str(result)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            if line.startswith("["):  # our progress lines; not the libraries' warnings
+                log(line.rstrip("\n"))
+        if proc.wait() != 0:
+            raise RuntimeError(f"decoder bench: the {name} process failed with exit code {proc.returncode}"
+                               + (" (killed: out of memory?)" if proc.returncode in (-9, 137) else "") + ".")
+        return json.loads(result.read_text())
+
+
 def _mib(x: Optional[int]) -> str:
     return "?" if x is None else f"{x / 2**20:.0f}"
 
@@ -464,12 +488,13 @@ def run_decoder_bench(bench: DecoderBenchConfig, log: Callable[[str], None] = pr
     for name in (models or bench.models):
         if models:
             model, params = models[name]
-            description = name
+            out[name] = run_model(name, model, params, bench, log, name, use_torch)
+            del model, params
+            gc.collect()
+        elif len(bench.models) > 1:  # a fresh process per model: the first one's freed memory stays with
+            out[name] = _model_in_subprocess(name, bench, log, use_torch)  # this one (the 1B needs ~16 GB)
         else:
-            model, params, description = load_model(name, bench)
-        out[name] = run_model(name, model, params, bench, log, description, use_torch)
-        del model, params
-        gc.collect()
+            out[name] = _run_named(name, bench, log, use_torch)
     meta = {
         "rounds": bench.rounds, "steps": bench.steps, "response": bench.response, "rank": bench.rank,
         "alpha": bench.alpha, "device": str(jax.devices()[0]), "platform": jax.default_backend(),
@@ -585,3 +610,14 @@ def write_outputs(result: dict, out_dir) -> dict[str, Path]:
     paths["json"].write_text(json.dumps(result, indent=2) + "\n")
     paths["md"].write_text(markdown(result))
     return paths
+
+
+if __name__ == "__main__":  # one model of run_decoder_bench in its own process: CONFIG.json RESULT.json
+    import sys
+
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["bench"].items()}
+    fields["shapes"] = {k: tuple(v) for k, v in spec["bench"]["shapes"].items()}
+    result = _run_named(spec["name"], DecoderBenchConfig(**fields), lambda m: print(m, flush=True), spec["use_torch"])
+    Path(sys.argv[2]).write_text(json.dumps(result))
+

@@ -98,7 +98,10 @@ def _sweep(args) -> int:
         print(f"{len(mine)} of {len(cells)} cells in shard {i}/{n}; the whole grid: " +
               ", ".join(f"{v} {k}" for k, v in counts.items()) + f"; output {spec.output_dir}")
         return 0
-    result = study.sweep(spec, workers=args.workers, shard=study.parse_shard(args.shard))
+    try:
+        result = study.sweep(spec, workers=args.workers, shard=study.parse_shard(args.shard))
+    except KeyboardInterrupt:  # Ctrl-C or a scheduler's SIGTERM: the sweep said what it stopped; no traceback
+        return 130
     print(f"report: decomp-jax report {spec.output_dir}")
     return 1 if result["failed"] else 0
 

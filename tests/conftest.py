@@ -12,6 +12,55 @@ jax.config.update("jax_default_matmul_precision", "highest")
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
+# --- the README's PEFT settings table, written from the outcomes of the tests marked peft_setting ---------
+TABLE_START, TABLE_END = "<!-- peft-table: start -->", "<!-- peft-table: end -->"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--peft-table", metavar="FILE", help="rewrite the PEFT settings table between the peft-table "
+                     "markers of FILE (the README) from the outcomes of the tests marked peft_setting")
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("peft_setting"):
+        item.user_properties.append(("peft_setting", tuple(mark.args)))
+
+
+_PEFT_ROWS: dict = {}
+
+
+def pytest_runtest_logreport(report):
+    rows = [value for name, value in report.user_properties if name == "peft_setting"]
+    if not rows or (report.when != "call" and not report.failed and not report.skipped):
+        return
+    for row in rows:
+        outcomes = _PEFT_ROWS.setdefault(tuple(row), {})
+        outcomes[report.nodeid] = "failed" if report.failed else "skipped" if report.skipped else "passed"
+
+
+def peft_table(rows: dict) -> str:
+    """Markdown: one line per (setting, direction, outcome) with how many of its tests passed."""
+    lines = ["| PEFT setting | direction | what happens | tests |", "|---|---|---|---|"]
+    for (setting, direction, outcome), tests in sorted(rows.items()):
+        passed = sum(v == "passed" for v in tests.values())
+        state = f"{passed}/{len(tests)} pass" if passed == len(tests) else f"**{passed}/{len(tests)} pass**"
+        names = sorted({n.split("::")[-1].split("[")[0] for n in tests})
+        lines.append(f"| {setting} | {direction} | {outcome} | {state}: {', '.join(f'`{n}`' for n in names)} |")
+    return "\n".join(lines)
+
+
+def pytest_sessionfinish(session):
+    target = session.config.getoption("--peft-table", default=None)
+    if not target or hasattr(session.config, "workerinput") or not _PEFT_ROWS:
+        return
+    path = Path(target)
+    text = path.read_text()
+    if TABLE_START not in text or TABLE_END not in text:
+        raise pytest.UsageError(f"--peft-table {target}: no {TABLE_START} ... {TABLE_END} block to rewrite.")
+    head, rest = text.split(TABLE_START, 1)
+    tail = rest.split(TABLE_END, 1)[1]
+    path.write_text(f"{head}{TABLE_START}\n{peft_table(_PEFT_ROWS)}\n{TABLE_END}{tail}")
+
 
 @pytest.fixture(scope="session")
 def tiny_bert():

@@ -425,6 +425,7 @@ def perturb(params, cfg, seed=0, scale=0.1):
                                                for x, f, k in zip(leaves, flags, keys)])
 
 
+@pytest.mark.peft_setting("our Llama (causal LM): LoRA, DoRA, IA3, ...", "export", "loads in PEFT on transformers' Llama; logits match")
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
 def test_adapter_on_llama_injects_merges_and_exports_to_peft(method, tiny_pair, tmp_path):
     pytest.importorskip("torch")
@@ -500,6 +501,7 @@ def test_bottleneck_adapters_on_llama(placement):
     assert float(loss(trainable)) < float(first) - 0.05, (float(first), float(loss(trainable)))
 
 
+@pytest.mark.peft_setting("IA3 with PEFT's default targets (input- and output-scaled layers mixed)", "import + export", "ia3_mixed; logits match PEFT both ways")
 def test_peft_default_ia3_on_llama_imports_and_exports(tiny_pair, tmp_path):
     """PEFT's default IA3 on Llama: k_proj and v_proj scale their output, down_proj (feedforward) its
     input; it imports as ia3_mixed with PEFT's logits and exports back."""
@@ -528,6 +530,7 @@ def test_peft_default_ia3_on_llama_imports_and_exports(tiny_pair, tmp_path):
     assert max_diff_valid(torch_logits(loaded, ids, mask), ours, mask) <= 1e-4
 
 
+@pytest.mark.peft_setting("untied Llama, lm_head in modules_to_save", "import + export", "trained lm_head both ways; logits match PEFT")
 def test_peft_lora_with_saved_lm_head(tiny_pair, tmp_path):
     """train_extra on the untied head: PEFT's modules_to_save carries lm_head."""
     peft = pytest.importorskip("peft")

@@ -162,6 +162,7 @@ def _plain(value):
     return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, set) else getattr(v, "value", str(v))))
 
 
+@pytest.mark.peft_setting("LoRA on a real model (all-MiniLM-L6-v2)", "export", "loads in PEFT; outputs match")
 def test_lora_export_loads_in_peft_on_minilm(minilm, tmp_path):
     cfg = dj.AdapterConfig(method="lora", targets=r"attention/self/(query|value)$", rank=8, alpha=16,
                            train_extra=r"^classifier/")
@@ -196,6 +197,7 @@ EXPORTS = {
 }
 
 
+@pytest.mark.peft_setting("DoRA, IA3, SSL, AdaLoRA, rsLoRA, PiSSA, MiLoRA (as LoRA/IA3/AdaLoRA)", "export", "loads in PEFT; outputs match")
 @pytest.mark.parametrize("name", sorted(EXPORTS))
 def test_export_matches_peft_on_small_bert(name, bert, tmp_path):
     cfg = dj.AdapterConfig(**{"train_extra": r"^classifier/", **EXPORTS[name]})
@@ -210,6 +212,7 @@ def test_export_matches_peft_on_small_bert(name, bert, tmp_path):
         assert config["target_modules"] == ["intermediate.dense", "key", "output.dense", "query", "value"]
 
 
+@pytest.mark.peft_setting("FlexLoRA (as LoRA with a rank_pattern of its live ranks)", "export", "loads in PEFT; outputs match")
 def test_flexlora_exports_as_lora_with_its_live_ranks(bert, tmp_path):
     cfg = dj.AdapterConfig(method="flexlora", targets=ALL_LINEAR, rank=2, alpha=6, train_extra=r"^classifier/",
                            options={"max_rank": 5})
@@ -228,6 +231,7 @@ def test_flexlora_exports_as_lora_with_its_live_ranks(bert, tmp_path):
     assert config["rank_pattern"] == {re.escape(module(p)): n for p, n in zip(actives, live_counts)}
 
 
+@pytest.mark.peft_setting("a bare encoder (FEATURE_EXTRACTION), a token classifier (TOKEN_CLS)", "export", "loads in PEFT; outputs match")
 @pytest.mark.parametrize("kind", ["bare", pytest.param("token", marks=pytest.mark.slow)])
 def test_export_of_a_bare_encoder_and_a_token_classifier(kind, bert, tmp_path):
     """Not only sequence classifiers: a bare FlaxBertModel (the sentence-embedding case) exports as
@@ -269,6 +273,7 @@ def test_export_of_a_bare_encoder_and_a_token_classifier(kind, bert, tmp_path):
                            task_type="SEQ_CLS")
 
 
+@pytest.mark.peft_setting("RoBERTa", "export", "loads in PEFT; outputs match")
 def test_export_matches_peft_on_small_roberta(roberta, tmp_path):
     cfg = dj.AdapterConfig(method="dora", targets=r"attention/self/(query|value)$|attention/output/dense$", rank=4,
                            alpha=8, train_extra=r"^classifier/")
@@ -277,6 +282,7 @@ def test_export_matches_peft_on_small_roberta(roberta, tmp_path):
     assert read_json(tmp_path / "adapter_config.json")["target_modules"] == ["attention.output.dense", "query", "value"]
 
 
+@pytest.mark.peft_setting("what PEFT cannot reproduce (methods it lacks, general kernels, ...)", "export", "refused, naming the setting and what to do")
 def test_export_refuses_what_peft_cannot_reproduce(bert, tmp_path):
     ia3 = dj.AdapterConfig(method="ia3", targets=r"attention/self/value$")
     with pytest.raises(dj.ConfigError, match="scale_bias"):
@@ -343,6 +349,7 @@ def _peft_adapter(m, peft_config, folder, seed=0, rank_pattern=False):
     return expected
 
 
+@pytest.mark.peft_setting("LoRA, rsLoRA, DoRA, IA3, AdaLoRA, exclude_modules", "import", "imported; logits match PEFT")
 @pytest.mark.parametrize("name", ["lora", "lora_exclude", "rslora", "dora", "ia3", "ia3_ff", "adalora"])
 def test_peft_adapter_imports_into_jax(name, bert, tmp_path):
     theirs = _peft_adapter(bert, _peft_configs()[name], str(tmp_path))
@@ -383,6 +390,7 @@ def test_peft_adapter_imports_into_jax(name, bert, tmp_path):
         assert ours_cfg.get("lora_alpha") == pytest.approx(theirs_cfg["lora_alpha"], rel=1e-9)
 
 
+@pytest.mark.peft_setting("adapter_model.bin (older PEFT), a named adapter's subfolder", "import", "imported (the .bin with torch installed; without it, an error that says so)")
 def test_named_adapter_in_a_subfolder_and_the_older_bin_format(bert, tmp_path, monkeypatch):
     """PEFT saves an adapter not named "default" in a subfolder, and older PEFT releases (or
     safe_serialization=False) write adapter_model.bin: both import, with the same logits."""
@@ -413,6 +421,7 @@ def test_named_adapter_in_a_subfolder_and_the_older_bin_format(bert, tmp_path, m
         dj.import_peft(str(tmp_path), bert["params"], arch="bert", subfolder="task_a")
 
 
+@pytest.mark.peft_setting("LoRA rank_pattern / alpha_pattern", "import + export", "AdapterConfig.rank_pattern / alpha_pattern (usable in training); logits match PEFT both ways")
 def test_lora_with_rank_and_alpha_patterns_both_ways(bert, tmp_path):
     """PEFT LoRA with per-module ranks and alphas (rank_pattern, alpha_pattern) imports as our
     per-layer patterns with PEFT's logits; our export writes patterns PEFT loads back to the same."""
@@ -436,6 +445,7 @@ def test_lora_with_rank_and_alpha_patterns_both_ways(bert, tmp_path):
     assert sorted(again["rank_pattern"].values()) == [2, 2, 6] and list(again["alpha_pattern"].values()) == [3.0]
 
 
+@pytest.mark.peft_setting("IA3 with PEFT's default targets (input- and output-scaled layers mixed)", "import + export", "ia3_mixed; logits match PEFT both ways")
 @pytest.mark.parametrize("arch", ["bert", pytest.param("roberta", marks=pytest.mark.slow)])
 def test_peft_default_ia3_mixes_input_and_output_scaling(arch, bert, roberta, tmp_path):
     """PEFT's IA3 with its default targets scales the input of feedforward_modules and the output of the
@@ -462,6 +472,7 @@ def test_peft_default_ia3_mixes_input_and_output_scaling(arch, bert, roberta, tm
     assert read_json(tmp_path / "again" / "adapter_config.json")["feedforward_modules"] == ["output.dense"]
 
 
+@pytest.mark.peft_setting("layers_to_transform / layers_pattern", "import", "imported as a targets regex; logits match PEFT")
 @pytest.mark.parametrize("pattern", [pytest.param(None, marks=pytest.mark.slow), "layer"])
 def test_lora_on_some_layers_only(pattern, bert, tmp_path):
     """layers_to_transform (with or without layers_pattern): LoRA on the listed layer indices only."""
@@ -479,6 +490,7 @@ def test_lora_on_some_layers_only(pattern, bert, tmp_path):
     assert_peft_matches(bert, params, cfg, str(tmp_path / "again"), "layers_to_transform round trip")
 
 
+@pytest.mark.peft_setting("bias='all' / 'lora_only'", "import + export", "trained biases (train_extra) both ways; logits match PEFT")
 @pytest.mark.parametrize("bias", [pytest.param("lora_only", marks=pytest.mark.slow), "all"])
 def test_lora_with_trained_biases_both_ways(bias, bert, tmp_path):
     """PEFT's bias option: the trained biases of the LoRA layers (lora_only) or of the whole model (all)
@@ -508,6 +520,7 @@ def test_lora_with_trained_biases_both_ways(bias, bert, tmp_path):
             dj.export_peft(params, some, str(tmp_path / "x"), base_model_name_or_path="local", arch="bert")
 
 
+@pytest.mark.peft_setting("AdaLoRA rank_pattern (pruned triplets)", "import", "imported; logits match PEFT")
 def test_adalora_with_rank_pattern_imports(bert, roberta, tmp_path):
     from peft import AdaLoraConfig, TaskType
 
@@ -540,6 +553,11 @@ def _tamper(folder, change):
     save_file(tensors, path, metadata={"format": "pt"})
 
 
+@pytest.mark.peft_setting("lora_bias=True", "import", "refused: merge it in PEFT and load the merged model, or train without lora_bias")
+@pytest.mark.peft_setting("LoRA on an embedding (lora_embedding_A/B)", "import", "refused: train the embedding whole (modules_to_save)")
+@pytest.mark.peft_setting("trainable_token_indices", "import", "refused: train the embedding whole (modules_to_save)")
+@pytest.mark.peft_setting("layer_replication, target_parameters, LoftQ, aLoRA, ... ", "import", "refused, each with why and what to do")
+@pytest.mark.peft_setting("a head named differently (score vs classifier), missing or extra tensors", "import", "refused, naming the keys and what they mean")
 def test_import_is_strict(bert, tmp_path):
     cfg = dj.AdapterConfig(method="lora", rank=4, train_extra=r"^classifier/")
     params = perturb(dj.inject(bert["params"], cfg, jax.random.PRNGKey(0)), cfg)
@@ -551,6 +569,15 @@ def test_import_is_strict(bert, tmp_path):
         "missing head": (lambda t: t.pop("base_model.model.classifier.bias"), "missing keys.*classifier.bias"),
         "shape": (lambda t: t.update({key: np.zeros((32, 3), "float32")}),
                   r"layer.1.attention.self.value.lora_B.weight: stored \(32, 3\), expected \(32, 4\)"),
+        # mismatches whose tensor names say what the adapter is: the refusal names the setting and the fix
+        "dora": (lambda t: t.update({key.replace("lora_B.weight", "lora_magnitude_vector"): np.ones(32, "f4")}),
+                 r"DoRA magnitudes while adapter_config.json has use_dora false. Fix: set use_dora true"),
+        "lora_bias": (lambda t: t.update({key.replace(".weight", ".bias"): np.ones(32, "f4")}),
+                      r"lora_B biases \(PEFT's lora_bias=True\). Fix: load it in PEFT, merge it"),
+        "embedding": (lambda t: t.update({"base_model.model.bert.embeddings.word_embeddings.lora_embedding_A":
+                                          np.zeros((4, 100), "f4")}), r"LoRA on an embedding layer.*Fix: train"),
+        "score head": (lambda t: t.update({"base_model.model.score.weight": t.pop("base_model.model.classifier.weight")}),
+                       r"a classifier named 'score' vs 'classifier'.*\n.*tensors, but the file lacks them"),
     }
     for name, (change, message) in cases.items():
         folder = str(tmp_path / name.replace(" ", "_"))
@@ -570,8 +597,13 @@ def test_import_is_strict(bert, tmp_path):
     write_json(config_path, {**config, "peft_type": "PREFIX_TUNING"})  # a decoder method on an encoder
     with pytest.raises(PeftFormatError, match="arch='llama'"):
         dj.import_peft(folder, bert["params"], arch="bert")
-    write_json(config_path, {**config, "layer_replication": [[0, 2]]})
-    with pytest.raises(PeftFormatError, match="layer_replication"):
+    write_json(config_path, {**config, "trainable_token_indices": [5, 7]})
+    with pytest.raises(PeftFormatError, match=r"trainable_token_indices=\[5, 7\]: PEFT trains only some rows of the "
+                       r"embedding.*Fix: train with modules_to_save=\['embed_tokens'\]"):
+        dj.import_peft(folder, bert["params"], arch="bert")
+    write_json(config_path, {**config, "layer_replication": [[0, 2]], "lora_bias": True})
+    with pytest.raises(PeftFormatError, match=r"cannot read this adapter:\n- layer_replication=\[\[0, 2\]\]: PEFT builds "
+                       r"a deeper model.*Fix: load it in PEFT, merge it.*\n- lora_bias=True: lora_B carries a bias"):
         dj.import_peft(folder, bert["params"], arch="bert")
     write_json(config_path, {**config, "rank_pattern": {"query": 2}})  # a pattern the tensors do not follow
     with pytest.raises(PeftFormatError, match=r"self.query.lora_A.weight: stored \(4, 32\), expected \(2, 32\)"):
@@ -586,6 +618,7 @@ def gpt2(tmp_path_factory):
     return {"torch": torch_model, "flax": flax_model, "folder": folder, "ids": ids}
 
 
+@pytest.mark.peft_setting("GPT-2 LM (Conv1D, fan_in_fan_out): LoRA, DoRA", "import + export", "logits match PEFT both ways")
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_gpt2_conv1d_adapter_both_ways(gpt2, tmp_path, method):
     """GPT-2 keeps Conv1D layers: export sets fan_in_fan_out and PEFT reproduces our logits; the
@@ -615,6 +648,7 @@ def test_gpt2_conv1d_adapter_both_ways(gpt2, tmp_path, method):
                                ours, atol=TOL)
 
 
+@pytest.mark.peft_setting("IA3 with PEFT's default targets (input- and output-scaled layers mixed)", "import + export", "ia3_mixed; logits match PEFT both ways")
 def test_gpt2_peft_default_ia3_imports(gpt2, tmp_path):
     """PEFT's default IA3 on GPT-2 (c_attn and mlp.c_proj, the latter input-scaled; Conv1D layers)."""
     from peft import IA3Config

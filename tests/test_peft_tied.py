@@ -123,6 +123,7 @@ def load(m, folder):
 
 # --- JAX -> PEFT ---------------------------------------------------------------------------------------
 
+@pytest.mark.peft_setting("tied model (GPT-2, tied Llama), trained embedding", "export", "modules_to_save + ensure_weight_tying; logits match PEFT")
 @pytest.mark.parametrize("method", ["lora", "ia3"])
 def test_trained_tied_embedding_exports_to_peft(lm, method, tmp_path):
     """A LoRA (IA3) adapter plus the trained tied embedding (train_extra): PEFT's model gives our logits."""
@@ -183,6 +184,7 @@ TIED_CASES = {  # modules_to_save, ensure_weight_tying: PEFT ties lm_head to the
 }
 
 
+@pytest.mark.peft_setting("tied model, embedding / lm_head in modules_to_save with ensure_weight_tying", "import", "one trained tied matrix; logits match PEFT")
 @pytest.mark.parametrize("case", sorted(TIED_CASES))
 def test_peft_tied_embedding_imports(lm, case, tmp_path):
     m = lm
@@ -204,6 +206,7 @@ UNTIED_CASES = {  # PEFT keeps one of the two matrices at its original value: no
 }
 
 
+@pytest.mark.peft_setting("tied model, embedding or lm_head saved alone (PEFT unties them)", "import", "refused (our model ties them), naming both fixes; exact where PEFT ties")
 @pytest.mark.parametrize("case", sorted(UNTIED_CASES))
 def test_peft_untied_embedding_is_refused_or_exact(lm, case, tmp_path):
     """An adapter with which PEFT's input embedding and LM head differ cannot be one tied matrix:
@@ -229,6 +232,7 @@ def test_peft_untied_embedding_is_refused_or_exact(lm, case, tmp_path):
         assert d <= TOL
 
 
+@pytest.mark.peft_setting("LoRA on an embedding (lora_embedding_A/B)", "import", "refused: train the embedding whole (modules_to_save)")
 def test_tied_import_refusals_name_the_problem(llama, tmp_path):
     from safetensors.numpy import load_file, save_file
 

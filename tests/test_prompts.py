@@ -311,6 +311,7 @@ def test_matches_pytorch_peft(which, llama, tmp_path):
     assert valid_diff(got, out, mask) <= 1e-4
 
 
+@pytest.mark.peft_setting("PROMPT_TUNING, PREFIX_TUNING, P_TUNING (our Llama)", "import + export", "loads in PEFT; imports back (P_TUNING as prompt_tuning)")
 @pytest.mark.parametrize("which", ALL)
 def test_peft_format_export_loads_in_pytorch_and_imports_back(which, llama, tmp_path):
     """export_peft writes what PeftModel.from_pretrained loads (same logits as ours), and

@@ -268,3 +268,18 @@ def test_sigterm_stops_the_running_cells(tmp_path):
     time.sleep(0.2)
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
+
+
+def test_cli_sweep_stops_without_a_traceback(tmp_path, monkeypatch, capsys):
+    """Interrupted (Ctrl-C, or SIGTERM, which the sweep turns into the same), `decomp-jax sweep` exits 130
+    after the sweep's own message, with no traceback."""
+    from decomp_jax import cli, study
+
+    def interrupted(spec, **kwargs):
+        print("[sweep] interrupted: 2 running cell(s) stopped; run the same command again to resume them")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "sweep", interrupted)
+    assert cli.main(["sweep", str(write_study(tmp_path))]) == 130
+    assert "run the same command again" in capsys.readouterr().out
+

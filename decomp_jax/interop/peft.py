@@ -794,28 +794,84 @@ def _read(in_dir: str) -> tuple[dict, dict[str, np.ndarray], str]:
     raise FileNotFoundError(f"Not a PEFT adapter folder: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} in {in_dir}.")
 
 
+MERGE_FIX = ("load it in PEFT, merge it (model.merge_and_unload()), save the merged model and convert or load that "
+             "as the base instead")
+# adapter_config.json settings import_peft refuses: why, and what to do instead
+UNSUPPORTED_SETTINGS = {
+    "layer_replication": ("PEFT builds a deeper model from repeated base layers, which the base params here do "
+                          "not have", MERGE_FIX),
+    "target_parameters": ("LoRA on bare nn.Parameters (e.g. MoE expert tensors), not on Linear modules",
+                          "target the Linear modules (target_modules) when training the adapter"),
+    "trainable_token_indices": ("PEFT trains only some rows of the embedding (TrainableTokens); decomp_jax trains "
+                                "an embedding whole or not at all",
+                                "train with modules_to_save=['embed_tokens'] (the whole embedding), which imports"),
+    "alora_invocation_tokens": ("activated LoRA acts only after its invocation tokens; decomp_jax's adapters act "
+                                "at every position", "train a plain LoRA (no alora_invocation_tokens)"),
+    "loftq_config": ("LoftQ's adapter is relative to the quantized base PEFT rewrote at init, not to the "
+                     "original weights", MERGE_FIX),
+    "lora_bias": ("lora_B carries a bias (lora_bias=True); decomp_jax's LoRA factors have none",
+                  MERGE_FIX + ", or train with lora_bias=False"),
+    "use_qalora": ("QALoRA pools the input groupwise for a quantized base", MERGE_FIX),
+    "use_bdlora": ("block-diagonal LoRA factors", "train a plain LoRA"),
+    "arrow_config": ("Arrow routes among several LoRA experts per token", MERGE_FIX),
+    "kasa_config": ("KaSA changes the base layer's singular values", MERGE_FIX),
+    "monteclora_config": ("MonteCLoRA samples its factors", "train a plain LoRA"),
+}
+
+
 def _refuse_unsupported(config: dict) -> None:
-    bad = {}
-    for key in ("layer_replication", "target_parameters",
-                "trainable_token_indices", "alora_invocation_tokens", "loftq_config"):
+    bad: list[str] = []
+    for key, (why, fix) in UNSUPPORTED_SETTINGS.items():
         if config.get(key):
-            bad[key] = config[key]
+            bad.append(f"{key}={config[key]!r}: {why}. Fix: {fix}.")
     if config["peft_type"] != "LORA" and config.get("alpha_pattern"):
-        bad["alpha_pattern"] = config["alpha_pattern"]
+        bad.append(f"alpha_pattern on a {config['peft_type']} adapter: only LORA adapters scale per module here. "
+                   f"Fix: leave alpha_pattern out.")
     if config.get("bias", "none") not in ("none", "all", "lora_only"):
-        bad["bias"] = config["bias"]
-    for key in ("lora_bias", "use_qalora", "use_bdlora", "arrow_config", "kasa_config", "monteclora_config"):
-        if config.get(key):
-            bad[key] = config[key]
+        bad.append(f"bias={config['bias']!r}: PEFT's values are 'none', 'all' and 'lora_only'.")
     init = config.get("init_lora_weights", True)
     if not (isinstance(init, bool) or init == "gaussian"):
-        bad["init_lora_weights"] = init  # PiSSA/OLoRA/...: the adapter expects a modified base model
+        bad.append(f"init_lora_weights={init!r}: the adapter is relative to the base model PEFT modified at init "
+                   f"(PiSSA/OLoRA/...), not to the original weights. Fix: save it with "
+                   f"save_pretrained(..., path_initial_model_for_weight_conversion=...), which writes a plain LoRA "
+                   f"relative to the original base.")
     if bad:
-        raise PeftFormatError(
-            f"import_peft does not support these adapter_config.json settings: {bad}. Supported: rank and alpha "
-            f"per module (rank_pattern, alpha_pattern), bias 'none', and an adapter relative to the unmodified base model "
-            f"(save PiSSA/OLoRA adapters with path_initial_model_for_weight_conversion)."
-        )
+        raise PeftFormatError("import_peft cannot read this adapter:\n- " + "\n- ".join(bad))
+
+
+# patterns of stored tensor names that explain a key mismatch: (regex, where the key is, what it means)
+KEY_HINTS = (
+    (r"lora_embedding_[AB]$", "unexpected", "LoRA on an embedding layer (lora_embedding_A/B): decomp_jax's methods "
+     "adapt dense kernels. Fix: train the embedding whole (modules_to_save) or leave it out of target_modules"),
+    (r"lora_magnitude_vector", "unexpected", "DoRA magnitudes while adapter_config.json has use_dora false. Fix: "
+     "set use_dora true in the config if the adapter was trained as DoRA"),
+    (r"lora_magnitude_vector", "missing", "use_dora is true but the file holds no DoRA magnitudes. Fix: set "
+     "use_dora false if the adapter was trained as plain LoRA"),
+    (r"lora_B\.bias$", "unexpected", "lora_B biases (PEFT's lora_bias=True). Fix: " + MERGE_FIX),
+    (r"trainable_tokens_", "unexpected", "trainable token rows (trainable_token_indices). Fix: train with "
+     "modules_to_save=['embed_tokens'] instead"),
+    (r"^(?!.*(lora_|ia3_l|trainable_tokens_)).*\.(weight|bias)$", "unexpected", "whole-module tensors "
+     "(modules_to_save, a bias option) of modules base_params lack or does not train here: the adapter was saved "
+     "on another model class or head (a classifier named 'score' vs 'classifier', an LM head). Fix: import onto "
+     "params of the model class it was trained on, or drop those modules from modules_to_save"),
+    (r"^(?!.*(lora_|ia3_l|trainable_tokens_)).*\.(weight|bias)$", "missing", "modules_to_save / task_type / bias "
+     "in adapter_config.json imply these whole-module tensors, but the file lacks them. Fix: check those settings "
+     "against the saved file (or re-save the adapter with PEFT)"),
+    (r"lora_[AB]\.weight$", "unexpected", "LoRA factors of modules target_modules does not select here (another "
+     "architecture's module names, or layers_to_transform / exclude_modules). Fix: import onto the base model the "
+     "adapter was trained on, with the matching arch"),
+)
+
+
+def _key_hints(missing, unexpected) -> list[str]:
+    """What a missing / unexpected set of tensor names means, for the patterns ``KEY_HINTS`` knows."""
+    out = []
+    for regex, where, hint in KEY_HINTS:
+        keys = missing if where == "missing" else unexpected
+        hits = [k for k in keys if re.search(regex, k)]
+        if hits and not any(h.startswith(hint) for h in out):
+            out.append(f"{hint} ({where}: {len(hits)} such key{'s' if len(hits) > 1 else ''}, e.g. {hits[0]!r})")
+    return out
 
 
 def _peft_pattern_value(pattern: Mapping[str, Any], module: str):
@@ -1137,9 +1193,11 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
     missing = sorted(set(expected) - rest) + tied_missing
     unexpected = sorted(rest - set(expected))
     if missing or unexpected:
+        hints = _key_hints(missing, unexpected)
         raise PeftFormatError(
-            f"{weights_path} does not match this {peft_type} adapter on arch {arch!r}: "
-            f"missing keys {missing}; unexpected keys {unexpected}."
+            f"{weights_path} does not match this {peft_type} adapter on arch {arch!r}"
+            + ("".join(f"\n- {h}" for h in hints) if hints else "") +
+            f"\nmissing keys {missing}; unexpected keys {unexpected}."
         )
 
     values = {k: v for k, v in stored.items() if k in rest}
