@@ -556,7 +556,7 @@ def _tamper(folder, change):
 @pytest.mark.peft_setting("lora_bias=True", "import", "refused: merge it in PEFT and load the merged model, or train without lora_bias")
 @pytest.mark.peft_setting("LoRA on an embedding (lora_embedding_A/B)", "import", "refused: train the embedding whole (modules_to_save)")
 @pytest.mark.peft_setting("trainable_token_indices", "import", "refused: train the embedding whole (modules_to_save)")
-@pytest.mark.peft_setting("layer_replication, target_parameters, LoftQ, aLoRA, ... ", "import", "refused, each with why and what to do")
+@pytest.mark.peft_setting("layer_replication, target_parameters, LoftQ, aLoRA, ...", "import", "refused, each with why and what to do")
 @pytest.mark.peft_setting("a head named differently (score vs classifier), missing or extra tensors", "import", "refused, naming the keys and what they mean")
 def test_import_is_strict(bert, tmp_path):
     cfg = dj.AdapterConfig(method="lora", rank=4, train_extra=r"^classifier/")
