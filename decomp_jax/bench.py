@@ -267,6 +267,12 @@ def measure_jax(model, params, cfg: Optional[AdapterConfig], batch: dict, bench:
     return row
 
 
+def _allocator() -> str:
+    from decomp_jax.allocator import active
+
+    return active()
+
+
 def xla_memory(compiled) -> Optional[int]:
     """XLA's estimate of a compiled step's memory: arguments + temporaries + outputs - aliased (donated)
     bytes (``memory_analysis``). Not its ``peak_memory_in_bytes``: on the CPU backend that leaves the
@@ -447,7 +453,7 @@ def run_bench(bench: BenchConfig, *, models: Optional[dict] = None, log: Callabl
         "warmup": bench.warmup, "steps": bench.steps, "model_steps": {k: list(v) for k, v in bench.model_steps.items()},
         "quick": bench.quick, "backbone": bench.backbone, "device": str(jax.devices()[0]), "platform": jax.default_backend(),
         "cpu_count": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
-        "load_avg_1min_start": load_before, "load_avg_1min_end": load_after,
+        "load_avg_1min_start": load_before, "load_avg_1min_end": load_after, "allocator": _allocator(),
         "wall_s": time.perf_counter() - started, "peft_note": peft_note,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "targets_note": "query/value r=8 (houlsby/pfeiffer at the paper's placements) + the classification head",

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decomp_jax.bench import _spread, _verdict, peft_available, xla_memory
+from decomp_jax.bench import _allocator, _spread, _verdict, peft_available, xla_memory
 from decomp_jax.config import AdapterConfig
 from decomp_jax.execution import adapt
 from decomp_jax.inject import combine, count_params, inject, partition
@@ -499,7 +499,7 @@ def run_decoder_bench(bench: DecoderBenchConfig, log: Callable[[str], None] = pr
         "rounds": bench.rounds, "steps": bench.steps, "response": bench.response, "rank": bench.rank,
         "alpha": bench.alpha, "device": str(jax.devices()[0]), "platform": jax.default_backend(),
         "cpu_count": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
-        "load_avg_1min_start": load_before,
+        "load_avg_1min_start": load_before, "allocator": _allocator(),
         "load_avg_1min_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "wall_s": time.perf_counter() - started, "torch_note": note, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -571,7 +571,8 @@ def markdown(result: dict) -> str:
     lines = [f"{meta['device']} ({meta['cpu_count']} CPUs), JAX {meta['jax']}; loss on the last {meta['response']} "
              f"tokens of each row; LoRA/DoRA r={meta['rank']} alpha={meta['alpha']:g} and SSB on q,k,v,o,gate,up,down; "
              f"AdamW; {meta['rounds']} interleaved rounds of {meta['steps']} steps; median (min); 1-min load average "
-             f"{_fmt(meta['load_avg_1min_start'], '.2f')} at the start, {_fmt(meta['load_avg_1min_end'], '.2f')} at the end.", ""]
+             f"{_fmt(meta['load_avg_1min_start'], '.2f')} at the start, {_fmt(meta['load_avg_1min_end'], '.2f')} at the end; "
+             f"allocator: {meta.get('allocator', 'system')}.", ""]
     for name, res in result["models"].items():
         lines += [f"### {name}: {res['description']}", "",
                   f"{res['parameters']:,} parameters, batch {res['batch']} x {res['length']}.", "",

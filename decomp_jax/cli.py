@@ -377,11 +377,20 @@ def error_line(err: BaseException) -> str:
     return text if isinstance(err, ours) else f"{type(err).__name__}: {text}"
 
 
+# the commands that run compiled steps re-execute themselves under jemalloc when it is installed (no page
+# faults on XLA:CPU's per-step temporary buffer; decomp_jax.allocator); DECOMP_JAX_ALLOCATOR=system: never
+COMPUTE_COMMANDS = ("train", "eval", "merge", "bench")
+
+
 def main(argv=None) -> int:
     import warnings
 
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if argv is None and args.command in COMPUTE_COMMANDS:  # a new process: jemalloc where it is installed
+        from decomp_jax.allocator import maybe_reexec
+
+        maybe_reexec([sys.executable, "-m", "decomp_jax.cli", *args.argv])
     original, warnings.formatwarning = warnings.formatwarning, _one_line
     try:
         return args.func(args)
