@@ -377,8 +377,8 @@ def error_line(err: BaseException) -> str:
     return text if isinstance(err, ours) else f"{type(err).__name__}: {text}"
 
 
-# the commands that run compiled steps re-execute themselves under jemalloc when it is installed (no page
-# faults on XLA:CPU's per-step temporary buffer; decomp_jax.allocator); DECOMP_JAX_ALLOCATOR=system: never
+# the commands that run compiled steps re-execute themselves under jemalloc when it is installed (XLA:CPU's
+# per-step temporary buffer is not page-faulted again every step; decomp_jax.allocator); DECOMP_JAX_ALLOCATOR=system: never
 COMPUTE_COMMANDS = ("train", "eval", "merge", "bench")
 
 

@@ -17,7 +17,7 @@ def _run(code, **env):
 def test_jemalloc_env_prepends_the_library_and_keeps_the_users_settings():
     env = allocator.jemalloc_env({"LD_PRELOAD": "/x/liba.so:/lib/jm.so", "PATH": "/bin"}, "/lib/jm.so")
     assert env["LD_PRELOAD"] == "/lib/jm.so /x/liba.so" and env["PATH"] == "/bin"
-    assert env["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1" and env[allocator.ENV_DONE] == "1"
+    assert env["MALLOC_CONF"] == "oversize_threshold:0,background_thread:true" and env[allocator.ENV_DONE] == "1"
     assert allocator.jemalloc_env({"MALLOC_CONF": "narenas:2"}, "/lib/jm.so")["MALLOC_CONF"] == "narenas:2"
     assert allocator.find_jemalloc({allocator.ENV_PATH: "/nonexistent/libjemalloc.so.2"}) is None
 
