@@ -3,6 +3,9 @@ from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the CLI processes tests start keep the system allocator (no re-execution under jemalloc: a second
+# interpreter start per process); tests/test_allocator.py checks the switch itself
+os.environ.setdefault("DECOMP_JAX_ALLOCATOR", "system")
 
 import jax
 import pytest

@@ -10,8 +10,9 @@ PRINT_ACTIVE = "from decomp_jax import allocator; print(allocator.active())"
 
 
 def _run(code, **env):
+    base = {k: v for k, v in os.environ.items() if k != allocator.ENV_CHOICE}  # conftest sets it for the CLI tests
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          env={**os.environ, **env}).stdout.splitlines()
+                          env={**base, **env}).stdout.splitlines()
 
 
 def test_jemalloc_env_prepends_the_library_and_keeps_the_users_settings():

@@ -242,7 +242,7 @@ def test_generation_is_jittable_and_handles_eos():
     np.testing.assert_array_equal(alone[0, 3:], out[2, 6:])
 
 
-@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("tied", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_chunked_target_nll_equals_the_logits_and_holds_less(tied):
     """``targets=`` returns each scored token's NLL, equal to the log-softmax of the logits; ``chunk=``
     (not a divisor of B * R) gives the same values and gradients, a LoRA on the head included, and the
