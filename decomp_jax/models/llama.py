@@ -518,7 +518,7 @@ class LlamaForCausalLM(nn.Module):
         def body(module, carry, xs):
             return carry, _nll(module._head(xs[0]), xs[1])
 
-        scan = nn.scan(nn.remat(body), variable_broadcast="params", split_rngs={"params": False, "dropout": False},
+        scan = nn.scan(nn.remat(body), variable_broadcast="params", split_rngs={"params": False, "dropout": True},
                        length=n)
         _, nll = scan(self, None, (hs, ts))
         return nll.reshape(n * chunk)[:rows].reshape(b, r)
