@@ -869,7 +869,7 @@ def _key_hints(missing, unexpected) -> list[str]:
     for regex, where, hint in KEY_HINTS:
         keys = missing if where == "missing" else unexpected
         hits = [k for k in keys if re.search(regex, k)]
-        if hits and not any(h.startswith(hint) for h in out):
+        if hits:
             out.append(f"{hint} ({where}: {len(hits)} such key{'s' if len(hits) > 1 else ''}, e.g. {hits[0]!r})")
     return out
 
