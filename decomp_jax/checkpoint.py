@@ -34,7 +34,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from decomp_jax.config import AdapterConfig, ConfigError
 from decomp_jax.distributed import to_host
 from decomp_jax.guards import NonFiniteError, nonfinite_leaves
-from decomp_jax.inject import adapted_layers, combine, find_targets, path_str, set_leaves
+from decomp_jax.inject import adapted_layers, combine, find_targets, matrix_leaf, path_str, set_leaves
 from decomp_jax.methods import get
 from decomp_jax.train import TrainState
 
@@ -48,7 +48,8 @@ def fingerprint(base_params, cfg: AdapterConfig, architecture: str = "") -> dict
     digest = hashlib.sha256()
     targets = find_targets(base_params, cfg)
     for path in targets:
-        kernel = np.ascontiguousarray(to_host(flat[path_str(path + ("kernel",))]))
+        leaf = "kernel" if path_str(path + ("kernel",)) in flat else "embedding"  # a dense layer or an embedding table
+        kernel = np.ascontiguousarray(to_host(flat[path_str(path + (leaf,))]))
         digest.update(path_str(path).encode())
         digest.update(kernel.tobytes())
     return {
@@ -110,10 +111,10 @@ def _constant_paths(params, cfg: AdapterConfig) -> list[tuple]:
     train state: a method's buffers and, for PiSSA/MiLoRA, the residual kernels."""
     method = get(cfg.method)
     paths = []
-    for path, _ in adapted_layers(params, cfg):
+    for path, layer in adapted_layers(params, cfg):
         paths += [path + (n,) for n in method.buffers]
         if method.residual is not None:
-            paths.append(path + ("kernel",))
+            paths.append(path + (matrix_leaf(layer),))
     return paths
 
 

@@ -190,6 +190,12 @@ class AdapterConfig(_Serializable):
                  gets that rank / alpha, the others ``rank`` / ``alpha``. ``for_layer(path)`` is the config
                  a layer's method functions see. On stacked (scanned) layers a pattern matches the stacked
                  path, one value for the whole stack.
+    trainable_tokens: ``{embedding path regex: [token ids]}``: those rows of each matching embedding table
+                 (an ``nn.Embed``'s ``embedding``) train, the others stay frozen (PEFT's
+                 ``trainable_token_indices``: new special tokens, say). The rows are a leaf
+                 ``trainable_tokens_delta`` (n, features) beside the table, started at the rows' values and
+                 written over them in the table (a tied LM head reads them too). Any method beside it, on
+                 other layers.
     stacked:     the name of a scanned module (a path component; default ``layers``, as ``nn.scan``'d
                  decoders name it in our Llama with ``scan_layers`` and in MaxText): a targeted layer under
                  it whose kernel is 3-D is stacked ``(L, d_in, d_out)``; its factors get the same leading
@@ -230,6 +236,7 @@ class AdapterConfig(_Serializable):
     kernel_in_axes: Mapping[str, int] = dataclasses.field(default_factory=dict)
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    trainable_tokens: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         from decomp_jax.methods import base  # local import: the registry imports this module
@@ -322,6 +329,30 @@ class AdapterConfig(_Serializable):
         if method.validate is not None:
             method.validate(self)
         self._check_patterns(method)
+        self._check_tokens(method)
+
+    def _check_tokens(self, method) -> None:
+        if not isinstance(self.trainable_tokens, AbcMapping):
+            raise ConfigTypeError(f"trainable_tokens must be a mapping of embedding path regexes to lists of token ids, "
+                                  f"e.g. {{'embed_tokens$': [49152, 49153]}}; {_got(self.trainable_tokens)}.")
+        checked = {}
+        for regex, ids in self.trainable_tokens.items():
+            _regex(regex, "a trainable_tokens key", "'embed_tokens$'", "searched in each embedding's '/'-joined path",
+                   optional=False)
+            is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)  # noqa: E731
+            if (not isinstance(ids, (list, tuple)) or not ids or not all(is_int(i) and i >= 0 for i in ids)
+                    or len(set(ids)) != len(ids)):
+                raise ConfigError(f"trainable_tokens[{regex!r}] must be a non-empty list of distinct token ids (integers "
+                                  f">= 0), e.g. [49152, 49153]; got {ids!r}.")
+            checked[regex] = [int(i) for i in ids]
+        if checked and method.kind == "prompt":
+            raise ConfigError(f"trainable_tokens with the prompt method {self.method!r} is not supported: its virtual "
+                              f"tokens are its own trainable embeddings. Remove trainable_tokens.")
+        object.__setattr__(self, "trainable_tokens", checked)
+
+    def token_ids(self, where: str) -> Optional[list]:
+        """The trainable token ids of the embedding at ``where`` (first matching ``trainable_tokens`` regex)."""
+        return next((ids for regex, ids in self.trainable_tokens.items() if re.search(regex, where)), None)
 
     def _check_patterns(self, method) -> None:
         for name, kind in (("rank_pattern", "rank"), ("alpha_pattern", "alpha")):

@@ -2,7 +2,8 @@
 
 Factored execution intercepts the ``__call__`` of every Linen ``nn.Dense`` whose parameters hold
 the method's factor leaves and runs the method's ``apply`` instead (``x@K + s*(x@A)@B``,
-``((x*scale_in)@K)*scale_out``, ...). A method with no factored form (LiERA) is materialised per
+``((x*scale_in)@K)*scale_out``, ...). An adapted ``nn.Embed`` table is materialised before the call
+(``materialize_tables``): its lookups, and a tied LM head, read ``phi(table)``. A method with no factored form (LiERA) is materialised per
 layer inside the same interception, so the rest of the model still runs unchanged. The model code is untouched; frozen kernels are
 read as constants, so differentiating with respect to the trainable leaves only computes no
 weight gradient for them. Adapter dropout is active when the call is given a ``'dropout'`` RNG
@@ -25,7 +26,8 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from decomp_jax.config import AdapterConfig, ConfigError
-from decomp_jax.inject import check_mergeable, is_transposed, kernel_in_axes, merge
+from decomp_jax.inject import (TOKEN_LEAF, check_mergeable, is_transposed, kernel_in_axes, matrix_leaf, merge,
+                               write_token_rows)
 from decomp_jax.methods import get
 from decomp_jax.methods.base import linear
 
@@ -65,6 +67,7 @@ def _interceptor(cfg: AdapterConfig, seen: list):
                 f"Layer {where!r} holds {cfg.method} factor leaves {present} but lacks {missing}: these params are only "
                 f"part of the adapted tree. Pass the whole adapted tree (dj.combine(trainable, buffers, frozen))."
             )
+        lcfg = cfg.for_layer(where)  # rank_pattern / alpha_pattern
         if kind not in LAYOUTS:
             raise ConfigError(
                 f"Layer {where!r} is a {kind}, which factored execution does not handle; "
@@ -79,7 +82,6 @@ def _interceptor(cfg: AdapterConfig, seen: list):
         seen.append(where)
         x = args[0]
         factors = {n: params[n] for n in method.factor_names}
-        lcfg = cfg.for_layer(where)  # rank_pattern / alpha_pattern
         if kind in ("DenseGeneral", "Einsum"):
             if kind == "DenseGeneral":
                 if module.batch_dims:
@@ -131,6 +133,51 @@ def method_layer(x, kernel, bias, factors, method, cfg, *, dtype, train: bool = 
     else:
         y = method.apply(x, kernel, bias, factors, cfg, train=train, key=key)
     return y.reshape(lead + y.shape[-1:])
+
+
+def materialize_tables(variables, cfg: AdapterConfig, seen: list):
+    """``variables`` (a params tree, or Linen variables holding one under ``params``) with each adapted
+    embedding table replaced by ``phi(table)`` in the table's dtype and its factor leaves dropped; each
+    such layer's path is appended to ``seen``. The table is the kernel of a one-hot input, so its layer
+    is the rows of ``phi(table)``; every reader of the table sees the adapted one: the lookup, a tied LM
+    head (``attend``, or a head that reads the table from the params), as in merged execution and in
+    PEFT with ``ensure_weight_tying``. No adapter dropout there, as PEFT's LoRA on embeddings. Trainable
+    token rows (``cfg.trainable_tokens``) are written over their rows of the table the same way."""
+    method = get(cfg.method)
+    names = method.factor_names if method.mergeable else ()
+
+    def walk(tree, path):
+        if not hasattr(tree, "items"):
+            return tree
+        if matrix_leaf(tree) == "embedding" and TOKEN_LEAF in tree:  # trainable_tokens: rows written over the table
+            where = "/".join(path)
+            ids = cfg.token_ids(where)
+            if ids is None:
+                raise ConfigError(f"Embedding {where!r} holds {TOKEN_LEAF} but cfg.trainable_tokens selects no ids for "
+                                  f"it; pass the AdapterConfig these params were injected with.")
+            seen.append(where)
+            tree = {**{k: v for k, v in tree.items() if k != TOKEN_LEAF},
+                    "embedding": write_token_rows(tree["embedding"], tree[TOKEN_LEAF], ids)}
+        if matrix_leaf(tree) == "embedding" and any(n in tree for n in names):
+            where = "/".join(path)
+            missing = [n for n in names if n not in tree]
+            if missing:
+                raise ConfigError(f"Embedding {where!r} holds {cfg.method} factor leaves but lacks {missing}: these "
+                                  f"params are only part of the adapted tree. Pass the whole adapted tree "
+                                  f"(dj.combine(trainable, buffers, frozen)).")
+            seen.append(where)
+            table = tree["embedding"]
+            adapted = method.materialize(table, {n: tree[n] for n in names}, cfg.for_layer(where))
+            return {**{k: v for k, v in tree.items() if k not in names}, "embedding": adapted.astype(table.dtype)}
+        return {k: walk(v, path if (not path and k == "params" and _is_variables(tree)) else path + (str(k),))
+                for k, v in tree.items()}
+
+    return walk(variables, ())
+
+
+def _is_variables(tree) -> bool:
+    """Linen variables (``{"params": ..., "batch_stats": ...}``) rather than a params tree."""
+    return all(k in ("params", "batch_stats", "cache", "intermediates", "constants") for k in tree)
 
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -216,7 +263,7 @@ def adapt(apply_fn: Callable[..., Any], cfg: AdapterConfig, mode: str = "factore
         from decomp_jax.prompts import adapt_prompt
 
         return adapt_prompt(apply_fn, cfg)
-    if not method.factor_names:  # nothing to intercept or fold (BitFit)
+    if not method.factor_names and not cfg.trainable_tokens:  # nothing to intercept or fold (BitFit)
         return apply_fn
     if mode == "merged":
         check_mergeable(method)
@@ -230,9 +277,11 @@ def adapt(apply_fn: Callable[..., Any], cfg: AdapterConfig, mode: str = "factore
     @functools.wraps(apply_fn)
     def factored_apply(variables, *args, **kwargs):
         seen: list = []
+        if method.mergeable or cfg.trainable_tokens:  # adapted embedding tables: phi(table), trained token rows
+            variables = materialize_tables(variables, cfg, seen)
         with nn.intercept_methods(_interceptor(cfg, seen)):
             out = apply_fn(variables, *args, **kwargs)
-        if not seen and _holds_factors(variables, method.factor_names):  # (checked per trace, not per step)
+        if not seen and _holds_factors(variables, method.factor_names + (TOKEN_LEAF,)):  # (checked per trace, not per step)
             raise ConfigError(
                 f"The params hold {cfg.method} factors but the forward pass ran no Linen layer holding them, so the "
                 f"adapter would have no effect and train nothing. Factored execution adapts flax.linen nn.Dense (and "

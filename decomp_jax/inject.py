@@ -1,7 +1,8 @@
 """Tree surgery on parameter pytrees: target selection, inject, merge, trainable masks.
 
 Everything here is a pure function of nested dicts: flatten to '/'-joinable paths, transform,
-unflatten. A *layer* is a dict that holds a 2-D ``kernel`` (Flax ``Dense`` layout ``(d_in, d_out)``);
+unflatten. A *layer* is a dict that holds a 2-D ``kernel`` (Flax ``Dense`` layout ``(d_in, d_out)``)
+or an ``nn.Embed``'s 2-D ``embedding`` table ``(vocab, features)``, the kernel of a one-hot input;
 an *adapted layer* also holds all of the method's factor leaves. A targeted layer that holds only
 some of them (a half of ``split``, say) raises a ``ConfigError``; one that holds none is not adapted.
 Bad input (an NNX state, a list, a dict for ``cfg``) raises a ``TypeError`` that says what to pass.
@@ -91,9 +92,30 @@ def _flat(params, name: str = "params") -> dict[Path, Any]:
     return flat
 
 
+# The matrix a layer holds: a dense layer's ``kernel`` (d_in, d_out), or an ``nn.Embed``'s ``embedding``
+# (vocab, features), which is the kernel of the layer's one-hot input: every mergeable method adapts it
+# unchanged (factored execution gathers rows of the materialised table; decomp_jax.execution).
+def matrix_leaf(layer: Mapping) -> Optional[str]:
+    """``'kernel'`` for a dense layer dict, ``'embedding'`` for an embedding table (a 2-D ``embedding``
+    leaf in a dict with no kernel), None for anything else."""
+    if "kernel" in layer:
+        return "kernel"
+    if "embedding" in layer and np.ndim(layer["embedding"]) == 2:
+        return "embedding"
+    return None
+
+
+def _matrix_paths(flat: dict[Path, Any]) -> list[Path]:
+    """Paths of the layers (dicts holding a kernel or an embedding table) of a flat tree, in tree order."""
+    return [path[:-1] for path, value in flat.items()
+            if path[-1] == "kernel" or (path[-1] == "embedding" and np.ndim(value) == 2
+                                        and path[:-1] + ("kernel",) not in flat)]
+
+
 def layer_paths(params) -> list[Path]:
-    """Paths of every dict that holds a ``kernel`` leaf, in tree order."""
-    return [path[:-1] for path in _flat(params) if path[-1] == "kernel"]
+    """Paths of every layer, in tree order: each dict that holds a ``kernel`` leaf (a dense layer) or a
+    2-D ``embedding`` leaf (an ``nn.Embed``)."""
+    return _matrix_paths(_flat(params))
 
 
 def find_targets(params, cfg: AdapterConfig) -> list[Path]:
@@ -106,7 +128,7 @@ def find_targets(params, cfg: AdapterConfig) -> list[Path]:
     candidates = layer_paths(params)
     if not candidates:
         raise ConfigError(
-            f"params hold no dense layer (no dict with a 'kernel' leaf); top-level keys: {list(params)[:8]}. "
+            f"params hold no layer (no dict with a 'kernel' or 'embedding' leaf); top-level keys: {list(params)[:8]}. "
             f"Pass the model's parameter tree, e.g. variables['params'] of a Linen model or an HF Flax model's .params."
         )
     matched = [p for p in candidates if pattern.search(path_str(p))]
@@ -114,7 +136,7 @@ def find_targets(params, cfg: AdapterConfig) -> list[Path]:
         shown = [path_str(p) for p in candidates]
         near = difflib.get_close_matches(cfg.targets, shown, n=5, cutoff=0.0)
         raise ConfigError(
-            f"targets={cfg.targets!r} matches no dense layer. Nearest layer paths: {near}. "
+            f"targets={cfg.targets!r} matches no dense or embedding layer. Nearest layer paths: {near}. "
             f"The pattern is searched (re.search) in '/'-joined paths such as {shown[:3]}; "
             f"e.g. targets: 'attention/self/(query|value)$'."
         )
@@ -332,9 +354,12 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
     flat = _flat(params)
     factor_dtype = jax.numpy.dtype(cfg.factor_dtype)
     for path in find_targets(params, cfg):
-        stored = flat[path + ("kernel",)]
+        leaf = "kernel" if path + ("kernel",) in flat else "embedding"
+        stored = flat[path + (leaf,)]
         kernel = oriented(stored, path, cfg)
         where = path_str(path)
+        if leaf == "embedding":
+            _check_embedding_target(method, where)
         stacked = is_stacked(path, stored, cfg)
         d_in, d_out = kernel.shape[-2:]
         lcfg = cfg.for_layer(where)  # rank_pattern / alpha_pattern
@@ -362,12 +387,78 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array):
             keys = _layer_key(rng, path)
         init = per_layer(lambda k, w, b: method.init(k, w, b, lcfg), stacked)
         factors = {n: v.astype(factor_dtype) for n, v in init(keys, work, work_bias).items()}
+        if leaf == "embedding" and method.name in EMBEDDING_INIT:
+            factors.update({n: v.astype(factor_dtype) for n, v in _embedding_lora_init(keys, factors).items()})
         for name, value in factors.items():
             flat[path + (name,)] = value
         if method.residual is not None:  # PiSSA/MiLoRA: the layer keeps K - s * a0 @ b0
             residual = per_layer(lambda w, f: method.residual(w, f, lcfg), stacked)(work, factors)
-            flat[path + ("kernel",)] = restore_layout(residual.astype(base_dtype), path, cfg, np.shape(stored))
+            flat[path + (leaf,)] = restore_layout(residual.astype(base_dtype), path, cfg, np.shape(stored))
+    for path, ids in token_tables(flat, cfg):
+        if path + (TOKEN_LEAF,) in flat:
+            raise ConfigError(f"Embedding {path_str(path)!r} already holds {TOKEN_LEAF}: these params are already "
+                              f"adapted. Inject into the base params, or merge() first.")
+        if any(path + (n,) in flat for n in method.factor_names):
+            raise ConfigError(
+                f"Embedding {path_str(path)!r} is both a {cfg.method} target and in trainable_tokens; choose one: "
+                f"narrow `targets`, or drop it from trainable_tokens.")
+        table = flat[path + ("embedding",)]
+        flat[path + (TOKEN_LEAF,)] = jax.numpy.asarray(table)[np.asarray(ids)].astype(factor_dtype)
     return unflatten_dict(flat)
+
+
+# the trainable rows of an embedding table (AdapterConfig.trainable_tokens): (n, features), written over
+# rows cfg.token_ids(path) of the table (PEFT's TrainableTokens: trainable_tokens_delta)
+TOKEN_LEAF = "trainable_tokens_delta"
+
+
+def token_tables(flat: dict[Path, Any], cfg: AdapterConfig) -> list[tuple[Path, list]]:
+    """``(embedding path, token ids)`` of each table ``cfg.trainable_tokens`` selects; a regex that selects
+    no embedding table, or ids outside the vocabulary, raise a ``ConfigError``."""
+    if not cfg.trainable_tokens:
+        return []
+    tables = [p for p in _matrix_paths(flat) if p + ("kernel",) not in flat]
+    out = []
+    for path in tables:
+        ids = cfg.token_ids(path_str(path))
+        if ids is None:
+            continue
+        vocab = np.shape(flat[path + ("embedding",)])[0]
+        if max(ids) >= vocab:
+            raise ConfigError(f"trainable_tokens gives {path_str(path)!r} token ids up to {max(ids)}, but its table has "
+                              f"{vocab} rows. Resize the embedding first (new tokens need rows), or fix the ids.")
+        out.append((path, ids))
+    unused = [r for r in cfg.trainable_tokens if not any(re.search(r, path_str(p)) for p in tables)]
+    if unused:
+        raise ConfigError(f"trainable_tokens regexes {unused} select no embedding table; the tables are "
+                          f"{[path_str(p) for p in tables][:6]} (e.g. 'embed_tokens$').")
+    return out
+
+
+def write_token_rows(table, delta, ids):
+    """``table`` with rows ``ids`` replaced by ``delta`` (in the table's dtype)."""
+    return jax.numpy.asarray(table).at[np.asarray(ids)].set(jax.numpy.asarray(delta).astype(table.dtype))
+
+
+# methods whose factors on an embedding start as HF PEFT starts lora_embedding_A / B: the input-side
+# factor (lora_a, (vocab, r)) zero and lora_b standard normal (on a one-hot input a kaiming lora_a over
+# the vocabulary would be tiny and, with lora_b zero, learn slowly); the update is zero either way
+EMBEDDING_INIT = ("lora", "dora")
+
+
+def _embedding_lora_init(key, factors: dict) -> dict:
+    a, b = factors["lora_a"], factors["lora_b"]
+    return {"lora_a": jax.numpy.zeros_like(a),
+            "lora_b": jax.random.normal(jax.random.fold_in(key, 1), b.shape, b.dtype)}
+
+
+def _check_embedding_target(method, where: str) -> None:
+    """Only a method with a merged form adapts an ``nn.Embed``: its layer runs as the rows of ``phi(table)``."""
+    if not method.mergeable:
+        raise ConfigError(
+            f"targets selects the embedding table {where!r}, and method {method.name!r} has no merged form (its update "
+            f"is a function of the layer's input or output), so it cannot adapt an embedding, whose input is a token "
+            f"id. Narrow `targets` to dense layers, or use a mergeable method there (lora, dora, ia3, ...).")
 
 
 def _by_layer(flat: dict[Path, Any]) -> dict[Path, dict]:
@@ -402,7 +493,7 @@ def adapted_layers(params, cfg: AdapterConfig) -> Iterator[tuple[Path, dict]]:
         if not present or not targets.search(path_str(path)):
             continue
         missing = [n for n in names if n not in layer]
-        if "kernel" not in layer:
+        if matrix_leaf(layer) is None:
             raise ConfigError(
                 f"Layer {path_str(path)!r} holds {cfg.method} factor leaves {present} but no kernel: these params are "
                 f"only part of the adapted tree. {_WHOLE_TREE}"
@@ -412,8 +503,7 @@ def adapted_layers(params, cfg: AdapterConfig) -> Iterator[tuple[Path, dict]]:
                 f"Layer {path_str(path)!r} holds {cfg.method} factor leaves {present} but lacks {missing}: these params "
                 f"are only part of the adapted tree. {_WHOLE_TREE}"
             )
-    kernels = [path[:-1] for path in flat if path[-1] == "kernel"]  # layer_paths, in tree order
-    return iter([(path, layers[path]) for path in kernels if all(n in layers[path] for n in names)])
+    return iter([(path, layers[path]) for path in _matrix_paths(flat) if all(n in layers[path] for n in names)])
 
 
 def check_mergeable(method) -> None:
@@ -445,17 +535,26 @@ def merge(params, cfg: AdapterConfig):
     _check_foreign(flat, cfg, "merge")
     for path, layer in adapted_layers(params, cfg):
         factors = {n: layer[n] for n in method.factor_names}
-        stacked = is_stacked(path, layer["kernel"], cfg)
-        base = oriented(layer["kernel"], path, cfg)
+        leaf = matrix_leaf(layer)
+        stacked = is_stacked(path, layer[leaf], cfg)
+        base = oriented(layer[leaf], path, cfg)
         lcfg = cfg.for_layer(path_str(path))
         kernel = per_layer(lambda k, f: method.materialize(k, f, lcfg), stacked)(base, factors)
-        flat[path + ("kernel",)] = restore_layout(kernel.astype(base.dtype), path, cfg, np.shape(layer["kernel"]))
+        flat[path + (leaf,)] = restore_layout(kernel.astype(base.dtype), path, cfg, np.shape(layer[leaf]))
+        if method.adds_bias and "bias" not in layer:
+            raise ConfigError(
+                f"Layer {path_str(path)!r} has no bias, so merge cannot fold {cfg.method}'s bias term into it (as PEFT "
+                f"cannot merge lora_bias there either). Run the adapter factored (dj.adapt(apply, cfg)), or target "
+                f"layers with a bias.")
         if method.materialize_bias is not None and "bias" in layer:
             old = layer["bias"]
             bias = per_layer(lambda b, f: method.materialize_bias(b, f, lcfg), stacked)(bias_vector(old, base), factors)
             flat[path + ("bias",)] = bias.reshape(np.shape(old)).astype(old.dtype)
         for name in method.factor_names:
             del flat[path + (name,)]
+    for path, ids in token_tables(flat, cfg):
+        if path + (TOKEN_LEAF,) in flat:
+            flat[path + ("embedding",)] = write_token_rows(flat[path + ("embedding",)], flat.pop(path + (TOKEN_LEAF,)), ids)
     return unflatten_dict(flat)
 
 
@@ -470,7 +569,7 @@ def _check_foreign(flat: dict[Path, Any], cfg: AdapterConfig, what: str) -> None
     targets = re.compile(cfg.targets)
     for path, layer in _by_layer(flat).items():
         foreign = [n for n in layer if n in every and n not in own]
-        if foreign and "kernel" in layer and targets.search(path_str(path)):
+        if foreign and matrix_leaf(layer) is not None and targets.search(path_str(path)):
             held = {n for n in layer if n in every}
             exact = sorted(m.name for m in methods if set(m.factor_names) == held)
             raise ConfigError(
@@ -482,12 +581,17 @@ def _check_foreign(flat: dict[Path, Any], cfg: AdapterConfig, what: str) -> None
 
 
 def adapter_leaves(params, cfg: AdapterConfig) -> dict:
-    """The method's factor leaves (trainable and buffers) of every adapted layer, as a nested dict."""
+    """The method's factor leaves (trainable and buffers) of every adapted layer, and the trainable token
+    rows (``trainable_tokens``), as a nested dict."""
     _check_args(params, cfg)
     names = get(cfg.method).factor_names
     if get(cfg.method).kind == "prompt":
         return {cfg.method: unfreeze(params)[cfg.method]} if cfg.method in params else {}
-    return unflatten_dict({path + (n,): layer[n] for path, layer in adapted_layers(params, cfg) for n in names})
+    flat = _flat(params)
+    rows = {path + (TOKEN_LEAF,): flat[path + (TOKEN_LEAF,)] for path, _ in token_tables(flat, cfg)
+            if path + (TOKEN_LEAF,) in flat}
+    return unflatten_dict({**{path + (n,): layer[n] for path, layer in adapted_layers(params, cfg) for n in names},
+                           **rows})
 
 
 def unmerge(merged, adapter, cfg: AdapterConfig):
@@ -507,10 +611,14 @@ def unmerge(merged, adapter, cfg: AdapterConfig):
             f"Method {cfg.method!r} cannot be unmerged: K is not recoverable from the merged kernel and the "
             f"factors. Keep the unmerged params (or the base model) to go back."
         )
+    if cfg.trainable_tokens:
+        raise ConfigError("unmerge with trainable_tokens: merge wrote the trained rows over the table's original rows, "
+                          "which are not kept. Keep the unmerged params (or the base model) to go back.")
     if not method.factor_names:  # BitFit: merging changed nothing
         return merged
     flat, flat_adapter = _flat(merged, "merged"), _flat(adapter, "adapter")
     layers = sorted({path[:-1] for path in flat_adapter if path[-1] in method.factor_names})
+    by_layer = _by_layer(flat)
     if not layers:
         raise ConfigError(f"`adapter` holds no {cfg.method} factor leaves {method.factor_names}; pass adapter_leaves(params, cfg).")
     for path in layers:
@@ -522,7 +630,8 @@ def unmerge(merged, adapter, cfg: AdapterConfig):
                 f"{[n for n in method.factor_names if n not in missing]} but lacks {missing}. Pass "
                 f"adapter_leaves(params, cfg) of the whole adapted tree (e.g. dj.combine(trainable, buffers, frozen))."
             )
-        if path + ("kernel",) not in flat:
+        leaf = matrix_leaf(by_layer.get(path, {}))
+        if leaf is None:
             raise ConfigError(
                 f"Layer {where!r} is in the adapter but the merged params have no kernel there; pass the merged params "
                 f"and the adapter of the same model."
@@ -534,14 +643,14 @@ def unmerge(merged, adapter, cfg: AdapterConfig):
                 f"merged. unmerge takes the output of dj.merge(params, cfg)."
             )
         factors = {n: flat_adapter[path + (n,)] for n in method.factor_names}
-        stored = flat[path + ("kernel",)]
+        stored = flat[path + (leaf,)]
         merged_kernel = oriented(stored, path, cfg)
         stacked = is_stacked(path, stored, cfg)
         old_bias = flat.get(path + ("bias",))
         lcfg = cfg.for_layer(path_str(path))
         kernel, bias = per_layer(lambda k, b, f: method.unmaterialize(k, b, f, lcfg), stacked)(
             merged_kernel, bias_vector(old_bias, merged_kernel), factors)
-        flat[path + ("kernel",)] = restore_layout(kernel.astype(merged_kernel.dtype), path, cfg, np.shape(stored))
+        flat[path + (leaf,)] = restore_layout(kernel.astype(merged_kernel.dtype), path, cfg, np.shape(stored))
         if bias is not None:
             flat[path + ("bias",)] = bias if old_bias is None else bias.reshape(np.shape(old_bias)).astype(old_bias.dtype)
         flat.update({path + (n,): v for n, v in factors.items()})
@@ -590,6 +699,8 @@ def trainable_mask(params, cfg: AdapterConfig):
     def trains(path: Path) -> bool:
         layer, leaf = path[:-1], path[-1]
         if layer in adapted and leaf in method.trainable_names:
+            return True
+        if leaf == TOKEN_LEAF and cfg.token_ids(path_str(layer)) is not None:
             return True
         if method.trains_bias and leaf == "bias" and path_str(layer) and targets.search(path_str(layer)):
             return (layer + ("kernel",)) in flat

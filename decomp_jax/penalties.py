@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from decomp_jax.config import AdapterConfig
-from decomp_jax.inject import adapted_layers, is_stacked
+from decomp_jax.inject import adapted_layers, is_stacked, matrix_leaf
 from decomp_jax.methods import get
 
 
@@ -55,7 +55,7 @@ def penalty(params, cfg: AdapterConfig):
 
     per_layer = []  # a stacked layer (L, ...) counts as its L layers, as if unrolled
     for path, layer in adapted_layers(params, cfg):
-        if is_stacked(path, layer["kernel"], cfg):
+        if is_stacked(path, layer[matrix_leaf(layer)], cfg):
             per_layer.append(jax.vmap(layer_term)(layer["lora_a"], layer["lora_b"]))
         else:
             per_layer.append(layer_term(layer["lora_a"], layer["lora_b"])[None])

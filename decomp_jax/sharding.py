@@ -286,7 +286,7 @@ FACTOR_AXES: dict[str, tuple] = {
     "sigma": (None,), "u": ("in", None), "vt": (None, "out"), "sigma0": (None,), "delta": (None,),
     "adapter_u": ("in", None), "adapter_v": (None, "out"), "u_r": ("in", None), "s_r": (None,), "vt_r": (None, "out"),
     "dash": (None,), "dash_u": ("in", None), "dash_vt": (None, "out"),
-    "down": ("out", None), "down_bias": (None,), "up": (None, "out"), "up_bias": ("out",),
+    "down": ("out", None), "down_bias": (None,), "up": (None, "out"), "up_bias": ("out",), "lora_bias": ("out",),
 }
 
 
@@ -317,7 +317,8 @@ def param_specs(params, mesh, rules=None, *, cfg: Optional[AdapterConfig] = None
     """A ``PartitionSpec`` per leaf of ``params``: base leaves by ``rules`` (see ``base_specs``); with
     ``cfg``, the method's factor leaves derived from their kernel's spec and a prompt method's
     subtree replicated."""
-    from decomp_jax.inject import _general_layout, adapted_layers, is_stacked, is_transposed, kernel_in_axes, path_str
+    from decomp_jax.inject import (TOKEN_LEAF, _general_layout, adapted_layers, is_stacked, is_transposed, kernel_in_axes,
+                                   matrix_leaf, path_str)
     from decomp_jax.methods import get
 
     specs = flatten_dict(base_specs(params, mesh, rules, fsdp_min_size=fsdp_min_size, logical_rules=logical_rules))
@@ -333,9 +334,10 @@ def param_specs(params, mesh, rules=None, *, cfg: Optional[AdapterConfig] = None
     for path, layer in adapted_layers(values, cfg):
         declared = method.factor_axes(cfg.for_layer(path_str(path))) if method.factor_axes else {}
         transposed = is_transposed(path, cfg)
-        shape = tuple(np.shape(layer["kernel"]))  # (L,) + ... when stacked
-        lead = 1 if is_stacked(path, layer["kernel"], cfg) else 0
-        entries = list(specs[path + ("kernel",)]) + [None] * len(shape)
+        leaf = matrix_leaf(layer)  # a kernel, or an embedding table (vocab, features)
+        shape = tuple(np.shape(layer[leaf]))  # (L,) + ... when stacked
+        lead = 1 if is_stacked(path, layer[leaf], cfg) else 0
+        entries = list(specs[path + (leaf,)]) + [None] * len(shape)
         in_axes = kernel_in_axes(path, cfg)
         if in_axes is not None:  # a general kernel: each flattened group keeps the spec of its first (major) axis
             _, perm = _general_layout(path, shape, in_axes, cfg)
@@ -349,6 +351,10 @@ def param_specs(params, mesh, rules=None, *, cfg: Optional[AdapterConfig] = None
             own = factor_spec(name, np.shape(layer[name])[lead:], kernel_spec, d_in, d_out, transposed=transposed,
                               declared=declared.get(name))
             specs[path + (name,)] = P(*entries[:lead], *own)
+    for path in specs:  # trainable token rows (n, features): the table's features axis, rows replicated
+        if path[-1] == TOKEN_LEAF:
+            table = list(specs[path[:-1] + ("embedding",)]) + [None, None]
+            specs[path] = P(None, table[1])
     return unflatten_dict(specs)
 
 

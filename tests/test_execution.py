@@ -202,7 +202,7 @@ def test_trainable_mask(tiny_bert):
 
 def test_bad_input_errors(tiny_bert):
     _, base = tiny_bert
-    with pytest.raises(dj.ConfigError, match=r"matches no dense layer.*Nearest layer paths.*attention/self/query"):
+    with pytest.raises(dj.ConfigError, match=r"matches no dense or embedding layer.*Nearest layer paths.*attention/self/query"):
         dj.inject(base, dj.AdapterConfig(targets="attention/self/qeury$"), jax.random.PRNGKey(0))
     with pytest.raises(dj.ConfigError, match=r"rank=40 is larger than min\(d_in, d_out\)=32.*Use rank <= 32"):
         dj.inject(base, dj.AdapterConfig(rank=40), jax.random.PRNGKey(0))
@@ -313,3 +313,22 @@ def test_rank_and_alpha_patterns_give_each_layer_its_own(tiny_bert, tiny_batch):
         dj.AdapterConfig(method="lora", rank_pattern={"value$": 0})
     with pytest.raises(dj.ConfigError, match="rank=64 is larger"):
         dj.inject(base, cfg.replace(rank_pattern={"value$": 64}), jax.random.PRNGKey(0))
+
+
+def test_lora_bias_on_a_layer_without_bias_runs_factored_only():
+    """lora_bias adds s * lora_bias to the layer's output: on a bias-free layer (Llama's projections) the
+    factored path runs it, and merge says it cannot (as PEFT cannot merge lora_bias there)."""
+    from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4))
+    ids = jnp.arange(10).reshape(2, 5)
+    base = model.init(jax.random.PRNGKey(0), ids)["params"]
+    cfg = dj.AdapterConfig(method="lora_bias", targets=r"q_proj$", rank=2, alpha=4)
+    params = dj.set_leaves(dj.inject(base, cfg, jax.random.PRNGKey(1)),
+                           {("model", "layers_0", "self_attn", "q_proj", "lora_bias"): jnp.ones(32)})
+    apply = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    assert np.abs(np.asarray(dj.adapt(apply, cfg)(params, ids)) - np.asarray(apply(base, ids))).max() > 1e-3
+    with pytest.raises(dj.ConfigError, match=r"'model/layers_0/self_attn/q_proj' has no bias, so merge cannot fold "
+                                             r"lora_bias's bias term.*Run the adapter factored"):
+        dj.merge(params, cfg)

@@ -289,7 +289,7 @@ def test_swapped_or_wrong_arguments(base, lora):
 
 
 def test_params_with_no_dense_layer(lora):
-    with pytest.raises(dj.ConfigError, match=r"params hold no dense layer \(no dict with a 'kernel' leaf\); top-level keys: "
+    with pytest.raises(dj.ConfigError, match=r"params hold no layer \(no dict with a 'kernel' or 'embedding' leaf\); top-level keys: "
                                              r"\['params'\]\. Pass the model's parameter tree"):
         dj.inject({"params": np.zeros(3)}, lora, jax.random.PRNGKey(0))
 
@@ -298,7 +298,7 @@ def test_existing_inject_messages(base, adapted, lora):
     with pytest.raises(dj.ConfigError, match=r"rank=7 is larger than min\(d_in, d_out\)=6 for layer 'enc/value' "
                                              r"\(kernel \(8, 6\)\)\. Use rank <= 6"):
         dj.inject(base, dj.AdapterConfig(targets=TARGETS, rank=7), jax.random.PRNGKey(0))
-    with pytest.raises(dj.ConfigError, match=r"targets='key' matches no dense layer\. Nearest layer paths"):
+    with pytest.raises(dj.ConfigError, match=r"targets='key' matches no dense or embedding layer\. Nearest layer paths"):
         dj.inject(base, dj.AdapterConfig(targets="key"), jax.random.PRNGKey(0))
     with pytest.raises(dj.ConfigError, match=r"already holds \['lora_a', 'lora_b'\]: these params are already adapted"):
         dj.inject(adapted, lora, jax.random.PRNGKey(0))

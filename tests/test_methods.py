@@ -26,7 +26,7 @@ def _relu(z):
 def reference_kernel(name, K, f, cfg):
     """The spec's adapted kernel K', written with NumPy only (float64)."""
     s = cfg.alpha / (np.sqrt(cfg.rank) if cfg.rslora else cfg.rank)
-    if name in ("lora", "pissa", "milora"):
+    if name in ("lora", "pissa", "milora", "lora_bias"):
         return K + s * f["lora_a"] @ f["lora_b"]
     if name == "trilora":
         s_t = s if cfg.options.get("scale_by_rank") else 1.0
@@ -77,6 +77,8 @@ def reference_output(name, x, K, b, f, cfg):
         return h + act @ f["up"] + f["up_bias"]
     if name in ("bottleneck", "bottleneck_learned"):
         return reference_bottleneck(x, K, b, f, cfg)
+    if name == "lora_bias":  # PEFT's lora_B with a bias: s * (x @ a @ b + lora_bias)
+        return x @ reference_kernel(name, K, f, cfg) + b + cfg.scale * f["lora_bias"]
     if name == "ia3_mixed":  # output side (the default): the bias is scaled too; input side: the input
         if cfg.options.get("input_side"):
             return (x * f["ia3_l"]) @ K + b

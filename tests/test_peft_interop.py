@@ -194,10 +194,11 @@ EXPORTS = {
                    train_extra=r"^classifier/|^bert/pooler/"),  # the trained pooler goes to modules_to_save too
     "pissa": dict(method="pissa", targets=r"attention/self/(query|value)$|intermediate/dense$", rank=4, alpha=8),
     "milora": dict(method="milora", targets=r"attention/self/key$", rank=2, alpha=2, rslora=True),
+    "lora_bias": dict(method="lora_bias", targets=r"attention/self/(query|value)$", rank=4, alpha=8),
 }
 
 
-@pytest.mark.peft_setting("DoRA, IA3, SSL, AdaLoRA, rsLoRA, PiSSA, MiLoRA (as LoRA/IA3/AdaLoRA)", "export", "loads in PEFT; outputs match")
+@pytest.mark.peft_setting("DoRA, IA3, SSL, AdaLoRA, rsLoRA, PiSSA, MiLoRA (as LoRA/IA3/AdaLoRA), lora_bias", "export", "loads in PEFT; outputs match")
 @pytest.mark.parametrize("name", sorted(EXPORTS))
 def test_export_matches_peft_on_small_bert(name, bert, tmp_path):
     cfg = dj.AdapterConfig(**{"train_extra": r"^classifier/", **EXPORTS[name]})
@@ -207,6 +208,8 @@ def test_export_matches_peft_on_small_bert(name, bert, tmp_path):
     config = read_json(tmp_path / "adapter_config.json")
     if principal:  # exported as a plain rank-2r LoRA on the original kernels
         assert config["peft_type"] == "LORA" and config["r"] == 2 * cfg.rank
+    if name == "lora_bias":
+        assert config["lora_bias"] is True
     if name == "rslora":
         assert config["modules_to_save"] == ["classifier", "score", "bert.pooler.dense"]
         assert config["target_modules"] == ["intermediate.dense", "key", "output.dense", "query", "value"]
@@ -293,7 +296,7 @@ def test_export_refuses_what_peft_cannot_reproduce(bert, tmp_path):
         dj.export_peft(dj.inject(bert["params"], pissa, jax.random.PRNGKey(0)), pissa, str(tmp_path),
                        base_model_name_or_path="x", arch="bert")
     ssb = dj.AdapterConfig(method="ssb")
-    with pytest.raises(dj.ConfigError, match="supports adalora, dora, flexlora, ia3, ia3_mixed, lora, milora, pissa, ssl"):
+    with pytest.raises(dj.ConfigError, match="supports adalora, dora, flexlora, ia3, ia3_mixed, lora, lora_bias, milora, pissa, ssl"):
         dj.export_peft(dj.inject(bert["params"], ssb, jax.random.PRNGKey(0)), ssb, str(tmp_path),
                        base_model_name_or_path="x", arch="bert")
     lora = dj.AdapterConfig(method="lora")
@@ -319,6 +322,7 @@ def _peft_configs():
                                    exclude_modules=["layer.0.attention.self.query"]),
         "rslora": LoraConfig(task_type=seq, r=4, lora_alpha=8, use_rslora=True, target_modules=["key", "dense"]),
         "dora": LoraConfig(task_type=seq, r=4, lora_alpha=8, use_dora=True, target_modules=["query", "value"]),
+        "lora_bias": LoraConfig(task_type=seq, r=4, lora_alpha=8, lora_bias=True, target_modules=["query", "value"]),
         "ia3": IA3Config(task_type=seq, target_modules=["key", "value"], feedforward_modules=[]),
         "ia3_ff": IA3Config(task_type=seq, target_modules=["intermediate.dense"],
                             feedforward_modules=["intermediate.dense"]),
@@ -349,8 +353,8 @@ def _peft_adapter(m, peft_config, folder, seed=0, rank_pattern=False):
     return expected
 
 
-@pytest.mark.peft_setting("LoRA, rsLoRA, DoRA, IA3, AdaLoRA, exclude_modules", "import", "imported; logits match PEFT")
-@pytest.mark.parametrize("name", ["lora", "lora_exclude", "rslora", "dora", "ia3", "ia3_ff", "adalora"])
+@pytest.mark.peft_setting("LoRA, rsLoRA, DoRA, IA3, AdaLoRA, exclude_modules, lora_bias", "import", "imported; logits match PEFT")
+@pytest.mark.parametrize("name", ["lora", "lora_exclude", "rslora", "dora", "lora_bias", "ia3", "ia3_ff", "adalora"])
 def test_peft_adapter_imports_into_jax(name, bert, tmp_path):
     theirs = _peft_adapter(bert, _peft_configs()[name], str(tmp_path))
     params, cfg = dj.import_peft(str(tmp_path), bert["params"], arch="bert")
@@ -383,6 +387,7 @@ def test_peft_adapter_imports_into_jax(name, bert, tmp_path):
     same = ("peft_type", "task_type", "r", "init_r", "target_r", "use_dora", "use_rslora", "fan_in_fan_out",
             "modules_to_save", "feedforward_modules", "lora_dropout", "bias")
     assert {k: theirs_cfg.get(k) for k in same} == {k: ours_cfg.get(k) for k in same}
+    assert theirs_cfg.get("lora_bias", False) == ours_cfg.get("lora_bias", False)  # (ours omits PEFT's default)
     assert sorted(theirs_cfg["target_modules"]) == sorted(ours_cfg["target_modules"])
     if theirs_cfg.get("lora_alpha") is None:  # IA3 has no lora_alpha (pytest >= 9 refuses approx(None, rel=...))
         assert ours_cfg.get("lora_alpha") is None
@@ -553,9 +558,6 @@ def _tamper(folder, change):
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-@pytest.mark.peft_setting("lora_bias=True", "import", "refused: merge it in PEFT and load the merged model, or train without lora_bias")
-@pytest.mark.peft_setting("LoRA on an embedding (lora_embedding_A/B)", "import", "refused: train the embedding whole (modules_to_save)")
-@pytest.mark.peft_setting("trainable_token_indices", "import", "refused: train the embedding whole (modules_to_save)")
 @pytest.mark.peft_setting("layer_replication, target_parameters, LoftQ, aLoRA, ...", "import", "refused, each with why and what to do")
 @pytest.mark.peft_setting("a head named differently (score vs classifier), missing or extra tensors", "import", "refused, naming the keys and what they mean")
 def test_import_is_strict(bert, tmp_path):
@@ -573,9 +575,10 @@ def test_import_is_strict(bert, tmp_path):
         "dora": (lambda t: t.update({key.replace("lora_B.weight", "lora_magnitude_vector"): np.ones(32, "f4")}),
                  r"DoRA magnitudes while adapter_config.json has use_dora false. Fix: set use_dora true"),
         "lora_bias": (lambda t: t.update({key.replace(".weight", ".bias"): np.ones(32, "f4")}),
-                      r"lora_B biases \(PEFT's lora_bias=True\). Fix: load it in PEFT, merge it"),
+                      r"lora_B biases while adapter_config.json has lora_bias false. Fix: set lora_bias true"),
         "embedding": (lambda t: t.update({"base_model.model.bert.embeddings.word_embeddings.lora_embedding_A":
-                                          np.zeros((4, 100), "f4")}), r"LoRA on an embedding layer.*Fix: train"),
+                                          np.zeros((4, 100), "f4")}), r"LoRA on embedding layers.*target_modules does "
+                                                                      r"not select.*Fix: import onto"),
         "score head": (lambda t: t.update({"base_model.model.score.weight": t.pop("base_model.model.classifier.weight")}),
                        r"a classifier named 'score' vs 'classifier'.*\n.*tensors, but the file lacks them"),
     }
@@ -597,17 +600,86 @@ def test_import_is_strict(bert, tmp_path):
     write_json(config_path, {**config, "peft_type": "PREFIX_TUNING"})  # a decoder method on an encoder
     with pytest.raises(PeftFormatError, match="arch='llama'"):
         dj.import_peft(folder, bert["params"], arch="bert")
-    write_json(config_path, {**config, "trainable_token_indices": [5, 7]})
-    with pytest.raises(PeftFormatError, match=r"trainable_token_indices=\[5, 7\]: PEFT trains only some rows of the "
-                       r"embedding.*Fix: train with modules_to_save=\['embed_tokens'\]"):
+    write_json(config_path, {**config, "trainable_token_indices": {"position_embeddings": [5, 7]}})
+    with pytest.raises(PeftFormatError, match=r"missing keys \['base_model.model.bert.embeddings.position_embeddings."
+                       r"token_adapter.trainable_tokens_delta'\]"):
         dj.import_peft(folder, bert["params"], arch="bert")
-    write_json(config_path, {**config, "layer_replication": [[0, 2]], "lora_bias": True})
+    write_json(config_path, {**config, "trainable_token_indices": {"pooler": [5]}})
+    with pytest.raises(PeftFormatError, match=r"names 'pooler', which is no embedding of base_params; its embeddings are "
+                       r"\[.*'bert.embeddings.word_embeddings'\]"):
+        dj.import_peft(folder, bert["params"], arch="bert")
+    write_json(config_path, {**config, "layer_replication": [[0, 2]], "use_qalora": True})
     with pytest.raises(PeftFormatError, match=r"cannot read this adapter:\n- layer_replication=\[\[0, 2\]\]: PEFT builds "
-                       r"a deeper model.*Fix: load it in PEFT, merge it.*\n- lora_bias=True: lora_B carries a bias"):
+                       r"a deeper model.*Fix: load it in PEFT, merge it.*\n- use_qalora=True: QALoRA"):
         dj.import_peft(folder, bert["params"], arch="bert")
     write_json(config_path, {**config, "rank_pattern": {"query": 2}})  # a pattern the tensors do not follow
     with pytest.raises(PeftFormatError, match=r"self.query.lora_A.weight: stored \(4, 32\), expected \(2, 32\)"):
         dj.import_peft(folder, bert["params"], arch="bert")
+
+
+@pytest.mark.peft_setting("LoRA on an embedding (lora_embedding_A/B; BERT word_embeddings)", "import + export", "logits match PEFT both ways")
+def test_lora_on_an_embedding_both_ways(bert, tmp_path):
+    """PEFT's LoRA on nn.Embedding (lora_embedding_A/B, and the base table it saves beside them) imports
+    as our LoRA on the nn.Embed table; our export of it loads in PEFT with the same logits."""
+    from peft import LoraConfig, TaskType
+
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, use_rslora=True,
+                        target_modules=["word_embeddings", "query", "value"], rank_pattern={"word_embeddings": 2})
+    theirs = _peft_adapter(bert, config, str(tmp_path / "peft"))
+    params, cfg = dj.import_peft(str(tmp_path / "peft"), bert["params"], arch="bert")
+    table = params["bert"]["embeddings"]["word_embeddings"]
+    assert cfg.method == "lora" and table["lora_a"].shape == (100, 2) and table["lora_b"].shape == (2, 32)
+    diff = np.abs(jax_logits(bert, params, cfg) - theirs).max()
+    only_dense = dj.AdapterConfig(**{**cfg.to_dict(), "targets": r"(query|value)$"})
+    plain = {**params, "bert": {**params["bert"], "embeddings": {
+        **params["bert"]["embeddings"], "word_embeddings": {"embedding": table["embedding"]}}}}
+    effect = np.abs(jax_logits(bert, params, cfg) - jax_logits(bert, plain, only_dense)).max()
+    print(f"peft LoRA on word_embeddings -> jax max abs diff {diff:.2e} (embedding adapter effect {effect:.2e})")
+    assert diff <= TOL and effect > 100 * TOL
+    # and back: PEFT loads our export (without the base table PEFT saves beside the factors) with our logits
+    assert_peft_matches(bert, params, cfg, str(tmp_path / "ours"), "jax LoRA on word_embeddings -> peft")
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    emb = "base_model.model.bert.embeddings.word_embeddings."
+    assert stored[emb + "lora_embedding_A"].shape == (2, 100) and stored[emb + "lora_embedding_B"].shape == (32, 2)
+    # a saved base table (PEFT's save_embedding_layers) that is not base_params' embedding: another base
+    table = np.asarray(bert["params"]["bert"]["embeddings"]["word_embeddings"]["embedding"])
+    _tamper(str(tmp_path / "peft"), lambda t: t.update({emb + "base_layer.weight": table + 1}))
+    with pytest.raises(PeftFormatError, match=r"word_embeddings.base_layer.weight, the base embedding PEFT saved.*"
+                                              r"max abs difference 1.*Fix: import onto the base model"):
+        dj.import_peft(str(tmp_path / "peft"), bert["params"], arch="bert")
+    # PEFT adapts embeddings with plain LoRA: DoRA on an embedding is refused on export, naming the way out
+    dora = dj.AdapterConfig(method="dora", targets=r"word_embeddings$|query$", rank=2)
+    with pytest.raises(dj.ConfigError, match=r"embedding adapted by 'dora'; PEFT adapts embeddings with plain LoRA"):
+        dj.export_peft(dj.inject(bert["params"], dora, jax.random.PRNGKey(0)), dora, str(tmp_path / "dora"),
+                       base_model_name_or_path="local", arch="bert")
+
+
+@pytest.mark.peft_setting("trainable_token_indices (a list: the input embedding; a dict of modules)", "import + export", "the rows train; logits match PEFT both ways")
+def test_trainable_token_indices_both_ways(bert, tmp_path):
+    """PEFT's TrainableTokens (some rows of an embedding train) beside LoRA: imported as trainable_tokens,
+    exported back as trainable_token_indices; logits match PEFT both ways."""
+    from peft import LoraConfig, TaskType
+
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=["query", "value"],
+                        trainable_token_indices=[5, 17, 42])
+    batch_ids = bert["batch"]["input_ids"]
+    bert = {**bert, "batch": {**bert["batch"], "input_ids": np.where(batch_ids % 3 == 0, 17, batch_ids)}}
+    theirs = _peft_adapter(bert, config, str(tmp_path / "peft"))
+    params, cfg = dj.import_peft(str(tmp_path / "peft"), bert["params"], arch="bert")
+    assert cfg.trainable_tokens == {"^bert/embeddings/word_embeddings$": [5, 17, 42]}
+    assert params["bert"]["embeddings"]["word_embeddings"]["trainable_tokens_delta"].shape == (3, 32)
+    diff = np.abs(jax_logits(bert, params, cfg) - theirs).max()
+    rows = dj.AdapterConfig(**{**cfg.to_dict(), "trainable_tokens": {}})
+    plain = {**params, "bert": {**params["bert"], "embeddings": {**params["bert"]["embeddings"], "word_embeddings": {
+        "embedding": params["bert"]["embeddings"]["word_embeddings"]["embedding"]}}}}
+    effect = np.abs(jax_logits(bert, params, cfg) - jax_logits(bert, plain, rows)).max()
+    print(f"peft trainable_token_indices -> jax max abs diff {diff:.2e} (the rows' effect {effect:.2e})")
+    assert diff <= TOL and effect > 100 * TOL
+    assert_peft_matches(bert, params, cfg, str(tmp_path / "ours"), "jax trainable_tokens -> peft")
+    written = read_json(tmp_path / "ours" / "adapter_config.json")["trainable_token_indices"]
+    assert written == {"bert.embeddings.word_embeddings": [5, 17, 42]}
 
 
 @pytest.fixture(scope="module")

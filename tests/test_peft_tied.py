@@ -232,7 +232,6 @@ def test_peft_untied_embedding_is_refused_or_exact(lm, case, tmp_path):
         assert d <= TOL
 
 
-@pytest.mark.peft_setting("LoRA on an embedding (lora_embedding_A/B)", "import", "refused: train the embedding whole (modules_to_save)")
 def test_tied_import_refusals_name_the_problem(llama, tmp_path):
     from safetensors.numpy import load_file, save_file
 
@@ -250,11 +249,66 @@ def test_tied_import_refusals_name_the_problem(llama, tmp_path):
     save_file({k: v for k, v in tensors.items() if "lm_head" not in k}, path, metadata={"format": "pt"})
     with pytest.raises(PeftFormatError, match=r"missing keys \['base_model.model.lm_head.weight'\]"):
         dj.import_peft(tmp_path / "a", m["base"], arch="llama")
-    # LoRA on the embedding itself: not a decomp_jax method
-    config = peft.LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["embed_tokens", "q_proj"])
-    peft.get_peft_model(copy.deepcopy(m["torch"]), config).save_pretrained(str(tmp_path / "b"))
-    with pytest.raises(PeftFormatError, match=r"embedding layers \['model.embed_tokens'\].*modules_to_save"):
-        dj.import_peft(tmp_path / "b", m["base"], arch="llama")
+
+
+def peft_embedding_lora(m, folder, ensure_weight_tying, seed=0):
+    """PEFT LoRA on the token embedding (and the attention targets) of the tied model, with random trained
+    factors; returns the logits of ``PeftModel.from_pretrained`` on it."""
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=[m["short"]] + m["peft_targets"],
+                             ensure_weight_tying=ensure_weight_tying, fan_in_fan_out=m["name"] == "gpt2")
+    model = peft.get_peft_model(copy.deepcopy(m["torch"]), config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(str(folder))
+    return m["theirs"](load(m, folder))
+
+
+@pytest.mark.peft_setting("LoRA on a tied embedding (Llama embed_tokens) with ensure_weight_tying", "import + export", "one adapted tied matrix; logits match PEFT both ways")
+@pytest.mark.peft_setting("LoRA on a tied embedding without ensure_weight_tying, or on GPT-2's wte (PEFT adapts the lookups only)", "import + export", "refused (our model ties them), naming the fixes; exact into an untied copy")
+def test_lora_on_a_tied_embedding(lm, tmp_path):
+    """With ensure_weight_tying PEFT gives lm_head the embedding's LoRA: one adapted matrix, as ours. Where
+    PEFT adapts the lookups only (no ensure_weight_tying; GPT-2's wte, a name PEFT does not tie) the import
+    and the export are refused, and the untied copy of the base reads it exactly."""
+    m = lm
+    cfg = dj.AdapterConfig(method="lora", targets=rf"{m['embedding'][-1]}$|{m['targets']}", rank=4, alpha=8,
+                           transposed=m["transposed"])
+    params = perturbed(m, cfg)
+    if m["name"] == "gpt2":
+        with pytest.raises(dj.ConfigError, match=r"transformer/wte, the table this model's LM head is tied to.*"
+                                                 r"only for modules named embed_tokens / lm_head.*Merge the adapter"):
+            dj.export_peft(params, cfg, tmp_path / "ours", base_model_name_or_path=m["folder"], arch="gpt2")
+        peft_embedding_lora(m, tmp_path / "peft", True)
+        with pytest.raises(PeftFormatError, match=r"LoRA on transformer.wte, which this model ties to lm_head, and "
+                                                  r"PEFT ties adapters only for modules named embed_tokens / lm_head"):
+            dj.import_peft(tmp_path / "peft", m["base"], arch="gpt2")
+        return
+    # ours -> PEFT: lm_head gets the embedding's LoRA
+    ours = m["ours"](params, cfg)
+    dj.export_peft(params, cfg, tmp_path / "ours", base_model_name_or_path=m["folder"], arch="llama")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["ensure_weight_tying"] is True and "embed_tokens" in config["target_modules"]
+    d_out = diff(ours, m["theirs"](load(m, tmp_path / "ours")), m)
+    # PEFT -> ours
+    theirs = peft_embedding_lora(m, tmp_path / "peft", True)
+    back, back_cfg = dj.import_peft(tmp_path / "peft", m["base"], arch="llama")
+    assert back["model"]["embed_tokens"]["lora_a"].shape == (m["base"]["model"]["embed_tokens"]["embedding"].shape[0], 4)
+    d_in = diff(m["ours"](back, back_cfg), theirs, m)
+    head_effect = diff(theirs, m["ours_untied"]({**back, "lm_head": {"kernel": m["base"]["model"]["embed_tokens"][
+        "embedding"].T}}, back_cfg), m)  # the same adapter with the head on the base matrix
+    print(f"llama tied LoRA on embed_tokens: jax -> peft {d_out:.2e}, peft -> jax {d_in:.2e} "
+          f"(the head's share of the adapter {head_effect:.2f})")
+    assert d_out <= TOL and d_in <= TOL and head_effect > 100 * TOL
+    # without ensure_weight_tying PEFT's head keeps the base matrix: refused, and exact into an untied copy
+    theirs = peft_embedding_lora(m, tmp_path / "untied", False)
+    with pytest.raises(PeftFormatError, match=r"puts LoRA on model.embed_tokens, which this model ties to lm_head, "
+                                              r"without ensure_weight_tying.*Fix: train with ensure_weight_tying=True"
+                                              r".*or import into an untied copy"):
+        dj.import_peft(tmp_path / "untied", m["base"], arch="llama")
+    params, cfg = dj.import_peft(tmp_path / "untied", m["untied_base"], arch="llama")
+    assert diff(m["ours_untied"](params, cfg), theirs, m) <= TOL
 
 
 def test_prompt_export_refuses_train_extra_it_cannot_write(llama, tmp_path):
@@ -265,3 +319,30 @@ def test_prompt_export_refuses_train_extra_it_cannot_write(llama, tmp_path):
     with pytest.raises(dj.ConfigError, match=r"trains \['model/embed_tokens/embedding'\].*would be lost"):
         dj.export_peft(params, cfg, tmp_path / "p", base_model_name_or_path="tiny", arch="llama")
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.peft_setting("trainable_token_indices on a tied model (GPT-2, tied Llama)", "import + export", "the rows of the one tied matrix; logits match PEFT both ways")
+def test_trainable_tokens_on_a_tied_model(lm, tmp_path):
+    """PEFT ties the LM head's token rows to the embedding's: the rows of our one tied matrix, both ways."""
+    m = lm
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=m["peft_targets"],
+                             trainable_token_indices=[3, 7], fan_in_fan_out=m["name"] == "gpt2")
+    model = peft.get_peft_model(copy.deepcopy(m["torch"]), config)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "trainable_tokens_delta" in name:
+                p.add_(0.5 * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(str(tmp_path / "peft"))
+    theirs = m["theirs"](load(m, tmp_path / "peft"))
+    params, cfg = dj.import_peft(tmp_path / "peft", m["base"], arch=m["arch"])
+    assert list(cfg.trainable_tokens.values()) == [[3, 7]]
+    d_in = diff(m["ours"](params, cfg), theirs, m)
+    dj.export_peft(params, cfg, tmp_path / "ours", base_model_name_or_path=m["folder"], arch=m["arch"])
+    d_out = diff(m["ours"](params, cfg), m["theirs"](load(m, tmp_path / "ours")), m)
+    without = dj.AdapterConfig(**{**cfg.to_dict(), "trainable_tokens": {}})
+    flat = flatten_dict(params)
+    effect = diff(m["ours"](params, cfg), m["ours"](
+        unflatten_dict({k: v for k, v in flat.items() if k[-1] != "trainable_tokens_delta"}), without), m)
+    print(f"{m['name']} tied trainable tokens: peft -> jax {d_in:.2e}, jax -> peft {d_out:.2e} (rows' effect {effect:.2f})")
+    assert d_in <= TOL and d_out <= TOL and effect > 100 * TOL

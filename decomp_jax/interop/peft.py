@@ -52,8 +52,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax.config import AdapterConfig, ConfigError
 from decomp_jax.guards import atomic_folder, check_finite
-from decomp_jax.inject import (adapted_layers, find_targets, inject, layer_paths, oriented, path_str, scan_roots,
-                               unstack_view)
+from decomp_jax.inject import (TOKEN_LEAF, adapted_layers, find_targets, inject, layer_paths, matrix_leaf, oriented,
+                               path_str, scan_roots, token_tables, unstack_view)
 from decomp_jax.methods import get
 
 CONFIG_NAME = "adapter_config.json"
@@ -64,9 +64,10 @@ PEFT_VERSION = "0.21.0"  # the format written here is the one PEFT 0.21 writes
 ADALORA_EPS = 1e-5  # PEFT's AdaLoRA divides by (ranknum + 1e-5)
 ADALORA_TOTAL_STEP = 1000  # nominal: PEFT needs total_step > 0 to build the config; inference ignores it
 
-EXPORTABLE = ("adalora", "dora", "flexlora", "ia3", "ia3_mixed", "lora", "milora", "pissa", "ssl", "prompt_tuning",
-              "prefix_tuning", "p_tuning")
-IMPORTABLE = {"LORA": "lora / dora (use_dora)", "IA3": "ia3 / ssl / ia3_mixed (feedforward_modules)", "ADALORA": "adalora",
+EXPORTABLE = ("adalora", "dora", "flexlora", "ia3", "ia3_mixed", "lora", "lora_bias", "milora", "pissa", "ssl",
+              "prompt_tuning", "prefix_tuning", "p_tuning")
+IMPORTABLE = {"LORA": "lora / dora (use_dora) / lora_bias (lora_bias)",
+              "IA3": "ia3 / ssl / ia3_mixed (feedforward_modules)", "ADALORA": "adalora",
               "PROMPT_TUNING": "prompt_tuning (llama)", "PREFIX_TUNING": "prefix_tuning (llama)",
               "P_TUNING": "prompt_tuning (llama; the file holds the encoder's output only)"}
 PROMPT_TYPES = {"prompt_tuning": "PROMPT_TUNING", "prefix_tuning": "PREFIX_TUNING", "p_tuning": "P_TUNING"}
@@ -186,6 +187,7 @@ def _same(x):
 _LORA = (("lora_A.weight", "lora_a", _t, _t), ("lora_B.weight", "lora_b", _t, _t))
 FACTORS: dict[str, tuple[tuple[str, str, Callable, Callable], ...]] = {
     "lora": _LORA,
+    "lora_bias": _LORA + (("lora_B.bias", "lora_bias", _same, _same),),  # PEFT's lora_bias=True
     "dora": _LORA + (("lora_magnitude_vector", "magnitude", _same, _same),),
     "adalora": (("lora_A", "lora_a", _t, _t), ("lora_E", "lora_e", _col, _uncol), ("lora_B", "lora_b", _t, _t)),
     "ia3": (("ia3_l", "scale_out", _col, _uncol),),  # (d_out, 1): scales the output, bias included
@@ -193,9 +195,21 @@ FACTORS: dict[str, tuple[tuple[str, str, Callable, Callable], ...]] = {
 }
 
 
-def layer_factors(cfg: AdapterConfig, path: Path) -> tuple:
-    """``FACTORS`` of one layer: ia3_mixed stores ``ia3_l`` as a column (output side) or a row (its
-    feedforward layers, input side), as PEFT does."""
+# LoRA on an nn.Embedding: lora_embedding_A (r, vocab) = our lora_a^T, lora_embedding_B (features, r) =
+# our lora_b^T (PEFT adds s * A^T B^T to the table: our s * lora_a @ lora_b); no ".weight", no dropout
+_LORA_EMBEDDING = (("lora_embedding_A", "lora_a", _t, _t), ("lora_embedding_B", "lora_b", _t, _t))
+
+
+def layer_factors(cfg: AdapterConfig, path: Path, table: bool = False) -> tuple:
+    """``FACTORS`` of one layer (``table``: an embedding table): ia3_mixed stores ``ia3_l`` as a column
+    (output side) or a row (its feedforward layers, input side), as PEFT does."""
+    if table:
+        if cfg.method != "lora":
+            raise ConfigError(
+                f"Layer {path_str(path)!r} is an embedding adapted by {cfg.method!r}; PEFT adapts embeddings with plain "
+                f"LoRA only (lora_embedding_A/B; rsLoRA and per-layer ranks too). Merge the adapter instead "
+                f"(dj.merge / decomp-jax merge), or train LoRA on the embedding.")
+        return _LORA_EMBEDDING
     if cfg.method == "ia3_mixed":
         side = cfg.for_layer(path_str(path)).option("input_side")
         return (("ia3_l", "ia3_l", _row, _unrow),) if side else (("ia3_l", "ia3_l", _col, _uncol),)
@@ -486,7 +500,8 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
     classifier, a bare encoder (``FlaxBertModel``: PEFT's FEATURE_EXTRACTION), GPT-2's LM or our Llama.
     ``task_type``: PEFT's task type (default: CAUSAL_LM for the decoders, SEQ_CLS for an encoder with a
     ``classifier`` head, FEATURE_EXTRACTION for a bare one; TOKEN_CLS for a token classifier).
-    Methods: lora (rslora too), dora, ia3 (``scale_bias=True`` or bias-free targets: PEFT's IA3 scales
+    Methods: lora (rslora too; on embedding tables as lora_embedding_A/B, with ``ensure_weight_tying`` on a
+    tied model; ``trainable_tokens`` as trainable_token_indices), lora_bias (PEFT's lora_bias), dora, ia3 (``scale_bias=True`` or bias-free targets: PEFT's IA3 scales
     the bias), ssl (PEFT IA3 on feedforward modules), flexlora (its live triplets as a LoRA with a
     per-module ``rank_pattern``: exact), adalora (``lora_alpha`` compensates PEFT's
     ``ranknum + 1e-5``), pissa / milora as a rank-2r LoRA relative to the original kernels, which
@@ -543,7 +558,8 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
             f"params hold no {cfg.method} factor leaves {method.factor_names}; pass the params dj.inject returned."
         )
     task_type = _task_type(spec, flat, task_type)
-    conv = {spec.is_conv1d(p) for p in layers}
+    tables = {p for p, layer in layers.items() if matrix_leaf(layer) == "embedding"}
+    conv = {spec.is_conv1d(p) for p in layers if p not in tables} or {False}
     if len(conv) > 1:
         raise ConfigError("The targeted layers mix nn.Linear and Conv1D layers; PEFT's fan_in_fan_out is one flag.")
     fan_in_fan_out = conv.pop()
@@ -584,7 +600,15 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
     tie = tied is not None and any(tied[: len(s)] == s for s in saved)
     if tie:
         modules_to_save.append(spec.lm_head)
+    tie_lora = tied is not None and tied in tables  # LoRA on a tied embedding: lm_head gets the same adapter
+    if tie_lora and tied[-1] not in TIE_NAMES:
+        raise ConfigError(
+            f"{cfg.method} adapts {path_str(tied)}, the table this model's LM head is tied to, and PEFT ties a LoRA to "
+            f"the head only for modules named {' / '.join(TIE_NAMES)}: loaded in PEFT, the head would keep the base "
+            f"matrix and the outputs would differ. Merge the adapter instead (dj.merge / decomp-jax merge), or train "
+            f"the embedding whole (train_extra), which exports as modules_to_save with ensure_weight_tying.")
     exported = factor_leaves | set(_leaves_under(flat, saved))
+    exported |= {p + (TOKEN_LEAF,) for p, _ in token_tables(flat, cfg)} & set(flat)
     if principal:
         exported |= {p + ("kernel",) for p in layers}
     check_finite({path_str(p): flat[p] for p in sorted(exported) if p in flat}, f"The {cfg.method} adapter to export",
@@ -613,14 +637,19 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
             tensors[module + "lora_A.weight"] = np.ascontiguousarray(_t(_np(layer["lora_a"])[:, live] * _np(layer["lora_e"])[live]))
             tensors[module + "lora_B.weight"] = np.ascontiguousarray(_t(_np(layer["lora_b"])[live]))
             continue
-        for suffix, leaf, to_torch, _ in layer_factors(cfg, path):
+        for suffix, leaf, to_torch, _ in layer_factors(cfg, path, path in tables):
             tensors[module + suffix] = np.ascontiguousarray(to_torch(_np(layer[leaf])))
     tensors.update(_saved_tensors(flat, spec, saved))
+    token_rows = [(p, ids) for p, ids in token_tables(flat, cfg) if p + (TOKEN_LEAF,) in flat]
+    for path, _ in token_rows:  # PEFT's TrainableTokens wrapper: the rows as trainable_tokens_delta
+        tensors[PREFIX + spec.torch_module(path) + ".token_adapter." + TOKEN_LEAF] = _np(flat[path + (TOKEN_LEAF,)])
     for path in bias_leaves:  # PEFT's bias option: a wrapped (adapted) layer's bias sits under base_layer
         module = spec.torch_module(path[:-1]) + (".base_layer" if path[:-1] in layers else "")
         tensors[f"{PREFIX}{module}.bias"] = _np(flat[path])
     if tie:
         tensors[PREFIX + spec.lm_head + ".weight"] = tensors[PREFIX + spec.torch_leaf(tied + ("embedding",))[0]]
+    if tie_lora:  # PEFT's tied lm_head LoRA (ensure_weight_tying): the table's update s * lora_a @ lora_b as a Linear's
+        tensors.update(_tied_head_lora(layers[tied], spec))
 
     # adapter_config.json
     target_modules = _target_suffixes([spec.torch_module(p) for p in layers], _module_names(flat, spec))
@@ -653,7 +682,7 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
         alpha = cfg.scale * (math.sqrt(r) if cfg.rslora else r) if principal else cfg.alpha
         config = {
             **_LORA_CONFIG, **common, "r": r, "lora_alpha": alpha, "lora_dropout": float(cfg.dropout),
-            "use_rslora": bool(cfg.rslora), "use_dora": cfg.method == "dora",
+            "use_rslora": bool(cfg.rslora), "use_dora": cfg.method == "dora", "lora_bias": cfg.method == "lora_bias",
         }
         if rank_pattern:  # flexlora: PEFT's scale lora_alpha / r_l per module is ours, alpha / (live rank)
             config["rank_pattern"] = {_pattern_key(m): r_l for m, r_l in sorted(rank_pattern.items())}
@@ -664,9 +693,23 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
             raise ConfigError(f"PEFT's {config['peft_type']} has no bias option: the trained biases selected by "
                               f"train_extra={cfg.train_extra!r} cannot be exported. Train without them.")
         config["bias"] = bias_mode
-    if tie and "ensure_weight_tying" in config:  # IA3 has no such field: PEFT loads two equal copies there
+    if (tie or tie_lora) and "ensure_weight_tying" in config:  # IA3 has none: PEFT loads two equal copies there
         config["ensure_weight_tying"] = True
+    if token_rows:
+        if "trainable_token_indices" not in config:
+            raise ConfigError(f"PEFT's {config['peft_type']} has no trainable_token_indices: the trainable token rows "
+                              f"(trainable_tokens) cannot be exported with it. Merge the adapter instead.")
+        config["trainable_token_indices"] = {spec.torch_module(p): ids for p, ids in token_rows}
     _write(out_dir, config, tensors)
+
+
+def _tied_head_lora(layer, spec: Arch) -> dict[str, np.ndarray]:
+    """The tensors PEFT saves for the LoRA it ties to ``lm_head`` when LoRA adapts a tied embedding with
+    ``ensure_weight_tying``: the head's weight is the table (vocab, features), so its ``lora_B`` (vocab, r)
+    is our ``lora_a`` and its ``lora_A`` (r, features) our ``lora_b``."""
+    head = PREFIX + spec.lm_head
+    return {head + ".lora_A.weight": np.ascontiguousarray(_np(layer["lora_b"])),
+            head + ".lora_B.weight": np.ascontiguousarray(_np(layer["lora_a"]))}
 
 
 def _export_prompt(params, cfg: AdapterConfig, out_dir: str, spec: Arch, base_model_name_or_path: str,
@@ -802,15 +845,10 @@ UNSUPPORTED_SETTINGS = {
                           "not have", MERGE_FIX),
     "target_parameters": ("LoRA on bare nn.Parameters (e.g. MoE expert tensors), not on Linear modules",
                           "target the Linear modules (target_modules) when training the adapter"),
-    "trainable_token_indices": ("PEFT trains only some rows of the embedding (TrainableTokens); decomp_jax trains "
-                                "an embedding whole or not at all",
-                                "train with modules_to_save=['embed_tokens'] (the whole embedding), which imports"),
     "alora_invocation_tokens": ("activated LoRA acts only after its invocation tokens; decomp_jax's adapters act "
                                 "at every position", "train a plain LoRA (no alora_invocation_tokens)"),
     "loftq_config": ("LoftQ's adapter is relative to the quantized base PEFT rewrote at init, not to the "
                      "original weights", MERGE_FIX),
-    "lora_bias": ("lora_B carries a bias (lora_bias=True); decomp_jax's LoRA factors have none",
-                  MERGE_FIX + ", or train with lora_bias=False"),
     "use_qalora": ("QALoRA pools the input groupwise for a quantized base", MERGE_FIX),
     "use_bdlora": ("block-diagonal LoRA factors", "train a plain LoRA"),
     "arrow_config": ("Arrow routes among several LoRA experts per token", MERGE_FIX),
@@ -841,15 +879,19 @@ def _refuse_unsupported(config: dict) -> None:
 
 # patterns of stored tensor names that explain a key mismatch: (regex, where the key is, what it means)
 KEY_HINTS = (
-    (r"lora_embedding_[AB]$", "unexpected", "LoRA on an embedding layer (lora_embedding_A/B): decomp_jax's methods "
-     "adapt dense kernels. Fix: train the embedding whole (modules_to_save) or leave it out of target_modules"),
+    (r"lora_embedding_[AB]$", "unexpected", "LoRA on embedding layers (lora_embedding_A/B) that target_modules does "
+     "not select here or base_params lack. Fix: import onto the base model the adapter was trained on, with the "
+     "matching arch"),
     (r"lora_magnitude_vector", "unexpected", "DoRA magnitudes while adapter_config.json has use_dora false. Fix: "
      "set use_dora true in the config if the adapter was trained as DoRA"),
     (r"lora_magnitude_vector", "missing", "use_dora is true but the file holds no DoRA magnitudes. Fix: set "
      "use_dora false if the adapter was trained as plain LoRA"),
-    (r"lora_B\.bias$", "unexpected", "lora_B biases (PEFT's lora_bias=True). Fix: " + MERGE_FIX),
-    (r"trainable_tokens_", "unexpected", "trainable token rows (trainable_token_indices). Fix: train with "
-     "modules_to_save=['embed_tokens'] instead"),
+    (r"lora_B\.bias$", "unexpected", "lora_B biases while adapter_config.json has lora_bias false. Fix: set lora_bias "
+     "true in the config if the adapter was trained with it"),
+    (r"lora_B\.bias$", "missing", "lora_bias is true but the file holds no lora_B biases. Fix: set lora_bias false if "
+     "the adapter was trained without it"),
+    (r"trainable_tokens_", "unexpected", "trainable token rows of embeddings that trainable_token_indices does not "
+     "name here (or base_params lack). Fix: check trainable_token_indices against the saved file"),
     (r"^(?!.*(lora_|ia3_l|trainable_tokens_)).*\.(weight|bias)$", "unexpected", "whole-module tensors "
      "(modules_to_save, a bias option) of modules base_params lack or does not train here: the adapter was saved "
      "on another model class or head (a classifier named 'score' vs 'classifier', an LM head). Fix: import onto "
@@ -940,19 +982,38 @@ def _same_base(a: str, b: str) -> bool:
     return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
 
-def _refuse_embedding_targets(base_flat, spec: Arch, tied: Optional[Path], target_modules, exclude) -> None:
-    """PEFT can put LoRA on an ``nn.Embedding`` (and, tied, on ``lm_head`` as the same adapter);
-    decomp_jax's methods adapt dense kernels only: say so instead of listing unexpected keys."""
-    names = sorted({spec.torch_module(p[:-1]) for p in base_flat if p[-1] == "embedding"})
+def _embedding_targets(config: dict, base_flat, spec: Arch, tied: Optional[Path], target_modules, exclude) -> None:
+    """Refuse the LoRA-on-embedding adapters decomp_jax cannot run as PEFT does: DoRA on an embedding, and
+    on a tied model (one matrix for the lookup and the LM head) any adapter PEFT runs on one of the two only:
+    LoRA on the embedding without ``ensure_weight_tying`` (PEFT's head keeps the base matrix) or on
+    ``lm_head`` alone. LoRA on a tied embedding with ``ensure_weight_tying`` is read: PEFT then runs the
+    head with the same adapted matrix, as decomp_jax's factored and merged execution do."""
+    names = sorted({spec.torch_module(p[:-1]) for p in base_flat
+                    if p[-1] == "embedding" and p[:-1] + ("kernel",) not in base_flat})
     hit = [n for n in names if _peft_targets(n, target_modules, exclude)]
-    if tied is not None and _peft_targets(spec.lm_head, target_modules, exclude):
-        hit.append(f"{spec.lm_head} (tied to {spec.torch_module(tied)})")
-    if hit:
+    head = tied is not None and _peft_targets(spec.lm_head, target_modules, exclude)
+    if hit and config.get("use_dora"):
+        raise PeftFormatError(f"use_dora with the embedding layers {hit} in target_modules: PEFT's DoRA on embeddings "
+                              f"is not read here (plain LoRA on embeddings is). Fix: {MERGE_FIX}.")
+    if tied is None:
+        return
+    emb = spec.torch_module(tied)
+    if emb in hit and not (config.get("ensure_weight_tying") and emb.split(".")[-1] in TIE_NAMES):
         raise PeftFormatError(
-            f"target_modules={target_modules!r} puts PEFT adapters on the embedding layers {hit}; decomp_jax's "
-            f"methods adapt dense kernels, not embeddings. Fix: train the embedding whole instead "
-            f"(modules_to_save, with ensure_weight_tying=True on a tied model), or leave it out of target_modules."
-        )
+            f"target_modules={target_modules!r} puts LoRA on {emb}, which this model ties to {spec.lm_head}, "
+            + ("without ensure_weight_tying" if emb.split(".")[-1] in TIE_NAMES else
+               f"and PEFT ties adapters only for modules named {' / '.join(TIE_NAMES)}")
+            + f": PEFT then adapts the input lookups only and runs {spec.lm_head} with the base matrix; decomp_jax's "
+            f"{spec.name} model holds one matrix for both and adapts it for both. Fix: "
+            + (f"train with ensure_weight_tying=True (PEFT then gives {spec.lm_head} the same adapter), or "
+               if emb.split(".")[-1] in TIE_NAMES else "")
+            + "import into an untied copy of the base model (tie_word_embeddings=False, lm_head = the embedding).")
+    if head and emb not in hit:
+        raise PeftFormatError(
+            f"target_modules={target_modules!r} puts an adapter on {spec.lm_head}, which this model ties to {emb}, "
+            f"and not on {emb}: PEFT adapts the head only, and decomp_jax's {spec.name} model holds one matrix for "
+            f"both. Fix: target {emb} with ensure_weight_tying=True (one adapter for both), or import into an "
+            f"untied copy of the base model (tie_word_embeddings=False, lm_head = the embedding).")
 
 
 def _tied_import(config: dict, stored: Mapping[str, np.ndarray], base_flat, spec: Arch, tied: Path,
@@ -1032,7 +1093,8 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
     and ``params`` is ``dj.inject(base_params, cfg, ...)`` with the stored factors (and the stored
     modules_to_save leaves, e.g. the classifier head) written in.
 
-    PEFT types: LORA (lora, dora with use_dora, rslora), IA3 (ia3 with ``scale_bias=True``; ssl when
+    PEFT types: LORA (lora, dora with use_dora, rslora, lora_bias; LoRA on embeddings as lora_embedding_A/B;
+    trainable_token_indices as ``AdapterConfig.trainable_tokens``), IA3 (ia3 with ``scale_bias=True``; ssl when
     every target is a feedforward module), ADALORA (rank_pattern included), PROMPT_TUNING and
     PREFIX_TUNING (``arch="llama"``; the prefix comes back as plain ``key``/``value``). Strict: a missing,
     unexpected or mis-shaped tensor raises ``PeftFormatError`` naming every such key; a NaN/inf tensor
@@ -1042,7 +1104,8 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
     PEFT loads it on the tied PyTorch model. When PEFT's input embedding and LM head end up the same
     matrix (``ensure_weight_tying``, or both names saved equal) it becomes the embedding, trained through
     ``train_extra``; when they differ (an embedding or head saved alone, untied) the import is refused,
-    as is LoRA on an embedding (``target_modules`` naming it, or naming a tied ``lm_head``).
+    as is LoRA that PEFT runs on one of the two only (on a tied embedding without ``ensure_weight_tying``,
+    or on a tied ``lm_head`` alone; LoRA on a tied ``embed_tokens`` with it is read).
 
     ``base_model_name_or_path``: the base model ``base_params`` come from; when given and the adapter's
     config names another one, a warning says so. ``subfolder``: a named adapter that PEFT saved under
@@ -1081,7 +1144,7 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
     if not target_modules:
         raise PeftFormatError("adapter_config.json has no target_modules.")
     tied = _tied_embedding(base_flat, spec)
-    _refuse_embedding_targets(base_flat, spec, tied, target_modules, config.get("exclude_modules"))
+    _embedding_targets(config, base_flat, spec, tied, target_modules, config.get("exclude_modules"))
     paths = [
         p for p in layer_paths(base_params)
         if _peft_targets(spec.torch_module(p), target_modules, config.get("exclude_modules"))
@@ -1090,10 +1153,11 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
     ]
     if not paths:
         raise PeftFormatError(
-            f"target_modules={target_modules!r} matches no dense layer of base_params (arch {arch!r}); "
+            f"target_modules={target_modules!r} matches no layer of base_params (arch {arch!r}); "
             f"layers are named like {[spec.torch_module(p) for p in layer_paths(base_params)[:3]]}."
         )
-    conv = {spec.is_conv1d(p) for p in paths}
+    tables = {p for p in paths if p + ("kernel",) not in base_flat}  # embeddings: lora_embedding_A/B
+    conv = {spec.is_conv1d(p) for p in paths if p not in tables} or {bool(config.get("fan_in_fan_out", False))}
     if conv != {bool(config.get("fan_in_fan_out", False))}:
         raise PeftFormatError(
             f"fan_in_fan_out={config.get('fan_in_fan_out')} does not match arch {arch!r}'s target layers "
@@ -1119,7 +1183,9 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
         train_extra = biases if train_extra is None else f"{train_extra}|{biases}"
 
     if peft_type == "LORA":
-        method = "dora" if config.get("use_dora") else "lora"
+        if config.get("use_dora") and config.get("lora_bias"):
+            raise PeftFormatError(f"use_dora with lora_bias: DoRA with a bias on lora_B is not read here. Fix: {MERGE_FIX}.")
+        method = "dora" if config.get("use_dora") else "lora_bias" if config.get("lora_bias") else "lora"
         rank, alpha = int(config["r"]), float(config["lora_alpha"])
         cfg = AdapterConfig(
             method=method, targets=targets, rank=rank, alpha=alpha,
@@ -1157,6 +1223,9 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
             cfg = AdapterConfig(method="ssl" if any(is_ff) else "ia3", targets=targets, train_extra=train_extra,
                                 scale_bias=not any(is_ff), transposed=spec.conv1d)
 
+    token_paths = _token_tables(config, base_flat, spec, tied)
+    if token_paths:
+        cfg = cfg.replace(trainable_tokens={f"^{re.escape(path_str(p))}$": ids for p, ids in token_paths.items()})
     if scan_roots(base_params, cfg):
         raise ConfigError(
             "import_peft reads per-layer PEFT tensors into unrolled params (model/layers_{i}/...); these base_params "
@@ -1176,8 +1245,10 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
     expected: dict[str, tuple[Path, Callable]] = {}
     for path in paths:
         module = PREFIX + spec.torch_module(path) + "."
-        for suffix, leaf, _, to_flax in layer_factors(cfg, path):
+        for suffix, leaf, _, to_flax in layer_factors(cfg, path, path in tables):
             expected[module + suffix] = (path + (leaf,), to_flax)
+    for path in token_paths:
+        expected[PREFIX + spec.torch_module(path) + ".token_adapter." + TOKEN_LEAF] = (path + (TOKEN_LEAF,), _same)
     adapted = set(paths)
     for path in bias_leaves:
         module = spec.torch_module(path[:-1]) + (".base_layer" if path[:-1] in adapted else "")
@@ -1188,6 +1259,7 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
         name, transpose = spec.torch_leaf(path)
         expected[PREFIX + name] = (path, _t if transpose else _same)
     rest = {k for k in stored if k not in tied_read}
+    rest -= _check_saved_tables(stored, base_flat, spec, tables, tied, weights_path)
     if bias_mode == "all":  # PEFT's bias="all" also saves the modules_to_save wrappers' own bias copies
         rest -= {k for k in rest if re.search(r"\.(modules_to_save|original_module)\.bias$", k)}
     missing = sorted(set(expected) - rest) + tied_missing
@@ -1231,10 +1303,90 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
     if wrong:
         raise PeftFormatError(f"Tensors of the wrong shape in {weights_path}: {wrong}.")
     flat.update(changes)
+    if tied is not None and tied in tables:  # PEFT's tied lm_head LoRA must be the embedding's (ensure_weight_tying)
+        _check_tied_head_lora(stored, flat, tied, spec, weights_path)
     if tied_value is not None:
         leaf = tied + ("embedding",)
         flat[leaf] = jax.numpy.asarray(tied_value, dtype=flat[leaf].dtype)
     return unflatten_dict(flat), cfg
+
+
+def _input_embedding(flat, spec: Arch) -> Optional[Path]:
+    """The token embedding table's module path (PEFT's ``get_input_embeddings()``)."""
+    tables = [p[:-1] for p in flat if p[-1] == "embedding" and p[:-1] + ("kernel",) not in flat]
+    if spec.embedding is not None and spec.embedding in tables:
+        return spec.embedding
+    return next((p for p in tables if p[-1] in ("word_embeddings", "embed_tokens", "wte")), None)
+
+
+def _token_tables(config: dict, base_flat, spec: Arch, tied: Optional[Path]) -> dict[Path, list]:
+    """PEFT's ``trainable_token_indices`` as ``{embedding path: ids}``: a list names the input embedding's
+    rows, a dict ``{module name suffix: ids}`` any embedding's. On a tied model PEFT ties the LM head's rows
+    to the embedding's (the one matrix here): a key naming the head must give the same ids."""
+    given = config.get("trainable_token_indices")
+    if not given:
+        return {}
+    if config.get("peft_type") not in TIEABLE_TYPES:
+        raise PeftFormatError(f"trainable_token_indices on a {config.get('peft_type')} adapter is not read here.")
+    emb = _input_embedding(base_flat, spec)
+    if not isinstance(given, Mapping):
+        given = {spec.torch_module(emb) if emb is not None else "<input embedding>": given}
+    tables = [p[:-1] for p in base_flat if p[-1] == "embedding" and p[:-1] + ("kernel",) not in base_flat]
+    out: dict[Path, list] = {}
+    for key, ids in given.items():
+        hits = [p for p in tables if spec.torch_module(p).endswith(key)]
+        if not hits and tied is not None and spec.lm_head.endswith(key):
+            if list(ids) != list(given.get(spec.torch_module(tied), given.get(tied[-1], ids))):
+                raise PeftFormatError(f"trainable_token_indices gives {key} other rows than {spec.torch_module(tied)}, "
+                                      f"which this model ties to it (one matrix). Fix: give both the same ids.")
+            continue  # PEFT ties the head's rows to the embedding's
+        if not hits:
+            raise PeftFormatError(f"trainable_token_indices names {key!r}, which is no embedding of base_params; its "
+                                  f"embeddings are {[spec.torch_module(p) for p in tables]}.")
+        for path in hits:
+            out[path] = [int(i) for i in ids]
+    return out
+
+
+def _check_saved_tables(stored, base_flat, spec: Arch, tables, tied, weights_path: str) -> set:
+    """The base tensors PEFT saves beside LoRA on embeddings (``save_embedding_layers``: the table as
+    ``<module>.base_layer.weight``; on a tied model also ``lm_head.base_layer.weight``): they must be the
+    base model's table (PEFT would load them over it). Returns the keys read, with the tied head's LoRA
+    (``ensure_weight_tying``; ``_check_tied_head_lora`` compares it once the factors are read)."""
+    read = set()
+    for path in tables:
+        keys = [PREFIX + spec.torch_module(path) + ".base_layer.weight"]
+        if path == tied:
+            keys.append(PREFIX + spec.lm_head + ".base_layer.weight")
+            read |= {PREFIX + spec.lm_head + s for s in (".lora_A.weight", ".lora_B.weight")} & set(stored)
+        base = np.asarray(base_flat[path + ("embedding",)])
+        for key in keys:
+            if key not in stored:
+                continue
+            read.add(key)
+            got = stored[key]
+            if got.shape != base.shape or not np.allclose(got, base, rtol=0, atol=1e-6):
+                detail = (f"shape {got.shape} vs {base.shape}" if got.shape != base.shape else
+                          f"max abs difference {np.abs(np.asarray(got, np.float64) - base).max():.3g}")
+                raise PeftFormatError(
+                    f"{weights_path} stores {key}, the base embedding PEFT saved with the adapter (save_embedding_layers), "
+                    f"and it is not the embedding of base_params ({detail}): the adapter was trained on another base "
+                    f"(a resized vocabulary, say). Fix: import onto the base model it was saved with.")
+    return read
+
+
+def _check_tied_head_lora(stored, flat, tied: Path, spec: Arch, weights_path: str) -> None:
+    """PEFT's LoRA on a tied ``lm_head`` (saved with ``ensure_weight_tying``) must be the embedding's."""
+    want = _tied_head_lora(_layer_at(flat, tied), spec)
+    for key, value in want.items():
+        if key in stored and not np.allclose(stored[key], value, rtol=0, atol=1e-6):
+            raise PeftFormatError(
+                f"{weights_path}: {key} is not the tied embedding's LoRA (ensure_weight_tying makes {spec.lm_head}'s "
+                f"adapter the same matrices as {spec.torch_module(tied)}'s). Fix: save the adapter again with PEFT.")
+
+
+def _layer_at(flat, path: Path) -> dict:
+    return {p[-1]: v for p, v in flat.items() if p[:-1] == path}
 
 
 def _stored_shape(flax_shape: tuple, to_flax: Callable) -> tuple:

@@ -56,6 +56,7 @@ class Method(NamedTuple):
     residual: Optional[Callable[..., jax.Array]] = None
     buffers: tuple[str, ...] = ()  # factor leaves that never train
     trains_bias: bool = False  # BitFit: the targeted layers' biases train
+    adds_bias: bool = False  # materialize_bias adds a term a layer without a bias cannot hold (lora_bias)
     uses_rank: bool = False  # the factors have a rank r (checked against min(d_in, d_out))
     options: Mapping[str, Any] = {}  # method-specific options and their defaults
     validate: Optional[Callable[[Any], None]] = None  # checks cfg.options; raises ConfigError

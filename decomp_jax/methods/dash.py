@@ -70,7 +70,7 @@ def _validate(cfg):
 
 
 def _schedule(cfg, total_steps: int) -> Schedule:
-    from decomp_jax.inject import adapted_layers, oriented, set_leaves
+    from decomp_jax.inject import adapted_layers, matrix_leaf, oriented, set_leaves
 
     warmup, k = cfg.option("warmup_steps"), cfg.option("dash_k")
     if warmup >= total_steps:
@@ -85,7 +85,7 @@ def _schedule(cfg, total_steps: int) -> Schedule:
         def search():
             out = {}
             for p, layer in layers.items():
-                u, vt, _ = dash_directions(oriented(layer["kernel"], p, cfg), lora_delta(layer, cfg), k)
+                u, vt, _ = dash_directions(oriented(layer[matrix_leaf(layer)], p, cfg), lora_delta(layer, cfg), k)
                 out[p + ("dash_u",)] = u.astype(layer["dash_u"].dtype)
                 out[p + ("dash_vt",)] = vt.astype(layer["dash_vt"].dtype)
             return out

@@ -94,6 +94,28 @@ def lowrank_method(
 LORA = lowrank_method("lora", "K' = K + s * lora_a @ lora_b", lora_init)
 
 
+def _lora_bias_init(key, kernel, bias, cfg):
+    return {**lora_init(key, kernel, bias, cfg), "lora_bias": jnp.zeros((kernel.shape[1],), kernel.dtype)}
+
+
+def _lora_bias_apply(x, kernel, bias, f, cfg, *, train=False, key=None):
+    return linear(x, kernel, bias) + lora_path(x, f, cfg, train, key) + cfg.scale * f["lora_bias"]
+
+
+# LoRA whose second factor carries a bias (HF PEFT's lora_bias=True): y = x @ K + b + s * (x @ a @ b_lora + c);
+# merged, c goes into the layer's bias, so a layer without one can run it factored only
+LORA_BIAS = register(Method(
+    name="lora_bias", family="extension", formula="K' = K + s * lora_a @ lora_b;  b' = b + s * lora_bias",
+    factor_names=("lora_a", "lora_b", "lora_bias"), init=_lora_bias_init,
+    materialize=lambda kernel, f, cfg: kernel + lora_delta(f, cfg).astype(kernel.dtype),
+    materialize_bias=lambda bias, f, cfg: bias + (cfg.scale * f["lora_bias"]).astype(bias.dtype),
+    unmaterialize=lambda kernel, bias, f, cfg: (
+        kernel - lora_delta(f, cfg).astype(kernel.dtype),
+        None if bias is None else bias - (cfg.scale * f["lora_bias"]).astype(bias.dtype)),
+    apply=_lora_bias_apply, uses_rank=True, adds_bias=True,
+))
+
+
 def _trilora_init(key, kernel, bias, cfg):
     d_in, d_out = kernel.shape
     ka, kb = jax.random.split(key)
