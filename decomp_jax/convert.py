@@ -45,6 +45,8 @@ def hf_to_flax(name: str) -> Optional[tuple[Path, bool]]:
         return ("model", "embed_tokens", "embedding"), False
     if name == "lm_head.weight":
         return ("lm_head", "kernel"), True
+    if name == "score.weight":  # LlamaForSequenceClassification's head
+        return ("score", "kernel"), True
     if name == "model.norm.weight":
         return ("model", "norm", "weight"), False
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
@@ -83,7 +85,8 @@ def to_hf_state_dict(params) -> dict[str, np.ndarray]:
 
 
 def from_hf_state_dict(tensors: dict[str, np.ndarray], config: LlamaConfig, dtype=np.float32):
-    """Flax params from HF-named arrays; the tied head (``lm_head.weight``) is dropped when tied."""
+    """Flax params from HF-named arrays; the tied head (``lm_head.weight``) is dropped when tied. A
+    sequence classifier's ``score.weight`` becomes ``score/kernel`` (``LlamaForSequenceClassification``)."""
     flat = {}
     for name, value in tensors.items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
@@ -98,11 +101,14 @@ def from_hf_state_dict(tensors: dict[str, np.ndarray], config: LlamaConfig, dtyp
     return unflatten_dict(flat)
 
 
-def _expected_shapes(config: LlamaConfig) -> dict[Path, tuple]:
+def _expected_shapes(config: LlamaConfig, num_labels: Optional[int] = None) -> dict[Path, tuple]:
+    """The leaves of ``LlamaForCausalLM``, or of ``LlamaForSequenceClassification`` with ``num_labels``."""
     c = config
     h, kv, d, f = c.hidden_size, c.num_key_value_heads, c.head_dim, c.intermediate_size
     shapes = {("model", "embed_tokens", "embedding"): (c.vocab_size, h), ("model", "norm", "weight"): (h,)}
-    if not c.tie_word_embeddings:
+    if num_labels is not None:
+        shapes[("score", "kernel")] = (h, num_labels)
+    elif not c.tie_word_embeddings:
         shapes[("lm_head", "kernel")] = (h, c.vocab_size)
     for i in range(c.num_hidden_layers):
         layer = ("model", f"layers_{i}")
@@ -122,7 +128,8 @@ def _expected_shapes(config: LlamaConfig) -> dict[Path, tuple]:
 
 
 def _check_complete(flat: dict[Path, Any], config: LlamaConfig) -> None:
-    expected = _expected_shapes(config)
+    score = flat.get(("score", "kernel"))
+    expected = _expected_shapes(config, None if score is None else int(np.shape(score)[-1]))
     missing = sorted("/".join(p) for p in set(expected) - set(flat))
     unexpected = sorted("/".join(p) for p in set(flat) - set(expected))
     wrong = sorted(f"{'/'.join(p)}: {np.shape(flat[p])} (expected {s})" for p, s in expected.items()

@@ -3,7 +3,6 @@ layer's one-hot input, so every mergeable method adapts it unchanged. Checked: n
 factored == merged (outputs and gradients; a tied LM head reads the adapted table in both, as an
 untied copy holding phi(table) twice does), PEFT's init for LoRA on embeddings, and the refusals."""
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +13,7 @@ import decomp_jax as dj
 from decomp_jax.inject import adapted_layers
 from decomp_jax.models.hf import sequence_classifier_apply
 from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM
-from test_execution import perturb
+from test_execution import assert_factored_equals_merged, perturb
 
 TARGETS = r"embeddings/word_embeddings$|attention/self/query$"
 # one of each kind of maths: low-rank (and its PEFT embedding init), weight-decomposed (column norms over the
@@ -36,16 +35,7 @@ def test_methods_adapt_an_embedding_table(name, tiny_bert, tiny_batch):
     params = perturb(params, cfg)
     table = params["bert"]["embeddings"]["word_embeddings"]["embedding"]
     # factored == merged, outputs and gradients; and the embedding's adapter changes the model
-    trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg))
-
-    def loss(mode):
-        fn = dj.adapt(apply, cfg, mode=mode)
-        return lambda t: jnp.sum(jnp.sin(fn(dj.combine(t, frozen), tiny_batch)))
-
-    out_f, grad_f = jax.value_and_grad(loss("factored"))(trainable)
-    out_m, grad_m = jax.value_and_grad(loss("merged"))(trainable)
-    np.testing.assert_allclose(float(out_f), float(out_m), rtol=1e-5, atol=1e-5)
-    chex.assert_trees_all_close(grad_f, grad_m, rtol=1e-4, atol=1e-5)
+    grad_f = assert_factored_equals_merged(apply, cfg, params, tiny_batch)
     grads = grad_f["bert"]["embeddings"]["word_embeddings"]
     assert all(float(jnp.abs(g).max()) > 0 for g in grads.values())
     only_query = dj.AdapterConfig(method=name, targets=r"attention/self/query$", rank=4)

@@ -73,22 +73,29 @@ def test_merge_unmerge_round_trip(name, tiny_bert, tiny_batch):
     chex.assert_trees_all_close(back, params, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", MERGEABLE)
-def test_factored_equals_merged_outputs_and_grads(name, tiny_bert, tiny_batch):
-    model, base = tiny_bert
-    cfg = dj.AdapterConfig(method=name, targets=ALL, rank=4, train_extra="classifier", scale_bias=(name == "ia3"))
-    params = perturb(dj.inject(base, cfg, jax.random.PRNGKey(1)), cfg, buffers=True)
+def assert_factored_equals_merged(apply, cfg, params, batch):
+    """Factored and merged execution give the same output and the same gradient of every trainable leaf;
+    returns the (factored) gradient."""
     trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg))
-    apply = sequence_classifier_apply(model)
 
     def loss(mode):
         fn = dj.adapt(apply, cfg, mode=mode)
-        return lambda t: jnp.sum(jnp.sin(fn(dj.combine(t, frozen), tiny_batch)))
+        return lambda t: jnp.sum(jnp.sin(fn(dj.combine(t, frozen), batch)))
 
     out_f, grad_f = jax.value_and_grad(loss("factored"))(trainable)
     out_m, grad_m = jax.value_and_grad(loss("merged"))(trainable)
     np.testing.assert_allclose(float(out_f), float(out_m), rtol=1e-5, atol=1e-5)
     chex.assert_trees_all_close(grad_f, grad_m, rtol=1e-4, atol=1e-5)
+    return grad_f
+
+
+@pytest.mark.parametrize("name", MERGEABLE)
+def test_factored_equals_merged_outputs_and_grads(name, tiny_bert, tiny_batch):
+    model, base = tiny_bert
+    cfg = dj.AdapterConfig(method=name, targets=ALL, rank=4, train_extra="classifier", scale_bias=(name == "ia3"))
+    params = perturb(dj.inject(base, cfg, jax.random.PRNGKey(1)), cfg, buffers=True)
+    apply = sequence_classifier_apply(model)
+    assert_factored_equals_merged(apply, cfg, params, tiny_batch)
     # and the adapted model is no longer the base model
     base_out = apply(base, tiny_batch)
     assert np.abs(np.asarray(dj.adapt(apply, cfg)(params, tiny_batch)) - np.asarray(base_out)).max() > 1e-4

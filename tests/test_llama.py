@@ -23,7 +23,8 @@ from decomp_jax import convert
 from decomp_jax.inject import adapted_layers
 from decomp_jax.models.hf import TARGET_PRESETS
 from decomp_jax.models.llama import (
-    LlamaConfig, LlamaForCausalLM, generate, greedy_generate, init_cache, init_params, random_params, rope_parameters,
+    LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, generate, greedy_generate, init_cache, init_params,
+    random_params, rope_parameters,
 )
 
 TOL = 1e-4
@@ -544,6 +545,54 @@ def test_peft_lora_with_saved_lm_head(tiny_pair, tmp_path):
     assert max_diff_valid(torch_logits(loaded, ids, mask), ours, mask) <= 1e-5
     back, back_cfg = dj.import_peft(str(tmp_path), tiny_pair["params"], arch="llama")
     np.testing.assert_allclose(back["lm_head"]["kernel"], params["lm_head"]["kernel"])
+
+
+@pytest.mark.peft_setting("a Llama classifier (score head: LlamaForSequenceClassification)", "import + export", "score in modules_to_save; logits match PEFT both ways")
+def test_llama_sequence_classifier_and_its_peft_adapters(tmp_path):
+    """transformers' LlamaForSequenceClassification (a ``score`` head on the last real token) loads into ours
+    with its logits; a PEFT SEQ_CLS LoRA adapter (score in modules_to_save) imports and exports back."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import transformers as tf
+
+    torch.manual_seed(0)
+    torch_model = tf.LlamaForSequenceClassification(tf.LlamaConfig(**tiny_hf_config(num_labels=3),
+                                                                   attn_implementation="eager")).eval()
+    torch_model.save_pretrained(tmp_path / "base")
+    config, base, _ = convert.load_hf(str(tmp_path / "base"))
+    assert base["score"]["kernel"].shape == (48, 3) and "lm_head" not in base
+    model = LlamaForSequenceClassification(config, num_labels=3)
+    ids, mask = batch()  # left- and right-padded rows: pooled at the rightmost non-pad token, as transformers does
+
+    def theirs(m):
+        with torch.no_grad():
+            return m(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
+
+    apply = lambda p, cfg=None: np.asarray(  # noqa: E731
+        (dj.adapt(model.apply, cfg) if cfg else model.apply)({"params": p}, jnp.asarray(ids), jnp.asarray(mask)))
+    assert np.abs(apply(base) - theirs(torch_model)).max() <= 1e-4
+    # PEFT -> ours: LoRA on q/v, the score head saved whole
+    lora = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    peft_model = peft.get_peft_model(copy.deepcopy(torch_model), lora)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in peft_model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    expected = theirs(peft.PeftModel.from_pretrained(copy.deepcopy(torch_model), str(tmp_path / "peft")).eval())
+    params, cfg = dj.import_peft(tmp_path / "peft", base, arch="llama")
+    assert cfg.train_extra == "^(score)/"
+    d_in = np.abs(apply(params, cfg) - expected).max()
+    # ours -> PEFT
+    dj.export_peft(params, cfg, tmp_path / "ours", base_model_name_or_path="local", arch="llama")
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert written["task_type"] == "SEQ_CLS" and written["modules_to_save"] == ["classifier", "score"]
+    d_out = np.abs(apply(params, cfg) - theirs(peft.PeftModel.from_pretrained(copy.deepcopy(torch_model),
+                                                                              str(tmp_path / "ours")).eval())).max()
+    effect = np.abs(apply(params, cfg) - apply(base)).max()
+    print(f"Llama classifier: peft -> jax {d_in:.2e}, jax -> peft {d_out:.2e} (adapter effect {effect:.2f})")
+    assert d_in <= 1e-4 and d_out <= 1e-4 and effect > 1e-2
 
 
 # --- the real SmolLM2-135M-Instruct (GGUF Q4_1) -------------------------------------------------------

@@ -682,6 +682,40 @@ def test_trainable_token_indices_both_ways(bert, tmp_path):
     assert written == {"bert.embeddings.word_embeddings": [5, 17, 42]}
 
 
+@pytest.mark.peft_setting("a GPT-2 classifier (score head: GPT2ForSequenceClassification)", "import + export", "score in modules_to_save; logits match PEFT both ways")
+def test_gpt2_classifier_with_a_score_head_both_ways(tmp_path):
+    """transformers' GPT2ForSequenceClassification (no Flax class: decomp_jax.models.gpt2) loads with its
+    logits, and a PEFT SEQ_CLS LoRA on its Conv1D layers (score saved whole) imports and exports back."""
+    import transformers as tf
+    from peft import LoraConfig
+
+    from decomp_jax.models.gpt2 import load_gpt2_classifier
+    from decomp_jax.models.hf import TRANSPOSED
+
+    torch.manual_seed(0)
+    config = tf.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=40, num_labels=3, pad_token_id=0)
+    torch_model = tf.GPT2ForSequenceClassification(config).eval()
+    torch_model.save_pretrained(tmp_path / "base")
+    model, base = load_gpt2_classifier(str(tmp_path / "base"))
+    ids = np.random.default_rng(0).integers(3, 100, size=(3, 10))
+    mask = np.ones_like(ids)
+    ids[2, 7:], mask[2, 7:] = 0, 0
+    m = {"torch": torch_model, "batch": {"input_ids": ids, "attention_mask": mask}}
+    ours = lambda p, cfg=None: np.asarray((dj.adapt(model.apply, cfg) if cfg else model.apply)(  # noqa: E731
+        {"params": p}, ids, mask))
+    assert np.abs(ours(base) - torch_logits(torch_model, m["batch"])).max() <= TOL
+    lora = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True)
+    theirs = _peft_adapter(m, lora, str(tmp_path / "peft"))
+    params, cfg = dj.import_peft(str(tmp_path / "peft"), base, arch="gpt2")
+    assert cfg.train_extra == "^(score)/" and cfg.transposed == TRANSPOSED["gpt2"]
+    d_in = np.abs(ours(params, cfg) - theirs).max()
+    d_out = np.abs(ours(params, cfg) - export_and_load({**m, "arch": "gpt2"}, params, cfg, str(tmp_path / "ours"))).max()
+    assert read_json(tmp_path / "ours" / "adapter_config.json")["modules_to_save"] == ["classifier", "score"]
+    effect = np.abs(ours(params, cfg) - ours(base)).max()
+    print(f"GPT-2 classifier: peft -> jax {d_in:.2e}, jax -> peft {d_out:.2e} (adapter effect {effect:.2f})")
+    assert d_in <= TOL and d_out <= TOL and effect > 100 * TOL
+
+
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     """A random 2-layer GPT-2 LM saved by PyTorch and loaded in Flax from it (Conv1D layers)."""

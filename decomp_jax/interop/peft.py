@@ -141,10 +141,12 @@ class Arch:
 ARCHS: dict[str, Arch] = {
     "bert": Arch("bert"),
     "roberta": Arch("roberta"),
-    "gpt2": Arch("gpt2", task_type="CAUSAL_LM", head_modules=(), conv1d=r"(c_attn|c_proj|c_fc)$",
+    # (with a score head: GPT2ForSequenceClassification, decomp_jax.models.gpt2: PEFT's SEQ_CLS)
+    "gpt2": Arch("gpt2", task_type="CAUSAL_LM", head_modules=("classifier", "score"), conv1d=r"(c_attn|c_proj|c_fc)$",
                  embedding=("transformer", "wte")),
+    # (a Llama with a ``score`` head is LlamaForSequenceClassification: PEFT's SEQ_CLS)
     "llama": Arch(
-        "llama", task_type="CAUSAL_LM", head_modules=(), embedding=("model", "embed_tokens"),
+        "llama", task_type="CAUSAL_LM", head_modules=("classifier", "score"), embedding=("model", "embed_tokens"),
         to_torch=((r"(^|\.)layers_(\d+)(?=\.|$)", r"\1layers.\2"),),
         from_torch=((r"(^|\.)layers\.(\d+)(?=\.|$)", r"\1layers_\2"),),
         leaf_names={"kernel": "weight", "bias": "bias", "weight": "weight", "embedding": "weight"},
@@ -362,6 +364,8 @@ def _tied_embedding(flat: Mapping[Path, Any], spec: Arch) -> Optional[Path]:
     emb = spec.embedding
     if spec.task_type != "CAUSAL_LM" or emb is None or not any(p[: len(emb)] == emb for p in flat):
         return None
+    if any(p[0] in spec.head_modules for p in flat):  # a classifier (score head): no LM head at all
+        return None
     return None if any(p[0] == spec.lm_head for p in flat) else emb
 
 
@@ -477,10 +481,11 @@ def _task_type(spec: "Arch", flat: Mapping[Path, Any], task_type: Optional[str])
     bare encoder (FlaxBertModel: the sentence-embedding case)."""
     has_head = any(p[0] in spec.head_modules for p in flat)
     if task_type is None:
-        if spec.task_type != "SEQ_CLS":
-            return spec.task_type
+        if spec.task_type != "SEQ_CLS":  # a causal LM, or (with a score head) a decoder classifier
+            return "SEQ_CLS" if has_head else spec.task_type
         return "SEQ_CLS" if has_head else "FEATURE_EXTRACTION"
-    allowed = (spec.task_type,) if spec.task_type != "SEQ_CLS" else ENCODER_TASK_TYPES
+    allowed = ((spec.task_type, "SEQ_CLS") if spec.head_modules else (spec.task_type,)) \
+        if spec.task_type != "SEQ_CLS" else ENCODER_TASK_TYPES
     if task_type not in allowed:
         raise ConfigError(f"task_type={task_type!r} does not fit arch {spec.name!r}; choose one of {allowed}.")
     if task_type in HEAD_TASK_TYPES and not has_head:

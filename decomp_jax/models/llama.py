@@ -528,6 +528,42 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens(input_ids)
 
 
+def last_token_index(input_ids, attention_mask=None, pad_token_id=None):
+    """``(B,)`` position of each row's last real token, as transformers' Llama classifiers pool: the rightmost
+    token that is not ``pad_token_id`` (the last position when a row holds none); without a pad id, the
+    rightmost position the attention mask keeps (without a mask, the last position)."""
+    input_ids = jnp.asarray(input_ids)
+    positions = jnp.arange(input_ids.shape[-1])
+    if pad_token_id is not None:
+        keep = input_ids != pad_token_id
+    elif attention_mask is not None:
+        keep = jnp.asarray(attention_mask) > 0
+    else:
+        return jnp.full(input_ids.shape[:1], input_ids.shape[-1] - 1)
+    return jnp.argmax(positions * keep, axis=-1)
+
+
+class LlamaForSequenceClassification(nn.Module):
+    """transformers' ``LlamaForSequenceClassification``: ``score`` (hidden -> ``num_labels``, no bias) on the
+    last real token of each row (``last_token_index``: the rightmost non-``pad_token_id`` token, as
+    transformers pools). ``apply({"params": p}, input_ids, attention_mask)`` -> ``(B, num_labels)`` float32.
+    Params ``model/...`` as ``LlamaForCausalLM``'s and ``score/kernel`` (hidden, num_labels); no LM head.
+    ``convert.load_hf`` reads a transformers checkpoint of it (``score.weight``)."""
+
+    config: LlamaConfig
+    num_labels: int = 2
+
+    def setup(self):
+        self.model = LlamaModel(self.config)
+        self.score = _dense(self.config, self.num_labels, False)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+        hidden, _ = self.model(input_ids, attention_mask, position_ids)
+        last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)
+        pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        return self.score(pooled).astype(jnp.float32)
+
+
 def init_params(config: LlamaConfig, rng: jax.Array):
     """Random params (normal(initializer_range) kernels and embeddings, unit norms)."""
     ids = jnp.zeros((1, 2), jnp.int32)
