@@ -111,6 +111,9 @@ def inject(model, cfg: AdapterConfig, rng: jax.Array):
     pure dict; PiSSA/MiLoRA's residual replaces the layer's kernel. At init the model's outputs are
     unchanged (for every method whose spec says so)."""
     _check(model, cfg)
+    if cfg.trainable_tokens:
+        raise ConfigError("trainable_tokens is not supported on NNX models (decomp_jax.nnx adapts nnx.Linear-type "
+                          "layers); remove it, or train the Linen params (dj.inject) with it.")
     method = get(cfg.method)
     params = _params_dict(model)
     for path, _ in _targets(model, params, cfg):

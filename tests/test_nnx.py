@@ -149,6 +149,9 @@ def test_nnx_refusals_name_the_fix():
                     jax.random.PRNGKey(0))
     with pytest.raises(dj.ConfigError, match=r"dropout=0\.1: NNX layers carry no RNG stream"):
         dnnx.inject(Model(nnx.Rngs(0)), dj.AdapterConfig(targets="mlp/1$", dropout=0.1), jax.random.PRNGKey(0))
+    with pytest.raises(dj.ConfigError, match=r"trainable_tokens is not supported on NNX models"):
+        dnnx.inject(Model(nnx.Rngs(0)), dj.AdapterConfig(targets="mlp/1$", trainable_tokens={"emb$": [1]}),
+                    jax.random.PRNGKey(0))
     model = dnnx.inject(Model(nnx.Rngs(0)), dj.AdapterConfig(targets="mlp/1$"), jax.random.PRNGKey(0))
     with pytest.raises(dj.ConfigError, match=r"'mlp/1' is already adapted"):
         dnnx.inject(model, dj.AdapterConfig(targets="mlp/1$"), jax.random.PRNGKey(0))
