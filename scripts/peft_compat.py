@@ -4,7 +4,8 @@
     python scripts/peft_compat.py /tmp/peft014 [/tmp/peft017 ...]
 
 Exports LoRA, rsLoRA, DoRA, IA3, SSL (IA3 on feedforward modules), AdaLoRA, LoRA with per-layer
-rank/alpha patterns and FlexLoRA from a small random BERT classifier (perturbed off their inits), then
+rank/alpha patterns, FlexLoRA, lora_bias, LoRA on the word embeddings and LoRA with trainable token rows
+(trainable_token_indices: PEFT >= 0.15) from a small random BERT classifier (perturbed off their inits), then
 for each given PEFT folder loads every export with that release's ``PeftModel.from_pretrained`` in a
 subprocess and prints the largest logit difference against ours (and the release's warnings).
 """
@@ -34,7 +35,14 @@ CASES = {
     "lora_patterns": dict(method="lora", targets=ALL, rank=4, alpha=8, rank_pattern={r"value$": 2},
                           alpha_pattern={r"layer/0/attention/self/query$": 3.0}),
     "flexlora": dict(method="flexlora", targets=ALL, rank=2, alpha=6, options={"max_rank": 4}),
+    "lora_bias": dict(method="lora_bias", targets=r"attention/self/(query|value)$", rank=4, alpha=8),
+    "lora_embedding": dict(method="lora", targets=r"word_embeddings$|attention/self/query$", rank=4, alpha=8),
+    "trainable_tokens": dict(method="lora", targets=r"attention/self/query$", rank=4, alpha=8,
+                             trainable_tokens={r"word_embeddings$": [3, 5, 9]}),
 }
+
+# settings older PEFT releases do not know (they drop them with a warning, so the logits differ)
+SINCE = {"trainable_tokens": "0.15.0"}
 
 LOADER = """
 import json, sys, warnings
@@ -63,6 +71,7 @@ def main(peft_dirs: list[str]) -> int:
     tf.BertForSequenceClassification(config).eval().save_pretrained(f"{work}/base")
     flax_model = tf.FlaxBertForSequenceClassification.from_pretrained(f"{work}/base", from_pt=True)
     ids = np.random.default_rng(0).integers(3, 100, size=(2, 8))
+    ids[0, 1], ids[1, 2] = 5, 9  # rows the trainable_tokens case trains
     batch = {"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist()}
     ours = {}
     for name, kw in CASES.items():
@@ -79,6 +88,12 @@ def main(peft_dirs: list[str]) -> int:
     for peft_dir in peft_dirs:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([peft_dir, os.environ.get("PYTHONPATH", "")])}
         for name in CASES:
+            version = subprocess.run([sys.executable, "-c", "import peft; print(peft.__version__)"], env=env,
+                                     capture_output=True, text=True).stdout.strip()
+            since = SINCE.get(name)
+            if since and tuple(map(int, version.split(".")[:2])) < tuple(map(int, since.split(".")[:2])):
+                print(f"PEFT {version:7s} {name:14s} not checked: the setting exists since PEFT {since}")
+                continue
             proc = subprocess.run([sys.executable, "-c", LOADER, f"{work}/base", f"{work}/{name}", json.dumps(batch)],
                                   env=env, capture_output=True, text=True)
             if proc.returncode != 0:
