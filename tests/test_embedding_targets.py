@@ -18,7 +18,8 @@ from test_execution import assert_factored_equals_merged, perturb
 TARGETS = r"embeddings/word_embeddings$|attention/self/query$"
 # one of each kind of maths: low-rank (and its PEFT embedding init), weight-decomposed (column norms over the
 # vocabulary), SVD residual, scaling on both sides, LiERA (no factored form: materialised per layer)
-METHODS = ["lora", "dora", "pissa", "ssb", "liera"]
+METHODS = ["lora", pytest.param("dora", marks=pytest.mark.slow), pytest.param("pissa", marks=pytest.mark.slow), "ssb",
+           "liera"]
 
 
 @pytest.mark.parametrize("name", METHODS)
