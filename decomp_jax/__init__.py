@@ -26,6 +26,7 @@ from decomp_jax.interop import export_peft, import_peft
 from decomp_jax.methods import Schedule
 from decomp_jax.penalties import penalty
 from decomp_jax.train import TrainState, init_state, make_eval_step, make_optimizer, make_schedule, make_train_step
+from decomp_jax.weighted import add_weighted_adapter
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "Schedule",
     "TrainState",
     "adapt",
+    "add_weighted_adapter",
     "adapter_leaves",
     "combine",
     "count_params",
