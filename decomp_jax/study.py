@@ -18,8 +18,9 @@ A study file (YAML) holds a base experiment config and a grid::
     pairs: [[lora+mpc_o, lora]]       # paired comparisons for the report: (A, B) -> A - B
     metrics: {stsb: spearman}         # the score of a task (default: its first metric)
 
-Built-in method presets: ``full`` (full fine-tuning: every leaf trains, no factors) and ``X+mpc_o`` /
-``X+mpc_d`` (method ``X`` with that matrix pattern constraint). Any other name is a method name. A
+Built-in method presets: ``full`` (full fine-tuning: every leaf trains, no factors), ``X+mpc_o`` /
+``X+mpc_d`` (method ``X`` with that matrix pattern constraint) and ``X-mpc_o`` (without it: for AdaLoRA,
+whose orthogonality term is MPC_o and on by default, ``mpc_lambda: 0``). Any other name is a method name. A
 cell's config is: base, then ``set``, then its task's overrides, then its method preset's, then its
 other grid values; keys that do not apply to the cell's method (the rank of a method without one)
 are dropped, and cells that end up with the same config are run once.
@@ -57,7 +58,7 @@ from decomp_jax.guards import atomic_write_text
 AXIS_TASK, AXIS_METHOD = "task", "method"
 FULL = {"adapter.method": "bitfit", "adapter.train_extra": "."}  # every base leaf trains, no factors
 LR_SCALE = "lr_scale"  # in a method preset: multiply the cell's learning rate (after the task's) by this
-MPC_PRESET = re.compile(r"^(?P<method>[a-z_]+)[+-](?P<mpc>mpc_[od])$")
+MPC_PRESET = re.compile(r"^(?P<method>[a-z_]+)(?P<sign>[+-])(?P<mpc>mpc_[od])$")
 
 
 @dataclasses.dataclass
@@ -162,6 +163,8 @@ def method_preset(name: str, presets: Mapping[str, Mapping]) -> dict:
     match = MPC_PRESET.match(name)
     method = match.group("method") if match else name
     methods.get(method)  # raises for an unknown method, with the closest name
+    if match and match.group("sign") == "-":  # without it: AdaLoRA's built-in MPC_o term off (mpc_lambda 0)
+        return {"adapter.method": method, "adapter.mpc_lambda": 0.0}
     return {"adapter.method": method, **({"adapter.mpc": match.group("mpc")} if match else {})}
 
 

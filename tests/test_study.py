@@ -233,8 +233,11 @@ def test_shipped_studies_expand():
     paper = study.expand(study.load_study(repo / "configs" / "study" / "paper_glue_roberta_base.yaml"))
     assert len(paper) == 8 * (12 * 4 + 6) * 5
     by = {c.id: c.config for c in paper}
-    cola = by["task=cola,method=adalora+mpc_o,rank=16,seed=4"]
-    assert cola["train"]["learning_rate"] == 5e-4 and cola["adapter"]["mpc"] == "mpc_o" and cola["adapter"]["rank"] == 16
+    cola = by["task=cola,method=adalora-mpc_o,rank=16,seed=4"]  # AdaLoRA without its built-in MPC_o term
+    assert cola["train"]["learning_rate"] == 5e-4 and cola["adapter"]["mpc_lambda"] == 0.0 and cola["adapter"]["rank"] == 16
+    assert by["task=cola,method=adalora,rank=16,seed=4"]["adapter"].get("mpc_lambda", 0.1) > 0  # with it (default)
+    trilora = by["task=cola,method=trilora+mpc_o,rank=16,seed=4"]["adapter"]
+    assert trilora["mpc"] == "mpc_o"
     assert by["task=stsb,method=ssb,seed=0"]["adapter"]["targets"] == "attention/self/(key|value)$|intermediate/dense$"
     cpu = study.expand(study.load_study(repo / "configs" / "study" / "minilm_glue_cpu.yaml"))
     assert len(cpu) == 4 * 19 * 3
