@@ -416,8 +416,27 @@ def collect(study_dir) -> list[dict]:
         m = json.loads(path.read_text())
         records.append({"id": cell["id"], "axes": cell["axes"], "task": m["task"], "adapter_method": m["method"],
                         "method": str(cell["axes"].get(AXIS_METHOD, m["method"])), "metrics": m["eval"],
-                        "trainable_params": m["trainable_params"], "backbone_params": m["backbone_params"]})
+                        "trainable_params": m["trainable_params"], "backbone_params": m["backbone_params"],
+                        "train_seconds": m.get("train_seconds"), "steps": m.get("steps")})
     return records
+
+
+def cells_csv(records: list[dict]) -> str:
+    """One row per finished cell: its id, grid axes, every eval metric, trainable parameters, steps and
+    training seconds (the per-cell numbers behind the table)."""
+    import csv
+    import io
+
+    axes = list(dict.fromkeys(k for r in records for k in r["axes"]))
+    metric_names = sorted({k for r in records for k in r["metrics"]})
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", *axes, *metric_names, "trainable_params", "steps", "train_seconds"])
+    for r in records:
+        writer.writerow([r["id"], *(r["axes"].get(a, "") for a in axes), *(r["metrics"].get(m, "") for m in metric_names),
+                         r["trainable_params"], r.get("steps", ""),
+                         "" if r.get("train_seconds") is None else f"{r['train_seconds']:.1f}"])
+    return buf.getvalue()
 
 
 def mean_std_sem(values: Sequence[float]) -> tuple[float, float, float]:
@@ -687,7 +706,7 @@ def plots(agg: dict, out_dir: Path) -> list[Path]:
 
 def report(study_dir, out_dir=None, pairs: Optional[Sequence[Sequence[str]]] = None) -> dict[str, Path]:
     """Aggregate a study folder: ``report.md`` (status, the table, paired comparisons), ``table.csv``,
-    ``table.tex``, ``report.json``, ``budget.png`` and ``ranks.png``, in ``out_dir`` (default
+    ``table.tex``, ``report.json``, ``cells.csv`` (per-cell metrics), ``budget.png`` and ``ranks.png``, in ``out_dir`` (default
     ``STUDY_DIR/report``). ``pairs`` defaults to the study file's."""
     study_dir = Path(study_dir)
     plan = load_plan(study_dir)
@@ -703,7 +722,8 @@ def report(study_dir, out_dir=None, pairs: Optional[Sequence[Sequence[str]]] = N
     done = {r["id"] for r in records}
     failed = [f for f in failed if f not in done]
     t = tables(agg)
-    paths = {"md": out / "report.md", "csv": out / "table.csv", "tex": out / "table.tex", "json": out / "report.json"}
+    paths = {"md": out / "report.md", "csv": out / "table.csv", "tex": out / "table.tex", "json": out / "report.json",
+             "cells": out / "cells.csv"}
     status = (f"{len(records)} of {len(plan['cells'])} cells finished, {len(failed)} failed"
               + (f" ({', '.join(failed)})" if failed else "") + ".")
     text = ["# Study report", "", f"`{study_dir}`: {status} Scores x 100, mean ± standard error over seeds "
@@ -718,6 +738,7 @@ def report(study_dir, out_dir=None, pairs: Optional[Sequence[Sequence[str]]] = N
     paths["md"].write_text("\n".join(text) + "\n")
     paths["csv"].write_text(t["csv"])
     paths["tex"].write_text(t["tex"])
+    paths["cells"].write_text(cells_csv(records))
     serial = {"tasks": agg["tasks"], "rows": [{**r, "key": [list(k) for k in r["key"]]} for r in agg["rows"]],
               "pairs": comparisons, "finished": len(records), "cells": len(plan["cells"]), "failed": failed}
     paths["json"].write_text(json.dumps(serial, indent=2, default=str) + "\n")

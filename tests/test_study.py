@@ -194,6 +194,10 @@ def test_report_writes_tables_plots_and_pairs(tmp_path, capsys):
     assert (out / "table.tex").read_text().startswith("\\begin{tabular}")
     data = json.loads((out / "report.json").read_text())
     assert data["finished"] == data["cells"] == 2 * (2 * 2 * 2 + 2)
+    cells = (out / "cells.csv").read_text().splitlines()  # the per-cell numbers behind the table
+    assert len(cells) == 1 + data["cells"] and cells[0].startswith("id,task,method,adapter.rank,train.seed,accuracy,")
+    row = next(c for c in cells if c.startswith('"task=rte,method=lora+mpc_o,rank=8,seed=1"'))
+    assert ",0.548," in row  # 0.5 + 0.01 x seed + 0.03 (mpc) + 0.001 x rank
     capsys.readouterr()
     assert main(["sweep", str(path), "--dry-run", "--shard", "0/3"]) == 0
     assert "cells in shard 0/3" in capsys.readouterr().out
