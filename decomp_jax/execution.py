@@ -5,8 +5,8 @@ the method's factor leaves and runs the method's ``apply`` instead (``x@K + s*(x
 ``((x*scale_in)@K)*scale_out``, ...). An adapted ``nn.Embed`` table is materialised before the call
 (``materialize_tables``): its lookups, and a tied LM head, read ``phi(table)``. A method with no
 factored form (LiERA) is materialised per layer inside the same interception, so the rest of the
-model still runs unchanged. The model code is untouched; frozen kernels are read as constants, so differentiating with respect to the trainable leaves only computes no
-weight gradient for them. Adapter dropout is active when the call is given a ``'dropout'`` RNG
+model still runs unchanged. The model code is untouched; frozen kernels are read as constants, so
+differentiating with respect to the trainable leaves only computes no weight gradient for them. Adapter dropout is active when the call is given a ``'dropout'`` RNG
 (Flax's convention for training mode).
 
 Merged execution folds ``phi(K)`` into the kernels and calls the function with plain params:
