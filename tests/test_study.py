@@ -232,7 +232,7 @@ def test_sweep_of_real_runs_and_its_report(tmp_path):
 
 def test_shipped_studies_expand():
     """configs/study: the paper's grid (8 tasks x (12 rank methods x 4 ranks + 6 rank-free ones) x 5 seeds)
-    and the CPU one (4 tasks x 19 method presets x 3 seeds); every cell's config validates."""
+    and the CPU one (4 tasks x 22 method presets x 3 seeds); every cell's config validates."""
     repo = Path(__file__).resolve().parents[1]
     paper = study.expand(study.load_study(repo / "configs" / "study" / "paper_glue_roberta_base.yaml"))
     assert len(paper) == 8 * (12 * 4 + 6) * 5
@@ -244,7 +244,7 @@ def test_shipped_studies_expand():
     assert trilora["mpc"] == "mpc_o"
     assert by["task=stsb,method=ssb,seed=0"]["adapter"]["targets"] == "attention/self/(key|value)$|intermediate/dense$"
     cpu = study.expand(study.load_study(repo / "configs" / "study" / "minilm_glue_cpu.yaml"))
-    assert len(cpu) == 4 * 19 * 3
+    assert len(cpu) == 4 * 22 * 3
     tuned = {c.id: c.config for c in cpu}["task=stsb,method=ssb@lr10,seed=2"]
     assert tuned["train"]["learning_rate"] == pytest.approx(2.2e-2) and tuned["adapter"]["method"] == "ssb"
 
