@@ -168,6 +168,11 @@ class _Serializable:
         return dataclasses.replace(self, **changes)
 
 
+def _is_int(value) -> bool:
+    """An integer (NumPy's too), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterConfig(_Serializable):
     """What to adapt and how.
@@ -265,10 +270,9 @@ class AdapterConfig(_Serializable):
         for regex, n in self.kernel_in_axes.items():
             _regex(regex, "a kernel_in_axes key", "'(query|key|value)$'", "searched in each layer's '/'-joined path",
                    optional=False)
-            is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-            if isinstance(n, (list, tuple)) and n and all(is_int(a) and a >= 0 for a in n) and len(set(n)) == len(n):
+            if isinstance(n, (list, tuple)) and n and all(_is_int(a) and a >= 0 for a in n) and len(set(n)) == len(n):
                 self.kernel_in_axes[regex] = [int(a) for a in n]
-            elif is_int(n) and n >= 1:
+            elif _is_int(n) and n >= 1:
                 self.kernel_in_axes[regex] = int(n)
             else:
                 raise ConfigError(f"kernel_in_axes[{regex!r}] must be a positive integer (the kernel's first n axes are "
@@ -339,8 +343,7 @@ class AdapterConfig(_Serializable):
         for regex, ids in self.trainable_tokens.items():
             _regex(regex, "a trainable_tokens key", "'embed_tokens$'", "searched in each embedding's '/'-joined path",
                    optional=False)
-            is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)  # noqa: E731
-            if (not isinstance(ids, (list, tuple)) or not ids or not all(is_int(i) and i >= 0 for i in ids)
+            if (not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(i) and i >= 0 for i in ids)
                     or len(set(ids)) != len(ids)):
                 raise ConfigError(f"trainable_tokens[{regex!r}] must be a non-empty list of distinct token ids (integers "
                                   f">= 0), e.g. [49152, 49153]; got {ids!r}.")

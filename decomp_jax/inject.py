@@ -107,9 +107,14 @@ def matrix_leaf(layer: Mapping) -> Optional[str]:
 
 def _matrix_paths(flat: dict[Path, Any]) -> list[Path]:
     """Paths of the layers (dicts holding a kernel or an embedding table) of a flat tree, in tree order."""
+    tables = set(table_paths(flat))
+    return [path[:-1] for path in flat if path[-1] == "kernel" or (path[-1] == "embedding" and path[:-1] in tables)]
+
+
+def table_paths(flat: dict[Path, Any]) -> list[Path]:
+    """Paths of the embedding tables (2-D ``embedding`` leaves in dicts with no kernel) of a flat tree."""
     return [path[:-1] for path, value in flat.items()
-            if path[-1] == "kernel" or (path[-1] == "embedding" and np.ndim(value) == 2
-                                        and path[:-1] + ("kernel",) not in flat)]
+            if path[-1] == "embedding" and np.ndim(value) == 2 and path[:-1] + ("kernel",) not in flat]
 
 
 def layer_paths(params) -> list[Path]:
@@ -417,7 +422,7 @@ def token_tables(flat: dict[Path, Any], cfg: AdapterConfig) -> list[tuple[Path, 
     no embedding table, or ids outside the vocabulary, raise a ``ConfigError``."""
     if not cfg.trainable_tokens:
         return []
-    tables = [p for p in _matrix_paths(flat) if p + ("kernel",) not in flat]
+    tables = table_paths(flat)
     out = []
     for path in tables:
         ids = cfg.token_ids(path_str(path))

@@ -103,7 +103,7 @@ def add_weighted_adapter(adapters: Sequence[tuple], weights: Sequence[float], co
             raise ConfigError(f"Adapter {i} holds stacked (scanned) layers; combine the unrolled params "
                               f"(decomp_jax.models.llama.unstack_layers) and stack the result.")
     combination_type = "linear" if len(adapters) == 1 else combination_type
-    if combination_type != "cat" and combination_type != "svd" and combination_type != "linear" and density is None:
+    if combination_type not in ("cat", "svd", "linear") and density is None:
         raise ConfigError(f"combination_type={combination_type!r} prunes: give density (the fraction kept, 0..1).")
     if density is not None and density < 0:
         raise ConfigError(f"density must be >= 0 (the fraction kept); got {density}.")
@@ -121,7 +121,7 @@ def add_weighted_adapter(adapters: Sequence[tuple], weights: Sequence[float], co
     if other:
         raise ConfigError(f"Adapters {other} are not on the same base model as adapter 0 (their non-adapter leaves "
                           f"differ); combine adapters of one base.")
-    paths = [p for p in {q: None for ls in layers for q in ls}]  # the union, in first-seen order
+    paths = list(dict.fromkeys(q for ls in layers for q in ls))  # the union, in first-seen order
     ranks = [{p: np.shape(ls[p]["lora_a"])[-1] for p in ls} for ls in layers]
     if combination_type in SAME_RANK and len({r for rk in ranks for r in rk.values()}) != 1:
         raise ConfigError(f"combination_type={combination_type!r} needs one rank in every adapter and layer (found "
@@ -134,7 +134,6 @@ def add_weighted_adapter(adapters: Sequence[tuple], weights: Sequence[float], co
         new_rank = svd_rank or max(r for rk in ranks for r in rk.values())
     else:
         new_rank = next(iter(ranks[0].values()))
-    dtype = np.dtype(cfg0.factor_dtype) if cfg0.factor_dtype != "bfloat16" else np.float32
     out = dict(base)
     for path in paths:
         where = path_str(path)
@@ -175,8 +174,8 @@ def add_weighted_adapter(adapters: Sequence[tuple], weights: Sequence[float], co
             a = _combine(a_s, w_a, combination_type, density, majority_sign_method, mask_fn)
             b = _combine(b_s, w_b, combination_type, density, majority_sign_method, mask_fn)
         assert a.shape == (d_in, new_rank) and b.shape == (new_rank, d_out)
-        out[path + ("lora_a",)] = jax.numpy.asarray(a, dtype)
-        out[path + ("lora_b",)] = jax.numpy.asarray(b, dtype)
+        out[path + ("lora_a",)] = jax.numpy.asarray(a, cfg0.factor_dtype)
+        out[path + ("lora_b",)] = jax.numpy.asarray(b, cfg0.factor_dtype)
     cfg = AdapterConfig(method="lora", targets="^(" + "|".join(re.escape(path_str(p)) for p in paths) + ")$",
                         rank=new_rank, alpha=float(new_rank), transposed=cfg0.transposed, train_extra=cfg0.train_extra,
                         kernel_in_axes=cfg0.kernel_in_axes, stacked=cfg0.stacked, factor_dtype=cfg0.factor_dtype)

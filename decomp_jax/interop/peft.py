@@ -53,7 +53,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from decomp_jax.config import AdapterConfig, ConfigError
 from decomp_jax.guards import atomic_folder, check_finite
 from decomp_jax.inject import (TOKEN_LEAF, adapted_layers, find_targets, inject, layer_paths, matrix_leaf, oriented,
-                               path_str, scan_roots, token_tables, unstack_view)
+                               path_str, scan_roots, table_paths, token_tables, unstack_view)
 from decomp_jax.methods import get
 
 CONFIG_NAME = "adapter_config.json"
@@ -506,10 +506,10 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
     ``task_type``: PEFT's task type (default: CAUSAL_LM for the decoders, SEQ_CLS for an encoder with a
     ``classifier`` head, FEATURE_EXTRACTION for a bare one; TOKEN_CLS for a token classifier).
     Methods: lora (rslora too; on embedding tables as lora_embedding_A/B, with ``ensure_weight_tying`` on a
-    tied model; ``trainable_tokens`` as trainable_token_indices), lora_bias (PEFT's lora_bias), dora, ia3 (``scale_bias=True`` or bias-free targets: PEFT's IA3 scales
-    the bias), ssl (PEFT IA3 on feedforward modules), flexlora (its live triplets as a LoRA with a
-    per-module ``rank_pattern``: exact), adalora (``lora_alpha`` compensates PEFT's
-    ``ranknum + 1e-5``), pissa / milora as a rank-2r LoRA relative to the original kernels, which
+    tied model; ``trainable_tokens`` as trainable_token_indices), lora_bias (PEFT's lora_bias), dora, ia3
+    (``scale_bias=True`` or bias-free targets: PEFT's IA3 scales the bias), ssl (PEFT IA3 on feedforward
+    modules), flexlora (its live triplets as a LoRA with a per-module ``rank_pattern``: exact), adalora
+    (``lora_alpha`` compensates PEFT's ``ranknum + 1e-5``), pissa / milora as a rank-2r LoRA relative to the original kernels, which
     ``base_params`` (the un-injected pretrained params) must provide. The classifier head, and every
     module with a leaf in ``cfg.train_extra``, goes to ``modules_to_save``.
 
@@ -612,8 +612,8 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
             f"the head only for modules named {' / '.join(TIE_NAMES)}: loaded in PEFT, the head would keep the base "
             f"matrix and the outputs would differ. Merge the adapter instead (dj.merge / decomp-jax merge), or train "
             f"the embedding whole (train_extra), which exports as modules_to_save with ensure_weight_tying.")
-    exported = factor_leaves | set(_leaves_under(flat, saved))
-    exported |= {p + (TOKEN_LEAF,) for p, _ in token_tables(flat, cfg)} & set(flat)
+    token_rows = [(p, ids) for p, ids in token_tables(flat, cfg) if p + (TOKEN_LEAF,) in flat]
+    exported = factor_leaves | set(_leaves_under(flat, saved)) | {p + (TOKEN_LEAF,) for p, _ in token_rows}
     if principal:
         exported |= {p + ("kernel",) for p in layers}
     check_finite({path_str(p): flat[p] for p in sorted(exported) if p in flat}, f"The {cfg.method} adapter to export",
@@ -645,7 +645,6 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
         for suffix, leaf, to_torch, _ in layer_factors(cfg, path, path in tables):
             tensors[module + suffix] = np.ascontiguousarray(to_torch(_np(layer[leaf])))
     tensors.update(_saved_tensors(flat, spec, saved))
-    token_rows = [(p, ids) for p, ids in token_tables(flat, cfg) if p + (TOKEN_LEAF,) in flat]
     for path, _ in token_rows:  # PEFT's TrainableTokens wrapper: the rows as trainable_tokens_delta
         tensors[PREFIX + spec.torch_module(path) + ".token_adapter." + TOKEN_LEAF] = _np(flat[path + (TOKEN_LEAF,)])
     for path in bias_leaves:  # PEFT's bias option: a wrapped (adapted) layer's bias sits under base_layer
@@ -993,8 +992,7 @@ def _embedding_targets(config: dict, base_flat, spec: Arch, tied: Optional[Path]
     LoRA on the embedding without ``ensure_weight_tying`` (PEFT's head keeps the base matrix) or on
     ``lm_head`` alone. LoRA on a tied embedding with ``ensure_weight_tying`` is read: PEFT then runs the
     head with the same adapted matrix, as decomp_jax's factored and merged execution do."""
-    names = sorted({spec.torch_module(p[:-1]) for p in base_flat
-                    if p[-1] == "embedding" and p[:-1] + ("kernel",) not in base_flat})
+    names = sorted({spec.torch_module(p) for p in table_paths(base_flat)})
     hit = [n for n in names if _peft_targets(n, target_modules, exclude)]
     head = tied is not None and _peft_targets(spec.lm_head, target_modules, exclude)
     if hit and config.get("use_dora"):
@@ -1003,15 +1001,16 @@ def _embedding_targets(config: dict, base_flat, spec: Arch, tied: Optional[Path]
     if tied is None:
         return
     emb = spec.torch_module(tied)
-    if emb in hit and not (config.get("ensure_weight_tying") and emb.split(".")[-1] in TIE_NAMES):
+    tieable = emb.split(".")[-1] in TIE_NAMES  # the only names PEFT's ensure_weight_tying reacts to
+    if emb in hit and not (config.get("ensure_weight_tying") and tieable):
         raise PeftFormatError(
             f"target_modules={target_modules!r} puts LoRA on {emb}, which this model ties to {spec.lm_head}, "
-            + ("without ensure_weight_tying" if emb.split(".")[-1] in TIE_NAMES else
+            + ("without ensure_weight_tying" if tieable else
                f"and PEFT ties adapters only for modules named {' / '.join(TIE_NAMES)}")
             + f": PEFT then adapts the input lookups only and runs {spec.lm_head} with the base matrix; decomp_jax's "
             f"{spec.name} model holds one matrix for both and adapts it for both. Fix: "
             + (f"train with ensure_weight_tying=True (PEFT then gives {spec.lm_head} the same adapter), or "
-               if emb.split(".")[-1] in TIE_NAMES else "")
+               if tieable else "")
             + "import into an untied copy of the base model (tie_word_embeddings=False, lm_head = the embedding).")
     if head and emb not in hit:
         raise PeftFormatError(
@@ -1318,7 +1317,7 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
 
 def _input_embedding(flat, spec: Arch) -> Optional[Path]:
     """The token embedding table's module path (PEFT's ``get_input_embeddings()``)."""
-    tables = [p[:-1] for p in flat if p[-1] == "embedding" and p[:-1] + ("kernel",) not in flat]
+    tables = table_paths(flat)
     if spec.embedding is not None and spec.embedding in tables:
         return spec.embedding
     return next((p for p in tables if p[-1] in ("word_embeddings", "embed_tokens", "wte")), None)
@@ -1336,7 +1335,7 @@ def _token_tables(config: dict, base_flat, spec: Arch, tied: Optional[Path]) -> 
     emb = _input_embedding(base_flat, spec)
     if not isinstance(given, Mapping):
         given = {spec.torch_module(emb) if emb is not None else "<input embedding>": given}
-    tables = [p[:-1] for p in base_flat if p[-1] == "embedding" and p[:-1] + ("kernel",) not in base_flat]
+    tables = table_paths(base_flat)
     out: dict[Path, list] = {}
     for key, ids in given.items():
         hits = [p for p in tables if spec.torch_module(p).endswith(key)]

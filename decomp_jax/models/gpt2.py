@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from decomp_jax.models.llama import last_token_index
+from decomp_jax.models.llama import last_token_hidden
 
 
 class GPT2ForSequenceClassification(nn.Module):
@@ -38,8 +38,8 @@ class GPT2ForSequenceClassification(nn.Module):
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
         hidden = self.transformer(input_ids, jnp.asarray(attention_mask), position_ids, deterministic=True)[0]
-        last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)
-        return self.score(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]).astype(jnp.float32)
+        pooled = last_token_hidden(hidden, input_ids, attention_mask, self.config.pad_token_id)
+        return self.score(pooled).astype(jnp.float32)
 
 
 def load_gpt2_classifier(folder: str):

@@ -543,6 +543,12 @@ def last_token_index(input_ids, attention_mask=None, pad_token_id=None):
     return jnp.argmax(positions * keep, axis=-1)
 
 
+def last_token_hidden(hidden, input_ids, attention_mask=None, pad_token_id=None):
+    """``(B, hidden)``: each row's hidden state at ``last_token_index`` (what a sequence classifier scores)."""
+    last = last_token_index(input_ids, attention_mask, pad_token_id)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
 class LlamaForSequenceClassification(nn.Module):
     """transformers' ``LlamaForSequenceClassification``: ``score`` (hidden -> ``num_labels``, no bias) on the
     last real token of each row (``last_token_index``: the rightmost non-``pad_token_id`` token, as
@@ -559,8 +565,7 @@ class LlamaForSequenceClassification(nn.Module):
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None):
         hidden, _ = self.model(input_ids, attention_mask, position_ids)
-        last = last_token_index(input_ids, attention_mask, self.config.pad_token_id)
-        pooled = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        pooled = last_token_hidden(hidden, input_ids, attention_mask, self.config.pad_token_id)
         return self.score(pooled).astype(jnp.float32)
 
 
