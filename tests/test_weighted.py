@@ -49,9 +49,11 @@ def two_adapters(bert, tmp_path_factory):
     return {"model": model, "ours": ours}
 
 
-@pytest.mark.parametrize("combination", ["cat", "linear", "svd", "ties", "ties_svd", "dare_linear",
-                                         "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune",
-                                         "magnitude_prune_svd"])
+# cat, svd, ties and dare_ties in the default suite (each code path: factors, SVD, sign election, random
+# masks); the others with -m slow (suite budget)
+@pytest.mark.parametrize("combination", ["cat", "svd", "ties", "dare_ties"] + [
+    pytest.param(c, marks=pytest.mark.slow) for c in ("linear", "ties_svd", "dare_linear", "dare_linear_svd",
+                                                      "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")])
 def test_weighted_adapter_matches_peft(combination, bert, two_adapters, monkeypatch):
     from peft.utils import merge_utils
 
