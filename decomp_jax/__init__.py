@@ -15,7 +15,7 @@ Stateful methods (adalora, lora_dash) add ``partition`` (trainable, buffers, fro
 ``make_schedule(cfg, total_steps)``, passed to ``init_state`` and ``make_train_step``.
 """
 
-from decomp_jax import methods, sharding
+from decomp_jax import methods, named, sharding
 from decomp_jax.config import AdapterConfig, ConfigError, ConfigTypeError
 from decomp_jax.execution import adapt
 from decomp_jax.inject import (
@@ -24,6 +24,7 @@ from decomp_jax.inject import (
 )
 from decomp_jax.interop import export_peft, import_peft
 from decomp_jax.methods import Schedule
+from decomp_jax.named import adapt_many, adapter_names, adapter_weights, attach, select
 from decomp_jax.penalties import penalty
 from decomp_jax.train import TrainState, init_state, make_eval_step, make_optimizer, make_schedule, make_train_step
 from decomp_jax.weighted import add_weighted_adapter
@@ -37,8 +38,12 @@ __all__ = [
     "Schedule",
     "TrainState",
     "adapt",
+    "adapt_many",
     "add_weighted_adapter",
     "adapter_leaves",
+    "adapter_names",
+    "adapter_weights",
+    "attach",
     "combine",
     "count_params",
     "export_peft",
@@ -52,8 +57,10 @@ __all__ = [
     "make_train_step",
     "merge",
     "methods",
+    "named",
     "partition",
     "penalty",
+    "select",
     "set_leaves",
     "sharding",
     "split",

@@ -60,49 +60,68 @@ def _interceptor(cfg: AdapterConfig, seen: list):
         present = [n for n in method.factor_names if n in params]
         if not present:
             return next_fun(*args, **kwargs)
-        kind, where = type(module).__name__, "/".join(module.path)
-        if len(present) < len(method.factor_names):  # it would silently run the base layer
-            missing = [n for n in method.factor_names if n not in params]
-            raise ConfigError(
-                f"Layer {where!r} holds {cfg.method} factor leaves {present} but lacks {missing}: these params are only "
-                f"part of the adapted tree. Pass the whole adapted tree (dj.combine(trainable, buffers, frozen))."
-            )
-        lcfg = cfg.for_layer(where)  # rank_pattern / alpha_pattern
-        if kind not in LAYOUTS:
-            raise ConfigError(
-                f"Layer {where!r} is a {kind}, which factored execution does not handle; "
-                f"use adapt(apply_fn, cfg, mode='merged')."
-            )
-        if LAYOUTS[kind] != is_transposed(tuple(module.path), cfg):
-            raise ConfigError(
-                f"Layer {where!r} is a {kind}, whose kernel is stored {'(d_out, d_in)' if LAYOUTS[kind] else '(d_in, d_out)'}, "
-                f"but adapter.transposed={cfg.transposed!r} says otherwise. Set `transposed` to match exactly the "
-                f"Conv1D layers (GPT-2: '(c_attn|c_proj|c_fc)$'; see models.hf.TARGET_PRESETS) and inject again."
-            )
+        where = "/".join(module.path)
+        check_complete(params, method, cfg.method, where)
+        check_layer(module, cfg, where)
         seen.append(where)
-        x = args[0]
-        factors = {n: params[n] for n in method.factor_names}
-        if kind in ("DenseGeneral", "Einsum"):
-            if kind == "DenseGeneral":
-                if module.batch_dims:
-                    raise ConfigError(f"Layer {where!r} is an nn.DenseGeneral with batch_dims={module.batch_dims}, which "
-                                      f"factored execution does not handle; use adapt(apply_fn, cfg, mode='merged').")
-                equation = dense_general_equation(x.ndim, module.axis, params["kernel"].ndim)
-            else:
-                equation = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
-            bias = params.get("bias") if module.use_bias else None
-            run = lambda xf, matrix, b: _run(module, xf, matrix, b, factors, method, lcfg)
-            return general_layer(x, params["kernel"], bias, equation, kernel_in_axes(tuple(module.path), cfg), where, run)
-        if params["kernel"].ndim != 2:  # a stacked (L, ...) kernel outside the nn.scan that slices it
-            raise ConfigError(
-                f"Layer {where!r} is a {kind} called with a kernel of shape {tuple(params['kernel'].shape)}: factored "
-                f"execution adapts 2-D kernels; a stacked (L, d_in, d_out) kernel must be sliced per layer by the "
-                f"nn.scan (variable_axes={{'params': 0}}) that calls the layer."
-            )
-        kernel = params["kernel"].T if LAYOUTS[kind] else params["kernel"]
-        return _run(module, x, kernel, params.get("bias") if module.use_bias else None, factors, method, lcfg)
+        return layer_output(module, args, kwargs, params, method, cfg.for_layer(where), where)
 
     return intercept
+
+
+def check_complete(params, method, name: str, where: str) -> None:
+    """A layer holding only some of a method's factor leaves would silently run the base layer: an error."""
+    missing = [n for n in method.factor_names if n not in params]
+    if missing:
+        raise ConfigError(
+            f"Layer {where!r} holds {name} factor leaves {[n for n in method.factor_names if n in params]} but lacks "
+            f"{missing}: these params are only part of the adapted tree. Pass the whole adapted tree "
+            f"(dj.combine(trainable, buffers, frozen))."
+        )
+
+
+def check_layer(module, cfg: AdapterConfig, where: str) -> None:
+    """Raise unless factored execution handles ``module`` as ``cfg`` reads its kernel's layout."""
+    kind = type(module).__name__
+    if kind not in LAYOUTS:
+        raise ConfigError(
+            f"Layer {where!r} is a {kind}, which factored execution does not handle; "
+            f"use adapt(apply_fn, cfg, mode='merged')."
+        )
+    if LAYOUTS[kind] != is_transposed(tuple(module.path), cfg):
+        raise ConfigError(
+            f"Layer {where!r} is a {kind}, whose kernel is stored {'(d_out, d_in)' if LAYOUTS[kind] else '(d_in, d_out)'}, "
+            f"but adapter.transposed={cfg.transposed!r} says otherwise. Set `transposed` to match exactly the "
+            f"Conv1D layers (GPT-2: '(c_attn|c_proj|c_fc)$'; see models.hf.TARGET_PRESETS) and inject again."
+        )
+
+
+def layer_output(module, args, kwargs, params, method, cfg: AdapterConfig, where: str):
+    """The output of the intercepted layer ``module`` called with ``args``/``kwargs`` when its parameters
+    are ``params`` (a dict of leaves: kernel, bias, the factors) and its method ``method`` (None: the plain
+    layer over ``params``' kernel, e.g. an adapter's own copy of a head)."""
+    kind = type(module).__name__
+    x = args[0]
+    factors = {n: params[n] for n in method.factor_names} if method is not None else {}
+    if kind in ("DenseGeneral", "Einsum"):
+        if kind == "DenseGeneral":
+            if module.batch_dims:
+                raise ConfigError(f"Layer {where!r} is an nn.DenseGeneral with batch_dims={module.batch_dims}, which "
+                                  f"factored execution does not handle; use adapt(apply_fn, cfg, mode='merged').")
+            equation = dense_general_equation(x.ndim, module.axis, params["kernel"].ndim)
+        else:
+            equation = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
+        bias = params.get("bias") if module.use_bias else None
+        run = lambda xf, matrix, b: _run(module, xf, matrix, b, factors, method, cfg)
+        return general_layer(x, params["kernel"], bias, equation, kernel_in_axes(tuple(module.path), cfg), where, run)
+    if params["kernel"].ndim != 2:  # a stacked (L, ...) kernel outside the nn.scan that slices it
+        raise ConfigError(
+            f"Layer {where!r} is a {kind} called with a kernel of shape {tuple(params['kernel'].shape)}: factored "
+            f"execution adapts 2-D kernels; a stacked (L, d_in, d_out) kernel must be sliced per layer by the "
+            f"nn.scan (variable_axes={{'params': 0}}) that calls the layer."
+        )
+    kernel = params["kernel"].T if LAYOUTS[kind] else params["kernel"]
+    return _run(module, x, kernel, params.get("bias") if module.use_bias else None, factors, method, cfg)
 
 
 def _run(module, x, kernel, bias, factors, method, cfg):
@@ -112,7 +131,8 @@ def _run(module, x, kernel, bias, factors, method, cfg):
     # cast to it; their gradients come back in float32); with dtype=None, in the dtype of x @ kernel
     dtype = module.dtype if module.dtype is not None else jnp.result_type(x, kernel)
     train = module.has_rng("dropout")
-    key = module.make_rng("dropout") if (train and cfg.dropout > 0 and method.apply is not None) else None
+    drops = train and method is not None and cfg.dropout > 0 and method.apply is not None
+    key = module.make_rng("dropout") if drops else None
     return method_layer(x, kernel, bias, factors, method, cfg, dtype=dtype, train=train, key=key)
 
 
@@ -126,7 +146,9 @@ def method_layer(x, kernel, bias, factors, method, cfg, *, dtype, train: bool = 
     factors = dict(zip(factors, values))
     lead = x.shape[:-1]
     x = x.reshape(-1, x.shape[-1])
-    if method.apply is None:  # per-layer merged execution
+    if method is None:  # the plain layer
+        y = linear(x, kernel, bias)
+    elif method.apply is None:  # per-layer merged execution
         if method.materialize_bias is not None and bias is not None:
             bias = method.materialize_bias(bias, factors, cfg)
         y = linear(x, method.materialize(kernel, factors, cfg), bias)

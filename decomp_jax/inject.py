@@ -344,15 +344,21 @@ def _layer_key(rng: jax.Array, path: Path) -> jax.Array:
     return jax.random.fold_in(rng, zlib.crc32(path_str(path).encode()) & 0x7FFFFFFF)
 
 
-def inject(params, cfg: AdapterConfig, rng: jax.Array):
+def inject(params, cfg: AdapterConfig, rng: jax.Array, name: Optional[str] = None):
     """Add the method's factor leaves beside the ``kernel`` of every targeted layer.
 
     Pure: returns a new tree; ``params`` is not modified. The adapted model equals the base
-    model at init (for every method whose spec says so).
+    model at init (for every method whose spec says so). ``name``: add the adapter beside those the
+    tree already holds, under that name (``decomp_jax.named``; its factors are those injecting it into
+    the base alone with the same ``rng`` gives).
     """
     _check_args(params, cfg)
     if rng is None or isinstance(rng, (int, np.integer)):
         raise TypeError(f"rng must be a JAX PRNG key, e.g. jax.random.PRNGKey(0); got {rng!r}.")
+    from decomp_jax import named
+
+    if name is not None or named.has_named(params):
+        return named.attach(params, inject(named.select(params, None), cfg, rng), cfg, name or named.DEFAULT)
     method = get(cfg.method)
     if method.kind == "prompt":
         return _inject_prompt(params, cfg, rng)
@@ -534,6 +540,7 @@ def merge(params, cfg: AdapterConfig):
     Returns plain params with the base model's structure and shapes.
     """
     _check_args(params, cfg)
+    _check_single(params, "merge")
     method = get(cfg.method)
     check_mergeable(method)
     flat = _flat(params)
@@ -561,6 +568,17 @@ def merge(params, cfg: AdapterConfig):
         if path + (TOKEN_LEAF,) in flat:
             flat[path + ("embedding",)] = write_token_rows(flat[path + ("embedding",)], flat.pop(path + (TOKEN_LEAF,)), ids)
     return unflatten_dict(flat)
+
+
+def _check_single(params, what: str) -> None:
+    """Refuse a tree holding named adapters where one adapter is meant (``what`` would act on one and
+    carry the others along)."""
+    from decomp_jax import named
+
+    if named.has_named(params):
+        held = named.adapter_names(params)
+        raise ConfigError(f"params hold several adapters {held}; {what} acts on one: pass dj.select(params, name) "
+                          f"(that adapter alone over the base) with its AdapterConfig.")
 
 
 def _check_foreign(flat: dict[Path, Any], cfg: AdapterConfig, what: str) -> None:
@@ -684,13 +702,19 @@ def set_leaves(params, changes: dict) -> dict:
     return unflatten_dict(flat)
 
 
-def trainable_mask(params, cfg: AdapterConfig):
+def trainable_mask(params, cfg: AdapterConfig, name: Optional[str] = None):
     """A bool pytree with the structure of ``params``: True where a leaf trains.
 
     Trainable: the method's factor leaves (not its buffers), the biases of targeted layers for
     methods that train biases (BitFit), and base leaves whose path matches ``cfg.train_extra``.
+    In a tree of several adapters (``decomp_jax.named``), those of adapter ``name`` (default: the
+    unnamed one) only.
     """
     _check_args(params, cfg)
+    from decomp_jax import named
+
+    if name is not None or named.has_named(params):
+        return named.named_mask(params, cfg, name or named.DEFAULT)
     method = get(cfg.method)
     flat = _flat(params)
     if method.kind == "prompt":  # the subtree params[method] trains (and train_extra)
@@ -732,15 +756,18 @@ def split(params, mask) -> tuple[dict, dict]:
     return unflatten_dict(trainable), unflatten_dict(frozen)
 
 
-def partition(params, cfg: AdapterConfig) -> tuple[dict, dict, dict]:
+def partition(params, cfg: AdapterConfig, name: Optional[str] = None) -> tuple[dict, dict, dict]:
     """``(trainable, buffers, frozen)``: ``buffers`` holds the buffers that a stateful method's
     schedule rewrites during training (LoRA-Dash's directions); it lives in the train state and is
-    empty for every other method (their buffers are constants and stay in ``frozen``)."""
+    empty for every other method (their buffers are constants and stay in ``frozen``). ``name``: of
+    that adapter of a tree of several (``trainable_mask``)."""
     _check_args(params, cfg)
-    trainable, frozen = split(params, trainable_mask(params, cfg))
+    trainable, frozen = split(params, trainable_mask(params, cfg, name))
     method = get(cfg.method)
     if method.schedule is None or not method.buffers:
         return trainable, {}, frozen
+    if name is not None:
+        _check_single(params, f"partition of the stateful method {cfg.method!r}")
     flat = _flat(frozen)
     adapted = {path for path, _ in adapted_layers(params, cfg)}
     is_buffer = {p: (p[:-1] in adapted and p[-1] in method.buffers) for p in flat}
