@@ -26,7 +26,10 @@ from decomp_jax.interop import export_peft, import_peft
 from decomp_jax.methods import Schedule
 from decomp_jax.named import adapt_many, adapter_names, adapter_weights, attach, select
 from decomp_jax.penalties import penalty
-from decomp_jax.train import TrainState, init_state, make_eval_step, make_optimizer, make_schedule, make_train_step
+from decomp_jax.train import (
+    TrainState, init_state, make_eval_step, make_optimizer, make_schedule, make_train_step, set_lr_factor, stack_states,
+    unstack_state, with_lr_factor,
+)
 from decomp_jax.weighted import add_weighted_adapter
 
 __version__ = "0.1.0"
@@ -61,9 +64,13 @@ __all__ = [
     "partition",
     "penalty",
     "select",
+    "set_lr_factor",
     "set_leaves",
     "sharding",
     "split",
+    "stack_states",
     "trainable_mask",
     "unmerge",
+    "unstack_state",
+    "with_lr_factor",
 ]

@@ -100,6 +100,38 @@ def init_state(
     )
 
 
+def stack_states(states) -> TrainState:
+    """N train states of one structure (e.g. ``init_state`` of N seeds' adapters) as one state whose
+    leaves have a leading axis N: the state of ``make_train_step(..., batched=...)``."""
+    states = list(states)
+    if not states:
+        raise ConfigError("stack_states needs at least one TrainState.")
+    shapes = {jax.tree.structure(s) for s in states}
+    if len(shapes) > 1:
+        raise ConfigError("stack_states: the states differ in structure; batched training needs adapters of one "
+                          "method, targets and rank (and one optimizer): run the others separately.")
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def unstack_state(state: TrainState, index: int) -> TrainState:
+    """Adapter ``index`` of a stacked state: the state its own single-adapter run would have."""
+    return jax.tree.map(lambda x: x[index], state)
+
+
+def with_lr_factor(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``optimizer`` followed by a scale held in its state (1 at init): the learning-rate factor of one
+    adapter of a batched run (``set_lr_factor``), so N learning rates train in one step. With
+    ``make_optimizer(lr, ...)`` an adapter with factor f trains as with ``make_optimizer(f * lr, ...)``."""
+    return optax.chain(optimizer, optax.inject_hyperparams(optax.scale)(step_size=1.0))
+
+
+def set_lr_factor(state: TrainState, factor) -> TrainState:
+    """``state`` (of an optimizer built by ``with_lr_factor``) with its learning-rate factor set."""
+    inner, scale = state.opt_state
+    hyper = {**scale.hyperparams, "step_size": jnp.asarray(factor, jnp.float32)}
+    return state.replace(opt_state=(inner, scale._replace(hyperparams=hyper)))
+
+
 def _pick(params: dict, like: dict) -> dict:
     """The leaves of ``params`` at the paths of ``like``."""
     flat = flatten_dict(params)
@@ -157,6 +189,7 @@ def make_train_step(
     donate: bool = True,
     mesh=None,
     rules=None,
+    batched: Optional[str] = None,
 ) -> Callable[[TrainState, dict, dict], tuple[TrainState, dict]]:
     """A jitted ``step(state, frozen, batch) -> (state, metrics)``.
 
@@ -173,9 +206,18 @@ def make_train_step(
     preset), factor leaves from their kernels, optimizer and method state following the trainable
     leaves, the batch's leading axis over ``("data", "fsdp")``. Arguments not laid out that way are
     placed first (``sharding.place``), so host arrays can be passed.
+
+    ``batched``: train N adapters of one structure at once (N seeds, N learning rates, N users' tasks) in
+    one step over one copy of ``frozen``: the state is ``stack_states([state_1, ..., state_N])`` (each
+    adapter its own leaves, optimizer state and RNG), the step is ``jax.vmap`` of the single step, and
+    ``metrics`` hold one value per adapter. ``"shared"``: one batch for all; ``"stacked"``: a batch with
+    a leading axis N, one per adapter. Each adapter's run equals its own single-adapter run.
     """
 
     _check_stateful(cfg, schedule)
+    if batched not in (None, "shared", "stacked"):
+        raise ConfigError(f"batched={batched!r}: choose 'shared' (one batch for every adapter) or 'stacked' (a "
+                          f"leading axis N on the batch, one per adapter), or None.")
 
     def step(state: TrainState, frozen: dict, batch: dict):
         rng, step_rng = jax.random.split(state.rng)
@@ -216,6 +258,11 @@ def make_train_step(
 
     jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     explicit = any(s is not None for s in (state_sharding, frozen_sharding, batch_sharding))
+    if batched is not None:
+        if mesh is not None or explicit:
+            raise ConfigError("batched training runs on one device for now: drop mesh= and the shardings, or train "
+                              "the adapters one after another on the mesh.")
+        return jax.jit(jax.vmap(step, in_axes=(0, None, 0 if batched == "stacked" else None)), **jit_kwargs)
     if mesh is not None and not explicit:
         return _meshed_step(step, jit_kwargs, cfg, mesh, rules)
     if explicit:

@@ -83,7 +83,7 @@ def test_trainable_mask_by_name_and_training_one_adapter(tree, tiny_batch):
         return optax.softmax_cross_entropy_with_integer_labels(logits, tiny_batch["labels"]).mean()
 
     tx = optax.adamw(1e-2)
-    updates, _ = tx.update(jax.grad(loss)(trainable), tx.init(trainable), trainable)
+    updates, _ = tx.update(jax.jit(jax.grad(loss))(trainable), tx.init(trainable), trainable)
     after = flatten_dict(dj.combine(optax.apply_updates(trainable, updates), frozen))
     before = flatten_dict(params)
     moved = sorted("/".join(p) for p in before if not np.array_equal(before[p], after[p]))
@@ -169,7 +169,7 @@ def test_mixed_batch_gradients_reach_each_adapter_from_its_examples(tree, tiny_b
         logits = run(p, tiny_batch, adapter_weights=weights)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).sum()
 
-    grads = flatten_dict(jax.grad(total_loss)(params))
+    grads = flatten_dict(jax.jit(jax.grad(total_loss))(params))
     for name in ("b", "c"):
         rows = [i for i, n in enumerate(PICKS) if n == name]
         one = {k: v[rows] for k, v in tiny_batch.items()}
@@ -180,7 +180,7 @@ def test_mixed_batch_gradients_reach_each_adapter_from_its_examples(tree, tiny_b
             logits = dj.adapt(apply, cfg)(dj.combine(tr, frozen), one)
             return optax.softmax_cross_entropy_with_integer_labels(logits, one["labels"]).sum()
 
-        want = flatten_dict(jax.grad(own_loss)(trainable))
+        want = flatten_dict(jax.jit(jax.grad(own_loss))(trainable))
         for path, g in want.items():
             named = path[:-1] + (f"{path[-1]}@{name}",)
             np.testing.assert_allclose(grads[named], g, atol=1e-5, rtol=1e-4)
