@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from decomp_jax import named
 from decomp_jax.config import AdapterConfig, ConfigError
 from decomp_jax.distributed import to_host
 from decomp_jax.guards import NonFiniteError, nonfinite_leaves
@@ -118,11 +119,17 @@ def _constant_paths(params, cfg: AdapterConfig) -> list[tuple]:
     return paths
 
 
-def _constants(state: TrainState, frozen: dict, cfg: AdapterConfig) -> dict:
-    """The constants of ``frozen`` as a nested dict (empty for most methods)."""
+def _constants(state: TrainState, frozen: dict, cfg: AdapterConfig, name: Optional[str] = None) -> dict:
+    """The constants of ``frozen`` as a nested dict (empty for most methods); of adapter ``name`` of a tree
+    of several (``decomp_jax.named``) under their names there."""
     params = combine(state.trainable, state.buffers or {}, frozen)
     flat, in_frozen = flatten_dict(params), flatten_dict(frozen)
-    return unflatten_dict({p: flat[p] for p in _constant_paths(params, cfg) if p in in_frozen})
+    if name is None and not named.has_named(params):
+        paths = _constant_paths(params, cfg)
+    else:
+        name = name or named.DEFAULT
+        paths = [named.stored_path(p, name) for p in _constant_paths(named.select(params, name), cfg)]
+    return unflatten_dict({p: flat[p] for p in paths if p in in_frozen})
 
 
 def _state_tree(state: TrainState) -> dict:
@@ -152,13 +159,15 @@ def _state_leaves(tree: dict) -> dict[str, np.ndarray]:
 
 
 def save(mngr: ocp.CheckpointManager, state: TrainState, frozen: dict, cfg: AdapterConfig, *,
-         fingerprint: dict, metadata: Optional[dict] = None, metrics: Optional[dict] = None) -> int:
+         fingerprint: dict, metadata: Optional[dict] = None, metrics: Optional[dict] = None,
+         name: Optional[str] = None) -> int:
     """Save ``state`` (at step ``int(state.step)``) with the constants in ``frozen``; returns the step.
+    ``name``: the state trains adapter ``name`` of a tree of several (``trainable_mask(..., name=)``).
 
     Raises ``guards.NonFiniteError`` (nothing written) when a leaf holds NaN or inf, and
     ``CheckpointError`` (one line: folder, step, cause) when the write fails."""
     step = int(state.step)
-    constants = _constants(state, frozen, cfg)
+    constants = _constants(state, frozen, cfg, name)
     tree = {**_state_tree(state), "constants": constants}
     leaves = _state_leaves(tree)
     bad = nonfinite_leaves(leaves)
@@ -213,7 +222,7 @@ def read_metadata(mngr: ocp.CheckpointManager, step: Optional[int] = None) -> di
 
 
 def restore(mngr: ocp.CheckpointManager, like: TrainState, frozen: dict, cfg: AdapterConfig, *,
-            fingerprint: dict, step: Optional[int] = None) -> tuple[TrainState, dict, dict]:
+            fingerprint: dict, step: Optional[int] = None, name: Optional[str] = None) -> tuple[TrainState, dict, dict]:
     """``(state, frozen, metadata)`` from checkpoint ``step`` (default: the latest good one).
 
     ``like`` is a fresh state of the same run (its structure, shapes and dtypes are the target);
@@ -230,7 +239,7 @@ def restore(mngr: ocp.CheckpointManager, like: TrainState, frozen: dict, cfg: Ad
     problems = []
     for candidate in steps:
         try:
-            return _restore_step(mngr, like, frozen, cfg, fingerprint, candidate)
+            return _restore_step(mngr, like, frozen, cfg, fingerprint, candidate, name)
         except CheckpointError as err:
             problems.append(str(err))
             if step is not None:
@@ -241,7 +250,8 @@ def restore(mngr: ocp.CheckpointManager, like: TrainState, frozen: dict, cfg: Ad
     raise CheckpointError(f"Every checkpoint in {mngr.directory} is unreadable: {' | '.join(problems)}")
 
 
-def _restore_step(mngr, like: TrainState, frozen: dict, cfg: AdapterConfig, fingerprint: dict, step: int):
+def _restore_step(mngr, like: TrainState, frozen: dict, cfg: AdapterConfig, fingerprint: dict, step: int,
+                  name: Optional[str] = None):
     where = f"{mngr.directory}/{step}"
     try:
         meta = read_metadata(mngr, step)
@@ -255,7 +265,8 @@ def _restore_step(mngr, like: TrainState, frozen: dict, cfg: AdapterConfig, fing
             f"The checkpoint's adapter config differs from this run's: {diff} (saved, now). "
             f"Resume with the config the run started with, or use another output_dir."
         )
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {**_state_tree(like), "constants": _constants(like, frozen, cfg)})
+    constants = _constants(like, frozen, cfg, name)
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {**_state_tree(like), "constants": constants})
     try:
         tree = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     except (ValueError, KeyError) as err:
@@ -274,3 +285,51 @@ def _restore_step(mngr, like: TrainState, frozen: dict, cfg: AdapterConfig, fing
     constants = flatten_dict(tree.pop("constants"))
     state = TrainState(**tree)
     return state, (set_leaves(frozen, constants) if constants else frozen), meta["metadata"]
+
+
+# --- a set of named adapters (decomp_jax.named) ------------------------------------------------
+
+def save_adapters(directory, params, cfgs: dict, *, architecture: str = "") -> None:
+    """Save the adapters ``cfgs`` (``{name: AdapterConfig}``) of ``params`` in ``directory`` (an Orbax
+    checkpoint, written atomically): each adapter's own leaves under its name (factors, buffers, its copies
+    of base leaves such as a head), its config, and the fingerprint of the base model it adapts.
+    ``load_adapters`` adds them to another tree of the same base by name."""
+    base = named.select(params, None)
+    tree, meta = {}, {}
+    for name, cfg in cfgs.items():
+        tree[name] = named.own_leaves(params, cfg, name)
+        meta[name] = {"adapter": cfg.to_dict(), "fingerprint": fingerprint(base, cfg, architecture)}
+    leaves = _state_leaves(tree)
+    bad = nonfinite_leaves(leaves)
+    if bad:
+        raise NonFiniteError(f"Refusing to save the adapters to {directory}: NaN or inf in {', '.join(bad[:3])}.")
+    path = os.path.abspath(os.fspath(directory))
+    try:
+        with _quiet_orbax(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+            ckptr.save(path, ocp.args.Composite(adapters=ocp.args.StandardSave(to_host(tree)),
+                                                meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as err:
+        raise CheckpointError(f"Could not write the adapters to {path}: {one_line(err)}") from err
+
+
+def load_adapters(directory, params, *, names=None, architecture: str = "") -> tuple[dict, dict]:
+    """``(params with the saved adapters added by name, {name: AdapterConfig})``: the adapters of
+    ``save_adapters`` (``names``: only those), onto ``params`` (the base, or a tree already holding other
+    adapters). A saved adapter of another base model is refused (``ConfigError`` naming the difference)."""
+    path = os.path.abspath(os.fspath(directory))
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+        meta = ckptr.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        wanted = list(meta) if names is None else list(names)
+        unknown = [n for n in wanted if n not in meta]
+        if unknown:
+            raise ConfigError(f"{path} holds the adapters {sorted(meta)}, not {unknown}.")
+        base = named.select(params, None)
+        cfgs = {n: AdapterConfig.from_dict(meta[n]["adapter"]) for n in wanted}
+        for n, cfg in cfgs.items():
+            check_fingerprint(meta[n]["fingerprint"], fingerprint(base, cfg, architecture), where=f"{path} ({n!r})")
+        stored = ckptr.restore(path, ocp.args.Composite(adapters=ocp.args.StandardRestore()))["adapters"]
+    for n, cfg in cfgs.items():
+        flat = flatten_dict(base)
+        flat.update(flatten_dict(stored[n]))
+        params = named.attach(params, unflatten_dict(flat), cfg, n)
+    return params, cfgs

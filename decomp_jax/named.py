@@ -135,11 +135,31 @@ def select(params, name: Optional[str]) -> dict:
     return unflatten_dict(out)
 
 
+def stored_path(path: Path, name: str) -> Path:
+    """Where a plain layer leaf of adapter ``name`` sits in a tree of several."""
+    return _named(path, name, prompt=False)
+
+
+def _own_paths(adapted, cfg: AdapterConfig) -> set:
+    """The leaves of a single-adapter tree that are its adapter's: factors, buffers, token rows, and the
+    base leaves it trains (``train_extra``, BitFit's biases)."""
+    from decomp_jax.inject import trainable_mask
+
+    own = set(_flat(adapter_leaves(adapted, cfg)))
+    return own | {p for p, t in _flat(trainable_mask(adapted, cfg)).items() if t}
+
+
+def own_leaves(params, cfg: AdapterConfig, name: str) -> dict:
+    """Adapter ``name``'s own leaves, in the plain layout (``select``)."""
+    view = select(params, name)
+    flat = _flat(view)
+    return unflatten_dict({p: flat[p] for p in _own_paths(view, cfg)})
+
+
 def attach(params, adapted, cfg: AdapterConfig, name: str) -> dict:
     """``params`` with the adapter of ``adapted`` (a single-adapter tree of the same base, injected with
     ``cfg``: trained, imported, combined) added under ``name``: its factor leaves, buffers and token
     rows, and its trained base leaves (``train_extra``, BitFit's biases) as the adapter's own copies."""
-    from decomp_jax.inject import trainable_mask
     from decomp_jax.methods import get
 
     _check_args(adapted, cfg, "adapted")
@@ -156,8 +176,7 @@ def attach(params, adapted, cfg: AdapterConfig, name: str) -> dict:
             f"Keep it in a tree of its own (dj.inject(base_params, cfg, key), no name), or use lora.")
     flat, new = _flat(params), _flat(adapted, "adapted")
     base = set(_flat(select(params, None)))
-    own = set(_flat(adapter_leaves(adapted, cfg)))
-    own |= {p for p, t in _flat(trainable_mask(adapted, cfg)).items() if t}
+    own = _own_paths(adapted, cfg)
     stray = sorted(path_str(p) for p in set(new) - own - base)
     if stray:
         raise ConfigError(f"`adapted` holds leaves that are neither the base's nor its adapter's: {stray[:5]}. Pass a "

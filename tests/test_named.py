@@ -207,3 +207,39 @@ def test_errors_name_the_fix(tree, tiny_bert):
         run(params, batch, adapter_weights=jnp.ones(2))
     with pytest.raises(dj.ConfigError, match="no adapter named"):
         dj.adapter_weights(CFGS, per_example=["b", "nope"])
+
+
+def test_checkpoints_by_name(tree, tmp_path):
+    """A train-state checkpoint of one named adapter (SVDiff: its SVD buffers are constants saved with it), and
+    a set of named adapters saved and loaded by name onto the base."""
+    from decomp_jax import checkpoint
+
+    model, base, params, _ = tree
+    cfg = dj.AdapterConfig(method="svdiff", targets=r"attention/output/dense$")
+    params = dj.inject(params, cfg, KEYS["b"], name="s")
+    trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg, name="s"))
+    tx = optax.adam(1e-2)
+    state = dj.init_state(perturb(trainable, 7), tx, jax.random.PRNGKey(0))
+    finger = checkpoint.fingerprint(dj.select(params, None), cfg)
+    mngr = checkpoint.manager(tmp_path / "run")
+    checkpoint.save(mngr, state, frozen, cfg, fingerprint=finger, name="s")
+    emptied = {p: (jnp.zeros_like(v) if p[-1] in ("u@s", "vt@s", "sigma0@s") else v)
+               for p, v in flatten_dict(frozen).items()}
+    assert sum(p[-1] == "u@s" for p in emptied) == 2
+    like = dj.init_state(trainable, tx, jax.random.PRNGKey(1))
+    restored, frozen_back, _ = checkpoint.restore(mngr, like, unflatten_dict(emptied), cfg, fingerprint=finger, name="s")
+    for a, b in zip(jax.tree_util.tree_leaves((restored.trainable, frozen_back)),
+                    jax.tree_util.tree_leaves((state.trainable, frozen))):
+        np.testing.assert_array_equal(a, b)
+    # the set of adapters, by name
+    cfgs = {**CFGS, "s": cfg}
+    checkpoint.save_adapters(tmp_path / "set", params, cfgs)
+    loaded, loaded_cfgs = checkpoint.load_adapters(tmp_path / "set", base)
+    assert loaded_cfgs == cfgs
+    want, got = flatten_dict(params), flatten_dict(loaded)
+    assert sorted(want) == sorted(got) and all(np.array_equal(want[p], got[p]) for p in want)
+    only, _ = checkpoint.load_adapters(tmp_path / "set", base, names=["c"])
+    assert dj.adapter_names(only) == ["c"]
+    other = unflatten_dict({p: (v + 1 if p[-1] == "kernel" else v) for p, v in flatten_dict(base).items()})
+    with pytest.raises(dj.ConfigError, match="different base model"):
+        checkpoint.load_adapters(tmp_path / "set", other, names=["b"])

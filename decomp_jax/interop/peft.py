@@ -42,6 +42,7 @@ import json
 import math
 import os
 import re
+import shutil
 import warnings
 from typing import Any, Callable, Mapping, Optional
 
@@ -50,6 +51,7 @@ import numpy as np
 from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from decomp_jax import named
 from decomp_jax.config import AdapterConfig, ConfigError
 from decomp_jax.guards import atomic_folder, check_finite
 from decomp_jax.inject import (TOKEN_LEAF, adapted_layers, find_targets, inject, layer_paths, matrix_leaf, oriented,
@@ -369,10 +371,18 @@ def _tied_embedding(flat: Mapping[Path, Any], spec: Arch) -> Optional[Path]:
     return None if any(p[0] == spec.lm_head for p in flat) else emb
 
 
+def _named_subfolders(out_dir: str) -> list[str]:
+    """The named adapters PEFT-style saved in subfolders of ``out_dir`` (each with its own config)."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(d for d in os.listdir(out_dir) if os.path.isfile(os.path.join(out_dir, d, CONFIG_NAME)))
+
+
 def _check_replaceable(out_dir: str) -> None:
-    """``_write`` replaces ``out_dir`` whole; refuse a folder that holds anything but a PEFT export."""
+    """``_write`` replaces ``out_dir`` whole (keeping named adapters' subfolders); refuse a folder that holds
+    anything else but a PEFT export."""
     if os.path.isdir(out_dir):
-        other = sorted(set(os.listdir(out_dir)) - {CONFIG_NAME, WEIGHTS_NAME})
+        other = sorted(set(os.listdir(out_dir)) - {CONFIG_NAME, WEIGHTS_NAME} - set(_named_subfolders(out_dir)))
         if other:
             raise FileExistsError(
                 f"{out_dir} holds {other[:5]}{' ...' if len(other) > 5 else ''} besides a PEFT adapter; the export "
@@ -410,6 +420,8 @@ def _write(out_dir: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
     _check_replaceable(out_dir)
     text = json.dumps(config, indent=2, sort_keys=True)
     with atomic_folder(out_dir) as tmp:
+        for sub in _named_subfolders(out_dir):  # the other adapters of a multi-adapter folder stay
+            shutil.copytree(os.path.join(out_dir, sub), os.path.join(tmp, sub))
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             f.write(text)
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(tmp, WEIGHTS_NAME),
@@ -498,7 +510,7 @@ def _task_type(spec: "Arch", flat: Mapping[Path, Any], task_type: Optional[str])
 
 def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
                 base_model_name_or_path: str | os.PathLike | None, arch: str, base_params=None,
-                model_config=None, task_type: Optional[str] = None) -> None:
+                model_config=None, task_type: Optional[str] = None, name: Optional[str] = None) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT 0.21's format.
 
     ``params``: adapted params (``dj.inject`` of the model's params, trained) of a Flax sequence or token
@@ -525,9 +537,17 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
     P_TUNING for a causal LM; prefix projection is folded (PEFT saves the projected prefix too) and
     p-tuning's encoder is run (PEFT saves its output, the virtual tokens). ``model_config``
     (the ``LlamaConfig``) fills ``num_attention_heads``; without it PEFT takes it from the base model.
+
+    ``name``: adapter ``name`` of a tree of several (``decomp_jax.named``), written as PEFT's
+    ``save_pretrained`` writes it: ``"default"`` in ``out_dir``, any other in ``out_dir/<name>`` (the
+    adapters already there stay when the default is written).
     """
     spec = get_arch(arch)
     out_dir = os.fspath(out_dir)
+    if name is not None or named.has_named(params):  # one adapter of a tree of several: PEFT's layout
+        name = name or named.DEFAULT
+        params = named.select(params, name)
+        out_dir = out_dir if name == named.DEFAULT else os.path.join(out_dir, name)
     if base_model_name_or_path is not None:
         base_model_name_or_path = os.fspath(base_model_name_or_path)  # a pathlib.Path is not JSON
     if cfg.method in PROMPT_TYPES:
@@ -1092,7 +1112,8 @@ def _adalora_pattern(config: dict, module: str) -> Optional[np.ndarray]:
 
 
 def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
-                base_model_name_or_path: str | os.PathLike | None = None, subfolder: Optional[str] = None):
+                base_model_name_or_path: str | os.PathLike | None = None, subfolder: Optional[str] = None,
+                name: Optional[str] = None):
     """Read a PEFT adapter folder into ``(params, cfg)``: ``cfg`` is the equivalent ``AdapterConfig``
     and ``params`` is ``dj.inject(base_params, cfg, ...)`` with the stored factors (and the stored
     modules_to_save leaves, e.g. the classifier head) written in.
@@ -1115,7 +1136,18 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
     config names another one, a warning says so. ``subfolder``: a named adapter that PEFT saved under
     ``in_dir/<name>``. The weights are ``adapter_model.safetensors`` or, from older PEFT releases,
     ``adapter_model.bin`` (read with torch when it is installed; otherwise an error says so).
+
+    ``name``: add the adapter under that name to ``base_params`` (which may hold other adapters:
+    ``decomp_jax.named``); it is read from ``in_dir/<name>`` when that is an adapter folder (PEFT's
+    layout for a name other than ``default``), else from ``in_dir`` (or ``subfolder``).
     """
+    if name is not None:
+        in_dir = os.fspath(in_dir)
+        if subfolder is None and name != named.DEFAULT and os.path.isfile(os.path.join(in_dir, name, CONFIG_NAME)):
+            subfolder = name
+        params, cfg = import_peft(in_dir, named.select(base_params, None), arch=arch,
+                                  base_model_name_or_path=base_model_name_or_path, subfolder=subfolder)
+        return named.attach(base_params, params, cfg, name), cfg
     spec = get_arch(arch)
     in_dir = adapter_folder(os.fspath(in_dir), subfolder)
     config, stored, weights_path = _read(in_dir)
