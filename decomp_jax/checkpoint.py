@@ -37,6 +37,7 @@ from decomp_jax.distributed import to_host
 from decomp_jax.guards import NonFiniteError, nonfinite_leaves
 from decomp_jax.inject import adapted_layers, combine, find_targets, matrix_leaf, path_str, set_leaves
 from decomp_jax.methods import get
+from decomp_jax.quant import is_quantized
 from decomp_jax.train import TrainState
 
 
@@ -50,16 +51,21 @@ def fingerprint(base_params, cfg: AdapterConfig, architecture: str = "") -> dict
     targets = find_targets(base_params, cfg)
     for path in targets:
         leaf = "kernel" if path_str(path + ("kernel",)) in flat else "embedding"  # a dense layer or an embedding table
-        kernel = np.ascontiguousarray(to_host(flat[path_str(path + (leaf,))]))
         digest.update(path_str(path).encode())
-        digest.update(kernel.tobytes())
+        for part in jax.tree_util.tree_leaves(flat[path_str(path + (leaf,))]):  # a quantized kernel: codes, scales
+            digest.update(np.ascontiguousarray(to_host(part)).tobytes())
     return {
         "architecture": architecture,
-        "shapes": {k: [list(np.shape(v)), str(np.dtype(v.dtype) if hasattr(v, "dtype") else np.asarray(v).dtype)]
-                   for k, v in sorted(flat.items())},
+        "shapes": {k: [list(np.shape(v)), _dtype_name(v)] for k, v in sorted(flat.items())},
         "targets": [path_str(p) for p in targets],
         "targets_sha256": digest.hexdigest(),
     }
+
+
+def _dtype_name(value) -> str:
+    if is_quantized(value):  # a quantized base is another base than its float original
+        return f"{value.kind}/{value.block_size}:{value.dtype.name}"
+    return str(np.dtype(value.dtype) if hasattr(value, "dtype") else np.asarray(value).dtype)
 
 
 def check_fingerprint(saved: dict, current: dict, where: str = "the checkpoint") -> None:

@@ -30,6 +30,7 @@ from decomp_jax.inject import (TOKEN_LEAF, check_mergeable, is_transposed, kerne
                                write_token_rows)
 from decomp_jax.methods import get
 from decomp_jax.methods.base import linear
+from decomp_jax.quant import dequantize, is_quantized
 
 MODES = ("factored", "merged")
 # the Linen layers factored execution intercepts, and whether each stores its kernel (d_out, d_in)
@@ -59,6 +60,8 @@ def _interceptor(cfg: AdapterConfig, seen: list):
         params = _own_params(module)
         present = [n for n in method.factor_names if n in params]
         if not present:
+            if is_quantized(params.get("kernel")):  # a frozen layer of a quantized base: run on its dequantized kernel
+                return plain_output(module, args, kwargs, params)
             return next_fun(*args, **kwargs)
         where = "/".join(module.path)
         check_complete(params, method, cfg.method, where)
@@ -102,6 +105,7 @@ def layer_output(module, args, kwargs, params, method, cfg: AdapterConfig, where
     layer over ``params``' kernel, e.g. an adapter's own copy of a head)."""
     kind = type(module).__name__
     x = args[0]
+    params = {**params, "kernel": dequantize(params["kernel"])}  # a quantized base: dequantized in the layer
     factors = {n: params[n] for n in method.factor_names} if method is not None else {}
     if kind in ("DenseGeneral", "Einsum"):
         if kind == "DenseGeneral":
@@ -124,6 +128,51 @@ def layer_output(module, args, kwargs, params, method, cfg: AdapterConfig, where
     return _run(module, x, kernel, params.get("bias") if module.use_bias else None, factors, method, cfg)
 
 
+def plain_output(module, args, kwargs, params):
+    """The un-adapted layer ``module`` on ``params`` (its kernel dequantized when quantized), as its own
+    ``__call__`` computes it."""
+    kind = type(module).__name__
+    kernel = dequantize(params["kernel"])
+    bias = params.get("bias") if getattr(module, "use_bias", True) else None
+    x = args[0]
+    if kind in ("Dense", "FlaxConv1D"):
+        kernel = kernel.T if LAYOUTS[kind] else kernel
+        return _run(module, x, kernel, bias, {}, None, None)
+    if kind == "DenseGeneral":
+        equation = dense_general_equation(x.ndim, module.axis, kernel.ndim)
+    elif kind == "Einsum":
+        equation = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
+    else:
+        raise ConfigError(f"Layer {'/'.join(module.path)!r} is a {kind} with a quantized kernel, which factored "
+                          f"execution does not run; keep its kernel in float (quantize_params(..., skip=...)).")
+    dtype = module.dtype if module.dtype is not None else jnp.result_type(x, kernel)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
+    y = jnp.einsum(equation, x, kernel)
+    if bias is None:
+        return y
+    return y + bias.reshape(bias.shape if kind == "Einsum" else y.shape[-bias.ndim:])
+
+
+def dequantizing(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``apply_fn`` with every Linen layer whose kernel is quantized (``decomp_jax.quant``) run on its
+    dequantized kernel: a quantized base model without an adapter."""
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and not module.is_initializing():
+            params = _own_params(module)
+            if is_quantized(params.get("kernel")):
+                return plain_output(module, args, kwargs, params)
+        return next_fun(*args, **kwargs)
+
+    @functools.wraps(apply_fn)
+    def run(*args, **kwargs):
+        with nn.intercept_methods(intercept):
+            return apply_fn(*args, **kwargs)
+
+    return run
+
+
 def _run(module, x, kernel, bias, factors, method, cfg):
     """The method's layer in a Linen module: ``method_layer`` in the layer's activation dtype, with
     adapter dropout when the call has a ``'dropout'`` RNG."""
@@ -131,7 +180,7 @@ def _run(module, x, kernel, bias, factors, method, cfg):
     # cast to it; their gradients come back in float32); with dtype=None, in the dtype of x @ kernel
     dtype = module.dtype if module.dtype is not None else jnp.result_type(x, kernel)
     train = module.has_rng("dropout")
-    drops = train and method is not None and cfg.dropout > 0 and method.apply is not None
+    drops = train and method is not None and cfg is not None and cfg.dropout > 0 and method.apply is not None
     key = module.make_rng("dropout") if drops else None
     return method_layer(x, kernel, bias, factors, method, cfg, dtype=dtype, train=train, key=key)
 
@@ -286,7 +335,7 @@ def adapt(apply_fn: Callable[..., Any], cfg: AdapterConfig, mode: str = "factore
 
         return adapt_prompt(apply_fn, cfg)
     if not method.factor_names and not cfg.trainable_tokens:  # nothing to intercept or fold (BitFit)
-        return apply_fn
+        return dequantizing(apply_fn) if mode == "factored" else apply_fn
     if mode == "merged":
         check_mergeable(method)
 

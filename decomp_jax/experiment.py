@@ -56,6 +56,11 @@ class ModelConfig(_Serializable):
     # decoder LLMs (data.task: commonsense or math) only
     param_dtype: str = "float32"  # the frozen base's storage dtype (bfloat16: half its memory)
     scan_layers: bool = False  # the decoder layers under one nn.scan (params stacked: faster compiles)
+    # a quantized frozen base (decomp_jax.quant): nf4 | int8 | fp8, blocks of quantize_block_size values along
+    # each kernel's last axis; double_quant stores nf4's block scales in int8
+    quantize: Optional[str] = None
+    quantize_block_size: int = 64
+    double_quant: bool = True
 
     def __post_init__(self):
         if self.partition_rules is not None:
@@ -69,6 +74,15 @@ class ModelConfig(_Serializable):
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is unknown; choose float32, bfloat16 or float16.")
         if self.backbone not in BACKBONES:
             raise ConfigError(f"model.backbone={self.backbone!r} is unknown; choose one of {', '.join(BACKBONES)}.")
+        if self.quantize is not None:
+            from decomp_jax.quant import KINDS
+
+            if self.quantize not in KINDS:
+                raise ConfigError(f"model.quantize={self.quantize!r} is unknown; choose one of {', '.join(KINDS)} "
+                                  f"(or leave it out: a float base).")
+            if not isinstance(self.quantize_block_size, int) or self.quantize_block_size < 2:
+                raise ConfigError(f"model.quantize_block_size={self.quantize_block_size!r}: give an even number of "
+                                  f"values per block that divides the kernels' output sizes, e.g. 64.")
         if self.head_bias not in (None, "label_mean"):
             raise ConfigError(f"model.head_bias={self.head_bias!r} is unknown; use label_mean (regression tasks) or leave it out.")
 
@@ -334,6 +348,9 @@ def _place_on_mesh(cfg: ExperimentConfig, task):
     factor leaves following their kernels)."""
     from decomp_jax import sharding
 
+    if cfg.model.quantize:
+        raise ConfigError(f"model.quantize={cfg.model.quantize!r} runs on one device for now: a quantized kernel has no "
+                          f"partition rule yet. Drop train.mesh (and run one process), or the quantization.")
     mesh = sharding.make_mesh(cfg.train.mesh or {"data": -1})  # several processes: data parallel by default
     n = math.prod(dict(mesh.shape).get(a, 1) for a in sharding.BATCH_AXES)
     if cfg.train.batch_size % n:

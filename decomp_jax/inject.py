@@ -22,6 +22,7 @@ import numpy as np
 from flax.core import FrozenDict, unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from decomp_jax import quant
 from decomp_jax.config import AdapterConfig, ConfigError
 from decomp_jax.methods import get
 
@@ -366,7 +367,8 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array, name: Optional[str] = Non
     factor_dtype = jax.numpy.dtype(cfg.factor_dtype)
     for path in find_targets(params, cfg):
         leaf = "kernel" if path + ("kernel",) in flat else "embedding"
-        stored = flat[path + (leaf,)]
+        original = flat[path + (leaf,)]
+        stored = quant.dequantize(original)  # a quantized base: factors start from the dequantized kernel
         kernel = oriented(stored, path, cfg)
         where = path_str(path)
         if leaf == "embedding":
@@ -403,6 +405,12 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array, name: Optional[str] = Non
         for name, value in factors.items():
             flat[path + (name,)] = value
         if method.residual is not None:  # PiSSA/MiLoRA: the layer keeps K - s * a0 @ b0
+            if quant.is_quantized(original):
+                raise ConfigError(
+                    f"Layer {where!r}: {cfg.method} writes the residual K - s a0 b0 of the float kernel, and this one is "
+                    f"quantized (its SVD would be of the dequantized kernel, and K_res quantized a second time). Inject "
+                    f"into the float base, then quantize: quant.quantize_params(dj.inject(base, cfg, key), ...) stores "
+                    f"K_res quantized (QLoRA-style PiSSA).")
             residual = per_layer(lambda w, f: method.residual(w, f, lcfg), stacked)(work, factors)
             flat[path + (leaf,)] = restore_layout(residual.astype(base_dtype), path, cfg, np.shape(stored))
     for path, ids in token_tables(flat, cfg):
@@ -548,6 +556,7 @@ def merge(params, cfg: AdapterConfig):
     for path, layer in adapted_layers(params, cfg):
         factors = {n: layer[n] for n in method.factor_names}
         leaf = matrix_leaf(layer)
+        layer = {**layer, leaf: quant.dequantize(layer[leaf])}  # a quantized base merges into its dequantized kernels
         stacked = is_stacked(path, layer[leaf], cfg)
         base = oriented(layer[leaf], path, cfg)
         lcfg = cfg.for_layer(path_str(path))
@@ -567,7 +576,7 @@ def merge(params, cfg: AdapterConfig):
     for path, ids in token_tables(flat, cfg):
         if path + (TOKEN_LEAF,) in flat:
             flat[path + ("embedding",)] = write_token_rows(flat[path + ("embedding",)], flat.pop(path + (TOKEN_LEAF,)), ids)
-    return unflatten_dict(flat)
+    return unflatten_dict({p: quant.dequantize(v) for p, v in flat.items()})  # a float model
 
 
 def _check_single(params, what: str) -> None:
@@ -791,7 +800,8 @@ def combine(*trees) -> dict:
 
 def count_params(tree) -> int:
     """Number of scalars in a tree of arrays or ``jax.ShapeDtypeStruct``s."""
-    return int(sum(math.prod(getattr(x, "shape", np.shape(x))) for x in jax.tree_util.tree_leaves(tree)))
+    return int(sum(math.prod(getattr(x, "shape", np.shape(x)))
+                   for x in jax.tree_util.tree_leaves(tree, is_leaf=quant.is_quantized)))
 
 
 def trainable_count(base_params, cfg: AdapterConfig) -> int:

@@ -19,8 +19,9 @@ from decomp_jax import checkpoint
 from decomp_jax.config import ConfigError
 from decomp_jax.experiment import ExperimentConfig, architecture, initial_state, load_base_model, peft_arch
 from decomp_jax.guards import atomic_folder, atomic_save_safetensors, atomic_write_text, check_finite
-from decomp_jax.inject import combine, inject, merge, partition
+from decomp_jax.inject import combine, merge, partition
 from decomp_jax.models.hf import sequence_classifier_apply
+from decomp_jax.quant import model_params
 
 
 class RestoredRun(NamedTuple):
@@ -74,7 +75,7 @@ def restore_run(path: str | os.PathLike) -> RestoredRun:
             raise FileNotFoundError(f"No checkpoint {'' if step is None else step} in {folder}; it holds {steps[::-1]}.")
         cfg = ExperimentConfig.from_dict(_experiment(mngr, steps if step is None else [step]))
         model, base, tokenizer = load_base_model(cfg)
-        params = inject(base, cfg.adapter, jax.random.PRNGKey(cfg.train.seed))
+        base, params = model_params(base, cfg, jax.random.PRNGKey(cfg.train.seed))
         trainable, buffers, frozen = partition(params, cfg.adapter)
         _, _, like = initial_state(cfg, 1, trainable, buffers, frozen)
         fingerprint = checkpoint.fingerprint(base, cfg.adapter, architecture(model))

@@ -51,7 +51,7 @@ import numpy as np
 from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from decomp_jax import named
+from decomp_jax import named, quant
 from decomp_jax.config import AdapterConfig, ConfigError
 from decomp_jax.guards import atomic_folder, check_finite
 from decomp_jax.inject import (TOKEN_LEAF, adapted_layers, find_targets, inject, layer_paths, matrix_leaf, oriented,
@@ -548,6 +548,8 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
         name = name or named.DEFAULT
         params = named.select(params, name)
         out_dir = out_dir if name == named.DEFAULT else os.path.join(out_dir, name)
+    params = quant.dequantize_params(params)  # over a quantized base: the adapter of the dequantized base
+    base_params = None if base_params is None else quant.dequantize_params(base_params)
     if base_model_name_or_path is not None:
         base_model_name_or_path = os.fspath(base_model_name_or_path)  # a pathlib.Path is not JSON
     if cfg.method in PROMPT_TYPES:

@@ -14,8 +14,9 @@ from decomp_jax.causal_lm import load_for
 from decomp_jax.data import check_train_size, commonsense as cs
 from decomp_jax.distributed import is_primary, to_host
 from decomp_jax.execution import adapt
-from decomp_jax.inject import combine, count_params, inject, merge, partition
+from decomp_jax.inject import combine, count_params, merge, partition
 from decomp_jax.methods import get
+from decomp_jax.quant import model_params
 
 
 class GenerationTask:
@@ -46,7 +47,7 @@ class GenerationTask:
         self.train_set = cs.tokenize_train(train, self.tokenizer, train_length, template=d.template) if need_train else None
         self.eval_prompts = {n: cs.tokenize_prompts(ex, self.tokenizer, d.max_length, template=d.template)
                              for n, ex in self.eval_examples.items()}
-        params = inject(self.base_params, cfg.adapter, jax.random.PRNGKey(tc.seed))
+        self.base_params, params = model_params(self.base_params, cfg, jax.random.PRNGKey(tc.seed))
         self.trainable, self.buffers, self.frozen = partition(params, cfg.adapter)
         self.apply = adapt(self.model.apply, cfg.adapter, mode=tc.mode)
         self.last_eval: dict[str, Any] = {}

@@ -15,9 +15,10 @@ from decomp_jax.data import check_train_size, glue
 from decomp_jax.distributed import to_host
 from decomp_jax.execution import adapt
 from decomp_jax.guards import NonFiniteError
-from decomp_jax.inject import combine, count_params, inject, partition
+from decomp_jax.inject import combine, count_params, partition
 from decomp_jax.metrics import TASK_METRICS, compute_metrics
 from decomp_jax.models.hf import load_sequence_classifier, sequence_classifier_apply
+from decomp_jax.quant import model_params
 from decomp_jax.train import classification_loss, make_eval_step, regression_loss
 
 
@@ -51,7 +52,7 @@ class GlueTask:
         train_length = cfg.data.train_max_length or cfg.data.max_length
         self.train_arrays = glue.tokenize(train_examples, self.tokenizer, train_length) if need_train else None
         self.eval_arrays = glue.tokenize(eval_examples, self.tokenizer, cfg.data.max_length)
-        params = inject(self.base_params, cfg.adapter, jax.random.PRNGKey(seed))
+        self.base_params, params = model_params(self.base_params, cfg, jax.random.PRNGKey(seed))
         self.trainable, self.buffers, self.frozen = partition(params, cfg.adapter)
         self.apply = adapt(sequence_classifier_apply(self.model), cfg.adapter, mode=cfg.train.mode)
         self.eval_step = make_eval_step(self.predict)

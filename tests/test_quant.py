@@ -1,0 +1,200 @@
+"""A quantized frozen base (decomp_jax.quant): NF4 against an independent NumPy reference of the published
+codebook with blockwise absmax, int8 / fp8 error bounds, double quantization; a quantized BERT runs every
+layer on its dequantized kernels (adapted or not) in factored execution, equal to the float model holding the
+dequantized kernels; inject / merge / train over it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.traverse_util import flatten_dict
+
+import decomp_jax as dj
+from decomp_jax import quant
+from decomp_jax.models.hf import sequence_classifier_apply
+
+# the NF4 code values as QLoRA publishes them (bitsandbytes' NF4 table), typed in again here
+CODEBOOK = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0]
+
+
+def nf4_reference(x, block):
+    """NumPy NF4: per block of ``block`` values along the last axis, each value / absmax rounded to the
+    nearest codebook entry (argmin of the distance), times absmax."""
+    code = np.asarray(CODEBOOK, np.float64)
+    blocks = np.asarray(x, np.float64).reshape(x.shape[:-1] + (-1, block))
+    absmax = np.abs(blocks).max(-1, keepdims=True)
+    unit = blocks / absmax
+    nearest = code[np.abs(unit[..., None] - code).argmin(-1)]
+    return (nearest * absmax).reshape(x.shape)
+
+
+def test_nf4_matches_numpy_reference():
+    x = np.random.default_rng(0).standard_normal((96, 128)).astype(np.float32) * 0.05
+    q = quant.quantize(x, "nf4", 64, double_quant=False)
+    assert q.shape == x.shape and q.codes.dtype == jnp.uint8 and q.codes.shape == (96, 64)
+    np.testing.assert_allclose(np.asarray(q.dequantize()), nf4_reference(x, 64), atol=1e-7, rtol=1e-6)
+    # bytes per parameter: 0.5 for the codes + 4 / 64 for the float32 scales; double quantization: 1 / 64 + 8 bytes
+    # (offset, step) per group of scales
+    assert q.nbytes / x.size == pytest.approx(0.5 + 4 / 64)
+    dq = quant.quantize(x, "nf4", 64, double_quant=True)
+    assert dq.codes.shape == q.codes.shape and dq.scales.shape == (1, 96 * 2)  # 192 block scales: one group
+    assert dq.nbytes / x.size == pytest.approx(0.5 + 1 / 64 + 8 / x.size)
+    err, err_dq = (np.abs(np.asarray(a.dequantize()) - x).mean() for a in (q, dq))
+    assert err_dq < 1.02 * err  # the scales' own quantization costs under 2% more error
+    rel = err / np.abs(x).mean()
+    print(f"nf4 mean abs error / mean abs value: {rel:.4f} (double quant {err_dq / np.abs(x).mean():.4f})")
+    assert 0.05 < rel < 0.15  # NF4 on Gaussian weights: about 10%
+
+
+@pytest.mark.parametrize("kind, bound", [("int8", 0.5 / 127), ("fp8", 2.0 ** -4)])
+def test_int8_and_fp8_error_bounds(kind, bound):
+    x = np.random.default_rng(1).standard_normal((4, 3, 64)).astype(np.float32)
+    q = quant.quantize(x, kind, 32)
+    assert q.shape == x.shape
+    blocks = np.abs(x).reshape(4, 3, 2, 32).max(-1, keepdims=True)
+    err = np.abs(np.asarray(q.dequantize()) - x).reshape(4, 3, 2, 32) / blocks
+    assert err.max() <= bound * 1.0001  # int8: half a step of absmax / 127; fp8 e4m3: 3 mantissa bits
+    row = jax.tree.map(lambda c: c[1], q)  # a slice of the children (nn.scan's per-layer slice) is a slice
+    assert row.shape == (3, 64)
+    np.testing.assert_array_equal(np.asarray(row.dequantize()), np.asarray(q.dequantize())[1])
+
+
+def test_quantize_refuses_blocks_that_do_not_fit():
+    with pytest.raises(dj.ConfigError, match="block_size that divides 48"):
+        quant.quantize(np.ones((4, 48)), "nf4", 64)
+    with pytest.raises(dj.ConfigError, match="choose one of nf4, int8, fp8"):
+        quant.quantize(np.ones((4, 64)), "int4")
+
+
+CFG = dj.AdapterConfig(method="lora", targets=r"attention/self/(query|value)$", rank=4, alpha=8,
+                       train_extra="classifier")
+
+
+def _dequantized(params):
+    return quant.dequantize_params(params)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_base_runs_factored_and_merges(kind, tiny_bert, tiny_batch):
+    model, base = tiny_bert
+    qbase = quant.quantize_params(base, kind, block_size=32, skip="classifier")
+    flat = flatten_dict(qbase)
+    quantized = [p for p, v in flat.items() if quant.is_quantized(v)]
+    assert len(quantized) == 2 * 6 + 1 and ("classifier", "kernel") not in quantized  # 6 per layer, the pooler
+    apply = sequence_classifier_apply(model)
+    params = dj.inject(qbase, CFG, jax.random.PRNGKey(0))
+    trainable, frozen = dj.split(params, dj.trainable_mask(params, CFG))
+    assert all(not quant.is_quantized(v) for v in jax.tree_util.tree_leaves(trainable, is_leaf=quant.is_quantized))
+    trained = dj.combine(jax.tree.map(lambda v: v + 0.1, trainable), frozen)
+    got = np.asarray(jax.jit(dj.adapt(apply, CFG))(trained, tiny_batch))
+    # the same adapter over the float model holding the dequantized kernels
+    want = np.asarray(dj.adapt(apply, CFG)(_dequantized(trained), tiny_batch))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    merged = dj.merge(trained, CFG)
+    assert not any(quant.is_quantized(v) for v in jax.tree_util.tree_leaves(merged, is_leaf=quant.is_quantized))
+    np.testing.assert_allclose(np.asarray(apply(merged, tiny_batch)), want, atol=1e-5, rtol=0)
+    # quantization moves the logits (the test is sensitive), and a train step over the quantized base works
+    assert np.abs(np.asarray(apply(base, tiny_batch)) - np.asarray(apply(_dequantized(qbase), tiny_batch))).max() > 1e-4
+    run = dj.adapt(apply, CFG)
+
+    def loss(tr):
+        logits = run(dj.combine(tr, frozen), tiny_batch)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tiny_batch["labels"]).mean()
+
+    grads = jax.jit(jax.grad(loss))(trainable)
+    assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+    assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads)) > 1e-4
+
+
+def test_stored_bytes_of_a_quantized_bert(tiny_bert):
+    model, base = tiny_bert
+    q = quant.quantize_params(base, "nf4", block_size=32, double_quant=True)
+    kernels = [v for p, v in flatten_dict(base).items() if p[-1] == "kernel" and np.shape(v)[-1] % 32 == 0]
+    before = sum(np.size(k) * 4 for k in kernels)
+    after = sum(v.nbytes for v in flatten_dict(q).values() if quant.is_quantized(v))
+    assert after / before == pytest.approx((0.5 + 1 / 32) / 4, rel=0.1)
+    assert quant.stored_bytes(q) < quant.stored_bytes(base)
+
+
+@pytest.mark.parametrize("name", ["dora", "pissa", pytest.param("ssb", marks=pytest.mark.slow),
+                                  pytest.param("houlsby", marks=pytest.mark.slow)])
+def test_methods_over_a_quantized_scanned_llama(name):
+    """Every layer of a scanned Llama (stacked kernels sliced by nn.scan, quantized children sliced with them)
+    runs on its dequantized kernel: the adapted model equals the same adapter over the float model holding the
+    dequantized kernels. PiSSA keeps its residual quantized (QLoRA-style): at init it is the base up to the
+    quantization error of K_res, which is smaller than that of K."""
+    from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_params, stack_layers
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, scan_layers=True)
+    base = stack_layers(init_params(dataclasses_replace(config, scan_layers=False), jax.random.PRNGKey(0)))
+    qbase = quant.quantize_params(base, "nf4", block_size=16)
+    q_proj = qbase["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert quant.is_quantized(q_proj) and q_proj.shape == (2, 32, 32) and q_proj.codes.shape == (2, 32, 16)
+    cfg = dj.AdapterConfig(method=name, targets=r"self_attn/(q_proj|v_proj)$|mlp/down_proj$", rank=4, stacked="layers")
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 7), 0, 64)
+    model = LlamaForCausalLM(config)
+    if dj.methods.get(name).residual is None:
+        params = dj.inject(qbase, cfg, jax.random.PRNGKey(2))
+    else:  # the residual of the float kernel, then quantized
+        params = quant.quantize_params(dj.inject(base, cfg, jax.random.PRNGKey(2)), "nf4", block_size=16)
+    trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg))
+    params = dj.combine(jax.tree.map(lambda v: v + 0.05 * jnp.cos(jnp.arange(v.size).reshape(v.shape)), trainable),
+                        frozen)
+    run = jax.jit(dj.adapt(model.apply, cfg))
+    got, want = run({"params": params}, ids), run({"params": quant.dequantize_params(params)}, ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+    if dj.methods.get(name).mergeable:
+        merged = dj.merge(params, cfg)
+        np.testing.assert_allclose(np.asarray(jax.jit(model.apply)({"params": merged}, ids)), np.asarray(want),
+                                   atol=1e-5, rtol=0)
+    if name == "pissa":  # QLoRA-style: the residual of the float kernel, quantized; its error is smaller than K's
+        with pytest.raises(dj.ConfigError, match="Inject into the float base, then quantize"):
+            dj.inject(qbase, cfg.replace(targets="q_proj$"), jax.random.PRNGKey(2))
+        fresh = quant.quantize_params(dj.inject(base, cfg, jax.random.PRNGKey(2)), "nf4", block_size=16)
+        layer = fresh["model"]["layers"]["self_attn"]["q_proj"]
+        assert quant.is_quantized(layer["kernel"])
+        s = cfg.alpha / cfg.rank
+        start = jax.vmap(lambda a, b: a @ b)(layer["lora_a"], layer["lora_b"]) * s
+        k = np.asarray(base["model"]["layers"]["self_attn"]["q_proj"]["kernel"])
+        err_res = np.abs(np.asarray(layer["kernel"].dequantize() + start) - k).mean()
+        err_k = np.abs(np.asarray(q_proj.dequantize()) - k).mean()
+        print(f"pissa: nf4 error of K_res + s a0 b0 {err_res:.2e} vs of K {err_k:.2e}")
+        assert err_res < 0.9 * err_k
+
+
+def dataclasses_replace(config, **kw):
+    import dataclasses
+
+    return dataclasses.replace(config, **kw)
+
+
+def test_a_quantized_run_trains_restores_and_evaluates(tiny_model_dir, tmp_path):
+    """``model.quantize: nf4`` in an experiment: the run trains over the quantized base, its checkpoint is tied
+    to that base (fingerprint), and the restored run evaluates to the run's own metrics."""
+    from conftest import DATA, REPO
+    from decomp_jax.experiment import Task, load_config, run
+    from decomp_jax.inject import partition
+    from decomp_jax.runs import restore_run
+
+    cfg = load_config(REPO / "configs" / "quickstart.yaml", [
+        f"model.name={tiny_model_dir}", f"data.path={DATA / 'glue' / 'SST-2'}", "data.max_train_samples=64",
+        "data.max_eval_samples=16", "data.max_length=24", "adapter.method=dora", "adapter.rank=4", "train.steps=3",
+        "train.batch_size=16", "train.learning_rate=0.02", f"train.output_dir={tmp_path}", "model.quantize=nf4",
+        "model.quantize_block_size=32",
+    ])
+    record = run(cfg, progress=False)
+    assert np.isfinite(record["eval"]["accuracy"])
+    restored = restore_run(tmp_path)
+    flat = flatten_dict(restored.params)
+    assert sum(quant.is_quantized(v) for v in flat.values()) == 13 and not quant.is_quantized(flat[("classifier", "kernel")])
+    task = Task(restored.cfg, need_train=False)
+    trainable, buffers, frozen = partition(restored.params, restored.cfg.adapter)
+    task.frozen = frozen
+    assert task.evaluate(trainable, buffers) == record["eval"]
+    with pytest.raises(dj.ConfigError, match="model.quantize='nf5' is unknown"):
+        load_config(REPO / "configs" / "quickstart.yaml", ["model.quantize=nf5"])
