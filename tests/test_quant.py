@@ -50,6 +50,28 @@ def test_nf4_matches_numpy_reference():
     assert 0.05 < rel < 0.15  # NF4 on Gaussian weights: about 10%
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_equals_bitsandbytes(double_quant):
+    """bitsandbytes' quantize_4bit (CPU) on the same tensor: the same packed codes, byte for byte; without
+    double quantization the same dequantized values; with it both quantize the block scales in 8 bits (theirs
+    with their dynamic 8-bit map, ours int8 around the group's mean), so the values differ by the scales' error."""
+    torch = pytest.importorskip("torch")
+    functional = pytest.importorskip("bitsandbytes.functional")
+    x = torch.randn(96, 128, generator=torch.Generator().manual_seed(0)) * 0.05
+    packed, state = functional.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    theirs = functional.dequantize_4bit(packed, state).numpy()
+    ours = quant.quantize(x.numpy(), "nf4", 64, double_quant=double_quant)
+    np.testing.assert_array_equal(np.asarray(ours.codes).reshape(-1), packed.numpy().reshape(-1))
+    diff = np.abs(np.asarray(ours.dequantize()) - theirs).max()
+    err_ours, err_theirs = (np.abs(v - x.numpy()).mean() for v in (np.asarray(ours.dequantize()), theirs))
+    print(f"double_quant={double_quant}: max |ours - bitsandbytes| {diff:.2e}; mean error ours {err_ours:.3e}, "
+          f"bitsandbytes {err_theirs:.3e}")
+    if double_quant:
+        assert err_ours <= 1.01 * err_theirs
+    else:
+        assert diff == 0.0
+
+
 @pytest.mark.parametrize("kind, bound", [("int8", 0.5 / 127), ("fp8", 2.0 ** -4)])
 def test_int8_and_fp8_error_bounds(kind, bound):
     x = np.random.default_rng(1).standard_normal((4, 3, 64)).astype(np.float32)
