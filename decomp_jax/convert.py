@@ -346,9 +346,11 @@ def gguf_tokenizer(reader, context_length: Optional[int] = None):
     return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **kwargs)
 
 
-def load_gguf(path: str, dtype=np.float32):
-    """``(LlamaConfig, params, tokenizer)`` from a llama.cpp GGUF file, every tensor dequantised."""
-    from gguf import GGUFReader
+def load_gguf(path: str, dtype=np.float32, *, keep_quantized: bool = False):
+    """``(LlamaConfig, params, tokenizer)`` from a llama.cpp GGUF file, every tensor dequantised;
+    ``keep_quantized``: the Q4_1 weight matrices kept as they are stored (``decomp_jax.quant``'s ``q4_1``
+    ``QuantizedArray``s, bit for bit the file's blocks), the others dequantised."""
+    from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
 
     path = os.path.expanduser(str(path))
@@ -360,21 +362,38 @@ def load_gguf(path: str, dtype=np.float32):
     flat = {}
     for tensor in reader.tensors:
         flax_path, kind = _gguf_flax_path(tensor.name)
+        heads = None
+        if flax_path[-2] in ("q_proj", "k_proj") and kind in ("linear", "bias"):
+            heads = config.num_attention_heads if flax_path[-2] == "q_proj" else config.num_key_value_heads
+        if keep_quantized and kind == "linear" and tensor.tensor_type == GGMLQuantizationType.Q4_1:
+            flat[flax_path] = _q4_1_kernel(np.asarray(tensor.data), heads)
+            continue
         value = np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32)
         shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists ne0 (the fastest axis) first
         if value.shape != shape:
             value = value.reshape(shape)
-        if kind == "linear" and flax_path[-2] in ("q_proj", "k_proj"):
-            value = unpermute_qk(value, config.num_attention_heads if flax_path[-2] == "q_proj"
-                                 else config.num_key_value_heads)
-        if kind == "bias" and flax_path[-2] in ("q_proj", "k_proj"):
-            n = config.num_attention_heads if flax_path[-2] == "q_proj" else config.num_key_value_heads
-            value = unpermute_qk(value, n)
+        if heads is not None:
+            value = unpermute_qk(value, heads)
         if kind == "linear":
             value = value.T  # (d_out, d_in) -> Flax kernel (d_in, d_out)
         flat[flax_path] = np.ascontiguousarray(value.astype(dtype))
     _check_complete(flat, config)
     return config, unflatten_dict(flat), gguf_tokenizer(reader, config.max_position_embeddings)
+
+
+def _q4_1_kernel(raw: np.ndarray, heads: Optional[int]):
+    """A GGUF Q4_1 weight (``(d_out, bytes per row)`` uint8: per block of 32 values a float16 step, a
+    float16 minimum and 16 bytes of codes) as a ``q4_1`` ``QuantizedArray`` standing for the Flax kernel
+    ``(d_in, d_out)``; Q/K rows (whole rows, blocks intact) put back in HF order."""
+    from decomp_jax.quant import QuantizedArray
+
+    rows = raw.reshape(raw.shape[0], -1, 20)
+    step = np.ascontiguousarray(rows[..., 0:2]).view(np.float16)[..., 0]
+    low = np.ascontiguousarray(rows[..., 2:4]).view(np.float16)[..., 0]
+    codes = np.ascontiguousarray(rows[..., 4:]).reshape(raw.shape[0], -1)
+    if heads is not None:
+        step, low, codes = (unpermute_qk(a, heads) for a in (step, low, codes))
+    return QuantizedArray(codes, step, "q4_1", np.float32, 32, mins=low)
 
 
 # --- writing an HF folder -----------------------------------------------------------------------------

@@ -56,10 +56,11 @@ class ModelConfig(_Serializable):
     # decoder LLMs (data.task: commonsense or math) only
     param_dtype: str = "float32"  # the frozen base's storage dtype (bfloat16: half its memory)
     scan_layers: bool = False  # the decoder layers under one nn.scan (params stacked: faster compiles)
-    # a quantized frozen base (decomp_jax.quant): nf4 | int8 | fp8, blocks of quantize_block_size values along
-    # each kernel's last axis; double_quant stores nf4's block scales in int8
+    # a quantized frozen base (decomp_jax.quant): nf4 | int8 | fp8 | q4_1, blocks of quantize_block_size values
+    # (default 64; q4_1: 32, llama.cpp's) along each kernel's last axis (q4_1: along d_in); double_quant stores
+    # nf4's block scales in int8; q4_1 on a .gguf model keeps the file's Q4_1 blocks as stored
     quantize: Optional[str] = None
-    quantize_block_size: int = 64
+    quantize_block_size: Optional[int] = None
     double_quant: bool = True
 
     def __post_init__(self):
@@ -80,7 +81,8 @@ class ModelConfig(_Serializable):
             if self.quantize not in KINDS:
                 raise ConfigError(f"model.quantize={self.quantize!r} is unknown; choose one of {', '.join(KINDS)} "
                                   f"(or leave it out: a float base).")
-            if not isinstance(self.quantize_block_size, int) or self.quantize_block_size < 2:
+            size = self.quantize_block_size
+            if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 2 or size % 2):
                 raise ConfigError(f"model.quantize_block_size={self.quantize_block_size!r}: give an even number of "
                                   f"values per block that divides the kernels' output sizes, e.g. 64.")
         if self.head_bias not in (None, "label_mean"):
@@ -348,9 +350,6 @@ def _place_on_mesh(cfg: ExperimentConfig, task):
     factor leaves following their kernels)."""
     from decomp_jax import sharding
 
-    if cfg.model.quantize:
-        raise ConfigError(f"model.quantize={cfg.model.quantize!r} runs on one device for now: a quantized kernel has no "
-                          f"partition rule yet. Drop train.mesh (and run one process), or the quantization.")
     mesh = sharding.make_mesh(cfg.train.mesh or {"data": -1})  # several processes: data parallel by default
     n = math.prod(dict(mesh.shape).get(a, 1) for a in sharding.BATCH_AXES)
     if cfg.train.batch_size % n:

@@ -10,6 +10,11 @@ children: a slice of a stacked kernel is the layer's quantized kernel):
   in int8 (minus their group's mean, in groups of 256 as in QLoRA), 1 byte per block instead of 4.
 - ``int8``: symmetric absmax int8 (``round(127 x / absmax)``).
 - ``fp8``: ``x / absmax * 448`` in float8 e4m3 (its largest normal value is 448).
+- ``q4_1``: llama.cpp's Q4_1, bit for bit: per block a float16 step ``d = (max - min) / 15`` and
+  float16 ``min``, 4-bit codes ``q`` with ``x = d q + min``; blocks run along ``d_in`` (the rows of
+  the ``(d_out, d_in)`` weight, as GGUF stores them), so the arrays are kept in that layout and the
+  kernel is transposed back when dequantized. ``load_gguf(path, keep_quantized=True)`` keeps a GGUF
+  file's Q4_1 blocks as they are (SmolLM2 ships as Q4_1: 0.625 bytes per parameter).
 
 ``quantize_params(params, kind, ...)`` replaces the frozen dense kernels of a parameter tree (not the
 embedding tables, nor the leaves a regex ``skip`` matches, e.g. the trained head). Factored execution
@@ -30,7 +35,9 @@ import numpy as np
 
 from decomp_jax.config import ConfigError
 
-KINDS = ("nf4", "int8", "fp8")
+KINDS = ("nf4", "int8", "fp8", "q4_1")
+PACKED = ("nf4", "q4_1")  # two codes per byte
+TRANSPOSED = ("q4_1",)  # blocks along d_in: stored as (..., d_out, d_in)
 
 # QLoRA's NormalFloat-4 codebook (the published values: quantiles of N(0, 1) rescaled to [-1, 1], with an
 # exact zero)
@@ -47,25 +54,37 @@ class QuantizedArray:
     """An array stored blockwise-quantized along its last axis (see the module docstring). ``shape``,
     ``dtype`` (of the dequantized array) and ``ndim`` are those of the array it stands for."""
 
-    def __init__(self, codes, scales, kind: str, dtype, block_size: int, scale_offset=None, scale_scale=None):
+    def __init__(self, codes, scales, kind: str, dtype, block_size: int, scale_offset=None, scale_scale=None,
+                 mins=None):
         self.codes, self.scales = codes, scales
         self.scale_offset, self.scale_scale = scale_offset, scale_scale  # double quantization (nf4)
+        self.mins = mins  # q4_1: each block's minimum
         self.kind, self.dtype, self.block_size = kind, jnp.dtype(dtype), block_size
 
     def tree_flatten(self):
-        return (self.codes, self.scales, self.scale_offset, self.scale_scale), (self.kind, self.dtype.name,
-                                                                               self.block_size)
+        return ((self.codes, self.scales, self.scale_offset, self.scale_scale, self.mins),
+                (self.kind, self.dtype.name, self.block_size))
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        codes, scales, offset, scale = children
+        codes, scales, offset, scale, mins = children
         kind, dtype, block_size = aux
-        return cls(codes, scales, kind, dtype, block_size, offset, scale)
+        return cls(codes, scales, kind, dtype, block_size, offset, scale, mins)
+
+    def _stored_shape(self) -> tuple:
+        """The shape of the quantized layout (``(..., d_out, d_in)`` for the transposed kinds)."""
+        per_byte = 2 if self.kind in PACKED else 1
+        return tuple(self.codes.shape[:-1]) + (self.codes.shape[-1] * per_byte,)
 
     @property
     def shape(self) -> tuple:
-        per_byte = 2 if self.kind == "nf4" else 1
-        return tuple(self.codes.shape[:-1]) + (self.codes.shape[-1] * per_byte,)
+        stored = self._stored_shape()
+        return stored[:-2] + stored[-2:][::-1] if self.kind in TRANSPOSED else stored
+
+    def astype(self, dtype) -> "QuantizedArray":
+        """The same codes and scales, dequantizing to ``dtype``."""
+        return QuantizedArray(self.codes, self.scales, self.kind, dtype, self.block_size, self.scale_offset,
+                              self.scale_scale, self.mins)
 
     @property
     def ndim(self) -> int:
@@ -74,28 +93,39 @@ class QuantizedArray:
     @property
     def nbytes(self) -> int:
         return int(sum(np.prod(c.shape) * jnp.dtype(c.dtype).itemsize
-                       for c in (self.codes, self.scales, self.scale_offset, self.scale_scale) if c is not None))
+                       for c in (self.codes, self.scales, self.scale_offset, self.scale_scale, self.mins) if c is not None))
 
     def block_scales(self):
         """The absmax of each block, ``(..., n_blocks)`` float32 (decoded when double-quantized)."""
         if self.scale_scale is None:
             return self.scales.astype(jnp.float32)
         decoded = self.scales.astype(jnp.float32) * self.scale_scale + self.scale_offset
-        return decoded.reshape(self.shape[:-1] + (self.shape[-1] // self.block_size,))
+        stored = self._stored_shape()
+        return decoded.reshape(stored[:-1] + (stored[-1] // self.block_size,))
 
     def dequantize(self):
         """The array in ``dtype``: codes decoded and multiplied by their block's scale."""
+        stored = self._stored_shape()
+        lead, n = stored[:-1], stored[-1]
         if self.kind == "nf4":
             hi, lo = self.codes >> 4, self.codes & 15
-            idx = jnp.stack([hi, lo], axis=-1).reshape(self.shape)
+            idx = jnp.stack([hi, lo], axis=-1).reshape(stored)
             unit = jnp.asarray(NF4)[idx.astype(jnp.int32)]
+        elif self.kind == "q4_1":  # per block: the low nibbles are its first half, the high ones its second
+            half = self.codes.reshape(lead + (n // self.block_size, self.block_size // 2))
+            unit = jnp.concatenate([half & 15, half >> 4], axis=-1).astype(jnp.float32)
         elif self.kind == "int8":
             unit = self.codes.astype(jnp.float32) / 127.0
         else:
             unit = self.codes.astype(jnp.float32) / FP8_MAX
-        lead, n = self.shape[:-1], self.shape[-1]
         blocks = unit.reshape(lead + (n // self.block_size, self.block_size))
-        return (blocks * self.block_scales()[..., None]).reshape(self.shape).astype(self.dtype)
+        values = blocks * self.block_scales()[..., None]
+        if self.mins is not None:
+            values = values + self.mins.astype(jnp.float32)[..., None]
+        values = values.reshape(stored)
+        if self.kind in TRANSPOSED:
+            values = jnp.swapaxes(values, -1, -2)
+        return values.astype(self.dtype)
 
     def __repr__(self):
         return f"QuantizedArray({self.kind}, shape={self.shape}, dtype={self.dtype.name}, block_size={self.block_size})"
@@ -124,14 +154,20 @@ def dequantize(x):
 
 
 def quantize(x, kind: str = "nf4", block_size: int = 64, double_quant: bool = True) -> QuantizedArray:
-    """``x`` blockwise-quantized along its last axis (``block_size`` must divide it)."""
+    """``x`` blockwise-quantized along its last axis (``block_size`` must divide it); ``q4_1`` along
+    its second-to-last (``d_in`` of a kernel ``(..., d_in, d_out)``; llama.cpp uses blocks of 32)."""
     if kind not in KINDS:
         raise ConfigError(f"quantize: kind={kind!r} is unknown; choose one of {', '.join(KINDS)}.")
-    shape = tuple(np.shape(x))
-    if not shape or shape[-1] % block_size or (kind == "nf4" and block_size % 2):
-        raise ConfigError(f"quantize: an array of shape {shape} cannot be split into blocks of {block_size} along its "
-                          f"last axis; choose a block_size that divides {shape[-1] if shape else 'it'} (e.g. 64, 32).")
+    shape, axis = tuple(np.shape(x)), -2 if kind in TRANSPOSED else -1
+    if (len(shape) < -axis or shape[axis] % block_size or (kind in PACKED and block_size % 2)
+            or (kind == "q4_1" and block_size % 2)):
+        where = "last axis" if axis == -1 else "second-to-last axis (d_in)"
+        n = shape[axis] if len(shape) >= -axis else "it"
+        raise ConfigError(f"quantize: an array of shape {shape} cannot be split into {kind} blocks of {block_size} "
+                          f"along its {where}; choose an even block_size that divides {n} (e.g. 64, 32).")
     dtype = jnp.asarray(x).dtype
+    if kind == "q4_1":
+        return _quantize_q4_1(jnp.swapaxes(jnp.asarray(x, jnp.float32), -1, -2), dtype, block_size)
     blocks = jnp.asarray(x, jnp.float32).reshape(shape[:-1] + (shape[-1] // block_size, block_size))
     absmax = jnp.max(jnp.abs(blocks), axis=-1)
     safe = jnp.where(absmax > 0, absmax, 1.0)
@@ -155,11 +191,25 @@ def quantize(x, kind: str = "nf4", block_size: int = 64, double_quant: bool = Tr
     return QuantizedArray(codes, absmax, kind, dtype, block_size)
 
 
+def _quantize_q4_1(rows, dtype, block_size: int) -> QuantizedArray:
+    """Q4_1 of ``rows`` (``(..., d_out, d_in)``) as llama.cpp rounds it: the step and minimum in float32
+    for the codes, stored in float16."""
+    shape = rows.shape
+    blocks = rows.reshape(shape[:-1] + (shape[-1] // block_size, block_size))
+    lo, hi = jnp.min(blocks, axis=-1), jnp.max(blocks, axis=-1)
+    step = (hi - lo) / 15
+    inverse = jnp.where(step == 0, 0.0, 1.0 / jnp.where(step == 0, 1.0, step))
+    q = jnp.clip(jnp.trunc((blocks - lo[..., None]) * inverse[..., None] + 0.5), 0, 15).astype(jnp.uint8)
+    half = block_size // 2
+    codes = (q[..., :half] | (q[..., half:] << 4)).reshape(shape[:-1] + (shape[-1] // 2,))
+    return QuantizedArray(codes, step.astype(jnp.float16), "q4_1", dtype, block_size, mins=lo.astype(jnp.float16))
+
+
 def quantize_params(params, kind: str = "nf4", *, block_size: int = 64, double_quant: bool = True,
                     skip: Optional[str] = None):
     """``params`` with every dense ``kernel`` (2-D, or 3-D stacked) quantized, except those whose
     '/'-joined path ``skip`` matches (the leaves that train: a head in ``train_extra``) and those whose
-    last axis ``block_size`` does not divide (kept in float, listed by ``unquantized``)."""
+    blocked axis ``block_size`` does not divide (kept in float)."""
     from flax.traverse_util import flatten_dict, unflatten_dict
 
     flat = flatten_dict(params)
@@ -168,7 +218,8 @@ def quantize_params(params, kind: str = "nf4", *, block_size: int = 64, double_q
     for path, value in flat.items():
         where = "/".join(map(str, path))
         if (path[-1] == "kernel" and np.ndim(value) >= 2 and not is_quantized(value)
-                and not (pattern and pattern.search(where)) and np.shape(value)[-1] % block_size == 0):
+                and not (pattern and pattern.search(where))
+                and np.shape(value)[-2 if kind in TRANSPOSED else -1] % block_size == 0):
             out[path] = quantize(value, kind, block_size, double_quant)
         else:
             out[path] = value
@@ -180,14 +231,25 @@ def inject_quantized(base, cfg, key, kind: str, *, block_size: int = 64, double_
     quantized (the trained head of ``cfg.train_extra`` kept in float). Factors start from the quantized
     kernels (the adapted model equals the quantized base at init); PiSSA/MiLoRA take the SVD of the float
     kernel and store its residual quantized (QLoRA-style)."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
     from decomp_jax.inject import inject
     from decomp_jax.methods import get
 
     settings = dict(block_size=block_size, double_quant=double_quant, skip=cfg.train_extra)
     qbase = quantize_params(base, kind, **settings)
-    if get(cfg.method).residual is not None:
-        return qbase, quantize_params(inject(base, cfg, key), kind, **settings)
-    return qbase, inject(qbase, cfg, key)
+    if get(cfg.method).residual is None:
+        return qbase, inject(qbase, cfg, key)
+    # the residual of the float (or dequantized) kernel, quantized; the other kernels keep qbase's codes
+    adapted = flatten_dict(quantize_params(inject(dequantize_params(base), cfg, key), kind, **settings))
+    kept = flatten_dict(qbase)
+    targeted = {p[:-1] for p in set(adapted) - set(kept)}  # the layers that gained factor leaves
+    return qbase, unflatten_dict({p: v if p[:-1] in targeted or p not in kept else kept[p] for p, v in adapted.items()})
+
+
+def default_block_size(kind: str) -> int:
+    """64 values per block (QLoRA's), 32 for ``q4_1`` (llama.cpp's)."""
+    return 32 if kind == "q4_1" else 64
 
 
 def model_params(base, cfg, key) -> tuple:
@@ -198,7 +260,8 @@ def model_params(base, cfg, key) -> tuple:
     m = cfg.model
     if not m.quantize:
         return base, inject(base, cfg.adapter, key)
-    return inject_quantized(base, cfg.adapter, key, m.quantize, block_size=m.quantize_block_size,
+    return inject_quantized(base, cfg.adapter, key, m.quantize,
+                            block_size=m.quantize_block_size or default_block_size(m.quantize),
                             double_quant=m.double_quant)
 
 

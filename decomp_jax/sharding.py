@@ -16,6 +16,10 @@ gets a ``NamedSharding`` on a ``jax.sharding.Mesh`` (JAX's own machinery; GSPMD 
   kernel's input axis, ``d_out`` its output axis (``FACTOR_AXES`` declares which is which for the
   registered methods, so ``d_in == d_out`` is unambiguous), rank-sized axes are replicated; prompt
   methods' leaves are replicated.
+- A quantized kernel (``decomp_jax.quant.QuantizedArray``) gets a ``QuantizedArray`` of specs: its
+  codes and (single-level) block scales take the kernel's spec, axis by axis, where the axis sizes
+  divide (q4_1's, stored ``(d_out, d_in)``, the transposed spec); double-quantized scales are replicated
+  (one byte per block).
 - ``train_shardings`` gives the ``TrainState`` and frozen shardings (the state's structure from
   ``jax.eval_shape`` of ``init_state``; optimizer moments and method state follow the trainable
   leaf of the same path and shape); ``batch_sharding`` splits the leading axis over
@@ -246,7 +250,41 @@ def _box_entries(box, logical_rules) -> tuple:
 
 def base_specs(params, mesh, rules=None, *, fsdp_min_size: int = FSDP_MIN_SIZE, logical_rules=None) -> dict:
     """A ``PartitionSpec`` per leaf of ``params`` (a nested dict of arrays, ``ShapeDtypeStruct``s or
-    Flax boxes; the result has the unboxed structure)."""
+    Flax boxes; the result has the unboxed structure; a quantized kernel: a ``QuantizedArray`` of specs)."""
+    specs = _logical_specs(params, mesh, rules, fsdp_min_size=fsdp_min_size, logical_rules=logical_rules)
+    return _quantized_specs(specs, _unbox(params), mesh)
+
+
+def _quantized_specs(specs: dict, values, mesh) -> dict:
+    """``specs`` (one per leaf, a quantized kernel's for its logical shape) with each quantized kernel's
+    spec turned into a ``QuantizedArray`` of the specs of its codes and scales."""
+    from decomp_jax.quant import TRANSPOSED, is_quantized
+
+    sizes = _axis_sizes(mesh)
+    flat_values = flatten_dict(values)
+    flat = flatten_dict(specs, is_leaf=lambda _, x: isinstance(x, P))
+    for path, spec in flat.items():
+        value = flat_values.get(path)
+        if not is_quantized(value):
+            continue
+        entries = [_names(e) for e in spec] + [()] * (value.ndim - len(spec))
+        if value.kind in TRANSPOSED:
+            entries[-2:] = entries[-2:][::-1]
+        children, aux = value.tree_flatten()
+        codes, scales, offset, step, mins = children
+
+        def own(child):
+            return None if child is None else fit_spec(np.shape(child), entries, sizes)
+
+        blocked = step is None  # double-quantized scales are regrouped: replicated
+        flat[path] = type(value).tree_unflatten(aux, (
+            own(codes), own(scales) if blocked else P(), None if offset is None else P(),
+            None if step is None else P(), own(mins)))
+    return unflatten_dict(flat)
+
+
+def _logical_specs(params, mesh, rules=None, *, fsdp_min_size: int = FSDP_MIN_SIZE, logical_rules=None) -> dict:
+    """``base_specs`` with a quantized kernel's spec for its logical (dequantized) shape."""
     sizes = _axis_sizes(mesh)
     logical = dict(logical_rules or ())
     compiled = [(re.compile(rx), spec) for rx, spec in resolve_rules(rules, _unbox(params))]
@@ -321,15 +359,16 @@ def param_specs(params, mesh, rules=None, *, cfg: Optional[AdapterConfig] = None
                                    matrix_leaf, path_str)
     from decomp_jax.methods import get
 
-    specs = flatten_dict(base_specs(params, mesh, rules, fsdp_min_size=fsdp_min_size, logical_rules=logical_rules))
+    logical = _logical_specs(params, mesh, rules, fsdp_min_size=fsdp_min_size, logical_rules=logical_rules)
     if cfg is None:
-        return unflatten_dict(specs)
+        return _quantized_specs(logical, _unbox(params), mesh)
+    specs = flatten_dict(logical, is_leaf=lambda _, x: isinstance(x, P))
     method = get(cfg.method)
     if method.kind == "prompt":
         for path in specs:
             if path[0] == cfg.method:
                 specs[path] = P()
-        return unflatten_dict(specs)
+        return _quantized_specs(unflatten_dict(specs), _unbox(params), mesh)
     values = _unbox(params)
     for path, layer in adapted_layers(values, cfg):
         declared = method.factor_axes(cfg.for_layer(path_str(path))) if method.factor_axes else {}
@@ -355,7 +394,7 @@ def param_specs(params, mesh, rules=None, *, cfg: Optional[AdapterConfig] = None
         if path[-1] == TOKEN_LEAF:
             table = list(specs[path[:-1] + ("embedding",)]) + [None, None]
             specs[path] = P(None, table[1])
-    return unflatten_dict(specs)
+    return _quantized_specs(unflatten_dict(specs), values, mesh)
 
 
 def _major(entries):
@@ -391,18 +430,27 @@ def follow(tree, specs, mesh):
     """Shardings for ``tree`` (e.g. a ``TrainState`` or its ``jax.eval_shape``): each leaf takes the spec
     in ``specs`` (a nested dict of ``PartitionSpec``s) of the longest path suffix of its key path whose
     leaf has the same shape there; anything else (step counts, RNG keys, masks) is replicated."""
-    flat_specs = flatten_dict(specs, is_leaf=lambda _, x: isinstance(x, P))
+    from decomp_jax.quant import is_quantized
+
+    flat_specs = flatten_dict(specs, is_leaf=lambda _, x: isinstance(x, P) or is_quantized(x))
+
+    def one(spec, leaf):
+        return NamedSharding(mesh, spec if spec is not None and _valid(spec, tuple(np.shape(leaf)), mesh) else P())
 
     def pick(keypath, leaf):
         shape = tuple(np.shape(leaf))
         suffix = _dict_suffix(keypath)
         for i in range(len(suffix)):
             spec = flat_specs.get(suffix[i:])
-            if spec is not None and _valid(spec, shape, mesh):
+            if is_quantized(leaf) and is_quantized(spec) and spec.kind == leaf.kind:  # codes and scales: their own specs
+                return jax.tree.map(one, spec, leaf, is_leaf=lambda x: isinstance(x, P))
+            if isinstance(spec, P) and _valid(spec, shape, mesh):
                 return NamedSharding(mesh, spec)
+        if is_quantized(leaf):
+            return jax.tree.map(lambda _: NamedSharding(mesh, P()), leaf)
         return NamedSharding(mesh, P())
 
-    return jax.tree_util.tree_map_with_path(pick, tree)
+    return jax.tree_util.tree_map_with_path(pick, tree, is_leaf=is_quantized)
 
 
 def _valid(spec: P, shape, mesh) -> bool:

@@ -191,6 +191,31 @@ QUICK0 = (("bert", "lora", {"data": 8}), ("bert", "dora", {"fsdp": 8}), ("bert",
 QUICK1 = (("bert", "adalora", {"fsdp": 8}), ("llama", "lora", {"data": 2, "tensor": 4}))
 
 
+def quantized():
+    """A quantized frozen base on meshes (nf4 with double quantization, q4_1 stored transposed): LoRA and
+    DoRA train to the one-device losses and adapters; under tensor=8 the codes of every kernel are split
+    (1/8 per device; these kernels are too small for FSDP) and place() puts back the same codes."""
+    from decomp_jax import quant
+
+    for kind in ("nf4", "q4_1"):
+        def setup(method, kind=kind):
+            base, cfg, loss_fn, batch = llama_setup(method)
+            return quant.quantize_params(base, kind, block_size=16), cfg, loss_fn, batch
+
+        compare(f"llama-{kind}", "lora", setup, [{"data": 2, "fsdp": 2, "tensor": 2}])
+        compare(f"llama-{kind}", "dora", setup, [{"fsdp": 8}])
+        qbase = setup("lora")[0]
+        mesh = sh.make_mesh({"tensor": 8})
+        placed = sh.place(qbase, sh.param_shardings(qbase, mesh))
+        kernels = [(q, h) for q, h in zip(jax.tree_util.tree_leaves(placed, is_leaf=quant.is_quantized),
+                                          jax.tree_util.tree_leaves(qbase, is_leaf=quant.is_quantized))
+                   if quant.is_quantized(h)]
+        for q, h in kernels:
+            np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(h.codes))
+        ratios = [max(sh.device_bytes([q.codes]).values()) / np.asarray(h.codes).nbytes for q, h in kernels]
+        print(json.dumps({"quantized_bytes": kind, "kernels": len(kernels), "max_codes_ratio": max(ratios)}), flush=True)
+
+
 def runner(model_dir, data_dir, out_dir):
     """experiment.run with train.mesh {data: 2, fsdp: 4} against one device: losses and eval."""
     from decomp_jax.experiment import load_config, run
@@ -241,6 +266,8 @@ def main(which):
             lm_runner(*arg[len("lm_runner="):].split(","))
     if "bytes" in which:
         frozen_bytes()
+    if "quant" in which:
+        quantized()
     for i, part in enumerate((QUICK0, QUICK1)):
         for model, method, mesh in part if ("quick" in which or f"quick{i}" in which) else ():
             compare(model, method, bert_setup if model == "bert" else llama_setup, [mesh])

