@@ -204,6 +204,8 @@ def jax_step(model, params, method: str, batch: dict, bench: DecoderBenchConfig,
         apply, trainable, frozen, cfg = model.apply, params, {}, None
     else:
         cfg = adapter_config(method, bench)
+        if getattr(model.config, "scan_layers", False):  # the layers' params stacked for nn.scan
+            cfg = cfg.replace(stacked="layers")
         trainable, buffers, base = partition(inject(params, cfg, jax.random.PRNGKey(bench.seed)), cfg)
         apply, frozen = adapt(model.apply, cfg), combine(buffers, base)
 

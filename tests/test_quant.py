@@ -241,3 +241,28 @@ def test_a_quantized_run_trains_restores_and_evaluates(tiny_model_dir, tmp_path)
     assert task.evaluate(trainable, buffers) == record["eval"]
     with pytest.raises(dj.ConfigError, match="model.quantize='nf5' is unknown"):
         load_config(REPO / "configs" / "quickstart.yaml", ["model.quantize=nf5"])
+
+
+def test_a_scanned_quantized_step_keeps_no_dequantized_kernels():
+    """The dequantized kernels are not residuals of the backward pass (recomputed there from the codes): over
+    scanned layers the gradient step's temporaries are those of the float base's step, not all the layers'
+    float kernels more (XLA's own memory analysis of the compiled step)."""
+    from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_params, stack_layers
+
+    config = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+    base = stack_layers(init_params(config, jax.random.PRNGKey(0)))
+    model = LlamaForCausalLM(dataclasses_replace(config, scan_layers=True))
+    cfg = dj.AdapterConfig(method="lora", targets=r"self_attn/(q_proj|v_proj)$", rank=4, stacked="layers")
+    run = dj.adapt(model.apply, cfg)
+    ids = jnp.ones((1, 8), jnp.int32)
+    temp = {}
+    for kind in ("float32", "nf4"):
+        params = dj.inject(base if kind == "float32" else quant.quantize_params(base, kind), cfg, jax.random.PRNGKey(1))
+        trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg))
+        loss = lambda t, f: jnp.mean(run({"params": dj.combine(t, f)}, ids))
+        temp[kind] = jax.jit(jax.grad(loss)).lower(trainable, frozen).compile().memory_analysis().temp_size_in_bytes
+    kernels = sum(v.size * 4 for p, v in flatten_dict(base).items() if p[-1] == "kernel")
+    print(f"train step temporaries: float32 base {temp['float32'] / 2**20:.2f} MiB, nf4 base {temp['nf4'] / 2**20:.2f} "
+          f"MiB; all float kernels {kernels / 2**20:.2f} MiB")
+    assert temp["nf4"] < temp["float32"] + kernels / 4  # at most one layer's dequantized kernels beside the float step's
