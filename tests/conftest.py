@@ -6,6 +6,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the CLI processes tests start keep the system allocator (no re-execution under jemalloc: a second
 # interpreter start per process); tests/test_allocator.py checks the switch itself
 os.environ.setdefault("DECOMP_JAX_ALLOCATOR", "system")
+# the suite's models are tiny, so compiling dominates: XLA:CPU's code generation without LLVM's expensive
+# optimisations (the same numerics, no fast-math either way) takes about 30% off the suite; a test that starts
+# processes with its own XLA_FLAGS (device counts) replaces these, and an XLA_FLAGS of your own (even "") wins
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 
 import jax
 import pytest

@@ -192,21 +192,21 @@ QUICK1 = (("bert", "adalora", {"fsdp": 8}), ("llama", "lora", {"data": 2, "tenso
 
 
 def quantized():
-    """A quantized frozen base on meshes (nf4 with double quantization, q4_1 stored transposed): LoRA and
-    DoRA train to the one-device losses and adapters; under tensor=8 the codes of every kernel are split
-    (1/8 per device; these kernels are too small for FSDP) and place() puts back the same codes."""
+    """A quantized frozen base on meshes: LoRA over nf4 (double quantization) on data=2 x fsdp=2 x tensor=2 and
+    DoRA over q4_1 (stored transposed) on tensor=8 train to the one-device losses and adapters; under tensor=8
+    the codes of every kernel are split (1/8 per device; these kernels are too small for FSDP) and place() puts
+    back the same codes."""
     from decomp_jax import quant
 
-    for kind in ("nf4", "q4_1"):
+    for kind, method, mesh in (("nf4", "lora", {"data": 2, "fsdp": 2, "tensor": 2}), ("q4_1", "dora", {"tensor": 8})):
         def setup(method, kind=kind):
             base, cfg, loss_fn, batch = llama_setup(method)
             return quant.quantize_params(base, kind, block_size=16), cfg, loss_fn, batch
 
-        compare(f"llama-{kind}", "lora", setup, [{"data": 2, "fsdp": 2, "tensor": 2}])
-        compare(f"llama-{kind}", "dora", setup, [{"fsdp": 8}])
-        qbase = setup("lora")[0]
-        mesh = sh.make_mesh({"tensor": 8})
-        placed = sh.place(qbase, sh.param_shardings(qbase, mesh))
+        compare(f"llama-{kind}", method, setup, [mesh])
+        qbase = setup(method)[0]
+        tensor = sh.make_mesh({"tensor": 8})
+        placed = sh.place(qbase, sh.param_shardings(qbase, tensor))
         kernels = [(q, h) for q, h in zip(jax.tree_util.tree_leaves(placed, is_leaf=quant.is_quantized),
                                           jax.tree_util.tree_leaves(qbase, is_leaf=quant.is_quantized))
                    if quant.is_quantized(h)]

@@ -144,12 +144,14 @@ def test_quantized_base_runs_factored_and_merges(kind, tiny_bert, tiny_batch):
     assert np.abs(np.asarray(apply(base, tiny_batch)) - np.asarray(apply(_dequantized(qbase), tiny_batch))).max() > 1e-4
     run = dj.adapt(apply, CFG)
 
-    def loss(tr):
+    def loss(tr, frozen):
         logits = run(dj.combine(tr, frozen), tiny_batch)
         return optax.softmax_cross_entropy_with_integer_labels(logits, tiny_batch["labels"]).mean()
 
-    grads = jax.jit(jax.grad(loss))(trainable)
-    assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(grads))
+    grad = jax.jit(jax.grad(loss))
+    grads = grad(trainable, frozen)  # equal to those over the float dequantized base
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), grads,
+                 grad(trainable, _dequantized(frozen)))
     assert max(float(jnp.abs(g).max()) for g in jax.tree_util.tree_leaves(grads)) > 1e-4
 
 
@@ -266,3 +268,36 @@ def test_a_scanned_quantized_step_keeps_no_dequantized_kernels():
     print(f"train step temporaries: float32 base {temp['float32'] / 2**20:.2f} MiB, nf4 base {temp['nf4'] / 2**20:.2f} "
           f"MiB; all float kernels {kernels / 2**20:.2f} MiB")
     assert temp["nf4"] < temp["float32"] + kernels / 4  # at most one layer's dequantized kernels beside the float step's
+
+
+def _perturbed(params, cfg):
+    """Non-initial values for the adapter's trainable leaves and buffers (LoRA-Dash's directions are zero until
+    its warm-up ends)."""
+    names = dj.methods.get(cfg.method).buffers
+    mask = jax.tree_util.tree_map_with_path(lambda p, m: m or p[-1].key in names, dj.trainable_mask(params, cfg))
+    return jax.tree.map(lambda x, m: x + 0.05 * jnp.cos(jnp.arange(x.size).reshape(x.shape)) if m else x, params, mask,
+                        is_leaf=quant.is_quantized)
+
+
+DEFAULT_QUANT_METHODS = ("ia3", "liera", "sam_parser")  # a scaling method, LiERA (K * (1 + s AB)), an SVD rebuild
+
+
+@pytest.mark.parametrize("name", [n if n in DEFAULT_QUANT_METHODS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in dj.methods.names() if dj.methods.get(n).kind != "prompt"])
+def test_every_method_over_a_quantized_base(name, tiny_bert, tiny_batch):
+    """Each method (non-initial factors) over an nf4 BERT equals the same adapter over the float model holding
+    the dequantized kernels, in outputs and gradients (PiSSA/MiLoRA: their residual quantized, inject_quantized)."""
+    model, base = tiny_bert
+    cfg = dj.AdapterConfig(method=name, targets=r"attention/self/(query|value)$|intermediate/dense$", rank=4,
+                           train_extra="classifier")
+    qbase, params = quant.inject_quantized(base, cfg, jax.random.PRNGKey(0), "nf4", block_size=32)
+    params = _perturbed(params, cfg)
+    trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg))
+    run = dj.adapt(sequence_classifier_apply(model), cfg)
+    loss = lambda t, f: jnp.sum(jnp.sin(run(dj.combine(t, f), tiny_batch)))
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    got, grads = value_and_grad(trainable, frozen)
+    want, grads_float = value_and_grad(trainable, _dequantized(frozen))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), grads, grads_float)
+    assert sum(quant.is_quantized(v) for v in flatten_dict(frozen).values()) == 2 * 6 + 1
