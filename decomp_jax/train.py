@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
 import optax
 
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -211,7 +212,9 @@ def make_train_step(
     one step over one copy of ``frozen``: the state is ``stack_states([state_1, ..., state_N])`` (each
     adapter its own leaves, optimizer state and RNG), the step is ``jax.vmap`` of the single step, and
     ``metrics`` hold one value per adapter. ``"shared"``: one batch for all; ``"stacked"``: a batch with
-    a leading axis N, one per adapter. Each adapter's run equals its own single-adapter run.
+    a leading axis N, one per adapter. Each adapter's run equals its own single-adapter run. With a
+    ``mesh`` each adapter's leaves are laid out as its single run's (the axis N replicated), the batch
+    split over ``("data", "fsdp")`` on its example axis.
     """
 
     _check_stateful(cfg, schedule)
@@ -259,33 +262,43 @@ def make_train_step(
     jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     explicit = any(s is not None for s in (state_sharding, frozen_sharding, batch_sharding))
     if batched is not None:
-        if mesh is not None or explicit:
-            raise ConfigError("batched training runs on one device for now: drop mesh= and the shardings, or train "
-                              "the adapters one after another on the mesh.")
-        return jax.jit(jax.vmap(step, in_axes=(0, None, 0 if batched == "stacked" else None)), **jit_kwargs)
+        if explicit:
+            raise ConfigError("batched training derives its shardings from mesh=: drop the explicit shardings.")
+        step = jax.vmap(step, in_axes=(0, None, 0 if batched == "stacked" else None))
+        if mesh is None:
+            return jax.jit(step, **jit_kwargs)
     if mesh is not None and not explicit:
-        return _meshed_step(step, jit_kwargs, cfg, mesh, rules)
+        return _meshed_step(step, jit_kwargs, cfg, mesh, rules, batched)
     if explicit:
         jit_kwargs["in_shardings"] = (state_sharding, frozen_sharding, batch_sharding)
         jit_kwargs["out_shardings"] = (state_sharding, None)
     return jax.jit(step, **jit_kwargs)
 
 
-def _meshed_step(step, jit_kwargs, cfg, mesh, rules):
+def _meshed_step(step, jit_kwargs, cfg, mesh, rules, batched=None):
     """``step`` jitted with the shardings of ``sharding`` derived from the first arguments of each
-    tree structure (cached); arguments are placed onto the mesh when they are not already."""
+    tree structure (cached); arguments are placed onto the mesh when they are not already. ``batched``:
+    ``step`` is the vmapped step of stacked states (and, ``"stacked"``, stacked batches)."""
     from decomp_jax import sharding as sh
 
     compiled: dict = {}
+    first = lambda tree: jax.tree.map(lambda x: x[0], tree)
+    along_n = lambda shardings: jax.tree.map(lambda s: NamedSharding(mesh, P(None, *s.spec)), shardings)
 
     def run(state: TrainState, frozen: dict, batch: dict):
         key = (jax.tree.structure(state), jax.tree.structure(frozen), jax.tree.structure(batch),
                tuple(jnp.shape(x) for x in jax.tree_util.tree_leaves(batch)))
         if key not in compiled:
-            params = combine(state.trainable, state.buffers or {}, frozen)
+            one = first(state) if batched else state  # one adapter's state: its layout, the N axis replicated
+            params = combine(one.trainable, one.buffers or {}, frozen)
             specs = sh.param_specs(params, mesh, rules, cfg=cfg)
-            state_sh, frozen_sh = sh.follow(state, specs, mesh), sh.follow(frozen, specs, mesh)
-            batch_sh = sh.batch_sharding(batch, mesh, strict=True)
+            state_sh, frozen_sh = sh.follow(one, specs, mesh), sh.follow(frozen, specs, mesh)
+            if batched == "stacked":
+                batch_sh = along_n(sh.batch_sharding(first(batch), mesh, strict=True))
+            else:
+                batch_sh = sh.batch_sharding(batch, mesh, strict=True)
+            if batched:
+                state_sh = along_n(state_sh)
             fn = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, None),
                          **jit_kwargs)
             compiled[key] = (fn, state_sh, frozen_sh, batch_sh)

@@ -216,6 +216,39 @@ def quantized():
         print(json.dumps({"quantized_bytes": kind, "kernels": len(kernels), "max_codes_ratio": max(ratios)}), flush=True)
 
 
+def batched_on_mesh():
+    """Two LoRA adapters (two seeds) trained in one batched step on a mesh (make_train_step(..., mesh=,
+    batched=)): "shared" on data=2 x fsdp=4, "stacked" (a batch each) on fsdp=8; per-step losses and final
+    adapters equal the batched run on one device (itself equal to separate runs: tests/test_batched.py)."""
+    base, cfg, loss_fn, batch = bert_setup("lora")
+    opt = dj.make_optimizer(LR, STEPS, warmup_ratio=0.0)
+
+    def states():
+        out = []
+        for seed in (0, 1):
+            trainable, buffers, frozen = dj.partition(dj.inject(base, cfg, jax.random.PRNGKey(seed)), cfg)
+            out.append(dj.init_state(trainable, opt, jax.random.PRNGKey(10 + seed), buffers=buffers, frozen=frozen))
+        return dj.stack_states(out), frozen
+
+    stacked = jax.tree.map(lambda x: np.stack([x, x[::-1]]), batch)
+    for mode, data, shape in (("shared", batch, {"data": 2, "fsdp": 4}), ("stacked", stacked, {"fsdp": 8})):
+        runs = {}
+        for where, mesh in (("one", None), ("mesh", sh.make_mesh(shape))):
+            state, frozen = states()
+            step = dj.make_train_step(loss_fn, opt, cfg, mesh=mesh, batched=mode)
+            losses = []
+            for _ in range(STEPS):
+                state, metrics = step(state, frozen, data)
+                losses.append(np.asarray(metrics["loss"]).tolist())
+            if mesh is not None:
+                assert all(x.sharding.mesh.devices.size == 8 for x in jax.tree_util.tree_leaves(state.trainable))
+            runs[where] = (np.asarray(losses), jax.tree_util.tree_leaves(jax.device_get(state.trainable)))
+        adapter_diff = max(float(np.abs(a - b).max()) for a, b in zip(runs["one"][1], runs["mesh"][1]))
+        print(json.dumps({"batched": mode, "mesh": shape, "losses": runs["mesh"][0].tolist(),
+                          "loss_diff": float(np.abs(runs["one"][0] - runs["mesh"][0]).max()),
+                          "adapter_diff": adapter_diff}), flush=True)
+
+
 def runner(model_dir, data_dir, out_dir):
     """experiment.run with train.mesh {data: 2, fsdp: 4} against one device: losses and eval."""
     from decomp_jax.experiment import load_config, run
@@ -268,6 +301,8 @@ def main(which):
         frozen_bytes()
     if "quant" in which:
         quantized()
+    if "batched" in which:
+        batched_on_mesh()
     for i, part in enumerate((QUICK0, QUICK1)):
         for model, method, mesh in part if ("quick" in which or f"quick{i}" in which) else ():
             compare(model, method, bert_setup if model == "bert" else llama_setup, [mesh])

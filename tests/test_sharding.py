@@ -320,14 +320,14 @@ def _check_cases(records):
 def test_training_on_meshes_equals_one_device(tiny_model_dir, tmp_path):
     """lora, dora, adalora, lora_dash (BERT) on data=8, fsdp=8, data=2 x fsdp=4 and lora, prompt_tuning
     (Llama) on data=2 x tensor=4, one mesh each (every mesh used), lora over an nf4 and dora over a q4_1 Llama
-    base: per-step losses and final adapters equal the single-device run; the frozen base under
+    base, two LoRA adapters in one batched step (shared and stacked batches): per-step losses and final adapters equal the single-device run; the frozen base under
     fsdp=8 holds 1/8 per device; experiment.run with train.mesh {data: 2, fsdp: 4} logs the losses and
     eval of the one-device run. Two worker processes run side by side. (Every method on every mesh:
     test_every_method_on_every_mesh, marked slow.)"""
     from conftest import DATA
 
     runner = f"runner={tiny_model_dir},{DATA / 'glue' / 'SST-2'},{tmp_path}"
-    records = _records(_run_worker("bytes", "quick0", "quant"), _run_worker("quick1", runner))
+    records = _records(_run_worker("bytes", "quick0", "quant"), _run_worker("quick1", "batched", runner))
     cases = _check_cases(records)
     done = {(r["model"], r["method"]) for r in cases}
     assert {("bert", m) for m in ("lora", "dora", "adalora", "lora_dash")} <= done
@@ -346,6 +346,11 @@ def test_training_on_meshes_equals_one_device(tiny_model_dir, tmp_path):
           f"{size['ratio_all']:.4f}")
     assert size["ratio_sharded"] == pytest.approx(1 / 8)
     assert size["ratio_all"] < 0.2
+    batched = [r for r in records if r.get("batched")]  # two adapters in one batched step on a mesh
+    assert sorted(r["batched"] for r in batched) == ["shared", "stacked"]
+    for r in batched:
+        print(f"batched {r['batched']} on {r['mesh']}: loss diff {r['loss_diff']:.1e}, adapter diff {r['adapter_diff']:.1e}")
+        assert r["loss_diff"] <= 1e-5 and r["adapter_diff"] <= 1e-5, r
     (r,) = [r for r in records if r.get("runner")]
     print(f"runner on data=2 x fsdp=4: losses {r['losses']} (one device {r['ref_losses']}), eval {r['eval']}")
     np.testing.assert_allclose(r["losses"], r["ref_losses"], rtol=0, atol=1e-5)
