@@ -44,8 +44,10 @@ def load_causal_lm(name: str, dtype: str = "float32", *, param_dtype: str = "flo
 def load_for(cfg):
     """``load_causal_lm`` with an experiment config's model and train settings (``model.quantize: q4_1``
     with the default block size keeps a GGUF file's Q4_1 blocks)."""
+    from decomp_jax.quant import default_block_size
+
     m = cfg.model
-    keep = m.quantize == "q4_1" and m.quantize_block_size in (None, 32)
+    keep = m.quantize == "q4_1" and m.quantize_block_size in (None, default_block_size("q4_1"))
     return load_causal_lm(m.name, m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=cfg.train.remat,
                           keep_quantized=keep)
 

@@ -31,7 +31,7 @@ from decomp_jax.inject import (TOKEN_LEAF, check_mergeable, is_transposed, kerne
                                write_token_rows)
 from decomp_jax.methods import get
 from decomp_jax.methods.base import linear
-from decomp_jax.quant import is_quantized
+from decomp_jax.quant import dequantize, is_quantized
 
 MODES = ("factored", "merged")
 # the Linen layers factored execution intercepts, and whether each stores its kernel (d_out, d_in)
@@ -126,7 +126,7 @@ def layer_output(module, args, kwargs, params, method, cfg: AdapterConfig, where
     train, key = _dropout(module, method, cfg)
 
     def compute(x, kernel, bias, factors, key):
-        kernel = _dequantized(kernel)
+        kernel = dequantize(kernel)
         run = lambda xf, matrix, b: _run(module, xf, matrix, b, factors, method, cfg, train, key)
         if equation is None:
             return run(x, kernel.T if LAYOUTS[kind] else kernel, bias)
@@ -150,22 +150,10 @@ def plain_output(module, args, kwargs, params):
     return layer_output(module, args, kwargs, params, None, None, "/".join(module.path))
 
 
-# the dequantized kernel of a quantized base is not kept for the backward pass: it is recomputed there from
-# the codes, so a train step holds each layer's float kernel only while that layer runs
-DEQUANTIZED = "decomp_jax_dequantized_kernel"
-
-
-def _dequantized(kernel):
-    if not is_quantized(kernel):
-        return kernel
-    from jax.ad_checkpoint import checkpoint_name
-
-    return checkpoint_name(kernel.dequantize(), DEQUANTIZED)
-
-
 def _remat_dequantization(compute, kernel):
-    """``compute`` itself for a float kernel; for a quantized one, under ``jax.checkpoint`` saving every
-    residual but the dequantized kernel."""
+    """``compute`` itself for a float kernel; for a quantized one, under ``jax.checkpoint`` saving only the
+    results of its dots: the dequantized kernel is not kept for the backward pass but recomputed there from
+    the codes, so a train step holds each layer's float kernel only while that layer runs."""
     if not is_quantized(kernel):
         return compute
     return jax.checkpoint(compute, policy=jax.checkpoint_policies.dots_saveable)

@@ -51,8 +51,9 @@ FP8_MAX = 448.0
 
 @jax.tree_util.register_pytree_node_class
 class QuantizedArray:
-    """An array stored blockwise-quantized along its last axis (see the module docstring). ``shape``,
-    ``dtype`` (of the dequantized array) and ``ndim`` are those of the array it stands for."""
+    """An array stored blockwise-quantized along its last axis (``q4_1``: along the second-to-last, stored
+    transposed; see the module docstring). ``shape``, ``dtype`` (of the dequantized array) and ``ndim`` are
+    those of the array it stands for."""
 
     def __init__(self, codes, scales, kind: str, dtype, block_size: int, scale_offset=None, scale_scale=None,
                  mins=None):
@@ -83,8 +84,8 @@ class QuantizedArray:
 
     def astype(self, dtype) -> "QuantizedArray":
         """The same codes and scales, dequantizing to ``dtype``."""
-        return QuantizedArray(self.codes, self.scales, self.kind, dtype, self.block_size, self.scale_offset,
-                              self.scale_scale, self.mins)
+        children, (kind, _, block_size) = self.tree_flatten()
+        return QuantizedArray.tree_unflatten((kind, jnp.dtype(dtype).name, block_size), children)
 
     @property
     def ndim(self) -> int:
@@ -159,8 +160,7 @@ def quantize(x, kind: str = "nf4", block_size: int = 64, double_quant: bool = Tr
     if kind not in KINDS:
         raise ConfigError(f"quantize: kind={kind!r} is unknown; choose one of {', '.join(KINDS)}.")
     shape, axis = tuple(np.shape(x)), -2 if kind in TRANSPOSED else -1
-    if (len(shape) < -axis or shape[axis] % block_size or (kind in PACKED and block_size % 2)
-            or (kind == "q4_1" and block_size % 2)):
+    if len(shape) < -axis or shape[axis] % block_size or (kind in PACKED and block_size % 2):
         where = "last axis" if axis == -1 else "second-to-last axis (d_in)"
         n = shape[axis] if len(shape) >= -axis else "it"
         raise ConfigError(f"quantize: an array of shape {shape} cannot be split into {kind} blocks of {block_size} "
