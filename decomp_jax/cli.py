@@ -13,12 +13,23 @@ from decomp_jax.distributed import HEARTBEAT_TIMEOUT, INIT_TIMEOUT
 
 def _train(args) -> int:
     from decomp_jax import distributed
-    from decomp_jax.experiment import load_config, run
+    from decomp_jax.experiment import load_config, run, run_seeds
 
     overrides = list(args.set or [])
+    if len(args.config) > 1:  # seeds of one experiment, trained together
+        given = [f for f, on in (("--resume", args.resume), ("--output-dir", args.output_dir), ("several processes",
+                 args.distributed or distributed.settings(args.coordinator, args.num_processes, args.process_id))) if on]
+        if given:
+            raise ConfigError(f"{', '.join(given)} applies to one config: several configs train their seeds together "
+                              f"in one process, each in its own train.output_dir; resume a stopped one alone with "
+                              f"`decomp-jax train ITS_CONFIG --resume`.")
+        records = run_seeds([load_config(path, overrides) for path in args.config], progress=not args.no_progress)
+        for record, path in zip(records, args.config):
+            print(f"{path}: {json.dumps(record['eval'])}")
+        return 0
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
-    cfg = load_config(args.config, overrides)  # a bad config fails before any process waits for the others
+    cfg = load_config(args.config[0], overrides)  # a bad config fails before any process waits for the others
     given = distributed.settings(args.coordinator, args.num_processes, args.process_id)
     if (given or args.distributed) and not os.environ.get(distributed.CHILD_ENV):
         # several processes: train in a child, and name the process that died if the job fails
@@ -250,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[common], **kwargs)
 
     train = add("train", help="fine-tune from a YAML experiment config")
-    train.add_argument("config", help="YAML file, e.g. configs/quickstart.yaml")
+    train.add_argument("config", nargs="+", help="YAML file, e.g. configs/quickstart.yaml; several that differ only in "
+                       "train.seed (and train.output_dir) train together in one batched step (experiment.run_seeds)")
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     train.add_argument("--output-dir", help="where to write metrics and the adapter (train.output_dir)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -458,10 +458,12 @@ def _config_diff(saved: dict, now: dict) -> dict:
 
 class _FiniteGuard:
     """Checks the train step's ``finite`` flags on the host in batches (one transfer at each log,
-    eval and save step and at the end, none in between) and stops at the first bad step."""
+    eval and save step and at the end, none in between) and stops at the first bad step. In a
+    batched run (several seeds together) the flags hold one value per run, and the first run that
+    diverged is named."""
 
-    def __init__(self, cfg: ExperimentConfig, mngr):
-        self.cfg, self.mngr, self.pending = cfg, mngr, []
+    def __init__(self, runs: Sequence["_Run"], batched: bool):
+        self.runs, self.batched, self.pending = runs, batched, []
 
     def add(self, step: int, metrics: dict) -> None:
         self.pending.append((step, metrics))
@@ -471,19 +473,67 @@ class _FiniteGuard:
             return
         flags = jax.device_get([m["finite"] for _, m in self.pending])
         for (step, metrics), ok in zip(self.pending, flags):
-            if not ok:
-                values = jax.device_get(metrics)
-                steps = self.mngr.all_steps()
-                kept = (f"the last good checkpoint is step {max(steps)} in {self.mngr.directory}" if steps
-                        else "no checkpoint was written")
-                tc = self.cfg.train
-                raise NonFiniteError(
-                    f"Training diverged at step {step}: loss {float(values['loss'])}, gradient norm "
-                    f"{float(values['grad_norm'])}; stopped without saving that state ({kept}). Lower "
-                    f"train.learning_rate (now {tc.learning_rate})"
-                    + ("" if tc.grad_clip else " or set train.grad_clip") + " and start a new train.output_dir."
-                )
+            bad = np.flatnonzero(~np.atleast_1d(np.asarray(ok, bool)))
+            if not bad.size:
+                continue
+            i = int(bad[0])
+            run = self.runs[i]
+            values = _member(jax.device_get(metrics), i, self.batched)
+            steps = run.mngr.all_steps()
+            kept = (f"the last good checkpoint is step {max(steps)} in {run.mngr.directory}" if steps
+                    else "no checkpoint was written")
+            tc = run.cfg.train
+            together = (f" (seed {tc.seed} of the {len(self.runs)} seeds trained together; every one of them stopped"
+                        f" there: resume the others one by one with --resume)" if self.batched else "")
+            raise NonFiniteError(
+                f"Training diverged at step {step}{together}: loss {float(values['loss'])}, gradient norm "
+                f"{float(values['grad_norm'])}; stopped without saving that state ({kept}). Lower "
+                f"train.learning_rate (now {tc.learning_rate})"
+                + ("" if tc.grad_clip else " or set train.grad_clip") + " and start a new train.output_dir."
+            )
         self.pending.clear()
+
+
+def _member(tree, i: int, batched: bool):
+    """Run ``i``'s part of a batched run's tree (leaves with a leading axis, one entry per run)."""
+    return jax.tree.map(lambda x: x[i], tree) if batched else tree
+
+
+@dataclasses.dataclass
+class _Run:
+    """One run of a training loop: its config, task and folder; ``own``: the frozen leaves that differ
+    from the first run's (a batched run trains them in each run's train-state buffers)."""
+
+    cfg: ExperimentConfig
+    task: Any
+    own: dict = dataclasses.field(default_factory=dict)
+    mngr: Any = None
+    fingerprint: Any = None
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def state(self, state, i: int, batched: bool):
+        """This run's ``TrainState`` as its own single run holds it (its frozen leaves out of the buffers)."""
+        state = _member(state, i, batched)
+        if self.own:
+            from decomp_jax.inject import split
+
+            state = state.replace(buffers=split(state.buffers, _not_in(state.buffers, self.own))[0])
+        return state
+
+
+def _not_in(tree: dict, other: dict) -> dict:
+    """A mask of ``tree``: True where ``other`` has no leaf at the path."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    theirs = set(flatten_dict(other))
+    return unflatten_dict({p: p not in theirs for p in flatten_dict(tree)})
 
 
 def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
@@ -502,16 +552,101 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
     logged or saved anything removes the output folder it created.
     """
     check_output_dir(cfg, resume)
-    out_dir = Path(cfg.train.output_dir)
-    task = make_task(cfg)
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return _run_folders([cfg], lambda: [_Run(cfg, make_task(cfg))], progress=progress, resume=resume,
+                        on_step=on_step)[0]
+
+
+def _run_folders(cfgs: Sequence[ExperimentConfig], make_runs: Callable[[], list], **kwargs) -> list[dict]:
+    """``_train`` of the runs ``make_runs()`` builds, in output folders created here; a failure before
+    a run logged or saved anything removes the folders created."""
+    created = [not Path(c.train.output_dir).exists() for c in cfgs]
     try:
-        return _train(cfg, task, out_dir, progress=progress, resume=resume, on_step=on_step)
+        runs = make_runs()
+        for r in runs:
+            r.out_dir.mkdir(parents=True, exist_ok=True)
+        return _train(runs, **kwargs)
     except BaseException:
-        if created and is_primary() and not _saved_steps(out_dir / "checkpoints") and not _read_jsonl(out_dir / "metrics.jsonl"):
-            shutil.rmtree(out_dir, ignore_errors=True)
+        for cfg, new in zip(cfgs, created):
+            out_dir = Path(cfg.train.output_dir)
+            if new and is_primary() and not _saved_steps(out_dir / "checkpoints") and not _read_jsonl(out_dir / "metrics.jsonl"):
+                shutil.rmtree(out_dir, ignore_errors=True)
         raise
+
+
+SEED_KEYS = {("train", "seed"), ("train", "output_dir")}  # what may differ between the seeds of run_seeds
+
+
+def seed_group_key(data: Mapping[str, Any]) -> str:
+    """An experiment dict without its seed and output folder: configs with one key train together."""
+    return json.dumps({sec: {k: v for k, v in (d or {}).items() if (sec, k) not in SEED_KEYS}
+                       for sec, d in data.items()}, sort_keys=True, default=str)
+
+
+def run_seeds(cfgs: Sequence[ExperimentConfig], *, progress: bool = True) -> list[dict[str, Any]]:
+    """Train several seeds of one experiment together: configs that differ only in ``train.seed`` (and
+    ``train.output_dir``) train in one jitted step over one copy of the frozen base
+    (``make_train_step(..., batched="stacked")``), each seed with its own data order, adapter and head
+    init, dropout and optimizer state. Each run folder holds what ``run(cfg)`` would write (equal to it
+    up to float rounding: losses within 1e-5), plus ``"batched": N`` in ``metrics.json``, whose
+    ``train_seconds`` is the time of the N seeds together. A run stopped part way resumes alone
+    (``run(cfg, resume=True)``) from its checkpoints. Pays on a GPU, where one seed leaves it idle;
+    on a CPU the step is about as fast as N separate ones. One process only (on a mesh of its devices)."""
+    cfgs = list(cfgs)
+    if not cfgs:
+        raise ConfigError("run_seeds needs at least one config.")
+    keys = {seed_group_key(c.to_dict()) for c in cfgs}
+    if len(keys) > 1:
+        a, b = (json.loads(k) for k in list(keys)[:2])
+        diff = {f"{sec}.{k}": (v, b.get(sec, {}).get(k)) for sec, d in a.items() for k, v in d.items()
+                if b.get(sec, {}).get(k) != v}
+        raise ConfigError(f"run_seeds: the configs differ in more than train.seed and train.output_dir: {diff}; "
+                          f"train those separately.")
+    for what, values in (("train.seed", [c.train.seed for c in cfgs]),
+                         ("train.output_dir", [str(Path(c.train.output_dir).resolve()) for c in cfgs])):
+        if len(set(values)) < len(values):
+            raise ConfigError(f"run_seeds: two configs have the same {what} ({values}); give each seed its own.")
+    if jax.process_count() > 1:
+        raise ConfigError("run_seeds trains on one process (on a mesh of its devices); with several processes "
+                          "train each seed with `decomp-jax train` on its own.")
+    for cfg in cfgs:
+        check_output_dir(cfg, resume=False)
+    return _run_folders(cfgs, lambda: _seed_runs(cfgs), progress=progress, resume=False, on_step=None)
+
+
+def _seed_runs(cfgs: Sequence[ExperimentConfig]) -> list[_Run]:
+    """The runs of ``run_seeds``: each seed's task, with the leaves of its frozen part and base equal to
+    the first seed's shared (one copy in memory); frozen leaves that differ (a frozen head initialised
+    by the seed) are kept as the run's ``own``."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    def same(a, b) -> bool:
+        la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+        return (jax.tree.structure(a) == jax.tree.structure(b)
+                and all(x.shape == y.shape and x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+                        for x, y in zip(la, lb)))
+
+    def share(tree, ref):  # tree with the leaves equal to ref's replaced by ref's; the differing paths
+        flat, theirs = flatten_dict(tree), flatten_dict(ref)
+        differ = {p for p, v in flat.items() if p not in theirs or not same(v, theirs[p])}
+        return unflatten_dict({p: (v if p in differ else theirs[p]) for p, v in flat.items()}), differ
+
+    runs = [_Run(cfgs[0], make_task(cfgs[0]))]
+    lead, paths = runs[0].task, set()
+    for cfg in cfgs[1:]:
+        task = make_task(cfg)
+        if task.num_train != lead.num_train:
+            raise ConfigError(f"run_seeds: seed {cfg.train.seed} has {task.num_train} training examples, seed "
+                              f"{cfgs[0].train.seed} {lead.num_train}; batched seeds need one step count.")
+        task.base_params, _ = share(task.base_params, lead.base_params)
+        task.frozen, differ = share(task.frozen, lead.frozen)
+        if set(flatten_dict(lead.frozen)) != set(flatten_dict(task.frozen)):
+            raise ConfigError(f"run_seeds: seed {cfg.train.seed} splits its params differently from seed "
+                              f"{cfgs[0].train.seed}; train them separately.")
+        runs.append(_Run(cfg, task))
+        paths |= differ
+    for r in runs:
+        r.own = unflatten_dict({p: v for p, v in flatten_dict(r.task.frozen).items() if p in paths})
+    return runs
 
 
 def _resume(cfg: ExperimentConfig, task, mngr, state, base_fingerprint, log_path: Path):
@@ -540,38 +675,67 @@ def _resume(cfg: ExperimentConfig, task, mngr, state, base_fingerprint, log_path
     return state, start
 
 
-def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume: bool, on_step) -> dict[str, Any]:
+def _train(runs: Sequence[_Run], *, progress: bool, resume: bool, on_step) -> list[dict[str, Any]]:
+    """The training loop of ``run`` (one run) and ``run_seeds`` (several, batched: one step trains them
+    all); returns each run's final record."""
     from tqdm.auto import tqdm
 
-    log_path = out_dir / "metrics.jsonl"
-    tc = cfg.train
+    from decomp_jax.inject import split
+    from decomp_jax.train import stack_states
+
+    lead = runs[0]
+    cfg, task, tc = lead.cfg, lead.task, lead.cfg.train
+    batched = len(runs) > 1
     steps = total_steps(cfg, task.num_train)
     primary = is_primary()  # with several processes, process 0 prints and writes the run's files
-    mesh = _place_on_mesh(cfg, task) if tc.mesh or jax.process_count() > 1 else None
-    optimizer, schedule, state = initial_state(cfg, steps, task.trainable, task.buffers, task.frozen, mesh=mesh)
+    mesh = None
+    if tc.mesh or jax.process_count() > 1:
+        for r in runs:
+            mesh = _place_on_mesh(r.cfg, r.task)
+    # a batched step holds one copy of the frozen leaves the runs share; each run's own ones join its buffers
+    frozen = split(task.frozen, _not_in(task.frozen, lead.own))[0] if lead.own else task.frozen
+    states = []
+    for r in runs:
+        optimizer, schedule, state = initial_state(r.cfg, steps, r.task.trainable, combine(r.task.buffers, r.own),
+                                                   frozen, mesh=mesh)
+        states.append(state)
+    state = stack_states(states) if batched else states[0]
+    del states
     train_step = make_train_step(task.loss, optimizer, cfg.adapter, schedule=schedule, mesh=mesh,
-                                 rules=cfg.model.partition_rules)
-    feed = _batch_feed(cfg, task, mesh)
-    mngr, base_fingerprint = _checkpoints(cfg, task)
+                                 rules=cfg.model.partition_rules, batched="stacked" if batched else None)
+    feeds = [_batch_feed(r.cfg, r.task, mesh) for r in runs]
+    feed = (lambda micro: jax.tree.map(lambda *xs: np.stack(xs), *(f(micro) for f in feeds))) if batched else feeds[0]
+    for r in runs:
+        r.mngr, r.fingerprint = _checkpoints(r.cfg, r.task)
     try:
         start = 0
         if resume:
-            state, start = _resume(cfg, task, mngr, state, base_fingerprint, log_path)
+            state, start = _resume(cfg, task, lead.mngr, state, lead.fingerprint, lead.log_path)
         elif primary:
-            atomic_write_text(log_path, "")
+            for r in runs:
+                atomic_write_text(r.log_path, "")
         if primary:
-            atomic_write_text(out_dir / "config.yaml", cfg.to_yaml())
-        metadata = {"experiment": cfg.to_dict()}
-        guard = _FiniteGuard(cfg, mngr)
+            for r in runs:
+                atomic_write_text(r.out_dir / "config.yaml", r.cfg.to_yaml())
+        guard = _FiniteGuard(runs, batched)
 
-        def log(record):  # a metrics.jsonl line (process 0's)
+        def log(i, record):  # a metrics.jsonl line (process 0's)
             if primary:
-                _append_jsonl(log_path, record)
+                _append_jsonl(runs[i].log_path, record)
 
         def save(state, metrics=None):
             guard.check()
-            checkpoint.save(mngr, state, task.frozen, cfg.adapter, fingerprint=base_fingerprint, metadata=metadata,
-                            metrics=metrics)
+            for i, r in enumerate(runs):
+                checkpoint.save(r.mngr, r.state(state, i, batched), r.task.frozen, r.cfg.adapter,
+                                fingerprint=r.fingerprint, metadata={"experiment": r.cfg.to_dict()},
+                                metrics=None if metrics is None else metrics[i])
+
+        def evaluate(state):
+            out = []
+            for i, r in enumerate(runs):
+                mine = r.state(state, i, batched)
+                out.append(r.task.evaluate(mine.trainable, mine.buffers))
+            return out
 
         n_trainable = count_params(task.trainable)
         n_backbone = task.backbone_params
@@ -579,6 +743,8 @@ def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume
                    f"{100 * n_trainable / n_backbone:.3f}% of the {n_backbone:,}-parameter backbone")
         if primary:
             print(summary + (f"; resuming at step {start // tc.grad_accum}" if start else "")
+                  + (f"; {len(runs)} seeds ({', '.join(str(r.cfg.train.seed) for r in runs)}) in one batched step"
+                     if batched else "")
                   + (f"; {jax.process_count()} processes, {jax.device_count()} devices" if jax.process_count() > 1 else ""),
                   flush=True)
 
@@ -589,7 +755,7 @@ def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume
         last_step = start // tc.grad_accum
         for micro in range(start, micro_steps):
             batch = feed(micro)
-            state, metrics = train_step(state, task.frozen, batch)
+            state, metrics = train_step(state, frozen, batch)
             step = (micro + 1) // tc.grad_accum
             guard.add(step, metrics)
             if (micro + 1) % tc.grad_accum:
@@ -597,18 +763,21 @@ def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume
             values = {}
             if step % tc.log_every == 0 or step == steps:
                 guard.check()
-                values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "finite"}
+                host = jax.device_get(metrics)
                 now = time.perf_counter()
-                rate = (step - last_step) * tc.batch_size * tc.grad_accum / (now - last_time)
+                rate = (step - last_step) * tc.batch_size * tc.grad_accum / (now - last_time)  # per run
                 last_time, last_step = now, step
-                log({"step": step, **values, "examples_per_s": rate})
-                bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{rate:.0f}")
+                for i in range(len(runs)):
+                    values = {k: float(v) for k, v in _member(host, i, batched).items() if k != "finite"}
+                    log(i, {"step": step, **values, "examples_per_s": rate})
+                bar.set_postfix(loss=f"{values['loss']:.4f}", ex_s=f"{rate * len(runs):.0f}")
             bar.update(1)
             eval_metrics = None
             if tc.eval_every and step % tc.eval_every == 0 and step < steps:
                 guard.check()
-                eval_metrics = task.evaluate(state.trainable, state.buffers)
-                log({"step": step, "eval": eval_metrics})
+                eval_metrics = evaluate(state)
+                for i, m in enumerate(eval_metrics):
+                    log(i, {"step": step, "eval": m})
             if tc.save_every and step % tc.save_every == 0 and step < steps:
                 save(state, eval_metrics)
             if on_step is not None:
@@ -618,35 +787,43 @@ def _train(cfg: ExperimentConfig, task, out_dir: Path, *, progress: bool, resume
         bar.close()
         train_seconds = time.perf_counter() - t0
 
-        eval_metrics = task.evaluate(state.trainable, state.buffers)
-        log({"step": steps, "eval": eval_metrics, "final": True})
-        # the results first: a failing final checkpoint (a full disk, say) keeps them
-        save_adapter(combine(state.trainable, state.buffers), out_dir / "adapter.safetensors")
-        record = {
-            "task": task.name,
-            "method": cfg.adapter.method,
-            "eval": eval_metrics,
-            "train_seconds": train_seconds,
-            "steps": steps,
-            "trainable_params": n_trainable,
-            "backbone_params": n_backbone,
-            "trainable_fraction": n_trainable / n_backbone,
-            "checkpoint": str(Path(mngr.directory) / str(int(state.step))),
-        }
-        ranks = live_ranks(combine(state.trainable, state.buffers, task.frozen), cfg.adapter)
-        if ranks is not None:  # FlexLoRA, AdaLoRA: where the ranks went
-            record["live_ranks"] = ranks
-            values = sorted(ranks.values())
+        eval_metrics = evaluate(state)
+        records = []
+        for i, r in enumerate(runs):
+            log(i, {"step": steps, "eval": eval_metrics[i], "final": True})
+            mine = r.state(state, i, batched)
+            # the results first: a failing final checkpoint (a full disk, say) keeps them
+            save_adapter(combine(mine.trainable, mine.buffers), r.out_dir / "adapter.safetensors")
+            record = {
+                "task": r.task.name,
+                "method": r.cfg.adapter.method,
+                "eval": eval_metrics[i],
+                "train_seconds": train_seconds,
+                "steps": steps,
+                "trainable_params": n_trainable,
+                "backbone_params": n_backbone,
+                "trainable_fraction": n_trainable / n_backbone,
+                "checkpoint": str(Path(r.mngr.directory) / str(int(mine.step))),
+            }
+            if batched:
+                record["batched"] = len(runs)  # seeds trained together: train_seconds is theirs together
+            ranks = live_ranks(combine(mine.trainable, mine.buffers, r.task.frozen), r.cfg.adapter)
+            if ranks is not None:  # FlexLoRA, AdaLoRA: where the ranks went
+                record["live_ranks"] = ranks
+                values = sorted(ranks.values())
+                if primary:
+                    print(f"live ranks over {len(values)} layers: min {values[0]}, median {values[len(values) // 2]}, "
+                          f"max {values[-1]}, total {sum(values)}", flush=True)
             if primary:
-                print(f"live ranks over {len(values)} layers: min {values[0]}, median {values[len(values) // 2]}, "
-                      f"max {values[-1]}, total {sum(values)}", flush=True)
-        if primary:
-            atomic_write_text(out_dir / "metrics.json", json.dumps(record, indent=2))
-        if int(state.step) not in mngr.all_steps():  # (resuming a finished run only re-evaluates)
+                atomic_write_text(r.out_dir / "metrics.json", json.dumps(record, indent=2))
+            records.append(record)
+        if int(_member(state.step, 0, batched)) not in lead.mngr.all_steps():  # (resuming a finished run only re-evaluates)
             save(state, eval_metrics)
-        return record
+        return records
     finally:
-        mngr.close()
+        for r in runs:
+            if r.mngr is not None:
+                r.mngr.close()
 
 
 def method_param_counts(config_path, overrides: Sequence[str] = ()) -> tuple[dict[str, int], int, ExperimentConfig]:

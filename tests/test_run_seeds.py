@@ -1,0 +1,132 @@
+"""Seeds of one experiment trained together (experiment.run_seeds, issue 18): one batched step over one
+copy of the frozen base writes the run folders that separate `run` calls write (losses, evaluation,
+adapter and checkpoints equal to float rounding), resumes seed by seed, and refuses configs that differ
+in more than the seed. On the tiny BERT, SST-2 data."""
+
+import json
+
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+from safetensors.numpy import load_file
+
+from decomp_jax import cli
+from decomp_jax.config import ConfigError
+from decomp_jax.experiment import _seed_runs, evaluate_run, load_config, run, run_seeds
+
+from conftest import DATA, REPO
+
+SST2 = str(DATA / "glue" / "SST-2")
+
+
+def config(model_dir, out, seed, *extra):
+    return load_config(REPO / "configs" / "quickstart.yaml", [
+        f"model.name={model_dir}", f"data.path={SST2}", "data.max_train_samples=96", "data.max_eval_samples=64",
+        "data.max_length=32", "train.steps=6", "train.batch_size=8", "train.log_every=2", "train.learning_rate=0.01",
+        "train.warmup_ratio=0.0", f"train.seed={seed}", f"train.output_dir={out}", *extra,
+    ])
+
+
+def losses(folder):
+    return [r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def assert_same_run(got, want):
+    """Two run folders with the same losses, evaluation and adapter (to float rounding)."""
+    np.testing.assert_allclose(losses(got), losses(want), atol=1e-5, rtol=0)
+    a, b = load_file(str(got / "adapter.safetensors")), load_file(str(want / "adapter.safetensors"))
+    assert sorted(a) == sorted(b)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=0, err_msg=k)
+    got_m, want_m = json.loads((got / "metrics.json").read_text()), json.loads((want / "metrics.json").read_text())
+    for k, v in want_m["eval"].items():
+        assert got_m["eval"][k] == pytest.approx(v, abs=1e-6), k
+
+
+@pytest.fixture(scope="module")
+def headless_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny BERT without a classification head: each seed draws its own new head."""
+    import shutil
+
+    from transformers import BertConfig, FlaxBertModel
+
+    folder = tmp_path_factory.mktemp("headless")
+    FlaxBertModel(BertConfig.from_pretrained(tiny_model_dir), seed=0).save_pretrained(folder)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("case", [
+    # a stateful method (AdaLoRA: its schedule runs vmapped), a mid-run checkpoint; three seeds
+    ("tiny", 3, "adapter.method=adalora", "adapter.options={t_init: 0.2, t_final: 0.2, interval: 1}",
+     "adapter.rank=4", "train.save_every=3"),
+    # a frozen new head, drawn by each seed: those frozen leaves differ between the seeds and train in
+    # each seed's state (the rest of the base is one copy); SSB
+    ("headless", 2, "adapter.train_extra=null", "adapter.method=ssb"),
+])
+def test_seeds_together_equal_separate_runs(case, tiny_model_dir, headless_dir, tmp_path):
+    model, n, *extra = case
+    model = tiny_model_dir if model == "tiny" else headless_dir
+    seeds = list(range(n))
+    separate = [run(config(model, tmp_path / f"alone{s}", s, *extra), progress=False) for s in seeds]
+    together = run_seeds([config(model, tmp_path / f"together{s}", s, *extra) for s in seeds], progress=False)
+    for s, rec_alone, rec in zip(seeds, separate, together):
+        assert rec["batched"] == n and "batched" not in rec_alone
+        assert_same_run(tmp_path / f"together{s}", tmp_path / f"alone{s}")
+        # the run folder is an ordinary one: evaluated from its config and adapter, checkpoints restorable
+        assert evaluate_run(tmp_path / f"together{s}")["eval"] == pytest.approx(rec["eval"], abs=1e-6)
+        saved = sorted(int(p.name) for p in (tmp_path / f"together{s}" / "checkpoints").iterdir() if p.name.isdigit())
+        assert saved == sorted(int(p.name) for p in (tmp_path / f"alone{s}" / "checkpoints").iterdir() if p.name.isdigit())
+    if model == headless_dir:  # the case holds what it says: the heads are each seed's own, the rest shared
+        runs = _seed_runs([config(model, tmp_path / f"x{s}", s, *extra) for s in seeds])
+        assert {"/".join(p[:1]) for p in flatten_dict(runs[1].own)} == {"classifier"}
+        assert not np.array_equal(*(flatten_dict(r.own)[("classifier", "kernel")] for r in runs))
+        embedding = lambda r: r.task.frozen["bert"]["embeddings"]["word_embeddings"]["embedding"]
+        assert embedding(runs[1]) is embedding(runs[0])
+    # the seeds really differ (beyond the tolerance above)
+    assert abs(losses(tmp_path / "together0")[0] - losses(tmp_path / "together1")[0]) > 1e-3
+
+
+def test_a_stopped_group_resumes_seed_by_seed(tiny_model_dir, tmp_path):
+    """A batched run stopped after a checkpoint (a killed sweep) leaves each seed a resumable run folder:
+    `run(cfg, resume=True)` finishes it with the losses of an uninterrupted single run."""
+    seeds = [3, 4]
+    extra = ("train.save_every=2",)
+    cfgs = [config(tiny_model_dir, tmp_path / f"g{s}", s, *extra) for s in seeds]
+    import decomp_jax.experiment as ex
+
+    real_train = ex._train
+
+    def stop_at_3(runs, **kw):
+        kw["on_step"] = lambda step, values: (_ for _ in ()).throw(KeyboardInterrupt) if step == 3 else None
+        return real_train(runs, **kw)
+
+    ex._train = stop_at_3
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_seeds(cfgs, progress=False)
+    finally:
+        ex._train = real_train
+    for s, cfg in zip(seeds, cfgs):
+        assert (tmp_path / f"g{s}" / "checkpoints" / "2").is_dir() and not (tmp_path / f"g{s}" / "metrics.json").exists()
+        run(cfg, progress=False, resume=True)
+        run(config(tiny_model_dir, tmp_path / f"alone{s}", s, *extra), progress=False)
+        assert_same_run(tmp_path / f"g{s}", tmp_path / f"alone{s}")
+
+
+def test_bad_seed_groups_are_refused(tiny_model_dir, tmp_path, capsys):
+    a = config(tiny_model_dir, tmp_path / "a", 0)
+    with pytest.raises(ConfigError, match="differ in more than train.seed.*learning_rate"):
+        run_seeds([a, config(tiny_model_dir, tmp_path / "b", 1, "train.learning_rate=0.02")], progress=False)
+    with pytest.raises(ConfigError, match="the same train.seed"):
+        run_seeds([a, config(tiny_model_dir, tmp_path / "b", 0)], progress=False)
+    with pytest.raises(ConfigError, match="the same train.output_dir"):
+        run_seeds([a, config(tiny_model_dir, tmp_path / "a", 1)], progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing was created
+    # the command line: several configs train together; --resume and --output-dir name one run
+    for flag in (["--resume"], ["--output-dir", str(tmp_path / "c")]):
+        (tmp_path / "one.yaml").write_text(a.to_yaml())
+        (tmp_path / "two.yaml").write_text(config(tiny_model_dir, tmp_path / "b", 1).to_yaml())
+        assert cli.main(["train", str(tmp_path / "one.yaml"), str(tmp_path / "two.yaml"), *flag]) == 2
+        assert "one config" in capsys.readouterr().err
