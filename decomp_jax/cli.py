@@ -101,16 +101,20 @@ def _sweep(args) -> int:
     if args.dry_run:
         cells = study.expand(spec)
         i, n = study.parse_shard(args.shard)
-        mine = [c for c in cells if c.index % n == i]
+        mine = study.shard_cells(cells, (i, n), args.batch_seeds)
         status = {c.id: study.cell_status(spec.output_dir, c) for c in cells}
+        together = {}  # --batch-seeds: the pending seeds that one process trains together
+        if args.batch_seeds:
+            units = study.sweep_units(spec.output_dir, [c for c in mine if status[c.id] != "done"], True)
+            together = {c.id: k for k, unit in enumerate(u for u in units if len(u) > 1) for c in unit}
         for c in mine:
-            print(f"{c.id}  [{status[c.id]}]")
+            print(f"{c.id}  [{status[c.id]}]" + (f"  together #{together[c.id]}" if c.id in together else ""))
         counts = {s: sum(v == s for v in status.values()) for s in ("done", "partial", "failed", "pending")}
         print(f"{len(mine)} of {len(cells)} cells in shard {i}/{n}; the whole grid: " +
               ", ".join(f"{v} {k}" for k, v in counts.items()) + f"; output {spec.output_dir}")
         return 0
     try:
-        result = study.sweep(spec, workers=args.workers, shard=study.parse_shard(args.shard))
+        result = study.sweep(spec, workers=args.workers, shard=study.parse_shard(args.shard), batch_seeds=args.batch_seeds)
     except KeyboardInterrupt:  # Ctrl-C or a scheduler's SIGTERM: the sweep said what it stopped; no traceback
         return 130
     print(f"report: decomp-jax report {spec.output_dir}")
@@ -320,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--shard", metavar="I/N", help="run only the cells with index = I mod N (a cluster array job: "
                     "one shard per task, e.g. --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
     sw.add_argument("--output-dir", help="the study folder (default: the study's output_dir, else studies/NAME)")
+    sw.add_argument("--batch-seeds", action="store_true", help="train the pending seeds of each setting together in "
+                    "one process and one batched step over one copy of the base (pays on a GPU; every shard needs it too)")
     sw.add_argument("--dry-run", action="store_true", help="list the cells and their status (done, partial, failed, pending) with counts over the whole grid; run nothing")
     sw.set_defaults(func=_sweep)
 

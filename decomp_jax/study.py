@@ -30,7 +30,10 @@ are dropped, and cells that end up with the same config are run once.
 whose run folder holds ``metrics.json`` is done and skipped; one with checkpoints resumes; a failed one
 is recorded and retried on the next sweep. Each cell runs in its own process (``--workers`` at once).
 ``--shard i/n`` runs the cells whose index is ``i`` modulo ``n``: every shard expands the same grid, so
-a cluster array job splits it with no coordinator.
+a cluster array job splits it with no coordinator. ``--batch-seeds`` runs the pending seeds of each
+setting (cells equal but for ``train.seed``) as one process that trains them in one batched step over
+one copy of the frozen base (``experiment.run_seeds``; each seed still gets its own run folder, equal to
+its separate run); its shards then split whole settings.
 """
 
 from __future__ import annotations
@@ -289,6 +292,45 @@ def _command(study_dir: Path, cell: Cell, resume: bool) -> list[str]:
             "--no-progress"] + (["--resume"] if resume else [])
 
 
+def _group_command(study_dir: Path, cells: Sequence[Cell]) -> list[str]:
+    """The seeds of one setting trained together: ``decomp-jax train CONFIG_1 ... CONFIG_N``."""
+    return ([sys.executable, "-m", "decomp_jax.cli", "train"]
+            + [str(study_dir / "configs" / f"{c.id}.yaml") for c in cells] + ["--no-progress"])
+
+
+def seed_groups(cells: Sequence[Cell]) -> list[list[Cell]]:
+    """The cells grouped by setting: the same config but for ``train.seed``, in grid order."""
+    from decomp_jax.experiment import seed_group_key
+
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(seed_group_key(cell.config), []).append(cell)
+    return list(groups.values())
+
+
+def shard_cells(cells: Sequence[Cell], shard: tuple[int, int], batch_seeds: bool = False) -> list[Cell]:
+    """The cells of ``shard`` ``(i, n)``: index ``i`` modulo ``n``; with ``batch_seeds``, whole settings
+    (a setting's seeds stay in one shard, to train together)."""
+    i, n = shard
+    if not batch_seeds:
+        return [c for c in cells if c.index % n == i]
+    return [c for g, group in enumerate(seed_groups(cells)) if g % n == i for c in group]
+
+
+def sweep_units(study_dir: Path, cells: Sequence[Cell], batch_seeds: bool) -> list[list[Cell]]:
+    """What the sweep starts, in order: single cells, and with ``batch_seeds`` the pending cells of a
+    setting together (cells that resume or failed before run alone)."""
+    if not batch_seeds:
+        return [[c] for c in cells]
+    units = []
+    for group in seed_groups(cells):
+        pending = [c for c in group if cell_status(study_dir, c) == "pending"]
+        if len(pending) > 1:
+            units.append(pending)
+        units += [[c] for c in group if c not in pending or len(pending) == 1]
+    return units
+
+
 def _set_aside(study_dir: Path, cell: Cell) -> None:
     """A failed run's folder with no checkpoint cannot resume: move it under failed/ (nothing is deleted)."""
     run = study_dir / "runs" / cell.id
@@ -305,26 +347,36 @@ def _fmt_s(seconds: float) -> str:
 
 
 def sweep(study: Study, *, workers: int = 1, shard: tuple[int, int] = (0, 1), log: Callable[[str], None] = print,
-          poll_s: float = 0.5, command: Optional[Callable[[Path, Cell, bool], list[str]]] = None) -> dict:
+          poll_s: float = 0.5, command: Optional[Callable[[Path, Cell, bool], list[str]]] = None,
+          batch_seeds: bool = False, group_command: Optional[Callable[[Path, Sequence[Cell]], list[str]]] = None) -> dict:
     """Run the study's cells of ``shard`` (see the module docstring), ``workers`` at a time. Returns
     ``{"done": [...], "failed": [...], "skipped": [...]}`` (cell ids). ``command(study_dir, cell,
-    resume)`` gives a cell's argv (default: ``decomp-jax train CONFIG --no-progress [--resume]``)."""
+    resume)`` gives a cell's argv (default: ``decomp-jax train CONFIG --no-progress [--resume]``).
+
+    ``batch_seeds``: the pending seeds of a setting (cells equal but for ``train.seed``) run as one
+    process that trains them in one batched step (``experiment.run_seeds``; ``group_command(study_dir,
+    cells)``, default ``decomp-jax train CONFIG_1 ... CONFIG_N``); each still gets its own run folder.
+    Cells that resume, or failed before, run alone; shards split whole settings, so every shard of a
+    study must be given the same ``batch_seeds``."""
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}.")
-    command = command or _command
+    command, group_command = command or _command, group_command or _group_command
     out = study.output_dir
     cells = expand(study)
     write_plan(study, cells)
     i, n = shard
-    mine = [c for c in cells if c.index % n == i]
+    mine = shard_cells(cells, shard, batch_seeds)
     status = {c.id: cell_status(out, c) for c in mine}
     skipped = [c.id for c in mine if status[c.id] == "done"]
-    queue = [c for c in mine if status[c.id] != "done"]
+    queue = sweep_units(out, [c for c in mine if status[c.id] != "done"], batch_seeds)
     (out / "logs").mkdir(parents=True, exist_ok=True)
+    together = sum(len(u) for u in queue if len(u) > 1)
     log(f"[sweep] {out}: {len(cells)} cells in the grid, {len(mine)} in shard {i}/{n}: {len(skipped)} done, "
         f"{sum(s == 'partial' for s in status.values())} to resume, {sum(s == 'failed' for s in status.values())} "
-        f"failed before (retried), {sum(s == 'pending' for s in status.values())} to start; {workers} worker(s)")
-    running: dict[str, tuple[Cell, subprocess.Popen, float, Any]] = {}
+        f"failed before (retried), {sum(s == 'pending' for s in status.values())} to start"
+        + (f" ({together} of them as {sum(len(u) > 1 for u in queue)} groups of seeds trained together)"
+           if together else "") + f"; {workers} worker(s)")
+    running: dict[str, tuple[list, subprocess.Popen, float, Any]] = {}
     done, failed, durations = list(skipped), [], []
     started = time.perf_counter()
 
@@ -334,55 +386,74 @@ def sweep(study: Study, *, workers: int = 1, shard: tuple[int, int] = (0, 1), lo
     previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
 
     def progress():
-        left = len(queue) + len(running)
+        left = sum(len(u) for u in queue) + sum(len(u) for u, *_ in running.values())
         eta = ""
-        if durations and left:
-            eta = f", ETA {_fmt_s(sum(durations) / len(durations) * left / min(workers, left))}"
+        if durations and left:  # durations: per cell (a group's time shared by its seeds)
+            eta = f", ETA {_fmt_s(sum(durations) / len(durations) * left / min(workers, len(queue) + len(running)))}"
         log(f"[sweep] {len(done)}/{len(mine)} done, {len(running)} running, {len(failed)} failed, {len(queue)} waiting; "
             f"{_fmt_s(time.perf_counter() - started)} elapsed{eta}")
+
+    def start(unit: list) -> None:
+        first = unit[0]
+        resume = len(unit) == 1 and cell_status(out, first) == "partial"
+        for cell in unit:
+            if not resume:
+                _set_aside(out, cell)
+            (out / "failed" / f"{cell.id}.json").unlink(missing_ok=True)
+        stamp = f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} "
+        for cell in unit[1:]:  # a group writes one log, its first cell's
+            with open(out / "logs" / f"{cell.id}.log", "a") as fh:
+                fh.write(f"{stamp}trained together with {', '.join(c.id for c in unit if c is not cell)}: "
+                         f"see logs/{first.id}.log\n")
+        handle = open(out / "logs" / f"{first.id}.log", "a")
+        handle.write(stamp + ("resume" if resume else "start" if len(unit) == 1 else
+                              f"start {len(unit)} seeds together: {', '.join(c.id for c in unit)}") + "\n")
+        handle.flush()
+        argv = command(out, first, resume) if len(unit) == 1 else group_command(out, unit)
+        proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT)
+        running[first.id] = (unit, proc, time.perf_counter(), handle)
+        log(f"[sweep] {'resume' if resume else 'start '} {first.id}"
+            + (f" with {len(unit) - 1} more seed(s): {', '.join(c.id for c in unit[1:])}" if len(unit) > 1 else ""))
+
+    def finished(unit: list, code: int, seconds: float) -> None:
+        log_file = out / "logs" / f"{unit[0].id}.log"
+        for cell in unit:
+            cid = cell.id
+            if code == 0 and cell_status(out, cell) == "done":
+                done.append(cid)
+                durations.append(seconds / len(unit))
+                log(f"[sweep] done   {cid} ({_fmt_s(seconds)}" + (f", {len(unit)} seeds together)" if len(unit) > 1 else ")"))
+                continue
+            failed.append(cid)
+            tail = log_file.read_text(errors="replace").splitlines()[-15:]
+            (out / "failed").mkdir(exist_ok=True)
+            atomic_write_text(out / "failed" / f"{cid}.json", json.dumps(
+                {"cell": cid, "returncode": code, "seconds": seconds, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "log_tail": tail, **({"trained_with": [c.id for c in unit if c is not cell]} if len(unit) > 1 else {})},
+                indent=2) + "\n")
+            log(f"[sweep] FAILED {cid} (exit {code}); see {log_file}" + (" (the next sweep runs it alone)" if len(unit) > 1 else ""))
 
     try:
         while queue or running:
             while queue and len(running) < workers:
-                cell = queue.pop(0)
-                resume = cell_status(out, cell) == "partial"
-                if not resume:
-                    _set_aside(out, cell)
-                (out / "failed" / f"{cell.id}.json").unlink(missing_ok=True)
-                handle = open(out / "logs" / f"{cell.id}.log", "a")
-                handle.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {'resume' if resume else 'start'}\n")
-                handle.flush()
-                proc = subprocess.Popen(command(out, cell, resume), stdout=handle, stderr=subprocess.STDOUT)
-                running[cell.id] = (cell, proc, time.perf_counter(), handle)
-                log(f"[sweep] {'resume' if resume else 'start '} {cell.id}")
+                start(queue.pop(0))
             time.sleep(poll_s)
-            for cid, (cell, proc, t0, handle) in list(running.items()):
+            for key, (unit, proc, t0, handle) in list(running.items()):
                 code = proc.poll()
                 if code is None:
                     continue
                 handle.close()
-                del running[cid]
-                seconds = time.perf_counter() - t0
-                if code == 0 and cell_status(out, cell) == "done":
-                    done.append(cid)
-                    durations.append(seconds)
-                    log(f"[sweep] done   {cid} ({_fmt_s(seconds)})")
-                else:
-                    failed.append(cid)
-                    tail = (out / "logs" / f"{cid}.log").read_text(errors="replace").splitlines()[-15:]
-                    (out / "failed").mkdir(exist_ok=True)
-                    atomic_write_text(out / "failed" / f"{cid}.json", json.dumps(
-                        {"cell": cid, "returncode": code, "seconds": seconds, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                         "log_tail": tail}, indent=2) + "\n")
-                    log(f"[sweep] FAILED {cid} (exit {code}); see {out / 'logs' / (cid + '.log')}")
+                del running[key]
+                finished(unit, code, time.perf_counter() - t0)
                 progress()
     except KeyboardInterrupt:
-        for cell, proc, _, handle in running.values():
+        for unit, proc, _, handle in running.values():
             proc.terminate()
-        for cell, proc, _, handle in running.values():
+        for unit, proc, _, handle in running.values():
             proc.wait()
             handle.close()
-        log(f"[sweep] interrupted: {len(running)} running cell(s) stopped; run the same command again to resume them")
+        log(f"[sweep] interrupted: {sum(len(u) for u, *_ in running.values())} running cell(s) stopped; run the same "
+            f"command again to resume them")
         raise
     finally:
         if previous is not None:

@@ -70,7 +70,14 @@ def test_seeds_together_equal_separate_runs(case, tiny_model_dir, headless_dir, 
     model = tiny_model_dir if model == "tiny" else headless_dir
     seeds = list(range(n))
     separate = [run(config(model, tmp_path / f"alone{s}", s, *extra), progress=False) for s in seeds]
-    together = run_seeds([config(model, tmp_path / f"together{s}", s, *extra) for s in seeds], progress=False)
+    cfgs = [config(model, tmp_path / f"together{s}", s, *extra) for s in seeds]
+    if model == headless_dir:  # from the command line: `decomp-jax train C_0 C_1`
+        for s, cfg in zip(seeds, cfgs):
+            (tmp_path / f"c{s}.yaml").write_text(cfg.to_yaml())
+        assert cli.main(["train", *(str(tmp_path / f"c{s}.yaml") for s in seeds), "--no-progress"]) == 0
+        together = [json.loads((tmp_path / f"together{s}" / "metrics.json").read_text()) for s in seeds]
+    else:
+        together = run_seeds(cfgs, progress=False)
     for s, rec_alone, rec in zip(seeds, separate, together):
         assert rec["batched"] == n and "batched" not in rec_alone
         assert_same_run(tmp_path / f"together{s}", tmp_path / f"alone{s}")

@@ -126,6 +126,56 @@ def test_sweep_runs_shards_skips_finished_and_records_failures(tmp_path):
     assert [c["id"] for c in plan["cells"]] == [c.id for c in cells]
 
 
+FAKE_GROUP = r"""
+import json, subprocess, sys, pathlib
+configs = [a for a in sys.argv[1:] if a.endswith(".yaml")]
+with open(sys.argv[1], "a") as fh:  # the calls: the cells each group trained
+    fh.write(json.dumps([pathlib.Path(c).stem for c in configs]) + "\n")
+codes = [subprocess.call([sys.executable, sys.argv[2], c]) for c in configs]  # each seed as the fake cell does
+sys.exit(max(codes))
+"""
+
+
+def test_sweep_batch_seeds_trains_the_pending_seeds_of_a_setting_together(tmp_path, capsys):
+    """--batch-seeds: one process per setting's pending seeds; a cell that resumes runs alone; a failed group
+    records each cell, which the next sweep runs alone; shards split whole settings."""
+    path = write_study(tmp_path)
+    spec = study.load_study(path)
+    spec.grid = {"task": ["rte"], "method": ["lora", "lora+mpc_d"], "adapter.rank": [2, 8], "train.seed": [0, 1, 2]}
+    cells = study.expand(spec)
+    groups = study.seed_groups(cells)
+    assert [len(g) for g in groups] == [3, 3, 3, 3] and all(len({c.axes["train.seed"] for c in g}) == 3 for g in groups)
+    shards = [study.shard_cells(cells, (k, 3), batch_seeds=True) for k in range(3)]
+    assert sorted(c.id for s in shards for c in s) == sorted(c.id for c in cells)
+    assert all(any(set(c.id for c in g) <= set(c.id for c in s) for s in shards) for g in groups)
+    by_id = {c.id: c for c in cells}
+    partial = by_id["task=rte,method=lora,rank=2,seed=1"]
+    (spec.output_dir / "runs" / partial.id / "checkpoints" / "5").mkdir(parents=True)
+    script, calls = tmp_path / "fake_group.py", tmp_path / "calls.jsonl"
+    script.write_text(FAKE_GROUP)
+    fake_command(tmp_path)  # writes fake_cell.py
+    group = lambda d, unit: [sys.executable, str(script), str(calls), str(tmp_path / "fake_cell.py")] + [
+        str(d / "configs" / f"{c.id}.yaml") for c in unit]
+    assert main(["sweep", str(path), "--dry-run", "--batch-seeds"]) == 0  # (the file's own grid)
+    assert "together #0" in capsys.readouterr().out
+    lines = []
+    first = study.sweep(spec, workers=2, batch_seeds=True, command=fake_command(tmp_path), group_command=group,
+                        log=lines.append, poll_s=0.05)
+    trained = sorted(map(sorted, (json.loads(l) for l in calls.read_text().splitlines())))
+    want = [sorted(c.id for c in g if c is not partial) for g in groups]
+    assert trained == sorted(want)
+    assert sorted(first["done"]) == sorted(c.id for c in cells if "mpc_d" not in c.id)
+    assert sorted(first["failed"]) == sorted(c.id for c in cells if "mpc_d" in c.id)
+    record = json.loads((spec.output_dir / "failed" / f"{first['failed'][0]}.json").read_text())
+    assert len(record["trained_with"]) == 2 and "boom" in "\n".join(record["log_tail"])
+    assert "resume" in (spec.output_dir / "logs" / f"{partial.id}.log").read_text()
+    assert any("seeds trained together" in line for line in lines)
+    # again: the failed cells run alone (the single-cell command), not as a group
+    second = study.sweep(spec, workers=2, batch_seeds=True, command=fake_command(tmp_path), group_command=group,
+                         log=lines.append, poll_s=0.05)
+    assert len(calls.read_text().splitlines()) == 4 and sorted(second["failed"]) == sorted(first["failed"])
+
+
 def _record(task, method, seed, score, rank=None, trainable=500):
     axes = {"task": task, "method": method, **({"adapter.rank": rank} if rank else {}), "train.seed": seed}
     return {"id": str(axes), "axes": axes, "task": task, "method": method, "adapter_method": method.split("+")[0],
@@ -213,17 +263,24 @@ def test_paper_budgets_command(capsys):
 
 @pytest.mark.slow
 def test_sweep_of_real_runs_and_its_report(tmp_path):
-    """Real `decomp-jax train` cells (MiniLM on 64 RTE examples, 4 steps): LoRA and SSB, two seeds, two at
-    once; a second sweep skips them all; the report reads their metrics."""
+    """Real `decomp-jax train` cells (MiniLM on 64 RTE examples, 4 steps): LoRA and SSB, two seeds each
+    trained together (--batch-seeds), two settings at once; a third seed added to the grid runs alone;
+    a last sweep skips them all; the report reads their metrics."""
     path = write_study(tmp_path)
     spec = study.load_study(path)
     spec.base["data"].update(max_train_samples=64, max_length=64)
     spec.base["train"].update(steps=4, batch_size=8, log_every=2)
     spec.grid = {"task": ["rte"], "method": ["lora", "ssb"], "train.seed": [0, 1]}
-    first = study.sweep(spec, workers=2, log=lambda _: None)
+    first = study.sweep(spec, workers=2, log=lambda _: None, batch_seeds=True)
     assert sorted(first["done"]) == sorted(c.id for c in study.expand(spec)) and not first["failed"]
-    again = study.sweep(spec, workers=2, log=lambda _: None)
-    assert sorted(again["skipped"]) == sorted(first["done"]) and again["done"] == again["skipped"]
+    runs = spec.output_dir / "runs"
+    assert all(json.loads((runs / c / "metrics.json").read_text())["batched"] == 2 for c in first["done"])
+    spec.grid["train.seed"] = [0, 1, 2]
+    second = study.sweep(spec, workers=2, log=lambda _: None)
+    assert sorted(second["done"]) == sorted(c.id for c in study.expand(spec)) and sorted(second["skipped"]) == sorted(first["done"])
+    assert "batched" not in json.loads((runs / "task=rte,method=ssb,seed=2" / "metrics.json").read_text())
+    again = study.sweep(spec, workers=2, log=lambda _: None, batch_seeds=True)
+    assert sorted(again["skipped"]) == sorted(second["done"]) and again["done"] == again["skipped"]
     records = study.collect(spec.output_dir)
     assert {r["method"] for r in records} == {"lora", "ssb"} and all(0 <= r["metrics"]["accuracy"] <= 1 for r in records)
     paths = study.report(spec.output_dir)
