@@ -250,8 +250,8 @@ def batched_on_mesh():
 
 
 def runner(model_dir, data_dir, out_dir):
-    """experiment.run with train.mesh {data: 2, fsdp: 4} against one device: losses and eval."""
-    from decomp_jax.experiment import load_config, run
+    """experiment.run and run_seeds with train.mesh {data: 2, fsdp: 4} against one device: losses and eval."""
+    from decomp_jax.experiment import load_config, run, run_seeds
 
     def config(out, *extra):
         return load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.yaml"), [
@@ -263,8 +263,15 @@ def runner(model_dir, data_dir, out_dir):
     plain = run(config("plain"), progress=False)
     meshed = run(config("mesh", "train.mesh={data: 2, fsdp: 4}"), progress=False)
     losses = lambda out: [json.loads(l)["loss"] for l in open(f"{out_dir}/{out}/metrics.jsonl") if '"loss"' in l]
+    # two seeds in one batched step on the mesh (run_seeds) against their one-device runs
+    plain1 = run(config("plain1", "train.seed=1"), progress=False)
+    seeds = run_seeds([config(f"seeds{s}", "train.mesh={data: 2, fsdp: 4}", f"train.seed={s}") for s in (0, 1)],
+                      progress=False)
     print(json.dumps({"runner": True, "losses": losses("mesh"), "ref_losses": losses("plain"), "eval": meshed["eval"],
-                      "ref_eval": plain["eval"], "seconds": round(time.perf_counter() - t0, 2)}), flush=True)
+                      "ref_eval": plain["eval"], "seeds_losses": [losses("seeds0"), losses("seeds1")],
+                      "seeds_ref_losses": [losses("plain"), losses("plain1")], "seeds_eval": [r["eval"] for r in seeds],
+                      "seeds_ref_eval": [plain["eval"], plain1["eval"]], "seconds": round(time.perf_counter() - t0, 2)}),
+          flush=True)
 
 
 def lm_runner(model_dir, out_dir):

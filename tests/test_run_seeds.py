@@ -137,3 +137,16 @@ def test_bad_seed_groups_are_refused(tiny_model_dir, tmp_path, capsys):
         (tmp_path / "two.yaml").write_text(config(tiny_model_dir, tmp_path / "b", 1).to_yaml())
         assert cli.main(["train", str(tmp_path / "one.yaml"), str(tmp_path / "two.yaml"), *flag]) == 2
         assert "one config" in capsys.readouterr().err
+
+
+def test_a_diverging_group_names_the_seed(tiny_model_dir, tmp_path):
+    """A NaN step of any seed stops the group before that state is saved, naming the seed and how to go on."""
+    from decomp_jax.guards import NonFiniteError
+
+    extra = ("train.learning_rate=1e6", "train.grad_clip=null", "train.save_every=1", "train.log_every=6")
+    cfgs = [config(tiny_model_dir, tmp_path / f"d{s}", s, *extra) for s in (0, 1)]
+    with pytest.raises(NonFiniteError, match=r"diverged at step \d+ \(seed \d of the 2 seeds trained together.*"
+                                             r"--resume\).*Lower train.learning_rate"):
+        run_seeds(cfgs, progress=False)
+    for s in (0, 1):
+        assert not (tmp_path / f"d{s}" / "metrics.json").exists()

@@ -322,7 +322,8 @@ def test_training_on_meshes_equals_one_device(tiny_model_dir, tmp_path):
     (Llama) on data=2 x tensor=4, one mesh each (every mesh used), lora over an nf4 and dora over a q4_1 Llama
     base, two LoRA adapters in one batched step (shared and stacked batches): per-step losses and final adapters equal the single-device run; the frozen base under
     fsdp=8 holds 1/8 per device; experiment.run with train.mesh {data: 2, fsdp: 4} logs the losses and
-    eval of the one-device run. Two worker processes run side by side. (Every method on every mesh:
+    eval of the one-device run, as do two seeds trained together there (run_seeds). Two worker processes run
+    side by side. (Every method on every mesh:
     test_every_method_on_every_mesh, marked slow.)"""
     from conftest import DATA
 
@@ -355,6 +356,9 @@ def test_training_on_meshes_equals_one_device(tiny_model_dir, tmp_path):
     print(f"runner on data=2 x fsdp=4: losses {r['losses']} (one device {r['ref_losses']}), eval {r['eval']}")
     np.testing.assert_allclose(r["losses"], r["ref_losses"], rtol=0, atol=1e-5)
     assert r["eval"] == r["ref_eval"]
+    print(f"run_seeds on data=2 x fsdp=4: losses {r['seeds_losses']} (one device, apart: {r['seeds_ref_losses']})")
+    np.testing.assert_allclose(r["seeds_losses"], r["seeds_ref_losses"], rtol=0, atol=1e-5)
+    assert r["seeds_eval"] == r["seeds_ref_eval"] and r["seeds_losses"][0] != r["seeds_losses"][1]
 
 
 @pytest.mark.slow  # 40 s
