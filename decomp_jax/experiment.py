@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax import checkpoint
 from decomp_jax.causal_lm import load_for
@@ -31,11 +32,11 @@ from decomp_jax.execution import MODES
 from decomp_jax.guards import (
     NonFiniteError, atomic_save_safetensors, atomic_write_text, check_finite, load_safetensors,
 )
-from decomp_jax.inject import combine, count_params
+from decomp_jax.inject import combine, count_params, split
 from decomp_jax.methods.flexlora import live_ranks
 from decomp_jax.models.hf import BACKBONES, load_sequence_classifier
 from decomp_jax.tasks import TASKS as LM_TASKS, GlueTask
-from decomp_jax.train import init_state, make_optimizer, make_schedule, make_train_step
+from decomp_jax.train import init_state, make_optimizer, make_schedule, make_train_step, stack_states
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +85,8 @@ class ModelConfig(_Serializable):
             size = self.quantize_block_size
             if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 2 or size % 2):
                 raise ConfigError(f"model.quantize_block_size={self.quantize_block_size!r}: give an even number of "
-                                  f"values per block that divides the kernels' output sizes, e.g. 64.")
+                                  f"values per block that divides the kernels' blocked sizes (outputs; inputs for q4_1), "
+                                  f"e.g. 64 (q4_1: 32), or leave it out for the kind's default.")
         if self.head_bias not in (None, "label_mean"):
             raise ConfigError(f"model.head_bias={self.head_bias!r} is unknown; use label_mean (regression tasks) or leave it out.")
 
@@ -317,8 +319,6 @@ def _append_jsonl(path: Path, record: dict) -> None:
 def save_adapter(trainable, path: Path) -> None:
     """The trainable leaves as safetensors with '/'-joined names, written atomically (a crash
     leaves the previous file intact); NaN or inf leaves are refused."""
-    from flax.traverse_util import flatten_dict
-
     host = to_host(trainable)  # (a collective with several processes: every process calls this)
     check_finite(host, f"The adapter for {path}", "it is not written.")
     if is_primary():
@@ -327,8 +327,6 @@ def save_adapter(trainable, path: Path) -> None:
 
 def load_adapter(path: Path, like: dict) -> dict:
     """Read ``save_adapter``'s file into the structure of ``like``; names and shapes must match."""
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
     stored = load_safetensors(path)
     check_finite(stored, str(path), "re-create it from a good checkpoint (decomp-jax export / a new run).")
     expected = flatten_dict(like, sep="/")
@@ -501,8 +499,9 @@ def _member(tree, i: int, batched: bool):
 
 @dataclasses.dataclass
 class _Run:
-    """One run of a training loop: its config, task and folder; ``own``: the frozen leaves that differ
-    from the first run's (a batched run trains them in each run's train-state buffers)."""
+    """One run of a training loop: its config, task and folder; ``own``: in a batched run, its frozen
+    leaves at the paths where the runs differ (a frozen head each seed draws), which ride in its
+    train state's buffers (the step's frozen tree holds what the runs share)."""
 
     cfg: ExperimentConfig
     task: Any
@@ -522,16 +521,12 @@ class _Run:
         """This run's ``TrainState`` as its own single run holds it (its frozen leaves out of the buffers)."""
         state = _member(state, i, batched)
         if self.own:
-            from decomp_jax.inject import split
-
             state = state.replace(buffers=split(state.buffers, _not_in(state.buffers, self.own))[0])
         return state
 
 
 def _not_in(tree: dict, other: dict) -> dict:
     """A mask of ``tree``: True where ``other`` has no leaf at the path."""
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
     theirs = set(flatten_dict(other))
     return unflatten_dict({p: p not in theirs for p in flatten_dict(tree)})
 
@@ -617,8 +612,6 @@ def _seed_runs(cfgs: Sequence[ExperimentConfig]) -> list[_Run]:
     """The runs of ``run_seeds``: each seed's task, with the leaves of its frozen part and base equal to
     the first seed's shared (one copy in memory); frozen leaves that differ (a frozen head initialised
     by the seed) are kept as the run's ``own``."""
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
     def same(a, b) -> bool:
         la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
         return (jax.tree.structure(a) == jax.tree.structure(b)
@@ -679,9 +672,6 @@ def _train(runs: Sequence[_Run], *, progress: bool, resume: bool, on_step) -> li
     """The training loop of ``run`` (one run) and ``run_seeds`` (several, batched: one step trains them
     all); returns each run's final record."""
     from tqdm.auto import tqdm
-
-    from decomp_jax.inject import split
-    from decomp_jax.train import stack_states
 
     lead = runs[0]
     cfg, task, tc = lead.cfg, lead.task, lead.cfg.train
