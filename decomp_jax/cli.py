@@ -13,22 +13,13 @@ from decomp_jax.distributed import HEARTBEAT_TIMEOUT, INIT_TIMEOUT
 
 def _train(args) -> int:
     from decomp_jax import distributed
-    from decomp_jax.experiment import load_config, run, run_seeds
+    from decomp_jax.experiment import load_config, run
 
     overrides = list(args.set or [])
-    if len(args.config) > 1:  # seeds of one experiment, trained together
-        given = [f for f, on in (("--resume", args.resume), ("--output-dir", args.output_dir), ("several processes",
-                 args.distributed or distributed.settings(args.coordinator, args.num_processes, args.process_id))) if on]
-        if given:
-            raise ConfigError(f"{', '.join(given)} applies to one config: several configs train their seeds together "
-                              f"in one process, each in its own train.output_dir; resume a stopped one alone with "
-                              f"`decomp-jax train ITS_CONFIG --resume`.")
-        records = run_seeds([load_config(path, overrides) for path in args.config], progress=not args.no_progress)
-        for record, path in zip(records, args.config):
-            print(f"{path}: {json.dumps(record['eval'])}")
-        return 0
     if args.output_dir:
         overrides.append(f"train.output_dir={args.output_dir}")
+    if len(args.config) > 1 or args.seeds:  # seeds of one experiment, trained together
+        return _train_seeds(args, overrides)
     cfg = load_config(args.config[0], overrides)  # a bad config fails before any process waits for the others
     given = distributed.settings(args.coordinator, args.num_processes, args.process_id)
     if (given or args.distributed) and not os.environ.get(distributed.CHILD_ENV):
@@ -40,6 +31,33 @@ def _train(args) -> int:
     if distributed.is_primary():
         print(json.dumps(record, indent=2))
         print(f"wrote {cfg.train.output_dir}/metrics.json")
+    return 0
+
+
+def _train_seeds(args, overrides) -> int:
+    """``train C_1 ... C_N`` or ``train CONFIG --seeds S_1 ... S_N``: the seeds in one batched step."""
+    from decomp_jax import distributed
+    from decomp_jax.experiment import load_config, run_seeds
+
+    many = distributed.settings(args.coordinator, args.num_processes, args.process_id) or args.distributed
+    given = [flag for flag, on in (("--resume", args.resume), ("several processes", many),
+                                   ("--output-dir with several configs", args.output_dir and len(args.config) > 1)) if on]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: several seeds train together in one process, each in its own "
+                          f"train.output_dir; resume a stopped one alone with `decomp-jax train ITS_FOLDER/config.yaml "
+                          f"--resume`.")
+    if args.seeds and len(args.config) > 1:
+        raise ConfigError("--seeds takes one config (each seed trains in OUTPUT_DIR/seed<S>); drop it to train the "
+                          "given configs together.")
+    if args.seeds:  # one config: each seed in a folder of its own under train.output_dir
+        base = load_config(args.config[0], overrides).train.output_dir
+        cfgs = [load_config(args.config[0], overrides + [f"train.seed={s}", f"train.output_dir={base}/seed{s}"])
+                for s in args.seeds]
+    else:
+        cfgs = [load_config(path, overrides) for path in args.config]
+    records = run_seeds(cfgs, progress=not args.no_progress)
+    for cfg, record in zip(cfgs, records):
+        print(f"seed {cfg.train.seed}: {json.dumps(record['eval'])} -> {cfg.train.output_dir}")
     return 0
 
 
@@ -267,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = add("train", help="fine-tune from a YAML experiment config")
     train.add_argument("config", nargs="+", help="YAML file, e.g. configs/quickstart.yaml; several that differ only in "
                        "train.seed (and train.output_dir) train together in one batched step (experiment.run_seeds)")
+    train.add_argument("--seeds", type=int, nargs="+", metavar="S", help="train these seeds of the config together in "
+                       "one batched step, each in OUTPUT_DIR/seed<S> (experiment.run_seeds)")
     train.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     train.add_argument("--output-dir", help="where to write metrics and the adapter (train.output_dir)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -70,14 +70,14 @@ def test_seeds_together_equal_separate_runs(case, tiny_model_dir, headless_dir, 
     model = tiny_model_dir if model == "tiny" else headless_dir
     seeds = list(range(n))
     separate = [run(config(model, tmp_path / f"alone{s}", s, *extra), progress=False) for s in seeds]
-    cfgs = [config(model, tmp_path / f"together{s}", s, *extra) for s in seeds]
-    if model == headless_dir:  # from the command line: `decomp-jax train C_0 C_1`
-        for s, cfg in zip(seeds, cfgs):
-            (tmp_path / f"c{s}.yaml").write_text(cfg.to_yaml())
-        assert cli.main(["train", *(str(tmp_path / f"c{s}.yaml") for s in seeds), "--no-progress"]) == 0
+    if model == headless_dir:  # from the command line: `decomp-jax train CONFIG --seeds 0 1` (folders seed0, seed1)
+        (tmp_path / "c.yaml").write_text(config(model, tmp_path / "together", 0, *extra).to_yaml())
+        assert cli.main(["train", str(tmp_path / "c.yaml"), "--seeds", *map(str, seeds), "--no-progress"]) == 0
+        for s in seeds:
+            (tmp_path / f"together/seed{s}").rename(tmp_path / f"together{s}")
         together = [json.loads((tmp_path / f"together{s}" / "metrics.json").read_text()) for s in seeds]
     else:
-        together = run_seeds(cfgs, progress=False)
+        together = run_seeds([config(model, tmp_path / f"together{s}", s, *extra) for s in seeds], progress=False)
     for s, rec_alone, rec in zip(seeds, separate, together):
         assert rec["batched"] == n and "batched" not in rec_alone
         assert_same_run(tmp_path / f"together{s}", tmp_path / f"alone{s}")
@@ -131,12 +131,17 @@ def test_bad_seed_groups_are_refused(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(ConfigError, match="the same train.output_dir"):
         run_seeds([a, config(tiny_model_dir, tmp_path / "a", 1)], progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing was created
-    # the command line: several configs train together; --resume and --output-dir name one run
-    for flag in (["--resume"], ["--output-dir", str(tmp_path / "c")]):
-        (tmp_path / "one.yaml").write_text(a.to_yaml())
-        (tmp_path / "two.yaml").write_text(config(tiny_model_dir, tmp_path / "b", 1).to_yaml())
-        assert cli.main(["train", str(tmp_path / "one.yaml"), str(tmp_path / "two.yaml"), *flag]) == 2
-        assert "one config" in capsys.readouterr().err
+    # the command line: several configs (or --seeds) train together; --resume and --output-dir name one run
+    (tmp_path / "one.yaml").write_text(a.to_yaml())
+    (tmp_path / "two.yaml").write_text(config(tiny_model_dir, tmp_path / "b", 1).to_yaml())
+    two = [str(tmp_path / "one.yaml"), str(tmp_path / "two.yaml")]
+    for argv, message in ((two + ["--resume"], "--resume: several seeds train together"),
+                          (two + ["--output-dir", str(tmp_path / "c")], "--output-dir with several configs"),
+                          (two[:1] + ["--seeds", "0", "1", "--resume"], "resume a stopped one alone"),
+                          (two + ["--seeds", "0", "1"], "--seeds takes one config")):
+        assert cli.main(["train", *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "c"))
 
 
 def test_a_diverging_group_names_the_seed(tiny_model_dir, tmp_path):
