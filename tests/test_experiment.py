@@ -45,13 +45,15 @@ def test_minilm_lora_lowers_the_loss_on_sst2(tmp_path):
     assert after < before - 0.05, (before, after)
 
 
-def test_run_writes_metrics_and_eval_reproduces_them(tmp_path):
-    cfg = small_config(tmp_path, "adapter.method=ssb", "adapter.targets=attention/self/(key|value)$|intermediate/dense$")
+def test_run_writes_metrics_and_eval_reproduces_them(tiny_model_dir, tmp_path):
+    """On the tiny BERT (the real MiniLM trains in test_minilm_methods and, with -m slow, the quick start)."""
+    cfg = small_config(tmp_path, f"model.name={tiny_model_dir}", "adapter.method=ssb",
+                       "adapter.targets=attention/self/(key|value)$|intermediate/dense$")
     record = run(cfg, progress=False)
     assert set(record) >= {"task", "method", "eval", "train_seconds", "trainable_params"}
     assert record["task"] == "sst2" and record["method"] == "ssb" and 0.0 <= record["eval"]["accuracy"] <= 1.0
-    # SSB on key, value and intermediate: (384 + 384) * 2 * 6 + (384 + 1536) * 6, plus the 2-way head
-    assert record["trainable_params"] == (384 + 384) * 2 * 6 + (384 + 1536) * 6 + 384 * 2 + 2
+    # SSB on key, value and intermediate: (32 + 32) * 2 * 2 + (32 + 64) * 2 (2 layers), plus the 2-way head
+    assert record["trainable_params"] == (32 + 32) * 2 * 2 + (32 + 64) * 2 + 32 * 2 + 2
     assert json.loads((tmp_path / "metrics.json").read_text()) == record
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines if "loss" in l] == [4, 8, 12]
