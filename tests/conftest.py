@@ -10,15 +10,6 @@ os.environ.setdefault("DECOMP_JAX_ALLOCATOR", "system")
 # optimisations (the same numerics, no fast-math either way) takes about 30% off the suite; a test that starts
 # processes with its own XLA_FLAGS (device counts) replaces these, and an XLA_FLAGS of your own (even "") wins
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
-# and many tests compile the same programs (the same tiny models and runs, in pytest's workers and in the
-# processes tests start): one compilation cache for the whole run, in a new folder removed at its end
-# (a JAX_COMPILATION_CACHE_DIR of your own wins and is kept)
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import tempfile
-
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="decomp_jax_tests_jit_")
-    os.environ["DECOMP_JAX_TESTS_OWN_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"]
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 import jax
 import pytest
@@ -73,14 +64,6 @@ def peft_table(rows: dict) -> str:
         names = sorted({n.split("::")[-1].split("[")[0] for n in tests})
         lines.append(f"| {setting} | {direction} | {outcome} | {state}: {', '.join(f'`{n}`' for n in names)} |")
     return "\n".join(lines)
-
-
-def pytest_unconfigure(config):
-    own = os.environ.get("DECOMP_JAX_TESTS_OWN_CACHE")
-    if own and not hasattr(config, "workerinput"):  # (the main process; pytest-xdist's workers share its folder)
-        import shutil
-
-        shutil.rmtree(own, ignore_errors=True)
 
 
 def pytest_sessionfinish(session):
