@@ -123,7 +123,7 @@ def _sweep(args) -> int:
         status = {c.id: study.cell_status(spec.output_dir, c) for c in cells}
         together = {}  # --batch-seeds: the pending seeds that one process trains together
         if args.batch_seeds:
-            units = study.sweep_units(spec.output_dir, [c for c in mine if status[c.id] != "done"], True)
+            units = study.sweep_units([c for c in mine if status[c.id] != "done"], status, True)
             together = {c.id: k for k, unit in enumerate(u for u in units if len(u) > 1) for c in unit}
         for c in mine:
             print(f"{c.id}  [{status[c.id]}]" + (f"  together #{together[c.id]}" if c.id in together else ""))

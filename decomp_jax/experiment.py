@@ -446,12 +446,13 @@ def check_output_dir(cfg: ExperimentConfig, resume: bool) -> None:
 LAYOUT_KEYS = {("train", "output_dir"), ("train", "mesh"), ("model", "partition_rules")}
 
 
-def _config_diff(saved: dict, now: dict) -> dict:
-    """``{section.key: (saved, now)}`` of two experiment dicts, ignoring ``LAYOUT_KEYS``: where the run
-    lives (the checkpoint is read from the folder given now) and how it is laid out on devices (a
-    checkpoint restores onto any mesh shape and process count)."""
+def _config_diff(saved: dict, now: dict, ignore=LAYOUT_KEYS) -> dict:
+    """``{section.key: (saved, now)}`` of two experiment dicts, ignoring the ``(section, key)`` pairs of
+    ``ignore``; by default ``LAYOUT_KEYS``: where the run lives (the checkpoint is read from the folder
+    given now) and how it is laid out on devices (a checkpoint restores onto any mesh shape and process
+    count)."""
     return {f"{sec}.{k}": (v, now.get(sec, {}).get(k)) for sec, d in saved.items() for k, v in d.items()
-            if now.get(sec, {}).get(k) != v and (sec, k) not in LAYOUT_KEYS}
+            if now.get(sec, {}).get(k) != v and (sec, k) not in ignore}
 
 
 class _FiniteGuard:
@@ -520,15 +521,15 @@ class _Run:
     def state(self, state, i: int, batched: bool):
         """This run's ``TrainState`` as its own single run holds it (its frozen leaves out of the buffers)."""
         state = _member(state, i, batched)
-        if self.own:
-            state = state.replace(buffers=split(state.buffers, _not_in(state.buffers, self.own))[0])
-        return state
+        return state.replace(buffers=_without(state.buffers, self.own)) if self.own else state
 
 
-def _not_in(tree: dict, other: dict) -> dict:
-    """A mask of ``tree``: True where ``other`` has no leaf at the path."""
+def _without(tree: dict, other: dict) -> dict:
+    """``tree`` less the leaves at ``other``'s paths (``tree`` itself when ``other`` is empty)."""
+    if not other:
+        return tree
     theirs = set(flatten_dict(other))
-    return unflatten_dict({p: p not in theirs for p in flatten_dict(tree)})
+    return split(tree, unflatten_dict({p: p not in theirs for p in flatten_dict(tree)}))[0]
 
 
 def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
@@ -589,13 +590,12 @@ def run_seeds(cfgs: Sequence[ExperimentConfig], *, progress: bool = True) -> lis
     cfgs = list(cfgs)
     if not cfgs:
         raise ConfigError("run_seeds needs at least one config.")
-    keys = {seed_group_key(c.to_dict()) for c in cfgs}
-    if len(keys) > 1:
-        a, b = (json.loads(k) for k in list(keys)[:2])
-        diff = {f"{sec}.{k}": (v, b.get(sec, {}).get(k)) for sec, d in a.items() for k, v in d.items()
-                if b.get(sec, {}).get(k) != v}
-        raise ConfigError(f"run_seeds: the configs differ in more than train.seed and train.output_dir: {diff}; "
-                          f"train those separately.")
+    first = cfgs[0].to_dict()
+    for cfg in cfgs[1:]:
+        diff = _config_diff(first, cfg.to_dict(), ignore=SEED_KEYS)
+        if diff:
+            raise ConfigError(f"run_seeds: the configs differ in more than train.seed and train.output_dir: {diff} "
+                              f"(first config, this one); train those separately.")
     for what, values in (("train.seed", [c.train.seed for c in cfgs]),
                          ("train.output_dir", [str(Path(c.train.output_dir).resolve()) for c in cfgs])):
         if len(set(values)) < len(values):
@@ -618,10 +618,21 @@ def _seed_runs(cfgs: Sequence[ExperimentConfig]) -> list[_Run]:
                 and all(x.shape == y.shape and x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
                         for x, y in zip(la, lb)))
 
-    def share(tree, ref):  # tree with the leaves equal to ref's replaced by ref's; the differing paths
+    def share(tree, ref, equal: dict):
+        """``tree`` with its leaves equal to ``ref``'s at the same paths replaced by ``ref``'s; the paths
+        that differ. ``equal``: ``id(leaf) -> (leaf, ref_leaf)`` of the pairs found equal (the frozen part
+        holds the base's leaves: each is read and compared once)."""
         flat, theirs = flatten_dict(tree), flatten_dict(ref)
-        differ = {p for p, v in flat.items() if p not in theirs or not same(v, theirs[p])}
-        return unflatten_dict({p: (v if p in differ else theirs[p]) for p, v in flat.items()}), differ
+        out, differ = {}, set()
+        for p, v in flat.items():
+            known = equal.get(id(v))
+            if p in theirs and ((known is not None and known[1] is theirs[p]) or same(v, theirs[p])):
+                equal[id(v)] = (v, theirs[p])  # (v stays referenced here, so its id is not reused)
+                out[p] = theirs[p]
+            else:
+                out[p] = v
+                differ.add(p)
+        return unflatten_dict(out), differ
 
     runs = [_Run(cfgs[0], make_task(cfgs[0]))]
     lead, paths = runs[0].task, set()
@@ -630,8 +641,9 @@ def _seed_runs(cfgs: Sequence[ExperimentConfig]) -> list[_Run]:
         if task.num_train != lead.num_train:
             raise ConfigError(f"run_seeds: seed {cfg.train.seed} has {task.num_train} training examples, seed "
                               f"{cfgs[0].train.seed} {lead.num_train}; batched seeds need one step count.")
-        task.base_params, _ = share(task.base_params, lead.base_params)
-        task.frozen, differ = share(task.frozen, lead.frozen)
+        equal: dict = {}
+        task.base_params, _ = share(task.base_params, lead.base_params, equal)
+        task.frozen, differ = share(task.frozen, lead.frozen, equal)
         if set(flatten_dict(lead.frozen)) != set(flatten_dict(task.frozen)):
             raise ConfigError(f"run_seeds: seed {cfg.train.seed} splits its params differently from seed "
                               f"{cfgs[0].train.seed}; train them separately.")
@@ -683,7 +695,7 @@ def _train(runs: Sequence[_Run], *, progress: bool, resume: bool, on_step) -> li
         for r in runs:
             mesh = _place_on_mesh(r.cfg, r.task)
     # a batched step holds one copy of the frozen leaves the runs share; each run's own ones join its buffers
-    frozen = split(task.frozen, _not_in(task.frozen, lead.own))[0] if lead.own else task.frozen
+    frozen = _without(task.frozen, lead.own)
     states = []
     for r in runs:
         optimizer, schedule, state = initial_state(r.cfg, steps, r.task.trainable, combine(r.task.buffers, r.own),

@@ -288,12 +288,11 @@ def write_plan(study: Study, cells: Sequence[Cell]) -> Path:
 
 
 def _command(study_dir: Path, cell: Cell, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "decomp_jax.cli", "train", str(study_dir / "configs" / f"{cell.id}.yaml"),
-            "--no-progress"] + (["--resume"] if resume else [])
+    return _group_command(study_dir, [cell]) + (["--resume"] if resume else [])
 
 
 def _group_command(study_dir: Path, cells: Sequence[Cell]) -> list[str]:
-    """The seeds of one setting trained together: ``decomp-jax train CONFIG_1 ... CONFIG_N``."""
+    """``decomp-jax train CONFIG_1 ... CONFIG_N --no-progress``: one cell, or the seeds of a setting together."""
     return ([sys.executable, "-m", "decomp_jax.cli", "train"]
             + [str(study_dir / "configs" / f"{c.id}.yaml") for c in cells] + ["--no-progress"])
 
@@ -317,14 +316,14 @@ def shard_cells(cells: Sequence[Cell], shard: tuple[int, int], batch_seeds: bool
     return [c for g, group in enumerate(seed_groups(cells)) if g % n == i for c in group]
 
 
-def sweep_units(study_dir: Path, cells: Sequence[Cell], batch_seeds: bool) -> list[list[Cell]]:
+def sweep_units(cells: Sequence[Cell], status: Mapping[str, str], batch_seeds: bool) -> list[list[Cell]]:
     """What the sweep starts, in order: single cells, and with ``batch_seeds`` the pending cells of a
-    setting together (cells that resume or failed before run alone)."""
+    setting together (cells that resume or failed before run alone). ``status``: ``cell_status`` by id."""
     if not batch_seeds:
         return [[c] for c in cells]
     units = []
     for group in seed_groups(cells):
-        pending = [c for c in group if cell_status(study_dir, c) == "pending"]
+        pending = [c for c in group if status[c.id] == "pending"]
         if len(pending) > 1:
             units.append(pending)
         units += [[c] for c in group if c not in pending or len(pending) == 1]
@@ -368,7 +367,7 @@ def sweep(study: Study, *, workers: int = 1, shard: tuple[int, int] = (0, 1), lo
     mine = shard_cells(cells, shard, batch_seeds)
     status = {c.id: cell_status(out, c) for c in mine}
     skipped = [c.id for c in mine if status[c.id] == "done"]
-    queue = sweep_units(out, [c for c in mine if status[c.id] != "done"], batch_seeds)
+    queue = sweep_units([c for c in mine if status[c.id] != "done"], status, batch_seeds)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     together = sum(len(u) for u in queue if len(u) > 1)
     log(f"[sweep] {out}: {len(cells)} cells in the grid, {len(mine)} in shard {i}/{n}: {len(skipped)} done, "
