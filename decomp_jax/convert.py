@@ -27,6 +27,7 @@ from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax.config import ConfigError
+from decomp_jax.guards import FileFormatError, read_json
 from decomp_jax.models.llama import LlamaConfig
 
 Path = tuple[str, ...]
@@ -145,13 +146,35 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a .safetensors file as NumPy arrays (bfloat16 through ml_dtypes), memory-mapped."""
-    import ml_dtypes
+CHECKPOINT_FIX = "download the checkpoint again, or save it again with save_pretrained"
 
+
+def safetensors_header(path: str, fix: str = CHECKPOINT_FIX) -> tuple[dict, int]:
+    """``(header, header length)`` of a .safetensors file; a file too short for the tensors its header
+    lists, or with no readable header, raises a ``FileFormatError`` naming it and ``fix``."""
+    on_disk = os.path.getsize(path)
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
+        try:
+            if not 2 <= size <= on_disk - 8:
+                raise ValueError(f"header length {size}, file size {on_disk}")
+            header = json.loads(f.read(size))
+            end = 8 + size + max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+                                 default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+            raise FileFormatError(f"{path} is not a readable safetensors file ({' '.join(str(err).split())}): it is "
+                                  f"truncated, damaged or not safetensors; {fix}.") from None
+    if on_disk < end:
+        raise FileFormatError(f"{path} is truncated ({on_disk} of {end} bytes); {fix}.")
+    return header, size
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of a .safetensors file as NumPy arrays (bfloat16 through ml_dtypes), memory-mapped; a
+    truncated or foreign file raises a ``FileFormatError`` naming it (``safetensors_header``)."""
+    import ml_dtypes
+
+    header, size = safetensors_header(path)
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + size)
     out = {}
     for name, info in header.items():
@@ -168,8 +191,7 @@ def _weight_files(folder: str) -> list[str]:
     index = os.path.join(folder, "model.safetensors.index.json")
     single = os.path.join(folder, "model.safetensors")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = read_json(index, CHECKPOINT_FIX)["weight_map"]
         return [os.path.join(folder, n) for n in sorted(set(weight_map.values()))]
     if os.path.isfile(single):
         return [single]
@@ -194,8 +216,7 @@ def load_hf(folder: str, dtype=np.float32):
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} does not exist.")
-    with open(config_path) as f:
-        config = LlamaConfig.from_hf_dict(json.load(f))
+    config = LlamaConfig.from_hf_dict(read_json(config_path, CHECKPOINT_FIX))
     tensors = {}
     for path in _weight_files(folder):
         tensors.update(read_safetensors(path))
@@ -346,17 +367,43 @@ def gguf_tokenizer(reader, context_length: Optional[int] = None):
     return PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **kwargs)
 
 
+def gguf_reader(path: str):
+    """gguf's ``GGUFReader`` of ``path``; a truncated, damaged or foreign file raises a ``FileFormatError``
+    naming it (gguf's own errors do not: ``cannot reshape array ...``)."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
+
+    class Reader(GGUFReader):
+        def _build_tensors(self, start_offs, fields):  # the tensor table is read: does the file hold the data?
+            end = start_offs
+            for field in fields:
+                _, _, _, dims, kind, offset = field.parts
+                block, size = GGML_QUANT_SIZES[GGMLQuantizationType(int(kind[0]))]
+                end = max(end, start_offs + int(offset[0]) + int(np.prod(dims, dtype=np.int64)) * size // block)
+            if len(self.data) < end:
+                raise FileFormatError(f"{path} is truncated ({len(self.data)} of {end} bytes); download it again.")
+            super()._build_tensors(start_offs, fields)
+
+    try:
+        return Reader(path)
+    except FileFormatError:
+        raise
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError) as err:
+        raise FileFormatError(f"{path} is not a readable GGUF file ({' '.join(str(err).split()).rstrip('.')}; "
+                              f"{os.path.getsize(path)} bytes): it is truncated, damaged or not GGUF; download it "
+                              f"again.") from None
+
+
 def load_gguf(path: str, dtype=np.float32, *, keep_quantized: bool = False):
     """``(LlamaConfig, params, tokenizer)`` from a llama.cpp GGUF file, every tensor dequantised;
     ``keep_quantized``: the Q4_1 weight matrices kept as they are stored (``decomp_jax.quant``'s ``q4_1``
     ``QuantizedArray``s, bit for bit the file's blocks), the others dequantised."""
-    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist.")
-    reader = GGUFReader(path)
+    reader = gguf_reader(path)
     names = {t.name for t in reader.tensors}
     config = _gguf_config(reader, names)
     flat = {}

@@ -27,7 +27,6 @@ the response text (+ eos).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
+
+from decomp_jax.guards import read_json
 
 __all__ = [
     "CommonsenseSpec",
@@ -213,6 +214,11 @@ def _records_to_examples(records: Sequence[Mapping[str, Any]], spec: Commonsense
     return out
 
 
+# what to do about a split file that is not UTF-8 JSON
+JSON_FIX = ("re-save it as UTF-8 JSON, a list of {instruction, input, output, answer} records (LLM-Adapters' "
+            "format), or download the data again")
+
+
 def load_commonsense(name: str | CommonsenseSpec, split: str, data_dir: str | Path | None = None,
                      limit: int | None = None, hub: str | None = None) -> list[CommonsenseExample]:
     """Load one split of a commonsense dataset as a list of :class:`CommonsenseExample`.
@@ -243,8 +249,7 @@ def load_commonsense(name: str | CommonsenseSpec, split: str, data_dir: str | Pa
         if not file.is_file():
             raise FileNotFoundError(f"Split file for {spec.name!r} {split!r} does not exist: {file}.")
         source = str(file)
-        with file.open("r", encoding="utf-8") as handle:
-            records = json.load(handle)
+        records = read_json(file, JSON_FIX)
         if not isinstance(records, list):
             raise ValueError(f"{file} must hold a JSON list of records, got {type(records).__name__}.")
         if limit is not None:

