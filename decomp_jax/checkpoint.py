@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import shutil
+import sys
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import jax
@@ -34,7 +38,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from decomp_jax import named
 from decomp_jax.config import AdapterConfig, ConfigError
 from decomp_jax.distributed import to_host
-from decomp_jax.guards import NonFiniteError, nonfinite_leaves
+from decomp_jax.guards import NonFiniteError, interrupts_deferred, nonfinite_leaves
 from decomp_jax.inject import adapted_layers, combine, find_targets, matrix_leaf, path_str, set_leaves
 from decomp_jax.methods import get
 from decomp_jax.quant import is_quantized
@@ -185,17 +189,69 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, frozen: dict, cfg: Adap
     checksums = {k: _checksum(v) for k, v in leaves.items()}
     meta = {"adapter": cfg.to_dict(), "fingerprint": fingerprint, "metadata": metadata or {}, "metrics": metrics,
             "checksums": checksums}
+    meta[META_CHECKSUM] = _meta_checksum(meta)
     try:
-        with _quiet_orbax():
+        with interrupts_deferred(), _quiet_orbax():  # a checkpoint is written whole, Ctrl-C or not
             mngr.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(tree),
                 meta=ocp.args.JsonSave(meta),
             ), metrics=metrics, force=True)
             mngr.wait_until_finished()
     except Exception as err:  # orbax wraps OSError (disk full, permissions) in several types
+        for partial in Path(mngr.directory).glob(f"{step}.orbax-checkpoint-tmp*"):  # (what it wrote: space back)
+            shutil.rmtree(partial, ignore_errors=True)
+        reason = _storage_problem(err)
         raise CheckpointError(f"Could not write checkpoint step {step} in {mngr.directory}: "
-                              f"{one_line(err)}") from err
+                              + (f"{reason} ({one_line(err)[:160]} ...)." if reason else f"{one_line(err)}.")) from err
     return step
+
+
+_STORAGE_PROBLEMS = {"No space left": "the disk is full (no space left on device)",
+                     "Disk quota exceeded": "the disk quota is exceeded",
+                     "Read-only file system": "the file system is read-only", "Permission denied": "permission denied"}
+
+
+def _storage_problem(err: BaseException) -> Optional[str]:
+    """What a failed write ran into, in words, from anywhere in ``err``'s chain (Orbax and tensorstore wrap
+    the operating system's error in their own, and cut its text); None when it is none of the usual ones."""
+    texts = []
+    while err is not None and len(texts) < 20:
+        texts.append(" ".join(str(err).split()))
+        err = err.__cause__ or err.__context__
+    return next((words for needle, words in _STORAGE_PROBLEMS.items() if any(needle in t for t in texts)), None)
+
+
+def _orbax_after_a_failure(text: str) -> bool:
+    """Whether a message is the echo of a failed Orbax write or read from its worker threads: the
+    asyncio loop they report to is closed once the call has failed, and their tasks' errors are
+    logged again when the tasks are collected; the call's own error says it all."""
+    return "Event loop is closed" in text or ("never retrieved" in text and "orbax" in text)
+
+
+class _OrbaxEchoFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _orbax_after_a_failure(record.getMessage())
+
+
+def _install_quiet_hooks() -> None:
+    """Drop the echoes of a failed Orbax write (``_orbax_after_a_failure``): tensorstore's callbacks into
+    the closed loop reach ``sys.unraisablehook``, asyncio's "Task exception was never retrieved" its
+    logger; everything else passes on as before."""
+    if getattr(sys.unraisablehook, "_decomp_jax", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and _orbax_after_a_failure(str(unraisable.exc_value)):
+            return
+        previous(unraisable)
+
+    hook._decomp_jax = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_OrbaxEchoFilter())
+
+
+_install_quiet_hooks()
 
 
 @contextlib.contextmanager
@@ -219,12 +275,43 @@ def one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:300]}"
 
 
+META_CHECKSUM = "meta_sha256"  # the JSON part's own checksum, beside the arrays' ones
+
+
+def _meta_checksum(meta: dict) -> str:
+    body = {k: v for k, v in meta.items() if k != META_CHECKSUM}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def read_metadata(mngr: ocp.CheckpointManager, step: Optional[int] = None) -> dict:
-    """The JSON part of a checkpoint (adapter config, fingerprint, metadata, metrics)."""
+    """The JSON part of a checkpoint (adapter config, fingerprint, metadata, metrics). A part that does
+    not match the checksum saved in it (a changed byte) raises a ``CheckpointError``."""
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"No checkpoint in {mngr.directory}.")
-    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    with _quiet_orbax():
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if META_CHECKSUM in meta and meta[META_CHECKSUM] != _meta_checksum(meta):
+        raise CheckpointError(f"Checkpoint {mngr.directory}/{step} is corrupted: its metadata does not match the "
+                              f"checksum written with it.")
+    return meta
+
+
+def saved_experiment(mngr: ocp.CheckpointManager, steps: list[int]) -> dict:
+    """The experiment config saved with the first of ``steps`` whose metadata reads (every checkpoint of a
+    run holds its run's; ``restore`` reports the unreadable ones)."""
+    errors = []
+    for step in steps:
+        try:
+            meta = read_metadata(mngr, step)
+        except Exception as err:  # a damaged checkpoint: try the previous one
+            errors.append(f"step {step}: {one_line(err)}")
+            continue
+        experiment = meta.get("metadata", {}).get("experiment")
+        if experiment is None:
+            raise ConfigError(f"{mngr.directory}/{step} holds no experiment config; restore it with checkpoint.restore().")
+        return experiment
+    raise CheckpointError(f"No checkpoint in {mngr.directory} can be read: {'; '.join(errors)}")
 
 
 def restore(mngr: ocp.CheckpointManager, like: TrainState, frozen: dict, cfg: AdapterConfig, *,
@@ -261,6 +348,8 @@ def _restore_step(mngr, like: TrainState, frozen: dict, cfg: AdapterConfig, fing
     where = f"{mngr.directory}/{step}"
     try:
         meta = read_metadata(mngr, step)
+    except CheckpointError:
+        raise
     except Exception as err:
         raise CheckpointError(f"Checkpoint {where} is corrupted: its metadata cannot be read ({one_line(err)}).") from err
     check_fingerprint(meta["fingerprint"], fingerprint, where=where)
@@ -274,7 +363,8 @@ def _restore_step(mngr, like: TrainState, frozen: dict, cfg: AdapterConfig, fing
     constants = _constants(like, frozen, cfg, name)
     target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {**_state_tree(like), "constants": constants})
     try:
-        tree = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        with _quiet_orbax():
+            tree = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     except (ValueError, KeyError) as err:
         if "checksums" in meta:  # same adapter config, so the structure fits: the files are damaged
             raise CheckpointError(f"Checkpoint {where} is corrupted: its arrays cannot be read ({one_line(err)}).") from err

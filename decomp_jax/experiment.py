@@ -8,6 +8,7 @@ and ``adapter.safetensors`` (the trainable leaves and the state's buffers, '/'-j
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -30,7 +31,8 @@ from decomp_jax.data import glue
 from decomp_jax.distributed import barrier, is_primary, to_host
 from decomp_jax.execution import MODES
 from decomp_jax.guards import (
-    NonFiniteError, atomic_save_safetensors, atomic_write_text, check_finite, load_safetensors,
+    NonFiniteError, atomic_save_safetensors, atomic_write_text, check_finite, folder_lock,
+    load_safetensors,
 )
 from decomp_jax.inject import combine, count_params, split
 from decomp_jax.methods.flexlora import live_ranks
@@ -426,21 +428,44 @@ def _saved_steps(folder: Path) -> list[int]:
 
 
 def check_output_dir(cfg: ExperimentConfig, resume: bool) -> None:
-    """Before anything loads: never start over a run's results; resume only what was saved."""
+    """Before anything loads: never start over a run's results; resume only what was saved, with the
+    changes ``--resume`` allows (``resume_changes``)."""
     out_dir = Path(cfg.train.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"train.output_dir={str(out_dir)!r} is a file, not a folder; choose another train.output_dir.")
     steps = _saved_steps(out_dir / "checkpoints")
+    done = [name for name in FINISHED if (out_dir / name).exists()]
     if resume:
+        if not steps and done:
+            raise ConfigError(f"--resume: {out_dir} holds a finished run ({', '.join(done)}) but no checkpoint (its final "
+                              f"checkpoint was not written or was removed), so its optimizer state is gone. Its results "
+                              f"stand: `decomp-jax eval`, `export` and `merge` read {out_dir / 'adapter.safetensors'}. To "
+                              f"train further, start a new train.output_dir.")
         if not steps:
             raise FileNotFoundError(f"--resume: {out_dir / 'checkpoints'} holds no checkpoint to resume from; "
                                     f"drop --resume to start.")
+        saved = _saved_experiment(out_dir / "checkpoints")
+        if saved is not None:
+            resume_changes(saved, cfg)
         return
     if steps:
         raise ConfigError(f"{out_dir} already holds checkpoints (latest step {steps[-1]}); pass --resume to continue "
                           f"that run, or choose another train.output_dir.")
-    done = [name for name in FINISHED if (out_dir / name).exists()]
     if done:
         raise ConfigError(f"{out_dir} holds a finished run ({', '.join(done)}); choose another train.output_dir "
                           f"(or move that folder away) to train again.")
+
+
+def _saved_experiment(folder: Path) -> Optional[dict]:
+    """The experiment config of the latest readable checkpoint in ``folder`` (None: none is readable;
+    restoring then says why)."""
+    mngr = checkpoint.manager(folder)
+    try:
+        return checkpoint.saved_experiment(mngr, sorted(mngr.all_steps(), reverse=True))
+    except (checkpoint.CheckpointError, ConfigError):
+        return None
+    finally:
+        mngr.close()
 
 
 LAYOUT_KEYS = {("train", "output_dir"), ("train", "mesh"), ("model", "partition_rules")}
@@ -453,6 +478,30 @@ def _config_diff(saved: dict, now: dict, ignore=LAYOUT_KEYS) -> dict:
     count)."""
     return {f"{sec}.{k}": (v, now.get(sec, {}).get(k)) for sec, d in saved.items() for k, v in d.items()
             if now.get(sec, {}).get(k) != v and (sec, k) not in ignore}
+
+
+# what --resume may change: bookkeeping and evaluation, which leave the trained function as it is ...
+RESUMABLE_KEYS = {("train", k) for k in ("log_every", "eval_every", "save_every", "keep_last", "keep_best",
+                                         "best_metric", "eval_batch_size")} | {
+    ("data", k) for k in ("max_eval_samples", "eval_datasets", "max_new_tokens")}
+# ... and the run's length (the schedule is re-derived for the new number of steps)
+LENGTH_KEYS = {("train", "steps"), ("train", "epochs")}
+
+
+def resume_changes(saved: dict, cfg: ExperimentConfig) -> dict:
+    """``{section.key: (saved, now)}``: what ``cfg`` changes in a run's saved experiment config when it
+    resumes. Raises a ``ConfigError`` naming each change that would alter the function being trained
+    (anything but ``RESUMABLE_KEYS``, ``LENGTH_KEYS`` and the layout)."""
+    diff = _config_diff(saved, cfg.to_dict())
+    refused = {k: v for k, v in diff.items() if tuple(k.split(".")) not in RESUMABLE_KEYS | LENGTH_KEYS}
+    if refused:
+        allowed = sorted(".".join(k) for k in RESUMABLE_KEYS | LENGTH_KEYS)
+        raise ConfigError(
+            "--resume cannot change " + ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in refused.items())
+            + ": that changes the function being trained. Resume with the run's config.yaml (or --set those back), "
+            f"or start a new train.output_dir. --resume may change {', '.join(allowed)} and where the run lives "
+            f"(train.output_dir, train.mesh, model.partition_rules).")
+    return diff
 
 
 class _FiniteGuard:
@@ -547,26 +596,73 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, resume: bool = False,
     atomically, the adapter and metrics before the final checkpoint; a run that fails before it
     logged or saved anything removes the output folder it created.
     """
-    check_output_dir(cfg, resume)
     return _run_folders([cfg], lambda: [_Run(cfg, make_task(cfg))], progress=progress, resume=resume,
                         on_step=on_step)[0]
 
 
-def _run_folders(cfgs: Sequence[ExperimentConfig], make_runs: Callable[[], list], **kwargs) -> list[dict]:
-    """``_train`` of the runs ``make_runs()`` builds, in output folders created here; a failure before
-    a run logged or saved anything removes the folders created."""
+def _run_folders(cfgs: Sequence[ExperimentConfig], make_runs: Callable[[], list], *, resume: bool,
+                 **kwargs) -> list[dict]:
+    """``_train`` of the runs ``make_runs()`` builds, each holding its output folder's lock
+    (``guards.folder_lock``: a second run into the same folder is refused) from the cheap checks
+    (``check_output_dir``, ``check_model_shapes``) to the end; a failure before a run logged or saved
+    anything removes the output folders created here."""
     created = [not Path(c.train.output_dir).exists() for c in cfgs]
+    locked = []
+    with contextlib.ExitStack() as locks:
+        try:
+            for cfg in cfgs if is_primary() else ():  # (process 0 holds the lock of a run of several processes)
+                locks.enter_context(_lock(cfg))
+                locked.append(cfg)
+            for cfg in cfgs:
+                check_output_dir(cfg, resume)  # (now that no other run can write there)
+            check_model_shapes(cfgs[0])
+            runs = make_runs()
+            for r in runs:
+                r.out_dir.mkdir(parents=True, exist_ok=True)
+            return _train(runs, resume=resume, **kwargs)
+        except BaseException:
+            locks.close()
+            for cfg, new in zip(cfgs, created):
+                out_dir = Path(cfg.train.output_dir)
+                if new and cfg in locked and not _saved_steps(out_dir / "checkpoints") and not _read_jsonl(out_dir / "metrics.jsonl"):
+                    shutil.rmtree(out_dir, ignore_errors=True)
+            raise
+
+
+def _lock(cfg: ExperimentConfig):
+    """``guards.folder_lock`` of the run's output folder (a file there is refused first, by name)."""
+    out_dir = Path(cfg.train.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"train.output_dir={str(out_dir)!r} is a file, not a folder; choose another train.output_dir.")
+    return folder_lock(out_dir)
+
+
+def check_model_shapes(cfg: ExperimentConfig) -> None:
+    """Before the model loads: an adapter rank no layer of the model can hold, from its config.json alone
+    (every projection of these models has the hidden size on one side, so ``min(d_in, d_out)`` of each is
+    at most that size; the exact per-layer check follows at injection)."""
+    from decomp_jax import methods
+
+    if not methods.get(cfg.adapter.method).uses_rank:
+        return
+    width = _hidden_size(cfg)
+    if width is not None and cfg.adapter.rank > width:
+        raise ConfigError(f"adapter.rank={cfg.adapter.rank} is larger than any layer of model {cfg.model.name!r} "
+                          f"allows: its layers have min(d_in, d_out) <= hidden size {width}. Use adapter.rank <= "
+                          f"{width} (most methods use 4 to 64).")
+
+
+def _hidden_size(cfg: ExperimentConfig) -> Optional[int]:
+    """The hidden size in the model folder's config.json (None: no such folder, e.g. a .gguf file)."""
+    from decomp_jax.models.hf import resolve_model_path
+
+    folder = Path(resolve_model_path(cfg.model.name))
     try:
-        runs = make_runs()
-        for r in runs:
-            r.out_dir.mkdir(parents=True, exist_ok=True)
-        return _train(runs, **kwargs)
-    except BaseException:
-        for cfg, new in zip(cfgs, created):
-            out_dir = Path(cfg.train.output_dir)
-            if new and is_primary() and not _saved_steps(out_dir / "checkpoints") and not _read_jsonl(out_dir / "metrics.jsonl"):
-                shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # (the loader names what is wrong with the model)
+    width = config.get("hidden_size", config.get("n_embd", config.get("d_model")))
+    return width if isinstance(width, int) and not isinstance(width, bool) else None
 
 
 SEED_KEYS = {("train", "seed"), ("train", "output_dir")}  # what may differ between the seeds of run_seeds
@@ -603,8 +699,6 @@ def run_seeds(cfgs: Sequence[ExperimentConfig], *, progress: bool = True) -> lis
     if jax.process_count() > 1:
         raise ConfigError("run_seeds trains on one process (on a mesh of its devices); with several processes "
                           "train each seed with `decomp-jax train` on its own.")
-    for cfg in cfgs:
-        check_output_dir(cfg, resume=False)
     return _run_folders(cfgs, lambda: _seed_runs(cfgs), progress=progress, resume=False, on_step=None)
 
 
@@ -654,15 +748,28 @@ def _seed_runs(cfgs: Sequence[ExperimentConfig]) -> list[_Run]:
     return runs
 
 
-def _resume(cfg: ExperimentConfig, task, mngr, state, base_fingerprint, log_path: Path):
+def _resume(cfg: ExperimentConfig, task, mngr, state, base_fingerprint, log_path: Path, steps: int):
     """The state restored from the latest good checkpoint (corrupted later ones are moved to
-    ``output_dir/corrupted_checkpoints``), with metrics.jsonl cut back to its step."""
+    ``output_dir/corrupted_checkpoints``), with metrics.jsonl cut back to its step. ``steps``: the run's
+    length now; a run resumed with another length than it had continues on a schedule re-derived for
+    the new length, which is said."""
     state, task.frozen, meta = checkpoint.restore(mngr, state, task.frozen, cfg.adapter, fingerprint=base_fingerprint)
     saved = meta.get("experiment")
-    diff = _config_diff(saved, cfg.to_dict()) if saved is not None else {}
-    if diff:
-        raise ConfigError(f"--resume with a config that differs from the run's: {diff} (saved, now). "
-                          f"Use the run's config.yaml.")
+    diff = resume_changes(saved, cfg) if saved is not None else {}
+    reached = int(state.step) // cfg.train.grad_accum
+    if reached > steps:
+        raise ConfigError(f"--resume: the run has reached step {reached} (checkpoint {mngr.directory}/{int(state.step)}), "
+                          f"more than the {steps} steps of train.steps/train.epochs now; give at least {reached}.")
+    if saved is not None and is_primary():
+        before = total_steps(ExperimentConfig.from_dict(saved), task.num_train)
+        if before != steps:
+            method = " and the method's schedule" if make_schedule(cfg.adapter, steps) is not None else ""
+            print(f"resuming at step {reached} of {before} with {steps} steps now: the learning-rate schedule{method} "
+                  f"(warmup, decay) is re-derived for {steps} steps from here on (steps 1-{reached} followed the "
+                  f"{before}-step one)", flush=True)
+        changed = [k for k in diff if tuple(k.split(".")) in RESUMABLE_KEYS]
+        if changed:
+            print("resuming with " + ", ".join(f"{k}={diff[k][1]!r} (was {diff[k][0]!r})" for k in changed), flush=True)
     start = int(state.step)
     skipped = [s for s in mngr.all_steps() if s > start]
     if skipped:
@@ -712,7 +819,7 @@ def _train(runs: Sequence[_Run], *, progress: bool, resume: bool, on_step) -> li
     try:
         start = 0
         if resume:
-            state, start = _resume(cfg, task, lead.mngr, state, lead.fingerprint, lead.log_path)
+            state, start = _resume(cfg, task, lead.mngr, state, lead.fingerprint, lead.log_path, steps)
         elif primary:
             for r in runs:
                 atomic_write_text(r.log_path, "")
@@ -805,7 +912,7 @@ def _train(runs: Sequence[_Run], *, progress: bool, resume: bool, on_step) -> li
                 "trainable_params": n_trainable,
                 "backbone_params": n_backbone,
                 "trainable_fraction": n_trainable / n_backbone,
-                "checkpoint": str(Path(r.mngr.directory) / str(int(mine.step))),
+                "checkpoint": None,  # named once it is written (below)
             }
             if batched:
                 record["batched"] = len(runs)  # seeds trained together: train_seconds is theirs together
@@ -819,8 +926,19 @@ def _train(runs: Sequence[_Run], *, progress: bool, resume: bool, on_step) -> li
             if primary:
                 atomic_write_text(r.out_dir / "metrics.json", json.dumps(record, indent=2))
             records.append(record)
-        if int(_member(state.step, 0, batched)) not in lead.mngr.all_steps():  # (resuming a finished run only re-evaluates)
-            save(state, eval_metrics)
+        final = int(_member(state.step, 0, batched))
+        if final not in lead.mngr.all_steps():  # (resuming a finished run only re-evaluates)
+            try:
+                save(state, eval_metrics)
+            except checkpoint.CheckpointError as err:
+                kept = ", ".join(str(r.out_dir) for r in runs)
+                raise checkpoint.CheckpointError(
+                    f"{err} The results are kept: adapter.safetensors and metrics.json in {kept} (`decomp-jax eval`, "
+                    f"`export` and `merge` read them).") from err
+        for r, record in zip(runs, records):  # the checkpoint exists now: metrics.json names it
+            record["checkpoint"] = str(Path(r.mngr.directory) / str(final))
+            if primary:
+                atomic_write_text(r.out_dir / "metrics.json", json.dumps(record, indent=2))
         return records
     finally:
         for r in runs:

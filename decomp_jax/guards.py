@@ -56,6 +56,10 @@ class FolderInUseError(OSError):
     """Another live process holds a run folder's lock; the message names it."""
 
 
+class UnwritableFolderError(OSError):
+    """A folder that cannot be created or written; the message names it and the setting to change."""
+
+
 class FileFormatError(ValueError):
     """A file that cannot be read as what it should be (not UTF-8, not JSON, truncated, ...); the
     message names the file and the fix."""
@@ -109,6 +113,14 @@ def _temporaries(target: Path) -> Iterator[tuple[Path, int, str, str]]:
         match = pattern.match(entry.name)
         if match:
             yield entry, int(match.group(1)), match.group(2), match.group(3)
+
+
+_TEMPORARY = re.compile(r"^\..+\.\d+@[A-Za-z0-9_-]+\..*\.(tmp|old)$")
+
+
+def _is_temporary(name: str) -> bool:
+    """Whether ``name`` is one of the temporary files or folders our writers make (``_tmp_sibling``)."""
+    return _TEMPORARY.match(name) is not None
 
 
 def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
@@ -273,6 +285,14 @@ def manifest_files(folder: Path, manifest: str) -> set[str]:
     return {*files, manifest} if isinstance(files, list) else set()
 
 
+def write_manifest(folder: Path, manifest: str, info: Mapping[str, Any]) -> dict:
+    """Write ``info`` with the list of ``folder``'s entries (``"files"``) as the JSON file ``manifest``: what
+    ``manifest_files`` reads back, so that a later run of the same writer may replace them. Returns it."""
+    record = {**info, "files": sorted(p.name for p in Path(folder).iterdir() if p.name != manifest)}
+    atomic_write_text(Path(folder) / manifest, json.dumps(record, indent=2))
+    return record
+
+
 def _refusal(out_dir: Path, foreign: list[str]) -> Optional[str]:
     """Why ``out_dir`` (holding the entries ``foreign`` that its writer did not write) must not be
     replaced, in words."""
@@ -290,6 +310,24 @@ def _refusal(out_dir: Path, foreign: list[str]) -> Optional[str]:
     return f"holds files it did not write ({', '.join(sorted(foreign)[:5])}{' ...' if len(foreign) > 5 else ''})"
 
 
+def check_output_folder(out_dir: str | os.PathLike, *, ours: Optional[Callable[[Path], set[str]]] = None,
+                        overwrite: bool = False, writer: str = "this command") -> bool:
+    """``atomic_folder``'s check, for a command to make before its slow work: raises ``OutputExistsError``
+    when ``out_dir`` must not be replaced (and not ``overwrite``); returns whether the output will be
+    written into the existing folder (``overwrite`` of a folder holding other entries)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"{out_dir} exists and is not a folder; choose another output path.")
+    entries = sorted(p.name for p in out_dir.iterdir() if not _is_temporary(p.name)) if out_dir.is_dir() else []
+    mine = ours(out_dir) if (ours is not None and entries) else set()
+    why = _refusal(out_dir, [e for e in entries if e not in mine])
+    if why is not None and not overwrite:
+        raise OutputExistsError(f"{out_dir} {why}; {writer} writes a folder of its own and would replace it. Write to "
+                                f"a new or empty folder, or pass --overwrite to write into this one (files of the "
+                                f"same names are replaced, the others kept).")
+    return why is not None
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir: str | os.PathLike, *, ours: Optional[Callable[[Path], set[str]]] = None,
                   overwrite: bool = False, writer: str = "this command") -> Iterator[Path]:
@@ -304,18 +342,9 @@ def atomic_folder(out_dir: str | os.PathLike, *, ours: Optional[Callable[[Path],
     absent) and the temporary folder is removed.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputExistsError(f"{out_dir} exists and is not a folder; choose another output path.")
+    into = check_output_folder(out_dir, ours=ours, overwrite=overwrite, writer=writer)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out_dir)
-    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-    mine = ours(out_dir) if (ours is not None and entries) else set()
-    why = _refusal(out_dir, [e for e in entries if e not in mine])
-    into = why is not None
-    if into and not overwrite:
-        raise OutputExistsError(f"{out_dir} {why}; {writer} writes a folder of its own and would replace it. Write to "
-                                f"a new or empty folder, or pass --overwrite to write into this one (files of the "
-                                f"same names are replaced, the others kept).")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{_owner()}.", suffix=".tmp", dir=out_dir.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would make it (mkdtemp makes it private)
     try:
@@ -358,6 +387,35 @@ def _move_into(tmp: Path, out_dir: Path) -> None:
                 shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- interrupts ------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block has ended, then act on the first one as it would
+    have been acted on (``KeyboardInterrupt``, or the process's own handler): a checkpoint being written
+    is finished, and no writer thread is left behind mid-file. Off the main thread: no effect."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    if received:
+        handler = previous[received[0]]
+        if callable(handler):
+            handler(received[0], None)
+        elif handler == signal.SIG_DFL:
+            os.kill(os.getpid(), received[0])
 
 
 # --- one run per folder ----------------------------------------------------------------------------
@@ -405,10 +463,14 @@ def folder_lock(folder: str | os.PathLike, what: str = "train.output_dir") -> It
     import fcntl
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        except OSError as err:
+            raise UnwritableFolderError(f"{what}={str(folder)!r} cannot be created or written ({type(err).__name__}: "
+                                        f"{err.strerror or err}); choose a folder you can write.") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

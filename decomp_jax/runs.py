@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -18,7 +19,8 @@ from flax.traverse_util import flatten_dict
 from decomp_jax import checkpoint
 from decomp_jax.config import ConfigError
 from decomp_jax.experiment import ExperimentConfig, architecture, initial_state, load_base_model, peft_arch
-from decomp_jax.guards import atomic_folder, atomic_save_safetensors, atomic_write_text, check_finite
+from decomp_jax.guards import (atomic_folder, atomic_save_safetensors, atomic_write_text, check_finite, manifest_files,
+                               read_json, write_manifest)
 from decomp_jax.inject import combine, merge, partition
 from decomp_jax.models.hf import sequence_classifier_apply
 from decomp_jax.quant import model_params
@@ -47,39 +49,75 @@ def _locate(path: Path) -> tuple[Path, Optional[int]]:
     )
 
 
-def _experiment(mngr, steps: list[int]) -> dict:
-    """The experiment config saved with the first of ``steps`` whose metadata reads (every
-    checkpoint of a run holds the same; ``checkpoint.restore`` reports the unreadable ones)."""
-    errors = []
-    for step in steps:
-        try:
-            meta = checkpoint.read_metadata(mngr, step)
-        except Exception as err:  # a damaged checkpoint: try the previous one
-            errors.append(f"step {step}: {checkpoint.one_line(err)}")
-            continue
-        experiment = meta.get("metadata", {}).get("experiment")
-        if experiment is None:
-            raise ConfigError(f"{mngr.directory}/{step} holds no experiment config; restore it with checkpoint.restore().")
-        return experiment
-    raise checkpoint.CheckpointError(f"No checkpoint in {mngr.directory} can be read: {'; '.join(errors)}")
+class AdapterFileFallbackWarning(UserWarning):
+    """``restore_run`` used a run's ``adapter.safetensors`` because no checkpoint holds its final step."""
+
+
+def _adapter_file_run(run_dir: Path, step: int, why: str) -> RestoredRun:
+    """The run in ``run_dir`` from its ``config.yaml`` and ``adapter.safetensors`` (what a finished run writes
+    before its final checkpoint), at its final ``step``: the base is loaded and injected as in training, then
+    the saved adapter replaces the trainable leaves and buffers. ``why``: why no checkpoint serves, in words."""
+    from decomp_jax.experiment import load_adapter, load_config
+
+    cfg = load_config(run_dir / "config.yaml")
+    model, base, tokenizer = load_base_model(cfg)
+    base, params = model_params(base, cfg, jax.random.PRNGKey(cfg.train.seed))
+    trainable, buffers, frozen = partition(params, cfg.adapter)
+    adapter = load_adapter(run_dir / "adapter.safetensors", combine(trainable, buffers))
+    warnings.warn(f"{run_dir}: {why}; using its adapter.safetensors (step {step}), written when training ended.",
+                  AdapterFileFallbackWarning, stacklevel=3)
+    return RestoredRun(cfg, model, base, combine(adapter, {}, frozen), tokenizer, step)
+
+
+def _final_step(run_dir: Path) -> Optional[int]:
+    """The final step of the finished run in ``run_dir`` (``metrics.json``'s ``steps``, with its
+    ``adapter.safetensors`` and ``config.yaml`` beside it); None for anything else."""
+    if not all((run_dir / name).is_file() for name in ("metrics.json", "adapter.safetensors", "config.yaml")):
+        return None
+    try:
+        return int(read_json(run_dir / "metrics.json")["steps"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def restore_run(path: str | os.PathLike) -> RestoredRun:
-    """The adapted model of a run at a checkpoint (default: the run's latest good one; a
-    corrupted latest checkpoint is named in a warning and the previous one is used)."""
-    folder, step = _locate(Path(path))
+    """The adapted model of a run at a checkpoint (default: the run's latest good one; a corrupted
+    latest checkpoint is named in a warning and the previous one is used). A finished run whose
+    checkpoints do not reach its final step (its final checkpoint could not be written, or cannot be
+    read) is restored from its ``adapter.safetensors`` and ``config.yaml``, with a warning saying so."""
+    path = Path(path)
+    final = _final_step(path)
+    if final is not None and not (path / "checkpoints").is_dir():
+        return _adapter_file_run(path, final, "it has no checkpoints folder")
+    folder, step = _locate(path)
+    fallback = final is not None and step is None  # a run folder, its latest checkpoint asked for
     mngr = checkpoint.manager(folder)
     try:
         steps = sorted(mngr.all_steps(), reverse=True)
+        if fallback and (not steps or steps[0] < final):
+            return _adapter_file_run(path, final, f"no checkpoint holds its final step {final}"
+                                     + (f" (the latest is step {steps[0]})" if steps else ""))
         if not steps or (step is not None and step not in steps):
             raise FileNotFoundError(f"No checkpoint {'' if step is None else step} in {folder}; it holds {steps[::-1]}.")
-        cfg = ExperimentConfig.from_dict(_experiment(mngr, steps if step is None else [step]))
-        model, base, tokenizer = load_base_model(cfg)
-        base, params = model_params(base, cfg, jax.random.PRNGKey(cfg.train.seed))
-        trainable, buffers, frozen = partition(params, cfg.adapter)
-        _, _, like = initial_state(cfg, 1, trainable, buffers, frozen)
-        fingerprint = checkpoint.fingerprint(base, cfg.adapter, architecture(model))
-        state, frozen, _ = checkpoint.restore(mngr, like, frozen, cfg.adapter, fingerprint=fingerprint, step=step)
+        try:
+            cfg = ExperimentConfig.from_dict(checkpoint.saved_experiment(mngr, steps if step is None else [step]))
+            model, base, tokenizer = load_base_model(cfg)
+            base, params = model_params(base, cfg, jax.random.PRNGKey(cfg.train.seed))
+            trainable, buffers, frozen = partition(params, cfg.adapter)
+            _, _, like = initial_state(cfg, 1, trainable, buffers, frozen)
+            fingerprint = checkpoint.fingerprint(base, cfg.adapter, architecture(model))
+            with warnings.catch_warnings(record=fallback) as skipped:
+                state, frozen, _ = checkpoint.restore(mngr, like, frozen, cfg.adapter, fingerprint=fingerprint,
+                                                      step=step)
+        except checkpoint.CheckpointError as err:
+            if not fallback:
+                raise
+            return _adapter_file_run(path, final, f"no checkpoint can be read ({err})")
+        if fallback and int(state.step) < final:  # the final checkpoint is damaged: the adapter file is newer
+            return _adapter_file_run(path, final, f"its checkpoint of step {final} cannot be read "
+                                     f"({'; '.join(str(w.message) for w in skipped)})")
+        for w in skipped or ():
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     finally:
         mngr.close()
     check_finite(combine(state.trainable, state.buffers or {}), f"The adapter in {folder}/{int(state.step)}",
@@ -104,15 +142,23 @@ def torch_state_dict(params, arch: str) -> dict[str, np.ndarray]:
     return out
 
 
-def export_merged(run: RestoredRun, out_dir: str | os.PathLike) -> dict[str, Any]:
+MERGE_MANIFEST = "decomp_jax_merge.json"
+
+
+def export_merged(run: RestoredRun, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
     """Write the merged model: for a classifier HF Flax ``save_pretrained`` (config.json,
     flax_model.msgpack), the same weights as PyTorch-format ``model.safetensors``, and the
     tokenizer; for our Llama the HF folder of ``convert.save_converted`` (config.json,
-    model.safetensors, tokenizer), which transformers' ``LlamaForCausalLM`` and ``load_hf`` read."""
+    model.safetensors, tokenizer), which transformers' ``LlamaForCausalLM`` and ``load_hf`` read.
+
+    All files or none: an earlier merged model in ``out_dir`` is replaced only once the new one is
+    complete. A folder holding anything else (a run, a folder of runs, the user's files) is refused
+    unless ``overwrite``: then the merged files are written into it and its other files are kept."""
     merged = merge(run.params, run.cfg.adapter)
     check_finite(merged, "The merged model", "nothing is written.")
     info = {"source_step": run.step, "method": run.cfg.adapter.method, "model": run.cfg.model.name}
-    with atomic_folder(out_dir) as tmp:  # all files or none: an existing out_dir is replaced only on success
+    with atomic_folder(out_dir, ours=lambda d: manifest_files(d, MERGE_MANIFEST), overwrite=overwrite,
+                       writer="merge") as tmp:
         if peft_arch(run.model) == "llama":
             from decomp_jax.convert import save_converted
 
@@ -122,8 +168,7 @@ def export_merged(run: RestoredRun, out_dir: str | os.PathLike) -> dict[str, Any
             atomic_save_safetensors(torch_state_dict(merged, run.model.config.model_type), tmp / "model.safetensors",
                                     metadata={"format": "pt"})
             run.tokenizer.save_pretrained(tmp)
-        atomic_write_text(tmp / "decomp_jax_merge.json", json.dumps(info, indent=2))
-    return info
+        return write_manifest(tmp, MERGE_MANIFEST, info)
 
 
 def _unrolled(model, params):
@@ -143,16 +188,16 @@ def adapted_apply(run: RestoredRun):
     return lambda batch: fn(run.params, batch)
 
 
-def export_peft_run(run: RestoredRun, out_dir: str | os.PathLike) -> dict[str, Any]:
+def export_peft_run(run: RestoredRun, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
     """Write the run's adapter in the HF PEFT format (``adapter_config.json`` +
-    ``adapter_model.safetensors``), relative to the run's base model."""
+    ``adapter_model.safetensors``), relative to the run's base model (``overwrite``: as ``export_peft``)."""
     from decomp_jax.interop.peft import export_peft
 
     arch = peft_arch(run.model)
     # the model as the config names it (a model package, a hub id or the user's folder), not the
     # folder it resolved to on this machine (a path inside a virtualenv means nothing elsewhere)
     export_peft(run.params, run.cfg.adapter, str(out_dir), base_model_name_or_path=run.cfg.model.name, arch=arch,
-                base_params=run.base_params, model_config=run.model.config)
+                base_params=run.base_params, model_config=run.model.config, overwrite=overwrite)
     return {"source_step": run.step, "method": run.cfg.adapter.method, "arch": arch, "format": "peft"}
 
 

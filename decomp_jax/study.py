@@ -56,7 +56,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import yaml
 
 from decomp_jax.config import ConfigError
-from decomp_jax.guards import atomic_write_text
+from decomp_jax.guards import atomic_write_text, lock_holder
 
 AXIS_TASK, AXIS_METHOD = "task", "method"
 FULL = {"adapter.method": "bitfit", "adapter.train_extra": "."}  # every base leaf trains, no factors
@@ -349,7 +349,8 @@ def sweep(study: Study, *, workers: int = 1, shard: tuple[int, int] = (0, 1), lo
           poll_s: float = 0.5, command: Optional[Callable[[Path, Cell, bool], list[str]]] = None,
           batch_seeds: bool = False, group_command: Optional[Callable[[Path, Sequence[Cell]], list[str]]] = None) -> dict:
     """Run the study's cells of ``shard`` (see the module docstring), ``workers`` at a time. Returns
-    ``{"done": [...], "failed": [...], "skipped": [...]}`` (cell ids). ``command(study_dir, cell,
+    ``{"done": [...], "failed": [...], "skipped": [...], "busy": [...]}`` (cell ids; busy: cells another
+    process was training, left to it). ``command(study_dir, cell,
     resume)`` gives a cell's argv (default: ``decomp-jax train CONFIG --no-progress [--resume]``).
 
     ``batch_seeds``: the pending seeds of a setting (cells equal but for ``train.seed``) run as one
@@ -432,10 +433,25 @@ def sweep(study: Study, *, workers: int = 1, shard: tuple[int, int] = (0, 1), lo
                 indent=2) + "\n")
             log(f"[sweep] FAILED {cid} (exit {code}); see {log_file}" + (" (the next sweep runs it alone)" if len(unit) > 1 else ""))
 
+    busy = []
+
+    def held(unit: list) -> bool:
+        """Whether another process (another sweep, a hand-started train) is training one of ``unit``'s
+        run folders now: then the unit is left to it (its folder is neither set aside nor written)."""
+        holders = {c.id: lock_holder(out / "runs" / c.id) for c in unit}
+        holders = {cid: h for cid, h in holders.items() if h is not None}
+        for cid, h in holders.items():
+            log(f"[sweep] busy   {cid}: its run folder is in use by pid {h.get('pid', '?')} on {h.get('host', '?')}; "
+                f"left to it (run the sweep again once it has finished)")
+        busy.extend(c.id for c in unit if holders)
+        return bool(holders)
+
     try:
         while queue or running:
             while queue and len(running) < workers:
-                start(queue.pop(0))
+                unit = queue.pop(0)
+                if not held(unit):
+                    start(unit)
             time.sleep(poll_s)
             for key, (unit, proc, t0, handle) in list(running.items()):
                 code = proc.poll()
@@ -458,8 +474,8 @@ def sweep(study: Study, *, workers: int = 1, shard: tuple[int, int] = (0, 1), lo
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     log(f"[sweep] finished shard {i}/{n}: {len(done)} done ({len(skipped)} before), {len(failed)} failed"
-        + (f": {', '.join(failed)}" if failed else ""))
-    return {"done": done, "failed": failed, "skipped": skipped}
+        + (f": {', '.join(failed)}" if failed else "") + (f"; {len(busy)} busy elsewhere: {', '.join(busy)}" if busy else ""))
+    return {"done": done, "failed": failed, "skipped": skipped, "busy": busy}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_resume_refuses_another_base_model_or_config(tiny_model_dir, tmp_path):
     run(cfg, progress=False)
     with pytest.raises(dj.ConfigError, match="already holds checkpoints.*--resume"):
         run(cfg, progress=False)
-    with pytest.raises(dj.ConfigError, match=r"differs from the run's.*train.learning_rate"):
+    with pytest.raises(dj.ConfigError, match=r"--resume cannot change train.learning_rate \(0.01 -> 0.5\)"):
         run(cfg.__class__(**{**cfg.__dict__, "train": cfg.train.replace(learning_rate=0.5)}), progress=False, resume=True)
 
 

@@ -829,9 +829,14 @@ def test_failed_export_leaves_the_previous_one_intact(bert, tmp_path, monkeypatc
     dj.export_peft(other, cfg, out, base_model_name_or_path="local", arch="bert")
     assert (out / "adapter_model.safetensors").read_bytes() != before["adapter_model.safetensors"]
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=r"\['notes.txt'\] besides a PEFT adapter.*new or empty folder"):
+    with pytest.raises(FileExistsError, match=r"holds files it did not write \(notes.txt\).*new or empty folder"):
         dj.export_peft(params, cfg, out, base_model_name_or_path="local", arch="bert")
     assert (out / "notes.txt").read_text() == "mine"
+    # --overwrite: the export's two files are written into the folder, the user's file stays
+    dj.export_peft(params, cfg, out, base_model_name_or_path="local", arch="bert", overwrite=True)
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "local"
 
 
 def test_non_finite_adapters_are_refused_both_ways(bert, tmp_path):

@@ -53,7 +53,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax import named, quant
 from decomp_jax.config import AdapterConfig, ConfigError
-from decomp_jax.guards import FileFormatError, atomic_folder, check_finite, load_safetensors, read_json
+from decomp_jax.guards import (FileFormatError, atomic_folder, atomic_save_safetensors, atomic_write_text, check_finite,
+                               load_safetensors, read_json)
 from decomp_jax.inject import (TOKEN_LEAF, adapted_layers, find_targets, inject, layer_paths, matrix_leaf, oriented,
                                path_str, scan_roots, table_paths, token_tables, unstack_view)
 from decomp_jax.methods import get
@@ -378,16 +379,9 @@ def _named_subfolders(out_dir: str) -> list[str]:
     return sorted(d for d in os.listdir(out_dir) if os.path.isfile(os.path.join(out_dir, d, CONFIG_NAME)))
 
 
-def _check_replaceable(out_dir: str) -> None:
-    """``_write`` replaces ``out_dir`` whole (keeping named adapters' subfolders); refuse a folder that holds
-    anything else but a PEFT export."""
-    if os.path.isdir(out_dir):
-        other = sorted(set(os.listdir(out_dir)) - {CONFIG_NAME, WEIGHTS_NAME} - set(_named_subfolders(out_dir)))
-        if other:
-            raise FileExistsError(
-                f"{out_dir} holds {other[:5]}{' ...' if len(other) > 5 else ''} besides a PEFT adapter; the export "
-                f"replaces the folder whole, so it would delete them. Export into a new or empty folder."
-            )
+def export_entries(out_dir: str | os.PathLike) -> set[str]:
+    """The entries of an existing folder that an export wrote: the PEFT files and named adapters' subfolders."""
+    return {CONFIG_NAME, WEIGHTS_NAME, *_named_subfolders(os.fspath(out_dir))}
 
 
 # written even at their default values: what every PEFT release since 0.14 reads and a reader expects
@@ -409,23 +403,20 @@ def _compact(config: dict) -> dict:
             if k in CORE_FIELDS or (k != "peft_version" and (k not in defaults or v != defaults[k]))}
 
 
-def _write(out_dir: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
+def _write(out_dir: str, config: dict, tensors: dict[str, np.ndarray], overwrite: bool = False) -> None:
     """Write the adapter folder atomically: into a temporary sibling that replaces ``out_dir`` only
-    once both files are complete, so a failure leaves an existing export byte-identical."""
-    from safetensors.numpy import save_file
-
+    once both files are complete, so a failure leaves an existing export byte-identical. Named
+    adapters' subfolders already in ``out_dir`` stay; a folder holding anything else is refused
+    unless ``overwrite`` (then the two files are written into it and the rest is kept)."""
     config = _compact(config)
     check_finite(tensors, f"The adapter to export to {out_dir}",
                  "export a checkpoint whose adapter is finite (PEFT would load NaN/inf without a word).")
-    _check_replaceable(out_dir)
     text = json.dumps(config, indent=2, sort_keys=True)
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, ours=export_entries, overwrite=overwrite, writer="export") as tmp:
         for sub in _named_subfolders(out_dir):  # the other adapters of a multi-adapter folder stay
             shutil.copytree(os.path.join(out_dir, sub), os.path.join(tmp, sub))
-        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            f.write(text)
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(tmp, WEIGHTS_NAME),
-                  metadata={"format": "pt"})
+        atomic_write_text(os.path.join(tmp, CONFIG_NAME), text)
+        atomic_save_safetensors(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
 
 
 def _adalora_ranknum(r: int) -> float:
@@ -510,7 +501,8 @@ def _task_type(spec: "Arch", flat: Mapping[Path, Any], task_type: Optional[str])
 
 def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
                 base_model_name_or_path: str | os.PathLike | None, arch: str, base_params=None,
-                model_config=None, task_type: Optional[str] = None, name: Optional[str] = None) -> None:
+                model_config=None, task_type: Optional[str] = None, name: Optional[str] = None,
+                overwrite: bool = False) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT 0.21's format.
 
     ``params``: adapted params (``dj.inject`` of the model's params, trained) of a Flax sequence or token
@@ -531,7 +523,9 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
     embedding and LM head are the one trained matrix (without this PEFT would keep the original head).
 
     The folder is written atomically (an existing export is replaced only by a complete new one);
-    non-finite adapter tensors are refused (``NonFiniteError`` naming them).
+    non-finite adapter tensors are refused (``NonFiniteError`` naming them). A folder holding files
+    an export did not write is refused (``OutputExistsError``) unless ``overwrite``: then the export's
+    two files are written into it and its other files are kept.
 
     prompt_tuning / prefix_tuning / p_tuning (``arch="llama"``): PEFT's PROMPT_TUNING / PREFIX_TUNING /
     P_TUNING for a causal LM; prefix projection is folded (PEFT saves the projected prefix too) and
@@ -553,7 +547,7 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
     if base_model_name_or_path is not None:
         base_model_name_or_path = os.fspath(base_model_name_or_path)  # a pathlib.Path is not JSON
     if cfg.method in PROMPT_TYPES:
-        return _export_prompt(params, cfg, out_dir, spec, base_model_name_or_path, model_config)
+        return _export_prompt(params, cfg, out_dir, spec, base_model_name_or_path, model_config, overwrite)
     if cfg.kernel_in_axes:
         raise ConfigError(f"adapter.kernel_in_axes={cfg.kernel_in_axes!r}: PEFT adapts torch nn.Linear layers and has no "
                           f"format for nn.DenseGeneral kernels. Merge the adapter instead (dj.merge / decomp-jax merge).")
@@ -726,7 +720,7 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
             raise ConfigError(f"PEFT's {config['peft_type']} has no trainable_token_indices: the trainable token rows "
                               f"(trainable_tokens) cannot be exported with it. Merge the adapter instead.")
         config["trainable_token_indices"] = {spec.torch_module(p): ids for p, ids in token_rows}
-    _write(out_dir, config, tensors)
+    _write(out_dir, config, tensors, overwrite)
 
 
 def _tied_head_lora(layer, spec: Arch) -> dict[str, np.ndarray]:
@@ -739,7 +733,7 @@ def _tied_head_lora(layer, spec: Arch) -> dict[str, np.ndarray]:
 
 
 def _export_prompt(params, cfg: AdapterConfig, out_dir: str, spec: Arch, base_model_name_or_path: str,
-                   model_config) -> None:
+                   model_config, overwrite: bool = False) -> None:
     from decomp_jax.methods.prompt import llama_dims
     from decomp_jax.prompts import fold_prefix
 
@@ -780,7 +774,7 @@ def _export_prompt(params, cfg: AdapterConfig, out_dir: str, spec: Arch, base_mo
         kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
         config = {**_PREFIX_TUNING_CONFIG, **common, "num_virtual_tokens": int(p), "token_dim": int(kv_dim),
                   "num_attention_heads": kv_heads, "encoder_hidden_size": int(kv_dim)}
-    _write(out_dir, config, {"prompt_embeddings": embedding})
+    _write(out_dir, config, {"prompt_embeddings": embedding}, overwrite)
 
 
 def _import_prompt(in_dir: str, config: dict, stored: dict, base_params):
