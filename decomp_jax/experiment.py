@@ -888,7 +888,17 @@ def _train(runs: Sequence[_Run], *, progress: bool, resume: bool, on_step) -> li
                 for i, m in enumerate(eval_metrics):
                     log(i, {"step": step, "eval": m})
             if tc.save_every and step % tc.save_every == 0 and step < steps:
-                save(state, eval_metrics)
+                try:
+                    save(state, eval_metrics)
+                except checkpoint.CheckpointError as err:
+                    kept = lead.mngr.all_steps()
+                    config = lead.out_dir / "config.yaml"
+                    raise checkpoint.CheckpointError(
+                        f"{err} Training stopped at step {step}; " + (
+                            f"the last checkpoint is step {max(kept)}: once the cause is fixed, continue with "
+                            f"`decomp-jax train {config} --resume`." if kept else
+                            "no checkpoint was written yet: once the cause is fixed, run the same command again.")
+                    ) from err
             if on_step is not None:
                 on_step(step, values)
         guard.check()

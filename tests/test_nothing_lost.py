@@ -251,6 +251,40 @@ def test_the_results_of_a_run_whose_final_checkpoint_failed_are_kept_and_usable(
         run(load_config(out / "config.yaml"), progress=False, resume=True)
 
 
+def test_a_full_disk_mid_run_says_how_to_go_on(tiny_model_dir, tmp_path, monkeypatch):
+    from decomp_jax import checkpoint
+
+    original, calls = checkpoint.ocp.CheckpointManager.save, []
+
+    def full_at_the_second(self, *args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "save", full_at_the_second)
+    out = tmp_path / "run"
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 2 .*the disk is full.* Training stopped at step 2; the "
+                                                         r"last checkpoint is step 1: .*continue with `decomp-jax train "
+                                                         r".*config.yaml --resume`"):
+        run(tiny_config(tiny_model_dir, out, "train.save_every=1"), progress=False)
+    assert sorted(os.listdir(out / "checkpoints")) == ["1"]  # the partial one is gone
+
+
+def test_ctrl_c_ends_train_with_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import decomp_jax.experiment as experiment
+
+    def interrupted(cfg, **kwargs):
+        (tmp_path / "run" / "checkpoints" / "3").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "run", interrupted)
+    assert cli.main(["train", QUICK, "--output-dir", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err.splitlines() == [
+        f"decomp-jax: stopped (Ctrl-C); the last checkpoint is step 3 in {tmp_path / 'run' / 'checkpoints'}; continue "
+        f"with `decomp-jax train {tmp_path / 'run' / 'config.yaml'} --resume`."]
+
+
 def _mount_tmpfs(folder: Path, size: str) -> bool:
     folder.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
