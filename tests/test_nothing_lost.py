@@ -337,6 +337,15 @@ def test_a_changed_byte_in_an_adapter_file_is_named(finished, tmp_path):
     with pytest.raises(guards.ChecksumError, match=r"adapter.safetensors is corrupted: its tensors do not match the "
                                                    r"checksum"):
         evaluate_run(copy)
+    # an export carries its checksum too, and import verifies it
+    from decomp_jax.interop.peft import import_peft
+
+    restored = restore_run(finished)
+    export_peft_run(restored, tmp_path / "peft")
+    import_peft(tmp_path / "peft", restored.base_params, arch="bert")  # as written: imports
+    _flip(tmp_path / "peft" / "adapter_model.safetensors", -3)
+    with pytest.raises(guards.ChecksumError, match=r"adapter_model.safetensors is corrupted"):
+        import_peft(tmp_path / "peft", restored.base_params, arch="bert")
 
 
 def test_a_changed_byte_in_a_checkpoints_metadata_is_detected(finished, tmp_path):
