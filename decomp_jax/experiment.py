@@ -329,8 +329,10 @@ def save_adapter(trainable, path: Path) -> None:
 
 def load_adapter(path: Path, like: dict) -> dict:
     """Read ``save_adapter``'s file into the structure of ``like``; names and shapes must match."""
-    stored = load_safetensors(path)
-    check_finite(stored, str(path), "re-create it from a good checkpoint (decomp-jax export / a new run).")
+    fix = ("take it from a good copy, or from the run's checkpoints, which `decomp-jax merge` and `export` read "
+           "(--checkpoint RUN_DIR)")
+    stored = load_safetensors(path, fix)
+    check_finite(stored, str(path), fix)
     expected = flatten_dict(like, sep="/")
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     if missing or unexpected:
