@@ -29,17 +29,20 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from decomp_jax.config import ConfigError
 from decomp_jax.guards import (FileFormatError, atomic_folder, atomic_save_safetensors, atomic_write_text,
                                check_output_folder, manifest_files, read_json, write_manifest)
+from decomp_jax.models.families import UnsupportedConfigError
 from decomp_jax.models.llama import LlamaConfig
 
 Path = tuple[str, ...]
 
 # --- HF names <-> Flax paths --------------------------------------------------------------------------
 
-_LINEAR = r"(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+_LINEAR = r"(self_attn\.(q|k|v|o|qkv)_proj|mlp\.(gate|up|down|gate_up)_proj)"
+_NORMS = r"(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|post_feedforward_layernorm|self_attn\.(q|k)_norm)"
 
 
 def hf_to_flax(name: str) -> Optional[tuple[Path, bool]]:
-    """``(Flax path, transpose?)`` of an HF Llama tensor name; None for names that hold no parameter
+    """``(Flax path, transpose?)`` of an HF decoder tensor name (every family of ``models.families``
+    uses these names); None for names that hold no parameter
     (``rotary_emb.inv_freq``)."""
     if name.endswith("rotary_emb.inv_freq"):
         return None
@@ -57,9 +60,9 @@ def hf_to_flax(name: str) -> Optional[tuple[Path, bool]]:
         parts = ("model", f"layers_{layer}", *module.split("."))
         if re.fullmatch(_LINEAR, module):
             return parts + ("kernel" if leaf == "weight" else "bias",), leaf == "weight"
-        if module in ("input_layernorm", "post_attention_layernorm") and leaf == "weight":
+        if re.fullmatch(_NORMS, module) and leaf == "weight":
             return parts + ("weight",), False
-    raise ConfigError(f"Unknown Llama tensor name {name!r}.")
+    raise ConfigError(f"Unknown decoder tensor name {name!r}.")
 
 
 def flax_to_hf(path: Path) -> tuple[str, bool]:
@@ -112,20 +115,32 @@ def _expected_shapes(config: LlamaConfig, num_labels: Optional[int] = None) -> d
         shapes[("score", "kernel")] = (h, num_labels)
     elif not c.tie_word_embeddings:
         shapes[("lm_head", "kernel")] = (h, c.vocab_size)
+    q_out = c.num_attention_heads * d
+    if c.fused_projections:
+        attn = {"qkv_proj": (h, q_out + 2 * kv * d)}
+        mlp = {"gate_up_proj": (h, 2 * f)}
+    else:
+        attn = {"q_proj": (h, q_out), "k_proj": (h, kv * d), "v_proj": (h, kv * d)}
+        mlp = {"gate_proj": (h, f), "up_proj": (h, f)}
+    in_bias = c.attention_bias or c.qkv_bias
+    norms = ["input_layernorm", "post_attention_layernorm"]
+    if c.sandwich_norms:
+        norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
     for i in range(c.num_hidden_layers):
         layer = ("model", f"layers_{i}")
-        dims = {"q_proj": (h, c.num_attention_heads * d), "k_proj": (h, kv * d), "v_proj": (h, kv * d),
-                "o_proj": (c.num_attention_heads * d, h)}
-        for name, shape in dims.items():
+        for name, shape in {**attn, "o_proj": (q_out, h)}.items():
             shapes[layer + ("self_attn", name, "kernel")] = shape
-            if c.attention_bias:
+            if c.attention_bias if name == "o_proj" else in_bias:
                 shapes[layer + ("self_attn", name, "bias")] = shape[1:]
-        for name, shape in {"gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}.items():
+        for name, shape in {**mlp, "down_proj": (f, h)}.items():
             shapes[layer + ("mlp", name, "kernel")] = shape
             if c.mlp_bias:
                 shapes[layer + ("mlp", name, "bias")] = shape[1:]
-        shapes[layer + ("input_layernorm", "weight")] = (h,)
-        shapes[layer + ("post_attention_layernorm", "weight")] = (h,)
+        for name in norms:
+            shapes[layer + (name, "weight")] = (h,)
+        if c.qk_norm:
+            shapes[layer + ("self_attn", "q_norm", "weight")] = (d,)
+            shapes[layer + ("self_attn", "k_norm", "weight")] = (d,)
     return shapes
 
 
@@ -212,12 +227,16 @@ def load_tokenizer(folder: str):
 
 
 def load_hf(folder: str, dtype=np.float32):
-    """``(LlamaConfig, params, tokenizer)`` from an HF Llama folder (safetensors, single or sharded)."""
+    """``(LlamaConfig, params, tokenizer)`` from an HF folder of any family in ``models.families``
+    (safetensors, single or sharded); its config.json is read strictly (``LlamaConfig.from_hf_dict``)."""
     folder = os.path.expanduser(folder)
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{config_path} does not exist.")
-    config = LlamaConfig.from_hf_dict(read_json(config_path, CHECKPOINT_FIX))
+    try:
+        config = LlamaConfig.from_hf_dict(read_json(config_path, CHECKPOINT_FIX))
+    except UnsupportedConfigError as err:
+        raise UnsupportedConfigError(str(err).replace("config.json:", f"{config_path}:", 1)) from None
     tensors = {}
     for path in _weight_files(folder):
         tensors.update(read_safetensors(path))
@@ -259,10 +278,38 @@ def _float(x: float) -> float:
     return float(f"{float(x):.7g}")
 
 
+# the llama.* GGUF metadata load_gguf reads; any other llama.* key is refused by name
+GGUF_KEYS = frozenset({
+    "block_count", "context_length", "embedding_length", "feed_forward_length", "attention.head_count",
+    "attention.head_count_kv", "attention.layer_norm_rms_epsilon", "attention.key_length", "attention.value_length",
+    "rope.freq_base", "rope.dimension_count", "rope.scaling.type", "rope.scaling.factor",
+    "rope.scaling.original_context_length", "rope.scaling.finetuned", "vocab_size", "expert_count",
+    "expert_used_count",
+})
+
+
+def _check_gguf_keys(reader, arch: str, head_dim: int) -> None:
+    """Refuse metadata that would change the maths and is not read (one line naming the key)."""
+    for key in reader.fields:
+        if not key.startswith(f"{arch}."):
+            continue
+        name = key[len(arch) + 1:]
+        if name not in GGUF_KEYS:
+            raise UnsupportedConfigError(f"GGUF metadata {key} (= {_field(reader, key)!r}) is not implemented by "
+                                         f"decomp_jax's llama decoder; read keys: {', '.join(sorted(GGUF_KEYS))}.")
+    checks = {"rope.dimension_count": head_dim, "attention.value_length": head_dim, "expert_count": 0}
+    for name, must in checks.items():
+        value = _field(reader, f"{arch}.{name}")
+        if value is not None and int(value) != must:
+            raise UnsupportedConfigError(f"GGUF metadata {arch}.{name} = {value} is not implemented (decomp_jax's "
+                                         f"llama decoder needs {must}).")
+
+
 def _gguf_config(reader, tensor_names: set[str]) -> LlamaConfig:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
-        raise ConfigError(f"GGUF architecture {arch!r} is not supported (llama only).")
+        raise UnsupportedConfigError(f"GGUF general.architecture {arch!r} is not supported by load_gguf (llama only; "
+                                     f"other families load from their Hugging Face folders).")
     get = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
     heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
@@ -279,6 +326,7 @@ def _gguf_config(reader, tensor_names: set[str]) -> LlamaConfig:
     if "rope_freqs.weight" in tensor_names:
         raise ConfigError("This GGUF has rope_freqs (Llama 3.1 frequency factors), which load_gguf does not map yet.")
     key_length = get("attention.key_length")
+    _check_gguf_keys(reader, arch, int(key_length) if key_length is not None else hidden // heads)
     ids = {k: _field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
     return LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),

@@ -116,10 +116,10 @@ _GPT2 = (
 )
 _LLAMA = (
     (r"embed_tokens/embedding$", _OUT_IN),
-    (r"self_attn/(q_proj|k_proj|v_proj)/kernel$", _IN_OUT),
-    (r"self_attn/(q_proj|k_proj|v_proj)/bias$", ("tensor",)),
+    (r"self_attn/(q_proj|k_proj|v_proj|qkv_proj)/kernel$", _IN_OUT),  # qkv_proj, gate_up_proj: Phi-3's fused kernels
+    (r"self_attn/(q_proj|k_proj|v_proj|qkv_proj)/bias$", ("tensor",)),
     (r"self_attn/o_proj/kernel$", _OUT_IN),
-    (r"mlp/(gate_proj|up_proj)/kernel$", _IN_OUT),
+    (r"mlp/(gate_proj|up_proj|gate_up_proj)/kernel$", _IN_OUT),
     (r"mlp/down_proj/kernel$", _OUT_IN),
     (r"lm_head/kernel$", _IN_OUT),
 )

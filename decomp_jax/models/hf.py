@@ -36,8 +36,8 @@ TARGET_PRESETS["gpt2"] = {
 # decomp_jax.models.llama.LlamaForCausalLM (plain nn.Dense layers, (d_in, d_out) kernels)
 TARGET_PRESETS["llama"] = {
     "query_value": r"self_attn/(q_proj|v_proj)$",
-    "attention": r"self_attn/(q_proj|k_proj|v_proj|o_proj)$",
-    "all_linear": r"self_attn/(q_proj|k_proj|v_proj|o_proj)$|mlp/(gate_proj|up_proj|down_proj)$",
+    "attention": r"self_attn/(q_proj|k_proj|v_proj|o_proj|qkv_proj)$",  # qkv_proj: Phi-3's fused kernel
+    "all_linear": r"self_attn/(q_proj|k_proj|v_proj|o_proj|qkv_proj)$|mlp/(gate_proj|up_proj|down_proj|gate_up_proj)$",
     "houlsby": r"self_attn/o_proj$|mlp/down_proj$",
     "pfeiffer": r"mlp/down_proj$",
     # LLM-Adapters' bottleneck placements on LLaMA (method bottleneck, options.placement): mh before

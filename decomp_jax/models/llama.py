@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+from decomp_jax.models.families import ROPE_TYPES, read_hf_config, write_hf_config
 
 
 def _freeze(value):
@@ -77,6 +77,19 @@ class LlamaConfig:
     unrolled tree). ``remat``: ``nn.remat`` (activation checkpointing) around each decoder layer.
     ``rope_scaling``: None or HF's dict with ``rope_type`` (or legacy ``type``) among
     linear / dynamic / llama3 / yarn.
+
+    The switches below the Llama fields make the other families (``models.families`` reads each
+    family's config.json into them): ``qkv_bias`` (biases on q, k, v only: Qwen2), ``qk_norm``
+    (RMSNorm over ``head_dim`` on queries and keys before the rotary embedding: Qwen3, Gemma 3),
+    ``norm_plus_one`` (RMSNorm weights applied as ``1 + w``, in float32: Gemma), ``embed_scale``
+    (embeddings times ``sqrt(hidden_size)``: Gemma), ``sandwich_norms`` (norms after attention and
+    after the MLP too: Gemma 2/3), ``fused_projections`` (one ``qkv_proj`` and one ``gate_up_proj``
+    kernel: Phi-3), ``partial_rotary_factor`` (the rotary embedding on that fraction of each head),
+    ``query_pre_attn_scalar`` (scores scaled by its ``-1/2`` power instead of ``head_dim``'s),
+    ``attn_logit_softcapping`` / ``final_logit_softcapping`` (``c * tanh(x / c)`` on the scores /
+    logits), ``sliding_window`` with ``layer_types`` (per layer ``full_attention`` or
+    ``sliding_attention``: a query sees the ``sliding_window`` latest positions, itself included),
+    ``rope_local_theta`` (the sliding layers' rotary base, default type: Gemma 3).
     """
 
     vocab_size: int = 32000
@@ -101,6 +114,21 @@ class LlamaConfig:
     param_dtype: str = "float32"
     scan_layers: bool = False
     remat: bool = False
+    model_type: str = "llama"
+    hidden_act: str = "silu"
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    norm_plus_one: bool = False
+    embed_scale: bool = False
+    sandwich_norms: bool = False
+    fused_projections: bool = False
+    partial_rotary_factor: float = 1.0
+    query_pre_attn_scalar: Optional[float] = None
+    attn_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
+    sliding_window: Optional[int] = None
+    layer_types: Optional[tuple] = None
+    rope_local_theta: Optional[float] = None
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -109,6 +137,14 @@ class LlamaConfig:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers.")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("layer_types name sliding_attention layers: set sliding_window.")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not implemented; choose one of {sorted(ACTIVATIONS)}.")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -133,36 +169,30 @@ class LlamaConfig:
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
 
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def layer_kind(self, i: int) -> int:
+        """0: full attention, 1: sliding window."""
+        return int(self.layer_types is not None and self.layer_types[i] == "sliding_attention")
+
+    @property
+    def layer_kinds(self) -> tuple[int, ...]:
+        return tuple(self.layer_kind(i) for i in range(self.num_hidden_layers))
+
     @classmethod
     def from_hf_dict(cls, data: dict, **overrides) -> "LlamaConfig":
-        """From the dict of an HF ``config.json`` (``LlamaForCausalLM``); unknown keys are ignored."""
-        act = data.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"hidden_act={act!r}: this Llama implements SwiGLU with silu only.")
-        known = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "scan_layers", "remat"}
-        kwargs = {k: v for k, v in data.items() if k in known}
+        """From the dict of an HF ``config.json`` of any family in ``models.families.FAMILIES``; an unknown
+        ``model_type`` or a key that would change the maths and is not implemented is refused
+        (``UnsupportedConfigError``), never dropped."""
+        kwargs = read_hf_config(data)
         kwargs.update(overrides)
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict:
-        """HF's config.json for ``LlamaForCausalLM`` (weights stored float32)."""
-        out = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_act": "silu",
-            "attention_dropout": 0.0,
-            "pretraining_tp": 1,
-            "use_cache": True,
-            "torch_dtype": "float32",
-        }
-        for f in dataclasses.fields(self):
-            if f.name in ("dtype", "param_dtype", "scan_layers", "remat"):
-                continue
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        if self.rope_scaling is not None:
-            out["rope_scaling"] = dict(self.rope_scaling)
-        return out
+        """HF's config.json of this family (``LlamaForCausalLM``, ``Qwen3ForCausalLM``, ...; weights stored float32)."""
+        return write_hf_config(self)
 
 
 # --- rotary embeddings ------------------------------------------------------------------------------
@@ -175,7 +205,7 @@ def _default_inv_freq(base: float, dim: int) -> np.ndarray:
 def rope_parameters(config: LlamaConfig) -> tuple[np.ndarray, float]:
     """``(inv_freq (head_dim // 2,), attention_scaling)`` as HF's ``ROPE_INIT_FUNCTIONS`` compute
     them at init (dynamic scaling then equals the default; it changes per call, see ``_inv_freq``)."""
-    dim = config.head_dim
+    dim = config.rotary_dim
     base = float(config.rope_theta)
     inv_freq = _default_inv_freq(base, dim)
     kind = config.rope_type
@@ -233,7 +263,7 @@ def _inv_freq(config: LlamaConfig, position_ids: jax.Array) -> jax.Array:
     inv_freq, _ = rope_parameters(config)
     if config.rope_type != "dynamic":
         return jnp.asarray(inv_freq)
-    dim = config.head_dim
+    dim = config.rotary_dim
     n_max = config.max_position_embeddings
     factor = float(config.rope_scaling["factor"])
     seq_len = jnp.maximum(jnp.max(position_ids) + 1, n_max).astype(jnp.float32)
@@ -243,10 +273,14 @@ def _inv_freq(config: LlamaConfig, position_ids: jax.Array) -> jax.Array:
     return jnp.where(jnp.max(position_ids) + 1 > n_max, dynamic, jnp.asarray(inv_freq))
 
 
-def rotary_cos_sin(config: LlamaConfig, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``cos, sin`` of shape ``(B, L, head_dim)`` (float32), the two halves repeated."""
-    _, scaling = rope_parameters(config)
-    freqs = position_ids.astype(jnp.float32)[..., None] * _inv_freq(config, position_ids)
+def rotary_cos_sin(config: LlamaConfig, position_ids: jax.Array, local: bool = False) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin`` of shape ``(B, L, rotary_dim)`` (float32), the two halves repeated. ``local``: the
+    sliding layers' embedding of a family with its own local base (``rope_local_theta``, default type)."""
+    if local:
+        inv_freq, scaling = jnp.asarray(_default_inv_freq(config.rope_local_theta, config.rotary_dim)), 1.0
+    else:
+        inv_freq, scaling = _inv_freq(config, position_ids), rope_parameters(config)[1]
+    freqs = position_ids.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb) * scaling, jnp.sin(emb) * scaling
 
@@ -257,13 +291,27 @@ def _rotate_half(x):
 
 
 def apply_rotary(x, cos, sin):
-    """``x`` (B, L, heads, head_dim); cos/sin (B, L, head_dim)."""
+    """``x`` (B, L, heads, head_dim); cos/sin (B, L, rotary_dim): the first ``rotary_dim`` features of
+    each head rotate, the rest pass (partial rotary)."""
     cos = cos[:, :, None, :].astype(x.dtype)
     sin = sin[:, :, None, :].astype(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    head, rest = x[..., :rot], x[..., rot:]
+    return jnp.concatenate([head * cos + _rotate_half(head) * sin, rest], axis=-1)
 
 
 # --- modules ----------------------------------------------------------------------------------------
+
+ACTIVATIONS: dict[str, Callable] = {
+    "silu": nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
 
 def _dense(config: LlamaConfig, features: int, bias: bool, name: Optional[str] = None) -> nn.Dense:
     return nn.Dense(features, use_bias=bias, dtype=config.compute_dtype, param_dtype=jnp.dtype(config.param_dtype),
@@ -271,18 +319,37 @@ def _dense(config: LlamaConfig, features: int, bias: bool, name: Optional[str] =
 
 
 class RMSNorm(nn.Module):
-    """``weight * x / sqrt(mean(x**2) + eps)``, the normalisation computed in float32."""
+    """``weight * x / sqrt(mean(x**2) + eps)``, the normalisation computed in float32. ``plus_one``
+    (Gemma): the weight is stored as ``w`` (zeros at init) and applied as ``1 + w`` in float32."""
 
     eps: float = 1e-6
     param_dtype: Any = jnp.float32
+    plus_one: bool = False
 
     @nn.compact
     def __call__(self, x):
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        weight = self.param("weight", init, (x.shape[-1],), self.param_dtype)
         dtype = x.dtype
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (x32 * (1.0 + weight.astype(jnp.float32))).astype(dtype)
         return weight.astype(dtype) * x32.astype(dtype)
+
+
+def _norm(config: LlamaConfig, name: str) -> RMSNorm:
+    return RMSNorm(config.rms_norm_eps, jnp.dtype(config.param_dtype), config.norm_plus_one, name=name)
+
+
+def _pick(kind, full, sliding):
+    """The full-attention or sliding-window variant of a layer input: ``kind`` a Python int (unrolled
+    layers) or a traced scalar (scanned layers; both variants exist, one is selected)."""
+    if sliding is None:
+        return full
+    if isinstance(kind, int):
+        return sliding if kind else full
+    return jax.tree_util.tree_map(lambda f, s: jnp.where(kind > 0, s, f), full, sliding)
 
 
 class LlamaAttention(nn.Module):
@@ -295,9 +362,17 @@ class LlamaAttention(nn.Module):
         heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         b, length, _ = x.shape
         x = x.reshape(b * length, -1)  # 2-D projections: no transposing copies in XLA:CPU's backward (see LlamaMLP)
-        q = _dense(c, heads * d, c.attention_bias, "q_proj")(x).reshape(b, length, heads, d)
-        k = _dense(c, kv_heads * d, c.attention_bias, "k_proj")(x).reshape(b, length, kv_heads, d)
-        v = _dense(c, kv_heads * d, c.attention_bias, "v_proj")(x).reshape(b, length, kv_heads, d)
+        in_bias = c.attention_bias or c.qkv_bias
+        if c.fused_projections:  # one kernel, split as q | k | v
+            qkv = _dense(c, (heads + 2 * kv_heads) * d, in_bias, "qkv_proj")(x)
+            q, k, v = jnp.split(qkv, [heads * d, (heads + kv_heads) * d], axis=-1)
+        else:
+            q = _dense(c, heads * d, in_bias, "q_proj")(x)
+            k = _dense(c, kv_heads * d, in_bias, "k_proj")(x)
+            v = _dense(c, kv_heads * d, in_bias, "v_proj")(x)
+        q, k, v = q.reshape(b, length, heads, d), k.reshape(b, length, kv_heads, d), v.reshape(b, length, kv_heads, d)
+        if c.qk_norm:
+            q, k = _norm(c, "q_norm")(q), _norm(c, "k_norm")(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         new_cache = None
         if cache is not None:
@@ -312,22 +387,27 @@ class LlamaAttention(nn.Module):
             pv = jnp.broadcast_to(pv, (b,) + pv.shape[1:]).astype(q.dtype)
             k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
             allowed = jnp.concatenate([jnp.ones((b, length, pk.shape[1]), bool), allowed], axis=-1)
-        out = grouped_attention(q, k, v, allowed, kv_heads).reshape(b * length, heads * d)
+        scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else d) ** -0.5
+        out = grouped_attention(q, k, v, allowed, kv_heads, scale=scale, softcap=c.attn_logit_softcapping)
+        out = out.reshape(b * length, heads * d)
         return _dense(c, c.hidden_size, c.attention_bias, "o_proj")(out).reshape(b, length, -1), new_cache
 
 
-def grouped_attention(q, k, v, allowed, kv_heads: int):
+def grouped_attention(q, k, v, allowed, kv_heads: int, scale: Optional[float] = None, softcap: Optional[float] = None):
     """Grouped-query attention, heads-major: ``q (B, L, H, d)``, ``k, v (B, S, K, d)`` with query head
     ``h = kv_head * groups + g`` (HF's ``repeat_kv`` order), ``allowed`` bool ``(B, L, S)``; returns
     ``(B, L, H * d)``. Each key/value head serves its ``groups`` query heads as one ``(groups * L, d)``
     block, so keys and values are never repeated and the two batched products have plain
     ``(batch, kv_head)`` batch axes (25% faster forward + backward on CPU than the grouped einsum with
-    the heads in the middle). Scores and softmax in float32."""
+    the heads in the middle). Scores and softmax in float32; ``scale`` (default ``d ** -0.5``) multiplies
+    the scores, ``softcap`` (Gemma 2) then maps them to ``softcap * tanh(scores / softcap)``."""
     b, length, heads, d = q.shape
     groups = heads // kv_heads
     qh = q.reshape(b, length, kv_heads, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * length, d)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, d)
-    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh).astype(jnp.float32) * (d ** -0.5)
+    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh).astype(jnp.float32) * (d ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = scores.reshape(b, kv_heads, groups, length, -1)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, groups * length, -1)
@@ -342,34 +422,50 @@ class LlamaMLP(nn.Module):
     def __call__(self, x):
         """On ``x (..., hidden)`` flattened to 2-D: with 3-D ``(batch, length, hidden)`` operands XLA:CPU
         writes the backward's gradients through transposing copies (measured on SmolLM2's MLP, forward +
-        backward: full fine-tuning 114 -> 85 ms, LoRA 119 -> 59 ms per layer)."""
+        backward: full fine-tuning 114 -> 85 ms, LoRA 119 -> 59 ms per layer). ``act(gate) * up``, gate
+        and up from one ``gate_up_proj`` kernel (gate first) with ``fused_projections``."""
         c = self.config
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        gate = _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj")(x)
-        up = _dense(c, c.intermediate_size, c.mlp_bias, "up_proj")(x)
-        return _dense(c, c.hidden_size, c.mlp_bias, "down_proj")(nn.silu(gate) * up).reshape(lead + (-1,))
+        if c.fused_projections:
+            gate, up = jnp.split(_dense(c, 2 * c.intermediate_size, c.mlp_bias, "gate_up_proj")(x), 2, axis=-1)
+        else:
+            gate = _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj")(x)
+            up = _dense(c, c.intermediate_size, c.mlp_bias, "up_proj")(x)
+        act = ACTIVATIONS[c.hidden_act]
+        return _dense(c, c.hidden_size, c.mlp_bias, "down_proj")(act(gate) * up).reshape(lead + (-1,))
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm attention and MLP with residuals; with ``sandwich_norms`` (Gemma 2/3) the attention
+    output goes through ``post_attention_layernorm`` and the MLP's input and output through
+    ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm`` (Llama's ``post_attention_layernorm``
+    is the MLP's input norm). ``ropes`` / ``masks``: the (full, sliding-or-None) variants; ``kind``
+    picks one (``_pick``)."""
+
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None, prefix=None):
+    def __call__(self, x, ropes, masks, cache=None, cache_index=None, prefix=None, kind=0):
         c = self.config
-        pdt = jnp.dtype(c.param_dtype)
+        cos, sin = _pick(kind, *ropes)
+        allowed = _pick(kind, *masks)
         h, new_cache = LlamaAttention(c, name="self_attn")(
-            RMSNorm(c.rms_norm_eps, pdt, name="input_layernorm")(x), cos, sin, allowed, cache, cache_index, prefix
+            _norm(c, "input_layernorm")(x), cos, sin, allowed, cache, cache_index, prefix
         )
+        if c.sandwich_norms:
+            x = x + _norm(c, "post_attention_layernorm")(h)
+            m = LlamaMLP(c, name="mlp")(_norm(c, "pre_feedforward_layernorm")(x))
+            return x + _norm(c, "post_feedforward_layernorm")(m), new_cache
         x = x + h
-        x = x + LlamaMLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, pdt, name="post_attention_layernorm")(x))
+        x = x + LlamaMLP(c, name="mlp")(_norm(c, "post_attention_layernorm")(x))
         return x, new_cache
 
 
 def _layer_class(config: LlamaConfig):
     if not config.remat:
         return LlamaDecoderLayer
-    # cache_index (arg 6, counting self) may be None or traced: nothing is static
+    # cache_index may be None or traced, kind an int or traced: nothing is static
     return nn.remat(LlamaDecoderLayer, prevent_cse=not config.scan_layers)
 
 
@@ -411,17 +507,25 @@ class LlamaModel(nn.Module):
                                      param_dtype=jnp.dtype(c.param_dtype),
                                      embedding_init=nn.initializers.normal(c.initializer_range))
         if c.scan_layers:  # params model/layers/... with a leading axis of num_hidden_layers
-            # carry x; scanned over (cache, prefix) slices; cos, sin, allowed, cache_index broadcast
+            # carry x; scanned over (cache, prefix, kind) slices; ropes, masks, cache_index broadcast
             self.layers = nn.scan(_layer_class(c), variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                                  in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),
+                                  in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, 0),
                                   length=c.num_hidden_layers)(c)
         else:
             self.layers = [_layer_class(c)(c) for _ in range(c.num_hidden_layers)]  # named layers_{i}
-        self.norm = RMSNorm(c.rms_norm_eps, jnp.dtype(c.param_dtype))
+        self.norm = _norm(c, "norm")
 
     def attend(self, hidden):
         """Tied head: ``hidden @ embedding.T``."""
         return self.embed_tokens.attend(hidden)
+
+    def embed(self, input_ids):
+        """The token embeddings, times ``sqrt(hidden_size)`` with ``embed_scale`` (in the parameter dtype,
+        as transformers' scaled embedding)."""
+        x = self.embed_tokens(input_ids)
+        if self.config.embed_scale:
+            x = x * jnp.asarray(self.config.hidden_size ** 0.5, jnp.dtype(self.config.param_dtype)).astype(x.dtype)
+        return x
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, *, inputs_embeds=None,
                  cache=None, cache_index=None, prefix_kv=None):
@@ -429,7 +533,7 @@ class LlamaModel(nn.Module):
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("Pass input_ids or inputs_embeds.")
-            x = self.embed_tokens(input_ids)
+            x = self.embed(input_ids)
         else:
             x = inputs_embeds.astype(c.compute_dtype)
         b, length = x.shape[:2]
@@ -439,10 +543,18 @@ class LlamaModel(nn.Module):
         query_index = jnp.arange(length) + (0 if cache_index is None else cache_index)
         causal = jnp.arange(key_len)[None, :] <= query_index[:, None]  # (L, S)
         allowed = causal[None] & (attention_mask[:, None, :] > 0)  # (B, L, S)
-        cos, sin = rotary_cos_sin(c, position_ids)
+        kinds = c.layer_kinds
+        sliding = None
+        if any(kinds):  # buffer positions, as transformers' sliding-window mask
+            window = jnp.arange(key_len)[None, :] > query_index[:, None] - c.sliding_window
+            sliding = allowed & window[None]
+        ropes = (rotary_cos_sin(c, position_ids),
+                 rotary_cos_sin(c, position_ids, local=True) if c.rope_local_theta is not None and any(kinds) else None)
+        masks = (allowed, sliding)
         if c.scan_layers:
             stacked_cache = None if cache is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *cache)
-            x, new_stacked = self.layers(x, cos, sin, allowed, stacked_cache, cache_index, prefix_kv)
+            x, new_stacked = self.layers(x, ropes, masks, stacked_cache, cache_index, prefix_kv,
+                                         jnp.asarray(kinds, jnp.int32))
             x = self.norm(x)
             if cache is None:
                 return x, None
@@ -450,7 +562,7 @@ class LlamaModel(nn.Module):
         new_cache = []
         for i, layer in enumerate(self.layers):
             prefix = None if prefix_kv is None else (prefix_kv[0][i], prefix_kv[1][i])
-            x, layer_cache = layer(x, cos, sin, allowed, None if cache is None else cache[i], cache_index, prefix)
+            x, layer_cache = layer(x, ropes, masks, None if cache is None else cache[i], cache_index, prefix, kinds[i])
             new_cache.append(layer_cache)
         x = self.norm(x)
         return x, (tuple(new_cache) if cache is not None else None)
@@ -498,7 +610,9 @@ class LlamaForCausalLM(nn.Module):
 
     def _head(self, hidden):
         logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def _target_nll(self, hidden, targets, chunk):
         if targets.shape != hidden.shape[:2]:
@@ -525,7 +639,7 @@ class LlamaForCausalLM(nn.Module):
 
     def embed(self, input_ids):
         """The token embeddings (for building ``inputs_embeds``, e.g. with virtual tokens prepended)."""
-        return self.model.embed_tokens(input_ids)
+        return self.model.embed(input_ids)
 
 
 def last_token_index(input_ids, attention_mask=None, pad_token_id=None):
@@ -586,7 +700,7 @@ def random_params(config: LlamaConfig, seed: int = 0):
     out = {}
     for i, (path, sd) in enumerate(sorted(shapes.items())):
         if path[-1] == "weight":
-            out[path] = jnp.ones(sd.shape, sd.dtype)
+            out[path] = (jnp.zeros if config.norm_plus_one else jnp.ones)(sd.shape, sd.dtype)
         elif path[-1] == "bias":
             out[path] = jnp.zeros(sd.shape, sd.dtype)
         else:
