@@ -37,6 +37,7 @@ from decomp_jax.guards import (
 from decomp_jax.inject import combine, count_params, split
 from decomp_jax.methods.flexlora import live_ranks
 from decomp_jax.models.hf import BACKBONES, load_sequence_classifier
+from decomp_jax.models.llama import LlamaConfig
 from decomp_jax.tasks import TASKS as LM_TASKS, GlueTask
 from decomp_jax.train import init_state, make_optimizer, make_schedule, make_train_step, stack_states
 
@@ -294,7 +295,10 @@ def load_base_model(cfg: ExperimentConfig, seed: Optional[int] = None):
 
 
 def peft_arch(model) -> str:
-    """The ``interop.peft.ARCHS`` key of a loaded model."""
+    """The ``interop.peft.ARCHS`` key of a loaded model: every decoder family of ``models.families``
+    (our ``LlamaForCausalLM``) has the ``llama`` names."""
+    if isinstance(model.config, LlamaConfig):
+        return "llama"
     return getattr(model.config, "model_type", None) or "llama"
 
 

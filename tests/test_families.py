@@ -245,6 +245,8 @@ def test_granite_smollm3_sliding_llama_and_unknown_model_types_are_refused():
 def transformers5_spelling(data):
     """config.json as transformers 5 writes it: ``rope_parameters`` instead of rope_theta / rope_scaling
     (per layer type for Gemma 3)."""
+    if "rope_parameters" in data:
+        return dict(data)
     data = dict(data)
     theta, scaling = data.pop("rope_theta", 10000.0), data.pop("rope_scaling", None) or {}
     full = {"rope_theta": theta, "rope_type": "default", **scaling}
@@ -258,10 +260,28 @@ def transformers5_spelling(data):
     return data
 
 
+def transformers4_spelling(data):
+    """config.json as transformers 4 writes it: ``rope_theta`` + ``rope_scaling`` (+ Gemma 3's
+    ``rope_local_base_freq``, Phi-3's ``partial_rotary_factor``)."""
+    if "rope_parameters" not in data:
+        return dict(data)
+    data = dict(data)
+    params = data.pop("rope_parameters")
+    if data["model_type"] == "gemma3_text":
+        data["rope_local_base_freq"] = params["sliding_attention"]["rope_theta"]
+        params = params["full_attention"]
+    params = dict(params)
+    data["rope_theta"] = params.pop("rope_theta")
+    if "partial_rotary_factor" in params:
+        data["partial_rotary_factor"] = params.pop("partial_rotary_factor")
+    data["rope_scaling"] = params if params.get("rope_type", "default") != "default" else None
+    return data
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_transformers5_config_spelling_reads_the_same(case):
+def test_transformers4_and_5_config_spellings_read_the_same(case):
     data = hf_dict(case)
-    assert read_hf_config(transformers5_spelling(data)) == read_hf_config(data)
+    assert read_hf_config(transformers5_spelling(data)) == read_hf_config(transformers4_spelling(data))
 
 
 def test_written_config_names_the_true_model_type(loaded, tmp_path):

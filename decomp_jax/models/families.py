@@ -129,6 +129,14 @@ def family_of(data: dict) -> Family:
     return FAMILIES[kind]
 
 
+def _check_rope_type(scaling: dict) -> str:
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise UnsupportedConfigError(
+            f"config.json: rope_scaling type {kind!r} is not implemented; supported: {', '.join(ROPE_TYPES)}.")
+    return kind
+
+
 def _rope(data: dict, family: Family, kwargs: dict) -> None:
     """rope_theta / rope_scaling / (Gemma 3) rope_local_theta, from either spelling."""
     params = data.get("rope_parameters")
@@ -147,17 +155,17 @@ def _rope(data: dict, family: Family, kwargs: dict) -> None:
         theta = params.pop("rope_theta", theta)
         if "partial_rotary_factor" in params:
             kwargs["partial_rotary_factor"] = float(params.pop("partial_rotary_factor"))
-        scaling = params if params.get("rope_type", params.get("type", "default")) != "default" else scaling
+        if params.get("rope_type", params.get("type", "default")) != "default":
+            if scaling and {**scaling, "rope_type": scaling.get("rope_type", scaling.get("type"))} != params:
+                _check_rope_type(scaling)
+                raise UnsupportedConfigError(f"config.json: rope_scaling {scaling} and rope_parameters {params} disagree; "
+                                             f"keep one of them.")
+            scaling = params
     if theta is None:
         theta = defaults.get("rope_theta", 10000.0)
     kwargs["rope_theta"] = float(theta)
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
-        if kind not in ROPE_TYPES:
-            raise UnsupportedConfigError(
-                f"config.json: rope_scaling type {kind!r} is not implemented; supported: {', '.join(ROPE_TYPES)}.")
-        if kind != "default":
-            kwargs["rope_scaling"] = dict(scaling)
+    if scaling and _check_rope_type(scaling) != "default":
+        kwargs["rope_scaling"] = dict(scaling)
     if family.local_rope:
         kwargs["rope_local_theta"] = float(local if local is not None else defaults["rope_local_base_freq"])
 

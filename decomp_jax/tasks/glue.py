@@ -15,6 +15,7 @@ from decomp_jax.data import check_train_size, glue
 from decomp_jax.distributed import to_host
 from decomp_jax.execution import adapt
 from decomp_jax.guards import NonFiniteError
+from decomp_jax.models.llama import LlamaConfig
 from decomp_jax.inject import combine, count_params, partition
 from decomp_jax.metrics import TASK_METRICS, compute_metrics
 from decomp_jax.models.hf import load_sequence_classifier, sequence_classifier_apply
@@ -126,7 +127,7 @@ def check_positions(cfg, model_config) -> None:
     """``data.max_length`` must fit the model's learned position embeddings (beyond them BERT-type
     models index past the table and produce NaN). RoBERTa's positions start after its padding index."""
     limit = getattr(model_config, "max_position_embeddings", None)
-    if limit is None or getattr(model_config, "model_type", None) in ("llama",):
+    if limit is None or isinstance(model_config, LlamaConfig):  # rotary positions: no table to index past
         return
     if getattr(model_config, "model_type", None) == "roberta":
         limit -= (getattr(model_config, "pad_token_id", 1) or 0) + 1
