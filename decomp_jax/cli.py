@@ -399,10 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "full fine-tuning, LoRA, DoRA, SSB against transformers / HF PEFT LoRA, DoRA, interleaved; "
                     "generation against transformers; writes bench_decoder.json, bench_decoder.md")
     be.add_argument("--models", help="comma-separated: minilm,bert-base (default: both; --quick: minilm); "
-                    "with --decoder: smollm2,llama-1b (default: both)")
+                    "with --decoder: smollm2,llama-1b,qwen3-0.6b (default: all three)")
     be.add_argument("--methods", help="comma-separated method names (default: all; full fine-tuning always runs)")
-    be.add_argument("--batch-size", type=int, help="batch size (default 32; --decoder: 4 for smollm2, 2 for llama-1b)")
-    be.add_argument("--seq-len", type=int, help="sequence length (default 64; --decoder: 256 for smollm2, 128 for llama-1b)")
+    be.add_argument("--batch-size", type=int, help="batch size (default 32; --decoder: 4 for smollm2, 2 for llama-1b and qwen3-0.6b)")
+    be.add_argument("--seq-len", type=int, help="sequence length (default 64; --decoder: 256 for smollm2, 128 for llama-1b and qwen3-0.6b)")
     be.add_argument("--warmup", type=int, help="untimed steps, the first included (default 3; bert-base 1)")
     be.add_argument("--steps", type=int, help="timed steps (default 10; bert-base 5; --decoder: per round, default 2)")
     be.add_argument("--backbone", choices=("native", "hf"),
@@ -410,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-peft", action="store_true", help="do not time HF PEFT in PyTorch")
     be.add_argument("--no-merged", action="store_true", help="do not time mode='merged'")
     be.add_argument("--rounds", type=int, help="--decoder: interleaved rounds (default 3) of --steps steps (default 2)")
-    be.add_argument("--decoder-layers", type=int, help="--decoder: layers of the random 1B-shaped Llama "
-                    "(default: all 16 on an accelerator, 2 on a CPU)")
+    be.add_argument("--decoder-layers", type=int, help="--decoder: layers of the random llama-1b and qwen3-0.6b "
+                    "models (default: all their layers (16, 28) on an accelerator, 2 on a CPU)")
     be.add_argument("--no-generation", action="store_true", help="--decoder: do not time generation")
     be.set_defaults(func=_bench)
 

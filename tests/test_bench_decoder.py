@@ -24,13 +24,17 @@ def tiny():
     return LlamaForCausalLM(CONFIG), random_params(CONFIG, 0)
 
 
+QWEN3 = LlamaConfig(**{**CONFIG.__dict__, "model_type": "qwen3", "qk_norm": True, "head_dim": 16})
+
+
 @pytest.fixture(scope="module")
 def result(tiny):
     pytest.importorskip("peft")
-    bench = bd.DecoderBenchConfig(shapes={"tiny": (2, 32)}, remat=("tiny",), response=8, rounds=2, steps=1, gen_batch=2,
-                                  prompt_length=8, new_tokens=6, gen_repeats=1)
+    bench = bd.DecoderBenchConfig(shapes={"tiny": (2, 32), "tiny-qwen3": (2, 32)}, remat=("tiny",), response=8, rounds=2,
+                                  steps=1, gen_batch=2, prompt_length=8, new_tokens=6, gen_repeats=1)
     lines = []
-    return bd.run_decoder_bench(bench, log=lines.append, models={"tiny": tiny}), lines
+    qwen3 = (LlamaForCausalLM(QWEN3), random_params(QWEN3, 0))
+    return bd.run_decoder_bench(bench, log=lines.append, models={"tiny": tiny, "tiny-qwen3": qwen3}), lines
 
 
 @pytest.mark.slow
@@ -54,6 +58,19 @@ def test_every_variant_runs_and_matches_pytorch_at_step_one(result):
 
 
 @pytest.mark.slow
+def test_qwen3_case_runs_against_transformers_qwen3(result):
+    """The Qwen3-shaped case: transformers loads the folder as Qwen3ForCausalLM (q/k norms), HF PEFT's LoRA
+    starts from the same loss as ours, and generation gives its tokens."""
+    out, lines = result
+    rows = {(r["framework"], r["method"], r.get("logits")): r for r in out["models"]["tiny-qwen3"]["rows"]}
+    full = rows[("jax", "full", None)]["first_loss"]
+    for key in (("torch", "full", "all"), ("torch", "lora", "all"), ("jax", "lora", None)):
+        assert rows[key]["first_loss"] == pytest.approx(full, abs=2e-5), key
+    assert out["models"]["tiny-qwen3"]["generation"]["same_tokens"] == 1.0
+    assert any(line.startswith("[tiny-qwen3]") for line in lines)
+
+
+@pytest.mark.slow
 def test_generation_gives_transformers_tokens(result):
     gen = result[0]["models"]["tiny"]["generation"]
     assert gen["same_tokens"] == 1.0
@@ -67,7 +84,7 @@ def test_targets_are_computed_from_the_measurements(result, tmp_path):
     rows = {(r["framework"], r["method"]): r for r in out["models"]["tiny"]["rows"]
             if not r.get("remat") and r.get("logits") != "scored"}
     scored = {r["method"]: r for r in out["models"]["tiny"]["rows"] if r.get("logits") == "scored"}
-    checks = {t["what"]: t for t in out["targets"]}
+    checks = {t["what"]: t for t in out["targets"] if t["model"] == "tiny"}
     lora, full = rows[("jax", "lora")], rows[("jax", "full")]
     assert checks["lora / full"]["value"] == pytest.approx(lora["step_time_s"] / full["step_time_s"])
     assert checks["lora / full"]["passed"] == (checks["lora / full"]["value"] <= bd.LORA_VS_FULL)
