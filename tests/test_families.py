@@ -294,3 +294,81 @@ def test_written_config_names_the_true_model_type(loaded, tmp_path):
     assert written["model_type"] == "qwen3" and written["architectures"] == ["Qwen3ForCausalLM"]
     again, params, _ = convert.load_hf(str(out))
     assert again == pair["config"]
+
+
+# --- every method, a quantized base, sharding presets ------------------------------------------------
+
+def moved(params, cfg, scale=0.05):
+    """The adapter's leaves moved off their init (so factored/merged comparisons are not trivial)."""
+    trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg))
+    trainable = jax.tree.map(lambda v: v + scale * jnp.cos(jnp.arange(v.size, dtype=v.dtype).reshape(v.shape)), trainable)
+    return dj.combine(trainable, frozen)
+
+
+OPTIONS = {"lora_dash": {"warmup_steps": 3, "dash_k": 4}}
+
+
+# one method per kind of update (low-rank, weight-decomposed, scaling, SVD-initialised, bottleneck, stateful)
+CORE = ("lora", "dora", "ssb", "ia3", "pissa", "houlsby", "adalora")
+
+
+@pytest.mark.parametrize("case,which", [("phi3", "core")] + [pytest.param(c, "all", marks=pytest.mark.slow) for c in CASES])
+def test_every_method_runs_factored_and_merged_on_each_family(case, which, loaded):
+    """Every per-layer method on all linear layers (Phi-3: its fused qkv_proj and gate_up_proj kernels),
+    scanned: factored execution equals the unrolled model's, and merged weights give the same logits."""
+    pair = loaded(case)
+    config, base = pair["config"], pair["params"]
+    ids, mask = batch()
+    scanned_model = LlamaForCausalLM(dataclasses.replace(config, scan_layers=True))
+    for name in CORE if which == "core" else dj.methods.names():
+        cfg = dj.AdapterConfig(method=name, targets=ALL_LINEAR, rank=4, options=OPTIONS.get(name, {}))
+        params = moved(dj.inject(base, cfg, jax.random.PRNGKey(0)), cfg)
+        want = np.asarray(jax.jit(dj.adapt(LlamaForCausalLM(config).apply, cfg))({"params": params}, ids, mask))
+        stacked = stack_layers(params)
+        got = np.asarray(jax.jit(dj.adapt(scanned_model.apply, cfg))({"params": stacked}, ids, mask))
+        assert np.isfinite(want).all() and valid_diff(got, want, mask) <= 1e-5, name
+        if dj.methods.get(name).mergeable and not (name == "lora_bias" and not config.attention_bias):
+            # (lora_bias merges into layers with a bias only, as PEFT's)
+            merged = jax.jit(scanned_model.apply)({"params": dj.merge(stacked, cfg)}, ids, mask)
+            assert valid_diff(merged, want, mask) <= 1e-4, name
+
+
+@pytest.mark.parametrize("case,name", [("gemma3_text", "lora"), pytest.param("gemma3_text", "dora", marks=pytest.mark.slow),
+                                       pytest.param("phi3", "lora", marks=pytest.mark.slow)])
+def test_lora_and_dora_over_a_quantized_base(case, name, loaded):
+    """An NF4 base: every adapted and plain layer runs on its dequantized kernel (== the float model holding
+    the dequantized kernels), and merging gives the same logits."""
+    from decomp_jax import quant
+
+    pair = loaded(case)
+    config, base = pair["config"], pair["params"]
+    model = LlamaForCausalLM(config)
+    ids, mask = batch()
+    cfg = dj.AdapterConfig(method=name, targets=ALL_LINEAR, rank=4)
+    qbase, params = quant.inject_quantized(base, cfg, jax.random.PRNGKey(0), "nf4", block_size=16)
+    assert quant.is_quantized(qbase["model"]["layers_0"]["mlp"]["down_proj"]["kernel"])
+    params = moved(params, cfg)
+    run = jax.jit(dj.adapt(model.apply, cfg))
+    got = np.asarray(run({"params": params}, ids, mask))
+    want = np.asarray(run({"params": quant.dequantize_params(params)}, ids, mask))
+    assert valid_diff(got, want, mask) <= 1e-5
+    assert valid_diff(jax.jit(model.apply)({"params": dj.merge(params, cfg)}, ids, mask), want, mask) <= 1e-4
+
+
+def test_sharding_preset_covers_every_family_kernel(loaded):
+    """The llama preset is detected for every family and places each kernel, fused ones included."""
+    from flax.traverse_util import flatten_dict
+    from jax.sharding import PartitionSpec as P
+
+    from decomp_jax import sharding as sh
+
+    mesh = jax.sharding.AbstractMesh((2, 4), ("fsdp", "tensor"))  # specs only: no devices needed
+    for case in ("phi3", "gemma3_text", "qwen2"):
+        params = loaded(case)["params"]
+        specs = flatten_dict(sh.base_specs(params, mesh, fsdp_min_size=1), sep="/")
+        layer = "model/layers_0"
+        kernels = [k for k in specs if k.startswith(layer) and k.endswith("kernel")]
+        assert kernels and all(specs[k] != P() for k in kernels), {k: specs[k] for k in kernels}
+        assert specs[f"{layer}/self_attn/o_proj/kernel"] == specs[f"{layer}/mlp/down_proj/kernel"] == P("tensor", "fsdp")
+        column = [k for k in kernels if not k.endswith(("o_proj/kernel", "down_proj/kernel"))]
+        assert all(specs[k] == P("fsdp", "tensor") for k in column), case
