@@ -425,8 +425,8 @@ class NativeSequenceClassifier:
     """Drop-in for a transformers Flax ``...ForSequenceClassification`` object:
     ``model(input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
     head_mask=None, params=None, dropout_rng=None, train=False).logits``; ``.config`` (the HF
-    config), ``.module`` (the Linen module), ``.params``; ``save_pretrained`` writes the HF Flax
-    format through the transformers class (the two share the param tree)."""
+    config), ``.module`` (the Linen module), ``.params``; ``save_pretrained`` writes config.json
+    and a PyTorch-format model.safetensors."""
 
     def __init__(self, config: Any, params: Optional[dict] = None, dtype: Any = jnp.float32, seed: Optional[int] = None,
                  hf_model: Any = None, **options):
@@ -445,16 +445,22 @@ class NativeSequenceClassifier:
         adapters trained with either backbone restore into the other)."""
         return "FlaxRobertaForSequenceClassification" if self.native_config.is_roberta else "FlaxBertForSequenceClassification"
 
-    def save_pretrained(self, folder, params: Optional[dict] = None, **kwargs):
-        """The HF Flax folder (config.json, flax_model.msgpack) of ``params`` (default ``self.params``)."""
-        if isinstance(self.config, NativeBertConfig):
-            raise ValueError("save_pretrained needs a transformers config; build the model with native_like(hf_model)")
-        hf = self.hf_model
-        if hf is None:
-            from transformers import FlaxAutoModelForSequenceClassification
+    def save_pretrained(self, folder, params: Optional[dict] = None, **unused):
+        """The HF folder of ``params`` (default ``self.params``): ``config.json`` and PyTorch-format
+        ``model.safetensors`` (names from ``interop.peft.ARCHS``), which transformers' PyTorch
+        ``AutoModelForSequenceClassification`` and ``models.hf.load_sequence_classifier`` read."""
+        import os
 
-            hf = FlaxAutoModelForSequenceClassification.from_config(self.config, _do_init=False)
-        return hf.save_pretrained(folder, params=self.params if params is None else params, **kwargs)
+        from safetensors.numpy import save_file
+
+        from decomp_jax.models.hf import encoder_arch, save_classifier_config, torch_state_dict
+
+        if isinstance(self.config, NativeBertConfig):
+            raise ValueError("save_pretrained needs a transformers config (config.json); build the model from one")
+        os.makedirs(folder, exist_ok=True)
+        save_classifier_config(self.config, folder)
+        state = torch_state_dict(self.params if params is None else params, encoder_arch(self.config))
+        save_file(state, os.path.join(str(folder), "model.safetensors"), metadata={"format": "pt"})
 
     def init_params(self, rng: jax.Array, seq_len: int = 8) -> dict:
         ids = jnp.zeros((1, seq_len), jnp.int32)

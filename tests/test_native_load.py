@@ -1,0 +1,101 @@
+"""Native loading of encoder classifiers from folders that transformers' PyTorch classes wrote, and
+merged folders that transformers' PyTorch classes read (no transformers Flax class involved)."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3)
+
+
+def _pt_folder(tmp_path, kind):
+    import transformers
+
+    config_cls, model_cls, extra = {
+        "bert": (transformers.BertConfig, transformers.BertForSequenceClassification, {}),
+        "roberta": (transformers.RobertaConfig, transformers.RobertaForSequenceClassification,
+                    {"pad_token_id": 1, "type_vocab_size": 1}),
+        "xlm-roberta": (transformers.XLMRobertaConfig, transformers.XLMRobertaForSequenceClassification,
+                        {"pad_token_id": 1, "type_vocab_size": 1}),
+    }[kind]
+    torch.manual_seed(0)
+    model = model_cls(config_cls(vocab_size=100, max_position_embeddings=40, **TINY, **extra)).eval()
+    folder = tmp_path / kind
+    model.save_pretrained(folder, safe_serialization=True)
+    return model, folder
+
+
+def _batch(pad_id):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 100, size=(3, 10)).astype("int64")
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    ids[1, 6:] = pad_id
+    return ids, mask
+
+
+def _torch_logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "xlm-roberta"])
+def test_native_load_matches_pytorch(tmp_path, kind, monkeypatch):
+    import transformers
+
+    from decomp_jax.models.bert import NativeSequenceClassifier
+    from decomp_jax.models.hf import native_params
+
+    monkeypatch.delattr(transformers, "FlaxAutoModelForSequenceClassification", raising=False)
+    pt, folder = _pt_folder(tmp_path, kind)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    model = NativeSequenceClassifier(config)
+    params = native_params(model, str(folder), seed=0)  # the head is in the folder: copied
+    ids, mask = _batch(config.pad_token_id)
+    ours = np.asarray(model(ids, attention_mask=mask, params=params).logits)
+    diff = np.abs(ours - _torch_logits(pt, ids, mask)).max()
+    assert diff <= 1e-5, diff
+
+    # merged-export format: config.json + model.safetensors, read back by PyTorch and by us
+    out = tmp_path / "saved"
+    model.save_pretrained(out, params=params)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    again = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert np.abs(_torch_logits(again, ids, mask) - ours).max() <= 1e-5
+    reread = native_params(NativeSequenceClassifier(transformers.AutoConfig.from_pretrained(out)), str(out))
+    assert np.abs(np.asarray(model(ids, attention_mask=mask, params=reread).logits) - ours).max() == 0
+
+
+def test_new_head_is_seeded_and_backbone_checked(tmp_path):
+    import transformers
+    from transformers import BertConfig, BertModel
+
+    from decomp_jax.models.bert import NativeSequenceClassifier
+    from decomp_jax.models.hf import native_params
+
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(vocab_size=100, max_position_embeddings=40, **TINY))
+    base.save_pretrained(tmp_path / "base")  # a base model: no "bert." prefix, no head
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "base", num_labels=2)
+    model = NativeSequenceClassifier(config)
+    a, b, c = (native_params(model, str(tmp_path / "base"), seed=s) for s in (0, 0, 1))
+    assert np.array_equal(a["classifier"]["kernel"], b["classifier"]["kernel"])
+    assert not np.array_equal(a["classifier"]["kernel"], c["classifier"]["kernel"])
+    emb = base.embeddings.word_embeddings.weight.detach().numpy()
+    assert np.array_equal(np.asarray(a["bert"]["embeddings"]["word_embeddings"]["embedding"]), emb)
+    wrong = NativeSequenceClassifier(BertConfig(vocab_size=100, max_position_embeddings=40, **{**TINY, "hidden_size": 16}))
+    with pytest.raises(ValueError, match="model.safetensors: the tensor for bert/embeddings"):
+        native_params(wrong, str(tmp_path / "base"))
+
+
+def test_unsupported_position_embedding_is_refused(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from decomp_jax.models.hf import load_sequence_classifier
+
+    BertForSequenceClassification(BertConfig(vocab_size=100, max_position_embeddings=40, **TINY,
+                                             position_embedding_type="relative_key")).save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="only absolute position embeddings"):
+        load_sequence_classifier(str(tmp_path / "m"), 2)
