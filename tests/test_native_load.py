@@ -99,3 +99,23 @@ def test_unsupported_position_embedding_is_refused(tmp_path):
                                              position_embedding_type="relative_key")).save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="only absolute position embeddings"):
         load_sequence_classifier(str(tmp_path / "m"), 2)
+
+
+def test_flax_msgpack_folder_loads(tmp_path):
+    # folders written before (transformers Flax save_pretrained: config.json + flax_model.msgpack of the same tree)
+    import jax
+    from flax.serialization import msgpack_serialize
+    from transformers import BertConfig
+
+    from decomp_jax.models.bert import NativeSequenceClassifier
+    from decomp_jax.models.hf import load_sequence_classifier
+
+    config = BertConfig(vocab_size=100, max_position_embeddings=40, **TINY)
+    model = NativeSequenceClassifier(config, seed=3)
+    config.save_pretrained(tmp_path)
+    (tmp_path / "flax_model.msgpack").write_bytes(msgpack_serialize(
+        jax.tree_util.tree_map(np.asarray, model.params)))
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(95)]))
+    loaded, params, _ = load_sequence_classifier(str(tmp_path), 3, seed=0)
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), params, model.params)
+    assert all(jax.tree_util.tree_leaves(same))
