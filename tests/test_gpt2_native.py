@@ -20,12 +20,9 @@ def gpt2_folder(tmp_path_factory):
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_gpt2_classifier_matches_pytorch(gpt2_folder, side, monkeypatch):
-    import transformers
-
+def test_gpt2_classifier_matches_pytorch(gpt2_folder, side):
     from decomp_jax.models.gpt2 import load_gpt2_classifier
 
-    monkeypatch.delattr(transformers, "FlaxGPT2Model", raising=False)
     torch_model, folder = gpt2_folder
     model, params = load_gpt2_classifier(str(folder))
     rng = np.random.default_rng(0)

@@ -42,13 +42,12 @@ def _torch_logits(model, ids, mask):
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta", "xlm-roberta"])
-def test_native_load_matches_pytorch(tmp_path, kind, monkeypatch):
+def test_native_load_matches_pytorch(tmp_path, kind):
     import transformers
 
     from decomp_jax.models.bert import NativeSequenceClassifier
     from decomp_jax.models.hf import native_params
 
-    monkeypatch.delattr(transformers, "FlaxAutoModelForSequenceClassification", raising=False)
     pt, folder = _pt_folder(tmp_path, kind)
     config = transformers.AutoConfig.from_pretrained(folder)
     model = NativeSequenceClassifier(config)
