@@ -118,3 +118,20 @@ def test_flax_msgpack_folder_loads(tmp_path):
     loaded, params, _ = load_sequence_classifier(str(tmp_path), 3, seed=0)
     same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), params, model.params)
     assert all(jax.tree_util.tree_leaves(same))
+
+
+def test_sharded_safetensors_folder_loads(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from decomp_jax.models.bert import NativeSequenceClassifier
+    from decomp_jax.models.hf import native_params
+
+    torch.manual_seed(0)
+    pt = BertForSequenceClassification(BertConfig(vocab_size=100, max_position_embeddings=40, **TINY)).eval()
+    pt.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and not (tmp_path / "model.safetensors").exists()
+    model = NativeSequenceClassifier(pt.config)
+    params = native_params(model, str(tmp_path))
+    ids, mask = _batch(0)
+    ours = np.asarray(model(ids, attention_mask=mask, params=params).logits)
+    assert np.abs(ours - _torch_logits(pt, ids, mask)).max() <= 1e-5
