@@ -99,13 +99,20 @@ def _cached_snapshot(name: str) -> Optional[str]:
     return folder if "config.json" in files and files.intersection(_WEIGHTS) else None
 
 
+def _unreachable(err: BaseException) -> bool:
+    """Whether ``err`` says the hub could not be reached: an ``OSError`` (requests' connection errors,
+    ``HF_HUB_OFFLINE``) or an error of the HTTP client huggingface_hub uses (requests before 1.0, httpx
+    since), which need not derive from ``OSError``."""
+    client = type(err).__module__.split(".")[0].rstrip("0123456789")
+    return isinstance(err, (OSError, TimeoutError)) or client in ("httpx", "httpcore", "requests", "urllib3")
+
+
 def _on_hub(name: str) -> str:
     """``name`` when the hub has (or gates) that model; else a one-line ``FileNotFoundError`` (no model of
     that name, or no hub to ask) instead of transformers' retries (half a minute without a network)."""
     from huggingface_hub import constants, model_info
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, \
         RepositoryNotFoundError
-    from requests.exceptions import Timeout
 
     timeout = constants.HF_HUB_ETAG_TIMEOUT  # (10 s unless set)
     try:
@@ -118,9 +125,11 @@ def _on_hub(name: str) -> str:
                                 f"should be {MODEL_CHOICES}.") from None
     except HfHubHTTPError:
         return name  # the hub answered otherwise: from_pretrained reports it
-    except OSError as err:  # requests' ConnectionError and Timeout, HF_HUB_OFFLINE
+    except Exception as err:  # no hub to ask: a connection error, a timeout, HF_HUB_OFFLINE
+        if not _unreachable(err):
+            raise
         why = ("HF_HUB_OFFLINE is set" if isinstance(err, OfflineModeIsEnabled) else type(err).__name__
-               + (f" after HF_HUB_ETAG_TIMEOUT={timeout} s" if isinstance(err, Timeout) else ""))
+               + (f" after HF_HUB_ETAG_TIMEOUT={timeout} s" if "Timeout" in type(err).__name__ else ""))
         raise FileNotFoundError(f"model.name={name!r} is not a local folder, an installed model package, nor in the "
                                 f"local Hugging Face cache, and the hub cannot be reached to look it up ({why}); "
                                 f"model.name should be {MODEL_CHOICES}.") from None
