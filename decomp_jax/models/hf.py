@@ -258,19 +258,30 @@ def native_params(model, folder: str, seed: int = 0) -> dict:
     none), kernels transposed. Leaves the file lacks under ``classifier`` and ``bert/pooler`` take
     the seeded init (``module.init(PRNGKey(seed))``); any other missing or mis-shaped leaf is an
     error naming the file and the tensor. Leaves are float32 (the compute dtype is the model's)."""
+    return encoder_params(model.init_params(jax.random.PRNGKey(seed)), model.config, folder)
+
+
+def encoder_params(init: dict, config, folder: str) -> dict:
+    """``native_params`` for any of our encoder modules (``decomp_jax.models.bert``'s
+    ``BertForSequenceClassification``, ``BertForTokenClassification`` or a bare ``BertModel``): ``init``
+    is the module's initialised params (the tree to fill, and the values of a new head or pooler),
+    ``config`` the transformers config. A bare module's leaves are also looked up under the
+    ``bert.``/``roberta.`` prefix (a classifier's file), a prefixed module's without it (a base model's)."""
     from flax.traverse_util import flatten_dict, unflatten_dict
 
     from decomp_jax.interop.peft import get_arch
 
-    init = jax.device_get(model.init_params(jax.random.PRNGKey(seed)))
-    arch = encoder_arch(model.config)
-    prefix = next(iter(k for k in init if k != "classifier"))
+    init = jax.device_get(init)
+    arch = encoder_arch(config)
+    base = "roberta" if arch == "roberta" else "bert"
+    bare = base not in init
     flat_init = flatten_dict(init)
-    optional = lambda p: p[0] == "classifier" or p[:2] == (prefix, "pooler")  # noqa: E731
+    optional = lambda p: p[0] in ("classifier", "pooler") or p[:2] == (base, "pooler")  # noqa: E731
     if os.path.isfile(os.path.join(folder, "flax_model.msgpack")) and not any(
             os.path.isfile(os.path.join(folder, n)) for n in ("model.safetensors", "model.safetensors.index.json")):
         source = "flax_model.msgpack"
-        stored = flatten_dict(_flax_file_params(folder, prefix))
+        stored = _flax_file_params(folder, base)
+        stored = flatten_dict(stored[base] if bare else stored)
         lookup = lambda p: (stored.get(p), False)  # noqa: E731
     else:
         source = "model.safetensors"
@@ -279,7 +290,10 @@ def native_params(model, folder: str, seed: int = 0) -> dict:
 
         def lookup(p):
             name, transpose = spec.torch_leaf(p)
-            candidates = [name, name[len(prefix) + 1:]] if name.startswith(prefix + ".") else [name]
+            if bare:
+                candidates = [name, f"{base}.{name}"]
+            else:
+                candidates = [name, name[len(base) + 1:]] if name.startswith(base + ".") else [name]
             if name.endswith("LayerNorm.weight") or name.endswith("LayerNorm.bias"):  # old BERT files
                 candidates += [c.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
                                for c in candidates]
@@ -302,6 +316,32 @@ def native_params(model, folder: str, seed: int = 0) -> dict:
                              f"config.json (save the folder again with save_pretrained).")
         out[p] = np.ascontiguousarray(value)
     return jax.tree_util.tree_map(jnp.asarray, unflatten_dict(out))
+
+
+ENCODER_HEADS = ("sequence", "token", None)
+
+
+def load_encoder(folder: str, head: Optional[str] = "sequence", num_labels: Optional[int] = None, seed: int = 0,
+                 dtype: str = "float32"):
+    """``(module, params, config)``: one of our Linen encoders (``decomp_jax.models.bert``) for the HF
+    BERT/RoBERTa/XLM-R ``folder``, its params read as ``native_params`` does. ``head``: ``"sequence"``
+    (``BertForSequenceClassification``), ``"token"`` (``BertForTokenClassification``) or ``None`` (the bare
+    ``BertModel`` with its pooler, as transformers' ``BertModel``); ``num_labels`` overrides the config's. A
+    head the folder lacks is the seeded init (``module.init(PRNGKey(seed))``)."""
+    from transformers import AutoConfig
+
+    from decomp_jax.models.bert import (BertForSequenceClassification, BertForTokenClassification, BertModel,
+                                        from_hf_config)
+
+    if head not in ENCODER_HEADS:
+        raise ValueError(f"head={head!r} is unknown; choose one of {ENCODER_HEADS}.")
+    config = AutoConfig.from_pretrained(folder, **({} if num_labels is None else {"num_labels": num_labels}))
+    native = from_hf_config(config)
+    cls = {"sequence": BertForSequenceClassification, "token": BertForTokenClassification, None: BertModel}[head]
+    module = cls(native, dtype=getattr(jnp, dtype))
+    ids = jnp.zeros((1, 8), jnp.int32)
+    init = module.init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"]
+    return module, encoder_params(init, config, folder), config
 
 
 def save_classifier_config(config, folder) -> None:
@@ -336,8 +376,9 @@ def torch_state_dict(params, arch: str) -> dict:
 
 
 def with_backbone(model, backbone: str = "auto"):
-    """``model`` (a transformers Flax sequence classifier) run by the chosen code (see
-    ``load_sequence_classifier``); the params are shared, not copied."""
+    """``model`` (our ``NativeSequenceClassifier``, or a transformers Flax sequence classifier with
+    backbone: hf) run by the chosen code (see ``load_sequence_classifier``); the params are shared,
+    not copied."""
     from decomp_jax.models.bert import NativeSequenceClassifier, native_like, native_support
 
     check_backbone(backbone)
@@ -354,9 +395,10 @@ def with_backbone(model, backbone: str = "auto"):
 
 
 def sequence_classifier_apply(model) -> Callable[..., jax.Array]:
-    """``apply(params, batch, *, train=False, rng=None) -> logits`` for an HF Flax classifier.
+    """``apply(params, batch, *, train=False, rng=None) -> logits`` for a classifier object: our
+    ``NativeSequenceClassifier`` (or, with backbone: hf, a transformers Flax classifier).
 
-    The HF model's own ``__call__`` fills in position ids etc. per architecture; in training
+    The model's own ``__call__`` fills in position ids etc. per architecture; in training
     mode the ``rng`` drives dropout (and adapter dropout in factored execution).
     """
 
