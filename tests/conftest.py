@@ -81,15 +81,19 @@ def pytest_sessionfinish(session):
 
 @pytest.fixture(scope="session")
 def tiny_bert():
-    """A small random BERT classifier (2 layers, hidden 32) and its params."""
-    from transformers import BertConfig, FlaxBertForSequenceClassification
+    """A small random BERT classifier (2 layers, hidden 32) and its params: our native model
+    (``decomp_jax.models.bert``: the Linen ``BertForSequenceClassification`` as ``model.module``, its
+    ``module.init`` params, called as ``model(input_ids, ..., params=p).logits``)."""
+    from transformers import BertConfig
+
+    from decomp_jax.models.bert import NativeSequenceClassifier
 
     config = BertConfig(
         vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, max_position_embeddings=32, num_labels=3,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
-    model = FlaxBertForSequenceClassification(config, seed=0)
+    model = NativeSequenceClassifier(config, seed=0)
     return model, model.params
 
 
@@ -178,18 +182,21 @@ def cli_train(config: str, out, data_path, timeout: int = 1800):
 
 def tiny_gpt2(folder):
     """A random 2-layer GPT-2 LM (tied head, Conv1D layers) saved by PyTorch in ``folder`` and
-    loaded in Flax from it: ``(torch_model, flax_model, ids)``."""
+    loaded from it by ``decomp_jax.models.gpt2.load_gpt2_lm``: ``(torch_model, model, params, ids)``
+    (``model.apply({"params": params}, ids)`` gives the logits)."""
     import numpy as np
     import torch
     import transformers as tf
+
+    from decomp_jax.models.gpt2 import load_gpt2_lm
 
     config = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=60, n_positions=32, initializer_range=0.05)
     torch.manual_seed(0)
     torch_model = tf.GPT2LMHeadModel(config).eval()
     torch_model.save_pretrained(folder)
-    flax_model = tf.FlaxGPT2LMHeadModel.from_pretrained(folder, from_pt=True)
+    model, params = load_gpt2_lm(str(folder))
     ids = np.random.default_rng(0).integers(0, 60, size=(2, 9)).astype("int64")
-    return torch_model, flax_model, ids
+    return torch_model, model, params, ids
 
 
 def run_steps(step, state, frozen, batch, n):

@@ -135,3 +135,45 @@ def test_sharded_safetensors_folder_loads(tmp_path):
     ids, mask = _batch(0)
     ours = np.asarray(model(ids, attention_mask=mask, params=params).logits)
     assert np.abs(ours - _torch_logits(pt, ids, mask)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+@pytest.mark.parametrize("head", [None, "token"])
+def test_bare_encoder_and_token_classifier_match_pytorch(tmp_path, kind, head):
+    """``load_encoder``: the bare ``BertModel`` (sequence output and pooled) and ``BertForTokenClassification``
+    (per-token logits) read from a PyTorch token classifier's folder give PyTorch's outputs; a bare model's
+    tree has no ``bert.``/``roberta.`` level (the PyTorch ``BertModel``'s names)."""
+    import transformers
+
+    from decomp_jax.models.hf import load_encoder, torch_state_dict
+
+    config_cls, token_cls, bare_cls, extra = {
+        "bert": (transformers.BertConfig, transformers.BertForTokenClassification, transformers.BertModel, {}),
+        "roberta": (transformers.RobertaConfig, transformers.RobertaForTokenClassification, transformers.RobertaModel,
+                    {"pad_token_id": 1, "type_vocab_size": 1}),
+    }[kind]
+    torch.manual_seed(0)
+    token = token_cls(config_cls(vocab_size=100, max_position_embeddings=40, **TINY, **extra)).eval()
+    token.save_pretrained(tmp_path / "token")
+    module, params, config = load_encoder(str(tmp_path / "token"), head=head)
+    ids, mask = _batch(config.pad_token_id)
+    valid = mask > 0
+    if head == "token":
+        ours = np.asarray(module.apply({"params": params}, ids, mask))
+        assert ours.shape == (3, 10, 3) and sorted(params) == sorted(["classifier", kind])
+        with torch.no_grad():
+            theirs = token(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+        assert np.abs(ours - theirs)[valid].max() <= 1e-5
+        return
+    # the bare model: the encoder from the file, the pooler new (seeded) on our side: PyTorch gets ours
+    bare = bare_cls(token.config).eval()
+    state = {k: torch.tensor(v) for k, v in torch_state_dict(params, kind).items()}
+    assert sorted(state) == sorted(k for k, _ in bare.named_parameters())
+    assert np.array_equal(state["embeddings.word_embeddings.weight"],
+                          getattr(token, kind).embeddings.word_embeddings.weight.detach().numpy())
+    bare.load_state_dict(state, strict=False)
+    hidden, pooled = (np.asarray(x) for x in module.apply({"params": params}, ids, mask))
+    with torch.no_grad():
+        out = bare(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    assert np.abs(hidden - out.last_hidden_state.numpy())[valid].max() <= 1e-5
+    assert np.abs(pooled - out.pooler_output.numpy()).max() <= 1e-5
