@@ -79,11 +79,38 @@ def pytest_sessionfinish(session):
     path.write_text(f"{head}{TABLE_START}\n{peft_table(_PEFT_ROWS)}\n{TABLE_END}{tail}")
 
 
+def flax_style_params(module, key):
+    """Params of our Linen BERT classifier ``module`` as transformers' former Flax classifier drew them for
+    ``key`` (``init_weights``; equal to float rounding): its params key ``split(key)[0]`` and the same
+    module names give the same encoder; its head was flax's default ``nn.Dense`` (LeCun normal, std
+    ~1/sqrt(hidden)) where PyTorch's and ``module.init``'s is normal(0.02). Tests that compare a few Adam
+    steps to 1e-5 (batched vs separate runs, meshes vs one device) depend on the draw: Adam's update
+    g / (|g| + eps) lifts a gradient entry near eps from a different summation order (1e-7 relative) past
+    1e-5, and with the 0.02 head the adapter gradients are ~10x smaller, so more entries lie there."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    class Head(nn.Module):
+        num_labels: int
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(self.num_labels, name="classifier")(x)
+
+    params_key = jax.random.split(key)[0]
+    ids = jnp.zeros((1, 1), jnp.int32)
+    params = module.init({"params": params_key}, ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"]
+    hidden = jnp.zeros((1, module.cfg.hidden_size))
+    head = Head(module.cfg.num_labels).init({"params": params_key}, hidden)["params"]["classifier"]
+    return {**params, "classifier": head}
+
+
 @pytest.fixture(scope="session")
 def tiny_bert():
     """A small random BERT classifier (2 layers, hidden 32) and its params: our native model
-    (``decomp_jax.models.bert``: the Linen ``BertForSequenceClassification`` as ``model.module``, its
-    ``module.init`` params, called as ``model(input_ids, ..., params=p).logits``)."""
+    (``decomp_jax.models.bert``: the Linen ``BertForSequenceClassification`` as ``model.module``,
+    called as ``model(input_ids, ..., params=p).logits``) with the params transformers' Flax classifier
+    drew for seed 0 (``flax_style_params``)."""
     from transformers import BertConfig
 
     from decomp_jax.models.bert import NativeSequenceClassifier
@@ -93,7 +120,8 @@ def tiny_bert():
         intermediate_size=64, max_position_embeddings=32, num_labels=3,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
-    model = NativeSequenceClassifier(config, seed=0)
+    model = NativeSequenceClassifier(config)
+    model.params = jax.jit(flax_style_params, static_argnums=0)(model.module, jax.random.PRNGKey(0))
     return model, model.params
 
 

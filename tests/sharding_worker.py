@@ -17,7 +17,6 @@ assert "xla_force_host_platform_device_count=8" in os.environ.get("XLA_FLAGS", "
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-import flax.linen as nn  # noqa: E402
 import optax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -50,39 +49,18 @@ def tiny_llama():
     return _CACHE["llama"]
 
 
-class _Head(nn.Module):
-    num_labels: int
-
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(self.num_labels, name="classifier")(x)
-
-
-def _flax_style_init(module, key):
-    """The params transformers' Flax classifier drew for ``key`` (``init_weights``), equal to float rounding:
-    its params key ``split(key)[0]`` and the same module names give the same encoder; its head was flax's
-    default ``nn.Dense`` (LeCun normal, std ~0.09), where PyTorch's and our module's is normal(0.02). The
-    comparisons here need a base like that one: the adapters train 3 Adam steps, whose update g / (|g| + eps)
-    lifts a gradient entry near eps (1e-8) from the devices' summation order (1e-7 relative) past the 1e-5
-    allowed; with the 0.02 head the adapter gradients are ~10x smaller and some entries lie there."""
-    params_key = jax.random.split(key)[0]
-    ids = jnp.zeros((1, 1), jnp.int32)
-    params = module.init({"params": params_key}, ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"]
-    hidden = jnp.zeros((1, module.cfg.hidden_size))
-    head = _Head(module.cfg.num_labels).init({"params": params_key}, hidden)["params"]["classifier"]
-    return {**params, "classifier": head}
-
-
 def _tiny_bert():
     from transformers import BertConfig
 
+    from conftest import flax_style_params
     from decomp_jax.models.bert import NativeSequenceClassifier
 
     config = BertConfig(vocab_size=128, hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
                         intermediate_size=256, max_position_embeddings=32, num_labels=2,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = NativeSequenceClassifier(config)
-    params = jax.device_get(jax.jit(_flax_style_init, static_argnums=0)(model.module, jax.random.PRNGKey(0)))
+    # the base transformers' Flax classifier drew (the 1e-5 comparisons depend on the draw: flax_style_params)
+    params = jax.device_get(jax.jit(flax_style_params, static_argnums=0)(model.module, jax.random.PRNGKey(0)))
     from decomp_jax.models.hf import sequence_classifier_apply
 
     rng = np.random.default_rng(0)
