@@ -60,7 +60,7 @@ def _tiny_bert():
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = NativeSequenceClassifier(config)
     # the base transformers' Flax classifier drew (the 1e-5 comparisons depend on the draw: flax_style_params)
-    params = jax.device_get(jax.jit(flax_style_params, static_argnums=0)(model.module, jax.random.PRNGKey(0)))
+    params = jax.device_get(flax_style_params(model.module, jax.random.PRNGKey(0)))
     from decomp_jax.models.hf import sequence_classifier_apply
 
     rng = np.random.default_rng(0)

@@ -228,7 +228,9 @@ class Embeddings(nn.Module):
                              name="position_embeddings")
         types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init, dtype=self.dtype,
                          name="token_type_embeddings")
-        h = words(input_ids) + types(token_type_ids) + positions(position_ids)
+        # (created in PyTorch's order: word, position, token type; summed in transformers' order)
+        word, position = words(input_ids), positions(position_ids)
+        h = word + types(token_type_ids) + position
         h = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(h)
         return Dropout(cfg.hidden_dropout_prob, cfg.dropout_impl, name="dropout")(h, deterministic)
 
