@@ -118,15 +118,18 @@ def method_config(name: str, rank: int = 8, alpha: float = 16.0) -> AdapterConfi
 
 def build_model(name: str, num_labels: int = 2, seed: int = 0, backbone: str = "native"):
     """``(model, params)``: ``minilm`` (the installed all-MiniLM-L6-v2 package with a new head) or
-    ``bert-base`` (``transformers.BertConfig()`` defaults, random init, built in Flax).
-    ``backbone="native"`` runs the same params through ``decomp_jax.models.bert``."""
+    ``bert-base`` (``transformers.BertConfig()`` defaults, random init of ``decomp_jax.models.bert``
+    from ``PRNGKey(seed)``). ``backbone="hf"`` runs the params through transformers' Flax class
+    (transformers < 5); otherwise ``decomp_jax.models.bert`` runs them."""
     check_backbone(backbone)  # before building the model
     if name == "minilm":
-        model, params, _ = load_sequence_classifier(MINILM, num_labels, seed=seed, backbone="hf")
+        model, params, _ = load_sequence_classifier(MINILM, num_labels, seed=seed, backbone=backbone)
     elif name == "bert-base":
-        from transformers import BertConfig, FlaxBertForSequenceClassification
+        from transformers import BertConfig
 
-        model = FlaxBertForSequenceClassification(BertConfig(num_labels=num_labels), seed=seed)
+        from decomp_jax.models.bert import NativeSequenceClassifier
+
+        model = NativeSequenceClassifier(BertConfig(num_labels=num_labels), seed=seed)
         params = model.params
     else:
         raise ValueError(f"unknown benchmark model {name!r}; choose from {MODELS}")

@@ -35,7 +35,7 @@ from decomp_jax.quant import dequantize, is_quantized
 
 MODES = ("factored", "merged")
 # the Linen layers factored execution intercepts, and whether each stores its kernel (d_out, d_in)
-LAYOUTS = {"Dense": False, "FlaxConv1D": True, "DenseGeneral": False, "Einsum": False}
+LAYOUTS = {"Dense": False, "FlaxConv1D": True, "Conv1D": True, "DenseGeneral": False, "Einsum": False}
 
 
 def _own_params(module: nn.Module) -> dict:

@@ -22,7 +22,7 @@ from decomp_jax.experiment import ExperimentConfig, architecture, initial_state,
 from decomp_jax.guards import (atomic_folder, atomic_save_safetensors, atomic_write_text, check_finite, manifest_files,
                                read_json, write_manifest)
 from decomp_jax.inject import combine, merge, partition
-from decomp_jax.models.hf import sequence_classifier_apply
+from decomp_jax.models.hf import encoder_arch, save_classifier_config, sequence_classifier_apply, torch_state_dict  # noqa: F401 (re-exported)
 from decomp_jax.quant import model_params
 
 
@@ -126,28 +126,12 @@ def restore_run(path: str | os.PathLike) -> RestoredRun:
     return RestoredRun(cfg, model, base, adapted, tokenizer, int(state.step))
 
 
-def torch_state_dict(params, arch: str) -> dict[str, np.ndarray]:
-    """The PyTorch ``state_dict`` of HF Flax params: names and layouts from the architecture's
-    table in ``interop.peft.ARCHS`` (kernels transposed, ``scale``/``embedding`` -> ``weight``)."""
-    from decomp_jax.interop.peft import get_arch
-
-    spec = get_arch(arch)
-    out = {}
-    for path, value in flatten_dict(jax.device_get(params)).items():
-        name, transpose = spec.torch_leaf(path)
-        value = np.asarray(value)
-        if transpose and value.ndim != 2:
-            raise ConfigError(f"{'/'.join(path)}: a {value.ndim}-D kernel has no PyTorch Linear layout.")
-        out[name] = np.ascontiguousarray(value.T if transpose else value)
-    return out
-
-
 MERGE_MANIFEST = "decomp_jax_merge.json"
 
 
 def export_merged(run: RestoredRun, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
-    """Write the merged model: for a classifier HF Flax ``save_pretrained`` (config.json,
-    flax_model.msgpack), the same weights as PyTorch-format ``model.safetensors``, and the
+    """Write the merged model: for a classifier config.json and PyTorch-format ``model.safetensors``
+    (transformers' PyTorch ``AutoModelForSequenceClassification`` and our loader read it), and the
     tokenizer; for our Llama the HF folder of ``convert.save_converted`` (config.json,
     model.safetensors, tokenizer), which transformers' ``LlamaForCausalLM`` and ``load_hf`` read.
 
@@ -164,8 +148,8 @@ def export_merged(run: RestoredRun, out_dir: str | os.PathLike, overwrite: bool 
 
             save_converted(str(tmp), run.model.config, _unrolled(run.model, merged), run.tokenizer)
         else:
-            run.model.save_pretrained(tmp, params=merged)
-            atomic_save_safetensors(torch_state_dict(merged, run.model.config.model_type), tmp / "model.safetensors",
+            save_classifier_config(run.model.config, tmp)
+            atomic_save_safetensors(torch_state_dict(merged, encoder_arch(run.model.config)), tmp / "model.safetensors",
                                     metadata={"format": "pt"})
             run.tokenizer.save_pretrained(tmp)
         return write_manifest(tmp, MERGE_MANIFEST, info)

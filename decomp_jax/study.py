@@ -861,13 +861,20 @@ def paper_budgets(rank: int = 2) -> list[dict]:
     shapes only: nothing is initialised) at the paper's placements, in per mille of 125M, with the
     paper's value where its tables give one (LoRA and DoRA: at r=2)."""
     import jax
-    from transformers import FlaxRobertaModel, RobertaConfig
+    from transformers import RobertaConfig
+
+    from decomp_jax.models.bert import NativeSequenceClassifier
 
     from decomp_jax import methods
     from decomp_jax.inject import count_params, trainable_count
 
-    model = FlaxRobertaModel(RobertaConfig(), _do_init=False)
-    shapes = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, 8)))
+    model = NativeSequenceClassifier(RobertaConfig())
+    encoder = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0)))["roberta"]
+    # the bare RobertaModel's tree (transformers' RobertaConfig() defaults): the encoder and its pooler
+    d = RobertaConfig().hidden_size
+    pooler = {"dense": {"kernel": jax.ShapeDtypeStruct((d, d), jax.numpy.float32),
+                        "bias": jax.ShapeDtypeStruct((d,), jax.numpy.float32)}}
+    shapes = {**encoder, "pooler": pooler}
     rows = []
     for name in methods.names():
         cfg = paper_adapter(name, rank)

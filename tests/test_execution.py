@@ -1,4 +1,4 @@
-"""Injection, merging and execution on a real (small, random) Flax BERT."""
+"""Injection, merging and execution on a real (small, random) BERT and GPT-2 (our Linen modules)."""
 
 import re
 
@@ -222,11 +222,13 @@ def test_bad_input_errors(tiny_bert):
 
 def test_factored_execution_follows_the_layer_dtype(tiny_batch):
     """With a bfloat16 computation dtype the adapter path computes in bfloat16 too."""
-    from transformers import BertConfig, FlaxBertForSequenceClassification
+    from transformers import BertConfig
+
+    from decomp_jax.models.bert import NativeSequenceClassifier
 
     config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=32, num_labels=2)
-    model = FlaxBertForSequenceClassification(config, seed=0, dtype=jnp.bfloat16)
+    model = NativeSequenceClassifier(config, seed=0, dtype=jnp.bfloat16)
     cfg = dj.AdapterConfig(method="lora", targets="(query|value)$", rank=4)
     params = perturb(dj.inject(model.params, cfg, jax.random.PRNGKey(0)), cfg)
     apply = sequence_classifier_apply(model)
@@ -238,11 +240,14 @@ def test_factored_execution_follows_the_layer_dtype(tiny_batch):
 
 @pytest.fixture(scope="module")
 def tiny_gpt2():
-    from transformers import GPT2Config, FlaxGPT2LMHeadModel
+    """Our random GPT-2 LM (decomp_jax.models.gpt2: Conv1D layers, tied head), its params and ids."""
+    from transformers import GPT2Config
 
-    model = FlaxGPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=32), seed=0)
+    from decomp_jax.models.gpt2 import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=32))
     ids = np.random.default_rng(0).integers(0, 50, (2, 8)).astype("int32")
-    return model, ids
+    return model, model.init(jax.random.PRNGKey(0), ids)["params"], ids
 
 
 # one method per code path the layout touches: additive and residual (pissa) kernels, DoRA's norms,
@@ -256,11 +261,11 @@ def test_gpt2_conv1d_kernels_stored_out_in(name, tiny_gpt2):
     init, factored equals merged, and the factors have the usual (d_in, r) / (r, d_out) shapes."""
     from decomp_jax.models.hf import TRANSPOSED
 
-    model, ids = tiny_gpt2
-    apply = lambda p, ids: model(ids, params=p).logits
+    model, base, ids = tiny_gpt2
+    apply = lambda p, ids: model.apply({"params": p}, ids)  # noqa: E731
     cfg = dj.AdapterConfig(method=name, targets=TARGET_PRESETS["gpt2"]["all_linear"], transposed=TRANSPOSED["gpt2"], rank=4)
-    params = dj.inject(model.params, cfg, jax.random.PRNGKey(0))
-    np.testing.assert_allclose(np.asarray(dj.adapt(apply, cfg)(params, ids)), np.asarray(apply(model.params, ids)), atol=2e-5)
+    params = dj.inject(base, cfg, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(np.asarray(dj.adapt(apply, cfg)(params, ids)), np.asarray(apply(base, ids)), atol=2e-5)
     c_attn = params["transformer"]["h"]["0"]["attn"]["c_attn"]
     if "lora_a" in c_attn:
         assert c_attn["lora_a"].shape == (32, 4) and c_attn["lora_b"].shape == (4, 96)
@@ -268,21 +273,22 @@ def test_gpt2_conv1d_kernels_stored_out_in(name, tiny_gpt2):
     factored = dj.adapt(apply, cfg)(params, ids)
     if methods.get(name).mergeable:
         merged = dj.merge(params, cfg)
-        assert jax.tree.map(jnp.shape, merged) == jax.tree.map(jnp.shape, model.params)
+        assert jax.tree.map(jnp.shape, merged) == jax.tree.map(jnp.shape, base)
         np.testing.assert_allclose(np.asarray(factored), np.asarray(apply(merged, ids)), atol=2e-5)
         if methods.get(name).unmaterialize is not None and name != "svdiff":
             chex.assert_trees_all_close(dj.unmerge(merged, dj.adapter_leaves(params, cfg), cfg), params, rtol=1e-4, atol=1e-5)
 
 
 def test_gpt2_without_transposed_is_refused(tiny_gpt2):
-    model, ids = tiny_gpt2
+    model, base, ids = tiny_gpt2
     cfg = dj.AdapterConfig(method="lora", targets="attn/c_proj$", rank=4)  # square kernels: shapes would not catch it
-    params = dj.inject(model.params, cfg, jax.random.PRNGKey(0))
+    params = dj.inject(base, cfg, jax.random.PRNGKey(0))
     with pytest.raises(dj.ConfigError, match=r"Layer '.*mlp/c_proj': its bias of shape \(32,\) does not fit its kernel read "
                                              r"as the \(d_in, d_out\) matrix \(32, 128\).*set `transposed`"):
-        dj.inject(model.params, cfg.replace(targets="mlp/c_proj$"), jax.random.PRNGKey(0))
-    with pytest.raises(dj.ConfigError, match=r"FlaxConv1D, whose kernel is stored \(d_out, d_in\).*transposed"):
-        dj.adapt(lambda p, ids: model(ids, params=p).logits, cfg)(params, ids)
+        dj.inject(base, cfg.replace(targets="mlp/c_proj$"), jax.random.PRNGKey(0))
+    # factored execution knows the layer by its class: a Conv1D keeps (d_out, d_in) kernels
+    with pytest.raises(dj.ConfigError, match=r"is a Conv1D, whose kernel is stored \(d_out, d_in\).*transposed"):
+        dj.adapt(lambda p, ids: model.apply({"params": p}, ids), cfg)(params, ids)
 
 
 def test_rank_and_alpha_patterns_give_each_layer_its_own(tiny_bert, tiny_batch):

@@ -135,11 +135,13 @@ def test_regression_head_bias_starts_at_the_label_mean(tiny_model_dir, tmp_path)
 
     import shutil
 
-    from transformers import BertConfig, FlaxBertForSequenceClassification
+    from transformers import BertConfig
+
+    from decomp_jax.models.bert import NativeSequenceClassifier
 
     folder = tmp_path / "tiny_regressor"  # the tiny BERT with a one-output head
     config = BertConfig.from_pretrained(tiny_model_dir, num_labels=1)
-    FlaxBertForSequenceClassification(config, seed=0).save_pretrained(folder)
+    NativeSequenceClassifier(config, seed=0).save_pretrained(folder)
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(tiny_model_dir / name, folder / name)
     sts = REPO.parent / "shared" / "data" / "glue" / "STS-B"

@@ -357,13 +357,15 @@ def test_trainable_budgets_reproduce_the_papers_per_mille_column():
     value and the FFN intermediate layer (the `key_value_ffn` preset), LoRA/DoRA r=2 on all six matrices,
     BitFit on every bias (LayerNorm's too), all over the paper's 125M parameters of RoBERTa-base (our
     count of the encoder with its pooler: 124.6M, which gives 0.01 more in the last digit for some rows)."""
-    from transformers import RobertaConfig, FlaxRobertaModel
+    from transformers import RobertaConfig
 
     from decomp_jax.inject import count_params, trainable_count
+    from decomp_jax.models.bert import BertModel, from_hf_config
     from decomp_jax.models.hf import TARGET_PRESETS
 
-    model = FlaxRobertaModel(RobertaConfig(), _do_init=False)
-    shapes = jax.eval_shape(lambda: model.init_weights(jax.random.PRNGKey(0), (1, 8)))
+    model = BertModel(from_hf_config(RobertaConfig()))  # the bare RobertaModel, with its pooler
+    ids = jax.numpy.full((1, 8), 2, jax.numpy.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids)["params"])
     assert count_params(shapes) == 124_644_864  # roberta-base with its pooler: "125M"
     presets = TARGET_PRESETS["roberta"]
     kv_ffn, six = presets["key_value_ffn"], presets["all_linear"]

@@ -3,7 +3,7 @@
 and give the same logits; malformed folders fail loudly.
 
 The base weights come from one PyTorch checkpoint on both sides (a small random BERT / RoBERTa
-saved once and converted to Flax by transformers, and the real all-MiniLM-L6-v2), so any difference
+saved once and read by our native modules, and the real all-MiniLM-L6-v2), so any difference
 is the adapter's. The exported folders carry the classifier head (PEFT's modules_to_save), so the
 PyTorch side gets the JAX head through the adapter file itself.
 """
@@ -32,28 +32,33 @@ ALL_LINEAR = r"attention/self/(query|key|value)$|attention/output/dense$|interme
 
 
 def _small(kind, folder):
-    """A random 2-layer classifier saved as a PyTorch checkpoint and loaded in Flax from it."""
+    """A random 2-layer classifier saved as a PyTorch checkpoint and loaded from it by our native
+    module (``decomp_jax.models.bert``, params read by ``models.hf.native_params``)."""
     import transformers as tf
+
+    from decomp_jax.models.bert import NativeSequenceClassifier
+    from decomp_jax.models.hf import native_params
 
     common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                   intermediate_size=64, max_position_embeddings=40, num_labels=3, initializer_range=0.2)
     if kind == "bert":
         config = tf.BertConfig(**common)
-        torch_cls, flax_cls = tf.BertForSequenceClassification, tf.FlaxBertForSequenceClassification
+        torch_cls = tf.BertForSequenceClassification
     else:
         config = tf.RobertaConfig(**common, pad_token_id=1, type_vocab_size=1)
-        torch_cls, flax_cls = tf.RobertaForSequenceClassification, tf.FlaxRobertaForSequenceClassification
+        torch_cls = tf.RobertaForSequenceClassification
     torch.manual_seed(0)
     torch_model = torch_cls(config).eval()
     torch_model.save_pretrained(folder)
-    flax_model = flax_cls.from_pretrained(folder, from_pt=True)
+    model = NativeSequenceClassifier(config)
+    model.params = native_params(model, folder)
     rng = np.random.default_rng(0)
     ids = rng.integers(3, 100, size=(3, 10)).astype("int64")
     mask = np.ones_like(ids)
     mask[1, 7:] = 0
     ids[1, 7:] = config.pad_token_id
     batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-    return {"torch": torch_model, "flax": flax_model, "params": flax_model.params, "batch": batch, "arch": kind,
+    return {"torch": torch_model, "flax": model, "params": model.params, "batch": batch, "arch": kind,
             "folder": folder}
 
 
@@ -237,23 +242,29 @@ def test_flexlora_exports_as_lora_with_its_live_ranks(bert, tmp_path):
 @pytest.mark.peft_setting("a bare encoder (FEATURE_EXTRACTION), a token classifier (TOKEN_CLS)", "export", "loads in PEFT; outputs match")
 @pytest.mark.parametrize("kind", ["bare", pytest.param("token", marks=pytest.mark.slow)])
 def test_export_of_a_bare_encoder_and_a_token_classifier(kind, bert, tmp_path):
-    """Not only sequence classifiers: a bare FlaxBertModel (the sentence-embedding case) exports as
+    """Not only sequence classifiers: a bare BertModel (the sentence-embedding case) exports as
     PEFT's FEATURE_EXTRACTION, a token classifier as TOKEN_CLS with its head; PEFT loads both on the
     PyTorch model with our outputs, and they import back."""
     import transformers as tf
 
+    from decomp_jax.models.hf import load_encoder
+
     folder = bert["folder"]
     if kind == "bare":
-        flax_model, torch_cls = tf.FlaxBertModel.from_pretrained(folder, from_pt=True), tf.BertModel
+        (module, base, _), torch_cls = load_encoder(folder, head=None), tf.BertModel
         train_extra, task_type = None, None
     else:
-        flax_model, torch_cls = tf.FlaxBertForTokenClassification.from_pretrained(folder, from_pt=True, num_labels=3), \
-            tf.BertForTokenClassification
+        (module, base, _), torch_cls = load_encoder(folder, head="token", num_labels=3), tf.BertForTokenClassification
         train_extra, task_type = r"^classifier/", "TOKEN_CLS"
+
+    def forward(p, b):  # the sequence output (bare) or the per-token logits
+        out = module.apply({"params": p}, b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        return out[0] if kind == "bare" else out
+
     cfg = dj.AdapterConfig(method="lora", targets=r"attention/self/(query|value)$", rank=4, alpha=8, train_extra=train_extra)
-    params = perturb(dj.inject(flax_model.params, cfg, jax.random.PRNGKey(1)), cfg)
+    params = perturb(dj.inject(base, cfg, jax.random.PRNGKey(1)), cfg)
     batch = {k: np.asarray(v) for k, v in bert["batch"].items()}
-    ours = np.asarray(dj.adapt(lambda p, b: flax_model(**b, params=p)[0], cfg)(params, batch))
+    ours = np.asarray(dj.adapt(forward, cfg)(params, batch))
     dj.export_peft(params, cfg, str(tmp_path), base_model_name_or_path="local", arch="bert", task_type=task_type)
     config = read_json(tmp_path / "adapter_config.json")
     assert config["task_type"] == ("FEATURE_EXTRACTION" if kind == "bare" else "TOKEN_CLS")
@@ -263,12 +274,12 @@ def test_export_of_a_bare_encoder_and_a_token_classifier(kind, bert, tmp_path):
     with torch.no_grad():
         theirs = loaded(**{k: torch.as_tensor(v) for k, v in batch.items()})[0].numpy()
     valid = batch["attention_mask"] > 0
-    base = np.asarray(flax_model(**batch, params=flax_model.params)[0])
-    diff, effect = np.abs(ours - theirs)[valid].max(), np.abs(ours - base)[valid].max()
+    plain = np.asarray(forward(base, batch))
+    diff, effect = np.abs(ours - theirs)[valid].max(), np.abs(ours - plain)[valid].max()
     print(f"{kind}: PEFT max abs diff {diff:.2e} (adapter effect {effect:.2e})")
     assert diff <= TOL and effect > 100 * TOL
-    back, back_cfg = dj.import_peft(str(tmp_path), flax_model.params, arch="bert")
-    again = np.asarray(dj.adapt(lambda p, b: flax_model(**b, params=p)[0], back_cfg)(back, batch))
+    back, back_cfg = dj.import_peft(str(tmp_path), base, arch="bert")
+    again = np.asarray(dj.adapt(forward, back_cfg)(back, batch))
     assert np.abs(again - ours)[valid].max() <= 1e-5
     if kind == "bare":
         with pytest.raises(dj.ConfigError, match="FEATURE_EXTRACTION"):
@@ -718,10 +729,11 @@ def test_gpt2_classifier_with_a_score_head_both_ways(tmp_path):
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
-    """A random 2-layer GPT-2 LM saved by PyTorch and loaded in Flax from it (Conv1D layers)."""
+    """A random 2-layer GPT-2 LM saved by PyTorch and loaded from it by our Linen GPT-2 (Conv1D layers)."""
     folder = str(tmp_path_factory.mktemp("gpt2"))
-    torch_model, flax_model, ids = tiny_gpt2(folder)
-    return {"torch": torch_model, "flax": flax_model, "folder": folder, "ids": ids}
+    torch_model, model, params, ids = tiny_gpt2(folder)
+    return {"torch": torch_model, "apply": lambda p, ids: model.apply({"params": p}, ids), "params": params,
+            "folder": folder, "ids": ids}
 
 
 @pytest.mark.peft_setting("GPT-2 LM (Conv1D, fan_in_fan_out): LoRA, DoRA", "import + export", "logits match PEFT both ways")
@@ -732,14 +744,14 @@ def test_gpt2_conv1d_adapter_both_ways(gpt2, tmp_path, method):
     from decomp_jax.models.hf import TRANSPOSED
 
     cfg = dj.AdapterConfig(method=method, targets=r"(c_attn|c_fc)$", transposed=TRANSPOSED["gpt2"], rank=4)
-    params = dj.inject(gpt2["flax"].params, cfg, jax.random.PRNGKey(0))
+    params = dj.inject(gpt2["params"], cfg, jax.random.PRNGKey(0))
     leaves, treedef = jax.tree_util.tree_flatten(params)
     mask = jax.tree_util.tree_leaves(dj.trainable_mask(params, cfg))
     rng = np.random.default_rng(1)
     params = jax.tree_util.tree_unflatten(treedef, [x + 0.1 * rng.normal(size=x.shape).astype(np.float32) if m else x
                                                     for x, m in zip(leaves, mask)])
-    ours = np.asarray(dj.adapt(lambda p, ids: gpt2["flax"](ids, params=p).logits, cfg)(params, gpt2["ids"]))
-    base = np.asarray(gpt2["flax"](gpt2["ids"]).logits)
+    ours = np.asarray(dj.adapt(gpt2["apply"], cfg)(params, gpt2["ids"]))
+    base = np.asarray(gpt2["apply"](gpt2["params"], gpt2["ids"]))
     assert np.abs(ours - base).max() > 1e-2
     dj.export_peft(params, cfg, str(tmp_path), base_model_name_or_path=gpt2["folder"], arch="gpt2")
     config = read_json(tmp_path / "adapter_config.json")
@@ -748,9 +760,9 @@ def test_gpt2_conv1d_adapter_both_ways(gpt2, tmp_path, method):
     with torch.no_grad():
         theirs = model(torch.as_tensor(gpt2["ids"])).logits.numpy()
     np.testing.assert_allclose(theirs, ours, atol=TOL)
-    back, back_cfg = dj.import_peft(str(tmp_path), gpt2["flax"].params, arch="gpt2")
+    back, back_cfg = dj.import_peft(str(tmp_path), gpt2["params"], arch="gpt2")
     assert back_cfg.transposed == TRANSPOSED["gpt2"] and back_cfg.method == method
-    np.testing.assert_allclose(np.asarray(dj.adapt(lambda p, ids: gpt2["flax"](ids, params=p).logits, back_cfg)(back, gpt2["ids"])),
+    np.testing.assert_allclose(np.asarray(dj.adapt(gpt2["apply"], back_cfg)(back, gpt2["ids"])),
                                ours, atol=TOL)
 
 
@@ -766,10 +778,10 @@ def test_gpt2_peft_default_ia3_imports(gpt2, tmp_path):
                 p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
         theirs = model.eval()(torch.as_tensor(gpt2["ids"])).logits.numpy()
     model.save_pretrained(str(tmp_path))
-    params, cfg = dj.import_peft(str(tmp_path), gpt2["flax"].params, arch="gpt2")
+    params, cfg = dj.import_peft(str(tmp_path), gpt2["params"], arch="gpt2")
     assert cfg.method == "ia3_mixed"
-    ours = np.asarray(dj.adapt(lambda p, ids: gpt2["flax"](ids, params=p).logits, cfg)(params, gpt2["ids"]))
-    base = np.asarray(gpt2["flax"](gpt2["ids"]).logits)
+    ours = np.asarray(dj.adapt(gpt2["apply"], cfg)(params, gpt2["ids"]))
+    base = np.asarray(gpt2["apply"](gpt2["params"], gpt2["ids"]))
     print(f"gpt2 PEFT default IA3 -> jax max abs diff {np.abs(ours - theirs).max():.2e} (effect {np.abs(ours - base).max():.2e})")
     np.testing.assert_allclose(ours, theirs, atol=TOL)
     assert np.abs(ours - base).max() > 100 * TOL

@@ -67,21 +67,21 @@ def llama(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
-    """A random 2-layer GPT-2 LM (tied head, Conv1D layers) saved by PyTorch and loaded in Flax."""
+    """A random 2-layer GPT-2 LM (tied head, Conv1D layers) saved by PyTorch and loaded by our Linen GPT-2."""
     from decomp_jax.models.hf import TRANSPOSED
 
     folder = str(tmp_path_factory.mktemp("gpt2_tied"))
-    torch_model, flax_model, ids = tiny_gpt2(folder)
-    assert "lm_head" not in flax_model.params
+    torch_model, model, params, ids = tiny_gpt2(folder)
+    assert "lm_head" not in params
 
     def ours(p, cfg):
-        return np.asarray(dj.adapt(lambda q, x: flax_model(x, params=q).logits, cfg)(p, ids))
+        return np.asarray(dj.adapt(model.apply, cfg)({"params": p}, jnp.asarray(ids)))
 
     def theirs(m):
         with torch.no_grad():
             return m(torch.as_tensor(ids)).logits.numpy()
 
-    return {"name": "gpt2", "arch": "gpt2", "torch": torch_model, "base": flax_model.params, "folder": folder,
+    return {"name": "gpt2", "arch": "gpt2", "torch": torch_model, "base": params, "folder": folder,
             "ours": ours, "theirs": theirs, "mask": np.ones(ids.shape, "int64"), "embedding": ("transformer", "wte"),
             "emb_name": "transformer.wte", "short": "wte", "targets": r"c_attn$", "peft_targets": ["c_attn"],
             "transposed": TRANSPOSED["gpt2"]}

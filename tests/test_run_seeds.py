@@ -48,10 +48,20 @@ def headless_dir(tiny_model_dir, tmp_path_factory):
     """The tiny BERT without a classification head: each seed draws its own new head."""
     import shutil
 
-    from transformers import BertConfig, FlaxBertModel
+    import jax
+    from safetensors.numpy import save_file
+    from transformers import BertConfig
+
+    from decomp_jax.models.bert import BertModel, from_hf_config
+    from decomp_jax.models.hf import torch_state_dict
 
     folder = tmp_path_factory.mktemp("headless")
-    FlaxBertModel(BertConfig.from_pretrained(tiny_model_dir), seed=0).save_pretrained(folder)
+    config = BertConfig.from_pretrained(tiny_model_dir)
+    ids = jax.numpy.zeros((1, 8), jax.numpy.int32)
+    params = BertModel(from_hf_config(config)).init(jax.random.PRNGKey(0), ids)["params"]  # a bare BertModel's
+    config.architectures = ["BertModel"]
+    config.save_pretrained(folder)
+    save_file(torch_state_dict(params, "bert"), str(folder / "model.safetensors"), metadata={"format": "pt"})
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(tiny_model_dir / name, folder / name)
     return folder

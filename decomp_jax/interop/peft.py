@@ -481,7 +481,7 @@ def _bias_mode(flat, layers, extra_leaves, heads, cfg) -> tuple[str, list]:
 def _task_type(spec: "Arch", flat: Mapping[Path, Any], task_type: Optional[str]) -> str:
     """PEFT's ``task_type`` of an export: the given one, else the architecture's (causal LMs), else
     ``SEQ_CLS`` for an encoder with a ``classifier``/``score`` head and ``FEATURE_EXTRACTION`` for a
-    bare encoder (FlaxBertModel: the sentence-embedding case)."""
+    bare encoder (``models.bert.BertModel``: the sentence-embedding case)."""
     has_head = any(p[0] in spec.head_modules for p in flat)
     if task_type is None:
         if spec.task_type != "SEQ_CLS":  # a causal LM, or (with a score head) a decoder classifier
@@ -506,7 +506,7 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT 0.21's format.
 
     ``params``: adapted params (``dj.inject`` of the model's params, trained) of a Flax sequence or token
-    classifier, a bare encoder (``FlaxBertModel``: PEFT's FEATURE_EXTRACTION), GPT-2's LM or our Llama.
+    classifier, a bare encoder (``models.bert.BertModel``: PEFT's FEATURE_EXTRACTION), GPT-2's LM or our Llama.
     ``task_type``: PEFT's task type (default: CAUSAL_LM for the decoders, SEQ_CLS for an encoder with a
     ``classifier`` head, FEATURE_EXTRACTION for a bare one; TOKEN_CLS for a token classifier).
     Methods: lora (rslora too; on embedding tables as lora_embedding_A/B, with ``ensure_weight_tying`` on a

@@ -1,1 +1,2 @@
-"""Model loading: Hugging Face Flax models (``hf``)."""
+"""Our Linen models (``bert``: BERT/RoBERTa/XLM-R encoders, ``gpt2``, ``llama``) and their loading from
+Hugging Face folders (``hf``)."""

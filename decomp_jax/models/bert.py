@@ -1,16 +1,18 @@
-"""A native Flax Linen BERT / RoBERTa encoder with a sequence-classification head, tuned for XLA:CPU.
+"""A native Flax Linen BERT / RoBERTa encoder with sequence- and token-classification heads, tuned for XLA:CPU.
 
-Its parameter tree is the one of transformers' ``FlaxBertForSequenceClassification`` /
-``FlaxRobertaForSequenceClassification`` (``bert/embeddings/word_embeddings/embedding``,
-``bert/encoder/layer/0/attention/self/query/kernel``, ``bert/pooler/dense``, ``classifier/...``;
-RoBERTa: ``roberta/...`` without a pooler and ``classifier/dense``, ``classifier/out_proj``), so
-HF-loaded params, adapter targets, factored execution (every projection is an ``nn.Dense`` named
-``query``/``key``/``value``/``dense``/... called with the hidden states) and PEFT export work
-unchanged. ``NativeSequenceClassifier(hf_config)`` has the call interface of the HF Flax model
-object (``model(input_ids=..., attention_mask=..., params=..., dropout_rng=..., train=...)``
-returning ``.logits``); ``native_like(hf_model)`` builds one from a loaded HF Flax model.
+Its parameter tree is transformers' PyTorch names in Flax layout (``bert/embeddings/word_embeddings/embedding``,
+``bert/encoder/layer/0/attention/self/query/kernel`` (``(d_in, d_out)``), ``bert/pooler/dense``,
+``classifier/...``; RoBERTa: ``roberta/...`` without a pooler and ``classifier/dense``, ``classifier/out_proj``;
+the tree transformers' former Flax classes had), so params read from PyTorch checkpoints
+(``models.hf.native_params`` / ``load_encoder``), adapter targets, factored execution (every projection
+is an ``nn.Dense`` named ``query``/``key``/``value``/``dense``/... called with the hidden states) and
+PEFT export (``interop.peft.ARCHS``) work unchanged. ``BertForSequenceClassification``,
+``BertForTokenClassification`` and the bare ``BertModel`` are the Linen modules;
+``NativeSequenceClassifier(hf_config)`` wraps the first with the call interface of a transformers
+model object (``model(input_ids=..., attention_mask=..., params=..., dropout_rng=..., train=...)``
+returning ``.logits``); ``native_like(model)`` builds one from any object with ``config`` and ``params``.
 
-What differs from the HF Flax code (same maths, cheaper on XLA:CPU):
+What differs from transformers' former Flax code (same maths, cheaper on XLA:CPU):
 
 - the padding mask is a ``(b, 1, 1, s)`` additive bias, broadcast inside the softmax fusion;
 - attention scores and context are batched matmuls on heads-major ``(b, h, s, d)`` operands;
@@ -226,7 +228,9 @@ class Embeddings(nn.Module):
                              name="position_embeddings")
         types = nn.Embed(cfg.type_vocab_size, cfg.hidden_size, embedding_init=init, dtype=self.dtype,
                          name="token_type_embeddings")
-        h = words(input_ids) + types(token_type_ids) + positions(position_ids)
+        # (created in PyTorch's order: word, position, token type; summed in transformers' order)
+        word, position = words(input_ids), positions(position_ids)
+        h = word + types(token_type_ids) + position
         h = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(h)
         return Dropout(cfg.hidden_dropout_prob, cfg.dropout_impl, name="dropout")(h, deterministic)
 
@@ -340,15 +344,25 @@ class Pooler(nn.Module):
 
 
 class BertModel(nn.Module):
-    """Embeddings, encoder and (BERT) pooler; returns ``(sequence_output, pooled_or_None)``."""
+    """Embeddings, encoder and (BERT) pooler; returns ``(sequence_output, pooled_or_None)``. Alone it is
+    transformers' bare ``BertModel`` / ``RobertaModel`` (params ``embeddings``, ``encoder``, ``pooler``: the
+    sentence-embedding case, PEFT's FEATURE_EXTRACTION): ``module.apply({'params': p}, input_ids,
+    attention_mask, token_type_ids)``, token types and positions defaulting as in the classifiers."""
 
     cfg: NativeBertConfig
     dtype: Any = jnp.float32
     add_pooling_layer: bool = True
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids, position_ids, head_mask=None,
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
                  deterministic: bool = True):
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, self.cfg)
+        if attention_mask is not None:
+            attention_mask = jnp.asarray(attention_mask)
         embeddings = Embeddings(self.cfg, self.dtype, name="embeddings")
         hidden = embeddings(input_ids, token_type_ids, position_ids, deterministic)
         bias = None
@@ -400,6 +414,24 @@ class BertForSequenceClassification(nn.Module):
         return _dense(cfg, cfg.num_labels, "classifier", self.dtype)(pooled)
 
 
+class BertForTokenClassification(nn.Module):
+    """transformers' ``BertForTokenClassification`` / ``RobertaForTokenClassification``: the encoder
+    (``bert``/``roberta``, no pooler), dropout, and a ``classifier`` Dense on every token.
+    ``module.apply({'params': p}, input_ids, attention_mask, token_type_ids, ...)`` -> ``(B, L, num_labels)``."""
+
+    cfg: NativeBertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
+                 deterministic: bool = True):
+        cfg = self.cfg
+        hidden, _ = BertModel(cfg, self.dtype, add_pooling_layer=False, name="roberta" if cfg.is_roberta else "bert")(
+            input_ids, attention_mask, token_type_ids, position_ids, head_mask, deterministic)
+        hidden = Dropout(cfg.head_dropout, cfg.dropout_impl, name="dropout")(hidden, deterministic)
+        return _dense(cfg, cfg.num_labels, "classifier", self.dtype)(hidden)
+
+
 def default_position_ids(input_ids: jax.Array, cfg: NativeBertConfig) -> jax.Array:
     """BERT: ``0..s-1``; RoBERTa: ``padding_idx + 1 + (rank among non-padding tokens)``, and
     ``padding_idx`` at padding tokens (as fairseq / transformers)."""
@@ -425,8 +457,8 @@ class NativeSequenceClassifier:
     """Drop-in for a transformers Flax ``...ForSequenceClassification`` object:
     ``model(input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
     head_mask=None, params=None, dropout_rng=None, train=False).logits``; ``.config`` (the HF
-    config), ``.module`` (the Linen module), ``.params``; ``save_pretrained`` writes the HF Flax
-    format through the transformers class (the two share the param tree)."""
+    config), ``.module`` (the Linen module), ``.params``; ``save_pretrained`` writes config.json
+    and a PyTorch-format model.safetensors."""
 
     def __init__(self, config: Any, params: Optional[dict] = None, dtype: Any = jnp.float32, seed: Optional[int] = None,
                  hf_model: Any = None, **options):
@@ -445,16 +477,22 @@ class NativeSequenceClassifier:
         adapters trained with either backbone restore into the other)."""
         return "FlaxRobertaForSequenceClassification" if self.native_config.is_roberta else "FlaxBertForSequenceClassification"
 
-    def save_pretrained(self, folder, params: Optional[dict] = None, **kwargs):
-        """The HF Flax folder (config.json, flax_model.msgpack) of ``params`` (default ``self.params``)."""
-        if isinstance(self.config, NativeBertConfig):
-            raise ValueError("save_pretrained needs a transformers config; build the model with native_like(hf_model)")
-        hf = self.hf_model
-        if hf is None:
-            from transformers import FlaxAutoModelForSequenceClassification
+    def save_pretrained(self, folder, params: Optional[dict] = None, **unused):
+        """The HF folder of ``params`` (default ``self.params``): ``config.json`` and PyTorch-format
+        ``model.safetensors`` (names from ``interop.peft.ARCHS``), which transformers' PyTorch
+        ``AutoModelForSequenceClassification`` and ``models.hf.load_sequence_classifier`` read."""
+        import os
 
-            hf = FlaxAutoModelForSequenceClassification.from_config(self.config, _do_init=False)
-        return hf.save_pretrained(folder, params=self.params if params is None else params, **kwargs)
+        from safetensors.numpy import save_file
+
+        from decomp_jax.models.hf import encoder_arch, save_classifier_config, torch_state_dict
+
+        if isinstance(self.config, NativeBertConfig):
+            raise ValueError("save_pretrained needs a transformers config (config.json); build the model from one")
+        os.makedirs(folder, exist_ok=True)
+        save_classifier_config(self.config, folder)
+        state = torch_state_dict(self.params if params is None else params, encoder_arch(self.config))
+        save_file(state, os.path.join(str(folder), "model.safetensors"), metadata={"format": "pt"})
 
     def init_params(self, rng: jax.Array, seq_len: int = 8) -> dict:
         ids = jnp.zeros((1, seq_len), jnp.int32)

@@ -1,20 +1,158 @@
-"""GPT-2 as a sequence classifier (transformers' ``GPT2ForSequenceClassification``, which has no Flax
-class): transformers' Flax GPT-2 stack (``FlaxGPT2Module``) under ``transformer`` and a bias-free
-``score`` head on each row's last real token, as transformers pools (the rightmost token that is not
-the pad id). The params are the PyTorch model's names in Flax layout (``transformer/h/0/attn/c_attn``,
-Conv1D kernels stored ``(d_out, d_in)``: ``models.hf.TRANSPOSED["gpt2"]``), so PEFT SEQ_CLS adapters
-trained on the PyTorch classifier import onto them (``arch="gpt2"``; ``score`` in modules_to_save).
+"""GPT-2 in Flax Linen: transformers' ``GPT2ForSequenceClassification`` and ``GPT2LMHeadModel``.
+
+Our GPT-2 stack (``GPT2Stack``: ``wte``, ``wpe``, blocks ``h/{i}``, ``ln_f``) sits under ``transformer``.
+The classifier scores each row's last real token with a bias-free ``score`` head, as transformers pools
+(the rightmost token that is not the pad id); the LM's head is tied to ``wte`` (``logits = h @ wte.T``,
+float32; the params hold no ``lm_head``). The params are the PyTorch model's names in Flax layout
+(``transformer/h/0/attn/c_attn``, Conv1D kernels stored ``(d_out, d_in)``: ``models.hf.TRANSPOSED["gpt2"]``),
+so PEFT adapters trained on the PyTorch models import onto them (``arch="gpt2"``; ``score`` in
+modules_to_save for SEQ_CLS).
+
+KV cache (the LM, for ``greedy_generate``): an explicit pytree made by ``init_cache(config, batch,
+length)``, one ``{"key", "value"}`` dict per block, ``(batch, length, n_head, head_dim)``. With
+``cache=`` a call writes its ``L`` new keys/values at buffer positions ``cache_index .. cache_index + L
+- 1`` and attends to the whole buffer; ``attention_mask`` then spans the buffer ``(B, length)``.
 """
 
 from __future__ import annotations
 
-import os
+from typing import Callable, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decomp_jax.models.llama import last_token_hidden
+from decomp_jax.models.llama import _eos_ids, last_token_hidden, mask_positions
+
+
+class Conv1D(nn.Module):
+    """GPT-2's projection with its kernel stored ``(d_out, d_in)`` (``models.hf.TRANSPOSED["gpt2"]``):
+    ``y = x @ kernel.T + bias``."""
+
+    features: int
+    dtype: object = jnp.float32  # (factored execution reads it, as of nn.Dense)
+    precision: object = None
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (self.features, x.shape[-1]), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return x @ kernel.T + bias
+
+
+def _activation(name: str):
+    from decomp_jax.models.bert import ACTIVATIONS
+
+    if name not in ACTIVATIONS:
+        raise ValueError(f"config.json: activation_function={name!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
+class Block(nn.Module):
+    """One GPT-2 block: pre-LayerNorm causal self-attention and MLP, each with a residual.
+    Returns ``(hidden, new_cache)`` (``None`` without a cache)."""
+
+    config: object
+
+    @nn.compact
+    def __call__(self, hidden, bias, cache=None, cache_index=None):
+        cfg = self.config
+        eps = cfg.layer_norm_epsilon
+        attended, new_cache = Attention(cfg, name="attn")(nn.LayerNorm(epsilon=eps, name="ln_1")(hidden), bias,
+                                                          cache, cache_index)
+        hidden = hidden + attended
+        mlp = MLP(cfg, cfg.n_inner or 4 * cfg.n_embd, name="mlp")
+        return hidden + mlp(nn.LayerNorm(epsilon=eps, name="ln_2")(hidden)), new_cache
+
+
+class Blocks(nn.Module):
+    """The blocks, named ``0``, ``1``, ... (params ``h/{i}/...``)."""
+
+    config: object
+
+    @nn.compact
+    def __call__(self, hidden, bias, cache=None, cache_index=None):
+        new_cache = []
+        for i in range(self.config.n_layer):
+            hidden, layer_cache = Block(self.config, name=str(i))(hidden, bias, None if cache is None else cache[i],
+                                                                  cache_index)
+            new_cache.append(layer_cache)
+        return hidden, (tuple(new_cache) if cache is not None else None)
+
+
+class Attention(nn.Module):
+    config: object
+
+    @nn.compact
+    def __call__(self, x, bias, cache=None, cache_index=None):
+        cfg = self.config
+        d, h = cfg.n_embd, cfg.n_head
+        b, s, _ = x.shape
+        q, k, v = (t.reshape(b, s, h, d // h) for t in jnp.split(Conv1D(3 * d, name="c_attn")(x), 3, axis=-1))
+        new_cache = None
+        if cache is not None:  # the new keys/values go into the buffer; the queries attend to all of it
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), start)
+            new_cache = {"key": k, "value": v}
+        heads = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731  (b, h, s, d)
+        scores = heads(q) @ heads(k).transpose(0, 1, 3, 2) / np.sqrt(d // h) + bias
+        context = (jax.nn.softmax(scores, axis=-1) @ heads(v)).transpose(0, 2, 1, 3).reshape(b, s, d)
+        return Conv1D(d, name="c_proj")(context), new_cache
+
+
+class MLP(nn.Module):
+    config: object
+    inner: int
+
+    @nn.compact
+    def __call__(self, x):
+        act = _activation(self.config.activation_function)
+        return Conv1D(self.config.n_embd, name="c_proj")(act(Conv1D(self.inner, name="c_fc")(x)))
+
+
+def _check_config(cfg) -> None:
+    for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if getattr(cfg, key, False):
+            raise ValueError(f"config.json: {key}=true is not supported by decomp_jax's GPT-2; set it to false.")
+    if not getattr(cfg, "scale_attn_weights", True):
+        raise ValueError("config.json: scale_attn_weights=false is not supported by decomp_jax's GPT-2.")
+
+
+class GPT2Stack(nn.Module):
+    """The GPT-2 transformer (``wte``, ``wpe``, blocks ``h/{i}``, ``ln_f``), inference only (no dropout):
+    the attention bias is causal plus key padding (``finfo.min`` where masked). Returns
+    ``(hidden, new_cache)`` (``None`` without a cache); ``attend`` is the tied LM head."""
+
+    config: object
+
+    def setup(self):
+        cfg = self.config
+        init = nn.initializers.normal(getattr(cfg, "initializer_range", 0.02))
+        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init)
+        self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init)
+        self.h = Blocks(cfg)
+        self.ln_f = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon)
+
+    def attend(self, hidden):
+        """The tied LM head: ``hidden @ wte.T``."""
+        return self.wte.attend(hidden)
+
+    def __call__(self, input_ids, attention_mask, position_ids, cache=None, cache_index=None):
+        _check_config(self.config)
+        s = input_ids.shape[-1]
+        key_len = s if cache is None else cache[0]["key"].shape[1]
+        if attention_mask.shape[-1] != key_len:
+            raise ValueError(f"attention_mask has {attention_mask.shape[-1]} columns; expected {key_len} "
+                             f"({'the cache buffer length' if cache is not None else 'the input length'}).")
+        hidden = self.wte(input_ids) + self.wpe(position_ids)
+        query_index = jnp.arange(s) + (0 if cache is None else cache_index)
+        causal = jnp.arange(key_len)[None, :] <= query_index[:, None]  # (s, key_len)
+        allowed = causal[None, None] & (attention_mask[:, None, None, :] > 0)
+        bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
+        hidden, new_cache = self.h(hidden, bias, cache, cache_index)
+        return self.ln_f(hidden), new_cache
 
 
 class GPT2ForSequenceClassification(nn.Module):
@@ -26,9 +164,7 @@ class GPT2ForSequenceClassification(nn.Module):
     num_labels: int = 2
 
     def setup(self):
-        from transformers.models.gpt2.modeling_flax_gpt2 import FlaxGPT2Module
-
-        self.transformer = FlaxGPT2Module(self.config, dtype=jnp.float32)
+        self.transformer = GPT2Stack(self.config)
         self.score = nn.Dense(self.num_labels, use_bias=False, name="score")
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None):
@@ -37,27 +173,162 @@ class GPT2ForSequenceClassification(nn.Module):
             attention_mask = jnp.ones_like(input_ids)
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
-        hidden = self.transformer(input_ids, jnp.asarray(attention_mask), position_ids, deterministic=True)[0]
+        hidden, _ = self.transformer(input_ids, jnp.asarray(attention_mask), position_ids)
         pooled = last_token_hidden(hidden, input_ids, attention_mask, self.config.pad_token_id)
         return self.score(pooled).astype(jnp.float32)
 
 
+class GPT2LMHeadModel(nn.Module):
+    """transformers' ``GPT2LMHeadModel``: ``apply({"params": p}, input_ids, attention_mask=None,
+    position_ids=None)`` -> ``(B, L, vocab)`` float32 logits from the head tied to ``wte``; with
+    ``cache=`` (``init_cache``) and ``cache_index`` -> ``(logits, new_cache)``. Positions default to
+    ``0..L-1`` (``cache_index ..`` with a cache), as transformers' forward; ``greedy_generate`` passes
+    ``cumsum(mask) - 1`` (as transformers' ``generate``), so left-padded prompts get the positions of
+    their unpadded selves. No dropout (an inference and adapter-training model)."""
+
+    config: object
+
+    def setup(self):
+        self.transformer = GPT2Stack(self.config)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, cache=None, cache_index=None):
+        input_ids = jnp.asarray(input_ids)
+        b, s = input_ids.shape
+        if cache is not None and cache_index is None:
+            cache_index = 0
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, s if cache is None else cache[0]["key"].shape[1]), jnp.int32)
+        if position_ids is None:
+            start = 0 if cache is None else cache_index
+            position_ids = jnp.broadcast_to(start + jnp.arange(s), (b, s))
+        hidden, new_cache = self.transformer(input_ids, jnp.asarray(attention_mask), position_ids, cache, cache_index)
+        logits = self.transformer.attend(hidden).astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+
+def init_cache(config, batch: int, length: int, dtype=jnp.float32):
+    """An empty KV cache for ``GPT2LMHeadModel``: one ``{"key", "value"}`` dict per block,
+    ``(batch, length, n_head, head_dim)``."""
+    shape = (batch, length, config.n_head, config.n_embd // config.n_head)
+    return tuple({"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)} for _ in range(config.n_layer))
+
+
+def greedy_generate(model: GPT2LMHeadModel, params, input_ids, attention_mask=None, max_new_tokens: int = 20,
+                    eos_token_id=None, pad_token_id: Optional[int] = None, *, apply_fn: Optional[Callable] = None):
+    """Greedy decoding with the KV cache: ``(B, P + max_new_tokens)`` int32, the prompt followed by the
+    new tokens, as transformers' ``generate(do_sample=False)``. Prompts may be left-padded
+    (``attention_mask``): positions are ``cumsum(mask) - 1``, as transformers' ``generate`` makes them.
+    One prefill call, then ``max_new_tokens - 1`` one-token calls in a ``lax.fori_loop``. Traceable: jit a
+    closure over the model and the settings, ``jax.jit(lambda p, ids, mask: greedy_generate(model, p, ids,
+    mask, 16))`` (a transformers config is not hashable, so ``model`` cannot be a static argument).
+    After a row emits an ``eos_token_id`` (int or sequence) it emits ``pad_token_id`` (default: the
+    first eos id, else 0). ``apply_fn`` (default ``model.apply``) may be ``dj.adapt(model.apply, cfg)``
+    to generate with an adapter in factored execution."""
+    apply_fn = apply_fn or model.apply
+    eos = _eos_ids(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    b, prompt_len = input_ids.shape
+    total = prompt_len + max_new_tokens
+    if total > model.config.n_positions:
+        raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"n_positions={model.config.n_positions}.")
+    mask = jnp.ones((b, prompt_len), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    buffer_mask = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
+    last = jnp.max(jnp.where(mask > 0, jnp.arange(prompt_len)[None], 0), axis=1)  # last real prompt token
+    variables = {"params": params}
+
+    def finish(tok, done, out, i):
+        tok = jnp.where(done, pad, tok).astype(jnp.int32)
+        out = out.at[:, i].set(tok)
+        if eos:
+            done = done | jnp.isin(tok, jnp.asarray(eos))
+        return tok, done, out
+
+    cache = init_cache(model.config, b, total)
+    logits, cache = apply_fn(variables, input_ids, buffer_mask, mask_positions(buffer_mask, prompt_len, 0),
+                             cache=cache, cache_index=0)
+    tok = jnp.argmax(logits[jnp.arange(b), last], axis=-1)
+
+    def body(i, carry):
+        tok, done, out, cache, buffer_mask = carry
+        tok, done, out = finish(tok, done, out, i)
+        index = prompt_len + i
+        buffer_mask = buffer_mask.at[:, index].set(1)
+        logits, cache = apply_fn(variables, tok[:, None], buffer_mask, mask_positions(buffer_mask, 1, index),
+                                 cache=cache, cache_index=index)
+        return jnp.argmax(logits[:, 0], axis=-1), done, out, cache, buffer_mask
+
+    out = jnp.zeros((b, max_new_tokens), jnp.int32)
+    done = jnp.zeros((b,), bool)
+    tok, done, out, _, _ = jax.lax.fori_loop(0, max_new_tokens - 1, body, (tok, done, out, cache, buffer_mask))
+    _, _, out = finish(tok, done, out, max_new_tokens - 1)
+    return jnp.concatenate([input_ids, out], axis=1)
+
+
+def _load_gpt2(folder: str, model, weights: dict) -> dict:
+    """``model``'s params read from ``weights`` (``{PyTorch name: array}``), names mapped by
+    ``interop.peft.ARCHS["gpt2"]``, with or without the ``transformer.`` prefix."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from decomp_jax.interop.peft import get_arch
+
+    ids = jnp.zeros((1, 2), jnp.int32)
+    shapes = flatten_dict(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))["params"])
+    spec = get_arch("gpt2")
+    out = {}
+    for path, like in shapes.items():
+        name, transpose = spec.torch_leaf(path)
+        value = weights.get(name, weights.get(name[len("transformer."):]) if name.startswith("transformer.") else None)
+        if value is None:
+            raise ValueError(f"{folder}/model.safetensors: {name} is missing; save the model again with "
+                             f"save_pretrained.")
+        value = np.asarray(value, np.float32)
+        # Conv1D weights are (d_in, d_out) in PyTorch and (d_out, d_in) here; score is an nn.Linear
+        value = value.T if transpose else value
+        if value.shape != like.shape:
+            raise ValueError(f"{folder}/model.safetensors: {name} has shape {value.shape[::-1] if transpose else value.shape}, "
+                             f"config.json needs {like.shape[::-1] if transpose else like.shape}.")
+        out[path] = np.ascontiguousarray(value)
+    return unflatten_dict(out)
+
+
 def load_gpt2_classifier(folder: str):
     """``(model, params)`` from a transformers ``GPT2ForSequenceClassification`` folder (config.json and
-    model.safetensors): the GPT-2 stack read by transformers' Flax loader, ``score.weight`` read here."""
-    from safetensors.numpy import load_file
-    from transformers import FlaxGPT2Model, GPT2Config
+    model.safetensors, or its shard index), names mapped by ``interop.peft.ARCHS["gpt2"]``."""
+    from transformers import GPT2Config
 
-    from decomp_jax.models.hf import quiet_transformers
+    from decomp_jax.models.hf import read_torch_weights
 
-    weights = os.path.join(folder, "model.safetensors")
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"{weights} does not exist; save the classifier with save_pretrained (safetensors).")
-    score = load_file(weights).get("score.weight")
+    weights = read_torch_weights(folder)
+    score = weights.get("score.weight")
     if score is None:
-        raise ValueError(f"{weights} holds no score.weight: it is not a GPT2ForSequenceClassification checkpoint.")
+        raise ValueError(f"{folder}/model.safetensors holds no score.weight: it is not a GPT2ForSequenceClassification "
+                         f"checkpoint.")
     config = GPT2Config.from_pretrained(folder)
-    with quiet_transformers():  # ("score.weight was not used": it is read below)
-        stack = FlaxGPT2Model.from_pretrained(folder, from_pt=True)
     model = GPT2ForSequenceClassification(config, num_labels=int(score.shape[0]))
-    return model, {"transformer": stack.params, "score": {"kernel": np.ascontiguousarray(score.T)}}
+    return model, _load_gpt2(folder, model, weights)
+
+
+def load_gpt2_lm(folder: str):
+    """``(model, params)`` from a transformers ``GPT2LMHeadModel`` folder (config.json and model.safetensors,
+    or its shard index; a bare ``GPT2Model`` folder too), names mapped by ``interop.peft.ARCHS["gpt2"]``.
+    The head is tied to ``wte``: a stored ``lm_head.weight`` (the same matrix) is dropped; an untied one is
+    refused."""
+    from transformers import GPT2Config
+
+    from decomp_jax.models.hf import read_torch_weights
+
+    weights = read_torch_weights(folder)
+    if "score.weight" in weights:
+        raise ValueError(f"{folder}/model.safetensors holds score.weight: it is a GPT2ForSequenceClassification "
+                         f"checkpoint; load it with load_gpt2_classifier.")
+    config = GPT2Config.from_pretrained(folder)
+    head = weights.pop("lm_head.weight", None)
+    wte = weights.get("transformer.wte.weight", weights.get("wte.weight"))
+    if not getattr(config, "tie_word_embeddings", True) or (
+            head is not None and wte is not None and not np.array_equal(np.asarray(head), np.asarray(wte))):
+        raise ValueError(f"{folder}: the LM head is not tied to transformer.wte (tie_word_embeddings=false or a "
+                         f"different lm_head.weight); decomp_jax's GPT-2 LM has a tied head only.")
+    model = GPT2LMHeadModel(config)
+    return model, _load_gpt2(folder, model, weights)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Target presets per architecture family: the paper's six linear layers per block, and subsets.
 TARGET_PRESETS = {
@@ -165,29 +166,219 @@ def load_sequence_classifier(name: str, num_labels: int, dtype: str = "float32",
                              backbone: str = "auto"):
     """``(model, params, tokenizer)`` for a sequence-classification (or regression) fine-tune.
 
-    The classification head is new (random, seeded); its params are under ``classifier``.
-    ``backbone`` picks the code that runs those params: ``"hf"`` transformers' Flax class,
-    ``"native"`` ``decomp_jax.models.bert`` (BERT/RoBERTa only; same param tree, faster on
-    XLA:CPU), ``"auto"`` native where the architecture allows it, else HF.
+    ``"auto"`` / ``"native"``: ``decomp_jax.models.bert.NativeSequenceClassifier`` (BERT, RoBERTa,
+    XLM-RoBERTa), its params read from the folder's ``model.safetensors`` (or its sharded index, or a
+    ``flax_model.msgpack`` we wrote) by ``native_params``; no transformers Flax class is used. The
+    head (``classifier``) is copied from the file when it is there with the right shapes, else it is
+    new: the ``classifier`` subtree of ``module.init(jax.random.PRNGKey(seed), ...)``, so a function
+    of ``seed`` only. ``"hf"``: transformers' Flax class (needs transformers < 5).
     """
     check_backbone(backbone)  # before the (slow) load
     path = resolve_model_path(name)  # (and before transformers' slow import)
-    from transformers import AutoConfig, AutoTokenizer, FlaxAutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+    if backbone == "hf":
+        model = _hf_flax_classifier(path, config, dtype, seed)
+        return model, model.params, AutoTokenizer.from_pretrained(path)
+    from decomp_jax.models.bert import NativeSequenceClassifier, native_support
+
+    problem = native_support(config)
+    if problem is not None:
+        raise ValueError(f"model.name={name!r}: {problem}; the native encoder cannot run it (backbone: hf runs it "
+                         f"through transformers' Flax classes, which need transformers < 5).")
+    if not os.path.isdir(path):  # a hub id: fetch the files
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.msgpack", "*.txt", "*.model"])
+    model = NativeSequenceClassifier(config, dtype=getattr(jnp, dtype))
+    params = native_params(model, path, seed)
+    model.params = params
+    return model, params, AutoTokenizer.from_pretrained(path)
+
+
+def _hf_flax_classifier(path: str, config, dtype: str, seed: int):
+    """transformers' Flax classifier of the folder ``path`` (backbone: hf)."""
+    try:
+        from transformers import FlaxAutoModelForSequenceClassification
+    except ImportError:
+        raise ImportError("backbone: hf needs transformers' Flax classes (transformers < 5, e.g. "
+                          "pip install 'transformers<5'); backbone: native (or auto) does not.") from None
     from_pt = os.path.isdir(path) and not _has_flax_weights(path)
     with quiet_transformers():  # the "newly initialized head" warning is expected here
-        model = FlaxAutoModelForSequenceClassification.from_pretrained(
-            path, config=config, from_pt=from_pt, dtype=getattr(jnp, dtype), seed=seed
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = with_backbone(model, backbone)
-    return model, model.params, tokenizer
+        return FlaxAutoModelForSequenceClassification.from_pretrained(
+            path, config=config, from_pt=from_pt, dtype=getattr(jnp, dtype), seed=seed)
+
+
+def encoder_arch(config) -> str:
+    """The ``interop.peft.ARCHS`` key whose names an encoder config's params use (XLM-RoBERTa and
+    CamemBERT name their params as RoBERTa)."""
+    from decomp_jax.models.bert import ROBERTA_TYPES
+
+    model_type = getattr(config, "model_type", "bert")
+    return "roberta" if model_type in ROBERTA_TYPES else model_type
+
+
+def read_torch_weights(folder: str) -> dict:
+    """``{PyTorch name: numpy array}`` from ``folder``'s ``model.safetensors`` or the shards named by
+    ``model.safetensors.index.json``."""
+    import json
+
+    from safetensors.numpy import load_file
+
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(single):
+        return load_file(single)
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        out = {}
+        for shard in shards:
+            out.update(load_file(os.path.join(folder, shard)))
+        return out
+    raise FileNotFoundError(f"{folder} holds no model.safetensors, model.safetensors.index.json nor "
+                            f"flax_model.msgpack; save the model with save_pretrained (safetensors) first.")
+
+
+def _flax_file_params(folder: str, prefix: str) -> dict:
+    """The params of ``folder``'s ``flax_model.msgpack``, under ``prefix`` when the file holds a base model."""
+    from flax.serialization import msgpack_restore
+
+    with open(os.path.join(folder, "flax_model.msgpack"), "rb") as f:
+        tree = msgpack_restore(f.read())
+    return tree if prefix in tree else {prefix: tree}
+
+
+def native_params(model, folder: str, seed: int = 0) -> dict:
+    """The params of ``model`` (a ``NativeSequenceClassifier``) read from the HF ``folder``.
+
+    Every leaf of the module's tree is looked up by its PyTorch name (``interop.peft.ARCHS``,
+    ``torch_leaf``), with or without the ``bert.``/``roberta.`` prefix (a base-model file has
+    none), kernels transposed. Leaves the file lacks under ``classifier`` and ``bert/pooler`` take
+    the seeded init (``module.init(PRNGKey(seed))``); any other missing or mis-shaped leaf is an
+    error naming the file and the tensor. Leaves are float32 (the compute dtype is the model's)."""
+    return encoder_params(model.init_params(jax.random.PRNGKey(seed)), model.config, folder)
+
+
+def encoder_params(init: dict, config, folder: str) -> dict:
+    """``native_params`` for any of our encoder modules (``decomp_jax.models.bert``'s
+    ``BertForSequenceClassification``, ``BertForTokenClassification`` or a bare ``BertModel``): ``init``
+    is the module's initialised params (the tree to fill, and the values of a new head or pooler),
+    ``config`` the transformers config. A bare module's leaves are also looked up under the
+    ``bert.``/``roberta.`` prefix (a classifier's file), a prefixed module's without it (a base model's)."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from decomp_jax.interop.peft import get_arch
+
+    init = jax.device_get(init)
+    arch = encoder_arch(config)
+    base = "roberta" if arch == "roberta" else "bert"
+    bare = base not in init
+    flat_init = flatten_dict(init)
+    optional = lambda p: p[0] in ("classifier", "pooler") or p[:2] == (base, "pooler")  # noqa: E731
+    if os.path.isfile(os.path.join(folder, "flax_model.msgpack")) and not any(
+            os.path.isfile(os.path.join(folder, n)) for n in ("model.safetensors", "model.safetensors.index.json")):
+        source = "flax_model.msgpack"
+        stored = _flax_file_params(folder, base)
+        stored = flatten_dict(stored[base] if bare else stored)
+        lookup = lambda p: (stored.get(p), False)  # noqa: E731
+    else:
+        source = "model.safetensors"
+        weights = read_torch_weights(folder)
+        spec = get_arch(arch)
+
+        def lookup(p):
+            name, transpose = spec.torch_leaf(p)
+            if bare:
+                candidates = [name, f"{base}.{name}"]
+            else:
+                candidates = [name, name[len(base) + 1:]] if name.startswith(base + ".") else [name]
+            if name.endswith("LayerNorm.weight") or name.endswith("LayerNorm.bias"):  # old BERT files
+                candidates += [c.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+                               for c in candidates]
+            for c in candidates:
+                if c in weights:
+                    return weights[c], transpose
+            return None, transpose
+    out = {}
+    for p, like in flat_init.items():
+        value, transpose = lookup(p)
+        if value is not None:
+            value = np.asarray(value, np.float32)
+            value = value.T if transpose else value
+        if value is None or value.shape != like.shape:
+            if optional(p):
+                out[p] = like  # a new head (or pooler): seeded init
+                continue
+            what = "is missing" if value is None else f"has shape {value.shape}, the config needs {like.shape}"
+            raise ValueError(f"{folder}/{source}: the tensor for {'/'.join(p)} {what}; the weights do not match "
+                             f"config.json (save the folder again with save_pretrained).")
+        out[p] = np.ascontiguousarray(value)
+    return jax.tree_util.tree_map(jnp.asarray, unflatten_dict(out))
+
+
+ENCODER_HEADS = ("sequence", "token", None)
+
+
+def load_encoder(folder: str, head: Optional[str] = "sequence", num_labels: Optional[int] = None, seed: int = 0,
+                 dtype: str = "float32"):
+    """``(module, params, config)``: one of our Linen encoders (``decomp_jax.models.bert``) for the HF
+    BERT/RoBERTa/XLM-R ``folder``, its params read as ``native_params`` does. ``head``: ``"sequence"``
+    (``BertForSequenceClassification``), ``"token"`` (``BertForTokenClassification``) or ``None`` (the bare
+    ``BertModel`` with its pooler, as transformers' ``BertModel``); ``num_labels`` overrides the config's. A
+    head the folder lacks is the seeded init (``module.init(PRNGKey(seed))``)."""
+    from transformers import AutoConfig
+
+    from decomp_jax.models.bert import (BertForSequenceClassification, BertForTokenClassification, BertModel,
+                                        from_hf_config)
+
+    if head not in ENCODER_HEADS:
+        raise ValueError(f"head={head!r} is unknown; choose one of {ENCODER_HEADS}.")
+    config = AutoConfig.from_pretrained(folder, **({} if num_labels is None else {"num_labels": num_labels}))
+    native = from_hf_config(config)
+    cls = {"sequence": BertForSequenceClassification, "token": BertForTokenClassification, None: BertModel}[head]
+    module = cls(native, dtype=getattr(jnp, dtype))
+    ids = jnp.zeros((1, 8), jnp.int32)
+    init = module.init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"]
+    return module, encoder_params(init, config, folder), config
+
+
+def save_classifier_config(config, folder) -> None:
+    """``config.json`` of a sequence classifier, naming the PyTorch class that reads its weights."""
+    import copy
+
+    config = copy.deepcopy(config)
+    config.architectures = [{"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification",
+                             "xlm-roberta": "XLMRobertaForSequenceClassification",
+                             "camembert": "CamembertForSequenceClassification",
+                             "gpt2": "GPT2ForSequenceClassification"}.get(config.model_type, "AutoModel")]
+    config.save_pretrained(folder)
+
+
+def torch_state_dict(params, arch: str) -> dict:
+    """The PyTorch ``state_dict`` of our Flax params: names and layouts from the architecture's
+    table in ``interop.peft.ARCHS`` (kernels transposed, ``scale``/``embedding`` -> ``weight``)."""
+    from flax.traverse_util import flatten_dict
+
+    from decomp_jax.config import ConfigError
+    from decomp_jax.interop.peft import get_arch
+
+    spec = get_arch(arch)
+    out = {}
+    for path, value in flatten_dict(jax.device_get(params)).items():
+        name, transpose = spec.torch_leaf(path)
+        value = np.asarray(value)
+        if transpose and value.ndim != 2:
+            raise ConfigError(f"{'/'.join(path)}: a {value.ndim}-D kernel has no PyTorch Linear layout.")
+        out[name] = np.ascontiguousarray(value.T if transpose else value)
+    return out
 
 
 def with_backbone(model, backbone: str = "auto"):
-    """``model`` (a transformers Flax sequence classifier) run by the chosen code (see
-    ``load_sequence_classifier``); the params are shared, not copied."""
+    """``model`` (our ``NativeSequenceClassifier``, or a transformers Flax sequence classifier with
+    backbone: hf) run by the chosen code (see ``load_sequence_classifier``); the params are shared,
+    not copied."""
     from decomp_jax.models.bert import NativeSequenceClassifier, native_like, native_support
 
     check_backbone(backbone)
@@ -204,9 +395,10 @@ def with_backbone(model, backbone: str = "auto"):
 
 
 def sequence_classifier_apply(model) -> Callable[..., jax.Array]:
-    """``apply(params, batch, *, train=False, rng=None) -> logits`` for an HF Flax classifier.
+    """``apply(params, batch, *, train=False, rng=None) -> logits`` for a classifier object: our
+    ``NativeSequenceClassifier`` (or, with backbone: hf, a transformers Flax classifier).
 
-    The HF model's own ``__call__`` fills in position ids etc. per architecture; in training
+    The model's own ``__call__`` fills in position ids etc. per architecture; in training
     mode the ``rng`` drives dropout (and adapter dropout in factored execution).
     """
 
