@@ -81,28 +81,15 @@ def pytest_sessionfinish(session):
 
 def flax_style_params(module, key):
     """Params of our Linen BERT classifier ``module`` as transformers' former Flax classifier drew them for
-    ``key`` (``init_weights``; equal to float rounding): its params key ``split(key)[0]`` and the same
-    module names give the same encoder; its head was flax's default ``nn.Dense`` (LeCun normal, std
-    ~1/sqrt(hidden)) where PyTorch's and ``module.init``'s is normal(0.02). Tests that compare a few Adam
-    steps to 1e-5 (batched vs separate runs, meshes vs one device) depend on the draw: Adam's update
-    g / (|g| + eps) lifts a gradient entry near eps from a different summation order (1e-7 relative) past
-    1e-5, and with the 0.02 head the adapter gradients are ~10x smaller, so more entries lie there."""
-    import flax.linen as nn
+    ``key``: params key ``split(key)[0]`` (``models.bert.seeded_key``), the same module names, Flax's default
+    head init. Not jitted: jit returns the keys sorted, and tests that perturb leaves in order depend on
+    the order. Tests that compare a few Adam steps to 1e-5 (batched vs separate runs, meshes vs one
+    device) depend on the draw: Adam's update g / (|g| + eps) lifts a gradient entry near eps from a
+    different summation order (1e-7 relative) past 1e-5."""
     import jax.numpy as jnp
 
-    class Head(nn.Module):
-        num_labels: int
-
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(self.num_labels, name="classifier")(x)
-
-    params_key = jax.random.split(key)[0]
     ids = jnp.zeros((1, 1), jnp.int32)
-    params = module.init({"params": params_key}, ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"]
-    hidden = jnp.zeros((1, module.cfg.hidden_size))
-    head = Head(module.cfg.num_labels).init({"params": params_key}, hidden)["params"]["classifier"]
-    return {**params, "classifier": head}
+    return module.init({"params": jax.random.split(key)[0]}, ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"]
 
 
 @pytest.fixture(scope="session")

@@ -411,7 +411,9 @@ class BertForSequenceClassification(nn.Module):
         _, pooled = BertModel(cfg, self.dtype, name="bert")(
             input_ids, attention_mask, token_type_ids, position_ids, head_mask, deterministic)
         pooled = Dropout(cfg.head_dropout, cfg.dropout_impl, name="dropout")(pooled, deterministic)
-        return _dense(cfg, cfg.num_labels, "classifier", self.dtype)(pooled)
+        # a new head: Flax's default Dense init (LeCun normal kernel, zero bias), as transformers' former Flax
+        # BERT classifier drew it (runs reproduce theirs); RoBERTa's head is normal(initializer_range), as theirs
+        return nn.Dense(cfg.num_labels, dtype=self.dtype, name="classifier")(pooled)
 
 
 class BertForTokenClassification(nn.Module):
@@ -429,7 +431,13 @@ class BertForTokenClassification(nn.Module):
         hidden, _ = BertModel(cfg, self.dtype, add_pooling_layer=False, name="roberta" if cfg.is_roberta else "bert")(
             input_ids, attention_mask, token_type_ids, position_ids, head_mask, deterministic)
         hidden = Dropout(cfg.head_dropout, cfg.dropout_impl, name="dropout")(hidden, deterministic)
-        return _dense(cfg, cfg.num_labels, "classifier", self.dtype)(hidden)
+        return nn.Dense(cfg.num_labels, dtype=self.dtype, name="classifier")(hidden)  # (init as the sequence head's)
+
+
+def seeded_key(seed: int) -> jax.Array:
+    """The params key of a model's seeded init: ``split(PRNGKey(seed))[0]``, as transformers' Flax
+    classes split their seed into params and dropout keys (the same seed gives the same new head)."""
+    return jax.random.split(jax.random.PRNGKey(seed))[0]
 
 
 def default_position_ids(input_ids: jax.Array, cfg: NativeBertConfig) -> jax.Array:
@@ -468,7 +476,7 @@ class NativeSequenceClassifier:
         self.dtype = dtype
         self.module = BertForSequenceClassification(self.native_config, dtype=dtype)
         if params is None and seed is not None:
-            params = self.init_params(jax.random.PRNGKey(seed))
+            params = self.init_params(seeded_key(seed))
         self.params = params
 
     @property

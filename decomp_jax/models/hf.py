@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decomp_jax.models.bert import seeded_key
+
 # Target presets per architecture family: the paper's six linear layers per block, and subsets.
 TARGET_PRESETS = {
     "bert": {
@@ -170,8 +172,8 @@ def load_sequence_classifier(name: str, num_labels: int, dtype: str = "float32",
     XLM-RoBERTa), its params read from the folder's ``model.safetensors`` (or its sharded index, or a
     ``flax_model.msgpack`` we wrote) by ``native_params``; no transformers Flax class is used. The
     head (``classifier``) is copied from the file when it is there with the right shapes, else it is
-    new: the ``classifier`` subtree of ``module.init(jax.random.PRNGKey(seed), ...)``, so a function
-    of ``seed`` only. ``"hf"``: transformers' Flax class (needs transformers < 5).
+    new: the ``classifier`` subtree of ``module.init(seeded_key(seed), ...)``, so a function of
+    ``seed`` only (the head transformers' former Flax classifier drew for the same seed). ``"hf"``: transformers' Flax class (needs transformers < 5).
     """
     check_backbone(backbone)  # before the (slow) load
     path = resolve_model_path(name)  # (and before transformers' slow import)
@@ -256,9 +258,11 @@ def native_params(model, folder: str, seed: int = 0) -> dict:
     Every leaf of the module's tree is looked up by its PyTorch name (``interop.peft.ARCHS``,
     ``torch_leaf``), with or without the ``bert.``/``roberta.`` prefix (a base-model file has
     none), kernels transposed. Leaves the file lacks under ``classifier`` and ``bert/pooler`` take
-    the seeded init (``module.init(PRNGKey(seed))``); any other missing or mis-shaped leaf is an
-    error naming the file and the tensor. Leaves are float32 (the compute dtype is the model's)."""
-    return encoder_params(model.init_params(jax.random.PRNGKey(seed)), model.config, folder)
+    the seeded init (``module.init`` with params key ``split(PRNGKey(seed))[0]``, as transformers'
+    Flax classes drew a new head: the same seed gives the same head, and runs, as before); any other
+    missing or mis-shaped leaf is an error naming the file and the tensor. Leaves are float32 (the
+    compute dtype is the model's)."""
+    return encoder_params(model.init_params(seeded_key(seed)), model.config, folder)
 
 
 def encoder_params(init: dict, config, folder: str) -> dict:
@@ -327,7 +331,7 @@ def load_encoder(folder: str, head: Optional[str] = "sequence", num_labels: Opti
     BERT/RoBERTa/XLM-R ``folder``, its params read as ``native_params`` does. ``head``: ``"sequence"``
     (``BertForSequenceClassification``), ``"token"`` (``BertForTokenClassification``) or ``None`` (the bare
     ``BertModel`` with its pooler, as transformers' ``BertModel``); ``num_labels`` overrides the config's. A
-    head the folder lacks is the seeded init (``module.init(PRNGKey(seed))``)."""
+    head the folder lacks is the seeded init (``module.init(seeded_key(seed))``)."""
     from transformers import AutoConfig
 
     from decomp_jax.models.bert import (BertForSequenceClassification, BertForTokenClassification, BertModel,
@@ -340,7 +344,7 @@ def load_encoder(folder: str, head: Optional[str] = "sequence", num_labels: Opti
     cls = {"sequence": BertForSequenceClassification, "token": BertForTokenClassification, None: BertModel}[head]
     module = cls(native, dtype=getattr(jnp, dtype))
     ids = jnp.zeros((1, 8), jnp.int32)
-    init = module.init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"]
+    init = module.init(seeded_key(seed), ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"]
     return module, encoder_params(init, config, folder), config
 
 
