@@ -28,6 +28,9 @@ BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_l
             bos_token_id=1, eos_token_id=2, pad_token_id=0)
 # family -> (transformers config class, extra config keys); sliding families get one layer past the window
 CASES = {
+    "llama": ("LlamaConfig", dict(attention_bias=True, rope_scaling={
+        "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
     "mistral": ("MistralConfig", dict(sliding_window=WINDOW, rope_theta=20000.0)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen2_sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
@@ -42,6 +45,7 @@ CASES = {
     "phi3": ("Phi3Config", dict(partial_rotary_factor=0.5, sliding_window=WINDOW)),
 }
 FAST = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
+PEFT_FAST = ["qwen3", "gemma3_text", "phi3"]
 ALL_LINEAR = TARGET_PRESETS["llama"]["all_linear"]
 
 
@@ -158,8 +162,7 @@ def train_losses(model, params, cfg, ids, steps=4):
 
 @pytest.mark.parametrize("method", ["lora", pytest.param("dora", marks=pytest.mark.slow),
                                     pytest.param("ssb", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("case", ["qwen3", "gemma3_text", "phi3", pytest.param("gemma2", marks=pytest.mark.slow),
-                                  pytest.param("mistral", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", PEFT_FAST + [pytest.param(c, marks=pytest.mark.slow) for c in CASES if c not in PEFT_FAST])
 def test_methods_train_and_lora_goes_both_ways_with_peft(case, method, loaded, tmp_path):
     peft = pytest.importorskip("peft")
     pair = loaded(case)
@@ -333,8 +336,8 @@ def test_every_method_runs_factored_and_merged_on_each_family(case, which, loade
             assert valid_diff(merged, want, mask) <= 1e-4, name
 
 
-@pytest.mark.parametrize("case,name", [("gemma3_text", "lora"), pytest.param("gemma3_text", "dora", marks=pytest.mark.slow),
-                                       pytest.param("phi3", "lora", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case,name", [("gemma3_text", "lora")] + [
+    pytest.param(c, n, marks=pytest.mark.slow) for c in CASES for n in ("lora", "dora") if (c, n) != ("gemma3_text", "lora")])
 def test_lora_and_dora_over_a_quantized_base(case, name, loaded):
     """An NF4 base: every adapted and plain layer runs on its dequantized kernel (== the float model holding
     the dequantized kernels), and merging gives the same logits."""
@@ -363,7 +366,7 @@ def test_sharding_preset_covers_every_family_kernel(loaded):
     from decomp_jax import sharding as sh
 
     mesh = jax.sharding.AbstractMesh((2, 4), ("fsdp", "tensor"))  # specs only: no devices needed
-    for case in ("phi3", "gemma3_text", "qwen2"):
+    for case in CASES:
         params = loaded(case)["params"]
         specs = flatten_dict(sh.base_specs(params, mesh, fsdp_min_size=1), sep="/")
         layer = "model/layers_0"
