@@ -330,7 +330,8 @@ def test_every_method_runs_factored_and_merged_on_each_family(case, which, loade
         stacked = stack_layers(params)
         got = np.asarray(jax.jit(dj.adapt(scanned_model.apply, cfg))({"params": stacked}, ids, mask))
         assert np.isfinite(want).all() and valid_diff(got, want, mask) <= 1e-5, name
-        if dj.methods.get(name).mergeable and not (name == "lora_bias" and not config.attention_bias):
+        biased = config.attention_bias and config.mlp_bias
+        if dj.methods.get(name).mergeable and not (name == "lora_bias" and not biased):
             # (lora_bias merges into layers with a bias only, as PEFT's)
             merged = jax.jit(scanned_model.apply)({"params": dj.merge(stacked, cfg)}, ids, mask)
             assert valid_diff(merged, want, mask) <= 1e-4, name
