@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decomp_jax.models.llama import _eos_ids, last_token_hidden, mask_positions
+from decomp_jax.models.llama import last_token_hidden, mask_positions, prompt_buffer, token_finisher
 
 
 class Conv1D(nn.Module):
@@ -225,25 +225,14 @@ def greedy_generate(model: GPT2LMHeadModel, params, input_ids, attention_mask=No
     first eos id, else 0). ``apply_fn`` (default ``model.apply``) may be ``dj.adapt(model.apply, cfg)``
     to generate with an adapter in factored execution."""
     apply_fn = apply_fn or model.apply
-    eos = _eos_ids(eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    input_ids = jnp.asarray(input_ids, jnp.int32)
+    input_ids, buffer_mask, last = prompt_buffer(input_ids, attention_mask, max_new_tokens)
     b, prompt_len = input_ids.shape
     total = prompt_len + max_new_tokens
     if total > model.config.n_positions:
         raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"n_positions={model.config.n_positions}.")
-    mask = jnp.ones((b, prompt_len), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    buffer_mask = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
-    last = jnp.max(jnp.where(mask > 0, jnp.arange(prompt_len)[None], 0), axis=1)  # last real prompt token
+    finish = token_finisher(eos_token_id, pad_token_id)
     variables = {"params": params}
-
-    def finish(tok, done, out, i):
-        tok = jnp.where(done, pad, tok).astype(jnp.int32)
-        out = out.at[:, i].set(tok)
-        if eos:
-            done = done | jnp.isin(tok, jnp.asarray(eos))
-        return tok, done, out
 
     cache = init_cache(model.config, b, total)
     logits, cache = apply_fn(variables, input_ids, buffer_mask, mask_positions(buffer_mask, prompt_len, 0),

@@ -785,6 +785,33 @@ def _eos_ids(eos_token_id) -> tuple[int, ...]:
     return (int(eos_token_id),)
 
 
+def prompt_buffer(input_ids, attention_mask, max_new_tokens: int):
+    """``(input_ids int32, buffer_mask (B, P + max_new_tokens), last (B,))`` of a greedy decoder: the prompt
+    mask (all ones when None) followed by zeros for the new tokens, and each row's last real prompt token."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    b, prompt_len = input_ids.shape
+    mask = jnp.ones((b, prompt_len), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+    buffer_mask = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
+    last = jnp.max(jnp.where(mask > 0, jnp.arange(prompt_len)[None], 0), axis=1)
+    return input_ids, buffer_mask, last
+
+
+def token_finisher(eos_token_id, pad_token_id: Optional[int]) -> Callable:
+    """``finish(tok, done, out, i) -> (tok, done, out)``: a finished row emits the pad id (default: the
+    first eos id, else 0), the token is written at column ``i``, and a row is done once it emits an eos id."""
+    eos = _eos_ids(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+
+    def finish(tok, done, out, i):
+        tok = jnp.where(done, pad, tok).astype(jnp.int32)
+        out = out.at[:, i].set(tok)
+        if eos:
+            done = done | jnp.isin(tok, jnp.asarray(eos))
+        return tok, done, out
+
+    return finish
+
+
 def greedy_generate(model: LlamaForCausalLM, params, input_ids, attention_mask=None, max_new_tokens: int = 20,
                     eos_token_id=None, pad_token_id: Optional[int] = None, *,
                     apply_fn: Optional[Callable] = None, use_cache: bool = True):
@@ -800,22 +827,11 @@ def greedy_generate(model: LlamaForCausalLM, params, input_ids, attention_mask=N
     ``dj.adapt(model.apply, cfg)`` to generate with an adapter in factored execution.
     """
     apply_fn = apply_fn or model.apply
-    eos = _eos_ids(eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    input_ids = jnp.asarray(input_ids, jnp.int32)
+    input_ids, buffer_mask, last = prompt_buffer(input_ids, attention_mask, max_new_tokens)
     b, prompt_len = input_ids.shape
     total = prompt_len + max_new_tokens
-    mask = jnp.ones((b, prompt_len), jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-    buffer_mask = jnp.concatenate([mask, jnp.zeros((b, max_new_tokens), jnp.int32)], axis=1)
-    last = jnp.max(jnp.where(mask > 0, jnp.arange(prompt_len)[None], 0), axis=1)  # last real prompt token
+    finish = token_finisher(eos_token_id, pad_token_id)
     variables = {"params": params}
-
-    def finish(tok, done, out, i):
-        tok = jnp.where(done, pad, tok).astype(jnp.int32)
-        out = out.at[:, i].set(tok)
-        if eos:
-            done = done | jnp.isin(tok, jnp.asarray(eos))
-        return tok, done, out
 
     out = jnp.zeros((b, max_new_tokens), jnp.int32)
     done = jnp.zeros((b,), bool)
@@ -834,6 +850,8 @@ def greedy_generate(model: LlamaForCausalLM, params, input_ids, attention_mask=N
 
         tok, done, out, _, _ = jax.lax.fori_loop(0, max_new_tokens - 1, body, (tok, done, out, cache, buffer_mask))
     else:
+        eos = _eos_ids(eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         ids = jnp.concatenate([input_ids, jnp.full((b, max_new_tokens), pad, jnp.int32)], axis=1)
         logits = apply_fn(variables, ids, buffer_mask)
         tok = jnp.argmax(logits[rows, last], axis=-1)
