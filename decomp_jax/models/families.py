@@ -38,7 +38,7 @@ COMMON_KEYS = frozenset({
     "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences", "output_scores",
     "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "generation_config",
-    "keys_to_ignore_at_inference", "max_window_layers", "_sliding_window_pattern", "use_sliding_window",
+    "keys_to_ignore_at_inference", "is_decoder", "max_window_layers", "_sliding_window_pattern", "use_sliding_window",
 })
 
 
@@ -50,7 +50,7 @@ def _zero(value) -> bool:
 INERT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "attention_dropout": (_zero, "0"), "resid_pdrop": (_zero, "0"), "embd_pdrop": (_zero, "0"),
     "hidden_dropout": (_zero, "0"), "mlp_dropout": (_zero, "0"), "pretraining_tp": (lambda v: v in (None, 1), "1"),
-    "is_encoder_decoder": (lambda v: not v, "false"), "is_decoder": (lambda v: True, "any"),
+    "is_encoder_decoder": (lambda v: not v, "false"),
     "add_cross_attention": (lambda v: not v, "false"), "tie_encoder_decoder": (lambda v: not v, "false"),
     "pruned_heads": (lambda v: not v, "empty"), "cross_attention_hidden_size": (lambda v: v is None, "null"),
     "use_bidirectional_attention": (lambda v: not v, "false or null"), "quantization_config": (lambda v: v is None,
