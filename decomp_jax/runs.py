@@ -17,11 +17,13 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from decomp_jax import checkpoint
+from decomp_jax.causal_lm import scanned_params, unrolled_params
 from decomp_jax.config import ConfigError
 from decomp_jax.experiment import ExperimentConfig, architecture, initial_state, load_base_model, peft_arch
 from decomp_jax.guards import (atomic_folder, atomic_save_safetensors, atomic_write_text, check_finite, manifest_files,
                                read_json, write_manifest)
 from decomp_jax.inject import combine, merge, partition
+from decomp_jax.models.gpt2 import GPT2LMHeadModel, save_gpt2_lm
 from decomp_jax.models.hf import encoder_arch, save_classifier_config, sequence_classifier_apply, torch_state_dict  # noqa: F401 (re-exported)
 from decomp_jax.quant import model_params
 
@@ -133,7 +135,8 @@ def export_merged(run: RestoredRun, out_dir: str | os.PathLike, overwrite: bool 
     """Write the merged model: for a classifier config.json and PyTorch-format ``model.safetensors``
     (transformers' PyTorch ``AutoModelForSequenceClassification`` and our loader read it), and the
     tokenizer; for our Llama the HF folder of ``convert.save_converted`` (config.json,
-    model.safetensors, tokenizer), which transformers' ``LlamaForCausalLM`` and ``load_hf`` read.
+    model.safetensors, tokenizer), which transformers' ``LlamaForCausalLM`` and ``load_hf`` read; for
+    GPT-2's LM the folder transformers' ``GPT2LMHeadModel`` and ``models.gpt2.load_gpt2_lm`` read.
 
     All files or none: an earlier merged model in ``out_dir`` is replaced only once the new one is
     complete. A folder holding anything else (a run, a folder of runs, the user's files) is refused
@@ -146,22 +149,15 @@ def export_merged(run: RestoredRun, out_dir: str | os.PathLike, overwrite: bool 
         if peft_arch(run.model) == "llama":
             from decomp_jax.convert import save_converted
 
-            save_converted(str(tmp), run.model.config, _unrolled(run.model, merged), run.tokenizer)
+            save_converted(str(tmp), run.model.config, unrolled_params(run.model, merged), run.tokenizer)
+        elif isinstance(run.model, GPT2LMHeadModel):
+            save_gpt2_lm(tmp, run.model.config, unrolled_params(run.model, merged), run.tokenizer)
         else:
             save_classifier_config(run.model.config, tmp)
             atomic_save_safetensors(torch_state_dict(merged, encoder_arch(run.model.config)), tmp / "model.safetensors",
                                     metadata={"format": "pt"})
             run.tokenizer.save_pretrained(tmp)
         return write_manifest(tmp, MERGE_MANIFEST, info)
-
-
-def _unrolled(model, params):
-    """Our Llama's params with ``model/layers_{i}`` subtrees (``scan_layers`` stacks them)."""
-    if not getattr(model.config, "scan_layers", False):
-        return params
-    from decomp_jax.models.llama import unstack_layers
-
-    return unstack_layers(params)
 
 
 def adapted_apply(run: RestoredRun):
@@ -180,8 +176,10 @@ def export_peft_run(run: RestoredRun, out_dir: str | os.PathLike, overwrite: boo
     arch = peft_arch(run.model)
     # the model as the config names it (a model package, a hub id or the user's folder), not the
     # folder it resolved to on this machine (a path inside a virtualenv means nothing elsewhere)
-    export_peft(run.params, run.cfg.adapter, str(out_dir), base_model_name_or_path=run.cfg.model.name, arch=arch,
-                base_params=run.base_params, model_config=run.model.config, overwrite=overwrite)
+    export_peft(unrolled_params(run.model, run.params), run.cfg.adapter, str(out_dir),
+                base_model_name_or_path=run.cfg.model.name, arch=arch,
+                base_params=unrolled_params(run.model, run.base_params), model_config=run.model.config,
+                overwrite=overwrite)
     return {"source_step": run.step, "method": run.cfg.adapter.method, "arch": arch, "format": "peft"}
 
 
@@ -198,12 +196,9 @@ def import_peft_run(peft_dir: str | os.PathLike, config_path: str | os.PathLike,
         raise ConfigError(f"{out_dir} is not empty; import into a new folder.")
     cfg = load_config(config_path, overrides)
     model, base, _ = load_base_model(cfg)
-    params, adapter_cfg = import_peft(str(peft_dir), _unrolled(model, base), arch=peft_arch(model),
+    params, adapter_cfg = import_peft(str(peft_dir), unrolled_params(model, base), arch=peft_arch(model),
                                       base_model_name_or_path=cfg.model.name, subfolder=subfolder)
-    if getattr(model.config, "scan_layers", False):  # PEFT names layers one by one: stack them again
-        from decomp_jax.models.llama import stack_layers
-
-        params = stack_layers(params)
+    params = scanned_params(model, params)  # PEFT names layers one by one: stack them again for scan_layers
     cfg = ExperimentConfig(model=cfg.model, data=cfg.data, adapter=adapter_cfg,
                            train=cfg.train.replace(output_dir=str(out_dir)))
     trainable, buffers, frozen = partition(params, adapter_cfg)

@@ -123,7 +123,17 @@ _LLAMA = (
     (r"mlp/down_proj/kernel$", _OUT_IN),
     (r"lm_head/kernel$", _IN_OUT),
 )
-RULES: dict[str, tuple[tuple[str, Spec], ...]] = {"bert": _BERT, "roberta": _BERT, "gpt2": _GPT2, "llama": _LLAMA}
+
+
+def _with_scanned(rules, scanned: str):
+    """``rules`` preceded by their scanned-layer versions: under ``scanned`` (a regex for the path of the
+    ``nn.scan``-ned layers, e.g. ``^model/layers/``) a kernel carries a leading layer axis, left unsplit."""
+    return tuple((scanned + ".*" + rx, (None,) + tuple(spec)) for rx, spec in rules if "embed" not in rx) + rules
+
+
+RULES: dict[str, tuple[tuple[str, Spec], ...]] = {
+    "bert": _BERT, "roberta": _BERT, "gpt2": _with_scanned(_GPT2, r"^transformer/layers/"),
+    "llama": _with_scanned(_LLAMA, r"^model/layers/")}
 
 
 def detect_architecture(params) -> Optional[str]:
@@ -133,7 +143,7 @@ def detect_architecture(params) -> Optional[str]:
         return "bert"
     if "roberta" in top:
         return "roberta"
-    if "transformer" in top and "h" in unfreeze(params)["transformer"]:
+    if "transformer" in top and {"h", "layers"} & set(unfreeze(params)["transformer"]):  # unrolled, scanned
         return "gpt2"
     model = unfreeze(params).get("model")
     if isinstance(model, dict) and "embed_tokens" in model:

@@ -376,3 +376,5 @@ def test_sharding_preset_covers_every_family_kernel(loaded):
         assert specs[f"{layer}/self_attn/o_proj/kernel"] == specs[f"{layer}/mlp/down_proj/kernel"] == P("tensor", "fsdp")
         column = [k for k in kernels if not k.endswith(("o_proj/kernel", "down_proj/kernel"))]
         assert all(specs[k] == P("fsdp", "tensor") for k in column), case
+        stacked = flatten_dict(sh.base_specs(stack_layers(params), mesh, fsdp_min_size=1), sep="/")  # scan_layers
+        assert all(stacked[k.replace(layer, "model/layers")] == P(None, *specs[k]) for k in kernels), case

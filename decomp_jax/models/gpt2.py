@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decomp_jax.models.llama import last_token_hidden, mask_positions, prompt_buffer, token_finisher
+from decomp_jax.models.llama import ScoredHead, last_token_hidden, mask_positions, prompt_buffer, token_finisher
 
 
 class Conv1D(nn.Module):
@@ -33,11 +33,12 @@ class Conv1D(nn.Module):
     features: int
     dtype: object = jnp.float32  # (factored execution reads it, as of nn.Dense)
     precision: object = None
+    param_dtype: object = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", nn.initializers.normal(0.02), (self.features, x.shape[-1]), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (self.features, x.shape[-1]), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         return x @ kernel.T + bias
 
 
@@ -54,42 +55,61 @@ class Block(nn.Module):
     Returns ``(hidden, new_cache)`` (``None`` without a cache)."""
 
     config: object
+    param_dtype: object = jnp.float32
 
     @nn.compact
     def __call__(self, hidden, bias, cache=None, cache_index=None):
-        cfg = self.config
-        eps = cfg.layer_norm_epsilon
-        attended, new_cache = Attention(cfg, name="attn")(nn.LayerNorm(epsilon=eps, name="ln_1")(hidden), bias,
-                                                          cache, cache_index)
+        cfg, pd = self.config, self.param_dtype
+        norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, param_dtype=pd, name=name)  # noqa: E731
+        attended, new_cache = Attention(cfg, pd, name="attn")(norm("ln_1")(hidden), bias, cache, cache_index)
         hidden = hidden + attended
-        mlp = MLP(cfg, cfg.n_inner or 4 * cfg.n_embd, name="mlp")
-        return hidden + mlp(nn.LayerNorm(epsilon=eps, name="ln_2")(hidden)), new_cache
+        mlp = MLP(cfg, cfg.n_inner or 4 * cfg.n_embd, pd, name="mlp")
+        return hidden + mlp(norm("ln_2")(hidden)), new_cache
+
+
+def _block_class(remat: bool, scanned: bool):
+    # cache_index may be None or traced: nothing is static
+    return nn.remat(Block, prevent_cse=not scanned) if remat else Block
 
 
 class Blocks(nn.Module):
-    """The blocks, named ``0``, ``1``, ... (params ``h/{i}/...``)."""
+    """The blocks, named ``0``, ``1``, ... (params ``h/{i}/...``), each under ``nn.remat`` with ``remat``."""
 
     config: object
+    param_dtype: object = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, hidden, bias, cache=None, cache_index=None):
         new_cache = []
+        block = _block_class(self.remat, False)
         for i in range(self.config.n_layer):
-            hidden, layer_cache = Block(self.config, name=str(i))(hidden, bias, None if cache is None else cache[i],
-                                                                  cache_index)
+            hidden, layer_cache = block(self.config, self.param_dtype, name=str(i))(
+                hidden, bias, None if cache is None else cache[i], cache_index)
             new_cache.append(layer_cache)
         return hidden, (tuple(new_cache) if cache is not None else None)
 
 
+def scanned_blocks(config, param_dtype=jnp.float32, remat: bool = False):
+    """The blocks under one ``nn.scan`` (params ``layers/...`` with a leading axis of ``n_layer``, as our
+    Llama's scanned layers: adapters' default ``stacked="layers"`` finds them; ``stack_blocks`` turns the
+    unrolled tree into this one): carry the hidden states, scan over the cache, broadcast the bias and
+    ``cache_index``."""
+    return nn.scan(_block_class(remat, True), variable_axes={"params": 0},
+                   split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, 0, nn.broadcast),
+                   length=config.n_layer)(config, param_dtype, name="layers")
+
+
 class Attention(nn.Module):
     config: object
+    param_dtype: object = jnp.float32
 
     @nn.compact
     def __call__(self, x, bias, cache=None, cache_index=None):
-        cfg = self.config
+        cfg, pd = self.config, self.param_dtype
         d, h = cfg.n_embd, cfg.n_head
         b, s, _ = x.shape
-        q, k, v = (t.reshape(b, s, h, d // h) for t in jnp.split(Conv1D(3 * d, name="c_attn")(x), 3, axis=-1))
+        q, k, v = (t.reshape(b, s, h, d // h) for t in jnp.split(Conv1D(3 * d, param_dtype=pd, name="c_attn")(x), 3, axis=-1))
         new_cache = None
         if cache is not None:  # the new keys/values go into the buffer; the queries attend to all of it
             start = (0, cache_index, 0, 0)
@@ -99,17 +119,20 @@ class Attention(nn.Module):
         heads = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731  (b, h, s, d)
         scores = heads(q) @ heads(k).transpose(0, 1, 3, 2) / np.sqrt(d // h) + bias
         context = (jax.nn.softmax(scores, axis=-1) @ heads(v)).transpose(0, 2, 1, 3).reshape(b, s, d)
-        return Conv1D(d, name="c_proj")(context), new_cache
+        return Conv1D(d, param_dtype=pd, name="c_proj")(context), new_cache
 
 
 class MLP(nn.Module):
     config: object
     inner: int
+    param_dtype: object = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         act = _activation(self.config.activation_function)
-        return Conv1D(self.config.n_embd, name="c_proj")(act(Conv1D(self.inner, name="c_fc")(x)))
+        pd = self.param_dtype
+        return Conv1D(self.config.n_embd, param_dtype=pd, name="c_proj")(act(Conv1D(self.inner, param_dtype=pd,
+                                                                                   name="c_fc")(x)))
 
 
 def _check_config(cfg) -> None:
@@ -123,17 +146,25 @@ def _check_config(cfg) -> None:
 class GPT2Stack(nn.Module):
     """The GPT-2 transformer (``wte``, ``wpe``, blocks ``h/{i}``, ``ln_f``), inference only (no dropout):
     the attention bias is causal plus key padding (``finfo.min`` where masked). Returns
-    ``(hidden, new_cache)`` (``None`` without a cache); ``attend`` is the tied LM head."""
+    ``(hidden, new_cache)`` (``None`` without a cache); ``attend`` is the tied LM head.
+    ``scan_layers``: the blocks under one ``nn.scan`` (params ``layers/...`` stacked, see ``stack_blocks``);
+    ``remat``: activation checkpointing per block; ``param_dtype``: the dtype ``init`` creates params in."""
 
     config: object
+    scan_layers: bool = False
+    remat: bool = False
+    param_dtype: object = jnp.float32
 
     def setup(self):
-        cfg = self.config
+        cfg, pd = self.config, jnp.dtype(self.param_dtype)
         init = nn.initializers.normal(getattr(cfg, "initializer_range", 0.02))
-        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init)
-        self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init)
-        self.h = Blocks(cfg)
-        self.ln_f = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon)
+        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, param_dtype=pd)
+        self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init, param_dtype=pd)
+        if self.scan_layers:
+            self.layers = scanned_blocks(cfg, pd, self.remat)
+        else:
+            self.h = Blocks(cfg, pd, self.remat)
+        self.ln_f = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, param_dtype=pd)
 
     def attend(self, hidden):
         """The tied LM head: ``hidden @ wte.T``."""
@@ -151,8 +182,14 @@ class GPT2Stack(nn.Module):
         causal = jnp.arange(key_len)[None, :] <= query_index[:, None]  # (s, key_len)
         allowed = causal[None, None] & (attention_mask[:, None, None, :] > 0)
         bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
-        hidden, new_cache = self.h(hidden, bias, cache, cache_index)
-        return self.ln_f(hidden), new_cache
+        if not self.scan_layers:
+            hidden, new_cache = self.h(hidden, bias, cache, cache_index)
+            return self.ln_f(hidden), new_cache
+        stacked = None if cache is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *cache)
+        hidden, new_stacked = self.layers(hidden, bias, stacked, cache_index)
+        if cache is not None:
+            new_stacked = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], new_stacked) for i in range(len(cache)))
+        return self.ln_f(hidden), new_stacked
 
 
 class GPT2ForSequenceClassification(nn.Module):
@@ -178,20 +215,26 @@ class GPT2ForSequenceClassification(nn.Module):
         return self.score(pooled).astype(jnp.float32)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(ScoredHead, nn.Module):
     """transformers' ``GPT2LMHeadModel``: ``apply({"params": p}, input_ids, attention_mask=None,
     position_ids=None)`` -> ``(B, L, vocab)`` float32 logits from the head tied to ``wte``; with
-    ``cache=`` (``init_cache``) and ``cache_index`` -> ``(logits, new_cache)``. Positions default to
-    ``0..L-1`` (``cache_index ..`` with a cache), as transformers' forward; ``greedy_generate`` passes
-    ``cumsum(mask) - 1`` (as transformers' ``generate``), so left-padded prompts get the positions of
-    their unpadded selves. No dropout (an inference and adapter-training model)."""
+    ``cache=`` (``init_cache``) and ``cache_index`` -> ``(logits, new_cache)``; ``logits_at``, ``targets``
+    and ``chunk`` as our Llama's (``llama.ScoredHead``). Positions default to ``0..L-1`` (``cache_index ..``
+    with a cache), as transformers' forward; ``greedy_generate`` passes ``cumsum(mask) - 1`` (as
+    transformers' ``generate``), so left-padded prompts get the positions of their unpadded selves. No
+    dropout (an inference and adapter-training model). ``scan_layers``, ``remat``, ``param_dtype``: as
+    ``GPT2Stack``'s (a scanned model takes ``stack_blocks(params)``)."""
 
     config: object
+    scan_layers: bool = False
+    remat: bool = False
+    param_dtype: object = jnp.float32
 
     def setup(self):
-        self.transformer = GPT2Stack(self.config)
+        self.transformer = GPT2Stack(self.config, self.scan_layers, self.remat, self.param_dtype)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, cache=None, cache_index=None):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, *, cache=None, cache_index=None,
+                 logits_at=None, targets=None, chunk=None):
         input_ids = jnp.asarray(input_ids)
         b, s = input_ids.shape
         if cache is not None and cache_index is None:
@@ -202,8 +245,48 @@ class GPT2LMHeadModel(nn.Module):
             start = 0 if cache is None else cache_index
             position_ids = jnp.broadcast_to(start + jnp.arange(s), (b, s))
         hidden, new_cache = self.transformer(input_ids, jnp.asarray(attention_mask), position_ids, cache, cache_index)
-        logits = self.transformer.attend(hidden).astype(jnp.float32)
-        return logits if cache is None else (logits, new_cache)
+        return self._outputs(hidden, new_cache, cache, logits_at, targets, chunk)
+
+    def _head(self, hidden):
+        return self.transformer.attend(hidden).astype(jnp.float32)
+
+
+def stack_blocks(params):
+    """The unrolled GPT-2 tree (``.../h/{i}/...``) as the ``scan_layers`` one (``.../layers/...``, each leaf
+    stacked on a new leading axis), factor leaves of an adapted tree too; ``unstack_blocks`` inverts it."""
+    from flax.core import unfreeze
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    flat = flatten_dict(unfreeze(params))
+    groups: dict = {}
+    out = {}
+    for path, value in flat.items():
+        at = next((i for i, part in enumerate(path[:-1]) if part == "h" and str(path[i + 1]).isdigit()), None)
+        if at is None:
+            out[path] = value
+        else:
+            groups.setdefault(path[:at] + ("layers",) + path[at + 2:], {})[int(path[at + 1])] = value
+    for path, layers in groups.items():
+        if sorted(layers) != list(range(len(layers))):
+            raise ValueError(f"{'/'.join(map(str, path))}: blocks {sorted(layers)} are not 0..n-1.")
+        out[path] = jax.tree.map(lambda *a: jnp.stack(a), *(layers[i] for i in range(len(layers))))
+    return unflatten_dict(out)
+
+
+def unstack_blocks(params, n_layer: int):
+    """Inverse of ``stack_blocks``: every leaf under ``transformer/layers`` (leading axis ``n_layer``) split
+    into ``transformer/h/{i}``."""
+    from flax.core import unfreeze
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    out = {}
+    for path, value in flatten_dict(unfreeze(params)).items():
+        if path[:2] != ("transformer", "layers"):
+            out[path] = value
+            continue
+        for i in range(n_layer):
+            out[("transformer", "h", str(i)) + path[2:]] = jax.tree.map(lambda v, i=i: v[i], value)
+    return unflatten_dict(out)
 
 
 def init_cache(config, batch: int, length: int, dtype=jnp.float32):
@@ -255,6 +338,22 @@ def greedy_generate(model: GPT2LMHeadModel, params, input_ids, attention_mask=No
     return jnp.concatenate([input_ids, out], axis=1)
 
 
+_COMPILED: dict = {}
+
+
+def generate(model: GPT2LMHeadModel, params, input_ids, attention_mask=None, max_new_tokens: int = 20,
+             eos_token_id=None, pad_token_id: Optional[int] = None, *, apply_fn: Optional[Callable] = None):
+    """``greedy_generate`` under ``jax.jit``, compiled once per model object and settings (a transformers
+    config is not hashable, so the compiled closures are kept here, holding their model)."""
+    eos = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else eos_token_id
+    key = (id(model), max_new_tokens, eos, pad_token_id, apply_fn)
+    if key not in _COMPILED:
+        fn = jax.jit(lambda p, ids, mask: greedy_generate(model, p, ids, mask, max_new_tokens, eos, pad_token_id,
+                                                          apply_fn=apply_fn))
+        _COMPILED[key] = (model, fn)  # the model stays alive, so its id is not reused
+    return _COMPILED[key][1](params, input_ids, attention_mask)
+
+
 def _load_gpt2(folder: str, model, weights: dict) -> dict:
     """``model``'s params read from ``weights`` (``{PyTorch name: array}``), names mapped by
     ``interop.peft.ARCHS["gpt2"]``, with or without the ``transformer.`` prefix."""
@@ -282,6 +381,24 @@ def _load_gpt2(folder: str, model, weights: dict) -> dict:
     return unflatten_dict(out)
 
 
+def save_gpt2_lm(folder, config, params, tokenizer=None) -> None:
+    """A Hugging Face ``GPT2LMHeadModel`` folder: config.json, PyTorch-format model.safetensors (the
+    unrolled params, ``h/{i}``; the head tied to ``wte`` is not stored) and the tokenizer."""
+    import copy
+    from pathlib import Path
+
+    from decomp_jax.guards import atomic_save_safetensors
+    from decomp_jax.models.hf import torch_state_dict
+
+    config = copy.deepcopy(config)
+    config.architectures = ["GPT2LMHeadModel"]
+    config.save_pretrained(folder)
+    atomic_save_safetensors(torch_state_dict(params, "gpt2"), Path(folder) / "model.safetensors",
+                            metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 def load_gpt2_classifier(folder: str):
     """``(model, params)`` from a transformers ``GPT2ForSequenceClassification`` folder (config.json and
     model.safetensors, or its shard index), names mapped by ``interop.peft.ARCHS["gpt2"]``."""
@@ -299,11 +416,13 @@ def load_gpt2_classifier(folder: str):
     return model, _load_gpt2(folder, model, weights)
 
 
-def load_gpt2_lm(folder: str):
+def load_gpt2_lm(folder: str, *, scan_layers: bool = False, remat: bool = False, param_dtype="float32"):
     """``(model, params)`` from a transformers ``GPT2LMHeadModel`` folder (config.json and model.safetensors,
     or its shard index; a bare ``GPT2Model`` folder too), names mapped by ``interop.peft.ARCHS["gpt2"]``.
     The head is tied to ``wte``: a stored ``lm_head.weight`` (the same matrix) is dropped; an untied one is
-    refused."""
+    refused. ``scan_layers`` returns the blocks stacked (``stack_blocks``), ``param_dtype`` the params cast
+    (``bfloat16``: half the memory of a frozen base), ``remat`` a model that recomputes each block's
+    activations in the backward pass."""
     from transformers import GPT2Config
 
     from decomp_jax.models.hf import read_torch_weights
@@ -319,5 +438,9 @@ def load_gpt2_lm(folder: str):
             head is not None and wte is not None and not np.array_equal(np.asarray(head), np.asarray(wte))):
         raise ValueError(f"{folder}: the LM head is not tied to transformer.wte (tie_word_embeddings=false or a "
                          f"different lm_head.weight); decomp_jax's GPT-2 LM has a tied head only.")
-    model = GPT2LMHeadModel(config)
-    return model, _load_gpt2(folder, model, weights)
+    params = _load_gpt2(folder, GPT2LMHeadModel(config), weights)
+    if jnp.dtype(param_dtype) != jnp.float32:
+        params = jax.tree.map(lambda p: p.astype(param_dtype), params)
+    if scan_layers:
+        params = stack_blocks(params)
+    return GPT2LMHeadModel(config, scan_layers, remat, jnp.dtype(param_dtype)), params

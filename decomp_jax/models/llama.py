@@ -573,30 +573,19 @@ def _nll(logits, targets):
     return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
 
 
-class LlamaForCausalLM(nn.Module):
-    """``apply({"params": p}, input_ids, attention_mask)`` -> logits ``(B, L, vocab)`` (float32);
-    with ``cache=`` -> ``(logits, new_cache)``. See the module docstring for the other arguments."""
+class ScoredHead:
+    """The outputs of a causal LM (a mixin for Linen modules with a ``_head(hidden)`` -> float32 logits):
+    ``logits_at`` ``(B, R)`` int: logits at those positions only, ``(B, R, vocab)`` (a causal-LM loss needs
+    them at the response tokens; the head then runs on R positions, not all L).
 
-    config: LlamaConfig
+    ``targets`` ``(B, R)`` int (with ``logits_at``): instead of logits, the negative log-likelihood
+    ``logsumexp(logits) - logits[target]`` of each target token, ``(B, R)`` float32. ``chunk``
+    (positions, with ``targets``): the ``B * R`` scored positions go through the head and the
+    log-softmax ``chunk`` at a time, under ``nn.scan`` + ``nn.remat``, so no more than ``(chunk, vocab)``
+    logits exist at once, forward or backward (the backward recomputes each chunk's logits: one more
+    head matmul on the scored positions). Any head works, adapted or not (the chunks are rows)."""
 
-    def setup(self):
-        self.model = LlamaModel(self.config)
-        if not self.config.tie_word_embeddings:
-            self.lm_head = _dense(self.config, self.config.vocab_size, False)
-
-    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, *, inputs_embeds=None,
-                 cache=None, cache_index=None, prefix_kv=None, logits_at=None, targets=None, chunk=None):
-        """``logits_at`` ``(B, R)`` int: logits at those positions only, ``(B, R, vocab)`` (a causal-LM
-        loss needs them at the response tokens; the head then runs on R positions, not all L).
-
-        ``targets`` ``(B, R)`` int (with ``logits_at``): instead of logits, the negative log-likelihood
-        ``logsumexp(logits) - logits[target]`` of each target token, ``(B, R)`` float32. ``chunk``
-        (positions, with ``targets``): the ``B * R`` scored positions go through the head and the
-        log-softmax ``chunk`` at a time, under ``nn.scan`` + ``nn.remat``, so no more than ``(chunk, vocab)``
-        logits exist at once, forward or backward (the backward recomputes each chunk's logits: one more
-        head matmul on the scored positions). Any head works, adapted or not (the chunks are rows)."""
-        hidden, new_cache = self.model(input_ids, attention_mask, position_ids, inputs_embeds=inputs_embeds,
-                                       cache=cache, cache_index=cache_index, prefix_kv=prefix_kv)
+    def _outputs(self, hidden, new_cache, cache, logits_at, targets, chunk):
         if logits_at is not None:
             hidden = jnp.take_along_axis(hidden, jnp.asarray(logits_at, jnp.int32)[..., None], axis=1)
         if targets is not None:
@@ -607,12 +596,6 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError("chunk= applies to the per-token loss only: pass targets= (and logits_at=) with it.")
         logits = self._head(hidden)
         return logits if cache is None else (logits, new_cache)
-
-    def _head(self, hidden):
-        logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
-        logits = logits.astype(jnp.float32)
-        cap = self.config.final_logit_softcapping
-        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def _target_nll(self, hidden, targets, chunk):
         if targets.shape != hidden.shape[:2]:
@@ -636,6 +619,31 @@ class LlamaForCausalLM(nn.Module):
                        length=n)
         _, nll = scan(self, None, (hs, ts))
         return nll.reshape(n * chunk)[:rows].reshape(b, r)
+
+
+class LlamaForCausalLM(ScoredHead, nn.Module):
+    """``apply({"params": p}, input_ids, attention_mask)`` -> logits ``(B, L, vocab)`` (float32);
+    with ``cache=`` -> ``(logits, new_cache)``. See the module docstring for the other arguments and
+    :class:`ScoredHead` for ``logits_at``, ``targets`` and ``chunk``."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        self.model = LlamaModel(self.config)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = _dense(self.config, self.config.vocab_size, False)
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, *, inputs_embeds=None,
+                 cache=None, cache_index=None, prefix_kv=None, logits_at=None, targets=None, chunk=None):
+        hidden, new_cache = self.model(input_ids, attention_mask, position_ids, inputs_embeds=inputs_embeds,
+                                       cache=cache, cache_index=cache_index, prefix_kv=prefix_kv)
+        return self._outputs(hidden, new_cache, cache, logits_at, targets, chunk)
+
+    def _head(self, hidden):
+        logits = self.model.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+        logits = logits.astype(jnp.float32)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def embed(self, input_ids):
         """The token embeddings (for building ``inputs_embeds``, e.g. with virtual tokens prepended)."""

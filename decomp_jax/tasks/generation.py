@@ -108,8 +108,9 @@ class GenerationTask:
     def generate(self, params, apply_fn, prompts: cs.TokenizedSet) -> list[str]:
         """Greedy continuations of tokenized ``prompts`` (decoded, cut at eos), in order; ``params,
         apply_fn`` as ``generation_fn`` returns them."""
-        from decomp_jax.models.llama import generate
+        from decomp_jax.models import gpt2, llama
 
+        generate = gpt2.generate if isinstance(self.model, gpt2.GPT2LMHeadModel) else llama.generate
         d, tc = self.cfg.data, self.cfg.train
         texts: list[Optional[str]] = [None] * len(prompts.ids)
         for batch in cs.eval_batches(prompts, tc.eval_batch_size, self.buckets):
