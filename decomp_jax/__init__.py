@@ -15,22 +15,23 @@ Stateful methods (adalora, lora_dash) add ``partition`` (trainable, buffers, fro
 ``make_schedule(cfg, total_steps)``, passed to ``init_state`` and ``make_train_step``.
 """
 
-from decomp_jax import methods, named, sharding
-from decomp_jax.config import AdapterConfig, ConfigError, ConfigTypeError
-from decomp_jax.execution import adapt
-from decomp_jax.inject import (
-    adapter_leaves, combine, count_params, find_targets, inject, merge, partition, set_leaves, split, trainable_mask,
-    unmerge,
-)
+from decomp_jax.core import methods
+from decomp_jax import named
+from decomp_jax import sharding
+from decomp_jax.errors import ConfigError, ConfigTypeError
+from decomp_jax.core.config import AdapterConfig
+from decomp_jax.core.execution import adapt
+from decomp_jax.core.inject import adapter_leaves, find_targets, inject, merge, partition, trainable_mask, unmerge
+from decomp_jax.core.tree import combine, count_params, set_leaves, split
 from decomp_jax.interop import export_peft, import_peft
-from decomp_jax.methods import Schedule
+from decomp_jax.core.methods import Schedule
 from decomp_jax.named import adapt_many, adapter_names, adapter_weights, attach, select
-from decomp_jax.penalties import penalty
-from decomp_jax.train import (
+from decomp_jax.core.penalties import penalty
+from decomp_jax.training.train import (
     TrainState, init_state, make_eval_step, make_optimizer, make_schedule, make_train_step, set_lr_factor, stack_states,
     unstack_state, with_lr_factor,
 )
-from decomp_jax.weighted import add_weighted_adapter
+from decomp_jax.core.weighted import add_weighted_adapter
 
 __version__ = "0.1.0"
 

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decomp_jax.config import ConfigError
+from decomp_jax.errors import ConfigError
 
 KINDS = ("nf4", "int8", "fp8", "q4_1")
 PACKED = ("nf4", "q4_1")  # two codes per byte
@@ -226,43 +226,9 @@ def quantize_params(params, kind: str = "nf4", *, block_size: int = 64, double_q
     return unflatten_dict(out)
 
 
-def inject_quantized(base, cfg, key, kind: str, *, block_size: int = 64, double_quant: bool = True):
-    """``(quantized base, adapted params)``: the adapter ``cfg`` over ``base`` with its frozen kernels
-    quantized (the trained head of ``cfg.train_extra`` kept in float). Factors start from the quantized
-    kernels (the adapted model equals the quantized base at init); PiSSA/MiLoRA take the SVD of the float
-    kernel and store its residual quantized (QLoRA-style)."""
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
-    from decomp_jax.inject import inject
-    from decomp_jax.methods import get
-
-    settings = dict(block_size=block_size, double_quant=double_quant, skip=cfg.train_extra)
-    qbase = quantize_params(base, kind, **settings)
-    if get(cfg.method).residual is None:
-        return qbase, inject(qbase, cfg, key)
-    # the residual of the float (or dequantized) kernel, quantized; the other kernels keep qbase's codes
-    adapted = flatten_dict(quantize_params(inject(dequantize_params(base), cfg, key), kind, **settings))
-    kept = flatten_dict(qbase)
-    targeted = {p[:-1] for p in set(adapted) - set(kept)}  # the layers that gained factor leaves
-    return qbase, unflatten_dict({p: v if p[:-1] in targeted or p not in kept else kept[p] for p, v in adapted.items()})
-
-
 def default_block_size(kind: str) -> int:
     """64 values per block (QLoRA's), 32 for ``q4_1`` (llama.cpp's)."""
     return 32 if kind == "q4_1" else 64
-
-
-def model_params(base, cfg, key) -> tuple:
-    """``(base, adapted params)`` of an experiment (``cfg``: an ``ExperimentConfig``): ``cfg.adapter``
-    injected into ``base``, over the quantized base (returned as the base) when ``cfg.model.quantize`` is set."""
-    from decomp_jax.inject import inject
-
-    m = cfg.model
-    if not m.quantize:
-        return base, inject(base, cfg.adapter, key)
-    return inject_quantized(base, cfg.adapter, key, m.quantize,
-                            block_size=m.quantize_block_size or default_block_size(m.quantize),
-                            double_quant=m.double_quant)
 
 
 def dequantize_params(params):

@@ -23,8 +23,8 @@ import jax
 import numpy as np
 
 import decomp_jax as dj
-from decomp_jax.bench import build_model, method_config, random_batch
-from decomp_jax.train import classification_loss
+from decomp_jax.app.bench import build_model, method_config, random_batch
+from decomp_jax.training.losses import classification_loss
 
 
 def median_time(call, steps: int) -> float:

@@ -5,7 +5,7 @@ the GGUF file's own Q4_1 blocks, kept as stored).
     python scripts/bench_quant.py [--batch 4] [--length 256] [--steps 3] [--kinds float32,bfloat16,nf4,int8,fp8,q4_1]
                                   [--scan]
 
-LoRA (rank 16 on every projection, the decoder bench's setting: decomp_jax.bench_decoder) on one fixed random
+LoRA (rank 16 on every projection, the decoder bench's setting: decomp_jax.app.bench_decoder) on one fixed random
 batch whose last 32 tokens are scored. ``stored`` is the bytes of the whole frozen base (the tied embedding
 stays float32); ``kernel bytes/param`` those of the dense kernels alone (nf4: 0.5 + the scales); ``xla MiB``
 the compiled step's arguments + temporaries + outputs - donated (``bench.xla_memory``); step time the
@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from decomp_jax import quant
-from decomp_jax.bench_decoder import DecoderBenchConfig, jax_step, synthetic_batch
+from decomp_jax.app.bench_decoder import DecoderBenchConfig, jax_step, synthetic_batch
 
 
 def kernel_bytes_per_param(params) -> float:
@@ -44,7 +44,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--kinds", default="float32,bfloat16,nf4,int8,fp8,q4_1")
     ap.add_argument("--scan", action="store_true", help="scanned decoder layers (model.scan_layers)")
     args = ap.parse_args(argv)
-    from decomp_jax.causal_lm import load_causal_lm
+    from decomp_jax.models.causal_lm import load_causal_lm
 
     bench = DecoderBenchConfig()
     batch = synthetic_batch(49152, args.batch, args.length, bench.response)

@@ -35,7 +35,7 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more overrides")
     args = ap.parse_args()
 
-    from decomp_jax.experiment import load_config
+    from decomp_jax.app.experiment import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -49,7 +49,7 @@ def main() -> int:
                 path = tmp / f"{arm}{seed}.yaml"
                 path.write_text(cfg.to_yaml())
                 configs.setdefault(arm, []).append(str(path))
-        train = [sys.executable, "-m", "decomp_jax.cli", "train", "--no-progress"]
+        train = [sys.executable, "-m", "decomp_jax.app.cli", "train", "--no-progress"]
         print(f"{args.n} seeds of {Path(args.config).name}, {args.steps} steps, batch {cfg.train.batch_size}; "
               f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
         wall = {}

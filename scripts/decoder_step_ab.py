@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import decomp_jax as dj
-from decomp_jax.causal_lm import load_causal_lm
+from decomp_jax.models.causal_lm import load_causal_lm
 from decomp_jax.data import commonsense as cs
-from decomp_jax.execution import adapt
+from decomp_jax.core.execution import adapt
 from decomp_jax.models import llama
 
 ROUNDS, STEPS = (int(a) for a in (sys.argv[1:3] + ["4", "2"][len(sys.argv[1:3]):]))

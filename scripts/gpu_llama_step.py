@@ -7,9 +7,9 @@ float32 and bfloat16, against transformers + HF PEFT in PyTorch on the same GPU.
     python3 scripts/gpu_llama_step.py --out OUT --items jax:135m:dora:bf16,torch:1b:lora:bf16
 
 Each measurement is one jitted (JAX) / eager (PyTorch) train step: causal-LM loss on a fixed random
-batch, backward, global-norm clipping at 1.0 and AdamW (decomp_jax.train.make_optimizer; torch.optim.AdamW,
-lr 1e-4, weight decay 0.01). JAX adapters: decomp_jax.inject + partition (trainable factors only) +
-decomp_jax.execution.adapt (factored); the frozen base is an argument of the step. Items run in priority
+batch, backward, global-norm clipping at 1.0 and AdamW (decomp_jax.training.train.make_optimizer; torch.optim.AdamW,
+lr 1e-4, weight decay 0.01). JAX adapters: decomp_jax.core.inject + partition (trainable factors only) +
+decomp_jax.core.execution.adapt (factored); the frozen base is an argument of the step. Items run in priority
 order inside a few subprocesses (one failing or running out of memory cannot take the others with it),
 each skipped once the time budget is spent; results stream to OUT/results.jsonl and end in
 OUT/results.json, OUT/table.md and a table printed last.
@@ -203,11 +203,12 @@ def jax_measure(item: str, args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from decomp_jax.config import AdapterConfig
-    from decomp_jax.execution import adapt
-    from decomp_jax.inject import count_params, inject, partition
+    from decomp_jax.core.config import AdapterConfig
+    from decomp_jax.core.execution import adapt
+    from decomp_jax.core.inject import inject, partition
+    from decomp_jax.core.tree import count_params
     from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, random_params
-    from decomp_jax.train import init_state, make_optimizer, make_train_step
+    from decomp_jax.training.train import init_state, make_optimizer, make_train_step
 
     _, shape, method, dtype = parse_item(item)
     shapes = TINY_SHAPES if args.tiny else SHAPES

@@ -26,8 +26,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="runs/quality_quant")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
-    from decomp_jax.experiment import load_adapter, load_config, make_task, run
-    from decomp_jax.inject import combine
+    from decomp_jax.app.experiment import load_adapter, load_config, make_task, run
+    from decomp_jax.core.tree import combine
 
     results = {}
     for kind in ["float32"] + [k for k in args.kinds.split(",") if k]:

@@ -154,7 +154,7 @@ def tiny_llm(tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from decomp_jax import convert
+    from decomp_jax.models import convert
     from decomp_jax.data import commonsense as cs, math as mathdata
     from decomp_jax.models import llama
 
@@ -185,7 +185,7 @@ def cli_train(config: str, out, data_path, timeout: int = 1800):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "decomp_jax.cli", "train", str(REPO / config), "--set", f"train.output_dir={out}",
+        [sys.executable, "-m", "decomp_jax.app.cli", "train", str(REPO / config), "--set", f"train.output_dir={out}",
          "--set", f"data.path={data_path}", "--no-progress"],
         cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ},
     )

@@ -15,9 +15,9 @@ from flax.traverse_util import flatten_dict
 
 
 def restore_and_compare(run_dir, mesh: str) -> dict:
-    from decomp_jax import checkpoint
-    from decomp_jax.experiment import _checkpoints, _place_on_mesh, initial_state, load_adapter, load_config, make_task
-    from decomp_jax.inject import combine
+    from decomp_jax.training import checkpoint
+    from decomp_jax.app.experiment import _checkpoints, _place_on_mesh, initial_state, load_adapter, load_config, make_task
+    from decomp_jax.core.tree import combine
 
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml", [f"train.mesh={mesh}"])

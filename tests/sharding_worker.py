@@ -23,7 +23,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import decomp_jax as dj  # noqa: E402
 from decomp_jax import sharding as sh  # noqa: E402
-from decomp_jax.train import classification_loss  # noqa: E402
+from decomp_jax.training.losses import classification_loss
 
 STEPS, BATCH, LENGTH, LR = 3, 8, 8, 1e-2
 BERT_METHODS = ("lora", "dora", "ssb", "adalora", "lora_dash", "pissa", "houlsby")
@@ -159,7 +159,7 @@ def frozen_bytes():
     from flax.traverse_util import flatten_dict, unflatten_dict
     from safetensors.numpy import save_file
 
-    from decomp_jax.convert import read_safetensors
+    from decomp_jax.models.convert import read_safetensors
 
     with tempfile.TemporaryDirectory() as folder:  # memory-mapped host arrays, as a checkpoint is read
         save_file({k: np.asarray(v) for k, v in flatten_dict(base, sep="/").items()}, f"{folder}/base.safetensors")
@@ -253,7 +253,7 @@ def batched_on_mesh():
 
 def runner(model_dir, data_dir, out_dir):
     """experiment.run and run_seeds with train.mesh {data: 2, fsdp: 4} against one device: losses and eval."""
-    from decomp_jax.experiment import load_config, run, run_seeds
+    from decomp_jax.app.experiment import load_config, run, run_seeds
 
     def config(out, *extra):
         return load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "quickstart.yaml"), [
@@ -282,8 +282,8 @@ def lm_runner(model_dir, out_dir):
     sys.path.insert(0, os.path.dirname(__file__))
     from test_commonsense_task import _cfg
 
-    from decomp_jax.experiment import _place_on_mesh, load_adapter, make_task, run
-    from decomp_jax.inject import combine
+    from decomp_jax.app.experiment import _place_on_mesh, load_adapter, make_task, run
+    from decomp_jax.core.tree import combine
 
     out = {}
     for name, extra in (("plain", ()), ("mesh", ("train.mesh={data: 2, fsdp: 2, tensor: 2}",))):

@@ -1,12 +1,12 @@
-"""The compute commands' allocator switch (decomp_jax.allocator): jemalloc where it is installed."""
+"""The compute commands' allocator switch (decomp_jax.app.allocator): jemalloc where it is installed."""
 
 import os
 import subprocess
 import sys
 
-from decomp_jax import allocator
+from decomp_jax.app import allocator
 
-PRINT_ACTIVE = "from decomp_jax import allocator; print(allocator.active())"
+PRINT_ACTIVE = "from decomp_jax.app import allocator; print(allocator.active())"
 
 
 def _run(code, **env):
@@ -26,7 +26,7 @@ def test_jemalloc_env_prepends_the_library_and_keeps_the_users_settings():
 def test_reexec_runs_the_program_under_jemalloc_when_installed_and_never_when_refused():
     """The re-executed program has jemalloc loaded where the library is found (this machine: Debian's
     libjemalloc2 when installed), else the system allocator; DECOMP_JAX_ALLOCATOR=system keeps it."""
-    code = ("import sys; from decomp_jax import allocator; "
+    code = ("import sys; from decomp_jax.app import allocator; "
             f"allocator.maybe_reexec([sys.executable, '-c', {PRINT_ACTIVE!r}]); print('not re-executed')")
     expected = ["jemalloc"] if allocator.find_jemalloc() else ["not re-executed"]
     assert _run(code) == expected

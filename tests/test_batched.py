@@ -9,7 +9,7 @@ import pytest
 
 import decomp_jax as dj
 from decomp_jax.models.hf import sequence_classifier_apply
-from decomp_jax.train import classification_loss
+from decomp_jax.training.losses import classification_loss
 
 CFG = dj.AdapterConfig(method="lora", targets=r"attention/self/(query|value)$", rank=4, alpha=8, dropout=0.1,
                        train_extra="classifier")

@@ -1,4 +1,4 @@
-"""The benchmark harness (decomp_jax.bench) on a tiny random BERT: it runs, its rows carry the
+"""The benchmark harness (decomp_jax.app.bench) on a tiny random BERT: it runs, its rows carry the
 fields, the optimizer state is exactly the AdamW moments, and the ratios and target checks are
 computed from the measured times. Nothing here compares a time with a threshold."""
 
@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from decomp_jax import bench
-from decomp_jax.cli import build_parser, main
-from decomp_jax.inject import count_params, trainable_count
+from decomp_jax.app import bench
+from decomp_jax.app.cli import build_parser, main
+from decomp_jax.core.inject import trainable_count
+from decomp_jax.core.tree import count_params
 
 FIELDS = ("model", "method", "step_time_s", "step_time_min_s", "ratio_vs_full", "compile_s", "trainable_params",
           "opt_state_bytes", "peak_bytes")

@@ -1,4 +1,4 @@
-"""The decoder benchmark (decomp_jax.bench_decoder, issue 14) on a tiny random Llama: every variant runs
+"""The decoder benchmark (decomp_jax.app.bench_decoder, issue 14) on a tiny random Llama: every variant runs
 and computes the same first loss as its PyTorch twin (ours full = transformers full; LoRA and DoRA, a
 no-op at init, = full = HF PEFT's), greedy generation gives transformers' tokens, the FLOP counts
 follow from the parameter tree, and the target checks are computed from the measured numbers.
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from decomp_jax import bench_decoder as bd
-from decomp_jax.cli import main
+from decomp_jax.app import bench_decoder as bd
+from decomp_jax.app.cli import main
 from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, random_params
 
 CONFIG = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from decomp_jax.config import AdapterConfig
-from decomp_jax.execution import adapt
-from decomp_jax.inject import inject, partition
+from decomp_jax.core.config import AdapterConfig
+from decomp_jax.core.execution import adapt
+from decomp_jax.core.inject import inject, partition
 from decomp_jax.models.bert import NativeSequenceClassifier, dropout, from_hf_config, hash_bits, keep_mask
-from decomp_jax.models.hf import TARGET_PRESETS, native_params, sequence_classifier_apply, torch_state_dict
-from decomp_jax.train import classification_loss
+from decomp_jax.models.hf import TARGET_PRESETS, native_params, sequence_classifier_apply
+from decomp_jax.models.names import torch_state_dict
+from decomp_jax.training.losses import classification_loss
 
 torch = pytest.importorskip("torch")
 
@@ -156,7 +157,7 @@ def test_lora_factored_native_equals_pytorch(kind, tmp_path):
     """LoRA in factored execution on the native model equals PyTorch's model with the adapter written
     into its weights (``W + s (A B)^T`` on each targeted layer, the head trained too): logits and the
     gradients of the factors and the head."""
-    from decomp_jax.interop.peft import get_arch
+    from decomp_jax.models.names import get_arch
 
     # (weights of std 0.2: PyTorch's 0.02 init leaves RoBERTa's head with logits of ~0.02, too small for the
     # adapter's effect to show)
@@ -300,7 +301,7 @@ def test_backbone_choice_fingerprint_and_save_pretrained(pair, tmp_path):
 
     from transformers import AutoModelForSequenceClassification, DistilBertConfig
 
-    from decomp_jax.experiment import architecture
+    from decomp_jax.app.experiment import architecture
     from decomp_jax.models.hf import with_backbone
 
     kind, _, native = pair
@@ -315,8 +316,8 @@ def test_backbone_choice_fingerprint_and_save_pretrained(pair, tmp_path):
         with_backbone(other, "native")
     with pytest.raises(ValueError, match="unknown"):
         with_backbone(native, "torch")
-    from decomp_jax.config import ConfigError
-    from decomp_jax.experiment import ModelConfig
+    from decomp_jax.errors import ConfigError
+    from decomp_jax.app.experiment import ModelConfig
 
     with pytest.raises(ConfigError, match="model.backbone='torch' is unknown; choose one of auto, native, hf"):
         ModelConfig(backbone="torch")

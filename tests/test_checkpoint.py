@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 import decomp_jax as dj
-from decomp_jax import checkpoint
-from decomp_jax.experiment import load_config, run
+from decomp_jax.training import checkpoint
+from decomp_jax.app.experiment import load_config, run
 
 from conftest import DATA, REPO
 
@@ -129,7 +129,7 @@ def test_keeps_the_last_k_and_the_best(tiny_bert, tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import sys, jax, jax.numpy as jnp
     import decomp_jax as dj
-    from decomp_jax import checkpoint
+    from decomp_jax.training import checkpoint
     cfg = dj.AdapterConfig(method="lora", targets="dense$", rank=2)
     kernel = lambda n: {"kernel": jnp.zeros((n, n))}
     base = {"dense": kernel(4)}
@@ -175,7 +175,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path)
 @pytest.mark.slow  # 30 s; tests/test_multihost.py kills and resumes `decomp-jax train` in the default suite
 def test_cli_run_killed_by_sigkill_resumes_to_the_same_losses(tiny_model_dir, tmp_path):
     """The real thing: `decomp-jax train` SIGKILLed mid-run, then `--resume`."""
-    from decomp_jax import cli
+    from decomp_jax.app import cli
 
     sets = [f"model.name={tiny_model_dir}", f"data.path={SST2}", "data.max_train_samples=512", "data.max_eval_samples=32",
             "data.max_length=16", "adapter.rank=4", "train.steps=48", "train.save_every=4", "train.log_every=1",
@@ -184,7 +184,7 @@ def test_cli_run_killed_by_sigkill_resumes_to_the_same_losses(tiny_model_dir, tm
     assert cli.main([*argv, "--output-dir", str(tmp_path / "full")]) == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "decomp_jax.cli", *argv, "--output-dir", str(killed)],
+    proc = subprocess.Popen([sys.executable, "-m", "decomp_jax.app.cli", *argv, "--output-dir", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / "checkpoints" / "8").is_dir():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from decomp_jax.data import commonsense as cs
+from decomp_jax.training import losses
 
 from conftest import DATA
 
@@ -345,19 +346,19 @@ def test_causal_lm_loss_matches_numpy():
     mask = (rng.random((B, L)) < 0.5).astype(np.int32)
     mask[:, 1] = 1
     batch = {"input_ids": ids, "loss_mask": mask}
-    got = jax.jit(cs.causal_lm_loss)(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32), batch)
-    np.testing.assert_allclose(float(cs.causal_lm_loss(logits, batch)), _np_loss(logits, ids, mask), rtol=1e-5)
+    got = jax.jit(losses.causal_lm_loss)(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32), batch)
+    np.testing.assert_allclose(float(losses.causal_lm_loss(logits, batch)), _np_loss(logits, ids, mask), rtol=1e-5)
     np.testing.assert_allclose(float(got), _np_loss(np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32)),
                                                     ids, mask), rtol=1e-5)
     # stable for huge logits and bfloat16 inputs
-    big = cs.causal_lm_loss(jnp.asarray(logits * 1e4, jnp.bfloat16), batch)
+    big = losses.causal_lm_loss(jnp.asarray(logits * 1e4, jnp.bfloat16), batch)
     assert np.isfinite(float(big))
     # padding rows (weights 0) and unmasked positions do not count
     weighted = dict(batch, weights=np.array([1.0, 0.0, 1.0], np.float32))
     keep = mask.copy()
     keep[1] = 0
-    np.testing.assert_allclose(float(cs.causal_lm_loss(logits, weighted)), _np_loss(logits, ids, keep), rtol=1e-5)
-    assert float(cs.causal_lm_loss(logits, dict(batch, loss_mask=np.zeros_like(mask)))) == 0.0
+    np.testing.assert_allclose(float(losses.causal_lm_loss(logits, weighted)), _np_loss(logits, ids, keep), rtol=1e-5)
+    assert float(losses.causal_lm_loss(logits, dict(batch, loss_mask=np.zeros_like(mask)))) == 0.0
 
 
 def test_causal_lm_loss_on_a_real_batch(train_set):
@@ -365,7 +366,7 @@ def test_causal_lm_loss_on_a_real_batch(train_set):
     batch = cs.train_batch(train_set, 0, 8, seed=0, buckets=BUCKETS)
     V = 1200
     logits = np.zeros(batch["input_ids"].shape + (V,), np.float32)
-    np.testing.assert_allclose(float(cs.causal_lm_loss(logits, batch)), np.log(V), rtol=1e-6)
+    np.testing.assert_allclose(float(losses.causal_lm_loss(logits, batch)), np.log(V), rtol=1e-6)
 
 
 def test_response_slots_hold_exactly_the_scored_positions(train_set):
@@ -385,9 +386,9 @@ def test_response_slots_hold_exactly_the_scored_positions(train_set):
             assert np.array_equal(batch["loss_targets"][r, :len(t)], batch["input_ids"][r, t + 1])
         logits = rng.normal(size=(8, L, V)).astype(np.float32)
         at = np.take_along_axis(logits, batch["loss_index"][..., None], axis=1)
-        np.testing.assert_allclose(float(cs.response_loss(at, batch)), float(cs.causal_lm_loss(logits, batch)), rtol=1e-6)
+        np.testing.assert_allclose(float(losses.response_loss(at, batch)), float(losses.causal_lm_loss(logits, batch)), rtol=1e-6)
         weighted = dict(batch, weights=np.array([1, 0, 1, 1, 0, 1, 1, 1], np.float32))
-        np.testing.assert_allclose(float(cs.response_loss(at, weighted)), float(cs.causal_lm_loss(logits, weighted)),
+        np.testing.assert_allclose(float(losses.response_loss(at, weighted)), float(losses.causal_lm_loss(logits, weighted)),
                                    rtol=1e-6)
     rows = cs.train_batch(train_set, 2, 8, seed=0, buckets=BUCKETS, rows=slice(4, 8))  # one process's share
     whole = cs.train_batch(train_set, 2, 8, seed=0, buckets=BUCKETS)

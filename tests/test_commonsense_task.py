@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from decomp_jax import causal_lm
+from decomp_jax.models import causal_lm
 from decomp_jax.data import commonsense as cs
-from decomp_jax.experiment import evaluate_run, load_config, make_task, run
-from decomp_jax.inject import combine
+from decomp_jax.app.experiment import evaluate_run, load_config, make_task, run
+from decomp_jax.core.tree import combine
 from decomp_jax.models import llama
+from decomp_jax.training import losses
 
 from conftest import DATA as SHARED_DATA, REPO, cli_train
 
@@ -62,9 +63,9 @@ def test_commonsense_run_exports_merged_and_peft(tiny_llm, lora_run, tmp_path):
     import peft
     import transformers
 
-    from decomp_jax import convert
-    from decomp_jax.execution import adapt
-    from decomp_jax.runs import export_merged, export_peft_run, import_peft_run, restore_run
+    from decomp_jax.models import convert
+    from decomp_jax.core.execution import adapt
+    from decomp_jax.app.runs import export_merged, export_peft_run, import_peft_run, restore_run
 
     out, _ = lora_run
     restored = restore_run(out)
@@ -187,7 +188,7 @@ def test_decoding_with_merged_kernels_equals_factored(tiny_llm, tmp_path, method
 
 
 def test_unknown_dataset_and_missing_model_are_named(tmp_path):
-    from decomp_jax.config import ConfigError
+    from decomp_jax.errors import ConfigError
 
     with pytest.raises(ConfigError, match="quail"):
         _cfg(tmp_path, tmp_path / "x", "data.datasets=boolq,quail")
@@ -223,8 +224,8 @@ def test_cpu_sized_smollm2_lora_run(tmp_path):
 def test_scanned_remat_run_equals_the_unrolled_run_and_merges(tiny_llm, lora_run, tmp_path):
     """model.scan_layers + train.remat: the same per-step losses and metrics as the unrolled run;
     `merge` writes the same unrolled HF folder."""
-    from decomp_jax import convert
-    from decomp_jax.runs import export_merged, restore_run
+    from decomp_jax.models import convert
+    from decomp_jax.app.runs import export_merged, restore_run
 
     out, record = lora_run
     scanned = run(_cfg(tiny_llm, tmp_path / "scan", "model.scan_layers=true", "train.remat=true"), progress=False)
@@ -240,12 +241,12 @@ def test_scanned_remat_run_equals_the_unrolled_run_and_merges(tiny_llm, lora_run
 
 
 def test_bf16_base_and_decoder_options_are_checked(tiny_llm, tmp_path):
-    from decomp_jax.causal_lm import load_for
+    from decomp_jax.tasks.base import load_for
 
     model, params, _ = load_for(_cfg(tiny_llm, tmp_path, "model.param_dtype=bfloat16", "model.scan_layers=true"))
     assert model.config.scan_layers and {str(x.dtype) for x in jax.tree.leaves(params)} == {"bfloat16"}
     assert jax.tree.leaves(params["model"]["layers"])[0].shape[0] == model.config.num_hidden_layers
-    from decomp_jax.config import ConfigError
+    from decomp_jax.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"model.scan_layers, train.remat apply to our decoder LLM"):
         load_config(REPO / "configs" / "quickstart.yaml", ["model.scan_layers=true", "train.remat=true"])
@@ -273,7 +274,7 @@ def test_loss_on_response_positions_equals_the_full_logits_loss(tiny_llm, tmp_pa
 
     def reference(t):
         logits = task.apply({"params": combine(t, frozen)}, batch["input_ids"], batch["attention_mask"])
-        return cs.causal_lm_loss(logits, full)
+        return losses.causal_lm_loss(logits, full)
 
     (a, ga), (b, gb) = jax.value_and_grad(ours)(trainable), jax.value_and_grad(reference)(trainable)
     assert batch["loss_index"].shape[1] < batch["input_ids"].shape[1]

@@ -2,7 +2,7 @@ import pytest
 import yaml
 
 import decomp_jax as dj
-from decomp_jax.experiment import ExperimentConfig, load_config, parse_override
+from decomp_jax.app.experiment import ExperimentConfig, load_config, parse_override
 
 from conftest import REPO
 

@@ -358,7 +358,7 @@ def test_mnli_qnli_qqp_read_their_glue_files(tmp_path, monkeypatch):
     """The paper's three large tasks: GLUE's TSV layouts (MNLI's matched dev file, string labels), their
     metrics, and the hub's split names (MNLI: validation_matched)."""
     from decomp_jax.data import glue
-    from decomp_jax.metrics import compute_metrics
+    from decomp_jax.tasks.metrics import compute_metrics
 
     def tsv(folder, name, header, rows):
         (tmp_path / folder).mkdir(exist_ok=True)

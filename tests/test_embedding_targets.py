@@ -10,7 +10,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 import decomp_jax as dj
-from decomp_jax.inject import adapted_layers
+from decomp_jax.core.inject import adapted_layers
 from decomp_jax.models.hf import sequence_classifier_apply
 from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from test_execution import assert_factored_equals_merged, perturb

@@ -10,8 +10,9 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 import decomp_jax as dj
-from decomp_jax import methods
-from decomp_jax.inject import adapted_layers, path_str
+from decomp_jax.core import methods
+from decomp_jax.core.inject import adapted_layers
+from decomp_jax.core.tree import path_str
 from decomp_jax.models.hf import TARGET_PRESETS, sequence_classifier_apply
 
 ALL = TARGET_PRESETS["bert"]["all_linear"]
@@ -130,7 +131,7 @@ def test_liera_runs_merged_per_layer_inside_factored_execution(tiny_bert, tiny_b
     calls = []
     patched = liera._replace(materialize=lambda k, f, c: calls.append(k.shape) or liera.materialize(k, f, c))
     monkeypatch.setitem(methods.base._REGISTRY, "liera", patched)
-    monkeypatch.setattr("decomp_jax.execution.merge", lambda *a: pytest.fail("whole-tree merge in factored mode"))
+    monkeypatch.setattr("decomp_jax.core.execution.merge", lambda *a: pytest.fail("whole-tree merge in factored mode"))
     apply = sequence_classifier_apply(model)
     out = dj.adapt(apply, cfg)(params, tiny_batch)
     assert calls == [(32, 32)] * 2

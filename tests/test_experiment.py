@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import decomp_jax as dj
-from decomp_jax import cli
+from decomp_jax.app import cli
 from decomp_jax.data import glue
-from decomp_jax.experiment import Task, evaluate_run, load_config, run
-from decomp_jax.train import classification_loss
+from decomp_jax.app.experiment import Task, evaluate_run, load_config, run
+from decomp_jax.training.losses import classification_loss
 
 from conftest import DATA, REPO
 
@@ -131,7 +131,7 @@ def test_regression_head_bias_starts_at_the_label_mean(tiny_model_dir, tmp_path)
     """model.head_bias: label_mean (STS-B): the new head's bias is the mean of the training labels, in
     training and when a finished run is evaluated from its folder; refused for classification tasks."""
     from decomp_jax.data import glue
-    from decomp_jax.experiment import ExperimentConfig, Task
+    from decomp_jax.app.experiment import ExperimentConfig, Task
 
     import shutil
 

@@ -13,10 +13,11 @@ import optax
 import pytest
 
 import decomp_jax as dj
-from decomp_jax import convert
+from decomp_jax.models import convert
 from decomp_jax.models.families import FAMILIES, UnsupportedConfigError, read_hf_config
 from decomp_jax.models.hf import TARGET_PRESETS
 from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, generate, stack_layers
+from decomp_jax.core.inject import inject_quantized
 
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
@@ -349,7 +350,7 @@ def test_lora_and_dora_over_a_quantized_base(case, name, loaded):
     model = LlamaForCausalLM(config)
     ids, mask = batch()
     cfg = dj.AdapterConfig(method=name, targets=ALL_LINEAR, rank=4)
-    qbase, params = quant.inject_quantized(base, cfg, jax.random.PRNGKey(0), "nf4", block_size=16)
+    qbase, params = inject_quantized(base, cfg, jax.random.PRNGKey(0), "nf4", block_size=16)
     assert quant.is_quantized(qbase["model"]["layers_0"]["mlp"]["down_proj"]["kernel"])
     params = moved(params, cfg)
     run = jax.jit(dj.adapt(model.apply, cfg))

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from decomp_jax import cli, convert
+from decomp_jax.app import cli
+from decomp_jax.models import convert
 from decomp_jax.data import commonsense, glue, math as mathdata
 from decomp_jax.guards import FileFormatError
 from decomp_jax.interop import peft

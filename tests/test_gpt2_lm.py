@@ -11,6 +11,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import decomp_jax as dj  # noqa: E402
 from decomp_jax.models.hf import TRANSPOSED  # noqa: E402
+from decomp_jax.core.inject import inject_quantized
 
 TOL = 1e-4
 
@@ -43,7 +44,7 @@ def _positions(mask):
 def test_param_tree_is_pytorch_without_lm_head(lm):
     """The params are the PyTorch model's parameters (names through interop.peft.ARCHS["gpt2"]) less the
     tied lm_head."""
-    from decomp_jax.models.hf import torch_state_dict
+    from decomp_jax.models.names import torch_state_dict
 
     named = {k: tuple(v.shape) for k, v in lm["torch"].named_parameters()}  # (lm_head.weight is wte's: listed once)
     ours = {k: v.shape for k, v in torch_state_dict(lm["params"], "gpt2").items()}
@@ -212,7 +213,7 @@ def test_param_dtype_quantized_base_and_sharding_preset(lm):
         jax.random.PRNGKey(0), ids))
     assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.bfloat16)}
     cfg = dj.AdapterConfig(method="lora", targets=r"attn/c_attn$", transposed=TRANSPOSED["gpt2"], rank=4)
-    qbase, params = quant.inject_quantized(base, cfg, jax.random.PRNGKey(0), "nf4", block_size=16)
+    qbase, params = inject_quantized(base, cfg, jax.random.PRNGKey(0), "nf4", block_size=16)
     assert quant.is_quantized(qbase["transformer"]["h"]["1"]["mlp"]["c_proj"]["kernel"])
     run = jax.jit(dj.adapt(model.apply, cfg))
     got = run({"params": params}, ids, mask)
@@ -237,9 +238,9 @@ def test_commonsense_run_on_a_scanned_gpt2_exports_merged_and_peft(tiny_llm, tmp
 
     peft = pytest.importorskip("peft")
     from conftest import DATA, REPO
-    from decomp_jax.causal_lm import unrolled_params
-    from decomp_jax.experiment import load_config, run
-    from decomp_jax.runs import export_merged, export_peft_run, import_peft_run, restore_run
+    from decomp_jax.models.causal_lm import unrolled_params
+    from decomp_jax.app.experiment import load_config, run
+    from decomp_jax.app.runs import export_merged, export_peft_run, import_peft_run, restore_run
 
     folder = tmp_path / "gpt2"
     tok = tf.AutoTokenizer.from_pretrained(tiny_llm)

@@ -9,8 +9,8 @@ import pytest
 from flax import nnx
 
 import decomp_jax as dj
-from decomp_jax.config import ConfigTypeError
-from decomp_jax.inject import adapted_layers
+from decomp_jax.errors import ConfigTypeError
+from decomp_jax.core.inject import adapted_layers
 
 TARGETS = "query|value"
 
@@ -94,7 +94,7 @@ def test_yaml_wrong_type_is_a_config_type_error():
 
 
 def test_config_dicts_yaml_replace_and_option():
-    from decomp_jax.experiment import ExperimentConfig
+    from decomp_jax.app.experiment import ExperimentConfig
 
     with pytest.raises(ConfigTypeError, match=r"adapter must be a mapping of keys to values \(key: value lines in YAML\), "
                                              r"with keys among method, targets, rank.*got \[1, 2\] \(list\)"):

@@ -1,4 +1,4 @@
-"""Our Flax Llama (decomp_jax.models.llama) and checkpoint conversion (decomp_jax.convert).
+"""Our Flax Llama (decomp_jax.models.llama) and checkpoint conversion (decomp_jax.models.convert).
 
 Reference: transformers' PyTorch ``LlamaForCausalLM`` on the same weights (tiny random models saved
 by PyTorch and read back with ``load_hf``), in float32 with eager attention. The real SmolLM2-135M
@@ -20,8 +20,8 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 import decomp_jax as dj
-from decomp_jax import convert
-from decomp_jax.inject import adapted_layers
+from decomp_jax.models import convert
+from decomp_jax.core.inject import adapted_layers
 from decomp_jax.models.hf import TARGET_PRESETS
 from decomp_jax.models.llama import (
     LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, generate, greedy_generate, init_cache, init_params,
@@ -250,7 +250,7 @@ def test_chunked_target_nll_equals_the_logits_and_holds_less(tied):
     """``targets=`` returns each scored token's NLL, equal to the log-softmax of the logits; ``chunk=``
     (not a divisor of B * R) gives the same values and gradients, a LoRA on the head included, and the
     compiled gradient's memory estimate drops by about the (B * R, vocab) logits it no longer holds."""
-    from decomp_jax.bench import xla_memory
+    from decomp_jax.app.bench import xla_memory
 
     config = LlamaConfig.from_hf_dict(tiny_hf_config(vocab_size=8192, tie_word_embeddings=tied))
     cfg = dj.AdapterConfig(method="lora", targets=r"(q_proj|v_proj|lm_head)$", rank=4)
@@ -375,7 +375,7 @@ def test_load_gguf_undoes_the_qk_permutation(tmp_path, tied):
     torch = pytest.importorskip("torch")
     import transformers as tf
 
-    from decomp_jax import cli
+    from decomp_jax.app import cli
 
     shape = dict(tie_word_embeddings=tied, hidden_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=1)
     torch_model = torch_llama(tmp_path / "hf", **shape)  # hidden 64: rows of 2 Q8_0 blocks
@@ -739,7 +739,7 @@ def test_smollm2_gguf_matches_pytorch_and_answers(smollm2):
 
 
 def test_convert_names_what_it_accepts(tmp_path, capsys):
-    from decomp_jax import cli
+    from decomp_jax.app import cli
 
     assert cli.main(["convert", "no-such-model", "--out", str(tmp_path / "out")]) == 2
     assert "installed package that ships a .gguf file" in capsys.readouterr().err

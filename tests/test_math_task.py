@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from decomp_jax.config import ConfigError
+from decomp_jax.errors import ConfigError
 from decomp_jax.data import math as mathdata
-from decomp_jax.experiment import evaluate_run, load_config, make_task, run
+from decomp_jax.app.experiment import evaluate_run, load_config, make_task, run
 
 from conftest import DATA, REPO, cli_train
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import decomp_jax as dj
-from decomp_jax import methods
+from decomp_jax.core import methods
 
 D_IN, D_OUT, R = 12, 10, 4
 
@@ -359,7 +359,8 @@ def test_trainable_budgets_reproduce_the_papers_per_mille_column():
     count of the encoder with its pooler: 124.6M, which gives 0.01 more in the last digit for some rows)."""
     from transformers import RobertaConfig
 
-    from decomp_jax.inject import count_params, trainable_count
+    from decomp_jax.core.inject import trainable_count
+    from decomp_jax.core.tree import count_params
     from decomp_jax.models.bert import BertModel, from_hf_config
     from decomp_jax.models.hf import TARGET_PRESETS
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from decomp_jax import metrics
+from decomp_jax.tasks import metrics
 
 # Confusion matrix of PREDS vs LABELS (class 1 positive), counted by hand:
 #   index:  0 1 2 3 4 5 6 7 8 9

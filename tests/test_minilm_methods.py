@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import decomp_jax as dj
-from decomp_jax import methods
+from decomp_jax.core import methods
 from decomp_jax.data import glue
 from decomp_jax.models.hf import TARGET_PRESETS, load_sequence_classifier, sequence_classifier_apply
-from decomp_jax.train import classification_loss
+from decomp_jax.training.losses import classification_loss
 
 from conftest import DATA
 

@@ -8,7 +8,7 @@ import optax
 import pytest
 
 import decomp_jax as dj
-from decomp_jax.config import ConfigError
+from decomp_jax.errors import ConfigError
 from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, cast_params, init_params, stack_layers
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from decomp_jax.experiment import load_config, run
+from decomp_jax.app.experiment import load_config, run
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "glue" / "SST-2"
@@ -41,7 +41,7 @@ def _launch(model_dir, out_dir, *extra, devices=4, processes=2):
     argv = ["train", str(REPO / "configs" / "quickstart.yaml"), "--no-progress", "--output-dir", str(out_dir),
             *[x for s in [*_sets(model_dir), "train.mesh={fsdp: 8}"] for x in ("--set", s)], *extra]
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    return [subprocess.Popen([sys.executable, "-m", "decomp_jax.cli", *argv, "--coordinator", f"127.0.0.1:{port}",
+    return [subprocess.Popen([sys.executable, "-m", "decomp_jax.app.cli", *argv, "--coordinator", f"127.0.0.1:{port}",
                               "--num-processes", str(processes), "--process-id", str(i), "--heartbeat-timeout", "5"],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in range(processes)]
@@ -100,7 +100,7 @@ def test_two_processes_train_die_together_and_resume_exactly(tiny_model_dir, tmp
 
 def test_unreachable_coordinator_is_a_clear_error(tiny_model_dir, tmp_path):
     port = _free_port()  # nobody listens there
-    proc = subprocess.run([sys.executable, "-m", "decomp_jax.cli", "train", str(REPO / "configs" / "quickstart.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "decomp_jax.app.cli", "train", str(REPO / "configs" / "quickstart.yaml"),
                            "--set", f"model.name={tiny_model_dir}", "--output-dir", str(tmp_path / "run"),
                            "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1",
                            "--init-timeout", "2"], capture_output=True, text=True, timeout=120)
@@ -113,7 +113,7 @@ def test_unreachable_coordinator_is_a_clear_error(tiny_model_dir, tmp_path):
 def test_multiprocess_settings_are_checked_before_anything_starts():
     import pytest
 
-    from decomp_jax.distributed import DistributedError, settings
+    from decomp_jax.parallel.distributed import DistributedError, settings
 
     assert settings() is None
     assert settings("10.0.0.1:1234", 4, 3) == {"coordinator": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}

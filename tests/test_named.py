@@ -1,4 +1,4 @@
-"""Many adapters on one base (decomp_jax.named): named adapters in one tree, each one alone equal to its
+"""Many adapters on one base (decomp_jax.core.named): named adapters in one tree, each one alone equal to its
 single-adapter tree; switching by data without recompiling; mixed batches equal to running each example
 with its own adapter, forward and gradients; training one adapter of the tree leaves the others alone."""
 
@@ -212,7 +212,7 @@ def test_errors_name_the_fix(tree, tiny_bert):
 def test_checkpoints_by_name(tree, tmp_path):
     """A train-state checkpoint of one named adapter (SVDiff: its SVD buffers are constants saved with it), and
     a set of named adapters saved and loaded by name onto the base."""
-    from decomp_jax import checkpoint
+    from decomp_jax.training import checkpoint
 
     model, base, params, _ = tree
     cfg = dj.AdapterConfig(method="svdiff", targets=r"attention/output/dense$")

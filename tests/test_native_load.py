@@ -145,7 +145,8 @@ def test_bare_encoder_and_token_classifier_match_pytorch(tmp_path, kind, head):
     tree has no ``bert.``/``roberta.`` level (the PyTorch ``BertModel``'s names)."""
     import transformers
 
-    from decomp_jax.models.hf import load_encoder, torch_state_dict
+    from decomp_jax.models.hf import load_encoder
+    from decomp_jax.models.names import torch_state_dict
 
     config_cls, token_cls, bare_cls, extra = {
         "bert": (transformers.BertConfig, transformers.BertForTokenClassification, transformers.BertModel, {}),

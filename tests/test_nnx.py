@@ -1,4 +1,4 @@
-"""Flax NNX models in factored execution (decomp_jax.nnx): nnx.Linear and nnx.LinearGeneral layers
+"""Flax NNX models in factored execution (decomp_jax.core.nnx): nnx.Linear and nnx.LinearGeneral layers
 adapted in place. The model's state is the dict API's adapted params tree path for path; outputs
 equal the dict API's merged model (an independent path: merge on the pure dict) at init and after
 perturbing the factors; nnx.split gives the factors alone, gradients reach them only, a step lowers
@@ -14,7 +14,7 @@ from flax import nnx
 import flax.linen as nn
 
 import decomp_jax as dj
-from decomp_jax import nnx as dnnx
+from decomp_jax.core import nnx as dnnx
 
 E, H, D = 16, 4, 4
 METHODS = ("lora", "dora", "ssb", "pissa", "houlsby", "svdiff")

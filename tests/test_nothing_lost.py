@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from decomp_jax import cli, guards, study
-from decomp_jax.config import ConfigError
-from decomp_jax.experiment import evaluate_run, load_config, run
-from decomp_jax.runs import AdapterFileFallbackWarning, export_merged, export_peft_run, restore_run
+from decomp_jax import guards
+from decomp_jax.app import cli
+from decomp_jax.app import sweep as study
+from decomp_jax.errors import ConfigError
+from decomp_jax.app.experiment import evaluate_run, load_config, run
+from decomp_jax.app.runs import AdapterFileFallbackWarning, export_merged, export_peft_run, restore_run
 
 from conftest import DATA, REPO
 from test_study import write_study
@@ -193,7 +195,7 @@ def test_the_sweep_leaves_a_cell_in_use_to_its_process(held, tmp_path):
 
 
 def test_bad_output_folders_and_ranks_are_refused_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch):
-    import decomp_jax.experiment as experiment
+    import decomp_jax.app.experiment as experiment
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -214,7 +216,7 @@ def test_bad_output_folders_and_ranks_are_refused_before_the_model_loads(tiny_mo
 @pytest.fixture(scope="module")
 def no_final_checkpoint(tiny_model_dir, tmp_path_factory):
     """A run whose final checkpoint failed with a full disk (Orbax's save raises ENOSPC)."""
-    from decomp_jax import checkpoint
+    from decomp_jax.training import checkpoint
 
     out = tmp_path_factory.mktemp("full") / "run"
     original = checkpoint.ocp.CheckpointManager.save
@@ -252,7 +254,7 @@ def test_the_results_of_a_run_whose_final_checkpoint_failed_are_kept_and_usable(
 
 
 def test_a_full_disk_mid_run_says_how_to_go_on(tiny_model_dir, tmp_path, monkeypatch):
-    from decomp_jax import checkpoint
+    from decomp_jax.training import checkpoint
 
     original, calls = checkpoint.ocp.CheckpointManager.save, []
 
@@ -272,7 +274,7 @@ def test_a_full_disk_mid_run_says_how_to_go_on(tiny_model_dir, tmp_path, monkeyp
 
 
 def test_ctrl_c_ends_train_with_one_line(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import decomp_jax.experiment as experiment
+    import decomp_jax.app.experiment as experiment
 
     def interrupted(cfg, **kwargs):
         (tmp_path / "run" / "checkpoints" / "3").mkdir(parents=True)
@@ -300,7 +302,7 @@ def test_a_full_disk_says_so_in_one_line(tiny_model_dir, tmp_path):
                     "are_kept_and_usable covers the same failure from within")
     try:
         out = disk / "run"
-        proc = subprocess.run([sys.executable, "-m", "decomp_jax.cli", "train", QUICK, "--no-progress",
+        proc = subprocess.run([sys.executable, "-m", "decomp_jax.app.cli", "train", QUICK, "--no-progress",
                                *[a for kv in tiny(tiny_model_dir, out) for a in ("--set", kv)]],
                               capture_output=True, text=True, timeout=600, cwd=REPO)
         assert proc.returncode == 2
@@ -349,7 +351,7 @@ def test_a_changed_byte_in_an_adapter_file_is_named(finished, tmp_path):
 
 
 def test_a_changed_byte_in_a_checkpoints_metadata_is_detected(finished, tmp_path):
-    from decomp_jax import checkpoint
+    from decomp_jax.training import checkpoint
 
     copy = tmp_path / "run"
     shutil.copytree(finished, copy)
@@ -388,7 +390,7 @@ def test_merge_refuses_a_run_folder_and_replaces_its_own_output(finished, tmp_pa
 
 def test_sigterm_stops_a_run_in_one_line_and_it_resumes(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    argv = [sys.executable, "-m", "decomp_jax.cli", "train", QUICK, "--no-progress",
+    argv = [sys.executable, "-m", "decomp_jax.app.cli", "train", QUICK, "--no-progress",
             *[a for kv in tiny(tiny_model_dir, out, "train.steps=400", "train.save_every=2") for a in ("--set", kv)]]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
     deadline = time.monotonic() + 300

@@ -22,8 +22,9 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 import decomp_jax as dj  # noqa: E402
-from decomp_jax.inject import adapted_layers, path_str  # noqa: E402
-from decomp_jax.interop.peft import PeftFormatError  # noqa: E402
+from decomp_jax.core.inject import adapted_layers
+from decomp_jax.core.tree import path_str
+from decomp_jax.errors import PeftFormatError
 from decomp_jax.models.hf import load_sequence_classifier, sequence_classifier_apply  # noqa: E402
 from conftest import tiny_gpt2  # noqa: E402
 
@@ -129,7 +130,7 @@ def perturb(params, cfg, seed=0, scale=0.1):
 
 def trained_a_few_steps(m, params, cfg, steps=4):
     """A real adapter: a few AdamW steps on the fixture's sentences (labels 1, 0, 1, 0)."""
-    from decomp_jax.train import classification_loss
+    from decomp_jax.training.losses import classification_loss
 
     apply = dj.adapt(sequence_classifier_apply(m["flax"]), cfg)
     batch = {**{k: np.asarray(v) for k, v in m["batch"].items()}, "labels": np.array([1, 0, 1, 0])}
@@ -790,8 +791,8 @@ def test_gpt2_peft_default_ia3_imports(gpt2, tmp_path):
 def test_cli_export_then_import_round_trip(tiny_model_dir, tmp_path, capsys):
     """train -> export (PEFT) -> import (a new run folder) -> eval gives the run's own metrics."""
     from conftest import DATA, REPO
-    from decomp_jax import cli
-    from decomp_jax.experiment import load_config, run
+    from decomp_jax.app import cli
+    from decomp_jax.app.experiment import load_config, run
 
     args = [f"model.name={tiny_model_dir}", f"data.path={DATA / 'glue' / 'SST-2'}", "data.max_train_samples=64",
             "data.max_eval_samples=32", "data.max_length=16", "adapter.rank=4", "train.steps=3", "train.batch_size=8",

@@ -19,8 +19,8 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 import decomp_jax as dj  # noqa: E402
-from decomp_jax import convert  # noqa: E402
-from decomp_jax.interop.peft import PeftFormatError  # noqa: E402
+from decomp_jax.models import convert  # noqa: E402
+from decomp_jax.errors import PeftFormatError
 from decomp_jax.models.llama import LlamaForCausalLM  # noqa: E402
 from test_llama import batch, max_diff_valid, torch_llama  # noqa: E402
 from conftest import tiny_gpt2  # noqa: E402

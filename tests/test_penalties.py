@@ -68,7 +68,7 @@ def test_mpc_on_every_lora_type_method(name, kind, tiny_bert):
     _, base = tiny_bert
     cfg = dj.AdapterConfig(method=name, targets="(query|value)$", rank=4, mpc=kind, mpc_lambda=0.2)
     params = dj.inject(base, cfg, jax.random.PRNGKey(0))
-    from decomp_jax.inject import adapted_layers
+    from decomp_jax.core.inject import adapted_layers
 
     rng = np.random.default_rng(3)
     per_layer, changes = [], {}

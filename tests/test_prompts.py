@@ -1,4 +1,4 @@
-"""Prompt tuning and prefix tuning on our Flax Llama (decomp_jax.prompts, methods/prompt.py).
+"""Prompt tuning and prefix tuning on our Flax Llama (decomp_jax.core.prompts, methods/prompt.py).
 
 References: the manual concatenation through ``inputs_embeds`` (prompt tuning), prompt tuning's
 own virtual-token keys/values used as a prefix (prefix tuning), and PyTorch PEFT on transformers'
@@ -13,10 +13,10 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 import decomp_jax as dj
-from decomp_jax import methods
-from decomp_jax.inject import trainable_count
+from decomp_jax.core import methods
+from decomp_jax.core.inject import trainable_count
 from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, generate, init_cache, init_params
-from decomp_jax.prompts import fold_prefix
+from decomp_jax.core.prompts import fold_prefix
 
 CONFIG = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64, initializer_range=0.1,
@@ -222,7 +222,7 @@ def _np_lstm(x, p):
 
 @pytest.mark.parametrize("which", ["p_mlp", "p_lstm"])
 def test_p_tuning_encoder_matches_numpy(which, llama):
-    from decomp_jax.methods.prompt import p_tuning_embeddings
+    from decomp_jax.core.methods.prompt import p_tuning_embeddings
 
     _, base = llama
     cfg = ALL[which]
@@ -247,7 +247,7 @@ def _torch_pair(tmp_path):
     torch = pytest.importorskip("torch")
     tf = pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    from decomp_jax import convert
+    from decomp_jax.models import convert
 
     hf = CONFIG.to_hf_dict()
     hf = {k: v for k, v in hf.items() if k not in ("architectures", "model_type", "torch_dtype")}
@@ -346,7 +346,8 @@ def test_peft_format_export_loads_in_pytorch_and_imports_back(which, llama, tmp_
 def test_peft_prompt_import_refuses_wrong_shapes(llama, tmp_path):
     from safetensors.numpy import save_file
 
-    from decomp_jax.interop.peft import PeftFormatError, export_peft, import_peft
+    from decomp_jax.interop.peft import export_peft, import_peft
+    from decomp_jax.errors import PeftFormatError
 
     model, base = llama
     params = dj.inject(base, PROMPT, jax.random.PRNGKey(1))

@@ -13,6 +13,7 @@ from flax.traverse_util import flatten_dict
 import decomp_jax as dj
 from decomp_jax import quant
 from decomp_jax.models.hf import sequence_classifier_apply
+from decomp_jax.core.inject import inject_quantized
 
 # the NF4 code values as QLoRA publishes them (bitsandbytes' NF4 table), typed in again here
 CODEBOOK = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -222,9 +223,9 @@ def test_a_quantized_run_trains_restores_and_evaluates(tiny_model_dir, tmp_path)
     """``model.quantize: nf4`` in an experiment: the run trains over the quantized base, its checkpoint is tied
     to that base (fingerprint), and the restored run evaluates to the run's own metrics."""
     from conftest import DATA, REPO
-    from decomp_jax.experiment import Task, load_config, run
-    from decomp_jax.inject import partition
-    from decomp_jax.runs import restore_run
+    from decomp_jax.app.experiment import Task, load_config, run
+    from decomp_jax.core.inject import partition
+    from decomp_jax.app.runs import restore_run
 
     cfg = load_config(REPO / "configs" / "quickstart.yaml", [
         f"model.name={tiny_model_dir}", f"data.path={DATA / 'glue' / 'SST-2'}", "data.max_train_samples=64",
@@ -290,7 +291,7 @@ def test_every_method_over_a_quantized_base(name, tiny_bert, tiny_batch):
     model, base = tiny_bert
     cfg = dj.AdapterConfig(method=name, targets=r"attention/self/(query|value)$|intermediate/dense$", rank=4,
                            train_extra="classifier")
-    qbase, params = quant.inject_quantized(base, cfg, jax.random.PRNGKey(0), "nf4", block_size=32)
+    qbase, params = inject_quantized(base, cfg, jax.random.PRNGKey(0), "nf4", block_size=32)
     params = _perturbed(params, cfg)
     trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg))
     run = dj.adapt(sequence_classifier_apply(model), cfg)

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 import decomp_jax as dj
-from decomp_jax import checkpoint, cli, guards
-from decomp_jax.experiment import evaluate_run, load_config, run, save_adapter
-from decomp_jax.runs import export_merged, restore_run
+from decomp_jax import guards
+from decomp_jax.training import checkpoint
+from decomp_jax.app import cli
+from decomp_jax.app.experiment import evaluate_run, load_config, run, save_adapter
+from decomp_jax.app.runs import export_merged, restore_run
 
 from conftest import DATA, REPO
 
@@ -121,7 +123,7 @@ def test_evaluation_refuses_nonfinite_outputs_and_adapters(tiny_model_dir, tmp_p
     with pytest.raises(guards.NonFiniteError, match=rf"adapter.safetensors holds NaN or inf in 1 leaves \({name}\)"):
         evaluate_run(out)
     # the evaluation itself: NaN logits are refused, not scored as class 0
-    from decomp_jax.experiment import Task
+    from decomp_jax.app.experiment import Task
 
     task = Task(tiny_config(tiny_model_dir, out), need_train=False)
     nan = jax_tree_map(lambda x: x * jnp.nan, task.trainable)
@@ -295,7 +297,7 @@ def test_merged_export_is_atomic(tiny_model_dir, tmp_path, monkeypatch):
     merged = tmp_path / "merged"
     export_merged(restored, merged)
     before = {p.name: p.read_bytes() for p in merged.iterdir()}
-    import decomp_jax.runs as runs
+    import decomp_jax.app.runs as runs
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")

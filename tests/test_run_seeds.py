@@ -10,9 +10,9 @@ import pytest
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file
 
-from decomp_jax import cli
-from decomp_jax.config import ConfigError
-from decomp_jax.experiment import _seed_runs, evaluate_run, load_config, run, run_seeds
+from decomp_jax.app import cli
+from decomp_jax.errors import ConfigError
+from decomp_jax.app.experiment import _seed_runs, evaluate_run, load_config, run, run_seeds
 
 from conftest import DATA, REPO
 
@@ -53,7 +53,7 @@ def headless_dir(tiny_model_dir, tmp_path_factory):
     from transformers import BertConfig
 
     from decomp_jax.models.bert import BertModel, from_hf_config
-    from decomp_jax.models.hf import torch_state_dict
+    from decomp_jax.models.names import torch_state_dict
 
     folder = tmp_path_factory.mktemp("headless")
     config = BertConfig.from_pretrained(tiny_model_dir)
@@ -111,7 +111,7 @@ def test_a_stopped_group_resumes_seed_by_seed(tiny_model_dir, tmp_path):
     seeds = [3, 4]
     extra = ("train.save_every=2",)
     cfgs = [config(tiny_model_dir, tmp_path / f"g{s}", s, *extra) for s in seeds]
-    import decomp_jax.experiment as ex
+    import decomp_jax.app.experiment as ex
 
     real_train = ex._train
 

@@ -5,9 +5,9 @@ import shutil
 import numpy as np
 import pytest
 
-from decomp_jax import cli
-from decomp_jax.experiment import Task, load_config, run
-from decomp_jax.runs import adapted_apply, restore_run
+from decomp_jax.app import cli
+from decomp_jax.app.experiment import Task, load_config, run
+from decomp_jax.app.runs import adapted_apply, restore_run
 
 from conftest import DATA, REPO
 
@@ -37,7 +37,7 @@ def test_restore_run_reproduces_the_final_metrics(finished_run):
         restore_run(out / "config.yaml")
     # the restored adapter is the trained one: eval on the same rows as the run gives its metrics
     task = Task(restored.cfg, need_train=False)
-    from decomp_jax.inject import partition
+    from decomp_jax.core.inject import partition
 
     trainable, buffers, frozen = partition(restored.params, restored.cfg.adapter)
     task.frozen = frozen
@@ -61,7 +61,7 @@ def test_merge_cli_writes_pytorch_weights_with_the_same_outputs(finished_run, tm
 def test_merged_safetensors_load_in_pytorch(finished_run, tmp_path):
     torch = pytest.importorskip("torch")
     out, _, batch = finished_run
-    from decomp_jax.runs import export_merged
+    from decomp_jax.app.runs import export_merged
     from transformers import BertForSequenceClassification
 
     export_merged(restore_run(out), tmp_path)

@@ -10,8 +10,8 @@ import optax
 import pytest
 
 import decomp_jax as dj
-from decomp_jax.config import ConfigError
-from decomp_jax.inject import scan_roots, unstack_view
+from decomp_jax.errors import ConfigError
+from decomp_jax.core.tree import scan_roots, unstack_view
 from decomp_jax.models.llama import (LlamaConfig, LlamaForCausalLM, init_cache, init_params,
                                      stack_layers,
                                      unstack_layers)

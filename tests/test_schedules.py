@@ -7,10 +7,10 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 import decomp_jax as dj
-from decomp_jax.inject import set_leaves
-from decomp_jax.methods import adalora, dash, flexlora
+from decomp_jax.core.tree import set_leaves
+from decomp_jax.core.methods import adalora, dash, flexlora
 from decomp_jax.models.hf import sequence_classifier_apply
-from decomp_jax.train import classification_loss
+from decomp_jax.training.losses import classification_loss
 
 from conftest import run_steps
 
@@ -45,7 +45,7 @@ def test_mask_to_budget_masks_exactly_the_lowest_scores():
 
 
 def _layers(params, cfg):
-    from decomp_jax.inject import adapted_layers
+    from decomp_jax.core.inject import adapted_layers
 
     return dict(adapted_layers(params, cfg))
 

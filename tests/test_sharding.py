@@ -1,4 +1,4 @@
-"""decomp_jax.sharding: meshes, partition rules, factor specs for every method, train-state shardings,
+"""decomp_jax.parallel.sharding: meshes, partition rules, factor specs for every method, train-state shardings,
 placement; and (in subprocesses with 8 simulated CPU devices) training on meshes equal to one device."""
 
 import json
@@ -15,9 +15,10 @@ from flax.traverse_util import flatten_dict
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 import decomp_jax as dj
-from decomp_jax import methods, sharding as sh
-from decomp_jax.config import ConfigError
-from decomp_jax.inject import adapted_layers
+from decomp_jax.core import methods
+from decomp_jax import sharding as sh
+from decomp_jax.errors import ConfigError
+from decomp_jax.core.inject import adapted_layers
 
 from conftest import REPO
 
@@ -273,7 +274,7 @@ def test_batch_sharding_and_place_from_a_memmap(tmp_path):
         sh.batch_sharding({"x": np.zeros((6, 2))}, big, strict=True)
     from safetensors.numpy import save_file
 
-    from decomp_jax.convert import read_safetensors
+    from decomp_jax.models.convert import read_safetensors
 
     values = {"w": np.arange(24, dtype=np.float32).reshape(4, 6), "b": np.ones((6,), np.float32)}
     save_file(values, str(tmp_path / "w.safetensors"))
@@ -399,7 +400,7 @@ def test_every_method_on_every_mesh():
 
 
 def test_runner_mesh_config_errors(tiny_model_dir, tmp_path):
-    from decomp_jax.experiment import load_config
+    from decomp_jax.app.experiment import load_config
 
     from conftest import DATA
 

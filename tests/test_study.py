@@ -1,4 +1,4 @@
-"""Studies (decomp_jax.study, issue 15): grid expansion with presets and per-task overrides, sharding,
+"""Studies (decomp_jax.app.sweep, issue 15): grid expansion with presets and per-task overrides, sharding,
 resume of a partly finished study, failures recorded without stopping the others, and the report's
 aggregation maths against hand-computed values on a tiny fake study. The cells here run a fake
 command (a few lines of Python writing metrics.json); one test runs real `decomp-jax train` cells."""
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from decomp_jax import study
-from decomp_jax.cli import main
-from decomp_jax.config import ConfigError
+from decomp_jax.app import sweep as study
+from decomp_jax.app.cli import main
+from decomp_jax.errors import ConfigError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
@@ -316,7 +316,7 @@ def test_sigterm_stops_the_running_cells(tmp_path):
     path = write_study(tmp_path)
     cell = tmp_path / "slow_cell.py"
     cell.write_text("import os, sys, time, pathlib\npathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\ntime.sleep(60)\n")
-    code = (f"import sys; from decomp_jax import study\nspec = study.load_study({str(path)!r})\n"
+    code = (f"import sys; from decomp_jax.app import sweep as study\nspec = study.load_study({str(path)!r})\n"
             f"spec.grid = {{'task': ['rte'], 'method': ['lora'], 'train.seed': [0]}}\n"
             f"study.sweep(spec, poll_s=0.05, log=lambda m: print(m, flush=True), command=lambda d, c, r: "
             f"[sys.executable, {str(cell)!r}, {str(tmp_path / 'pid')!r}])")
@@ -337,7 +337,8 @@ def test_sigterm_stops_the_running_cells(tmp_path):
 def test_cli_sweep_stops_without_a_traceback(tmp_path, monkeypatch, capsys):
     """Interrupted (Ctrl-C, or SIGTERM, which the sweep turns into the same), `decomp-jax sweep` exits 130
     after the sweep's own message, with no traceback."""
-    from decomp_jax import cli, study
+    from decomp_jax.app import cli
+    from decomp_jax.app import sweep as study
 
     def interrupted(spec, **kwargs):
         print("[sweep] interrupted: 2 running cell(s) stopped; run the same command again to resume them")

@@ -9,7 +9,7 @@ from flax.traverse_util import flatten_dict
 
 import decomp_jax as dj
 from decomp_jax.models.hf import sequence_classifier_apply
-from decomp_jax.train import classification_loss
+from decomp_jax.training.losses import classification_loss
 
 from conftest import run_steps
 

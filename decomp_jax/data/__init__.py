@@ -19,8 +19,6 @@ from decomp_jax.data.glue import (
 
 def check_train_size(num_examples: int, cfg) -> None:
     """Stop before the model loads when the training set of an experiment config cannot fill one batch."""
-    from decomp_jax.config import ConfigError
-
     if num_examples < cfg.train.batch_size:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is larger than the {num_examples} training examples "
@@ -51,7 +49,6 @@ from decomp_jax.data.commonsense import (  # noqa: E402
     COMMONSENSE_DATASETS,
     COMMONSENSE_MIXTURE,
     CommonsenseExample,
-    causal_lm_loss,
     eval_batches,
     extract_answer,
     load_commonsense,
@@ -59,13 +56,13 @@ from decomp_jax.data.commonsense import (  # noqa: E402
     tokenize_prompts,
     tokenize_train,
 )
+from decomp_jax.errors import ConfigError
 
 __all__ += [
     "commonsense",
     "COMMONSENSE_DATASETS",
     "COMMONSENSE_MIXTURE",
     "CommonsenseExample",
-    "causal_lm_loss",
     "eval_batches",
     "extract_answer",
     "load_commonsense",

@@ -64,7 +64,6 @@ __all__ = [
     "decode_generations",
     "extract_answer",
     "accuracy",
-    "causal_lm_loss",
 ]
 
 # --------------------------------------------------------------------------- registry
@@ -682,7 +681,7 @@ def train_batch(data: TokenizedSet, step: int, batch_size: int, seed: int = 0,
     slots = response_slots(max(int(np.sum(data.loss_mask[i][1:])) for i in idx), length)
     idx = idx if rows is None else idx[rows]
     ids, attn, lmask = _pad_rows(data, idx, length, left=False)
-    loss_index, loss_targets, loss_weights = _loss_slots(ids, lmask, slots)
+    loss_index, loss_targets, loss_weights = loss_slots(ids, lmask, slots)
     return {
         "input_ids": ids,
         "attention_mask": attn,
@@ -706,7 +705,7 @@ def response_slots(count: int, length: int) -> int:
     return min(slots, int(length))
 
 
-def _loss_slots(ids: np.ndarray, lmask: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def loss_slots(ids: np.ndarray, lmask: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(loss_index, loss_targets, loss_weights)`` ``(B, slots)`` of right-padded rows (see train_batch)."""
     b = len(ids)
     index = np.zeros((b, slots), np.int32)
@@ -801,66 +800,3 @@ def accuracy(dataset: str | CommonsenseSpec | None, generations: Sequence[str], 
 
 
 # --------------------------------------------------------------------------- loss
-
-
-def causal_lm_loss(logits: Any, batch: Mapping[str, Any]) -> Any:
-    """Mean next-token cross-entropy over the loss-masked tokens, in float32 (JAX).
-
-    ``logits`` ``(B, L, V)`` are the model outputs for ``batch["input_ids"]`` ``(B, L)``;
-    ``logits[:, t]`` predicts token ``t+1``, scored where ``batch["loss_mask"][:, t+1]`` is 1
-    (times ``batch["weights"][b]`` when present). The mean is over all scored tokens of the batch
-    (token-level, as Hugging Face's causal-LM loss); 0 when none are scored.
-    """
-    import jax.numpy as jnp
-
-    logits = jnp.asarray(logits, jnp.float32)[:, :-1]
-    targets = jnp.asarray(batch["input_ids"], jnp.int32)[:, 1:]
-    mask = jnp.asarray(batch["loss_mask"], jnp.float32)[:, 1:]
-    if "weights" in batch:
-        mask = mask * jnp.asarray(batch["weights"], jnp.float32)[:, None]
-    return _masked_nll(logits, targets, mask)
-
-
-def _masked_nll(logits, targets, mask):
-    import jax
-    import jax.numpy as jnp
-
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return _masked_mean(log_z - picked, mask)
-
-
-def _masked_mean(values, mask):
-    import jax.numpy as jnp
-
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def _response_mask(batch: Mapping[str, Any]) -> Any:
-    import jax.numpy as jnp
-
-    mask = jnp.asarray(batch["loss_weights"], jnp.float32)
-    if "weights" in batch:
-        mask = mask * jnp.asarray(batch["weights"], jnp.float32)[:, None]
-    return mask
-
-
-def response_loss(logits: Any, batch: Mapping[str, Any]) -> Any:
-    """:func:`causal_lm_loss` from the logits at the scored positions only: ``logits`` ``(B, R, V)`` are
-    the model's outputs at ``batch["loss_index"]`` (``LlamaForCausalLM(..., logits_at=batch["loss_index"])``),
-    scored against ``loss_targets`` where ``loss_weights`` (times ``weights``) is 1. Equal to
-    ``causal_lm_loss`` of the full logits; the head's matmul and the log-softmax run on ``R`` positions
-    instead of ``L``."""
-    import jax.numpy as jnp
-
-    return _masked_nll(jnp.asarray(logits, jnp.float32), jnp.asarray(batch["loss_targets"], jnp.int32),
-                       _response_mask(batch))
-
-
-def response_nll_loss(nll: Any, batch: Mapping[str, Any]) -> Any:
-    """:func:`response_loss` from the per-token negative log-likelihoods ``(B, R)`` the model returns with
-    ``logits_at=batch["loss_index"], targets=batch["loss_targets"]`` (optionally ``chunk=``: the
-    logits are never held whole)."""
-    import jax.numpy as jnp
-
-    return _masked_mean(jnp.asarray(nll, jnp.float32), _response_mask(batch))

@@ -37,7 +37,6 @@ paths and PyTorch module names live in one ``Arch`` entry per architecture (``AR
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -51,13 +50,23 @@ import numpy as np
 from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from decomp_jax import named, quant
-from decomp_jax.config import AdapterConfig, ConfigError
+from decomp_jax import quant
+from decomp_jax.core import named
+from decomp_jax.errors import ConfigError
+from decomp_jax.core.config import AdapterConfig
 from decomp_jax.guards import (FileFormatError, atomic_folder, atomic_save_safetensors, atomic_write_text, check_finite,
                                load_safetensors, read_json)
-from decomp_jax.inject import (TOKEN_LEAF, adapted_layers, find_targets, inject, layer_paths, matrix_leaf, oriented,
-                               path_str, scan_roots, table_paths, token_tables, unstack_view)
-from decomp_jax.methods import get
+from decomp_jax.core.inject import adapted_layers, find_targets, inject, token_tables
+from decomp_jax.core.tree import (
+    TOKEN_LEAF, layer_paths, matrix_leaf, oriented, path_str, scan_roots, table_paths, unstack_view,
+)
+from decomp_jax.core.methods import get
+from decomp_jax.core.inject import attach
+from decomp_jax.models.names import Arch, Path, PeftFormatError, get_arch
+from decomp_jax.core.methods.adalora import target_rank
+from decomp_jax.core.methods.prompt import llama_dims, p_tuning_embeddings
+from decomp_jax.core.prompts import fold_prefix
+from decomp_jax.models.convert import safetensors_header
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -79,88 +88,8 @@ PROMPT_IMPORTS = {"PROMPT_TUNING": "prompt_tuning", "PREFIX_TUNING": "prefix_tun
 TIEABLE_TYPES = ("LORA", "ADALORA")  # the PEFT configs with ensure_weight_tying
 TIE_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES: the only names ensure_weight_tying reacts to
 
-Path = tuple[str, ...]
-
-
-class PeftFormatError(ConfigError):
-    """A PEFT adapter folder does not match the model or the format (missing, unexpected or
-    mis-shaped tensors, unsupported config fields); the message names them."""
-
 
 # --- architectures: Flax path <-> PyTorch module name ------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Arch:
-    """How one architecture's Flax params are named and laid out in its PyTorch model.
-
-    to_torch / from_torch: ``(pattern, replacement)`` regex substitutions applied in order to the
-        '.'-joined Flax module path (resp. to the PyTorch module name) where the two differ; the HF
-        BERT/RoBERTa/GPT-2/Llama Flax ports use the PyTorch names, so these are usually empty.
-    leaf_names: Flax leaf name -> PyTorch parameter name.
-    transposed: Flax leaves stored transposed in PyTorch (``kernel``: true of both ``nn.Linear`` and
-        GPT-2's ``Conv1D``, since HF's Flax ``Conv1D`` keeps its kernel as ``(d_out, d_in)``).
-    conv1d: regex over '/'-joined Flax module paths whose PyTorch layer is a ``Conv1D`` (weight
-        ``(d_in, d_out)``, GPT-2): PEFT then needs ``fan_in_fan_out: true``; its LoRA factors keep
-        the ``nn.Linear`` shapes.
-    task_type / head_modules: PEFT's task type for the sequence classifier, and the module names its
-        task wrapper adds to ``modules_to_save`` (they are saved whole, trained or not).
-    embedding / lm_head: for causal LMs, the Flax module path of the input embedding and the PyTorch
-        name of the output layer; when the params hold no ``lm_head`` the head is tied to the
-        embedding (one matrix) and the PEFT format needs both names (see ``_tied_embedding``).
-    """
-
-    name: str
-    task_type: str = "SEQ_CLS"
-    head_modules: tuple[str, ...] = ("classifier", "score")
-    to_torch: tuple[tuple[str, str], ...] = ()
-    from_torch: tuple[tuple[str, str], ...] = ()
-    leaf_names: Mapping[str, str] = dataclasses.field(
-        default_factory=lambda: {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding": "weight"}
-    )
-    transposed: tuple[str, ...] = ("kernel",)
-    conv1d: Optional[str] = None
-    embedding: Optional[Path] = None
-    lm_head: str = "lm_head"
-
-    def torch_module(self, path: Path) -> str:
-        name = ".".join(path)
-        for pattern, repl in self.to_torch:
-            name = re.sub(pattern, repl, name)
-        return name
-
-    def is_conv1d(self, path: Path) -> bool:
-        return bool(self.conv1d and re.search(self.conv1d, path_str(path)))
-
-    def torch_leaf(self, path: Path) -> tuple[str, bool]:
-        """``(PyTorch parameter name, transpose?)`` of the Flax leaf at ``path``."""
-        *module, leaf = path
-        if leaf not in self.leaf_names:
-            raise PeftFormatError(f"No PyTorch name for the Flax leaf {path_str(path)!r} in arch {self.name!r}.")
-        return f"{self.torch_module(tuple(module))}.{self.leaf_names[leaf]}", leaf in self.transposed
-
-
-# GPT-2 (GPT2LMHeadModel, tied head) and Llama (decomp_jax.models.llama.LlamaForCausalLM, whose Flax
-# paths are the PyTorch names with layers.N written layers_N) are causal LMs: no task head.
-ARCHS: dict[str, Arch] = {
-    "bert": Arch("bert"),
-    "roberta": Arch("roberta"),
-    # (with a score head: GPT2ForSequenceClassification, decomp_jax.models.gpt2: PEFT's SEQ_CLS)
-    "gpt2": Arch("gpt2", task_type="CAUSAL_LM", head_modules=("classifier", "score"), conv1d=r"(c_attn|c_proj|c_fc)$",
-                 embedding=("transformer", "wte")),
-    # (a Llama with a ``score`` head is LlamaForSequenceClassification: PEFT's SEQ_CLS)
-    "llama": Arch(
-        "llama", task_type="CAUSAL_LM", head_modules=("classifier", "score"), embedding=("model", "embed_tokens"),
-        to_torch=((r"(^|\.)layers_(\d+)(?=\.|$)", r"\1layers.\2"),),
-        from_torch=((r"(^|\.)layers\.(\d+)(?=\.|$)", r"\1layers_\2"),),
-        leaf_names={"kernel": "weight", "bias": "bias", "weight": "weight", "embedding": "weight"},
-    ),
-}
-
-
-def get_arch(arch: str) -> Arch:
-    if arch not in ARCHS:
-        raise ConfigError(f"arch={arch!r} is not supported for the PEFT format; choose one of {sorted(ARCHS)}.")
-    return ARCHS[arch]
 
 
 # --- per-method tensors: (PEFT leaf suffix, our factor leaf, to_torch, to_flax) --------------------
@@ -532,7 +461,7 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
     p-tuning's encoder is run (PEFT saves its output, the virtual tokens). ``model_config``
     (the ``LlamaConfig``) fills ``num_attention_heads``; without it PEFT takes it from the base model.
 
-    ``name``: adapter ``name`` of a tree of several (``decomp_jax.named``), written as PEFT's
+    ``name``: adapter ``name`` of a tree of several (``decomp_jax.core.named``), written as PEFT's
     ``save_pretrained`` writes it: ``"default"`` in ``out_dir``, any other in ``out_dir/<name>`` (the
     adapters already there stay when the default is written).
     """
@@ -684,7 +613,6 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
             feedforward = _target_suffixes(inputs, _module_names(flat, spec)) if inputs else []
         config = {**_IA3_CONFIG, **common, "feedforward_modules": feedforward}
     elif cfg.method == "adalora":
-        from decomp_jax.methods.adalora import target_rank
 
         r = cfg.rank
         config = {
@@ -734,8 +662,6 @@ def _tied_head_lora(layer, spec: Arch) -> dict[str, np.ndarray]:
 
 def _export_prompt(params, cfg: AdapterConfig, out_dir: str, spec: Arch, base_model_name_or_path: str,
                    model_config, overwrite: bool = False) -> None:
-    from decomp_jax.methods.prompt import llama_dims
-    from decomp_jax.prompts import fold_prefix
 
     if spec.name != "llama":
         raise ConfigError(f"Method {cfg.method!r} runs on decomp_jax.models.llama only; export it with arch='llama'.")
@@ -758,7 +684,6 @@ def _export_prompt(params, cfg: AdapterConfig, out_dir: str, spec: Arch, base_mo
         config = {**_PROMPT_TUNING_CONFIG, **common, "num_virtual_tokens": int(embedding.shape[0]),
                   "token_dim": dims["hidden"], "num_attention_heads": heads}
     elif cfg.method == "p_tuning":  # PEFT saves the encoder's output (and loads it without an encoder)
-        from decomp_jax.methods.prompt import p_tuning_embeddings
 
         embedding = _np(p_tuning_embeddings(leaves))
         config = {**_P_TUNING_CONFIG, **common, "num_virtual_tokens": int(embedding.shape[0]),
@@ -778,8 +703,6 @@ def _export_prompt(params, cfg: AdapterConfig, out_dir: str, spec: Arch, base_mo
 
 
 def _import_prompt(in_dir: str, config: dict, stored: dict, base_params):
-    from decomp_jax.methods.prompt import llama_dims
-
     method = PROMPT_IMPORTS[config["peft_type"]]
     if int(config.get("num_transformer_submodules") or 1) != 1:
         raise PeftFormatError(f"num_transformer_submodules={config['num_transformer_submodules']}: only decoder-only "
@@ -855,7 +778,6 @@ def _read(in_dir: str) -> tuple[dict, dict[str, np.ndarray], str]:
                               f"writes; {READ_FIX}.")
     weights = os.path.join(in_dir, WEIGHTS_NAME)
     if os.path.isfile(weights):
-        from decomp_jax.convert import safetensors_header
 
         safetensors_header(weights, READ_FIX)  # a truncated file: says so, with its size
         return config, load_safetensors(weights, READ_FIX), weights
@@ -1142,7 +1064,7 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
     ``adapter_model.bin`` (read with torch when it is installed; otherwise an error says so).
 
     ``name``: add the adapter under that name to ``base_params`` (which may hold other adapters:
-    ``decomp_jax.named``); it is read from ``in_dir/<name>`` when that is an adapter folder (PEFT's
+    ``decomp_jax.core.named``); it is read from ``in_dir/<name>`` when that is an adapter folder (PEFT's
     layout for a name other than ``default``), else from ``in_dir`` (or ``subfolder``).
     """
     if name is not None:
@@ -1151,7 +1073,7 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
             subfolder = name
         params, cfg = import_peft(in_dir, named.select(base_params, None), arch=arch,
                                   base_model_name_or_path=base_model_name_or_path, subfolder=subfolder)
-        return named.attach(base_params, params, cfg, name), cfg
+        return attach(base_params, params, cfg, name), cfg
     spec = get_arch(arch)
     in_dir = adapter_folder(os.fspath(in_dir), subfolder)
     config, stored, weights_path = _read(in_dir)

@@ -1,7 +1,5 @@
-"""The method registry: ``get(name)``, ``names()``, and one module per family or stateful method."""
+"""Moved to ``decomp_jax.core.methods`` (this alias of the old path goes in the next release)."""
 
-from decomp_jax.methods.base import Method, Schedule, get, names, register, registry
-from decomp_jax.methods import adalora, adapters, dash, dora, flexlora, lowrank, scaling, spectral  # noqa: F401  (register)
-from decomp_jax.methods import prompt  # noqa: F401  (prompt_tuning, prefix_tuning: kind="prompt")
+from decomp_jax.moved import redirect
 
-__all__ = ["Method", "Schedule", "get", "names", "register", "registry"]
+redirect(__name__)

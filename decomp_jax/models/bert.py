@@ -39,8 +39,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from decomp_jax.models.names import encoder_arch, ROBERTA_TYPES, save_classifier_config, torch_state_dict
 
-ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
 DROPOUT_IMPLS = ("hash", "threefry")
 ATTENTION_DROPOUT = ("shared", "full")
 
@@ -493,7 +493,6 @@ class NativeSequenceClassifier:
 
         from safetensors.numpy import save_file
 
-        from decomp_jax.models.hf import encoder_arch, save_classifier_config, torch_state_dict
 
         if isinstance(self.config, NativeBertConfig):
             raise ValueError("save_pretrained needs a transformers config (config.json); build the model from one")

@@ -16,9 +16,9 @@ Written configs use the 4.x spelling, which transformers 5 reads too.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
-from decomp_jax.config import ConfigError
+from decomp_jax.errors import ConfigError
 
 
 class UnsupportedConfigError(ConfigError):

@@ -24,6 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from decomp_jax.models.llama import ScoredHead, last_token_hidden, mask_positions, prompt_buffer, token_finisher
+from decomp_jax.guards import atomic_save_safetensors
+from decomp_jax.models.bert import ACTIVATIONS
+from decomp_jax.models.names import read_torch_weights
+from decomp_jax.models.names import get_arch, torch_state_dict
 
 
 class Conv1D(nn.Module):
@@ -43,8 +47,6 @@ class Conv1D(nn.Module):
 
 
 def _activation(name: str):
-    from decomp_jax.models.bert import ACTIVATIONS
-
     if name not in ACTIVATIONS:
         raise ValueError(f"config.json: activation_function={name!r} is not supported; use one of {sorted(ACTIVATIONS)}.")
     return ACTIVATIONS[name]
@@ -74,7 +76,6 @@ def _block_class(remat: bool, scanned: bool):
 
 class Blocks(nn.Module):
     """The blocks, named ``0``, ``1``, ... (params ``h/{i}/...``), each under ``nn.remat`` with ``remat``."""
-
     config: object
     param_dtype: object = jnp.float32
     remat: bool = False
@@ -359,7 +360,6 @@ def _load_gpt2(folder: str, model, weights: dict) -> dict:
     ``interop.peft.ARCHS["gpt2"]``, with or without the ``transformer.`` prefix."""
     from flax.traverse_util import flatten_dict, unflatten_dict
 
-    from decomp_jax.interop.peft import get_arch
 
     ids = jnp.zeros((1, 2), jnp.int32)
     shapes = flatten_dict(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids))["params"])
@@ -387,8 +387,6 @@ def save_gpt2_lm(folder, config, params, tokenizer=None) -> None:
     import copy
     from pathlib import Path
 
-    from decomp_jax.guards import atomic_save_safetensors
-    from decomp_jax.models.hf import torch_state_dict
 
     config = copy.deepcopy(config)
     config.architectures = ["GPT2LMHeadModel"]
@@ -404,7 +402,6 @@ def load_gpt2_classifier(folder: str):
     model.safetensors, or its shard index), names mapped by ``interop.peft.ARCHS["gpt2"]``."""
     from transformers import GPT2Config
 
-    from decomp_jax.models.hf import read_torch_weights
 
     weights = read_torch_weights(folder)
     score = weights.get("score.weight")
@@ -425,7 +422,6 @@ def load_gpt2_lm(folder: str, *, scan_layers: bool = False, remat: bool = False,
     activations in the backward pass."""
     from transformers import GPT2Config
 
-    from decomp_jax.models.hf import read_torch_weights
 
     weights = read_torch_weights(folder)
     if "score.weight" in weights:

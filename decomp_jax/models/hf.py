@@ -17,7 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decomp_jax.models.bert import seeded_key
+from decomp_jax.models.bert import (
+    BertForSequenceClassification, BertForTokenClassification, BertModel, from_hf_config, native_like, native_support,
+    NativeSequenceClassifier, seeded_key,
+)
+from decomp_jax.models.names import encoder_arch, get_arch
+from decomp_jax.models.names import read_torch_weights
 
 # Target presets per architecture family: the paper's six linear layers per block, and subsets.
 TARGET_PRESETS = {
@@ -183,7 +188,6 @@ def load_sequence_classifier(name: str, num_labels: int, dtype: str = "float32",
     if backbone == "hf":
         model = _hf_flax_classifier(path, config, dtype, seed)
         return model, model.params, AutoTokenizer.from_pretrained(path)
-    from decomp_jax.models.bert import NativeSequenceClassifier, native_support
 
     problem = native_support(config)
     if problem is not None:
@@ -210,37 +214,6 @@ def _hf_flax_classifier(path: str, config, dtype: str, seed: int):
     with quiet_transformers():  # the "newly initialized head" warning is expected here
         return FlaxAutoModelForSequenceClassification.from_pretrained(
             path, config=config, from_pt=from_pt, dtype=getattr(jnp, dtype), seed=seed)
-
-
-def encoder_arch(config) -> str:
-    """The ``interop.peft.ARCHS`` key whose names an encoder config's params use (XLM-RoBERTa and
-    CamemBERT name their params as RoBERTa)."""
-    from decomp_jax.models.bert import ROBERTA_TYPES
-
-    model_type = getattr(config, "model_type", "bert")
-    return "roberta" if model_type in ROBERTA_TYPES else model_type
-
-
-def read_torch_weights(folder: str) -> dict:
-    """``{PyTorch name: numpy array}`` from ``folder``'s ``model.safetensors`` or the shards named by
-    ``model.safetensors.index.json``."""
-    import json
-
-    from safetensors.numpy import load_file
-
-    single = os.path.join(folder, "model.safetensors")
-    if os.path.isfile(single):
-        return load_file(single)
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        out = {}
-        for shard in shards:
-            out.update(load_file(os.path.join(folder, shard)))
-        return out
-    raise FileNotFoundError(f"{folder} holds no model.safetensors, model.safetensors.index.json nor "
-                            f"flax_model.msgpack; save the model with save_pretrained (safetensors) first.")
 
 
 def _flax_file_params(folder: str, prefix: str) -> dict:
@@ -273,7 +246,6 @@ def encoder_params(init: dict, config, folder: str) -> dict:
     ``bert.``/``roberta.`` prefix (a classifier's file), a prefixed module's without it (a base model's)."""
     from flax.traverse_util import flatten_dict, unflatten_dict
 
-    from decomp_jax.interop.peft import get_arch
 
     init = jax.device_get(init)
     arch = encoder_arch(config)
@@ -334,8 +306,6 @@ def load_encoder(folder: str, head: Optional[str] = "sequence", num_labels: Opti
     head the folder lacks is the seeded init (``module.init(seeded_key(seed))``)."""
     from transformers import AutoConfig
 
-    from decomp_jax.models.bert import (BertForSequenceClassification, BertForTokenClassification, BertModel,
-                                        from_hf_config)
 
     if head not in ENCODER_HEADS:
         raise ValueError(f"head={head!r} is unknown; choose one of {ENCODER_HEADS}.")
@@ -348,42 +318,10 @@ def load_encoder(folder: str, head: Optional[str] = "sequence", num_labels: Opti
     return module, encoder_params(init, config, folder), config
 
 
-def save_classifier_config(config, folder) -> None:
-    """``config.json`` of a sequence classifier, naming the PyTorch class that reads its weights."""
-    import copy
-
-    config = copy.deepcopy(config)
-    config.architectures = [{"bert": "BertForSequenceClassification", "roberta": "RobertaForSequenceClassification",
-                             "xlm-roberta": "XLMRobertaForSequenceClassification",
-                             "camembert": "CamembertForSequenceClassification",
-                             "gpt2": "GPT2ForSequenceClassification"}.get(config.model_type, "AutoModel")]
-    config.save_pretrained(folder)
-
-
-def torch_state_dict(params, arch: str) -> dict:
-    """The PyTorch ``state_dict`` of our Flax params: names and layouts from the architecture's
-    table in ``interop.peft.ARCHS`` (kernels transposed, ``scale``/``embedding`` -> ``weight``)."""
-    from flax.traverse_util import flatten_dict
-
-    from decomp_jax.config import ConfigError
-    from decomp_jax.interop.peft import get_arch
-
-    spec = get_arch(arch)
-    out = {}
-    for path, value in flatten_dict(jax.device_get(params)).items():
-        name, transpose = spec.torch_leaf(path)
-        value = np.asarray(value)
-        if transpose and value.ndim != 2:
-            raise ConfigError(f"{'/'.join(path)}: a {value.ndim}-D kernel has no PyTorch Linear layout.")
-        out[name] = np.ascontiguousarray(value.T if transpose else value)
-    return out
-
-
 def with_backbone(model, backbone: str = "auto"):
     """``model`` (our ``NativeSequenceClassifier``, or a transformers Flax sequence classifier with
     backbone: hf) run by the chosen code (see ``load_sequence_classifier``); the params are shared,
     not copied."""
-    from decomp_jax.models.bert import NativeSequenceClassifier, native_like, native_support
 
     check_backbone(backbone)
     if isinstance(model, NativeSequenceClassifier):

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decomp_jax.models.families import ROPE_TYPES, read_hf_config, write_hf_config
+from decomp_jax.quant import is_quantized
 
 
 def _freeze(value):
@@ -498,7 +499,6 @@ def resolve_mask(batch: int, length: int, attention_mask=None, cache=None, cache
 
 class LlamaModel(nn.Module):
     """The decoder stack: returns the final normed hidden states (and the new cache)."""
-
     config: LlamaConfig
 
     def setup(self):
@@ -768,7 +768,6 @@ def unstack_layers(params):
 def cast_params(params, dtype="bfloat16"):
     """Every floating leaf cast to ``dtype`` (a bfloat16 frozen base, say); a quantized kernel keeps its
     codes and scales and dequantizes to ``dtype``."""
-    from decomp_jax.quant import is_quantized
 
     dtype = jnp.dtype(dtype)
     return jax.tree_util.tree_map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params,

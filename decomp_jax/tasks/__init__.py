@@ -7,6 +7,7 @@ the experiment runner asks a task class for its metric names and its data checks
 adds no branch to the runner.
 """
 
+from decomp_jax.tasks.base import LM_TASK_NAMES
 from decomp_jax.tasks.commonsense import CommonsenseTask, dataset_names
 from decomp_jax.tasks.generation import GenerationTask
 from decomp_jax.tasks.glue import GlueTask
@@ -14,4 +15,4 @@ from decomp_jax.tasks.math import MathTask
 
 TASKS = {"commonsense": CommonsenseTask, "math": MathTask}
 
-__all__ = ["TASKS", "CommonsenseTask", "GenerationTask", "GlueTask", "MathTask", "dataset_names"]
+__all__ = ["LM_TASK_NAMES", "TASKS", "CommonsenseTask", "GenerationTask", "GlueTask", "MathTask", "dataset_names"]

@@ -10,13 +10,16 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from decomp_jax.causal_lm import load_for
+from decomp_jax.tasks.base import load_for
 from decomp_jax.data import check_train_size, commonsense as cs
-from decomp_jax.distributed import is_primary, to_host
-from decomp_jax.execution import adapt
-from decomp_jax.inject import combine, count_params, merge, partition
-from decomp_jax.methods import get
-from decomp_jax.quant import model_params
+from decomp_jax.parallel.distributed import is_primary, to_host
+from decomp_jax.core.execution import adapt
+from decomp_jax.core.inject import merge, partition
+from decomp_jax.core.tree import combine, count_params
+from decomp_jax.core.methods import get
+from decomp_jax.tasks.base import model_params
+from decomp_jax.training.losses import response_nll_loss
+from decomp_jax.models import gpt2, llama
 
 
 class GenerationTask:
@@ -95,7 +98,7 @@ class GenerationTask:
         (``train.loss_chunk`` of them at a time)."""
         nll = self.apply({"params": params}, batch["input_ids"], batch["attention_mask"], logits_at=batch["loss_index"],
                          targets=batch["loss_targets"], chunk=self.cfg.train.loss_chunk, rngs={"dropout": rng})
-        return cs.response_nll_loss(nll, batch), {}
+        return response_nll_loss(nll, batch), {}
 
     def generation_fn(self, params):
         """``(params, apply_fn)`` to decode with: the merged kernels when the method is mergeable
@@ -108,7 +111,6 @@ class GenerationTask:
     def generate(self, params, apply_fn, prompts: cs.TokenizedSet) -> list[str]:
         """Greedy continuations of tokenized ``prompts`` (decoded, cut at eos), in order; ``params,
         apply_fn`` as ``generation_fn`` returns them."""
-        from decomp_jax.models import gpt2, llama
 
         generate = gpt2.generate if isinstance(self.model, gpt2.GPT2LMHeadModel) else llama.generate
         d, tc = self.cfg.data, self.cfg.train

@@ -10,17 +10,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decomp_jax.config import ConfigError, _closest
+from decomp_jax.errors import ConfigError, closest
 from decomp_jax.data import check_train_size, glue
-from decomp_jax.distributed import to_host
-from decomp_jax.execution import adapt
+from decomp_jax.parallel.distributed import to_host
+from decomp_jax.core.execution import adapt
 from decomp_jax.guards import NonFiniteError
 from decomp_jax.models.llama import LlamaConfig
-from decomp_jax.inject import combine, count_params, partition
-from decomp_jax.metrics import TASK_METRICS, compute_metrics
+from decomp_jax.core.inject import partition
+from decomp_jax.core.tree import combine, count_params
+from decomp_jax.tasks.metrics import TASK_METRICS, compute_metrics
 from decomp_jax.models.hf import load_sequence_classifier, sequence_classifier_apply
-from decomp_jax.quant import model_params
-from decomp_jax.train import classification_loss, make_eval_step, regression_loss
+from decomp_jax.tasks.base import LM_TASK_NAMES, model_params
+from decomp_jax.training.train import make_eval_step
+from decomp_jax.training.losses import classification_loss, regression_loss
 
 
 class GlueTask:
@@ -61,13 +63,11 @@ class GlueTask:
     @classmethod
     def check(cls, d) -> None:
         """The data section of a GLUE experiment (raises ConfigError)."""
-        from decomp_jax.tasks import TASKS
-
         try:
             glue.get_task(d.task)
         except ValueError:
-            known = sorted({t.name for t in glue.TASKS.values()}) + list(TASKS)
-            raise ConfigError(f"data.task={d.task!r} is unknown.{_closest(d.task, known)} "
+            known = sorted({t.name for t in glue.TASKS.values()}) + list(LM_TASK_NAMES)
+            raise ConfigError(f"data.task={d.task!r} is unknown.{closest(d.task, known)} "
                               f"Choose one of {', '.join(known)}.") from None
         if d.path is None and d.hub is None:
             raise ConfigError("data needs `path` (a GLUE task folder, e.g. ../shared/data/glue/SST-2) or `hub: glue`.")

@@ -2,7 +2,7 @@
 
 They add no leaves beside kernels: their trainable leaves live in one subtree at the top of the
 params, ``params[name]`` (``kind="prompt"``), made by ``init(key, params, cfg)`` from the decoder's
-params (our Llama: ``decomp_jax.models.llama``). Execution is ``decomp_jax.prompts``.
+params (our Llama: ``decomp_jax.models.llama``). Execution is ``decomp_jax.core.prompts``.
 
 - ``prompt_tuning``: ``params["prompt_tuning"]["embedding"]`` (n, hidden), prepended to the input
   embeddings. ``options.init``: ``random`` (normal, std ``init_std``, default the std of the
@@ -13,7 +13,7 @@ params (our Llama: ``decomp_jax.models.llama``). Execution is ``decomp_jax.promp
   reparameterisation) the leaves are ``embedding`` (P, kv_dim) and an MLP ``dense_in`` (kv_dim ->
   encoder_hidden_size, default kv_dim; tanh) ``dense_out`` (-> 2 * num_layers * kv_dim), PyTorch
   ``nn.Linear`` init; PEFT's shapes (its ``token_dim`` is kv_heads * head_dim, = hidden without GQA);
-  ``decomp_jax.prompts.fold_prefix`` turns it into the plain ``key``/``value`` for inference.
+  ``decomp_jax.core.prompts.fold_prefix`` turns it into the plain ``key``/``value`` for inference.
 - ``p_tuning`` (PEFT's ``P_TUNING``): prompt tuning whose n virtual tokens are the output of a
   prompt encoder applied to a trainable ``embedding`` (n, hidden) (normal(1), PyTorch's
   ``nn.Embedding``). ``options.encoder_reparameterization_type``: ``MLP`` (``mlp_0``..``mlp_2``:
@@ -32,14 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
 
-from decomp_jax.methods.base import Method, register
+from decomp_jax.core.methods.base import Method, register
+from decomp_jax.errors import ConfigError
 
 PROMPT_INITS = ("random", "vocab", "text")
 
 
 def _error(message: str):
-    from decomp_jax.config import ConfigError
-
     return ConfigError(message)
 
 

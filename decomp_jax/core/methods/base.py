@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from decomp_jax.errors import ConfigError
 
 
 class Schedule(NamedTuple):
@@ -68,7 +69,7 @@ class Method(NamedTuple):
     # (cfg, layer path) -> options that depend on the layer (ia3_mixed: which side it scales); the
     # layer's config (AdapterConfig.for_layer) carries them
     layer_options: Optional[Callable[[Any, str], Mapping[str, Any]]] = None
-    # "layer": the per-layer methods above. "prompt": prompt/prefix tuning (decomp_jax.prompts): the
+    # "layer": the per-layer methods above. "prompt": prompt/prefix tuning (decomp_jax.core.prompts): the
     # leaves live at params[name], ``init(key, params, cfg) -> that subtree``, and the layer hooks
     # (materialize, apply, ...) are unused; ``names()``/``registry()`` list them only when asked.
     kind: str = "layer"
@@ -108,7 +109,6 @@ def get(name: str) -> Method:
     except KeyError:
         near = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
         hint = f" Did you mean {near[0]!r}?" if near else ""
-        from decomp_jax.config import ConfigError
 
         raise ConfigError(f"Unknown method {name!r}.{hint} Known methods: {', '.join(names(None))}.") from None
 

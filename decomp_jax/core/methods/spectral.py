@@ -11,8 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from decomp_jax.methods.base import Method, additive, linear, register
-from decomp_jax.methods.lowrank import lora_delta, lora_path
+from decomp_jax.core.methods.base import Method, additive, linear, register
+from decomp_jax.core.methods.lowrank import lora_delta, lora_path
 
 
 def svd(kernel: jax.Array):

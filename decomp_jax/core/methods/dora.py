@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from decomp_jax.methods.base import Method, linear, register
-from decomp_jax.methods.lowrank import lora_delta, lora_init, lora_path
+from decomp_jax.core.methods.base import Method, linear, register
+from decomp_jax.core.methods.lowrank import lora_delta, lora_init, lora_path
 
 
 def column_norm(kernel: jax.Array) -> jax.Array:

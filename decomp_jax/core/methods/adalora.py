@@ -22,9 +22,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from decomp_jax.config import ConfigError
-from decomp_jax.methods.base import Schedule
-from decomp_jax.methods.lowrank import lowrank_method, normal_002
+from decomp_jax.errors import ConfigError
+from decomp_jax.core.methods.base import Schedule
+from decomp_jax.core.methods.lowrank import lowrank_method, normal_002
+from decomp_jax.core.tree import layers_with, set_leaves, unrolled_schedule
 
 OPTIONS = {"target_rank": None, "t_init": 0.1, "t_final": 0.2, "interval": 10, "beta1": 0.85, "beta2": 0.85}
 LEAVES = ("lora_a", "lora_e", "lora_b")
@@ -103,20 +104,18 @@ def mask_to_budget(scores: list, n_masked) -> list:
 def _schedule(cfg, total_steps: int) -> Schedule:
     from flax.traverse_util import flatten_dict, unflatten_dict
 
-    from decomp_jax.inject import adapted_layers, set_leaves
-
     b1, b2, interval = cfg.option("beta1"), cfg.option("beta2"), cfg.option("interval")
     t_init, end = phase_steps(cfg, total_steps)
 
     def init(params):
         # the EMAs mirror the adapter leaves; ``keep`` mirrors lora_e (checkpoint-friendly trees)
-        layers = dict(adapted_layers(params, cfg))
+        layers = dict(layers_with(params, cfg, ADALORA.factor_names))
         zeros = {p + (n,): jnp.zeros(layer[n].shape, jnp.float32) for p, layer in layers.items() for n in LEAVES}
         keep = {p + ("lora_e",): jnp.ones((cfg.rank,), bool) for p in layers}
         return {"ipt": unflatten_dict(zeros), "unc": unflatten_dict(zeros), "keep": unflatten_dict(keep)}
 
     def update(state, step, params, grads):
-        layers = dict(adapted_layers(params, cfg))
+        layers = dict(layers_with(params, cfg, ADALORA.factor_names))
         flat_grads = flatten_dict(grads)
         ipt, unc, keep = (flatten_dict(state[k]) for k in ("ipt", "unc", "keep"))
         smoothing = step < end
@@ -142,8 +141,6 @@ def _schedule(cfg, total_steps: int) -> Schedule:
             new_e[leaf] = jnp.where(apply_mask & ~keep[leaf], jnp.zeros_like(layer["lora_e"]), layer["lora_e"])
         new_state = {"ipt": unflatten_dict(ipt), "unc": unflatten_dict(unc), "keep": unflatten_dict(keep)}
         return new_state, set_leaves(params, new_e)
-
-    from decomp_jax.inject import unrolled_schedule
 
     return unrolled_schedule(Schedule(init, update), cfg)  # stacked (scanned) layers: run on the unrolled view
 

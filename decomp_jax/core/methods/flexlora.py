@@ -29,10 +29,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from decomp_jax.config import ConfigError
-from decomp_jax.methods.base import Method, Schedule, additive, linear, register
-from decomp_jax.methods.adalora import check_phases, phase_steps
-from decomp_jax.methods.lowrank import lowrank_path, normal_002
+from decomp_jax.errors import ConfigError
+from decomp_jax.core.methods.base import Method, Schedule, additive, linear, register
+from decomp_jax.core.methods.adalora import check_phases, phase_steps
+from decomp_jax.core.methods.lowrank import lowrank_path, normal_002
+from decomp_jax.core.tree import layers_with, path_str, scan_roots, set_leaves, unrolled_schedule, unstack_view
 
 OPTIONS = {"max_rank": None, "t_init": 0.1, "t_final": 0.2, "interval": 10, "b": 4, "b_decay": False, "seed": 0}
 
@@ -129,14 +130,13 @@ def _validate(cfg):
 
 
 def _schedule(cfg, total_steps: int) -> Schedule:
-    from decomp_jax.inject import adapted_layers, set_leaves, unrolled_schedule
 
     interval, b, decay = cfg.option("interval"), cfg.option("b"), cfg.option("b_decay")
     t_init, end = phase_steps(cfg, total_steps)
     slots = max_rank(cfg)
 
     def update(state, step, params, grads):
-        layers = sorted(adapted_layers(params, cfg), key=lambda item: item[0])  # path order (ties: the earlier)
+        layers = sorted(layers_with(params, cfg, FLEXLORA.factor_names), key=lambda item: item[0])  # path order (ties: the earlier)
         entropy = jnp.stack([spectral_entropy(layer["lora_e"], layer["active"]) for _, layer in layers])
         live = jnp.stack([jnp.sum(layer["active"]).astype(jnp.int32) for _, layer in layers])
         n = jnp.where(step % interval == 0, changes_at(step, b=b, decay=decay, t_init=t_init, end=end), 0)
@@ -183,7 +183,6 @@ FLEXLORA = register(Method(
 def live_ranks(params, cfg) -> dict[str, int] | None:
     """``{layer path: live rank}`` for the methods whose ranks change in training (FlexLoRA: its live
     slots; AdaLoRA: its unmasked triplets), in path order; None for the others."""
-    from decomp_jax.inject import adapted_layers, path_str, scan_roots, unstack_view
 
     if cfg.method not in ("flexlora", "adalora"):
         return None
@@ -191,4 +190,4 @@ def live_ranks(params, cfg) -> dict[str, int] | None:
     view = unstack_view(params, roots) if roots else params
     count = (lambda layer: jnp.sum(layer["active"] > 0)) if cfg.method == "flexlora" else (
         lambda layer: jnp.sum(layer["lora_e"] != 0))
-    return {path_str(path): int(count(layer)) for path, layer in sorted(adapted_layers(view, cfg))}
+    return {path_str(path): int(count(layer)) for path, layer in sorted(layers_with(view, cfg, FLEXLORA.factor_names))}

