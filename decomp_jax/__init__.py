@@ -15,23 +15,27 @@ Stateful methods (adalora, lora_dash) add ``partition`` (trainable, buffers, fro
 ``make_schedule(cfg, total_steps)``, passed to ``init_state`` and ``make_train_step``.
 """
 
+import sys
+
+from decomp_jax import named, sharding
 from decomp_jax.core import methods
-from decomp_jax import named
-from decomp_jax import sharding
-from decomp_jax.errors import ConfigError, ConfigTypeError
 from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.execution import adapt
-from decomp_jax.core.inject import adapter_leaves, find_targets, inject, merge, partition, trainable_mask, unmerge
-from decomp_jax.core.tree import combine, count_params, set_leaves, split
-from decomp_jax.interop import export_peft, import_peft
-from decomp_jax.core.methods import Schedule
-from decomp_jax.named import adapt_many, adapter_names, adapter_weights, attach, select
-from decomp_jax.core.penalties import penalty
-from decomp_jax.training.train import (
-    TrainState, init_state, make_eval_step, make_optimizer, make_schedule, make_train_step, set_lr_factor, stack_states,
-    unstack_state, with_lr_factor,
+from decomp_jax.core.inject import (
+    adapter_leaves, find_targets, inject, inject_quantized, merge, partition, trainable_mask, unmerge,
 )
+from decomp_jax.core.methods import Schedule
+from decomp_jax.core.penalties import penalty
+from decomp_jax.core.tree import combine, count_params, set_leaves, split
 from decomp_jax.core.weighted import add_weighted_adapter
+from decomp_jax.errors import ConfigError, ConfigTypeError
+from decomp_jax.interop import export_peft, import_peft
+from decomp_jax.moved import keep_public_names
+from decomp_jax.named import adapt_many, adapter_names, adapter_weights, attach, select
+from decomp_jax.training.train import (
+    TrainState, init_state, make_eval_step, make_optimizer, make_schedule, make_train_step, set_lr_factor,
+    stack_states, unstack_state, with_lr_factor,
+)
 
 __version__ = "0.1.0"
 
@@ -55,6 +59,7 @@ __all__ = [
     "import_peft",
     "init_state",
     "inject",
+    "inject_quantized",
     "make_eval_step",
     "make_optimizer",
     "make_schedule",
@@ -75,3 +80,5 @@ __all__ = [
     "unstack_state",
     "with_lr_factor",
 ]
+
+keep_public_names(sys.modules[__name__])  # `import decomp_jax.inject` (an old path) leaves dj.inject the function

@@ -17,7 +17,6 @@ MOVED = {
     "decomp_jax.prompts": "decomp_jax.core.prompts",
     "decomp_jax.penalties": "decomp_jax.core.penalties",
     "decomp_jax.weighted": "decomp_jax.core.weighted",
-    "decomp_jax.nnx": "decomp_jax.core.nnx",
     "decomp_jax.methods": "decomp_jax.core.methods",
     "decomp_jax.convert": "decomp_jax.models.convert",
     "decomp_jax.causal_lm": "decomp_jax.models.causal_lm",
@@ -44,3 +43,14 @@ def redirect(old: str) -> None:
     sys.modules[old] = module
     for info in pkgutil.iter_modules(getattr(module, "__path__", [])):
         sys.modules[f"{old}.{info.name}"] = importlib.import_module(f"{new}.{info.name}")
+
+
+def keep_public_names(package) -> None:
+    """An old path whose last part is also a public name of ``package`` (``decomp_jax.inject``: the module
+    moved, ``dj.inject`` is the function) is registered now as its new module, so that importing it later
+    never rebinds that name on the package (the import system sets a loaded submodule as an attribute
+    of its parent)."""
+    for old, new in MOVED.items():
+        parent, leaf = old.rsplit(".", 1)
+        if parent == package.__name__ and leaf in getattr(package, "__all__", ()) and new in sys.modules:
+            sys.modules.setdefault(old, sys.modules[new])

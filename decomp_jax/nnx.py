@@ -1,5 +1,6 @@
-"""Moved to ``decomp_jax.core.nnx`` (this alias of the old path goes in the next release)."""
+"""Flax NNX models (``decomp_jax.nnx``): an adapter injected into an NNX model object, in place, run in
+factored execution; the public face of ``core.nnx``."""
 
-from decomp_jax.moved import redirect
+from decomp_jax.core.nnx import SUPPORTED, AdapterBuffer, AdapterParam, adapted_class, inject, merge
 
-redirect(__name__)
+__all__ = ["AdapterBuffer", "AdapterParam", "SUPPORTED", "adapted_class", "inject", "merge"]

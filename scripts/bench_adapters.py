@@ -22,9 +22,9 @@ import time
 import jax
 import numpy as np
 
-import decomp_jax as dj
 from decomp_jax.app.bench import build_model, method_config, random_batch
 from decomp_jax.training.losses import classification_loss
+import decomp_jax as dj
 
 
 def median_time(call, steps: int) -> float:

@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import decomp_jax as dj
-from decomp_jax.models.causal_lm import load_causal_lm
-from decomp_jax.data import commonsense as cs
 from decomp_jax.core.execution import adapt
+from decomp_jax.data import commonsense as cs
 from decomp_jax.models import llama
+from decomp_jax.models.causal_lm import load_causal_lm
+from decomp_jax.training import losses
+import decomp_jax as dj
 
 ROUNDS, STEPS = (int(a) for a in (sys.argv[1:3] + ["4", "2"][len(sys.argv[1:3]):]))
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "commonsense")
@@ -50,11 +51,11 @@ def main():
     apply = adapt(model.apply, cfg)
 
     def full_loss(p, b, rng):
-        return cs.causal_lm_loss(apply({"params": p}, b["input_ids"], b["attention_mask"]), b), {}
+        return losses.causal_lm_loss(apply({"params": p}, b["input_ids"], b["attention_mask"]), b), {}
 
     def response(p, b, rng):
         logits = apply({"params": p}, b["input_ids"], b["attention_mask"], logits_at=b["loss_index"])
-        return cs.response_loss(logits, b), {}
+        return losses.response_loss(logits, b), {}
 
     opt = dj.make_optimizer(1e-4, 100, warmup_ratio=0.0)
     frozen = dj.combine(buffers, frozen)

@@ -16,9 +16,9 @@ import time
 import numpy as np
 
 from decomp_jax.app import bench_decoder as bd
+from decomp_jax.data import commonsense as cs
 from decomp_jax.models import convert
 from decomp_jax.models.causal_lm import load_causal_lm, resolve_llm
-from decomp_jax.data import commonsense as cs
 
 ROUNDS, STEPS = (int(a) for a in (sys.argv[1:3] + ["3", "2"][len(sys.argv[1:3]):]))
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "commonsense")

@@ -21,9 +21,9 @@ import tempfile
 import jax
 import numpy as np
 
-import decomp_jax as dj
 from decomp_jax.models.bert import NativeSequenceClassifier
 from decomp_jax.models.hf import native_params, sequence_classifier_apply
+import decomp_jax as dj
 
 ALL = r"attention/self/(query|key|value)$|attention/output/dense$|intermediate/dense$|layer/\d+/output/dense$"
 CASES = {

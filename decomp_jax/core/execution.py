@@ -26,14 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
 
-from decomp_jax.errors import ConfigError
 from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.inject import check_mergeable, merge
-from decomp_jax.core.tree import TOKEN_LEAF, is_transposed, kernel_in_axes, matrix_leaf, write_token_rows
 from decomp_jax.core.methods import get
 from decomp_jax.core.methods.base import linear
-from decomp_jax.quant import dequantize, is_quantized
 from decomp_jax.core.prompts import adapt_prompt
+from decomp_jax.core.tree import TOKEN_LEAF, is_transposed, kernel_in_axes, matrix_leaf, write_token_rows
+from decomp_jax.errors import ConfigError
+from decomp_jax.quant import dequantize, is_quantized
 
 MODES = ("factored", "merged")
 # the Linen layers factored execution intercepts, and whether each stores its kernel (d_out, d_in)

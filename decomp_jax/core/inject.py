@@ -21,13 +21,17 @@ from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax import quant
-from decomp_jax.errors import ConfigError
-from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core import named
+from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.methods import get, registry
-from decomp_jax.core.tree import Path, TOKEN_LEAF, bias_vector, by_layer, check_tree, count_params, flat_params, is_stacked, layer_key, layer_paths, layers_with, matrix_leaf, oriented, path_str, per_layer, restore_layout, split, table_paths, unrolled_path, write_token_rows
-from decomp_jax.quant import dequantize_params, quantize_params
 from decomp_jax.core.named import DEFAULT, SEP, adapter_names, check_name, named_path, owner_of, plain_path, select
+from decomp_jax.core.tree import (
+    TOKEN_LEAF, Path, bias_vector, by_layer, check_tree, count_params, flat_params, is_stacked, layer_key,
+    layer_paths, layers_with, matrix_leaf, oriented, path_str, per_layer, restore_layout, split, table_paths,
+    unrolled_path, write_token_rows,
+)
+from decomp_jax.errors import ConfigError
+from decomp_jax.quant import dequantize_params, quantize_params
 
 
 def _check_args(params, cfg, name: str = "params") -> None:

@@ -6,12 +6,12 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
-from decomp_jax.errors import ConfigError
 from decomp_jax.core.config import AdapterConfig
-from decomp_jax.core.tree import Path, matrix_leaf, path_str
 from decomp_jax.core.execution import check_complete, check_layer, layer_output, own_params
 from decomp_jax.core.methods import get
 from decomp_jax.core.named import DEFAULT, SEP, all_factor_names, check_name
+from decomp_jax.core.tree import Path, matrix_leaf, path_str
+from decomp_jax.errors import ConfigError
 
 
 def adapter_weights(names: Sequence[str] | Mapping[str, Any], active=None, per_example=None):

@@ -29,8 +29,8 @@ from typing import Mapping, Optional
 from flax.traverse_util import unflatten_dict
 
 from decomp_jax.core.methods import names, registry
-from decomp_jax.errors import ConfigError
 from decomp_jax.core.tree import TOKEN_LEAF, Path, flat_params
+from decomp_jax.errors import ConfigError
 
 SEP = "@"
 DEFAULT = "default"

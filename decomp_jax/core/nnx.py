@@ -2,7 +2,7 @@
 
 NNX modules are objects that own their parameters, so the adapter is added to the model itself:
 
-    from decomp_jax.core import nnx as dnnx
+    from decomp_jax import nnx as dnnx
     dnnx.inject(model, cfg, jax.random.PRNGKey(0))          # in place; returns the model
     graphdef, trainable, rest = nnx.split(model, dnnx.AdapterParam, ...)   # the factors alone
     merged = dnnx.merge(model, cfg)                          # a plain model (a copy) with K' folded in
@@ -31,14 +31,14 @@ from typing import Any
 import jax
 from flax import nnx as fnnx
 
-from decomp_jax.errors import ConfigError
 from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.execution import dense_general_equation, einsum_in_axes, general_layer, method_layer
 from decomp_jax.core.inject import (
     adapted_layers, check_mergeable, find_targets, inject as inject_params, merge as merge_params,
 )
-from decomp_jax.core.tree import kernel_in_axes, path_str
 from decomp_jax.core.methods import get
+from decomp_jax.core.tree import kernel_in_axes, path_str
+from decomp_jax.errors import ConfigError
 
 
 class AdapterParam(fnnx.Param):
@@ -95,8 +95,8 @@ def _module_at(model, path: tuple):
 
 def _check(model, cfg: AdapterConfig) -> None:
     if not isinstance(model, fnnx.Module):
-        raise TypeError(f"decomp_jax.core.nnx works on Flax NNX modules; got {type(model).__name__}. For a params "
-                        f"pytree (Linen, HF Flax) use decomp_jax.core.inject / adapt.")
+        raise TypeError(f"decomp_jax.nnx works on Flax NNX modules; got {type(model).__name__}. For a params "
+                        f"pytree (Linen, HF Flax) use dj.inject / dj.adapt.")
     method = get(cfg.method)
     if method.kind == "prompt":
         raise ConfigError(f"method {cfg.method!r} adds prompt parameters to our Llama (Linen); it has no NNX form.")
@@ -116,7 +116,7 @@ def inject(model, cfg: AdapterConfig, rng: jax.Array):
     unchanged (for every method whose spec says so)."""
     _check(model, cfg)
     if cfg.trainable_tokens:
-        raise ConfigError("trainable_tokens is not supported on NNX models (decomp_jax.core.nnx adapts nnx.Linear-type "
+        raise ConfigError("trainable_tokens is not supported on NNX models (decomp_jax.nnx adapts nnx.Linear-type "
                           "layers); remove it, or train the Linen params (dj.inject) with it.")
     method = get(cfg.method)
     params = _params_dict(model)
@@ -124,7 +124,7 @@ def inject(model, cfg: AdapterConfig, rng: jax.Array):
         module = _module_at(model, path)
         if hasattr(module, _CFG_ATTR):
             raise ConfigError(f"Layer {path_str(path)!r} is already adapted; inject into the base model, or "
-                              f"decomp_jax.core.nnx.merge first.")
+                              f"decomp_jax.nnx.merge first.")
     adapted = inject_params(params, cfg, rng)
     for path, layer in adapted_layers(adapted, cfg):
         text = json.dumps(cfg.for_layer(path_str(path)).to_dict(), sort_keys=True)  # its own rank and alpha
@@ -147,7 +147,7 @@ def _targets(model, params: dict, cfg: AdapterConfig):
         module = _module_at(model, path)
         where = path_str(path)
         if not isinstance(module, SUPPORTED):
-            raise ConfigError(f"Layer {where!r} is a {type(module).__name__}; decomp_jax.core.nnx adapts nnx.Linear, "
+            raise ConfigError(f"Layer {where!r} is a {type(module).__name__}; decomp_jax.nnx adapts nnx.Linear, "
                               f"nnx.LinearGeneral and nnx.Einsum. Narrow `targets`.")
         if isinstance(module, fnnx.Einsum) and module.einsum_str is not None:
             wanted = einsum_in_axes(module.einsum_str)

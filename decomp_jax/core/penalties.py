@@ -14,8 +14,8 @@ import jax.numpy as jnp
 
 from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.inject import adapted_layers
-from decomp_jax.core.tree import is_stacked, matrix_leaf
 from decomp_jax.core.methods import get
+from decomp_jax.core.tree import is_stacked, matrix_leaf
 
 
 def _frobenius(m, squared: bool):

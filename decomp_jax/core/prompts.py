@@ -37,11 +37,10 @@ import jax
 import jax.numpy as jnp
 from flax.core import unfreeze
 
-from decomp_jax.errors import ConfigError
 from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.methods import get
-from decomp_jax.core.methods.prompt import p_tuning_embeddings
-from decomp_jax.core.methods.prompt import llama_dims
+from decomp_jax.core.methods.prompt import llama_dims, p_tuning_embeddings
+from decomp_jax.errors import ConfigError
 from decomp_jax.models.llama import LlamaForCausalLM, init_cache, mask_positions, resolve_mask
 
 _ARG_NAMES = ("input_ids", "attention_mask", "position_ids")

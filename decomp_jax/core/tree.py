@@ -40,9 +40,9 @@ def _is_nnx(value) -> bool:
 def _nnx_error(value, name: str) -> TypeError:
     return TypeError(
         f"{name} is a Flax NNX {type(value).__name__}: this function works on nested dicts of arrays (Linen-style "
-        f"params) and does not support NNX modules or states. For an NNX model use decomp_jax.core.nnx: "
-        f"decomp_jax.core.nnx.inject(model, cfg, key) adapts its nnx.Linear / nnx.LinearGeneral layers in place "
-        f"(factored), and nnx.split(model, decomp_jax.core.nnx.AdapterParam, ...) gives the factors. Or convert: graphdef, "
+        f"params) and does not support NNX modules or states. For an NNX model use decomp_jax.nnx: "
+        f"decomp_jax.nnx.inject(model, cfg, key) adapts its nnx.Linear / nnx.LinearGeneral layers in place "
+        f"(factored), and nnx.split(model, decomp_jax.nnx.AdapterParam, ...) gives the factors. Or convert: graphdef, "
         f"state, rest = nnx.split(model, nnx.Param, ...); params = nnx.to_pure_dict(state)."
     )
 

@@ -32,10 +32,10 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from decomp_jax.errors import ConfigError
 from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.inject import adapted_layers
 from decomp_jax.core.tree import is_transposed, matrix_leaf, path_str, scan_roots
+from decomp_jax.errors import ConfigError
 
 COMBINATIONS = ("svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
                 "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd")
@@ -86,13 +86,8 @@ def _bernoulli(key):
     return mask_fn
 
 
-def add_weighted_adapter(adapters: Sequence[tuple], weights: Sequence[float], combination_type: str = "svd", *,
-                         svd_rank: Optional[int] = None, svd_clamp: Optional[float] = None,
-                         density: Optional[float] = None, majority_sign_method: str = "total",
-                         key: Optional[jax.Array] = None,
-                         mask_fn: Optional[Callable[[np.ndarray, float], np.ndarray]] = None):
-    """A new LoRA adapter combining ``adapters`` (``[(params, cfg), ...]``, LoRA adapters of one base model)
-    with ``weights``; see the module docstring. Returns ``(params, cfg)``."""
+def _check_arguments(adapters, weights, combination_type: str, density, majority_sign_method: str) -> str:
+    """The combination to run (``linear`` for one adapter); ConfigError on an argument that cannot be run."""
     if combination_type not in COMBINATIONS:
         raise ConfigError(f"combination_type={combination_type!r} is unknown; choose one of {COMBINATIONS}.")
     if len(adapters) != len(weights) or not adapters:
@@ -111,9 +106,12 @@ def add_weighted_adapter(adapters: Sequence[tuple], weights: Sequence[float], co
         raise ConfigError(f"density must be >= 0 (the fraction kept); got {density}.")
     if majority_sign_method not in ("total", "frequency"):
         raise ConfigError(f"majority_sign_method={majority_sign_method!r}; choose 'total' or 'frequency'.")
-    if mask_fn is None:
-        mask_fn = _bernoulli(key if key is not None else jax.random.PRNGKey(0))
+    return combination_type
 
+
+def _base_and_layers(adapters) -> tuple[dict, list]:
+    """The first tree's flat leaves without LoRA factors, and each adapter's adapted layers by path;
+    ConfigError when the adapters' base leaves differ."""
     flats = [flatten_dict(params) for params, _ in adapters]
     layers = [dict(adapted_layers(params, cfg)) for params, cfg in adapters]
     base = {p: v for p, v in flats[0].items() if not (p[:-1] in layers[0] and p[-1] in ("lora_a", "lora_b"))}
@@ -123,19 +121,56 @@ def add_weighted_adapter(adapters: Sequence[tuple], weights: Sequence[float], co
     if other:
         raise ConfigError(f"Adapters {other} are not on the same base model as adapter 0 (their non-adapter leaves "
                           f"differ); combine adapters of one base.")
-    paths = list(dict.fromkeys(q for ls in layers for q in ls))  # the union, in first-seen order
+    return base, layers
+
+
+def _new_rank(adapters, layers: list, combination_type: str, svd_rank: Optional[int]) -> int:
+    """The combined adapter's rank."""
     ranks = [{p: np.shape(ls[p]["lora_a"])[-1] for p in ls} for ls in layers]
     if combination_type in SAME_RANK and len({r for rk in ranks for r in rk.values()}) != 1:
         raise ConfigError(f"combination_type={combination_type!r} needs one rank in every adapter and layer (found "
                           f"{sorted({r for rk in ranks for r in rk.values()})}); use 'cat' or 'svd'.")
-    cfg0 = adapters[0][1]
     if combination_type == "cat":
-        new_rank = sum(cfg.rank if not cfg.rank_pattern else max(cfg.rank, *cfg.rank_pattern.values())
-                       for _, cfg in adapters)
-    elif combination_type.endswith("svd"):
-        new_rank = svd_rank or max(r for rk in ranks for r in rk.values())
+        return sum(cfg.rank if not cfg.rank_pattern else max(cfg.rank, *cfg.rank_pattern.values())
+                   for _, cfg in adapters)
+    if combination_type.endswith("svd"):
+        return svd_rank or max(r for rk in ranks for r in rk.values())
+    return next(iter(ranks[0].values()))
+
+
+def _svd_factors(delta: np.ndarray, new_rank: int, input_side: bool, svd_clamp: Optional[float]):
+    """``(a, b)`` of rank ``new_rank`` from the SVD of ``delta``, the singular values on ``a`` with
+    ``input_side``, else on ``b``; clipped at the ``svd_clamp`` quantile; zero-padded to ``new_rank``."""
+    if input_side:
+        u, s, vt = np.linalg.svd(delta, full_matrices=True)
+        a, b = u[:, :new_rank] * s[:new_rank], vt[:new_rank]
     else:
-        new_rank = next(iter(ranks[0].values()))
+        u, s, vt = np.linalg.svd(delta.T, full_matrices=True)  # PEFT's (out, in): B = u s, A = vt
+        a, b = vt[:new_rank].T, (u[:, :new_rank] * s[:new_rank]).T
+    if svd_clamp is not None:
+        hi = np.quantile(np.concatenate([a.reshape(-1), b.reshape(-1)]), svd_clamp)
+        a, b = np.clip(a, -hi, hi), np.clip(b, -hi, hi)
+    if a.shape[1] < new_rank:  # a rank above min(d_in, d_out): zero columns
+        a = np.pad(a, ((0, 0), (0, new_rank - a.shape[1])))
+        b = np.pad(b, ((0, new_rank - b.shape[0]), (0, 0)))
+    return a, b
+
+
+def add_weighted_adapter(adapters: Sequence[tuple], weights: Sequence[float], combination_type: str = "svd", *,
+                         svd_rank: Optional[int] = None, svd_clamp: Optional[float] = None,
+                         density: Optional[float] = None, majority_sign_method: str = "total",
+                         key: Optional[jax.Array] = None,
+                         mask_fn: Optional[Callable[[np.ndarray, float], np.ndarray]] = None):
+    """A new LoRA adapter combining ``adapters`` (``[(params, cfg), ...]``, LoRA adapters of one base model)
+    with ``weights``; see the module docstring. Returns ``(params, cfg)``."""
+    combination_type = _check_arguments(adapters, weights, combination_type, density, majority_sign_method)
+    if mask_fn is None:
+        mask_fn = _bernoulli(key if key is not None else jax.random.PRNGKey(0))
+
+    base, layers = _base_and_layers(adapters)
+    paths = list(dict.fromkeys(q for ls in layers for q in ls))  # the union, in first-seen order
+    new_rank = _new_rank(adapters, layers, combination_type, svd_rank)
+    cfg0 = adapters[0][1]
     out = dict(base)
     for path in paths:
         where = path_str(path)
@@ -158,18 +193,7 @@ def add_weighted_adapter(adapters: Sequence[tuple], weights: Sequence[float], co
             # PEFT takes the SVD of its (out, in) delta, singular values on its lora_B side (the output); it
             # transposes Conv1D (fan_in_fan_out) and embedding deltas first, which moves them to the input side
             input_side = is_transposed(path, adapters[held[0][0]][1]) or matrix_leaf(held[0][1]) == "embedding"
-            if input_side:
-                u, s, vt = np.linalg.svd(delta, full_matrices=True)
-                a, b = u[:, :new_rank] * s[:new_rank], vt[:new_rank]
-            else:
-                u, s, vt = np.linalg.svd(delta.T, full_matrices=True)  # PEFT's (out, in): B = u s, A = vt
-                a, b = vt[:new_rank].T, (u[:, :new_rank] * s[:new_rank]).T
-            if svd_clamp is not None:
-                hi = np.quantile(np.concatenate([a.reshape(-1), b.reshape(-1)]), svd_clamp)
-                a, b = np.clip(a, -hi, hi), np.clip(b, -hi, hi)
-            if a.shape[1] < new_rank:  # a rank above min(d_in, d_out): zero columns
-                a = np.pad(a, ((0, 0), (0, new_rank - a.shape[1])))
-                b = np.pad(b, ((0, new_rank - b.shape[0]), (0, 0)))
+            a, b = _svd_factors(delta, new_rank, input_side, svd_clamp)
         else:
             ws = w * scales
             w_a, w_b = np.sign(ws) * np.sqrt(np.abs(ws)), np.sqrt(np.abs(ws))

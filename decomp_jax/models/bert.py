@@ -6,7 +6,7 @@ Its parameter tree is transformers' PyTorch names in Flax layout (``bert/embeddi
 the tree transformers' former Flax classes had), so params read from PyTorch checkpoints
 (``models.hf.native_params`` / ``load_encoder``), adapter targets, factored execution (every projection
 is an ``nn.Dense`` named ``query``/``key``/``value``/``dense``/... called with the hidden states) and
-PEFT export (``interop.peft.ARCHS``) work unchanged. ``BertForSequenceClassification``,
+PEFT export (``models.names.ARCHS``) work unchanged. ``BertForSequenceClassification``,
 ``BertForTokenClassification`` and the bare ``BertModel`` are the Linen modules;
 ``NativeSequenceClassifier(hf_config)`` wraps the first with the call interface of a transformers
 model object (``model(input_ids=..., attention_mask=..., params=..., dropout_rng=..., train=...)``
@@ -39,7 +39,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from decomp_jax.models.names import encoder_arch, ROBERTA_TYPES, save_classifier_config, torch_state_dict
+from decomp_jax.models.names import ROBERTA_TYPES, encoder_arch, save_classifier_config, torch_state_dict
 
 DROPOUT_IMPLS = ("hash", "threefry")
 ATTENTION_DROPOUT = ("shared", "full")
@@ -487,7 +487,7 @@ class NativeSequenceClassifier:
 
     def save_pretrained(self, folder, params: Optional[dict] = None, **unused):
         """The HF folder of ``params`` (default ``self.params``): ``config.json`` and PyTorch-format
-        ``model.safetensors`` (names from ``interop.peft.ARCHS``), which transformers' PyTorch
+        ``model.safetensors`` (names from ``models.names.ARCHS``), which transformers' PyTorch
         ``AutoModelForSequenceClassification`` and ``models.hf.load_sequence_classifier`` read."""
         import os
 

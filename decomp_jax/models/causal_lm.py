@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from decomp_jax.errors import ConfigError
-from decomp_jax.models.convert import load_tokenizer, resolve_llm
 from decomp_jax.models import convert
+from decomp_jax.models.convert import load_tokenizer, resolve_llm
 from decomp_jax.models.gpt2 import GPT2LMHeadModel, load_gpt2_lm, stack_blocks, unstack_blocks
-from decomp_jax.models.llama import cast_params, LlamaForCausalLM, stack_layers, unstack_layers
+from decomp_jax.models.llama import LlamaForCausalLM, cast_params, stack_layers, unstack_layers
 
 
 def _model_type(path: str):

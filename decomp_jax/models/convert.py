@@ -27,8 +27,10 @@ from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax.errors import ConfigError
-from decomp_jax.guards import (FileFormatError, atomic_folder, atomic_save_safetensors, atomic_write_text,
-                               check_output_folder, manifest_files, read_json, write_manifest)
+from decomp_jax.guards import (
+    FileFormatError, atomic_folder, atomic_save_safetensors, atomic_write_text, check_output_folder, manifest_files,
+    read_json, write_manifest,
+)
 from decomp_jax.models.families import UnsupportedConfigError
 from decomp_jax.models.llama import LlamaConfig
 from decomp_jax.quant import QuantizedArray

@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decomp_jax.models.llama import ScoredHead, last_token_hidden, mask_positions, prompt_buffer, token_finisher
 from decomp_jax.guards import atomic_save_safetensors
 from decomp_jax.models.bert import ACTIVATIONS
-from decomp_jax.models.names import read_torch_weights
-from decomp_jax.models.names import get_arch, torch_state_dict
+from decomp_jax.models.generation import prompt_buffer, token_finisher
+from decomp_jax.models.llama import ScoredHead, last_token_hidden, mask_positions
+from decomp_jax.models.names import get_arch, read_torch_weights, torch_state_dict
 
 
 class Conv1D(nn.Module):
@@ -357,7 +357,7 @@ def generate(model: GPT2LMHeadModel, params, input_ids, attention_mask=None, max
 
 def _load_gpt2(folder: str, model, weights: dict) -> dict:
     """``model``'s params read from ``weights`` (``{PyTorch name: array}``), names mapped by
-    ``interop.peft.ARCHS["gpt2"]``, with or without the ``transformer.`` prefix."""
+    ``models.names.ARCHS["gpt2"]``, with or without the ``transformer.`` prefix."""
     from flax.traverse_util import flatten_dict, unflatten_dict
 
 
@@ -399,7 +399,7 @@ def save_gpt2_lm(folder, config, params, tokenizer=None) -> None:
 
 def load_gpt2_classifier(folder: str):
     """``(model, params)`` from a transformers ``GPT2ForSequenceClassification`` folder (config.json and
-    model.safetensors, or its shard index), names mapped by ``interop.peft.ARCHS["gpt2"]``."""
+    model.safetensors, or its shard index), names mapped by ``models.names.ARCHS["gpt2"]``."""
     from transformers import GPT2Config
 
 
@@ -415,7 +415,7 @@ def load_gpt2_classifier(folder: str):
 
 def load_gpt2_lm(folder: str, *, scan_layers: bool = False, remat: bool = False, param_dtype="float32"):
     """``(model, params)`` from a transformers ``GPT2LMHeadModel`` folder (config.json and model.safetensors,
-    or its shard index; a bare ``GPT2Model`` folder too), names mapped by ``interop.peft.ARCHS["gpt2"]``.
+    or its shard index; a bare ``GPT2Model`` folder too), names mapped by ``models.names.ARCHS["gpt2"]``.
     The head is tied to ``wte``: a stored ``lm_head.weight`` (the same matrix) is dropped; an untied one is
     refused. ``scan_layers`` returns the blocks stacked (``stack_blocks``), ``param_dtype`` the params cast
     (``bfloat16``: half the memory of a frozen base), ``remat`` a model that recomputes each block's

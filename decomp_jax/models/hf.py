@@ -18,11 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from decomp_jax.models.bert import (
-    BertForSequenceClassification, BertForTokenClassification, BertModel, from_hf_config, native_like, native_support,
-    NativeSequenceClassifier, seeded_key,
+    BertForSequenceClassification, BertForTokenClassification, BertModel, NativeSequenceClassifier, from_hf_config,
+    native_like, native_support, seeded_key,
 )
-from decomp_jax.models.names import encoder_arch, get_arch
-from decomp_jax.models.names import read_torch_weights
+from decomp_jax.models.names import encoder_arch, get_arch, read_torch_weights
 
 # Target presets per architecture family: the paper's six linear layers per block, and subsets.
 TARGET_PRESETS = {
@@ -228,7 +227,7 @@ def _flax_file_params(folder: str, prefix: str) -> dict:
 def native_params(model, folder: str, seed: int = 0) -> dict:
     """The params of ``model`` (a ``NativeSequenceClassifier``) read from the HF ``folder``.
 
-    Every leaf of the module's tree is looked up by its PyTorch name (``interop.peft.ARCHS``,
+    Every leaf of the module's tree is looked up by its PyTorch name (``models.names.ARCHS``,
     ``torch_leaf``), with or without the ``bert.``/``roberta.`` prefix (a base-model file has
     none), kernels transposed. Leaves the file lacks under ``classifier`` and ``bert/pooler`` take
     the seeded init (``module.init`` with params key ``split(PRNGKey(seed))[0]``, as transformers'

@@ -95,7 +95,7 @@ def get_arch(arch: str) -> Arch:
 
 
 def encoder_arch(config) -> str:
-    """The ``interop.peft.ARCHS`` key whose names an encoder config's params use (XLM-RoBERTa and
+    """The ``models.names.ARCHS`` key whose names an encoder config's params use (XLM-RoBERTa and
     CamemBERT name their params as RoBERTa)."""
     model_type = getattr(config, "model_type", "bert")
     return "roberta" if model_type in ROBERTA_TYPES else model_type
@@ -113,7 +113,7 @@ def save_classifier_config(config, folder) -> None:
 
 def torch_state_dict(params, arch: str) -> dict:
     """The PyTorch ``state_dict`` of our Flax params: names and layouts from the architecture's
-    table in ``interop.peft.ARCHS`` (kernels transposed, ``scale``/``embedding`` -> ``weight``)."""
+    table in ``models.names.ARCHS`` (kernels transposed, ``scale``/``embedding`` -> ``weight``)."""
     spec = get_arch(arch)
     out = {}
     for path, value in flatten_dict(jax.device_get(params)).items():

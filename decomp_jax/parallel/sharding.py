@@ -39,14 +39,14 @@ from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from decomp_jax.errors import ConfigError
 from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.inject import adapted_layers
 from decomp_jax.core.methods import get
 from decomp_jax.core.tree import (
-    general_layout, is_stacked, is_transposed, kernel_in_axes, matrix_leaf, path_str, TOKEN_LEAF,
+    TOKEN_LEAF, general_layout, is_stacked, is_transposed, kernel_in_axes, matrix_leaf, path_str,
 )
-from decomp_jax.quant import is_quantized, TRANSPOSED
+from decomp_jax.errors import ConfigError
+from decomp_jax.quant import TRANSPOSED, is_quantized
 
 AXES = ("data", "fsdp", "tensor")  # the conventional mesh axes
 BATCH_AXES = ("data", "fsdp")  # the batch's leading axis is split over these

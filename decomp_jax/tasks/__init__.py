@@ -4,7 +4,10 @@
 
 ``TASKS`` maps the decoder-LLM ``data.task`` names to their classes (every other name is a GLUE task);
 the experiment runner asks a task class for its metric names and its data checks, so adding a task
-adds no branch to the runner.
+adds no branch to the runner. Floor 5: ``base`` (model loading and adapter injection every task
+shares) < ``metrics`` < ``glue`` < ``generation`` < ``commonsense``, ``math``.
+
+May import: floors 0-4.
 """
 
 from decomp_jax.tasks.base import LM_TASK_NAMES

@@ -12,8 +12,8 @@ from typing import Optional
 
 import numpy as np
 
-from decomp_jax.errors import ConfigError
 from decomp_jax.data import commonsense as cs
+from decomp_jax.errors import ConfigError
 from decomp_jax.tasks.generation import GenerationTask
 
 

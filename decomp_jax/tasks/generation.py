@@ -10,16 +10,15 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
-from decomp_jax.tasks.base import load_for
-from decomp_jax.data import check_train_size, commonsense as cs
-from decomp_jax.parallel.distributed import is_primary, to_host
 from decomp_jax.core.execution import adapt
 from decomp_jax.core.inject import merge, partition
-from decomp_jax.core.tree import combine, count_params
 from decomp_jax.core.methods import get
-from decomp_jax.tasks.base import model_params
+from decomp_jax.core.tree import combine, count_params
+from decomp_jax.data import check_train_size, commonsense as cs
+from decomp_jax.models import generation, gpt2
+from decomp_jax.parallel.distributed import is_primary, to_host
+from decomp_jax.tasks.base import load_for, model_params
 from decomp_jax.training.losses import response_nll_loss
-from decomp_jax.models import gpt2, llama
 
 
 class GenerationTask:
@@ -112,7 +111,7 @@ class GenerationTask:
         """Greedy continuations of tokenized ``prompts`` (decoded, cut at eos), in order; ``params,
         apply_fn`` as ``generation_fn`` returns them."""
 
-        generate = gpt2.generate if isinstance(self.model, gpt2.GPT2LMHeadModel) else llama.generate
+        generate = gpt2.generate if isinstance(self.model, gpt2.GPT2LMHeadModel) else generation.generate
         d, tc = self.cfg.data, self.cfg.train
         texts: list[Optional[str]] = [None] * len(prompts.ids)
         for batch in cs.eval_batches(prompts, tc.eval_batch_size, self.buckets):

@@ -10,19 +10,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decomp_jax.errors import ConfigError, closest
-from decomp_jax.data import check_train_size, glue
-from decomp_jax.parallel.distributed import to_host
 from decomp_jax.core.execution import adapt
-from decomp_jax.guards import NonFiniteError
-from decomp_jax.models.llama import LlamaConfig
 from decomp_jax.core.inject import partition
 from decomp_jax.core.tree import combine, count_params
-from decomp_jax.tasks.metrics import TASK_METRICS, compute_metrics
+from decomp_jax.data import check_train_size, glue
+from decomp_jax.errors import ConfigError, closest
+from decomp_jax.guards import NonFiniteError
 from decomp_jax.models.hf import load_sequence_classifier, sequence_classifier_apply
+from decomp_jax.models.llama import LlamaConfig
+from decomp_jax.parallel.distributed import to_host
 from decomp_jax.tasks.base import LM_TASK_NAMES, model_params
-from decomp_jax.training.train import make_eval_step
+from decomp_jax.tasks.metrics import TASK_METRICS, compute_metrics
 from decomp_jax.training.losses import classification_loss, regression_loss
+from decomp_jax.training.train import make_eval_step
 
 
 class GlueTask:

@@ -8,8 +8,8 @@ singleeq, svamp, mawps, aqua) by greedy decoding: the last number within 0.001 o
 
 from __future__ import annotations
 
-from decomp_jax.errors import ConfigError
 from decomp_jax.data import math as mathdata
+from decomp_jax.errors import ConfigError
 from decomp_jax.tasks.generation import GenerationTask
 
 

@@ -81,7 +81,7 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.clip(np.dot(a, b) / denom, -1.0, 1.0))
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
+def average_ranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks of ``x``; tied values share the mean of their ranks."""
     order = np.argsort(x, kind="mergesort")
     sorted_x = x[order]
@@ -97,7 +97,7 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Spearman rank correlation: Pearson correlation of average ranks (ties averaged)."""
     a, b = _pair(x, y, ("x", "y"))
-    return pearson(_average_ranks(a), _average_ranks(b))
+    return pearson(average_ranks(a), average_ranks(b))
 
 
 def _class_predictions(predictions: np.ndarray) -> np.ndarray:

@@ -36,16 +36,15 @@ import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax.core import named
-from decomp_jax.errors import ConfigError
 from decomp_jax.core.config import AdapterConfig
-from decomp_jax.parallel.distributed import to_host
-from decomp_jax.guards import NonFiniteError, interrupts_deferred, nonfinite_leaves
-from decomp_jax.core.inject import adapted_layers, find_targets
-from decomp_jax.core.tree import combine, matrix_leaf, path_str, set_leaves
+from decomp_jax.core.inject import adapted_layers, attach, find_targets, own_leaves
 from decomp_jax.core.methods import get
+from decomp_jax.core.tree import combine, matrix_leaf, path_str, set_leaves
+from decomp_jax.errors import ConfigError
+from decomp_jax.guards import NonFiniteError, interrupts_deferred, nonfinite_leaves
+from decomp_jax.parallel.distributed import to_host
 from decomp_jax.quant import is_quantized
 from decomp_jax.training.train import TrainState
-from decomp_jax.core.inject import attach, own_leaves
 
 
 def fingerprint(base_params, cfg: AdapterConfig, architecture: str = "") -> dict:
@@ -335,7 +334,7 @@ def restore(mngr: ocp.CheckpointManager, like: TrainState, frozen: dict, cfg: Ad
     problems = []
     for candidate in steps:
         try:
-            return _restore_step(mngr, like, frozen, cfg, fingerprint, candidate, name)
+            return restore_step(mngr, like, frozen, cfg, fingerprint, candidate, name)
         except CheckpointError as err:
             problems.append(str(err))
             if step is not None:
@@ -346,8 +345,9 @@ def restore(mngr: ocp.CheckpointManager, like: TrainState, frozen: dict, cfg: Ad
     raise CheckpointError(f"Every checkpoint in {mngr.directory} is unreadable: {' | '.join(problems)}")
 
 
-def _restore_step(mngr, like: TrainState, frozen: dict, cfg: AdapterConfig, fingerprint: dict, step: int,
-                  name: Optional[str] = None):
+def restore_step(mngr, like: TrainState, frozen: dict, cfg: AdapterConfig, fingerprint: dict, step: int,
+                 name: Optional[str] = None):
+    """The ``TrainState`` saved at ``step``, checked against the model's fingerprint and ``cfg``."""
     where = f"{mngr.directory}/{step}"
     try:
         meta = read_metadata(mngr, step)

@@ -20,12 +20,12 @@ import optax
 
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from decomp_jax.errors import ConfigError
 from decomp_jax.core.config import AdapterConfig
-from decomp_jax.core.tree import combine
+from decomp_jax.core.inject import partition
 from decomp_jax.core.methods import Schedule, get
 from decomp_jax.core.penalties import penalty
-from decomp_jax.core.inject import partition
+from decomp_jax.core.tree import combine
+from decomp_jax.errors import ConfigError
 from decomp_jax.parallel import sharding as sh
 from decomp_jax.parallel.sharding import FSDP_MIN_SIZE, follow, param_specs, unbox
 
@@ -182,6 +182,50 @@ def _check_stateful(cfg: Optional[AdapterConfig], schedule: Optional[Schedule]) 
         )
 
 
+def _single_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, cfg: Optional[AdapterConfig],
+                 schedule: Optional[Schedule]) -> Callable[[TrainState, dict, dict], tuple[TrainState, dict]]:
+    """The unjitted ``step(state, frozen, batch) -> (state, metrics)`` of one adapter (see ``make_train_step``)."""
+
+    def step(state: TrainState, frozen: dict, batch: dict):
+        rng, step_rng = jax.random.split(state.rng)
+        buffers = state.buffers or {}
+        if schedule is not None and state.method_state is None:
+            raise ConfigError("The state has no method state: build it with init_state(..., schedule=schedule, frozen=frozen).")
+        if schedule is not None and get(cfg.method).buffers and not buffers:
+            raise ConfigError(
+                f"Method {cfg.method!r} rewrites its buffers {get(cfg.method).buffers} during training; they must be in "
+                f"the train state: split the params with partition(params, cfg) and pass buffers= to init_state."
+            )
+
+        def objective(trainable):
+            params = combine(trainable, buffers, frozen)
+            task_loss, aux = loss_fn(params, batch, step_rng)
+            reg = penalty(params, cfg) if cfg is not None else jnp.float32(0.0)
+            return task_loss + reg, (task_loss, reg, aux)
+
+        (_, (task_loss, reg, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        method_state = state.method_state
+        if schedule is not None:
+            updated = trainable
+            method_state, trainable, buffers = _run_schedule(schedule, state, opt_state, trainable, buffers, frozen, grads)
+            if schedule.reset_moments:
+                opt_state = reset_moments(optimizer, opt_state, updated, trainable)
+        grad_norm = optax.tree.norm(grads)
+        # one scalar per step that the host can check in batches (no sync per step): a NaN or inf
+        # loss, penalty or gradient anywhere makes the global norm or the objective non-finite
+        finite = jnp.isfinite(task_loss + reg) & jnp.isfinite(grad_norm)
+        metrics = {"loss": task_loss, "penalty": reg, "grad_norm": grad_norm, "finite": finite, **aux}
+        new_state = TrainState(
+            step=state.step + 1, trainable=trainable, opt_state=opt_state, rng=rng,
+            buffers=buffers, method_state=method_state,
+        )
+        return new_state, metrics
+
+    return step
+
+
 def make_train_step(
     loss_fn: LossFn,
     optimizer: optax.GradientTransformation,
@@ -226,43 +270,7 @@ def make_train_step(
         raise ConfigError(f"batched={batched!r}: choose 'shared' (one batch for every adapter) or 'stacked' (a "
                           f"leading axis N on the batch, one per adapter), or None.")
 
-    def step(state: TrainState, frozen: dict, batch: dict):
-        rng, step_rng = jax.random.split(state.rng)
-        buffers = state.buffers or {}
-        if schedule is not None and state.method_state is None:
-            raise ConfigError("The state has no method state: build it with init_state(..., schedule=schedule, frozen=frozen).")
-        if schedule is not None and get(cfg.method).buffers and not buffers:
-            raise ConfigError(
-                f"Method {cfg.method!r} rewrites its buffers {get(cfg.method).buffers} during training; they must be in "
-                f"the train state: split the params with partition(params, cfg) and pass buffers= to init_state."
-            )
-
-        def objective(trainable):
-            params = combine(trainable, buffers, frozen)
-            task_loss, aux = loss_fn(params, batch, step_rng)
-            reg = penalty(params, cfg) if cfg is not None else jnp.float32(0.0)
-            return task_loss + reg, (task_loss, reg, aux)
-
-        (_, (task_loss, reg, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
-        method_state = state.method_state
-        if schedule is not None:
-            updated = trainable
-            method_state, trainable, buffers = _run_schedule(schedule, state, opt_state, trainable, buffers, frozen, grads)
-            if schedule.reset_moments:
-                opt_state = reset_moments(optimizer, opt_state, updated, trainable)
-        grad_norm = optax.tree.norm(grads)
-        # one scalar per step that the host can check in batches (no sync per step): a NaN or inf
-        # loss, penalty or gradient anywhere makes the global norm or the objective non-finite
-        finite = jnp.isfinite(task_loss + reg) & jnp.isfinite(grad_norm)
-        metrics = {"loss": task_loss, "penalty": reg, "grad_norm": grad_norm, "finite": finite, **aux}
-        new_state = TrainState(
-            step=state.step + 1, trainable=trainable, opt_state=opt_state, rng=rng,
-            buffers=buffers, method_state=method_state,
-        )
-        return new_state, metrics
-
+    step = _single_step(loss_fn, optimizer, cfg, schedule)
     jit_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     explicit = any(s is not None for s in (state_sharding, frozen_sharding, batch_sharding))
     if batched is not None:

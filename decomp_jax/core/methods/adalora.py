@@ -22,10 +22,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from decomp_jax.errors import ConfigError
 from decomp_jax.core.methods.base import Schedule
 from decomp_jax.core.methods.lowrank import lowrank_method, normal_002
 from decomp_jax.core.tree import layers_with, set_leaves, unrolled_schedule
+from decomp_jax.errors import ConfigError
 
 OPTIONS = {"target_rank": None, "t_init": 0.1, "t_final": 0.2, "interval": 10, "beta1": 0.85, "beta2": 0.85}
 LEAVES = ("lora_a", "lora_e", "lora_b")

@@ -26,9 +26,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from decomp_jax.errors import ConfigError
 from decomp_jax.core.methods.base import Method, adapter_dropout, linear, register
 from decomp_jax.core.methods.lowrank import init_lora_a, kaiming_uniform, lora_init, normal_002
+from decomp_jax.errors import ConfigError
 
 
 def _parallel_apply(x, kernel, bias, f, cfg, *, train=False, key=None):

@@ -14,11 +14,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from decomp_jax.errors import ConfigError
 from decomp_jax.core.methods.base import Method, Schedule, additive, linear, register
 from decomp_jax.core.methods.lowrank import lora_delta, lora_init, lora_path
 from decomp_jax.core.methods.spectral import spectral_product, svd
 from decomp_jax.core.tree import layers_with, matrix_leaf, oriented, set_leaves, unrolled_schedule
+from decomp_jax.errors import ConfigError
 
 OPTIONS = {"warmup_steps": 100, "dash_k": 8}
 

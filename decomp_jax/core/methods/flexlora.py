@@ -29,11 +29,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from decomp_jax.errors import ConfigError
+from decomp_jax.core.methods.adalora import ADALORA, check_phases, phase_steps
 from decomp_jax.core.methods.base import Method, Schedule, additive, linear, register
-from decomp_jax.core.methods.adalora import check_phases, phase_steps
 from decomp_jax.core.methods.lowrank import lowrank_path, normal_002
 from decomp_jax.core.tree import layers_with, path_str, scan_roots, set_leaves, unrolled_schedule, unstack_view
+from decomp_jax.errors import ConfigError
 
 OPTIONS = {"max_rank": None, "t_init": 0.1, "t_final": 0.2, "interval": 10, "b": 4, "b_decay": False, "seed": 0}
 
@@ -183,11 +183,11 @@ FLEXLORA = register(Method(
 def live_ranks(params, cfg) -> dict[str, int] | None:
     """``{layer path: live rank}`` for the methods whose ranks change in training (FlexLoRA: its live
     slots; AdaLoRA: its unmasked triplets), in path order; None for the others."""
-
     if cfg.method not in ("flexlora", "adalora"):
         return None
     roots = scan_roots(params, cfg)
     view = unstack_view(params, roots) if roots else params
     count = (lambda layer: jnp.sum(layer["active"] > 0)) if cfg.method == "flexlora" else (
         lambda layer: jnp.sum(layer["lora_e"] != 0))
-    return {path_str(path): int(count(layer)) for path, layer in sorted(layers_with(view, cfg, FLEXLORA.factor_names))}
+    names = (FLEXLORA if cfg.method == "flexlora" else ADALORA).factor_names
+    return {path_str(path): int(count(layer)) for path, layer in sorted(layers_with(view, cfg, names))}

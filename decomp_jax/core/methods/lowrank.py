@@ -13,8 +13,8 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
-from decomp_jax.errors import ConfigError
 from decomp_jax.core.methods.base import Method, adapter_dropout, additive, linear, register
+from decomp_jax.errors import ConfigError
 
 
 def kaiming_uniform(key, shape, fan_in: int, dtype) -> jax.Array:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from decomp_jax.errors import ConfigError
 from decomp_jax.core.methods.base import Method, linear, register
+from decomp_jax.errors import ConfigError
 
 
 def _ones_in(key, kernel, bias, cfg):

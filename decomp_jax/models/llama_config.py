@@ -1,0 +1,161 @@
+"""The architecture of our Llama decoder (``models.llama``): ``LlamaConfig``, which every Llama-like family's
+``config.json`` reads into (``models.families``), and the MLP activations a config may name."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from decomp_jax.models.families import ROPE_TYPES, read_hf_config, write_hf_config
+
+ACTIVATIONS: dict[str, Callable] = {
+    "silu": nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def _freeze(value):
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """A Llama architecture; ``from_hf_dict`` / ``to_hf_dict`` read and write HF's config.json.
+
+    ``dtype`` is the compute dtype (activations, cache). ``param_dtype`` is the dtype ``init_params``
+    creates parameters in (the Dense/Embed/RMSNorm ``param_dtype``); it does not cast given params:
+    for a bfloat16 frozen base cast them yourself (``jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)``,
+    ``cast_params``). Each Dense computes in ``dtype`` (its inputs, kernel and factors are cast to it).
+    ``scan_layers``: the decoder layers run under one ``nn.scan`` (params ``model/layers/...`` with a
+    leading layer axis ``L``, compiled once instead of ``L`` times); ``stack_layers`` / ``unstack_layers``
+    convert between that tree and the unrolled ``model/layers_{i}/...`` one (HF/GGUF loaders give the
+    unrolled tree). ``remat``: ``nn.remat`` (activation checkpointing) around each decoder layer.
+    ``rope_scaling``: None or HF's dict with ``rope_type`` (or legacy ``type``) among
+    linear / dynamic / llama3 / yarn.
+
+    The switches below the Llama fields make the other families (``models.families`` reads each
+    family's config.json into them): ``qkv_bias`` (biases on q, k, v only: Qwen2), ``qk_norm``
+    (RMSNorm over ``head_dim`` on queries and keys before the rotary embedding: Qwen3, Gemma 3),
+    ``norm_plus_one`` (RMSNorm weights applied as ``1 + w``, in float32: Gemma), ``embed_scale``
+    (embeddings times ``sqrt(hidden_size)``: Gemma), ``sandwich_norms`` (norms after attention and
+    after the MLP too: Gemma 2/3), ``fused_projections`` (one ``qkv_proj`` and one ``gate_up_proj``
+    kernel: Phi-3), ``partial_rotary_factor`` (the rotary embedding on that fraction of each head),
+    ``query_pre_attn_scalar`` (scores scaled by its ``-1/2`` power instead of ``head_dim``'s),
+    ``attn_logit_softcapping`` / ``final_logit_softcapping`` (``c * tanh(x / c)`` on the scores /
+    logits), ``sliding_window`` with ``layer_types`` (per layer ``full_attention`` or
+    ``sliding_attention``: a query sees the ``sliding_window`` latest positions, itself included),
+    ``rope_local_theta`` (the sliding layers' rotary base, default type: Gemma 3).
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[Union[int, tuple]] = 2
+    pad_token_id: Optional[int] = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: bool = False
+    model_type: str = "llama"
+    hidden_act: str = "silu"
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    norm_plus_one: bool = False
+    embed_scale: bool = False
+    sandwich_norms: bool = False
+    fused_projections: bool = False
+    partial_rotary_factor: float = 1.0
+    query_pre_attn_scalar: Optional[float] = None
+    attn_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
+    sliding_window: Optional[int] = None
+    layer_types: Optional[tuple] = None
+    rope_local_theta: Optional[float] = None
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+            if len(self.layer_types) != self.num_hidden_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers.")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("layer_types name sliding_attention layers: set sliding_window.")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not implemented; choose one of {sorted(ACTIVATIONS)}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}."
+            )
+        if self.rope_scaling is not None:
+            scaling = dict(self.rope_scaling)
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind not in ROPE_TYPES:
+                raise ValueError(f"rope_scaling type {kind!r} is not supported; choose one of {ROPE_TYPES}.")
+            scaling["rope_type"] = kind
+            object.__setattr__(self, "rope_scaling", scaling)
+
+    def __hash__(self):  # rope_scaling is a dict: hash a frozen copy (modules are static jit args)
+        return hash(tuple(_freeze(getattr(self, f.name)) for f in dataclasses.fields(self)))
+
+    @property
+    def rope_type(self) -> str:
+        return self.rope_scaling["rope_type"] if self.rope_scaling else "default"
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def layer_kind(self, i: int) -> int:
+        """0: full attention, 1: sliding window."""
+        return int(self.layer_types is not None and self.layer_types[i] == "sliding_attention")
+
+    @property
+    def layer_kinds(self) -> tuple[int, ...]:
+        return tuple(self.layer_kind(i) for i in range(self.num_hidden_layers))
+
+    @classmethod
+    def from_hf_dict(cls, data: dict, **overrides) -> "LlamaConfig":
+        """From the dict of an HF ``config.json`` of any family in ``models.families.FAMILIES``; an unknown
+        ``model_type`` or a key that would change the maths and is not implemented is refused
+        (``UnsupportedConfigError``), never dropped."""
+        kwargs = read_hf_config(data)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict:
+        """HF's config.json of this family (``LlamaForCausalLM``, ``Qwen3ForCausalLM``, ...; weights stored float32)."""
+        return write_hf_config(self)

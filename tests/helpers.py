@@ -1,0 +1,104 @@
+"""Helpers several test folders share: tiny random PyTorch models saved as Hugging Face checkpoints (a BERT or
+RoBERTa classifier, a Llama), their logits, padded batches, and the commonsense task's small config."""
+
+import numpy as np
+import pytest
+
+import decomp_jax as dj
+from conftest import DATA, REPO
+from decomp_jax.app.experiment import load_config
+from decomp_jax.models.hf import sequence_classifier_apply
+
+TOL = 1e-4
+
+
+def small_classifier(kind, folder):
+    """A random 2-layer classifier saved as a PyTorch checkpoint and loaded from it by our native
+    module (``decomp_jax.models.bert``, params read by ``models.hf.native_params``)."""
+    torch = pytest.importorskip("torch")
+    import transformers as tf
+
+    from decomp_jax.models.bert import NativeSequenceClassifier
+    from decomp_jax.models.hf import native_params
+
+    common = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=40, num_labels=3, initializer_range=0.2)
+    if kind == "bert":
+        config = tf.BertConfig(**common)
+        torch_cls = tf.BertForSequenceClassification
+    else:
+        config = tf.RobertaConfig(**common, pad_token_id=1, type_vocab_size=1)
+        torch_cls = tf.RobertaForSequenceClassification
+    torch.manual_seed(0)
+    torch_model = torch_cls(config).eval()
+    torch_model.save_pretrained(folder)
+    model = NativeSequenceClassifier(config)
+    model.params = native_params(model, folder)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 100, size=(3, 10)).astype("int64")
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0
+    ids[1, 7:] = config.pad_token_id
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    return {"torch": torch_model, "flax": model, "params": model.params, "batch": batch, "arch": kind,
+            "folder": folder}
+
+
+def jax_logits(m, params, cfg):
+    return np.asarray(dj.adapt(sequence_classifier_apply(m["flax"]), cfg)(params, m["batch"]))
+
+
+def torch_classifier_logits(model, batch):
+    import torch
+
+    with torch.no_grad():
+        return model(**{k: torch.as_tensor(np.asarray(v)) for k, v in batch.items()}).logits.numpy()
+
+
+def tiny_hf_config(**overrides):
+    cfg = dict(vocab_size=128, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+               num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5, rope_theta=50000.0, max_position_embeddings=64,
+               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1)
+    cfg.update(overrides)
+    return cfg
+
+
+def torch_llama(folder, **overrides):
+    """A random PyTorch Llama (norm weights randomised too), saved with save_pretrained to ``folder``."""
+    torch = pytest.importorskip("torch")
+    import transformers as tf
+
+    config = tf.LlamaConfig(**tiny_hf_config(**overrides), attn_implementation="eager")
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+def batch(length=12, vocab=128, seed=0):
+    """Row 0 full, row 1 left-padded by 4, row 2 right-padded by 3."""
+    ids = np.random.default_rng(seed).integers(3, vocab, size=(3, length)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, -3:] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def max_diff_valid(a, b, mask):
+    return float(np.abs(np.asarray(a) - np.asarray(b))[mask > 0].max())
+
+
+def commonsense_config(model_dir, out_dir, *extra):
+    """The commonsense CPU config on ``model_dir``, made tiny (two sets, 8 training examples, 3 steps)."""
+    return load_config(REPO / "configs" / "commonsense" / "smollm2_lora_cpu.yaml", [
+        f"model.name={model_dir}", f"data.path={DATA / 'commonsense'}", "data.datasets=boolq,arc_e", "data.max_length=160",
+        "data.max_train_samples=8", "data.max_eval_samples=6", "data.max_new_tokens=6", "train.steps=3",
+        "train.batch_size=4", "train.eval_batch_size=4", "train.log_every=1", f"train.output_dir={out_dir}", *extra,
+    ])

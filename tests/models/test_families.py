@@ -1,0 +1,382 @@
+"""The decoder families (decomp_jax.models.families + our Linen decoder) against transformers' PyTorch
+classes on tiny random checkpoints: logits with right and left padding past the sliding window, greedy
+generation with the KV cache, LoRA in PEFT's format both ways, merged folders that transformers loads,
+and config.json keys that are refused rather than dropped."""
+
+import copy
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from decomp_jax.core.inject import inject_quantized
+from decomp_jax.models import convert
+from decomp_jax.models.families import FAMILIES, UnsupportedConfigError, read_hf_config
+from decomp_jax.models.generation import generate
+from decomp_jax.models.hf import TARGET_PRESETS
+from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, stack_layers
+import decomp_jax as dj
+
+torch = pytest.importorskip("torch")
+tf = pytest.importorskip("transformers")
+
+TOL = 1e-4
+VOCAB, LENGTH, WINDOW = 96, 12, 4
+BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64, initializer_range=0.1,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# family -> (transformers config class, extra config keys); sliding families get one layer past the window
+CASES = {
+    "llama": ("LlamaConfig", dict(attention_bias=True, rope_scaling={
+        "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16})),
+    "mistral": ("MistralConfig", dict(sliding_window=WINDOW, rope_theta=20000.0)),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen2_sliding": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1)),
+    "qwen3": ("Qwen3Config", dict(head_dim=16, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "gemma": ("GemmaConfig", dict(hidden_act="gelu_pytorch_tanh")),
+    "gemma2": ("Gemma2Config", dict(sliding_window=WINDOW, query_pre_attn_scalar=16, attn_logit_softcapping=2.0,
+                                    final_logit_softcapping=3.0)),
+    "gemma3_text": ("Gemma3TextConfig", dict(sliding_window=WINDOW, query_pre_attn_scalar=16,
+                                             layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                             rope_theta=100000.0, rope_local_base_freq=1000.0,
+                                             rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "phi3": ("Phi3Config", dict(partial_rotary_factor=0.5, sliding_window=WINDOW)),
+}
+FAST = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
+PEFT_FAST = ["qwen3", "gemma3_text", "phi3"]
+ALL_LINEAR = TARGET_PRESETS["llama"]["all_linear"]
+
+
+def torch_model(case, folder):
+    """A random PyTorch model of the case (norm weights and biases randomised too), saved to ``folder``."""
+    cls, extra = CASES[case]
+    config = getattr(tf, cls)(**{**BASE, **extra}, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.2 * torch.randn_like(p) + (0 if "gemma" in case else 1))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def loaded(tmp_path_factory):
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            folder = tmp_path_factory.mktemp(case)
+            model = torch_model(case, folder)
+            config, params, _ = convert.load_hf(str(folder))
+            cache[case] = {"torch": model, "config": config, "params": jax.tree.map(jnp.asarray, params),
+                           "folder": str(folder)}
+        return cache[case]
+
+    return get
+
+
+def batch(seed=0):
+    """Row 0 full, row 1 left-padded by 3, row 2 right-padded by 2 (12 tokens: past the window of 4)."""
+    ids = np.random.default_rng(seed).integers(3, VOCAB, size=(3, LENGTH)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, -2:] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def torch_logits(model, ids, mask):
+    positions = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                    position_ids=torch.as_tensor(positions)).logits
+    return out.float().numpy()
+
+
+def valid_diff(a, b, mask):
+    return float(np.abs(np.asarray(a) - np.asarray(b))[mask > 0].max())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_logits_match_pytorch(case, loaded):
+    pair = loaded(case)
+    config = pair["config"]
+    assert config.model_type == FAMILIES[config.model_type].model_type == CASES[case][0][:-6].lower().replace(
+        "gemma3text", "gemma3_text")
+    ids, mask = batch()
+    ours = LlamaForCausalLM(config).apply({"params": pair["params"]}, ids, mask)
+    ref = torch_logits(pair["torch"], ids, mask)
+    diff = valid_diff(ours, ref, mask)
+    print(f"{case}: max |logits - transformers| = {diff:.2e} (largest logit {np.abs(ref).max():.2f})")
+    assert diff <= TOL
+    if config.sliding_window is not None:  # the window matters on these 12 tokens
+        unwindowed = dataclasses.replace(config, sliding_window=None, layer_types=None)
+        assert valid_diff(LlamaForCausalLM(unwindowed).apply({"params": pair["params"]}, ids, mask), ref, mask) > 1e-3
+    # the scanned stack gives the same logits
+    scanned = dataclasses.replace(config, scan_layers=True, remat=True)
+    stacked = LlamaForCausalLM(scanned).apply({"params": stack_layers(pair["params"])}, ids, mask)
+    assert valid_diff(stacked, ours, mask) <= 1e-5
+
+
+@pytest.mark.parametrize("case", FAST + [pytest.param(c, marks=pytest.mark.slow) for c in CASES if c not in FAST])
+def test_greedy_generation_matches_pytorch(case, loaded):
+    pair = loaded(case)
+    ids, mask = batch(seed=1)
+    ids, mask = ids[:2], mask[:2]  # full and left-padded prompts
+    ours = np.asarray(generate(LlamaForCausalLM(pair["config"]), pair["params"], ids, mask, max_new_tokens=16))
+    with torch.no_grad():
+        ref = pair["torch"].generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                                     max_new_tokens=16, min_new_tokens=16, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0).numpy()
+    np.testing.assert_array_equal(ours[:, LENGTH:], ref[:, LENGTH:])
+
+
+def _lm_loss(model, cfg):
+    apply = dj.adapt(model.apply, cfg)
+
+    def loss(params, batch, rng):
+        logits = apply({"params": params}, batch["ids"][:, :-1])
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["ids"][:, 1:, None], -1)
+        return jnp.mean(nll), {}
+
+    return loss
+
+
+def train_losses(model, params, cfg, ids, steps=4):
+    trainable, buffers, frozen = dj.partition(params, cfg)
+    opt = optax.adam(2e-2)
+    state = dj.init_state(trainable, opt, jax.random.PRNGKey(3), buffers=buffers)
+    step = dj.make_train_step(_lm_loss(model, cfg), opt, cfg)
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, frozen, {"ids": ids})
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+@pytest.mark.parametrize("method", ["lora", pytest.param("dora", marks=pytest.mark.slow),
+                                    pytest.param("ssb", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", PEFT_FAST + [pytest.param(c, marks=pytest.mark.slow) for c in CASES if c not in PEFT_FAST])
+def test_methods_train_and_lora_goes_both_ways_with_peft(case, method, loaded, tmp_path):
+    peft = pytest.importorskip("peft")
+    pair = loaded(case)
+    config, base = pair["config"], pair["params"]
+    model = LlamaForCausalLM(config)
+    cfg = dj.AdapterConfig(method=method, targets=ALL_LINEAR, rank=4, alpha=8)
+    params = dj.inject(base, cfg, jax.random.PRNGKey(0))
+    ids, mask = batch()
+    apply = lambda p, i, m: model.apply({"params": p}, i, m)  # noqa: E731
+    plain = np.asarray(apply(base, ids, mask))
+    np.testing.assert_allclose(dj.adapt(apply, cfg)(params, ids, mask), plain, atol=1e-5)  # no-op at init
+    losses = train_losses(model, params, cfg, jnp.asarray(ids))
+    print(f"{case} {method}: losses {[round(x, 4) for x in losses]}")
+    assert losses[-1] < losses[0] - 1e-3
+    if method != "lora":
+        return
+    moved = jax.tree.map(lambda x: x + 0.05 * jnp.cos(jnp.arange(x.size, dtype=x.dtype).reshape(x.shape)), params)
+    moved = dj.combine(dj.partition(moved, cfg)[0], {}, dj.partition(params, cfg)[2])
+    factored = np.asarray(dj.adapt(apply, cfg)(moved, ids, mask))
+    merged = np.asarray(dj.adapt(apply, cfg, mode="merged")(moved, ids, mask))
+    assert valid_diff(factored, plain, mask) > 1e-2 and valid_diff(factored, merged, mask) <= 1e-5
+    # ours -> PEFT on transformers' model
+    dj.export_peft(moved, cfg, str(tmp_path / "ours"), base_model_name_or_path=pair["folder"], arch="llama")
+    in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(pair["torch"]), str(tmp_path / "ours")).eval()
+    diff = valid_diff(torch_logits(in_peft, ids, mask), factored, mask)
+    print(f"{case}: our LoRA in PEFT, max diff {diff:.2e}")
+    assert diff <= TOL
+    # PEFT's own LoRA (made in PyTorch, random B) -> ours
+    modules = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if config.fused_projections else \
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    torch.manual_seed(1)
+    made = peft.get_peft_model(copy.deepcopy(pair["torch"]), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=modules, init_lora_weights=False)).eval()
+    made.save_pretrained(str(tmp_path / "theirs"))
+    back, back_cfg = dj.import_peft(str(tmp_path / "theirs"), base, arch="llama")
+    ours = dj.adapt(apply, back_cfg)(back, ids, mask)
+    diff = valid_diff(ours, torch_logits(made, ids, mask), mask)
+    print(f"{case}: PEFT's LoRA in ours, max diff {diff:.2e}")
+    assert diff <= TOL
+    # the merged model as an HF folder that transformers loads
+    convert.save_converted(str(tmp_path / "merged"), config, dj.merge(moved, cfg))
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), attn_implementation="eager").eval()
+    assert type(reloaded).__name__ == FAMILIES[config.model_type].architecture
+    assert valid_diff(torch_logits(reloaded, ids, mask), factored, mask) <= TOL
+
+
+# --- nothing ignored ------------------------------------------------------------------------------------
+
+def hf_dict(case):
+    cls, extra = CASES[case]
+    return getattr(tf, cls)(**{**BASE, **extra}).to_dict()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_family_refuses_a_key_it_does_not_implement(case):
+    data = hf_dict(case)
+    config = LlamaConfig.from_hf_dict(data)
+    assert LlamaConfig.from_hf_dict(config.to_hf_dict()) == config  # our written config reads back the same
+    with pytest.raises(UnsupportedConfigError, match=r"key 'logits_scaling' .*not implemented by decomp_jax's"):
+        LlamaConfig.from_hf_dict({**data, "logits_scaling": 0.5})
+    with pytest.raises(UnsupportedConfigError, match=r"attention_dropout=0.1 .*must be 0"):
+        LlamaConfig.from_hf_dict({**data, "attention_dropout": 0.1})
+    with pytest.raises(UnsupportedConfigError, match=r"rope_scaling type 'su' is not implemented"):
+        LlamaConfig.from_hf_dict({**data, "rope_scaling": {"type": "su", "factor": 2.0}})
+
+
+def test_granite_smollm3_sliding_llama_and_unknown_model_types_are_refused():
+    granite = tf.GraniteConfig(**BASE, embedding_multiplier=12.0).to_dict()
+    with pytest.raises(UnsupportedConfigError, match=r"model_type 'granite' is not supported.*supported: gemma, "):
+        LlamaConfig.from_hf_dict(granite)
+    # Granite's multipliers on a checkpoint that calls itself llama: refused by key, not silently dropped
+    with pytest.raises(UnsupportedConfigError, match=r"key 'embedding_multiplier'"):
+        LlamaConfig.from_hf_dict({**granite, "model_type": "llama"})
+    with pytest.raises(UnsupportedConfigError, match=r"key 'sliding_window' .* llama decoder"):
+        LlamaConfig.from_hf_dict({**tf.LlamaConfig(**BASE).to_dict(), "sliding_window": 4})
+    with pytest.raises(UnsupportedConfigError, match=r"key 'no_rope_layers'"):
+        LlamaConfig.from_hf_dict({**tf.LlamaConfig(**BASE).to_dict(), "no_rope_layers": [1, 1, 0]})
+    with pytest.raises(UnsupportedConfigError, match=r"rope_scaling type 'longrope'"):
+        LlamaConfig.from_hf_dict({**hf_dict("phi3"), "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 2,
+                                                                      "long_factor": [1.0] * 2}})
+
+
+def transformers5_spelling(data):
+    """config.json as transformers 5 writes it: ``rope_parameters`` instead of rope_theta / rope_scaling
+    (per layer type for Gemma 3)."""
+    if "rope_parameters" in data:
+        return dict(data)
+    data = dict(data)
+    theta, scaling = data.pop("rope_theta", 10000.0), data.pop("rope_scaling", None) or {}
+    full = {"rope_theta": theta, "rope_type": "default", **scaling}
+    if "partial_rotary_factor" in data:
+        full["partial_rotary_factor"] = data.pop("partial_rotary_factor")
+    if data["model_type"] == "gemma3_text":
+        data["rope_parameters"] = {"full_attention": full, "sliding_attention": {
+            "rope_type": "default", "rope_theta": data.pop("rope_local_base_freq")}}
+    else:
+        data["rope_parameters"] = full
+    return data
+
+
+def transformers4_spelling(data):
+    """config.json as transformers 4 writes it: ``rope_theta`` + ``rope_scaling`` (+ Gemma 3's
+    ``rope_local_base_freq``, Phi-3's ``partial_rotary_factor``)."""
+    if "rope_parameters" not in data:
+        return dict(data)
+    data = dict(data)
+    params = data.pop("rope_parameters")
+    if data["model_type"] == "gemma3_text":
+        data["rope_local_base_freq"] = params["sliding_attention"]["rope_theta"]
+        params = params["full_attention"]
+    params = dict(params)
+    data["rope_theta"] = params.pop("rope_theta")
+    if "partial_rotary_factor" in params:
+        data["partial_rotary_factor"] = params.pop("partial_rotary_factor")
+    data["rope_scaling"] = params if params.get("rope_type", "default") != "default" else None
+    return data
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_transformers4_and_5_config_spellings_read_the_same(case):
+    data = hf_dict(case)
+    assert read_hf_config(transformers5_spelling(data)) == read_hf_config(transformers4_spelling(data))
+
+
+def test_written_config_names_the_true_model_type(loaded, tmp_path):
+    pair = loaded("qwen3")
+    out = tmp_path / "conv"
+    convert.convert(pair["folder"], str(out))
+    import json
+
+    written = json.loads((out / "config.json").read_text())
+    assert written["model_type"] == "qwen3" and written["architectures"] == ["Qwen3ForCausalLM"]
+    again, params, _ = convert.load_hf(str(out))
+    assert again == pair["config"]
+
+
+# --- every method, a quantized base, sharding presets ------------------------------------------------
+
+def moved(params, cfg, scale=0.05):
+    """The adapter's leaves moved off their init (so factored/merged comparisons are not trivial)."""
+    trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg))
+    trainable = jax.tree.map(lambda v: v + scale * jnp.cos(jnp.arange(v.size, dtype=v.dtype).reshape(v.shape)), trainable)
+    return dj.combine(trainable, frozen)
+
+
+OPTIONS = {"lora_dash": {"warmup_steps": 3, "dash_k": 4}}
+
+
+# one method per kind of update (low-rank, weight-decomposed, scaling, SVD-initialised, bottleneck, stateful)
+CORE = ("lora", "dora", "ssb", "ia3", "pissa", "houlsby", "adalora")
+
+
+@pytest.mark.parametrize("case,which", [("phi3", "core")] + [pytest.param(c, "all", marks=pytest.mark.slow) for c in CASES])
+def test_every_method_runs_factored_and_merged_on_each_family(case, which, loaded):
+    """Every per-layer method on all linear layers (Phi-3: its fused qkv_proj and gate_up_proj kernels),
+    scanned: factored execution equals the unrolled model's, and merged weights give the same logits."""
+    pair = loaded(case)
+    config, base = pair["config"], pair["params"]
+    ids, mask = batch()
+    scanned_model = LlamaForCausalLM(dataclasses.replace(config, scan_layers=True))
+    for name in CORE if which == "core" else dj.methods.names():
+        cfg = dj.AdapterConfig(method=name, targets=ALL_LINEAR, rank=4, options=OPTIONS.get(name, {}))
+        params = moved(dj.inject(base, cfg, jax.random.PRNGKey(0)), cfg)
+        want = np.asarray(jax.jit(dj.adapt(LlamaForCausalLM(config).apply, cfg))({"params": params}, ids, mask))
+        stacked = stack_layers(params)
+        got = np.asarray(jax.jit(dj.adapt(scanned_model.apply, cfg))({"params": stacked}, ids, mask))
+        assert np.isfinite(want).all() and valid_diff(got, want, mask) <= 1e-5, name
+        biased = config.attention_bias and config.mlp_bias
+        if dj.methods.get(name).mergeable and not (name == "lora_bias" and not biased):
+            # (lora_bias merges into layers with a bias only, as PEFT's)
+            merged = jax.jit(scanned_model.apply)({"params": dj.merge(stacked, cfg)}, ids, mask)
+            assert valid_diff(merged, want, mask) <= 1e-4, name
+
+
+@pytest.mark.parametrize("case,name", [("gemma3_text", "lora")] + [
+    pytest.param(c, n, marks=pytest.mark.slow) for c in CASES for n in ("lora", "dora") if (c, n) != ("gemma3_text", "lora")])
+def test_lora_and_dora_over_a_quantized_base(case, name, loaded):
+    """An NF4 base: every adapted and plain layer runs on its dequantized kernel (== the float model holding
+    the dequantized kernels), and merging gives the same logits."""
+    from decomp_jax import quant
+
+    pair = loaded(case)
+    config, base = pair["config"], pair["params"]
+    model = LlamaForCausalLM(config)
+    ids, mask = batch()
+    cfg = dj.AdapterConfig(method=name, targets=ALL_LINEAR, rank=4)
+    qbase, params = inject_quantized(base, cfg, jax.random.PRNGKey(0), "nf4", block_size=16)
+    assert quant.is_quantized(qbase["model"]["layers_0"]["mlp"]["down_proj"]["kernel"])
+    params = moved(params, cfg)
+    run = jax.jit(dj.adapt(model.apply, cfg))
+    got = np.asarray(run({"params": params}, ids, mask))
+    want = np.asarray(run({"params": quant.dequantize_params(params)}, ids, mask))
+    assert valid_diff(got, want, mask) <= 1e-5
+    assert valid_diff(jax.jit(model.apply)({"params": dj.merge(params, cfg)}, ids, mask), want, mask) <= 1e-4
+
+
+def test_sharding_preset_covers_every_family_kernel(loaded):
+    """The llama preset is detected for every family and places each kernel, fused ones included."""
+    from flax.traverse_util import flatten_dict
+    from jax.sharding import PartitionSpec as P
+
+    from decomp_jax import sharding as sh
+
+    mesh = jax.sharding.AbstractMesh((2, 4), ("fsdp", "tensor"))  # specs only: no devices needed
+    for case in CASES:
+        params = loaded(case)["params"]
+        specs = flatten_dict(sh.base_specs(params, mesh, fsdp_min_size=1), sep="/")
+        layer = "model/layers_0"
+        kernels = [k for k in specs if k.startswith(layer) and k.endswith("kernel")]
+        assert kernels and all(specs[k] != P() for k in kernels), {k: specs[k] for k in kernels}
+        assert specs[f"{layer}/self_attn/o_proj/kernel"] == specs[f"{layer}/mlp/down_proj/kernel"] == P("tensor", "fsdp")
+        column = [k for k in kernels if not k.endswith(("o_proj/kernel", "down_proj/kernel"))]
+        assert all(specs[k] == P("fsdp", "tensor") for k in column), case
+        stacked = flatten_dict(sh.base_specs(stack_layers(params), mesh, fsdp_min_size=1), sep="/")  # scan_layers
+        assert all(stacked[k.replace(layer, "model/layers")] == P(None, *specs[k]) for k in kernels), case
