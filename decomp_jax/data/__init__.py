@@ -1,4 +1,9 @@
-"""Data loading for fine-tuning: GLUE tasks, tokenization and deterministic batching."""
+"""Floor 1, data for fine-tuning: ``glue`` (GLUE tasks from TSV folders or the hub, tokenization,
+deterministic fixed-shape batches) < ``lm`` (decoder prompts, tokenising with a response-only loss mask,
+length buckets, batches) < ``commonsense``, ``math`` (their datasets and answer extraction).
+
+May import: floor 0 (``errors``, ``guards``, ``quant``).
+"""
 
 from decomp_jax.data.glue import (
     TASKS, Examples, TaskSpec, batches, get_task, load_examples, normalize_split, num_rows, read_tsv, steps_per_epoch,
