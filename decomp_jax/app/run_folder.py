@@ -18,8 +18,10 @@ from decomp_jax.app.config import ExperimentConfig, total_steps
 from decomp_jax.core import methods
 from decomp_jax.errors import ConfigError
 from decomp_jax.guards import atomic_save_safetensors, atomic_write_text, check_finite, folder_lock, load_safetensors
+from decomp_jax.models.convert import resolve_llm
 from decomp_jax.models.hf import resolve_model_path
 from decomp_jax.parallel.distributed import barrier, is_primary, to_host
+from decomp_jax.tasks.base import LM_TASK_NAMES
 from decomp_jax.training import checkpoint
 from decomp_jax.training.train import make_schedule
 
@@ -167,8 +169,15 @@ def check_model_shapes(cfg: ExperimentConfig) -> None:
 
 
 def _hidden_size(cfg: ExperimentConfig) -> Optional[int]:
-    """The hidden size in the model folder's config.json (None: no such folder, e.g. a .gguf file)."""
-    folder = Path(resolve_model_path(cfg.model.name))
+    """The hidden size in the model folder's config.json (None: no such folder, e.g. a .gguf file). A
+    decoder task's model is found as its loader finds it (a folder, a .gguf file or a package shipping one)."""
+    if cfg.data.task in LM_TASK_NAMES:
+        try:
+            folder = Path(resolve_llm(cfg.model.name))
+        except FileNotFoundError:
+            return None  # (the loader names what is wrong with the model)
+    else:
+        folder = Path(resolve_model_path(cfg.model.name))
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
