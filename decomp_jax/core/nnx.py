@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx as fnnx
 
 from decomp_jax.core.config import AdapterConfig
@@ -37,7 +39,7 @@ from decomp_jax.core.inject import (
     adapted_layers, check_mergeable, find_targets, inject as inject_params, merge as merge_params,
 )
 from decomp_jax.core.methods import get
-from decomp_jax.core.tree import kernel_in_axes, path_str
+from decomp_jax.core.tree import by_layer, flat_params, kernel_in_axes, matrix_leaf, path_str
 from decomp_jax.errors import ConfigError
 
 
@@ -140,9 +142,31 @@ def inject(model, cfg: AdapterConfig, rng: jax.Array):
     return model
 
 
+def _unadaptable(model, params: dict, cfg: AdapterConfig) -> None:
+    """Refuse a module ``cfg.targets`` matches that holds a matrix-like parameter (2-D or more) but no
+    ``kernel``/``embedding`` (another library's attention holding ``w``, bare expert tensors): it cannot be
+    adapted, and skipping it would adapt fewer layers than the pattern names."""
+    pattern = re.compile(cfg.targets)
+    skipped = []
+    for path, leaves in by_layer(flat_params(params)).items():
+        if matrix_leaf(leaves) is not None or not pattern.search(path_str(path)):
+            continue
+        held = {n: tuple(np.shape(v)) for n, v in leaves.items() if np.ndim(v) >= 2}
+        if held:
+            skipped.append(f"{path_str(path)!r} ({type(_module_at(model, path)).__name__} holding "
+                           + ", ".join(f"{n} {shape}" for n, shape in held.items()) + ")")
+    if skipped:
+        raise ConfigError(
+            f"targets={cfg.targets!r} matches {len(skipped)} module(s) decomp_jax.nnx cannot adapt: {', '.join(skipped[:5])}"
+            f"{' ...' if len(skipped) > 5 else ''}. It adapts nnx.Linear, nnx.LinearGeneral and nnx.Einsum layers (a "
+            f"`kernel`); narrow `targets` to the layers it can adapt. Nothing was changed.")
+
+
 def _targets(model, params: dict, cfg: AdapterConfig):
-    """``(path, module)`` of the targeted layers, each an NNX layer factored execution can run."""
+    """``(path, module)`` of the targeted layers, each an NNX layer factored execution can run; a matched
+    module that is not such a layer is refused (``_unadaptable``), never skipped."""
     out = []
+    _unadaptable(model, params, cfg)
     for path in find_targets(params, cfg):
         module = _module_at(model, path)
         where = path_str(path)

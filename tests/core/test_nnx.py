@@ -155,3 +155,38 @@ def test_nnx_refusals_name_the_fix():
     model = dnnx.inject(Model(nnx.Rngs(0)), dj.AdapterConfig(targets="mlp/1$"), jax.random.PRNGKey(0))
     with pytest.raises(dj.ConfigError, match=r"'mlp/1' is already adapted"):
         dnnx.inject(model, dj.AdapterConfig(targets="mlp/1$"), jax.random.PRNGKey(0))
+
+
+class _Projection(nnx.Module):
+    """Another library's projection: its weight is a parameter ``w``, not a ``kernel``."""
+
+    def __init__(self, rngs):
+        self.w = nnx.Param(jax.random.normal(rngs.params(), (E, H, D)))
+
+    def __call__(self, x):
+        return jnp.einsum("btd,dhk->bthk", x, self.w[...])
+
+
+class _Foreign(nnx.Module):
+    def __init__(self, rngs):
+        self.q_proj = _Projection(rngs)
+        self.up_proj = nnx.Linear(E, E, rngs=rngs)
+        self.norm = nnx.RMSNorm(E, rngs=rngs)
+
+
+def test_a_matched_module_that_cannot_be_adapted_is_refused_not_skipped():
+    """targets matching an nnx.Linear and a module holding a 3-D ``w`` raises, naming the module, its class and
+    its parameter, and leaves the model as it was; a pattern matching only what can be adapted works (a
+    1-D norm scale it also matches is not a layer)."""
+    model = _Foreign(nnx.Rngs(0))
+    before = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    with pytest.raises(dj.ConfigError, match=r"targets='\(q_proj\|up_proj\)\$' matches 1 module\(s\) decomp_jax\.nnx "
+                                             r"cannot adapt: 'q_proj' \(_Projection holding w \(16, 4, 4\)\).*narrow "
+                                             r"`targets`.*Nothing was changed"):
+        dnnx.inject(model, dj.AdapterConfig(targets=r"(q_proj|up_proj)$", rank=2), jax.random.PRNGKey(0))
+    after = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+    assert jax.tree.all(jax.tree.map(np.array_equal, before, after)) and not hasattr(model.up_proj, "lora_a")
+    with pytest.raises(dj.ConfigError, match=r"'q_proj' \(_Projection holding w"):  # it alone: refused, not "no layer"
+        dnnx.inject(model, dj.AdapterConfig(targets=r"q_proj$", rank=2), jax.random.PRNGKey(0))
+    dnnx.inject(model, dj.AdapterConfig(targets=r"(up_proj|norm)$", rank=2), jax.random.PRNGKey(0))
+    assert model.up_proj.lora_a[...].shape == (E, 2)
