@@ -81,14 +81,26 @@ def torch_llama(folder, **overrides):
     return model
 
 
-def batch(length=12, vocab=128, seed=0):
-    """Row 0 full, row 1 left-padded by 4, row 2 right-padded by 3."""
+def batch(length=12, vocab=128, seed=0, left=4, right=3):
+    """Row 0 full, row 1 left-padded by ``left``, row 2 right-padded by ``right`` (pad id 0)."""
     ids = np.random.default_rng(seed).integers(3, vocab, size=(3, length)).astype(np.int64)
     mask = np.ones_like(ids)
-    mask[1, :4] = 0
-    mask[2, -3:] = 0
+    mask[1, :left] = 0
+    mask[2, -right:] = 0
     ids[mask == 0] = 0
     return ids, mask
+
+
+def torch_lm_logits(model, ids, mask):
+    """A transformers causal LM's float32 logits, positions ``cumsum(mask) - 1`` as its ``generate`` makes them
+    (and our decoder by default)."""
+    import torch
+
+    positions = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                    position_ids=torch.as_tensor(positions)).logits
+    return out.float().numpy()
 
 
 def max_diff_valid(a, b, mask):

@@ -70,7 +70,7 @@ def unrolled_params(model, params):
     model's stacked layers split (our Llama's ``model/layers_{i}``, GPT-2's ``transformer/h/{i}``)."""
 
     if isinstance(model, GPT2LMHeadModel):
-        return unstack_blocks(params, model.config.n_layer) if model.scan_layers else params
+        return unstack_blocks(params) if model.scan_layers else params
     return unstack_layers(params) if getattr(model.config, "scan_layers", False) else params
 
 

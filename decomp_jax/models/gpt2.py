@@ -26,7 +26,7 @@ import numpy as np
 from decomp_jax.guards import atomic_save_safetensors
 from decomp_jax.models.bert import ACTIVATIONS
 from decomp_jax.models.generation import prompt_buffer, token_finisher
-from decomp_jax.models.llama import ScoredHead, last_token_hidden, mask_positions
+from decomp_jax.models.llama import ScoredHead, last_token_hidden, mask_positions, stack_layers, unstack_layers
 from decomp_jax.models.names import get_arch, read_torch_weights, torch_state_dict
 
 
@@ -252,42 +252,19 @@ class GPT2LMHeadModel(ScoredHead, nn.Module):
         return self.transformer.attend(hidden).astype(jnp.float32)
 
 
+GPT2_LAYERS = {"root": ("transformer",), "unrolled": "h/{}"}  # where stack_layers finds GPT-2's blocks
+
+
 def stack_blocks(params):
-    """The unrolled GPT-2 tree (``.../h/{i}/...``) as the ``scan_layers`` one (``.../layers/...``, each leaf
-    stacked on a new leading axis), factor leaves of an adapted tree too; ``unstack_blocks`` inverts it."""
-    from flax.core import unfreeze
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
-    flat = flatten_dict(unfreeze(params))
-    groups: dict = {}
-    out = {}
-    for path, value in flat.items():
-        at = next((i for i, part in enumerate(path[:-1]) if part == "h" and str(path[i + 1]).isdigit()), None)
-        if at is None:
-            out[path] = value
-        else:
-            groups.setdefault(path[:at] + ("layers",) + path[at + 2:], {})[int(path[at + 1])] = value
-    for path, layers in groups.items():
-        if sorted(layers) != list(range(len(layers))):
-            raise ValueError(f"{'/'.join(map(str, path))}: blocks {sorted(layers)} are not 0..n-1.")
-        out[path] = jax.tree.map(lambda *a: jnp.stack(a), *(layers[i] for i in range(len(layers))))
-    return unflatten_dict(out)
+    """The unrolled GPT-2 tree (``transformer/h/{i}/...``) as the ``scan_layers`` one
+    (``transformer/layers/...``, each leaf stacked on a new leading axis; ``llama.stack_layers``), factor
+    leaves of an adapted tree too; ``unstack_blocks`` inverts it."""
+    return stack_layers(params, **GPT2_LAYERS)
 
 
-def unstack_blocks(params, n_layer: int):
-    """Inverse of ``stack_blocks``: every leaf under ``transformer/layers`` (leading axis ``n_layer``) split
-    into ``transformer/h/{i}``."""
-    from flax.core import unfreeze
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
-    out = {}
-    for path, value in flatten_dict(unfreeze(params)).items():
-        if path[:2] != ("transformer", "layers"):
-            out[path] = value
-            continue
-        for i in range(n_layer):
-            out[("transformer", "h", str(i)) + path[2:]] = jax.tree.map(lambda v, i=i: v[i], value)
-    return unflatten_dict(out)
+def unstack_blocks(params):
+    """Inverse of ``stack_blocks``: every leaf under ``transformer/layers`` split into ``transformer/h/{i}``."""
+    return unstack_layers(params, **GPT2_LAYERS)
 
 
 def init_cache(config, batch: int, length: int, dtype=jnp.float32):

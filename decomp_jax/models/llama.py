@@ -44,6 +44,7 @@ Hooks for prompt / prefix tuning (kept minimal):
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -458,50 +459,64 @@ def random_params(config: LlamaConfig, seed: int = 0):
     return unflatten_dict(out)
 
 
-def stack_layers(params, num_layers: Optional[int] = None):
+def stack_layers(params, num_layers: Optional[int] = None, *, root: tuple = ("model",), unrolled: str = "layers_{}"):
     """The unrolled tree (``model/layers_{i}/...``) as the ``scan_layers`` one (``model/layers/...``,
     each leaf stacked on a new leading axis). Any leaves under ``layers_{i}`` move, factor leaves of an
-    adapted tree too. ``num_layers`` (default: all present) is checked when given."""
+    adapted tree too. ``num_layers`` (default: all present) is checked when given. ``root`` and
+    ``unrolled`` (layer ``i``'s path under it, '/'-joined) name another model's layers: GPT-2's are
+    ``root=("transformer",), unrolled="h/{}"``."""
     from flax.core import unfreeze
     from flax.traverse_util import flatten_dict, unflatten_dict
 
-    flat = flatten_dict(unfreeze(params))
+    depth = len(root) + unrolled.count("/") + 1
+    before, after = unrolled.split("{}")
+    pattern = re.compile(re.escape(before) + r"(\d+)" + re.escape(after))
     per_layer: dict[int, dict] = {}
     out = {}
-    for path, value in flat.items():
-        if len(path) > 1 and path[0] == "model" and str(path[1]).startswith("layers_"):
-            per_layer.setdefault(int(str(path[1])[len("layers_"):]), {})[path[2:]] = value
+    for path, value in flatten_dict(unfreeze(params)).items():
+        found = len(path) > depth and path[:len(root)] == root and pattern.fullmatch(
+            "/".join(map(str, path[len(root):depth])))
+        if found:
+            per_layer.setdefault(int(found.group(1)), {})[path[depth:]] = value
         else:
             out[path] = value
+    where = "/".join(root)
     if not per_layer:
-        raise ValueError("params hold no model/layers_{i} subtrees: are they already stacked (model/layers/...)?")
+        raise ValueError(f"params hold no {where}/{unrolled.format('{i}')} subtrees: are they already stacked "
+                         f"({where}/layers/...)?")
     n = len(per_layer)
     if sorted(per_layer) != list(range(n)) or (num_layers is not None and n != num_layers):
-        raise ValueError(f"params hold layers {sorted(per_layer)}; expected layers_0 .. layers_{(num_layers or n) - 1}.")
+        raise ValueError(f"params hold layers {sorted(per_layer)}; expected {unrolled.format(0)} .. "
+                         f"{unrolled.format((num_layers or n) - 1)}.")
     keys = set(per_layer[0])
     for i, layer in per_layer.items():
         if set(layer) != keys:
-            raise ValueError(f"layers_{i} holds other leaves than layers_0: {sorted(set(layer) ^ keys)[:5]}.")
+            raise ValueError(f"{unrolled.format(i)} holds other leaves than {unrolled.format(0)}: "
+                             f"{sorted(set(layer) ^ keys)[:5]}.")
     for sub in per_layer[0]:
         # a quantized kernel stacks its codes and scales
-        out[("model", "layers") + sub] = jax.tree.map(lambda *xs: jnp.stack(xs), *[per_layer[i][sub] for i in range(n)])
+        out[root + ("layers",) + sub] = jax.tree.map(lambda *xs: jnp.stack(xs), *[per_layer[i][sub] for i in range(n)])
     return unflatten_dict(out)
 
 
-def unstack_layers(params):
-    """Inverse of ``stack_layers``: ``model/layers/...`` (leading layer axis) -> ``model/layers_{i}/...``."""
+def unstack_layers(params, *, root: tuple = ("model",), unrolled: str = "layers_{}"):
+    """Inverse of ``stack_layers``: ``model/layers/...`` (leading layer axis) -> ``model/layers_{i}/...``
+    (``root``, ``unrolled``: as ``stack_layers``')."""
     from flax.core import unfreeze
     from flax.traverse_util import flatten_dict, unflatten_dict
 
     flat = flatten_dict(unfreeze(params))
-    out = {}
-    stacked = {p: v for p, v in flat.items() if p[:2] == ("model", "layers")}
+    stacked_at = root + ("layers",)
+    stacked = {p: v for p, v in flat.items() if p[:len(stacked_at)] == stacked_at}
+    where = "/".join(root)
     if not stacked:
-        raise ValueError("params hold no model/layers subtree: are they unrolled (model/layers_{i}/...)?")
+        raise ValueError(f"params hold no {where}/layers subtree: are they unrolled ({where}/{unrolled.format('{i}')}/...)?")
+    out = {}
     for path, value in flat.items():
         if path in stacked:
             for i in range(value.shape[0]):
-                out[("model", f"layers_{i}") + path[2:]] = jax.tree.map(lambda v, i=i: v[i], value)
+                layer = tuple(unrolled.format(i).split("/"))
+                out[root + layer + path[len(stacked_at):]] = jax.tree.map(lambda v, i=i: v[i], value)
         else:
             out[path] = value
     return unflatten_dict(out)

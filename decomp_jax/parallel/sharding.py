@@ -135,7 +135,7 @@ _LLAMA = (
 def _with_scanned(rules, scanned: str):
     """``rules`` preceded by their scanned-layer versions: under ``scanned`` (a regex for the path of the
     ``nn.scan``-ned layers, e.g. ``^model/layers/``) a kernel carries a leading layer axis, left unsplit."""
-    return tuple((scanned + ".*" + rx, (None,) + tuple(spec)) for rx, spec in rules if "embed" not in rx) + rules
+    return tuple((scanned + ".*" + rx, (None,) + tuple(spec)) for rx, spec in rules) + rules
 
 
 RULES: dict[str, tuple[tuple[str, Spec], ...]] = {

@@ -19,12 +19,15 @@ from decomp_jax.models.generation import generate
 from decomp_jax.models.hf import TARGET_PRESETS
 from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, stack_layers
 import decomp_jax as dj
+from helpers import batch, max_diff_valid, torch_lm_logits  # noqa: E402
 
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
 
 TOL = 1e-4
 VOCAB, LENGTH, WINDOW = 96, 12, 4
+# the batch: row 0 full, row 1 left-padded by 3, row 2 right-padded by 2; 12 tokens, past the window of 4
+ROWS = dict(length=LENGTH, vocab=VOCAB, left=3, right=2)
 BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, initializer_range=0.1,
             bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -83,53 +86,31 @@ def loaded(tmp_path_factory):
     return get
 
 
-def batch(seed=0):
-    """Row 0 full, row 1 left-padded by 3, row 2 right-padded by 2 (12 tokens: past the window of 4)."""
-    ids = np.random.default_rng(seed).integers(3, VOCAB, size=(3, LENGTH)).astype(np.int64)
-    mask = np.ones_like(ids)
-    mask[1, :3] = 0
-    mask[2, -2:] = 0
-    ids[mask == 0] = 0
-    return ids, mask
-
-
-def torch_logits(model, ids, mask):
-    positions = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)
-    with torch.no_grad():
-        out = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-                    position_ids=torch.as_tensor(positions)).logits
-    return out.float().numpy()
-
-
-def valid_diff(a, b, mask):
-    return float(np.abs(np.asarray(a) - np.asarray(b))[mask > 0].max())
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_pytorch(case, loaded):
     pair = loaded(case)
     config = pair["config"]
     assert config.model_type == FAMILIES[config.model_type].model_type == CASES[case][0][:-6].lower().replace(
         "gemma3text", "gemma3_text")
-    ids, mask = batch()
+    ids, mask = batch(**ROWS)
     ours = LlamaForCausalLM(config).apply({"params": pair["params"]}, ids, mask)
-    ref = torch_logits(pair["torch"], ids, mask)
-    diff = valid_diff(ours, ref, mask)
+    ref = torch_lm_logits(pair["torch"], ids, mask)
+    diff = max_diff_valid(ours, ref, mask)
     print(f"{case}: max |logits - transformers| = {diff:.2e} (largest logit {np.abs(ref).max():.2f})")
     assert diff <= TOL
     if config.sliding_window is not None:  # the window matters on these 12 tokens
         unwindowed = dataclasses.replace(config, sliding_window=None, layer_types=None)
-        assert valid_diff(LlamaForCausalLM(unwindowed).apply({"params": pair["params"]}, ids, mask), ref, mask) > 1e-3
+        assert max_diff_valid(LlamaForCausalLM(unwindowed).apply({"params": pair["params"]}, ids, mask), ref, mask) > 1e-3
     # the scanned stack gives the same logits
     scanned = dataclasses.replace(config, scan_layers=True, remat=True)
     stacked = LlamaForCausalLM(scanned).apply({"params": stack_layers(pair["params"])}, ids, mask)
-    assert valid_diff(stacked, ours, mask) <= 1e-5
+    assert max_diff_valid(stacked, ours, mask) <= 1e-5
 
 
 @pytest.mark.parametrize("case", FAST + [pytest.param(c, marks=pytest.mark.slow) for c in CASES if c not in FAST])
 def test_greedy_generation_matches_pytorch(case, loaded):
     pair = loaded(case)
-    ids, mask = batch(seed=1)
+    ids, mask = batch(**ROWS, seed=1)
     ids, mask = ids[:2], mask[:2]  # full and left-padded prompts
     ours = np.asarray(generate(LlamaForCausalLM(pair["config"]), pair["params"], ids, mask, max_new_tokens=16))
     with torch.no_grad():
@@ -172,7 +153,7 @@ def test_methods_train_and_lora_goes_both_ways_with_peft(case, method, loaded, t
     model = LlamaForCausalLM(config)
     cfg = dj.AdapterConfig(method=method, targets=ALL_LINEAR, rank=4, alpha=8)
     params = dj.inject(base, cfg, jax.random.PRNGKey(0))
-    ids, mask = batch()
+    ids, mask = batch(**ROWS)
     apply = lambda p, i, m: model.apply({"params": p}, i, m)  # noqa: E731
     plain = np.asarray(apply(base, ids, mask))
     np.testing.assert_allclose(dj.adapt(apply, cfg)(params, ids, mask), plain, atol=1e-5)  # no-op at init
@@ -185,11 +166,11 @@ def test_methods_train_and_lora_goes_both_ways_with_peft(case, method, loaded, t
     moved = dj.combine(dj.partition(moved, cfg)[0], {}, dj.partition(params, cfg)[2])
     factored = np.asarray(dj.adapt(apply, cfg)(moved, ids, mask))
     merged = np.asarray(dj.adapt(apply, cfg, mode="merged")(moved, ids, mask))
-    assert valid_diff(factored, plain, mask) > 1e-2 and valid_diff(factored, merged, mask) <= 1e-5
+    assert max_diff_valid(factored, plain, mask) > 1e-2 and max_diff_valid(factored, merged, mask) <= 1e-5
     # ours -> PEFT on transformers' model
     dj.export_peft(moved, cfg, str(tmp_path / "ours"), base_model_name_or_path=pair["folder"], arch="llama")
     in_peft = peft.PeftModel.from_pretrained(copy.deepcopy(pair["torch"]), str(tmp_path / "ours")).eval()
-    diff = valid_diff(torch_logits(in_peft, ids, mask), factored, mask)
+    diff = max_diff_valid(torch_lm_logits(in_peft, ids, mask), factored, mask)
     print(f"{case}: our LoRA in PEFT, max diff {diff:.2e}")
     assert diff <= TOL
     # PEFT's own LoRA (made in PyTorch, random B) -> ours
@@ -201,14 +182,14 @@ def test_methods_train_and_lora_goes_both_ways_with_peft(case, method, loaded, t
     made.save_pretrained(str(tmp_path / "theirs"))
     back, back_cfg = dj.import_peft(str(tmp_path / "theirs"), base, arch="llama")
     ours = dj.adapt(apply, back_cfg)(back, ids, mask)
-    diff = valid_diff(ours, torch_logits(made, ids, mask), mask)
+    diff = max_diff_valid(ours, torch_lm_logits(made, ids, mask), mask)
     print(f"{case}: PEFT's LoRA in ours, max diff {diff:.2e}")
     assert diff <= TOL
     # the merged model as an HF folder that transformers loads
     convert.save_converted(str(tmp_path / "merged"), config, dj.merge(moved, cfg))
     reloaded = tf.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), attn_implementation="eager").eval()
     assert type(reloaded).__name__ == FAMILIES[config.model_type].architecture
-    assert valid_diff(torch_logits(reloaded, ids, mask), factored, mask) <= TOL
+    assert max_diff_valid(torch_lm_logits(reloaded, ids, mask), factored, mask) <= TOL
 
 
 # --- nothing ignored ------------------------------------------------------------------------------------
@@ -323,7 +304,7 @@ def test_every_method_runs_factored_and_merged_on_each_family(case, which, loade
     scanned: factored execution equals the unrolled model's, and merged weights give the same logits."""
     pair = loaded(case)
     config, base = pair["config"], pair["params"]
-    ids, mask = batch()
+    ids, mask = batch(**ROWS)
     scanned_model = LlamaForCausalLM(dataclasses.replace(config, scan_layers=True))
     for name in CORE if which == "core" else dj.methods.names():
         cfg = dj.AdapterConfig(method=name, targets=ALL_LINEAR, rank=4, options=OPTIONS.get(name, {}))
@@ -331,12 +312,12 @@ def test_every_method_runs_factored_and_merged_on_each_family(case, which, loade
         want = np.asarray(jax.jit(dj.adapt(LlamaForCausalLM(config).apply, cfg))({"params": params}, ids, mask))
         stacked = stack_layers(params)
         got = np.asarray(jax.jit(dj.adapt(scanned_model.apply, cfg))({"params": stacked}, ids, mask))
-        assert np.isfinite(want).all() and valid_diff(got, want, mask) <= 1e-5, name
+        assert np.isfinite(want).all() and max_diff_valid(got, want, mask) <= 1e-5, name
         biased = config.attention_bias and config.mlp_bias
         if dj.methods.get(name).mergeable and not (name == "lora_bias" and not biased):
             # (lora_bias merges into layers with a bias only, as PEFT's)
             merged = jax.jit(scanned_model.apply)({"params": dj.merge(stacked, cfg)}, ids, mask)
-            assert valid_diff(merged, want, mask) <= 1e-4, name
+            assert max_diff_valid(merged, want, mask) <= 1e-4, name
 
 
 @pytest.mark.parametrize("case,name", [("gemma3_text", "lora")] + [
@@ -349,7 +330,7 @@ def test_lora_and_dora_over_a_quantized_base(case, name, loaded):
     pair = loaded(case)
     config, base = pair["config"], pair["params"]
     model = LlamaForCausalLM(config)
-    ids, mask = batch()
+    ids, mask = batch(**ROWS)
     cfg = dj.AdapterConfig(method=name, targets=ALL_LINEAR, rank=4)
     qbase, params = inject_quantized(base, cfg, jax.random.PRNGKey(0), "nf4", block_size=16)
     assert quant.is_quantized(qbase["model"]["layers_0"]["mlp"]["down_proj"]["kernel"])
@@ -357,8 +338,8 @@ def test_lora_and_dora_over_a_quantized_base(case, name, loaded):
     run = jax.jit(dj.adapt(model.apply, cfg))
     got = np.asarray(run({"params": params}, ids, mask))
     want = np.asarray(run({"params": quant.dequantize_params(params)}, ids, mask))
-    assert valid_diff(got, want, mask) <= 1e-5
-    assert valid_diff(jax.jit(model.apply)({"params": dj.merge(params, cfg)}, ids, mask), want, mask) <= 1e-4
+    assert max_diff_valid(got, want, mask) <= 1e-5
+    assert max_diff_valid(jax.jit(model.apply)({"params": dj.merge(params, cfg)}, ids, mask), want, mask) <= 1e-4
 
 
 def test_sharding_preset_covers_every_family_kernel(loaded):

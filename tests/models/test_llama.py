@@ -29,7 +29,7 @@ from decomp_jax.models.llama import (
 )
 from decomp_jax.models.rope import rope_parameters
 import decomp_jax as dj
-from helpers import batch, max_diff_valid, tiny_hf_config, torch_llama
+from helpers import batch, max_diff_valid, tiny_hf_config, torch_llama, torch_lm_logits
 
 TOL = 1e-4
 ROPE_CASES = {
@@ -40,16 +40,6 @@ ROPE_CASES = {
                "original_max_position_embeddings": 16},
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
 }
-
-
-def torch_logits(model, ids, mask):
-    import torch
-
-    positions = np.where(mask == 0, 1, np.cumsum(mask, -1) - 1)  # as HF generate; ours by default
-    with torch.no_grad():
-        out = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-                    position_ids=torch.as_tensor(positions)).logits
-    return out.float().numpy()
 
 
 # --- config --------------------------------------------------------------------------------------------
@@ -119,7 +109,7 @@ def test_logits_match_pytorch(case, tmp_path):
     config, params, _ = convert.load_hf(str(tmp_path))
     ids, mask = batch()
     ours = LlamaForCausalLM(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
-    theirs = torch_logits(torch_model, ids, mask)
+    theirs = torch_lm_logits(torch_model, ids, mask)
     diff = max_diff_valid(ours, theirs, mask)
     print(f"{case}: max abs diff {diff:.2e} (logit scale {np.abs(theirs).max():.2f})")
     assert ours.shape == (3, 12, 128) and diff <= TOL
@@ -258,14 +248,14 @@ def test_load_hf_sharded_and_save_converted_round_trip(tmp_path):
     assert os.path.isfile(tmp_path / "sharded" / "model.safetensors.index.json")
     assert len([n for n in os.listdir(tmp_path / "sharded") if n.endswith(".safetensors")]) > 2
     ids, mask = batch()
-    theirs = torch_logits(torch_model, ids, mask)
+    theirs = torch_lm_logits(torch_model, ids, mask)
     config, params, tokenizer = convert.load_hf(str(tmp_path / "sharded"))
     assert tokenizer is None and "lm_head" not in params
     ours = LlamaForCausalLM(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
     assert max_diff_valid(ours, theirs, mask) <= TOL
     convert.save_converted(str(tmp_path / "out"), config, params)
     again = tf.LlamaForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
-    assert max_diff_valid(torch_logits(again, ids, mask), theirs, mask) <= 1e-6
+    assert max_diff_valid(torch_lm_logits(again, ids, mask), theirs, mask) <= 1e-6
     config2, params2, _ = convert.load_hf(str(tmp_path / "out"))
     assert config2 == config
     jax.tree.map(np.testing.assert_array_equal, params2, params)
@@ -360,11 +350,11 @@ def test_load_gguf_undoes_the_qk_permutation(tmp_path, tied):
             torch_model.get_parameter(name).copy_(torch.as_tensor(value))
     ids, mask = batch()
     diff = max_diff_valid(LlamaForCausalLM(config).apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask)),
-                          torch_logits(torch_model, ids, mask), mask)
+                          torch_lm_logits(torch_model, ids, mask), mask)
     assert diff <= TOL
     assert cli.main(["convert", str(tmp_path / "tiny.gguf"), "--out", str(tmp_path / "conv")]) == 0
     again = tf.LlamaForCausalLM.from_pretrained(tmp_path / "conv", attn_implementation="eager").eval()
-    assert max_diff_valid(torch_logits(again, ids, mask), torch_logits(torch_model, ids, mask), mask) <= 1e-6
+    assert max_diff_valid(torch_lm_logits(again, ids, mask), torch_lm_logits(torch_model, ids, mask), mask) <= 1e-6
 
 
 def test_load_gguf_keeps_q4_1_blocks(tmp_path):
@@ -465,7 +455,7 @@ def test_adapter_on_llama_injects_merges_and_exports_to_peft(method, tiny_pair, 
         adapter_config = json.load(f)
     assert adapter_config["task_type"] == "CAUSAL_LM" and sorted(adapter_config["target_modules"]) == ["q_proj", "v_proj"]
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_pair["torch"]), str(tmp_path)).eval()
-    diff = max_diff_valid(torch_logits(loaded, ids, mask), factored, mask)
+    diff = max_diff_valid(torch_lm_logits(loaded, ids, mask), factored, mask)
     print(f"{method}: PEFT max abs diff {diff:.2e} (adapter effect {effect:.2e})")
     assert diff <= 1e-5
     back, back_cfg = dj.import_peft(str(tmp_path), base, arch="llama")
@@ -525,7 +515,7 @@ def test_peft_default_ia3_on_llama_imports_and_exports(tiny_pair, tmp_path):
                 p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
     model_pt.eval().save_pretrained(str(tmp_path / "theirs"))
     ids, mask = batch()
-    theirs = torch_logits(model_pt, ids, mask)
+    theirs = torch_lm_logits(model_pt, ids, mask)
     params, cfg = dj.import_peft(str(tmp_path / "theirs"), tiny_pair["params"], arch="llama")
     assert cfg.method == "ia3_mixed"
     model = LlamaForCausalLM(tiny_pair["config"])
@@ -536,7 +526,7 @@ def test_peft_default_ia3_on_llama_imports_and_exports(tiny_pair, tmp_path):
     assert diff <= 1e-4 and max_diff_valid(ours, base, mask) > 1e-2
     dj.export_peft(params, cfg, str(tmp_path / "ours"), base_model_name_or_path=tiny_pair["folder"], arch="llama")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_pair["torch"]), str(tmp_path / "ours")).eval()
-    assert max_diff_valid(torch_logits(loaded, ids, mask), ours, mask) <= 1e-4
+    assert max_diff_valid(torch_lm_logits(loaded, ids, mask), ours, mask) <= 1e-4
 
 
 @pytest.mark.peft_setting("untied Llama, lm_head in modules_to_save", "import + export", "trained lm_head both ways; logits match PEFT")
@@ -550,7 +540,7 @@ def test_peft_lora_with_saved_lm_head(tiny_pair, tmp_path):
     ours = np.asarray(dj.adapt(lambda p: model.apply({"params": p}, ids, mask), cfg)(params))
     dj.export_peft(params, cfg, str(tmp_path), base_model_name_or_path="local", arch="llama")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(tiny_pair["torch"]), str(tmp_path)).eval()
-    assert max_diff_valid(torch_logits(loaded, ids, mask), ours, mask) <= 1e-5
+    assert max_diff_valid(torch_lm_logits(loaded, ids, mask), ours, mask) <= 1e-5
     back, back_cfg = dj.import_peft(str(tmp_path), tiny_pair["params"], arch="llama")
     np.testing.assert_allclose(back["lm_head"]["kernel"], params["lm_head"]["kernel"])
 
@@ -674,7 +664,7 @@ def test_smollm2_gguf_matches_pytorch_and_answers(smollm2):
     t0 = time.perf_counter()
     ours = np.asarray(jax.jit(model.apply)({"params": params}, ids, mask))
     t_ours = time.perf_counter() - t0
-    theirs = torch_logits(torch_model, ids, mask)
+    theirs = torch_lm_logits(torch_model, ids, mask)
     diff = max_diff_valid(ours, theirs, mask)
     print(f"SmolLM2 logits max abs diff {diff:.2e} (logit scale {np.abs(theirs).max():.1f}; forward+compile {t_ours:.1f} s)")
     assert diff <= 1e-3
