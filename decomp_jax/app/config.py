@@ -43,6 +43,8 @@ class ModelConfig(Serializable):
     # decoder LLMs (data.task: commonsense or math) only
     param_dtype: str = "float32"  # the frozen base's storage dtype (bfloat16: half its memory)
     scan_layers: bool = False  # the decoder layers under one nn.scan (params stacked: faster compiles)
+    # mixtures of experts: dense (every expert on every token, exact) | ragged (grouped matmuls, accelerators)
+    moe_dispatch: str = "dense"
     # a quantized frozen base (decomp_jax.quant): nf4 | int8 | fp8 | q4_1, blocks of quantize_block_size values
     # (default 64; q4_1: 32, llama.cpp's) along each kernel's last axis (q4_1: along d_in); double_quant stores
     # nf4's block scales in int8; q4_1 on a .gguf model keeps the file's Q4_1 blocks as stored
@@ -58,6 +60,8 @@ class ModelConfig(Serializable):
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is unknown; choose float32, bfloat16 or float16.")
+        if self.moe_dispatch not in ("dense", "ragged"):
+            raise ConfigError(f"model.moe_dispatch={self.moe_dispatch!r} is unknown; choose dense or ragged.")
         if self.backbone not in BACKBONES:
             raise ConfigError(f"model.backbone={self.backbone!r} is unknown; choose one of {', '.join(BACKBONES)}.")
         if self.quantize is not None:
@@ -135,6 +139,9 @@ class TrainConfig(Serializable):
     # decoder LLMs: the scored response positions go through the LM head and its log-softmax this many
     # at a time (logits of at most loss_chunk x vocab at once; the backward recomputes them); None: all
     loss_chunk: Optional[int] = None
+    # decoder LLMs with experts: the weight of the router's load-balancing loss; None: the model's own
+    # (config.json's router_aux_loss_coef when output_router_logits is set, else 0, as transformers trains)
+    router_aux_loss: Optional[float] = None
     # a device mesh, e.g. {data: -1, fsdp: 1, tensor: 1} (-1: the remaining devices); None: one device
     mesh: Optional[dict] = None
 
@@ -158,6 +165,9 @@ class TrainConfig(Serializable):
         if self.loss_chunk is not None and (isinstance(self.loss_chunk, bool) or int(self.loss_chunk) < 1):
             raise ConfigError(f"train.loss_chunk must be a positive number of positions (or null: no chunking), "
                               f"got {self.loss_chunk!r}.")
+        if self.router_aux_loss is not None and not (math.isfinite(self.router_aux_loss) and self.router_aux_loss >= 0):
+            raise ConfigError(f"train.router_aux_loss must be a number >= 0 (or null: the model's own), "
+                              f"got {self.router_aux_loss!r}.")
         if self.save_every < 0 or self.keep_best < 0:
             raise ConfigError("train.save_every and train.keep_best must be >= 0.")
         if self.mode not in MODES:
@@ -177,7 +187,9 @@ class ExperimentConfig:
     def __post_init__(self):
         decoder_only = {"model.param_dtype": self.model.param_dtype != "float32",
                         "model.scan_layers": self.model.scan_layers, "train.remat": self.train.remat,
-                        "train.loss_chunk": self.train.loss_chunk is not None}
+                        "model.moe_dispatch": self.model.moe_dispatch != "dense",
+                        "train.loss_chunk": self.train.loss_chunk is not None,
+                        "train.router_aux_loss": self.train.router_aux_loss is not None}
         used = [k for k, on in decoder_only.items() if on]
         if used and self.data.task not in LM_TASKS:
             raise ConfigError(f"{', '.join(used)} apply to our decoder LLM (data.task: commonsense or math), not to "

@@ -194,6 +194,11 @@ class AdapterConfig(Serializable):
                  it whose kernel is 3-D is stacked ``(L, d_in, d_out)``; its factors get the same leading
                  axis and layer ``i``'s equal those of the unrolled layer at ``.../layers_{i}/...``. None: no
                  stacked layers (a 3-D kernel is then an error).
+    experts:     the name of the module holding a mixture's stacked expert kernels (a path component;
+                 default ``experts``, as our MoE decoders and transformers 5 name it): a targeted layer under it
+                 whose kernel has one more axis is ``E`` experts ``(E, d_in, d_out)`` (``(L, E, d_in, d_out)``
+                 when also stacked); each expert gets its own factors (leading axis ``E``), initialised with
+                 its own key, and factored execution runs the method per expert. None: no expert layers.
     factor_dtype: dtype of the factor leaves (and so of their optimizer moments), whatever the base
                  kernel's dtype: ``float32`` (default) | ``bfloat16`` | ``float16``. Factored execution
                  computes in the layer's activation dtype (the Dense ``dtype``), casting the factors to it.
@@ -204,6 +209,9 @@ class AdapterConfig(Serializable):
                  the matrix ``(prod(input axes), prod(output axes))`` (axes in the kernel's order); factors
                  are made for it and merged back in the kernel's layout. E.g.
                  ``{"(query|key|value)$": 1, "out$": 2}``; an Einsum ``"BTD,NDH->BTNH"`` kernel: ``[1]``.
+    kernel_leaf: ``{layer path regex: parameter name}``: layers of other people's models that hold their
+                 matrix under another name than ``kernel`` (tunix's and Gemma's ``Einsum`` modules: ``w``);
+                 ``decomp_jax.nnx`` adapts them (an einsum module's input axes come from its equation).
 
     Prompt methods (``prompt_tuning``, ``prefix_tuning``; ``decomp_jax.core.prompts``) add one subtree
     ``params[method]`` to our Llama's params: ``targets``, ``rank``, ``alpha``, ``init`` and
@@ -225,8 +233,10 @@ class AdapterConfig(Serializable):
     transposed: Optional[str] = None
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     stacked: Optional[str] = "layers"
+    experts: Optional[str] = "experts"
     factor_dtype: str = "float32"
     kernel_in_axes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    kernel_leaf: Mapping[str, str] = dataclasses.field(default_factory=dict)
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     trainable_tokens: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -252,11 +262,11 @@ class AdapterConfig(Serializable):
                "searched in each leaf's '/'-joined path", optional=True)
         _regex(self.transposed, "transposed", "'(c_attn|c_proj|c_fc)$'",
                "searched in each layer's '/'-joined path", optional=True)
-        if self.stacked is not None and (not isinstance(self.stacked, str) or not self.stacked or "/" in self.stacked):
-            raise ConfigTypeError(
-                f"stacked must be None or the name of the scanned module, one path component such as 'layers'; "
-                f"{_got(self.stacked)}."
-            )
+        for key, example, what in (("stacked", "layers", "scanned module"), ("experts", "experts", "experts' module")):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value or "/" in value):
+                raise ConfigTypeError(f"{key} must be None or the name of the {what}, one path component such as "
+                                      f"{example!r}; {_got(value)}.")
         if not isinstance(self.kernel_in_axes, AbcMapping):
             raise ConfigTypeError(f"kernel_in_axes must be a mapping of layer path regexes to input axis counts, e.g. "
                                   f"{{'(query|key|value)$': 1, 'out$': 2}}; {_got(self.kernel_in_axes)}.")
@@ -271,6 +281,16 @@ class AdapterConfig(Serializable):
             else:
                 raise ConfigError(f"kernel_in_axes[{regex!r}] must be a positive integer (the kernel's first n axes are "
                                   f"inputs) or a list of distinct axis indices (the input axes); got {n!r}.")
+        if not isinstance(self.kernel_leaf, AbcMapping):
+            raise ConfigTypeError(f"kernel_leaf must be a mapping of layer path regexes to parameter names, e.g. "
+                                  f"{{'attn/(q|k|v|o)_proj$': 'w'}}; {_got(self.kernel_leaf)}.")
+        object.__setattr__(self, "kernel_leaf", dict(self.kernel_leaf))
+        for regex, leaf in self.kernel_leaf.items():
+            _regex(regex, "a kernel_leaf key", "'attn/(q|k|v|o)_proj$'", "searched in each layer's '/'-joined path",
+                   optional=False)
+            if not isinstance(leaf, str) or not leaf.isidentifier():
+                raise ConfigError(f"kernel_leaf[{regex!r}] must name the parameter that holds the layer's matrix "
+                                  f"(e.g. 'w'); got {leaf!r}.")
 
     def _check_scalars(self, method) -> None:
         """``factor_dtype``, rank, alpha, dropout, init and the MPC settings (numbers become Python scalars)."""

@@ -18,7 +18,7 @@ adapter-only dropout. A factored forward pass that adapts no layer while its par
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -26,24 +26,42 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
 
+from decomp_jax.core.axes import is_box
 from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.inject import check_mergeable, merge
 from decomp_jax.core.methods import get
-from decomp_jax.core.methods.base import linear
+from decomp_jax.core.methods.base import adapter_dropout, linear
 from decomp_jax.core.prompts import adapt_prompt
-from decomp_jax.core.tree import TOKEN_LEAF, is_transposed, kernel_in_axes, matrix_leaf, write_token_rows
+from decomp_jax.core.tree import (
+    TOKEN_LEAF, is_transposed, kernel_in_axes, kernel_leaf, matrix_leaf, write_token_rows,
+)
 from decomp_jax.errors import ConfigError
 from decomp_jax.quant import dequantize, is_quantized
 
 MODES = ("factored", "merged")
 # the Linen layers factored execution intercepts, and whether each stores its kernel (d_out, d_in)
-LAYOUTS = {"Dense": False, "FlaxConv1D": True, "Conv1D": True, "DenseGeneral": False, "Einsum": False}
+LAYOUTS = {"Dense": False, "FlaxConv1D": True, "Conv1D": True, "DenseGeneral": False, "Einsum": False,
+           "ExpertDense": False}
 
 
-def own_params(module: nn.Module) -> dict:
-    if module.scope is None or not module.has_variable("params", "kernel"):
+def own_params(module: nn.Module, cfg: Optional[AdapterConfig] = None) -> dict:
+    """The module's own params (Flax boxes read through); with ``cfg``, a layer holding its matrix under
+    ``cfg.kernel_leaf``'s name shows it as ``kernel``."""
+    if module.scope is None:
         return {}
-    return module.variables.get("params", {})
+    leaf = "kernel"
+    if cfg is not None and cfg.kernel_leaf and not module.has_variable("params", "kernel"):
+        leaf = kernel_leaf(tuple(module.path), cfg) or "kernel"
+    if not module.has_variable("params", leaf):
+        return {}
+    params = {k: v.value if is_box(v) else v for k, v in module.variables.get("params", {}).items()}
+    return {("kernel" if k == leaf else k): v for k, v in params.items()}
+
+
+def _foreign(module, cfg) -> bool:
+    """Whether ``module`` holds its matrix under ``cfg.kernel_leaf``'s name (another library's einsum layer)."""
+    return bool(cfg is not None and cfg.kernel_leaf and not module.has_variable("params", "kernel")
+                and kernel_leaf(tuple(module.path), cfg))
 
 
 def _holds_factors(tree, names) -> bool:
@@ -60,7 +78,7 @@ def _interceptor(cfg: AdapterConfig, seen: list):
         module = context.module
         if context.method_name != "__call__" or module.is_initializing():
             return next_fun(*args, **kwargs)
-        params = own_params(module)
+        params = own_params(module, cfg)
         present = [n for n in method.factor_names if n in params]
         if not present:
             if is_quantized(params.get("kernel")):  # a frozen layer of a quantized base: run on its dequantized kernel
@@ -89,6 +107,8 @@ def check_complete(params, method, name: str, where: str) -> None:
 def check_layer(module, cfg: AdapterConfig, where: str) -> None:
     """Raise unless factored execution handles ``module`` as ``cfg`` reads its kernel's layout."""
     kind = type(module).__name__
+    if _foreign(module, cfg):
+        return
     if kind not in LAYOUTS:
         raise ConfigError(
             f"Layer {where!r} is a {kind}, which factored execution does not handle; "
@@ -107,6 +127,19 @@ def layer_output(module, args, kwargs, params, method, cfg: AdapterConfig, where
     are ``params`` (a dict of leaves: kernel, bias, the factors) and its method ``method`` (None: the plain
     layer over ``params``' kernel, e.g. an adapter's own copy of a head)."""
     kind = type(module).__name__
+    if kind == "ExpertDense":
+        return expert_output(module, args, kwargs, params, method, cfg, where)
+    if _foreign(module, cfg):  # jnp.einsum(equation, x, <its kernel leaf>): the equation is an argument or its own
+        kind = "Einsum"
+        arrays = [a for a in args if not isinstance(a, str)]
+        equation = next((a for a in args if isinstance(a, str)),
+                        kwargs.get("einsum_str", getattr(module, "einsum_str", None)))
+        if not isinstance(equation, str):
+            leaf = kernel_leaf(tuple(module.path), cfg)
+            raise ConfigError(f"Layer {where!r} is a {type(module).__name__} holding its matrix as {leaf!r} "
+                              f"(adapter.kernel_leaf), but its call gives no einsum equation (a string argument or an "
+                              f"`einsum_str` attribute); use adapt(apply_fn, cfg, mode='merged').")
+        args = (arrays[0], equation)
     x = args[0]
     factors = {n: params[n] for n in method.factor_names} if method is not None else {}
     bias = params.get("bias") if getattr(module, "use_bias", True) else None
@@ -134,12 +167,52 @@ def layer_output(module, args, kwargs, params, method, cfg: AdapterConfig, where
             return run(x, kernel.T if LAYOUTS[kind] else kernel, bias)
         if method is not None:
             return general_layer(x, kernel, bias, equation, kernel_in_axes(tuple(module.path), cfg), where, run)
-        dtype = module.dtype if module.dtype is not None else jnp.result_type(x, kernel)  # the layer's own einsum
+        dtype = getattr(module, "dtype", None) or jnp.result_type(x, kernel)  # the layer's own einsum
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=dtype)
         y = jnp.einsum(equation, x, kernel)
         return y if bias is None else y + bias.reshape(bias.shape if kind == "Einsum" else y.shape[-bias.ndim:])
 
     return _remat_dequantization(compute, params["kernel"])(x, params["kernel"], bias, factors, key)
+
+
+# methods whose factored layer on rows grouped by expert is three grouped matmuls (jax.lax.ragged_dot):
+# x @ K_e + s * (dropout(x) @ A_e) @ B_e
+GROUPED = ("lora",)
+
+
+def expert_output(module, args, kwargs, params, method, cfg: Optional[AdapterConfig], where: str):
+    """A mixture's ``models.mlp.ExpertDense`` (``kernel (E, d_in, d_out)``, factors with a leading ``E``):
+    the method's layer run per expert (``jax.vmap``), on ``x (E, N, d_in)``, or on rows sorted by expert
+    ``x (M, d_in)`` with ``group_sizes``: LoRA as grouped matmuls, any other method per expert on every
+    row, each row keeping its own expert's output (exact; ``E`` times the work)."""
+    x = args[0]
+    sizes = args[1] if len(args) > 1 else kwargs.get("group_sizes")
+    kernel = dequantize(params["kernel"])
+    if kernel.ndim != 3:
+        raise ConfigError(f"Layer {where!r} holds experts' kernels of shape {tuple(kernel.shape)}: factored execution "
+                          f"runs (E, d_in, d_out); a stacked (L, E, d_in, d_out) kernel must be sliced by its nn.scan.")
+    factors = {n: params[n] for n in method.factor_names} if method is not None else {}
+    train, key = _dropout(module, method, cfg)
+    dtype = getattr(module, "dtype", None) or jnp.result_type(x, kernel)
+    n = kernel.shape[0]
+    keys = None if key is None else jax.random.split(key, n)
+
+    def one(xe, ke, fe, k):
+        return method_layer(xe, ke, None, fe, method, cfg, dtype=dtype, train=train, key=k)
+
+    if sizes is None:
+        return jax.vmap(one, in_axes=(0, 0, 0, None if keys is None else 0))(x, kernel, factors, keys)
+    if method is None or method.name in GROUPED:
+        x, kernel, *values = promote_dtype(x, kernel, *factors.values(), dtype=dtype)
+        y = jax.lax.ragged_dot(x, kernel, sizes)
+        if method is None:
+            return y
+        a, b = values
+        h = jax.lax.ragged_dot(adapter_dropout(x, cfg.dropout, train, key), a, sizes)
+        return y + cfg.scale * jax.lax.ragged_dot(h, b, sizes)
+    every = jax.vmap(one, in_axes=(None, 0, 0, None if keys is None else 0))(x, kernel, factors, keys)  # (E, M, d_out)
+    owner = jnp.repeat(jnp.arange(n), sizes, total_repeat_length=x.shape[0])
+    return every[owner, jnp.arange(x.shape[0])]
 
 
 def plain_output(module, args, kwargs, params):
@@ -193,7 +266,7 @@ def _run(module, x, kernel, bias, factors, method, cfg, train, key):
     """The method's layer in a Linen module: ``method_layer`` in the layer's activation dtype."""
     # mixed precision: compute in the layer's activation dtype (float32 factors over a bfloat16 base are
     # cast to it; their gradients come back in float32); with dtype=None, in the dtype of x @ kernel
-    dtype = module.dtype if module.dtype is not None else jnp.result_type(x, kernel)
+    dtype = getattr(module, "dtype", None) or jnp.result_type(x, kernel)
     return method_layer(x, kernel, bias, factors, method, cfg, dtype=dtype, train=train, key=key)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any, Iterator, Optional
 
@@ -22,13 +23,14 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from decomp_jax import quant
 from decomp_jax.core import named
+from decomp_jax.core.axes import has_boxes, rebox, unbox
 from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.methods import get, registry
 from decomp_jax.core.named import DEFAULT, SEP, adapter_names, check_name, named_path, owner_of, plain_path, select
 from decomp_jax.core.tree import (
-    TOKEN_LEAF, Path, bias_vector, by_layer, check_tree, count_params, flat_params, is_stacked, layer_key,
-    layer_paths, layers_with, matrix_leaf, oriented, path_str, per_layer, restore_layout, split, table_paths,
-    unrolled_path, write_token_rows,
+    TOKEN_LEAF, Path, bias_vector, by_layer, check_tree, count_params, factor_keys, flat_params, has_experts,
+    kernel_view, layer_key, layer_paths, layers_with, lead_axes, matrix_leaf, named_back, oriented, path_str, per_layer,
+    restore_layout, split, table_paths, write_token_rows,
 )
 from decomp_jax.errors import ConfigError
 from decomp_jax.quant import dequantize_params, quantize_params
@@ -58,6 +60,7 @@ def find_targets(params, cfg: AdapterConfig) -> list[Path]:
     """
     _check_args(params, cfg)
     pattern = re.compile(cfg.targets)
+    _refuse_other_matrices(params, pattern, cfg)
     candidates = layer_paths(params)
     if not candidates:
         raise ConfigError(
@@ -76,6 +79,73 @@ def find_targets(params, cfg: AdapterConfig) -> list[Path]:
     return matched
 
 
+def absent_names(params, targets: str) -> list[str]:
+    """The layer names ``targets`` spells out as alternatives (``(q_proj|v_proj)``) that no layer path of
+    ``params`` contains: a pattern that adapts fewer kinds of layer than it names."""
+    literal = re.sub(r"\(\?<?[!=].*?\)|\\.", " ", targets)  # lookarounds and escapes say nothing of names
+    named = {w.strip("_") for group in re.findall(r"\(([\w|]+)\)", literal) for w in group.split("|")}
+    named |= {w.strip("_") for w in re.split(r"[^\w]+", literal) if len(w) > 1} if "|" in literal else set()
+    paths = [path_str(p) for p in layer_paths(params)]
+
+    def present(w: str) -> bool:  # a short name (q, k, v) must be a whole part of a name; a longer one anywhere
+        return any((w in p) if len(w) > 2 else re.search(rf"(^|/|_){re.escape(w)}($|/|_)", p) for p in paths)
+    return sorted(w for w in named if w and not present(w))
+
+
+def report_absent_names(params, cfg: AdapterConfig, targets: list) -> None:
+    """Warn when ``cfg.targets`` names layers the model does not have (see ``absent_names``)."""
+    absent = absent_names(params, cfg.targets)
+    if absent:
+        warnings.warn(
+            f"targets={cfg.targets!r} names {absent}, which no layer of these params has: {len(targets)} layers are "
+            f"adapted ({', '.join(sorted({path_str(p).rsplit('/', 1)[-1] for p in targets})[:8])}). Expected when "
+            f"one pattern serves several architectures (Phi-3's fused qkv_proj beside q_proj); else check the names.",
+            stacklevel=3)
+
+
+def _refuse_other_matrices(params, pattern, cfg: AdapterConfig) -> None:
+    """A dict the targets match that holds a 2-D or larger leaf but no kernel or embedding table (another
+    library's ``w``) would be skipped: refuse it by name instead, with the fix."""
+    method_leaves = set(get(cfg.method).factor_names) | {TOKEN_LEAF}
+    held = []
+    for path, leaves in by_layer(flat_params(params)).items():
+        if matrix_leaf(leaves) is not None or not pattern.search(path_str(path)):
+            continue
+        big = {n: tuple(np.shape(v)) for n, v in leaves.items() if np.ndim(v) >= 2 and n not in method_leaves}
+        if big:
+            held.append((path_str(path), big))
+    if held:
+        shown = ", ".join(f"{p!r} ({', '.join(f'{n} {s}' for n, s in big.items())})" for p, big in held[:5])
+        first, leaf = held[0][0].rsplit("/", 1)[-1], next(iter(held[0][1]))
+        raise ConfigError(
+            f"targets={cfg.targets!r} matches {len(held)} layer(s) holding a matrix under another name than `kernel`: "
+            f"{shown}{' ...' if len(held) > 5 else ''}. If such a layer computes an einsum with it, name the leaf in "
+            f"adapter.kernel_leaf (e.g. {{{first + '$'!r}: {leaf!r}}}) and its input axes in adapter.kernel_in_axes; "
+            f"else narrow `targets`.")
+
+
+def _check_target(method, cfg: AdapterConfig, lcfg: AdapterConfig, flat, path, leaf: str, kernel, stored) -> None:
+    """Refuse, by layer name, a target ``method`` cannot adapt as ``cfg`` asks."""
+    where = path_str(path)
+    if leaf == "embedding":
+        _check_embedding_target(method, where)
+    if method.schedule is not None and has_experts(path, stored, cfg):
+        raise ConfigError(
+            f"Layer {where!r} holds {kernel.shape[-3]} experts' kernels, and {cfg.method} reallocates ranks across "
+            f"layers with a schedule that works on single matrices; choose a method without a schedule for the "
+            f"experts (lora, dora, pissa, ...), or narrow `targets` to leave '{cfg.experts}/' out.")
+    d_in, d_out = kernel.shape[-2:]
+    if method.uses_rank and lcfg.rank > min(d_in, d_out):
+        raise ConfigError(
+            f"rank={lcfg.rank} is larger than min(d_in, d_out)={min(d_in, d_out)} for layer "
+            f"{where!r} (kernel {tuple(kernel.shape)}). Use rank <= {min(d_in, d_out)}.")
+    clash = [n for n in method.factor_names if path + (n,) in flat]
+    if clash:
+        raise ConfigError(
+            f"Layer {where!r} already holds {clash}: these params are already adapted. "
+            f"Inject into the base params, or merge() first.")
+
+
 def inject(params, cfg: AdapterConfig, rng: jax.Array, name: Optional[str] = None):
     """Add the method's factor leaves beside the ``kernel`` of every targeted layer.
 
@@ -85,6 +155,11 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array, name: Optional[str] = Non
     the base alone with the same ``rng`` gives).
     """
     _check_args(params, cfg)
+    if has_boxes(params):  # Flax boxes (nn.LogicallyPartitioned, ...): read through; factors boxed alike
+        return rebox(inject(unbox(params), cfg, rng, name), params, cfg, get(cfg.method))
+    view, renamed = kernel_view(params, cfg)
+    if renamed:  # other libraries' layers holding their matrix under another name (cfg.kernel_leaf)
+        return named_back(inject(view, cfg, rng, name), renamed)
     if rng is None or isinstance(rng, (int, np.integer)):
         raise TypeError(f"rng must be a JAX PRNG key, e.g. jax.random.PRNGKey(0); got {rng!r}.")
     if name is not None or named.has_named(params):
@@ -94,28 +169,17 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array, name: Optional[str] = Non
         return _inject_prompt(params, cfg, rng)
     flat = flat_params(params)
     factor_dtype = jax.numpy.dtype(cfg.factor_dtype)
-    for path in find_targets(params, cfg):
+    targets = find_targets(params, cfg)
+    report_absent_names(params, cfg, targets)
+    for path in targets:
         leaf = "kernel" if path + ("kernel",) in flat else "embedding"
         original = flat[path + (leaf,)]
         stored = quant.dequantize(original)  # a quantized base: factors start from the dequantized kernel
         kernel = oriented(stored, path, cfg)
         where = path_str(path)
-        if leaf == "embedding":
-            _check_embedding_target(method, where)
-        stacked = is_stacked(path, stored, cfg)
-        d_in, d_out = kernel.shape[-2:]
         lcfg = cfg.for_layer(where)  # rank_pattern / alpha_pattern
-        if method.uses_rank and lcfg.rank > min(d_in, d_out):
-            raise ConfigError(
-                f"rank={lcfg.rank} is larger than min(d_in, d_out)={min(d_in, d_out)} for layer "
-                f"{where!r} (kernel {tuple(kernel.shape)}). Use rank <= {min(d_in, d_out)}."
-            )
-        clash = [n for n in method.factor_names if path + (n,) in flat]
-        if clash:
-            raise ConfigError(
-                f"Layer {where!r} already holds {clash}: these params are already adapted. "
-                f"Inject into the base params, or merge() first."
-            )
+        stacked = lead_axes(path, stored, cfg)  # refuses a kernel with axes nothing explains
+        _check_target(method, cfg, lcfg, flat, path, leaf, kernel, stored)
         base_dtype = kernel.dtype
         bias = bias_vector(flat.get(path + ("bias",)), kernel, repr(where))
         # factors are made from the kernel in the wider of its dtype and factor_dtype (the init of float32
@@ -123,10 +187,7 @@ def inject(params, cfg: AdapterConfig, rng: jax.Array, name: Optional[str] = Non
         work_dtype = jax.numpy.promote_types(base_dtype, factor_dtype)
         work = kernel.astype(work_dtype) if jax.numpy.issubdtype(base_dtype, jax.numpy.floating) else kernel
         work_bias = None if bias is None else bias.astype(work_dtype)
-        if stacked:  # layer i's key is the unrolled layer's: factors equal those of the unrolled model
-            keys = jax.numpy.stack([layer_key(rng, unrolled_path(path, i, cfg)) for i in range(kernel.shape[0])])
-        else:
-            keys = layer_key(rng, path)
+        keys = factor_keys(rng, path, stored, cfg)  # stacked layer i's: the unrolled layer's; expert e's: its own
         init = per_layer(lambda k, w, b: method.init(k, w, b, lcfg), stacked)
         factors = {n: v.astype(factor_dtype) for n, v in init(keys, work, work_bias).items()}
         if leaf == "embedding" and method.name in EMBEDDING_INIT:
@@ -230,6 +291,11 @@ def merge(params, cfg: AdapterConfig):
     Returns plain params with the base model's structure and shapes.
     """
     _check_args(params, cfg)
+    if has_boxes(params):
+        return rebox(merge(unbox(params), cfg), params)
+    view, renamed = kernel_view(params, cfg)
+    if renamed:
+        return named_back(merge(view, cfg), renamed)
     _check_single(params, "merge")
     method = get(cfg.method)
     check_mergeable(method)
@@ -239,7 +305,7 @@ def merge(params, cfg: AdapterConfig):
         factors = {n: layer[n] for n in method.factor_names}
         leaf = matrix_leaf(layer)
         layer = {**layer, leaf: quant.dequantize(layer[leaf])}  # a quantized base merges into its dequantized kernels
-        stacked = is_stacked(path, layer[leaf], cfg)
+        stacked = lead_axes(path, layer[leaf], cfg)
         base = oriented(layer[leaf], path, cfg)
         lcfg = cfg.for_layer(path_str(path))
         kernel = per_layer(lambda k, f: method.materialize(k, f, lcfg), stacked)(base, factors)
@@ -314,6 +380,11 @@ def unmerge(merged, adapter, cfg: AdapterConfig):
     """
     _check_args(merged, cfg, "merged")
     check_tree(adapter, "adapter")
+    if has_boxes(merged) or has_boxes(adapter):
+        return rebox(rebox(unmerge(unbox(merged), unbox(adapter), cfg), merged), adapter)
+    view, renamed = kernel_view(merged, cfg)
+    if renamed:
+        return named_back(unmerge(view, adapter, cfg), renamed)
     method = get(cfg.method)
     check_mergeable(method)
     if method.unmaterialize is None:
@@ -355,7 +426,7 @@ def unmerge(merged, adapter, cfg: AdapterConfig):
         factors = {n: flat_adapter[path + (n,)] for n in method.factor_names}
         stored = flat[path + (leaf,)]
         merged_kernel = oriented(stored, path, cfg)
-        stacked = is_stacked(path, stored, cfg)
+        stacked = lead_axes(path, stored, cfg)
         old_bias = flat.get(path + ("bias",))
         lcfg = cfg.for_layer(path_str(path))
         kernel, bias = per_layer(lambda k, b, f: method.unmaterialize(k, b, f, lcfg), stacked)(
@@ -388,6 +459,10 @@ def trainable_mask(params, cfg: AdapterConfig, name: Optional[str] = None):
     unnamed one) only.
     """
     _check_args(params, cfg)
+    params = unbox(params)
+    view, renamed = kernel_view(params, cfg)
+    if renamed:
+        return named_back(trainable_mask(view, cfg, name), renamed)
     if name is not None or named.has_named(params):
         return named_mask(params, cfg, name or named.DEFAULT)
     method = get(cfg.method)
@@ -419,6 +494,11 @@ def partition(params, cfg: AdapterConfig, name: Optional[str] = None) -> tuple[d
     empty for every other method (their buffers are constants and stay in ``frozen``). ``name``: of
     that adapter of a tree of several (``trainable_mask``)."""
     _check_args(params, cfg)
+    if has_boxes(params):
+        return tuple(rebox(part, params) for part in partition(unbox(params), cfg, name))
+    view, renamed = kernel_view(params, cfg)
+    if renamed:
+        return tuple(named_back(part, renamed) for part in partition(view, cfg, name))
     trainable, frozen = split(params, trainable_mask(params, cfg, name))
     method = get(cfg.method)
     if method.schedule is None or not method.buffers:

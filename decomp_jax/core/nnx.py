@@ -18,8 +18,17 @@ checkpoints, PEFT export). The layer's class becomes a subclass of its own (``Ad
 ``nnx.grad`` treat it as any module.
 
 Layers with N-D kernels (``nnx.LinearGeneral``) need ``adapter.kernel_in_axes`` as for Linen's
-``nn.DenseGeneral``. ``nnx.Einsum`` (an arbitrary equation) is refused: use the dict API with
-``mode="merged"``. Adapter dropout needs an RNG stream NNX layers do not carry: ``dropout`` must be 0.
+``nn.DenseGeneral``; an einsum layer's input axes are read from its equation. Other people's layers
+that hold their matrix under another name (tunix's and Gemma's ``Einsum``: ``w``, computing
+``jnp.einsum(self.einsum_str, x, self.w)``) are adapted when ``adapter.kernel_leaf`` names it
+(``{"attn/(q|k|v|o)_proj$": "w"}``): the methods see that leaf as the layer's kernel. A layer the
+targets match that holds a matrix this cannot adapt is refused by name, never skipped. Factors of a
+kernel with sharding metadata (``out_sharding``) get names derived from it (``core.axes``). Adapter
+dropout needs an RNG stream NNX layers do not carry: ``dropout`` must be 0.
+
+The dict API sees a model's state through ``kernel_view`` (the named leaves as ``kernel``) and the
+config through ``resolved_config`` (the einsum layers' input axes filled in):
+``dj.merge(kernel_view(nnx.to_pure_dict(nnx.state(model)), cfg)[0], resolved_config(model, cfg))``.
 """
 
 from __future__ import annotations
@@ -33,13 +42,14 @@ import jax
 import numpy as np
 from flax import nnx as fnnx
 
+from decomp_jax.core.axes import factor_entries
 from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.execution import dense_general_equation, einsum_in_axes, general_layer, method_layer
 from decomp_jax.core.inject import (
     adapted_layers, check_mergeable, find_targets, inject as inject_params, merge as merge_params,
 )
 from decomp_jax.core.methods import get
-from decomp_jax.core.tree import by_layer, flat_params, kernel_in_axes, matrix_leaf, path_str
+from decomp_jax.core.tree import by_layer, flat_params, kernel_in_axes, kernel_view, matrix_leaf, path_str
 from decomp_jax.errors import ConfigError
 
 
@@ -53,6 +63,7 @@ class AdapterBuffer(fnnx.Variable):
 
 _CFG_ATTR = "_decomp_jax_adapter"  # the layer's AdapterConfig as JSON (static, hashable graph data)
 _PATH_ATTR = "_decomp_jax_path"  # its path in the model (a tuple)
+_LEAF_ATTR = "_decomp_jax_leaf"  # the attribute holding its kernel ("kernel", or kernel_leaf's name)
 SUPPORTED = (fnnx.Linear, fnnx.LinearGeneral, fnnx.Einsum)
 
 
@@ -66,18 +77,21 @@ def _factored_call(self, inputs, *args, **kwargs):
     cfg = _config(getattr(self, _CFG_ATTR))
     method = get(cfg.method)
     factors = {n: getattr(self, n)[...] for n in method.factor_names}
-    kernel = self.kernel[...]
-    bias = self.bias[...] if self.bias is not None else None
+    kernel = getattr(self, getattr(self, _LEAF_ATTR))[...]
+    bias = getattr(self, "bias", None)
+    bias = bias[...] if bias is not None else None
 
     def run(x, kernel, bias):
-        return method_layer(x, kernel, bias, factors, method, cfg, dtype=self.dtype)
+        return method_layer(x, kernel, bias, factors, method, cfg, dtype=getattr(self, "dtype", None))
 
     if isinstance(self, fnnx.Linear):
         return run(inputs, kernel, bias)
     if isinstance(self, fnnx.LinearGeneral):
         equation = dense_general_equation(inputs.ndim, self.axis, kernel.ndim)
-    else:  # nnx.Einsum
+    elif isinstance(self, fnnx.Einsum):
         equation = (args[0] if args else kwargs.get("einsum_str")) or self.einsum_str
+    else:  # another library's einsum layer: jnp.einsum(self.einsum_str, x, <its kernel leaf>)
+        equation = self.einsum_str
     path = getattr(self, _PATH_ATTR)
     return general_layer(inputs, kernel, bias, equation, kernel_in_axes(path, cfg), path_str(path), run)
 
@@ -121,8 +135,9 @@ def inject(model, cfg: AdapterConfig, rng: jax.Array):
         raise ConfigError("trainable_tokens is not supported on NNX models (decomp_jax.nnx adapts nnx.Linear-type "
                           "layers); remove it, or train the Linen params (dj.inject) with it.")
     method = get(cfg.method)
-    params = _params_dict(model)
-    for path, _ in _targets(model, params, cfg):
+    cfg = resolved_config(model, cfg)
+    params, renamed = kernel_view(_params_dict(model), cfg)
+    for path, _ in _targets(model, params, cfg, renamed):
         module = _module_at(model, path)
         if hasattr(module, _CFG_ATTR):
             raise ConfigError(f"Layer {path_str(path)!r} is already adapted; inject into the base model, or "
@@ -131,15 +146,45 @@ def inject(model, cfg: AdapterConfig, rng: jax.Array):
     for path, layer in adapted_layers(adapted, cfg):
         text = json.dumps(cfg.for_layer(path_str(path)).to_dict(), sort_keys=True)  # its own rank and alpha
         module = _module_at(model, path)
+        leaf = renamed.get(path, "kernel")
         if method.residual is not None:
-            module.kernel[...] = layer["kernel"]
+            getattr(module, leaf)[...] = layer["kernel"]
+        names, placement = _sharding(getattr(module, leaf))
+        entries = factor_entries(path, layer, names, method, cfg) if names is not None else {}
         for name in method.factor_names:
             kind = AdapterBuffer if name in method.buffers else AdapterParam
-            setattr(module, name, kind(layer[name]))
+            metadata = {"out_sharding": entries[name], **placement} if name in entries else {}
+            setattr(module, name, kind(layer[name], **metadata))
         setattr(module, _CFG_ATTR, text)
         setattr(module, _PATH_ATTR, tuple(path))
+        setattr(module, _LEAF_ATTR, leaf)
         module.__class__ = adapted_class(type(module))
     return model
+
+
+def _sharding(variable) -> tuple:
+    """``(names, placement)``: the per-axis sharding names of an NNX variable's metadata (``out_sharding``;
+    older Flax: ``sharding``) or None, and its ``mesh`` / ``eager_sharding`` settings (the factors get them too)."""
+    metadata = variable.get_metadata() if hasattr(variable, "get_metadata") else {}
+    names = metadata.get("out_sharding", metadata.get("sharding"))
+    placement = {k: metadata[k] for k in ("mesh", "eager_sharding") if k in metadata}
+    return (tuple(names) if names is not None else None), placement
+
+
+def resolved_config(model, cfg: AdapterConfig) -> AdapterConfig:
+    """``cfg`` with ``kernel_in_axes`` given for every targeted einsum layer it leaves out (an
+    ``nnx.Einsum``, or a layer with an ``einsum_str`` and a ``kernel_leaf``): the axes its equation
+    contracts with the input, for that layer's exact path."""
+    view, _ = kernel_view(_params_dict(model), cfg)
+    pattern = re.compile(cfg.targets)
+    extra = {}
+    for path, leaves in by_layer(flat_params(view)).items():
+        if "kernel" not in leaves or not pattern.search(path_str(path)) or kernel_in_axes(path, cfg) is not None:
+            continue
+        equation = getattr(_module_at(model, path), "einsum_str", None)
+        if isinstance(equation, str):
+            extra[f"^{re.escape(path_str(path))}$"] = list(einsum_in_axes(equation))
+    return cfg.replace(kernel_in_axes={**cfg.kernel_in_axes, **extra}) if extra else cfg
 
 
 def _unadaptable(model, params: dict, cfg: AdapterConfig) -> None:
@@ -159,10 +204,11 @@ def _unadaptable(model, params: dict, cfg: AdapterConfig) -> None:
         raise ConfigError(
             f"targets={cfg.targets!r} matches {len(skipped)} module(s) decomp_jax.nnx cannot adapt: {', '.join(skipped[:5])}"
             f"{' ...' if len(skipped) > 5 else ''}. It adapts nnx.Linear, nnx.LinearGeneral and nnx.Einsum layers (a "
-            f"`kernel`); narrow `targets` to the layers it can adapt. Nothing was changed.")
+            f"`kernel`), and layers computing jnp.einsum(self.einsum_str, x, <leaf>) whose leaf adapter.kernel_leaf "
+            f"names (e.g. {{'q_proj$': 'w'}}); narrow `targets` to the layers it can adapt. Nothing was changed.")
 
 
-def _targets(model, params: dict, cfg: AdapterConfig):
+def _targets(model, params: dict, cfg: AdapterConfig, renamed: dict):
     """``(path, module)`` of the targeted layers, each an NNX layer factored execution can run; a matched
     module that is not such a layer is refused (``_unadaptable``), never skipped."""
     out = []
@@ -170,14 +216,20 @@ def _targets(model, params: dict, cfg: AdapterConfig):
     for path in find_targets(params, cfg):
         module = _module_at(model, path)
         where = path_str(path)
-        if not isinstance(module, SUPPORTED):
+        if path in renamed and not isinstance(getattr(module, "einsum_str", None), str):
+            raise ConfigError(f"Layer {where!r} is a {type(module).__name__} holding its matrix as "
+                              f"{renamed[path]!r} (adapter.kernel_leaf), but it has no `einsum_str`: decomp_jax.nnx "
+                              f"adapts named leaves of layers that compute jnp.einsum(self.einsum_str, x, leaf). "
+                              f"Narrow `targets`.")
+        if path not in renamed and not isinstance(module, SUPPORTED):
             raise ConfigError(f"Layer {where!r} is a {type(module).__name__}; decomp_jax.nnx adapts nnx.Linear, "
                               f"nnx.LinearGeneral and nnx.Einsum. Narrow `targets`.")
-        if isinstance(module, fnnx.Einsum) and module.einsum_str is not None:
+        if isinstance(getattr(module, "einsum_str", None), str):
             wanted = einsum_in_axes(module.einsum_str)
             if kernel_in_axes(path, cfg) != wanted:
+                shape = tuple(np.shape(_module_at_dict(params, path)["kernel"]))
                 raise ConfigError(
-                    f"Layer {where!r} is an nnx.Einsum {module.einsum_str!r} whose kernel {tuple(module.kernel.shape)} "
+                    f"Layer {where!r} is an einsum {module.einsum_str!r} whose kernel {shape} "
                     f"contracts axes {list(wanted)} with the input; give them in adapter.kernel_in_axes (e.g. "
                     f"{{{where.rsplit('/', 1)[-1] + '$'!r}: {list(wanted)}}}).")
         if isinstance(module, fnnx.LinearGeneral):
@@ -201,18 +253,19 @@ def merge(model, cfg: AdapterConfig):
     method = get(cfg.method)
     check_mergeable(method)
     merged_model = fnnx.clone(model)
-    params = fnnx.to_pure_dict(fnnx.state(merged_model, (fnnx.Param, AdapterBuffer)))
+    cfg = resolved_config(merged_model, cfg)
+    params, renamed = kernel_view(fnnx.to_pure_dict(fnnx.state(merged_model, (fnnx.Param, AdapterBuffer))), cfg)
     paths = [p for p, _ in adapted_layers(params, cfg)]
     merged = merge_params(params, cfg)
     for path in paths:
         module = _module_at(merged_model, path)
         layer = _module_at_dict(merged, path)
-        module.kernel[...] = layer["kernel"]
-        if module.bias is not None and "bias" in layer:
+        getattr(module, renamed.get(path, "kernel"))[...] = layer["kernel"]
+        if getattr(module, "bias", None) is not None and "bias" in layer:
             module.bias[...] = layer["bias"]
         for name in method.factor_names:
             delattr(module, name)
-        for attr in (_CFG_ATTR, _PATH_ATTR):
+        for attr in (_CFG_ATTR, _PATH_ATTR, _LEAF_ATTR):
             delattr(module, attr)
         module.__class__ = type(module).__mro__[1]
     return merged_model
@@ -224,4 +277,5 @@ def _module_at_dict(tree: dict, path: tuple) -> Any:
     return tree
 
 
-__all__ = ["AdapterBuffer", "AdapterParam", "SUPPORTED", "adapted_class", "inject", "merge"]
+__all__ = ["AdapterBuffer", "AdapterParam", "SUPPORTED", "adapted_class", "inject", "kernel_view", "merge",
+           "resolved_config"]

@@ -9,13 +9,12 @@ i.e. ``R = (||.||_A + ||.||_B) / 2``.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.inject import adapted_layers
 from decomp_jax.core.methods import get
-from decomp_jax.core.tree import is_stacked, matrix_leaf
+from decomp_jax.core.tree import lead_axes, matrix_leaf, per_layer
 
 
 def _frobenius(m, squared: bool):
@@ -54,12 +53,10 @@ def penalty(params, cfg: AdapterConfig):
         term_a, term_b = mpc_terms(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), kind, squared)
         return term_a + term_b if squared else (term_a + term_b) / 2
 
-    per_layer = []  # a stacked layer (L, ...) counts as its L layers, as if unrolled
+    terms = []  # a stacked layer (L, ...) counts as its L layers, as if unrolled; each expert as a layer
     for path, layer in adapted_layers(params, cfg):
-        if is_stacked(path, layer[matrix_leaf(layer)], cfg):
-            per_layer.append(jax.vmap(layer_term)(layer["lora_a"], layer["lora_b"]))
-        else:
-            per_layer.append(layer_term(layer["lora_a"], layer["lora_b"])[None])
-    if not per_layer:
+        lead = lead_axes(path, layer[matrix_leaf(layer)], cfg)
+        terms.append(jnp.reshape(per_layer(layer_term, lead)(layer["lora_a"], layer["lora_b"]), (-1,)))
+    if not terms:
         return jnp.float32(0.0)
-    return cfg.mpc_lambda * jnp.mean(jnp.concatenate(per_layer))
+    return cfg.mpc_lambda * jnp.mean(jnp.concatenate(terms))

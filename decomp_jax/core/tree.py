@@ -101,6 +101,39 @@ def table_paths(flat: dict[Path, Any]) -> list[Path]:
             if path[-1] == "embedding" and np.ndim(value) == 2 and path[:-1] + ("kernel",) not in flat]
 
 
+def kernel_leaf(path: Path, cfg: AdapterConfig) -> Optional[str]:
+    """The parameter ``cfg.kernel_leaf`` names as the matrix of the layer at ``path`` (first matching regex), or None."""
+    where = path_str(path)
+    return next((leaf for regex, leaf in cfg.kernel_leaf.items() if re.search(regex, where)), None)
+
+
+def kernel_view(params, cfg: AdapterConfig) -> tuple[dict, dict]:
+    """``(view, renamed)``: ``params`` with each layer's ``cfg.kernel_leaf`` leaf (a 2-D or larger parameter
+    of a layer without a ``kernel``: another library's ``w``) under the name ``kernel``, and
+    ``{layer path: its leaf name}``. ``named_back`` undoes it."""
+    flat = flat_params(params)
+    renamed = {}
+    if cfg.kernel_leaf:
+        for path, leaves in by_layer(flat).items():
+            leaf = kernel_leaf(path, cfg)
+            if leaf is not None and "kernel" not in leaves and leaf in leaves and np.ndim(leaves[leaf]) >= 2:
+                renamed[path] = leaf
+    if not renamed:
+        return params, renamed
+    return unflatten_dict({(p[:-1] + ("kernel",) if renamed.get(p[:-1]) == p[-1] else p): v
+                           for p, v in flat.items()}), renamed
+
+
+def named_back(tree, renamed: dict):
+    """Inverse of ``kernel_view``: each renamed layer's ``kernel`` (of ``tree``, any tree with those paths:
+    params, a mask, a partition) under its own name again."""
+    if not renamed:
+        return tree
+    flat = flat_params(tree)
+    return unflatten_dict({(p[:-1] + (renamed[p[:-1]],) if p[-1] == "kernel" and p[:-1] in renamed else p): v
+                           for p, v in flat.items()})
+
+
 def layer_paths(params) -> list[Path]:
     """Paths of every layer, in tree order: each dict that holds a ``kernel`` leaf (a dense layer) or a
     2-D ``embedding`` leaf (an ``nn.Embed``)."""
@@ -179,45 +212,95 @@ def bias_vector(bias, matrix, where: str = "a layer"):
     return bias.reshape(shape)
 
 
-def stack_component(path: Path, cfg: AdapterConfig):
-    """The index in ``path`` of the scanned module's component (``cfg.stacked``, e.g. ``layers``), or None."""
-    if cfg.stacked is None:
+def _component(path: Path, name: Optional[str]):
+    if name is None:
         return None
     for i, part in enumerate(path):
-        if str(part) == cfg.stacked:
+        if str(part) == name:
             return i
     return None
 
 
-def is_stacked(path: Path, kernel, cfg: AdapterConfig) -> bool:
-    """Whether the layer at ``path`` holds a stacked kernel ``(L, d_in, d_out)`` of a scanned layer
-    (``nn.scan`` with ``variable_axes={"params": 0}``): 3-D and under a ``cfg.stacked`` component.
-    Raises a ``ConfigError`` for any other kernel that is not 2-D."""
+def stack_component(path: Path, cfg: AdapterConfig):
+    """The index in ``path`` of the scanned module's component (``cfg.stacked``, e.g. ``layers``), or None.
+    A component followed by an index (``layers/0/...``: a list of layers, as NNX models hold them) is not
+    a scan."""
+    at = _component(path, cfg.stacked)
+    if at is not None and at + 1 < len(path) and str(path[at + 1]).isdigit():
+        return None
+    return at
+
+
+def expert_component(path: Path, cfg: AdapterConfig):
+    """The index in ``path`` of the experts' module component (``cfg.experts``, e.g. ``experts``), or None."""
+    return _component(path, cfg.experts)
+
+
+def lead_axes(path: Path, kernel, cfg: AdapterConfig) -> int:
+    """How many leading axes the kernel at ``path`` has before its matrix: a stacked layer axis ``L``
+    (``nn.scan`` with ``variable_axes={"params": 0}``, under a ``cfg.stacked`` component) and an expert
+    axis ``E`` (under a ``cfg.experts`` component), in that order: 0, 1 or 2. Raises a ``ConfigError``
+    for a kernel whose extra axes no such component explains."""
     ndim = np.ndim(kernel)
     in_axes = kernel_in_axes(path, cfg)
     if in_axes is not None:
-        return general_layout(path, np.shape(kernel), in_axes, cfg)[0] == 1
+        return general_layout(path, np.shape(kernel), in_axes, cfg)[0]
     if ndim == 2:
-        return False
+        return 0
+    extra = (stack_component(path, cfg) is not None) + (expert_component(path, cfg) is not None)
+    if ndim - 2 <= extra:
+        return ndim - 2
     where = path_str(path)
-    if ndim == 3 and stack_component(path, cfg) is not None:
-        return True
     if ndim == 3:
         hint = (f"If it is the stacked kernel (L, d_in, d_out) of a layer scanned with nn.scan, set adapter.stacked to "
-                f"the scanned module's name (a component of the path, e.g. stacked: 'layers'; now {cfg.stacked!r}). ")
+                f"the scanned module's name (a component of the path, e.g. stacked: 'layers'; now {cfg.stacked!r}); if it "
+                f"holds a mixture's experts (E, d_in, d_out), set adapter.experts to their module's name (now "
+                f"{getattr(cfg, 'experts', None)!r}). ")
     else:
         hint = ""
     raise ConfigError(
         f"Layer {where!r} has a kernel of shape {tuple(np.shape(kernel))}; methods adapt 2-D dense kernels (d_in, d_out) "
-        f"(or (d_out, d_in) for layers matched by `transposed`) and stacked kernels (L, d_in, d_out) of scanned layers. "
-        f"{hint}For an nn.DenseGeneral kernel such as (embed, heads, head_dim), give its number of input axes in "
-        f"adapter.kernel_in_axes (e.g. {{{where.rsplit('/', 1)[-1] + '$'!r}: 1}}); or narrow `targets` to dense layers."
+        f"(or (d_out, d_in) for layers matched by `transposed`), stacked kernels (L, d_in, d_out) of scanned layers and "
+        f"experts' kernels (E, d_in, d_out). {hint}For an nn.DenseGeneral kernel such as (embed, heads, head_dim), give "
+        f"its number of input axes in adapter.kernel_in_axes (e.g. {{{where.rsplit('/', 1)[-1] + '$'!r}: 1}}); or "
+        f"narrow `targets` to dense layers."
     )
 
 
-def per_layer(fn, stacked: bool):
-    """``fn`` itself, or ``jax.vmap(fn)`` over the leading layer axis of every argument (None stays None)."""
-    return jax.vmap(fn) if stacked else fn
+def is_stacked(path: Path, kernel, cfg: AdapterConfig) -> bool:
+    """Whether the kernel at ``path`` has leading axes (stacked layers, experts) before its matrix."""
+    return lead_axes(path, kernel, cfg) > 0
+
+
+def has_experts(path: Path, kernel, cfg: AdapterConfig) -> bool:
+    """Whether the kernel at ``path`` holds a mixture's experts: an expert axis (the innermost leading axis)
+    before its matrix. A 3-D kernel under both components is a scanned layer's experts sliced by its scan."""
+    return expert_component(path, cfg) is not None and lead_axes(path, kernel, cfg) > 0
+
+
+def per_layer(fn, lead):
+    """``fn`` itself, or ``fn`` under one ``jax.vmap`` per leading axis (``lead``: 0, 1, 2 or a bool) of
+    every argument (None stays None)."""
+    for _ in range(int(lead)):
+        fn = jax.vmap(fn)
+    return fn
+
+
+def factor_keys(rng: jax.Array, path: Path, kernel, cfg: AdapterConfig) -> jax.Array:
+    """The keys a layer's factors are drawn with, one per leading axis entry: a layer's key depends on its
+    path (``layer_key``); stacked layer ``i``'s is that of the unrolled layer (``unrolled_path``), so the
+    factors equal the unrolled model's; expert ``e``'s is its layer's key folded with ``e``."""
+    lead = lead_axes(path, kernel, cfg)
+    shape = np.shape(kernel)
+    experts = has_experts(path, kernel, cfg)
+    stacked = lead - int(experts)
+
+    def expert_keys(key):
+        return jax.numpy.stack([jax.random.fold_in(key, e) for e in range(shape[stacked])]) if experts else key
+
+    if stacked:
+        return jax.numpy.stack([expert_keys(layer_key(rng, unrolled_path(path, i, cfg))) for i in range(shape[0])])
+    return expert_keys(layer_key(rng, path))
 
 
 def unrolled_path(path: Path, index: int, cfg: AdapterConfig) -> Path:

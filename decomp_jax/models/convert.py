@@ -33,13 +33,16 @@ from decomp_jax.guards import (
 )
 from decomp_jax.models.families import UnsupportedConfigError
 from decomp_jax.models.llama import LlamaConfig
+from decomp_jax.models.mlp import fuse_expert_tensors, split_expert_tensors
 from decomp_jax.quant import QuantizedArray
 
 Path = tuple[str, ...]
 
 # --- HF names <-> Flax paths --------------------------------------------------------------------------
 
-_LINEAR = r"(self_attn\.(q|k|v|o|qkv)_proj|mlp\.(gate|up|down|gate_up)_proj)"
+_LINEAR = (r"(self_attn\.(q|k|v|o|qkv)_proj|mlp\.(gate|up|down|gate_up)_proj|mlp\.gate|mlp\.shared_expert_gate"
+           r"|mlp\.shared_expert\.(gate|up|down)_proj)")
+_EXPERTS = r"mlp\.experts\.(gate_up|down)_proj"  # stacked (E, d_out, d_in) nn.Parameters of transformers 5
 _NORMS = r"(input_layernorm|post_attention_layernorm|pre_feedforward_layernorm|post_feedforward_layernorm|self_attn\.(q|k)_norm)"
 
 
@@ -57,6 +60,9 @@ def hf_to_flax(name: str) -> Optional[tuple[Path, bool]]:
         return ("score", "kernel"), True
     if name == "model.norm.weight":
         return ("model", "norm", "weight"), False
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(" + _EXPERTS + ")", name)
+    if m:
+        return ("model", f"layers_{m.group(1)}", *m.group(2).split("."), "kernel"), True
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
     if m:
         layer, module, leaf = m.groups()
@@ -74,7 +80,7 @@ def flax_to_hf(path: Path) -> tuple[str, bool]:
     leaf = parts[-1]
     module = ".".join(parts[:-1])
     if leaf == "kernel":
-        return f"{module}.weight", True
+        return (module if re.search(_EXPERTS + "$", module) else f"{module}.weight"), True
     if leaf in ("embedding", "weight"):
         return f"{module}.weight", False
     if leaf == "bias":
@@ -82,21 +88,22 @@ def flax_to_hf(path: Path) -> tuple[str, bool]:
     raise ConfigError(f"No HF name for the Flax leaf {'/'.join(path)!r}.")
 
 
-def to_hf_state_dict(params) -> dict[str, np.ndarray]:
-    """HF-named float arrays in PyTorch layout (``nn.Linear.weight`` is ``(d_out, d_in)``)."""
+def to_hf_state_dict(params, config: Optional[LlamaConfig] = None) -> dict[str, np.ndarray]:
+    """HF-named float arrays in PyTorch layout (``nn.Linear.weight`` is ``(d_out, d_in)``); with the
+    ``config`` of a mixture of experts, the experts under the family's per-expert hub names."""
     out = {}
     for path, value in flatten_dict(unfreeze(params)).items():
         name, transpose = flax_to_hf(tuple(str(p) for p in path))
         value = np.asarray(value)
-        out[name] = np.ascontiguousarray(value.T if transpose else value)
-    return out
+        out[name] = np.ascontiguousarray(np.swapaxes(value, -1, -2) if transpose else value)
+    return out if config is None or not config.num_experts else split_expert_tensors(out, config)
 
 
 def from_hf_state_dict(tensors: dict[str, np.ndarray], config: LlamaConfig, dtype=np.float32):
     """Flax params from HF-named arrays; the tied head (``lm_head.weight``) is dropped when tied. A
     sequence classifier's ``score.weight`` becomes ``score/kernel`` (``LlamaForSequenceClassification``)."""
     flat = {}
-    for name, value in tensors.items():
+    for name, value in fuse_expert_tensors(tensors, config).items():
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         mapped = hf_to_flax(name)
@@ -104,7 +111,7 @@ def from_hf_state_dict(tensors: dict[str, np.ndarray], config: LlamaConfig, dtyp
             continue
         path, transpose = mapped
         value = np.asarray(value).astype(dtype)
-        flat[path] = np.ascontiguousarray(value.T) if transpose else value
+        flat[path] = np.ascontiguousarray(np.swapaxes(value, -1, -2)) if transpose else value
     _check_complete(flat, config)
     return unflatten_dict(flat)
 
@@ -135,7 +142,9 @@ def _expected_shapes(config: LlamaConfig, num_labels: Optional[int] = None) -> d
             shapes[layer + ("self_attn", name, "kernel")] = shape
             if c.attention_bias if name == "o_proj" else in_bias:
                 shapes[layer + ("self_attn", name, "bias")] = shape[1:]
-        for name, shape in {**mlp, "down_proj": (f, h)}.items():
+        if c.is_sparse(i):
+            shapes.update(_expert_shapes(c, layer + ("mlp",)))
+        for name, shape in ({} if c.is_sparse(i) else {**mlp, "down_proj": (f, h)}).items():
             shapes[layer + ("mlp", name, "kernel")] = shape
             if c.mlp_bias:
                 shapes[layer + ("mlp", name, "bias")] = shape[1:]
@@ -144,6 +153,19 @@ def _expected_shapes(config: LlamaConfig, num_labels: Optional[int] = None) -> d
         if c.qk_norm:
             shapes[layer + ("self_attn", "q_norm", "weight")] = (d,)
             shapes[layer + ("self_attn", "k_norm", "weight")] = (d,)
+    return shapes
+
+
+def _expert_shapes(c: LlamaConfig, mlp: Path) -> dict[Path, tuple]:
+    h, e, w = c.hidden_size, c.num_experts, c.moe_intermediate_size
+    shapes = {mlp + ("gate", "kernel"): (h, e), mlp + ("experts", "gate_up_proj", "kernel"): (e, h, 2 * w),
+              mlp + ("experts", "down_proj", "kernel"): (e, w, h)}
+    if c.shared_expert_intermediate_size:
+        s = c.shared_expert_intermediate_size
+        shapes.update({mlp + ("shared_expert", "gate_proj", "kernel"): (h, s),
+                       mlp + ("shared_expert", "up_proj", "kernel"): (h, s),
+                       mlp + ("shared_expert", "down_proj", "kernel"): (s, h),
+                       mlp + ("shared_expert_gate", "kernel"): (h, 1)})
     return shapes
 
 
@@ -505,7 +527,7 @@ def save_converted(out_dir: str, config: LlamaConfig, params, tokenizer=None) ->
                   if getattr(config, k) is not None}
     generation = {k: list(v) if isinstance(v, tuple) else v for k, v in generation.items()}
     atomic_write_text(os.path.join(out_dir, "generation_config.json"), json.dumps(generation, indent=2))
-    tensors = {k: np.asarray(v, np.float32) for k, v in to_hf_state_dict(params).items()}
+    tensors = {k: np.asarray(v, np.float32) for k, v in to_hf_state_dict(params, config).items()}
     atomic_save_safetensors(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is None:
         return

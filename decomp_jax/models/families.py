@@ -53,7 +53,8 @@ INERT: dict[str, tuple[Callable[[Any], bool], str]] = {
     "is_encoder_decoder": (lambda v: not v, "false"),
     "add_cross_attention": (lambda v: not v, "false"), "tie_encoder_decoder": (lambda v: not v, "false"),
     "pruned_heads": (lambda v: not v, "empty"), "cross_attention_hidden_size": (lambda v: v is None, "null"),
-    "use_bidirectional_attention": (lambda v: not v, "false or null"), "quantization_config": (lambda v: v is None,
+    "use_bidirectional_attention": (lambda v: not v, "false or null"),
+    "router_jitter_noise": (_zero, "0"), "quantization_config": (lambda v: v is None,
                                                                                                 "absent"),
 }
 
@@ -83,11 +84,16 @@ class Family:
     sliding: str = "none"
     local_rope: bool = False
     extra_keys: tuple[str, ...] = ()  # read by the family's own rules (sliding windows, partial rotary)
+    renames: tuple[tuple[str, str], ...] = ()  # (config.json key, LlamaConfig field) read under another name
 
 
 _GEMMA = (("norm_plus_one", True), ("embed_scale", True))
 _GEMMA_DEFAULTS = (("hidden_act", "gelu_pytorch_tanh"), ("tie_word_embeddings", True), ("head_dim", 256),
                    ("bos_token_id", 2), ("eos_token_id", 1), ("pad_token_id", 0))
+
+# mixture of experts (models.mlp): the router and experts' keys every MoE family reads
+_MOE = ("num_experts_per_tok", "router_aux_loss_coef", "output_router_logits")
+_QWEN_MOE = _MOE + ("num_experts", "moe_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers")
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("llama", "LlamaForCausalLM", ("attention_bias", "mlp_bias")),
@@ -113,6 +119,15 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            sliding="pattern", local_rope=True,
            extra_keys=("hidden_activation", "sliding_window", "layer_types", "rope_local_base_freq",
                        "sliding_window_pattern")),
+    Family("mixtral", "MixtralForCausalLM", _MOE, fixed=(("norm_topk_prob", True),),
+           defaults=(("rms_norm_eps", 1e-5), ("num_experts", 8)), sliding="all",
+           extra_keys=("sliding_window",), renames=(("num_local_experts", "num_experts"),)),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM", _QWEN_MOE + ("qkv_bias", "shared_expert_intermediate_size"),
+           defaults=(("qkv_bias", True), ("num_experts", 60), ("num_experts_per_tok", 4)), sliding="qwen",
+           extra_keys=("sliding_window", "layer_types")),
+    Family("qwen3_moe", "Qwen3MoeForCausalLM", _QWEN_MOE + ("attention_bias",), fixed=(("qk_norm", True),),
+           defaults=(("head_dim", 128), ("num_experts", 128), ("num_experts_per_tok", 8)), sliding="qwen",
+           extra_keys=("sliding_window", "layer_types"), renames=(("num_local_experts", "num_experts"),)),
     Family("phi3", "Phi3ForCausalLM", fixed=(("fused_projections", True),),
            defaults=(("rms_norm_eps", 1e-5),), sliding="all",
            extra_keys=("sliding_window", "partial_rotary_factor", "original_max_position_embeddings")),
@@ -210,7 +225,9 @@ def read_hf_config(data: dict) -> dict:
     """The ``LlamaConfig`` keyword arguments of an HF ``config.json`` dict; refuses (one line) an unknown
     ``model_type`` or any key that would change the maths and is not implemented."""
     family = family_of(data)
-    known = set(BASE_FIELDS) | set(family.fields) | set(family.extra_keys) | set(ROPE_KEYS) | COMMON_KEYS
+    renamed = dict(family.renames)
+    known = (set(BASE_FIELDS) | set(family.fields) | set(family.extra_keys) | set(ROPE_KEYS) | COMMON_KEYS
+             | set(renamed))
     for key, value in data.items():
         if key in known:
             continue
@@ -230,6 +247,12 @@ def read_hf_config(data: dict) -> dict:
     for key in BASE_FIELDS + family.fields:
         if key in data and (data[key] is not None or key in ("pad_token_id", "bos_token_id", "eos_token_id")):
             kwargs[key] = data[key]
+    for key, field in family.renames:
+        if data.get(key) is not None:
+            if data.get(field) is not None and data[field] != data[key]:
+                raise UnsupportedConfigError(f"config.json: {key}={data[key]!r} and {field}={data[field]!r} disagree; "
+                                             f"keep one of them.")
+            kwargs[field] = data[key]
     if "hidden_activation" in family.extra_keys and data.get("hidden_activation") is not None:
         kwargs["hidden_act"] = data["hidden_activation"]
     act = kwargs.get("hidden_act", "silu")
@@ -252,6 +275,9 @@ def write_hf_config(config) -> dict:
     for key in BASE_FIELDS + family.fields:
         value = getattr(config, key)
         out[key] = list(value) if isinstance(value, tuple) else value
+    for key, field in family.renames:
+        if field not in family.fields:
+            out[key] = getattr(config, field)
     if "hidden_activation" in family.extra_keys:
         out["hidden_activation"] = config.hidden_act
     out["rope_theta"] = config.rope_theta

@@ -51,15 +51,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from decomp_jax.models.llama_config import ACTIVATIONS, LlamaConfig
+from decomp_jax.models.llama_config import LlamaConfig
+from decomp_jax.models.mlp import dense, feed_forward
 from decomp_jax.models.rope import apply_rotary, rotary_cos_sin
 from decomp_jax.quant import is_quantized
 
-
-
-def _dense(config: LlamaConfig, features: int, bias: bool, name: Optional[str] = None) -> nn.Dense:
-    return nn.Dense(features, use_bias=bias, dtype=config.compute_dtype, param_dtype=jnp.dtype(config.param_dtype),
-                    kernel_init=nn.initializers.normal(config.initializer_range), name=name)
 
 
 class RMSNorm(nn.Module):
@@ -105,15 +101,15 @@ class LlamaAttention(nn.Module):
         c = self.config
         heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         b, length, _ = x.shape
-        x = x.reshape(b * length, -1)  # 2-D projections: no transposing copies in XLA:CPU's backward (see LlamaMLP)
+        x = x.reshape(b * length, -1)  # 2-D projections: no transposing copies in XLA:CPU's backward (see models.mlp.LlamaMLP)
         in_bias = c.attention_bias or c.qkv_bias
         if c.fused_projections:  # one kernel, split as q | k | v
-            qkv = _dense(c, (heads + 2 * kv_heads) * d, in_bias, "qkv_proj")(x)
+            qkv = dense(c, (heads + 2 * kv_heads) * d, in_bias, "qkv_proj")(x)
             q, k, v = jnp.split(qkv, [heads * d, (heads + kv_heads) * d], axis=-1)
         else:
-            q = _dense(c, heads * d, in_bias, "q_proj")(x)
-            k = _dense(c, kv_heads * d, in_bias, "k_proj")(x)
-            v = _dense(c, kv_heads * d, in_bias, "v_proj")(x)
+            q = dense(c, heads * d, in_bias, "q_proj")(x)
+            k = dense(c, kv_heads * d, in_bias, "k_proj")(x)
+            v = dense(c, kv_heads * d, in_bias, "v_proj")(x)
         q, k, v = q.reshape(b, length, heads, d), k.reshape(b, length, kv_heads, d), v.reshape(b, length, kv_heads, d)
         if c.qk_norm:
             q, k = _norm(c, "q_norm")(q), _norm(c, "k_norm")(k)
@@ -134,7 +130,7 @@ class LlamaAttention(nn.Module):
         scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else d) ** -0.5
         out = grouped_attention(q, k, v, allowed, kv_heads, scale=scale, softcap=c.attn_logit_softcapping)
         out = out.reshape(b * length, heads * d)
-        return _dense(c, c.hidden_size, c.attention_bias, "o_proj")(out).reshape(b, length, -1), new_cache
+        return dense(c, c.hidden_size, c.attention_bias, "o_proj")(out).reshape(b, length, -1), new_cache
 
 
 def grouped_attention(q, k, v, allowed, kv_heads: int, scale: Optional[float] = None, softcap: Optional[float] = None):
@@ -159,27 +155,6 @@ def grouped_attention(q, k, v, allowed, kv_heads: int, scale: Optional[float] = 
     return out.transpose(0, 3, 1, 2, 4).reshape(b, length, heads * d)
 
 
-class LlamaMLP(nn.Module):
-    config: LlamaConfig
-
-    @nn.compact
-    def __call__(self, x):
-        """On ``x (..., hidden)`` flattened to 2-D: with 3-D ``(batch, length, hidden)`` operands XLA:CPU
-        writes the backward's gradients through transposing copies (measured on SmolLM2's MLP, forward +
-        backward: full fine-tuning 114 -> 85 ms, LoRA 119 -> 59 ms per layer). ``act(gate) * up``, gate
-        and up from one ``gate_up_proj`` kernel (gate first) with ``fused_projections``."""
-        c = self.config
-        lead = x.shape[:-1]
-        x = x.reshape(-1, x.shape[-1])
-        if c.fused_projections:
-            gate, up = jnp.split(_dense(c, 2 * c.intermediate_size, c.mlp_bias, "gate_up_proj")(x), 2, axis=-1)
-        else:
-            gate = _dense(c, c.intermediate_size, c.mlp_bias, "gate_proj")(x)
-            up = _dense(c, c.intermediate_size, c.mlp_bias, "up_proj")(x)
-        act = ACTIVATIONS[c.hidden_act]
-        return _dense(c, c.hidden_size, c.mlp_bias, "down_proj")(act(gate) * up).reshape(lead + (-1,))
-
-
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP with residuals; with ``sandwich_norms`` (Gemma 2/3) the attention
     output goes through ``post_attention_layernorm`` and the MLP's input and output through
@@ -188,6 +163,7 @@ class LlamaDecoderLayer(nn.Module):
     picks one (``_pick``)."""
 
     config: LlamaConfig
+    sparse: bool = False  # the mixture of experts as its MLP (models.mlp)
 
     @nn.compact
     def __call__(self, x, ropes, masks, cache=None, cache_index=None, prefix=None, kind=0):
@@ -199,10 +175,10 @@ class LlamaDecoderLayer(nn.Module):
         )
         if c.sandwich_norms:
             x = x + _norm(c, "post_attention_layernorm")(h)
-            m = LlamaMLP(c, name="mlp")(_norm(c, "pre_feedforward_layernorm")(x))
+            m = feed_forward(c, self.sparse)(_norm(c, "pre_feedforward_layernorm")(x))
             return x + _norm(c, "post_feedforward_layernorm")(m), new_cache
         x = x + h
-        x = x + LlamaMLP(c, name="mlp")(_norm(c, "post_attention_layernorm")(x))
+        x = x + feed_forward(c, self.sparse)(_norm(c, "post_attention_layernorm")(x))
         return x, new_cache
 
 
@@ -251,11 +227,12 @@ class LlamaModel(nn.Module):
                                      embedding_init=nn.initializers.normal(c.initializer_range))
         if c.scan_layers:  # params model/layers/... with a leading axis of num_hidden_layers
             # carry x; scanned over (cache, prefix, kind) slices; ropes, masks, cache_index broadcast
-            self.layers = nn.scan(_layer_class(c), variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+            self.layers = nn.scan(_layer_class(c), variable_axes={"params": 0, "intermediates": 0},
+                                  split_rngs={"params": True, "dropout": True},
                                   in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, 0),
-                                  length=c.num_hidden_layers)(c)
-        else:
-            self.layers = [_layer_class(c)(c) for _ in range(c.num_hidden_layers)]  # named layers_{i}
+                                  length=c.num_hidden_layers)(c, c.is_sparse(0))
+        else:  # named layers_{i}
+            self.layers = [_layer_class(c)(c, c.is_sparse(i)) for i in range(c.num_hidden_layers)]
         self.norm = _norm(c, "norm")
 
     def attend(self, hidden):
@@ -374,7 +351,7 @@ class LlamaForCausalLM(ScoredHead, nn.Module):
     def setup(self):
         self.model = LlamaModel(self.config)
         if not self.config.tie_word_embeddings:
-            self.lm_head = _dense(self.config, self.config.vocab_size, False)
+            self.lm_head = dense(self.config, self.config.vocab_size, False)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, *, inputs_embeds=None,
                  cache=None, cache_index=None, prefix_kv=None, logits_at=None, targets=None, chunk=None):
@@ -426,7 +403,7 @@ class LlamaForSequenceClassification(nn.Module):
 
     def setup(self):
         self.model = LlamaModel(self.config)
-        self.score = _dense(self.config, self.num_labels, False)
+        self.score = dense(self.config, self.num_labels, False)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None):
         hidden, _ = self.model(input_ids, attention_mask, position_ids)

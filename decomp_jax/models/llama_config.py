@@ -21,6 +21,9 @@ ACTIVATIONS: dict[str, Callable] = {
 }
 
 
+MOE_DISPATCH = ("dense", "ragged")
+
+
 def _freeze(value):
     if isinstance(value, dict):
         return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
@@ -56,6 +59,16 @@ class LlamaConfig:
     logits), ``sliding_window`` with ``layer_types`` (per layer ``full_attention`` or
     ``sliding_attention``: a query sees the ``sliding_window`` latest positions, itself included),
     ``rope_local_theta`` (the sliding layers' rotary base, default type: Gemma 3).
+
+    Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; ``models.mlp.SparseMoeBlock``): ``num_experts``
+    experts (0: every layer has the dense MLP) of width ``moe_intermediate_size`` (default
+    ``intermediate_size``), ``num_experts_per_tok`` picked per token by a softmax router, their weights
+    renormalised with ``norm_topk_prob``; a layer ``i`` is sparse unless ``i`` is in ``mlp_only_layers``
+    or ``(i + 1) % decoder_sparse_step``; ``shared_expert_intermediate_size`` adds Qwen2-MoE's shared
+    expert and its sigmoid gate. ``router_aux_loss_coef`` with ``output_router_logits``: the
+    load-balancing loss a training step adds by default (as transformers). ``moe_dispatch``: ``dense``
+    (every expert runs on every token, weighted by the router: exact, for small models and CPUs) or
+    ``ragged`` (tokens sorted by expert, grouped matmuls ``jax.lax.ragged_dot``: for accelerators).
     """
 
     vocab_size: int = 32000
@@ -95,6 +108,16 @@ class LlamaConfig:
     sliding_window: Optional[int] = None
     layer_types: Optional[tuple] = None
     rope_local_theta: Optional[float] = None
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: Optional[int] = None
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple = ()
+    shared_expert_intermediate_size: Optional[int] = None
+    router_aux_loss_coef: float = 0.001
+    output_router_logits: bool = False
+    moe_dispatch: str = "dense"
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -109,6 +132,10 @@ class LlamaConfig:
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers.")
             if "sliding_attention" in self.layer_types and not self.sliding_window:
                 raise ValueError("layer_types name sliding_attention layers: set sliding_window.")
+        object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))
+        if self.moe_intermediate_size is None:
+            object.__setattr__(self, "moe_intermediate_size", self.intermediate_size)
+        self._check_experts()
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not implemented; choose one of {sorted(ACTIVATIONS)}.")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -123,6 +150,34 @@ class LlamaConfig:
                 raise ValueError(f"rope_scaling type {kind!r} is not supported; choose one of {ROPE_TYPES}.")
             scaling["rope_type"] = kind
             object.__setattr__(self, "rope_scaling", scaling)
+
+    def _check_experts(self):
+        if self.moe_dispatch not in MOE_DISPATCH:
+            raise ValueError(f"moe_dispatch={self.moe_dispatch!r}: choose one of {MOE_DISPATCH}.")
+        if not self.num_experts:
+            return
+        if not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts "
+                             f"({self.num_experts}).")
+        if self.decoder_sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step={self.decoder_sparse_step} must be >= 1.")
+        if self.scan_layers and len(set(self.sparse_layers)) > 1:
+            raise ValueError(
+                f"scan_layers needs every decoder layer alike, but layers {self.layer_indices(True)} have experts and "
+                f"{self.layer_indices(False)} a dense MLP (decoder_sparse_step={self.decoder_sparse_step}, "
+                f"mlp_only_layers={list(self.mlp_only_layers)}); set scan_layers: false.")
+
+    def is_sparse(self, i: int) -> bool:
+        """Whether decoder layer ``i`` has the mixture of experts (else the dense MLP)."""
+        return (self.num_experts > 0 and i not in self.mlp_only_layers
+                and (i + 1) % self.decoder_sparse_step == 0)
+
+    @property
+    def sparse_layers(self) -> tuple[bool, ...]:
+        return tuple(self.is_sparse(i) for i in range(self.num_hidden_layers))
+
+    def layer_indices(self, sparse: bool) -> list[int]:
+        return [i for i, s in enumerate(self.sparse_layers) if s == sparse]
 
     def __hash__(self):  # rope_scaling is a dict: hash a frozen copy (modules are static jit args)
         return hash(tuple(_freeze(getattr(self, f.name)) for f in dataclasses.fields(self)))

@@ -39,16 +39,15 @@ from flax.core import unfreeze
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from decomp_jax.core.axes import FACTOR_AXES, factor_entries, factor_roles, is_box, unbox
 from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.inject import adapted_layers
 from decomp_jax.core.methods import get
-from decomp_jax.core.tree import (
-    TOKEN_LEAF, general_layout, is_stacked, is_transposed, kernel_in_axes, matrix_leaf, path_str,
-)
+from decomp_jax.core.tree import TOKEN_LEAF, matrix_leaf
 from decomp_jax.errors import ConfigError
 from decomp_jax.quant import TRANSPOSED, is_quantized
 
-AXES = ("data", "fsdp", "tensor")  # the conventional mesh axes
+AXES = ("data", "fsdp", "tensor", "expert")  # the conventional mesh axes ("expert": a mixture's experts)
 BATCH_AXES = ("data", "fsdp")  # the batch's leading axis is split over these
 FSDP_MIN_SIZE = 2 ** 14  # leaves with fewer elements stay replicated over "fsdp"
 
@@ -129,6 +128,13 @@ _LLAMA = (
     (r"mlp/(gate_proj|up_proj|gate_up_proj)/kernel$", _IN_OUT),
     (r"mlp/down_proj/kernel$", _OUT_IN),
     (r"lm_head/kernel$", _IN_OUT),
+    # a mixture of experts (models.mlp): experts split over "expert", each expert's kernel as a dense one's;
+    # the router (hidden, E) split on its input axis only
+    (r"mlp/experts/gate_up_proj/kernel$", ("expert",) + _IN_OUT),
+    (r"mlp/experts/down_proj/kernel$", ("expert",) + _OUT_IN),
+    (r"mlp/shared_expert/(gate_proj|up_proj)/kernel$", _IN_OUT),
+    (r"mlp/shared_expert/down_proj/kernel$", _OUT_IN),
+    (r"mlp/gate/kernel$", ("fsdp", None)),
 )
 
 
@@ -247,12 +253,6 @@ def _add_fsdp(shape, spec: P, sizes: Mapping[str, int]) -> P:
     return spec
 
 
-def _is_box(x) -> bool:
-    import flax.linen as nn
-
-    return isinstance(x, nn.Partitioned)  # LogicallyPartitioned is a subclass
-
-
 def _box_entries(box, logical_rules) -> tuple:
     import flax.linen as nn
 
@@ -304,15 +304,15 @@ def _logical_specs(params, mesh, rules=None, *, fsdp_min_size: int = FSDP_MIN_SI
     sizes = _axis_sizes(mesh)
     logical = dict(logical_rules or ())
     compiled = [(re.compile(rx), spec) for rx, spec in resolve_rules(rules, unbox(params))]
-    flat = flatten_dict(unfreeze(params), is_leaf=lambda _, x: _is_box(x))
+    flat = flatten_dict(unfreeze(params), is_leaf=lambda _, x: is_box(x))
     out = {}
     for path, leaf in flat.items():
         where = "/".join(map(str, path))
-        value = leaf.value if _is_box(leaf) else leaf
+        value = leaf.value if is_box(leaf) else leaf
         shape = tuple(np.shape(value))
         big = math.prod(shape) >= fsdp_min_size
         spec = next((s for rx, s in compiled if rx.search(where)), None)
-        if spec is None and _is_box(leaf):
+        if spec is None and is_box(leaf):
             spec = _box_entries(leaf, logical_rules)
         if spec is None:
             fitted = P(*([None] * len(shape)))
@@ -326,35 +326,7 @@ def _logical_specs(params, mesh, rules=None, *, fsdp_min_size: int = FSDP_MIN_SI
     return unflatten_dict(out)
 
 
-def unbox(params):
-    return jax.tree.map(lambda x: x.value if _is_box(x) else x, unfreeze(params), is_leaf=_is_box)
-
-
 # --- factor leaves ----------------------------------------------------------------------------------
-
-# per factor leaf, the role of each axis: "in" (the kernel's d_in), "out" (its d_out), None (rank or
-# another small axis: replicated). Checked against the shapes; unknown names are derived from sizes.
-FACTOR_AXES: dict[str, tuple] = {
-    "lora_a": ("in", None), "lora_b": (None, "out"), "lora_e": (None,), "lora_g": (None, None),
-    "scale_in": ("in",), "scale_out": ("out",), "magnitude": ("out",),
-    "sigma": (None,), "u": ("in", None), "vt": (None, "out"), "sigma0": (None,), "delta": (None,),
-    "adapter_u": ("in", None), "adapter_v": (None, "out"), "u_r": ("in", None), "s_r": (None,), "vt_r": (None, "out"),
-    "dash": (None,), "dash_u": ("in", None), "dash_vt": (None, "out"),
-    "down": ("out", None), "down_bias": (None,), "up": (None, "out"), "up_bias": ("out",), "lora_bias": ("out",),
-}
-
-
-def factor_roles(name: str, shape, d_in: int, d_out: int, declared: Optional[tuple] = None) -> tuple:
-    """The role ("in", "out" or None) of each axis of factor leaf ``name`` of a ``(d_in, d_out)`` kernel
-    (``declared``: the method's own roles for it, else the table above)."""
-    declared = declared or FACTOR_AXES.get(name)
-    size_of = {"in": d_in, "out": d_out, None: None}
-    if declared is not None and len(declared) == len(shape) and all(
-            r is None or size_of[r] == s for r, s in zip(declared, shape)):
-        return declared
-    # by size: unambiguous only when d_in != d_out
-    return tuple("in" if s == d_in and s != d_out else "out" if s == d_out and s != d_in else None for s in shape)
-
 
 def factor_spec(name: str, shape, kernel_spec: P, d_in: int, d_out: int, *, transposed: bool = False,
                 declared: Optional[tuple] = None) -> P:
@@ -384,36 +356,14 @@ def param_specs(params, mesh, rules=None, *, cfg: Optional[AdapterConfig] = None
         return _quantized_specs(unflatten_dict(specs), unbox(params), mesh)
     values = unbox(params)
     for path, layer in adapted_layers(values, cfg):
-        declared = method.factor_axes(cfg.for_layer(path_str(path))) if method.factor_axes else {}
-        transposed = is_transposed(path, cfg)
-        leaf = matrix_leaf(layer)  # a kernel, or an embedding table (vocab, features)
-        shape = tuple(np.shape(layer[leaf]))  # (L,) + ... when stacked
-        lead = 1 if is_stacked(path, layer[leaf], cfg) else 0
-        entries = list(specs[path + (leaf,)]) + [None] * len(shape)
-        in_axes = kernel_in_axes(path, cfg)
-        if in_axes is not None:  # a general kernel: each flattened group keeps the spec of its first (major) axis
-            _, perm = general_layout(path, shape, in_axes, cfg)
-            ins, outs = perm[lead:lead + len(in_axes)], perm[lead + len(in_axes):]
-            d_in, d_out = math.prod(shape[a] for a in ins), math.prod(shape[a] for a in outs)
-            entries = entries[:lead] + [_major([entries[a] for a in ins]), _major([entries[a] for a in outs])]
-        else:
-            d_in, d_out = shape[lead:][::-1] if transposed else shape[lead:]
-        kernel_spec = P(*entries[lead:lead + 2])
-        for name in method.factor_names:
-            own = factor_spec(name, np.shape(layer[name])[lead:], kernel_spec, d_in, d_out, transposed=transposed,
-                              declared=declared.get(name))
-            specs[path + (name,)] = P(*entries[:lead], *own)
+        kernel = tuple(specs[path + (matrix_leaf(layer),)])  # a kernel, or an embedding table (vocab, features)
+        for name, entries in factor_entries(path, layer, kernel, method, cfg).items():
+            specs[path + (name,)] = P(*entries)
     for path in specs:  # trainable token rows (n, features): the table's features axis, rows replicated
         if path[-1] == TOKEN_LEAF:
             table = list(specs[path[:-1] + ("embedding",)]) + [None, None]
             specs[path] = P(None, table[1])
     return _quantized_specs(unflatten_dict(specs), values, mesh)
-
-
-def _major(entries):
-    """The spec entry of a group of axes flattened into one: the first axis's when the others are unsharded
-    (its shards are then contiguous blocks of the flattened axis), else replicated."""
-    return entries[0] if all(e is None for e in entries[1:]) else None
 
 
 def named(specs, mesh):
@@ -536,6 +486,6 @@ def device_bytes(tree) -> dict:
 
 __all__ = [
     "AXES", "BATCH_AXES", "FACTOR_AXES", "FSDP_MIN_SIZE", "RULES", "base_specs", "batch_sharding", "batch_spec",
-    "detect_architecture", "device_bytes", "factor_spec", "fit_spec", "follow", "make_mesh", "named", "param_shardings",
-    "param_specs", "place", "resolve_rules", "unbox",
+    "detect_architecture", "device_bytes", "factor_roles", "factor_spec", "fit_spec", "follow", "make_mesh", "named",
+    "param_shardings", "param_specs", "place", "resolve_rules", "unbox",
 ]

@@ -16,6 +16,7 @@ from decomp_jax.core.methods import get
 from decomp_jax.core.tree import combine, count_params
 from decomp_jax.data import check_train_size, commonsense as cs
 from decomp_jax.models import generation, gpt2
+from decomp_jax.models.mlp import load_balancing_loss, router_logits
 from decomp_jax.parallel.distributed import is_primary, to_host
 from decomp_jax.tasks.base import load_for, model_params
 from decomp_jax.training.losses import response_nll_loss
@@ -92,12 +93,32 @@ class GenerationTask:
         b = cs.train_batch(self.train_set, micro, tc.batch_size, tc.seed, self.buckets, rows=rows)
         return {k: b[k] for k in ("input_ids", "attention_mask", "weights", "loss_index", "loss_targets", "loss_weights")}
 
+    @property
+    def router_aux_loss(self) -> float:
+        """The weight of the router's load-balancing loss: ``train.router_aux_loss``, or the model's own
+        (``router_aux_loss_coef`` when its config sets ``output_router_logits``); 0 without experts."""
+        config = getattr(self.model, "config", None)
+        if not getattr(config, "num_experts", 0):
+            return 0.0
+        if self.cfg.train.router_aux_loss is not None:
+            return float(self.cfg.train.router_aux_loss)
+        return float(config.router_aux_loss_coef) if config.output_router_logits else 0.0
+
     def loss(self, params, batch, rng):
         """The causal-LM loss on the response tokens, with logits computed at those positions only
-        (``train.loss_chunk`` of them at a time)."""
-        nll = self.apply({"params": params}, batch["input_ids"], batch["attention_mask"], logits_at=batch["loss_index"],
-                         targets=batch["loss_targets"], chunk=self.cfg.train.loss_chunk, rngs={"dropout": rng})
-        return response_nll_loss(nll, batch), {}
+        (``train.loss_chunk`` of them at a time); with experts, plus ``router_aux_loss`` times the routers'
+        load-balancing loss over the batch's tokens (reported as ``router_aux``)."""
+        call = dict(logits_at=batch["loss_index"], targets=batch["loss_targets"], chunk=self.cfg.train.loss_chunk,
+                    rngs={"dropout": rng})
+        weight = self.router_aux_loss
+        if not weight:
+            nll = self.apply({"params": params}, batch["input_ids"], batch["attention_mask"], **call)
+            return response_nll_loss(nll, batch), {}
+        nll, state = self.apply({"params": params}, batch["input_ids"], batch["attention_mask"], mutable=["intermediates"],
+                                **call)
+        aux = load_balancing_loss(router_logits(state["intermediates"]), self.model.config.num_experts_per_tok,
+                                  batch["attention_mask"])
+        return response_nll_loss(nll, batch) + weight * aux, {"router_aux": aux}
 
     def generation_fn(self, params):
         """``(params, apply_fn)`` to decode with: the merged kernels when the method is mergeable

@@ -140,7 +140,7 @@ def test_nnx_training_updates_only_the_factors():
 
 
 def test_nnx_refusals_name_the_fix():
-    with pytest.raises(dj.ConfigError, match=r"'gate' is an nnx\.Einsum 'btd,ndh->btnh' whose kernel \(2, 16, 8\) "
+    with pytest.raises(dj.ConfigError, match=r"'gate' is an einsum 'btd,ndh->btnh' whose kernel \(2, 16, 8\) "
                                              r"contracts axes \[1\].*\{'gate\$': \[1\]\}"):
         dnnx.inject(Model(nnx.Rngs(0)), dj.AdapterConfig(targets="gate$", rank=2, kernel_in_axes={"gate$": 1}),
                     jax.random.PRNGKey(0))
@@ -190,3 +190,59 @@ def test_a_matched_module_that_cannot_be_adapted_is_refused_not_skipped():
         dnnx.inject(model, dj.AdapterConfig(targets=r"q_proj$", rank=2), jax.random.PRNGKey(0))
     dnnx.inject(model, dj.AdapterConfig(targets=r"(up_proj|norm)$", rank=2), jax.random.PRNGKey(0))
     assert model.up_proj.lora_a[...].shape == (E, 2)
+
+
+class _EinsumProjection(nnx.Module):
+    """Another library's einsum layer (tunix, Gemma): ``jnp.einsum(self.einsum_str, x, self.w)``."""
+
+    def __init__(self, equation, shape, rngs):
+        self.einsum_str = equation
+        self.dtype = jnp.float32
+        self.w = nnx.Param(jax.random.normal(rngs.params(), shape) / 4, out_sharding=("embed", "heads", None),
+                           eager_sharding=False)
+
+    def __call__(self, x):
+        return jnp.einsum(self.einsum_str, x, self.w[...])
+
+
+class _Attention(nnx.Module):
+    def __init__(self, rngs):
+        self.q_proj = _EinsumProjection("btd,dhk->bthk", (E, H, D), rngs)
+        self.o_proj = _EinsumProjection("bthk,hkd->btd", (H, D, E), rngs)
+
+    def __call__(self, x):
+        return self.o_proj(jnp.tanh(self.q_proj(x)))
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ssb"])
+def test_other_libraries_einsum_layers_are_adapted_through_kernel_leaf(method):
+    """``kernel_leaf`` names ``w``: both einsum layers adapted (input axes read from their equations), a no-op at
+    init, factored == merged == the dense kernels ``w + s A B`` written in ``w``'s layout (LoRA); the factors
+    carry sharding names derived from ``w``'s; a leaf of a layer with no equation is refused by name."""
+    model = _Attention(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 3, E))
+    base = model(x)
+    cfg = dj.AdapterConfig(method=method, targets=r"(q|o)_proj$", rank=2, alpha=4, kernel_leaf={r"_proj$": "w"})
+    dnnx.inject(model, cfg, jax.random.PRNGKey(0))
+    np.testing.assert_allclose(model(x), base, atol=1e-6)
+    trainable = nnx.state(model, dnnx.AdapterParam)
+    nnx.update(model, jax.tree.map(lambda v: v + 0.1 * jnp.cos(jnp.arange(v.size).reshape(v.shape)), trainable))
+    adapted = model(x)
+    assert float(jnp.abs(adapted - base).max()) > 1e-2
+    np.testing.assert_allclose(dnnx.merge(model, cfg)(x), adapted, atol=1e-5)
+    if method == "lora":
+        assert model.q_proj.lora_a.get_metadata()["out_sharding"] == ("embed", None)
+        assert model.q_proj.lora_b.get_metadata()["out_sharding"] == (None, "heads")
+        dense = _Attention(nnx.Rngs(0))
+        for name in ("q_proj", "o_proj"):
+            layer, plain = getattr(model, name), getattr(dense, name)
+            w = np.asarray(plain.w[...])
+            n_in = 1 if name == "q_proj" else 2
+            d_in = int(np.prod(w.shape[:n_in]))
+            delta = 2.0 * np.asarray(layer.lora_a[...]) @ np.asarray(layer.lora_b[...])  # alpha / r = 2
+            assert delta.shape == (d_in, w.size // d_in)
+            plain.w[...] = w + delta.reshape(w.shape)
+        np.testing.assert_allclose(dense(x), adapted, atol=1e-5)
+    with pytest.raises(dj.ConfigError, match=r"'q_proj' is a _Projection holding its matrix as 'w'.*no `einsum_str`"):
+        dnnx.inject(_Foreign(nnx.Rngs(0)), dj.AdapterConfig(targets=r"q_proj$", kernel_leaf={"q_proj$": "w"}, rank=2),
+                    jax.random.PRNGKey(0))

@@ -84,6 +84,52 @@ def _tiny_llama():
     return jax.device_get(params), model.apply, batch
 
 
+def _tiny_moe():
+    from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, init_params
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=8, max_position_embeddings=64,
+                         initializer_range=0.1, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    params = init_params(config, jax.random.PRNGKey(0))
+    ids = np.random.default_rng(1).integers(3, 128, (BATCH, LENGTH)).astype(np.int32)
+    return jax.device_get(params), LlamaForCausalLM(config).apply, {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def moe_setup(method):
+    """LoRA on the experts (split over the mesh's "expert" axis), the router and two attention projections."""
+    base, apply, batch = _tiny_moe()
+    cfg = dj.AdapterConfig(method=method, targets=r"self_attn/(q_proj|v_proj)$|mlp/(gate|experts/(gate_up_proj|down_proj))$",
+                           rank=4)
+    return base, cfg, _lm_loss(dj.adapt(apply, cfg)), batch
+
+
+def moe_gradients():
+    """The LoRA gradients of the MoE model on data=2 x expert=2 x tensor=2 against one device's, at factors
+    moved off their init (lora_b = 0 makes half of them exactly 0 at init)."""
+    from flax.traverse_util import flatten_dict
+
+    base, cfg, loss_fn, batch = moe_setup("lora")
+    params = dj.inject(base, cfg, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda x: x + 0.01 * np.cos(np.arange(x.size).reshape(x.shape)).astype(x.dtype), params)
+    trainable, _, frozen = dj.partition(params, cfg)
+    grad = jax.jit(jax.grad(lambda t, f: loss_fn(dj.combine(t, f), batch, None)[0]))
+    ref = flatten_dict(grad(trainable, frozen))
+    mesh = sh.make_mesh({"data": 2, "expert": 2, "tensor": 2})
+    placed = jax.device_put(params, sh.param_shardings(params, mesh, "llama", cfg=cfg))
+    got = flatten_dict(grad(*[dj.partition(placed, cfg)[i] for i in (0, 2)]))
+    rel = max(float(np.abs(np.asarray(ref[k]) - np.asarray(got[k])).max() / np.abs(np.asarray(ref[k])).max()) for k in ref)
+    print(json.dumps({"moe_gradients": rel}), flush=True)
+
+
+def _lm_loss(run):
+    def loss_fn(p, b, rng):
+        logits = run({"params": p}, b["input_ids"], b["attention_mask"])[:, -b["input_ids"].shape[1]:]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), b["input_ids"][:, 1:])
+        return jnp.mean(ce), {}
+
+    return loss_fn
+
+
 def bert_setup(method):
     base, apply, batch = tiny_bert()
     targets = {"houlsby": r"layer/\d+/output/dense$", "lora_dash": r"attention/self/query$"}.get(
@@ -103,14 +149,7 @@ def llama_setup(method):
     targets = r"self_attn/o_proj$|mlp/down_proj$" if method == "houlsby" else \
         r"self_attn/(q_proj|v_proj|o_proj)$|mlp/(gate_proj|down_proj)$"
     cfg = dj.AdapterConfig(method=method, targets=targets, rank=4, dropout=0.0, options=OPTIONS.get(method, {}))
-    run = dj.adapt(apply, cfg)
-
-    def loss_fn(p, b, rng):
-        logits = run({"params": p}, b["input_ids"], b["attention_mask"])[:, -b["input_ids"].shape[1]:]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), b["input_ids"][:, 1:])
-        return jnp.mean(ce), {}
-
-    return base, cfg, loss_fn, batch
+    return base, cfg, _lm_loss(dj.adapt(apply, cfg)), batch
 
 
 def train(base, cfg, loss_fn, batch, mesh):
@@ -308,6 +347,9 @@ def main(which):
             lm_runner(*arg[len("lm_runner="):].split(","))
     if "bytes" in which:
         frozen_bytes()
+    if "moe" in which:
+        compare("llama-moe", "lora", moe_setup, [{"data": 2, "expert": 2, "tensor": 2}])
+        moe_gradients()
     if "quant" in which:
         quantized()
     if "batched" in which:

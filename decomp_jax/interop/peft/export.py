@@ -23,6 +23,7 @@ from decomp_jax.core.prompts import fold_prefix
 from decomp_jax.core.tree import TOKEN_LEAF, matrix_leaf, oriented, path_str, scan_roots, unstack_view
 from decomp_jax.errors import ConfigError
 from decomp_jax.guards import check_finite
+from decomp_jax.interop.peft.experts import check_expert_export, expert_tensors, split_experts
 from decomp_jax.interop.peft.format import (
     CONFIG_DEFAULTS, HEAD_TASK_TYPES, PREFIX, PROMPT_TYPES, TIE_NAMES, adalora_ranknum, as_numpy, flat_params,
     layer_factors, leaves_under, tied_embedding, tied_head_lora, transposed, write_adapter,
@@ -97,7 +98,8 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
     method = get(cfg.method)
     params, base_params = _unrolled(params, base_params, cfg)
     flat = flat_params(params)
-    layers = _exported_layers(params, cfg, method)
+    layers, experts = split_experts(_exported_layers(params, cfg, method), cfg)
+    check_expert_export(experts, cfg)
     task_type = _task_type(spec, flat, task_type)
     tables = {p for p, layer in layers.items() if matrix_leaf(layer) == "embedding"}
     fan_in_fan_out = _fan_in_fan_out(spec, layers, tables)
@@ -109,12 +111,17 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
     _check_finite_adapter(flat, layers, factor_leaves, saved.modules, token_rows, cfg, out_dir)
     tensors, rank_pattern = _factor_tensors(layers, tables, spec, cfg, base_params)
     tensors.update(_whole_tensors(flat, layers, spec, saved, token_rows, tied, tie, tie_lora))
+    expert_values, target_parameters = expert_tensors(experts, spec)
+    tensors.update(expert_values)
     common = {
         "base_model_name_or_path": base_model_name_or_path, "fan_in_fan_out": fan_in_fan_out,
         "modules_to_save": (saved.names + [spec.lm_head] if tie else saved.names) or None,
-        "target_modules": _target_suffixes([spec.torch_module(p) for p in layers], _module_names(flat, spec)),
+        "target_modules": _target_suffixes([spec.torch_module(p) for p in layers], _module_names(flat, spec))
+        if layers else [],
         "task_type": task_type,
     }
+    if target_parameters:  # LoRA on experts' parameters (LORA configs only: IA3 has no such field)
+        common["target_parameters"] = target_parameters
     config = _method_config(cfg, layers, spec, flat, common, rank_pattern)
     _add_options(config, cfg, spec, saved.bias_mode, tie or tie_lora, token_rows)
     write_adapter(out_dir, config, tensors, overwrite)

@@ -178,7 +178,10 @@ def layer_factors(cfg: AdapterConfig, path: Path, table: bool = False) -> tuple:
 
 
 def stored_shape(flax_shape: tuple, to_flax: Callable) -> tuple:
-    """The stored (PyTorch-side) shape whose conversion gives ``flax_shape``."""
+    """The stored (PyTorch-side) shape whose conversion gives ``flax_shape`` (a converter may say it itself,
+    as its ``stored_shape`` attribute: a function of the Flax shape)."""
+    if hasattr(to_flax, "stored_shape"):
+        return tuple(to_flax.stored_shape(tuple(flax_shape)))
     inverse = {transposed: transposed, unchanged: unchanged, _uncol: _col, _unrow: _row}[to_flax]
     return tuple(inverse(np.zeros(flax_shape)).shape)
 

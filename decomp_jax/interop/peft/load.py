@@ -21,6 +21,7 @@ from decomp_jax.core.methods.prompt import llama_dims
 from decomp_jax.core.tree import TOKEN_LEAF, layer_paths, path_str, scan_roots, table_paths
 from decomp_jax.errors import ConfigError
 from decomp_jax.guards import check_finite
+from decomp_jax.interop.peft.experts import expected_expert_tensors, expert_paths
 from decomp_jax.interop.peft.format import (
     CONFIG_NAME, HEAD_TASK_TYPES, MERGE_FIX, PREFIX, PROMPT_TYPES, TIEABLE_TYPES, adalora_ranknum, adapter_folder,
     check_embedding_targets, check_saved_tables, check_tied_head_lora, flat_params, in_layers_to_transform,
@@ -40,8 +41,6 @@ PROMPT_IMPORTS = {"PROMPT_TUNING": "prompt_tuning", "PREFIX_TUNING": "prefix_tun
 UNSUPPORTED_SETTINGS = {
     "layer_replication": ("PEFT builds a deeper model from repeated base layers, which the base params here do "
                           "not have", MERGE_FIX),
-    "target_parameters": ("LoRA on bare nn.Parameters (e.g. MoE expert tensors), not on Linear modules",
-                          "target the Linear modules (target_modules) when training the adapter"),
     "alora_invocation_tokens": ("activated LoRA acts only after its invocation tokens; decomp_jax's adapters act "
                                 "at every position", "train a plain LoRA (no alora_invocation_tokens)"),
     "loftq_config": ("LoftQ's adapter is relative to the quantized base PEFT rewrote at init, not to the "
@@ -204,16 +203,21 @@ def _target_paths(config: dict, base_params, base_flat, spec: Arch, arch: str, t
                   modules_to_save: list) -> list[Path]:
     """The layers of ``base_params`` PEFT adapts (``target_modules``, ``exclude_modules``,
     ``layers_to_transform``, never inside ``modules_to_save``); an error when there are none."""
-    target_modules = config.get("target_modules")
-    if not target_modules:
+    target_modules, parameters = config.get("target_modules"), config.get("target_parameters")
+    if not target_modules and not parameters:
         raise PeftFormatError("adapter_config.json has no target_modules.")
-    check_embedding_targets(config, base_flat, spec, tied, target_modules, config.get("exclude_modules"))
-    paths = [
-        p for p in layer_paths(base_params)
-        if peft_targets(spec.torch_module(p), target_modules, config.get("exclude_modules"))
-        and in_layers_to_transform(spec.torch_module(p), config)
-        and not in_saved_module(spec.torch_module(p), modules_to_save)
-    ]
+    experts = expert_paths(layer_paths(base_params), base_flat)  # parameters (target_parameters), not modules
+    paths = []
+    if target_modules:
+        check_embedding_targets(config, base_flat, spec, tied, target_modules, config.get("exclude_modules"))
+        paths = [
+            p for p in layer_paths(base_params)
+            if p not in experts and peft_targets(spec.torch_module(p), target_modules, config.get("exclude_modules"))
+            and in_layers_to_transform(spec.torch_module(p), config)
+            and not in_saved_module(spec.torch_module(p), modules_to_save)
+        ]
+    if parameters:
+        paths += [p for p in experts if peft_targets(spec.torch_module(p), parameters)]
     if not paths:
         raise PeftFormatError(
             f"target_modules={target_modules!r} matches no layer of base_params (arch {arch!r}); "
@@ -344,8 +348,9 @@ def _expected_tensors(cfg: AdapterConfig, spec: Arch, paths: list[Path], tables,
                       base_flat, saved: list[Path], tied: Optional[Path]) -> dict[str, tuple[Path, Callable]]:
     """The tensors the file must hold, ``{key: (flax leaf path, stored -> flax converter)}`` (the tied
     embedding aside: ``tied_import`` reads it)."""
-    expected: dict[str, tuple[Path, Callable]] = {}
-    for path in paths:
+    experts = expert_paths(paths, base_flat)
+    expected: dict[str, tuple[Path, Callable]] = expected_expert_tensors(experts, base_flat, spec)
+    for path in (p for p in paths if p not in experts):
         module = PREFIX + spec.torch_module(path) + "."
         for suffix, leaf, _, to_flax in layer_factors(cfg, path, path in tables):
             expected[module + suffix] = (path + (leaf,), to_flax)
@@ -429,6 +434,9 @@ def _refuse_unsupported(config: dict) -> None:
     for key, (why, fix) in UNSUPPORTED_SETTINGS.items():
         if config.get(key):
             bad.append(f"{key}={config[key]!r}: {why}. Fix: {fix}.")
+    if config.get("target_parameters") and (config["peft_type"] != "LORA" or config.get("use_dora")):
+        bad.append(f"target_parameters on a {'DoRA' if config.get('use_dora') else config['peft_type']} adapter: "
+                   f"experts' parameters are read for plain LoRA only. Fix: {MERGE_FIX}.")
     if config["peft_type"] != "LORA" and config.get("alpha_pattern"):
         bad.append(f"alpha_pattern on a {config['peft_type']} adapter: only LORA adapters scale per module here. "
                    f"Fix: leave alpha_pattern out.")
