@@ -428,28 +428,23 @@ def run_model(name: str, model, params, bench: DecoderBenchConfig, log: Callable
     calls: dict[str, Callable] = {}
     moe = bool(getattr(config, "num_experts", 0))  # a mixture: LoRA only (HF PEFT's one method on experts)
     methods, peft_methods = ([m for m in ms if not moe or m in MOE_METHODS] for ms in (bench.methods, bench.peft_methods))
-    for method in ("full", *methods):
+    def ours(label: str, model, params, method: str, **extra) -> None:
         m = jax_step(model, params, method, batch, bench)
-        calls[f"ours {method}"] = m.pop("call")
-        rows[f"ours {method}"] = {"framework": "jax", "method": method, **m}
-        log(f"[{name}] ours {method}: compile {m['compile_s']:.1f} s, XLA memory "
-            f"{mib(m['xla_memory_bytes'])} MiB, trainable {m['trainable_params']:,}, first loss {m['first_loss']:.4f}")
-    if moe and "lora" in methods:  # the grouped dispatch: each token through its top-k experts only
-        m = jax_step(LlamaForCausalLM(dataclasses.replace(config, moe_dispatch="ragged")), params, "lora", batch, bench)
-        calls["ours lora ragged"] = m.pop("call")
-        rows["ours lora ragged"] = {"framework": "jax", "method": "lora", "dispatch": "ragged", **m}
-        log(f"[{name}] ours lora, ragged dispatch: compile {m['compile_s']:.1f} s, XLA memory "
-            f"{mib(m['xla_memory_bytes'])} MiB, first loss {m['first_loss']:.4f}")
-    if name in bench.remat:
+        calls[label] = m.pop("call")
+        rows[label] = {"framework": "jax", "method": method, **extra, **m}
+        log(f"[{name}] {label}: compile {m['compile_s']:.1f} s, XLA memory {mib(m['xla_memory_bytes'])} MiB, "
+            f"trainable {m['trainable_params']:,}, first loss {m['first_loss']:.4f}")
 
+    for method in ("full", *methods):
+        ours(f"ours {method}", model, params, method)
+    if moe and "lora" in methods:  # the grouped dispatch: each token through its top-k experts only
+        ragged = LlamaForCausalLM(dataclasses.replace(config, moe_dispatch="ragged"))
+        ours("ours lora ragged", ragged, params, "lora", dispatch="ragged")
+    if name in bench.remat:
         remat = LlamaForCausalLM(dataclasses.replace(config, scan_layers=True, remat=True))
         stacked = stack_layers(params)
         for method in ("full", "lora"):
-            m = jax_step(remat, stacked, method, batch, bench)
-            calls[f"ours {method} scan+remat"] = m.pop("call")
-            rows[f"ours {method} scan+remat"] = {"framework": "jax", "method": method, "remat": True, **m}
-            log(f"[{name}] ours {method}, scan + remat: compile {m['compile_s']:.1f} s, XLA memory "
-                f"{mib(m['xla_memory_bytes'])} MiB, first loss {m['first_loss']:.4f}")
+            ours(f"ours {method} scan+remat", remat, stacked, method, remat=True)
         del stacked
     prompts = np.random.default_rng(bench.seed + 1).integers(0, config.vocab_size, size=(
         bench.gen_batch, bench.prompt_length)).astype(np.int32)

@@ -79,9 +79,15 @@ def find_targets(params, cfg: AdapterConfig) -> list[Path]:
     return matched
 
 
+# fused projections and their parts: a pattern naming both serves both layouts (Phi-3 beside Llama)
+FUSED_NAMES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
 def absent_names(params, targets: str) -> list[str]:
     """The layer names ``targets`` spells out as alternatives (``(q_proj|v_proj)``) that no layer path of
-    ``params`` contains: a pattern that adapts fewer kinds of layer than it names."""
+    ``params`` contains: a pattern that adapts fewer kinds of layer than it names. A fused name whose
+    parts the model has (``qkv_proj`` beside ``q_proj``), or a part whose fused layer it has, is not
+    counted: one pattern then serves both layouts."""
     literal = re.sub(r"\(\?<?[!=].*?\)|\\.", " ", targets)  # lookarounds and escapes say nothing of names
     named = {w.strip("_") for group in re.findall(r"\(([\w|]+)\)", literal) for w in group.split("|")}
     named |= {w.strip("_") for w in re.split(r"[^\w]+", literal) if len(w) > 1} if "|" in literal else set()
@@ -89,7 +95,14 @@ def absent_names(params, targets: str) -> list[str]:
 
     def present(w: str) -> bool:  # a short name (q, k, v) must be a whole part of a name; a longer one anywhere
         return any((w in p) if len(w) > 2 else re.search(rf"(^|/|_){re.escape(w)}($|/|_)", p) for p in paths)
-    return sorted(w for w in named if w and not present(w))
+    absent = {w for w in named if w and not present(w)}
+    for fused, parts in FUSED_NAMES.items():
+        fused, parts = fused.strip("_"), [p.strip("_") for p in parts]
+        if fused in absent and any(p in named and p not in absent for p in parts):
+            absent.discard(fused)
+        if fused in named and fused not in absent:
+            absent.difference_update(parts)
+    return sorted(absent)
 
 
 def report_absent_names(params, cfg: AdapterConfig, targets: list) -> None:
@@ -98,8 +111,8 @@ def report_absent_names(params, cfg: AdapterConfig, targets: list) -> None:
     if absent:
         warnings.warn(
             f"targets={cfg.targets!r} names {absent}, which no layer of these params has: {len(targets)} layers are "
-            f"adapted ({', '.join(sorted({path_str(p).rsplit('/', 1)[-1] for p in targets})[:8])}). Expected when "
-            f"one pattern serves several architectures (Phi-3's fused qkv_proj beside q_proj); else check the names.",
+            f"adapted ({', '.join(sorted({path_str(p).rsplit('/', 1)[-1] for p in targets})[:8])}). Check the names "
+            f"against the model's layer paths (decomp_jax.core.tree.layer_paths), or narrow the pattern to the layers it has.",
             stacklevel=3)
 
 

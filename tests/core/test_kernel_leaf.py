@@ -92,8 +92,14 @@ def test_a_pattern_naming_layers_the_model_lacks_is_reported():
     with pytest.warns(UserWarning, match=r"names \['down', 'gate', 'k', 'v'\], which no layer of these params has: "
                                          r"3 layers are adapted \(o_proj, q_proj, up_proj\)"):
         dj.inject(params, dj.AdapterConfig(targets=r"attn/(q|k|v|o)_proj$|mlp/(gate|up|down)_proj$", rank=2), key)
-    with pytest.warns(UserWarning, match=r"names \['qkv_proj'\]"):
-        dj.inject(params, dj.AdapterConfig(targets=r"(q_proj|qkv_proj)$", rank=2), key)
+    with pytest.warns(UserWarning, match=r"names \['k_proj', 'v_proj'\]"):
+        dj.inject(params, dj.AdapterConfig(targets=r"(q_proj|k_proj|v_proj)$", rank=2), key)
+    with pytest.warns(UserWarning, match=r"names \['qkv_proj'\]"):  # the fused name alone, no part of it there
+        dj.inject(params, dj.AdapterConfig(targets=r"(o_proj|qkv_proj)$", rank=2), key)
     with warnings.catch_warnings():  # every name it spells is there: nothing to report
         warnings.simplefilter("error")
         dj.inject(params, dj.AdapterConfig(targets=r"attn/(q|o)_proj$|up_proj$", rank=2), key)
+        # a fused name beside its parts (Phi-3's qkv_proj, gate_up_proj) serves the other layout: not reported
+        dj.inject(params, dj.AdapterConfig(targets=r"attn/(q_proj|qkv_proj)$|mlp/(up_proj|gate_up_proj)$", rank=2), key)
+        fused = {"attn": {"qkv_proj": {"kernel": jnp.ones((4, 12))}}}
+        dj.inject(fused, dj.AdapterConfig(targets=r"attn/(q_proj|k_proj|v_proj|qkv_proj)$", rank=2), key)
