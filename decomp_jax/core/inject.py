@@ -28,7 +28,7 @@ from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.methods import get, registry
 from decomp_jax.core.named import DEFAULT, SEP, adapter_names, check_name, named_path, owner_of, plain_path, select
 from decomp_jax.core.tree import (
-    TOKEN_LEAF, Path, bias_vector, by_layer, check_tree, count_params, factor_keys, flat_params, has_experts,
+    TOKEN_LEAF, Path, absent_names, bias_vector, by_layer, check_tree, count_params, factor_keys, flat_params, has_experts,
     kernel_view, layer_key, layer_paths, layers_with, lead_axes, matrix_leaf, named_back, oriented, path_str, per_layer,
     restore_layout, split, table_paths, write_token_rows,
 )
@@ -77,32 +77,6 @@ def find_targets(params, cfg: AdapterConfig) -> list[Path]:
             f"e.g. targets: 'attention/self/(query|value)$'."
         )
     return matched
-
-
-# fused projections and their parts: a pattern naming both serves both layouts (Phi-3 beside Llama)
-FUSED_NAMES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
-def absent_names(params, targets: str) -> list[str]:
-    """The layer names ``targets`` spells out as alternatives (``(q_proj|v_proj)``) that no layer path of
-    ``params`` contains: a pattern that adapts fewer kinds of layer than it names. A fused name whose
-    parts the model has (``qkv_proj`` beside ``q_proj``), or a part whose fused layer it has, is not
-    counted: one pattern then serves both layouts."""
-    literal = re.sub(r"\(\?<?[!=].*?\)|\\.", " ", targets)  # lookarounds and escapes say nothing of names
-    named = {w.strip("_") for group in re.findall(r"\(([\w|]+)\)", literal) for w in group.split("|")}
-    named |= {w.strip("_") for w in re.split(r"[^\w]+", literal) if len(w) > 1} if "|" in literal else set()
-    paths = [path_str(p) for p in layer_paths(params)]
-
-    def present(w: str) -> bool:  # a short name (q, k, v) must be a whole part of a name; a longer one anywhere
-        return any((w in p) if len(w) > 2 else re.search(rf"(^|/|_){re.escape(w)}($|/|_)", p) for p in paths)
-    absent = {w for w in named if w and not present(w)}
-    for fused, parts in FUSED_NAMES.items():
-        fused, parts = fused.strip("_"), [p.strip("_") for p in parts]
-        if fused in absent and any(p in named and p not in absent for p in parts):
-            absent.discard(fused)
-        if fused in named and fused not in absent:
-            absent.difference_update(parts)
-    return sorted(absent)
 
 
 def report_absent_names(params, cfg: AdapterConfig, targets: list) -> None:

@@ -480,3 +480,28 @@ def layers_with(params, cfg: AdapterConfig, names: Sequence[str]) -> Iterator[tu
 
 WHOLE_TREE = ("Pass the whole adapted tree (e.g. dj.combine(trainable, buffers, frozen) of dj.partition(params, cfg), "
               "or dj.combine(trainable, frozen) of dj.split) and the AdapterConfig it was injected with.")
+
+
+# fused projections and their parts: a pattern naming both serves both layouts (Phi-3 beside Llama)
+FUSED_NAMES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def absent_names(params, targets: str) -> list[str]:
+    """The layer names ``targets`` spells out as alternatives (``(q_proj|v_proj)``) that no layer path of
+    ``params`` contains: a pattern that adapts fewer kinds of layer than it names. A fused name whose
+    parts the model has (``qkv_proj`` beside ``q_proj``), or a part whose fused layer it has, is not
+    counted: one pattern then serves both layouts."""
+    literal = re.sub(r"\(\?<?[!=].*?\)|\\.", " ", targets)  # lookarounds and escapes say nothing of names
+    named = {w.strip("_") for group in re.findall(r"\(([\w|]+)\)", literal) for w in group.split("|")}
+    named |= {w.strip("_") for w in re.split(r"[^\w]+", literal) if len(w) > 1} if "|" in literal else set()
+    paths = [path_str(p) for p in layer_paths(params)]
+
+    def present(w: str) -> bool:  # a short name (q, k, v) must be a whole part of a name; a longer one anywhere
+        return any((w in p) if len(w) > 2 else re.search(rf"(^|/|_){re.escape(w)}($|/|_)", p) for p in paths)
+    absent = {w for w in named if w and not present(w)}
+    for fused, parts in FUSED_NAMES.items():
+        if fused in absent and any(p in named and p not in absent for p in parts):
+            absent.discard(fused)
+        if fused in named and fused not in absent:
+            absent.difference_update(parts)
+    return sorted(absent)

@@ -253,3 +253,82 @@ def test_refusals_name_the_setting(loaded, tmp_path):
         dj.export_peft(dj.inject(pair["params"], cfg, jax.random.PRNGKey(0)), cfg, str(tmp_path / "x"),
                        base_model_name_or_path=None, arch="llama")
     assert not (tmp_path / "x").exists()
+
+
+V4_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")), "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+
+
+def _per_expert_adapter(case, pair, folder, parts, rank=2, alpha=4.0, seed=3):
+    """``(folder, reference)``: a LoRA adapter as PEFT saved it on transformers 4, whose experts were one
+    nn.Linear each (``...experts.{e}.w1.lora_A.weight``): PEFT's LoRA on the attention (and, for Qwen-MoE,
+    on the shared expert and the dense layer, which the v4 names also match) plus random per-expert
+    factors; ``reference``: the torch model with all of it merged (PEFT's merge, then each expert's
+    ``(alpha / r) B @ A`` added to the stacked parameters by hand)."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+    peft = pytest.importorskip("peft")
+    owner, names = V4_NAMES[case]
+    torch.manual_seed(seed)
+    others = ["q_proj"] + ([n for n in names if n in parts] if case != "mixtral" else [])
+    made = peft.get_peft_model(copy.deepcopy(pair["torch"]), peft.LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=others, init_lora_weights=False))
+    made.save_pretrained(folder)
+    reference = made.merge_and_unload().eval()
+    tensors = load_file(f"{folder}/adapter_model.safetensors")
+    config = pair["config"]
+    h, width = config.hidden_size, config.moe_intermediate_size or config.intermediate_size
+    rng = np.random.default_rng(seed)
+    for layer in (i for i in range(config.num_hidden_layers) if i not in (config.mlp_only_layers or ())):
+        experts = reference.model.layers[layer].mlp.experts
+        for e in range(config.num_experts):
+            for name in parts:
+                d_in, d_out = (width, h) if name == names[2] else (h, width)
+                key = f"base_model.model.model.layers.{layer}.{owner}.experts.{e}.{name}.lora_"
+                a, b = (rng.normal(0, 0.3, shape).astype(np.float32) for shape in ((rank, d_in), (d_out, rank)))
+                tensors[key + "A.weight"], tensors[key + "B.weight"] = a, b
+                with torch.no_grad():  # gate | up fused as transformers 5 stores them
+                    target = experts.down_proj[e] if name == names[2] else experts.gate_up_proj[e][
+                        slice(0, width) if name == names[0] else slice(width, 2 * width)]
+                    target += torch.from_numpy(alpha / rank * b @ a)
+    save_file(tensors, f"{folder}/adapter_model.safetensors")
+    with open(f"{folder}/adapter_config.json") as f:
+        saved = json.load(f)
+    with open(f"{folder}/adapter_config.json", "w") as f:
+        json.dump({**saved, "target_modules": sorted(set(others) | set(parts))}, f)
+    return folder, reference
+
+
+@pytest.mark.parametrize("case", ["mixtral", pytest.param("qwen2_moe", marks=pytest.mark.slow)])
+def test_peft_lora_saved_on_per_expert_modules_imports(case, loaded, tmp_path):
+    """An adapter from transformers 4's per-expert layout reads onto the stacked experts (gate and up joined
+    at twice the rank, B block-diagonal): its logits equal the torch model with every LoRA merged in, and
+    for Mixtral PEFT's own conversion onto transformers 5 (PEFT 0.21 converts no Qwen-MoE config)."""
+    peft = pytest.importorskip("peft")
+    pair = loaded(case)
+    apply = _apply(pair["config"])
+    ids, mask = batch(**ROWS)
+    names = V4_NAMES[case][1]
+    folder, reference = _per_expert_adapter(case, pair, str(tmp_path / "v4"), names)
+    ours, cfg = dj.import_peft(folder, pair["params"], arch="llama")
+    logits = np.asarray(dj.adapt(apply, cfg)(ours, ids, mask))
+    diff = max_diff_valid(logits, torch_lm_logits(reference, ids, mask), mask)
+    moved = max_diff_valid(logits, torch_lm_logits(pair["torch"], ids, mask), mask)
+    print(f"{case}: a per-expert (transformers 4) PEFT LoRA in ours, max diff {diff:.2e} from the merged torch model "
+          f"(the adapter moves the logits by {moved:.2e})")
+    assert diff <= TOL and moved > 1e-2
+    assert cfg.for_layer("model/layers_0/mlp/experts/gate_up_proj").rank == 4  # gate and up joined
+    if case == "mixtral":
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(pair["torch"]), folder).eval()
+        diff = max_diff_valid(logits, torch_lm_logits(theirs, ids, mask), mask)
+        print(f"{case}: against PEFT's conversion, max diff {diff:.2e}")
+        assert diff <= TOL
+    # the gate and down alone (PEFT refuses to convert that: gate and up are fused on transformers 5); the up
+    # projection's rows of the fused B are zeros, and the logits equal the merged reference again
+    alone, reference = _per_expert_adapter(case, pair, str(tmp_path / "gate"), names[:1] + names[2:])
+    ours, cfg = dj.import_peft(alone, pair["params"], arch="llama")
+    layer = ours["model"]["layers_0"]["mlp"]["experts"]["gate_up_proj"]
+    width = pair["config"].intermediate_size if case == "mixtral" else pair["config"].moe_intermediate_size
+    assert layer["lora_b"].shape[-1] == 2 * width and not np.any(np.asarray(layer["lora_b"])[..., width:])
+    diff = max_diff_valid(np.asarray(dj.adapt(apply, cfg)(ours, ids, mask)), torch_lm_logits(reference, ids, mask), mask)
+    assert diff <= TOL, diff

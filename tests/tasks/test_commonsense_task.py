@@ -274,10 +274,12 @@ def test_loss_on_response_positions_equals_the_full_logits_loss(tiny_llm, tmp_pa
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), ga, gb)
 
 
+@pytest.mark.slow
 def test_commonsense_run_on_a_mixture_of_experts(tiny_llm, tmp_path):
     """A Qwen3-MoE folder (the tiny model's tokenizer) as model.name: LoRA on the experts and the router,
     scanned layers, the ragged dispatch and the router's load-balancing loss; the run logs ``router_aux``,
-    and its merged export loads back as a Qwen3-MoE."""
+    and its merged export loads back as a Qwen3-MoE. (Slow, ~22 s: the default suite trains LoRA on experts
+    with the router loss in tests/models/test_moe.py.)"""
     import shutil
 
     from decomp_jax.app.runs import export_merged, restore_run

@@ -21,7 +21,7 @@ from decomp_jax.core.methods.prompt import llama_dims
 from decomp_jax.core.tree import TOKEN_LEAF, layer_paths, path_str, scan_roots, table_paths
 from decomp_jax.errors import ConfigError
 from decomp_jax.guards import check_finite
-from decomp_jax.interop.peft.experts import expected_expert_tensors, expert_paths
+from decomp_jax.interop.peft.experts import expected_expert_tensors, expert_paths, stack_per_expert
 from decomp_jax.interop.peft.format import (
     CONFIG_NAME, HEAD_TASK_TYPES, MERGE_FIX, PREFIX, PROMPT_TYPES, TIEABLE_TYPES, adalora_ranknum, adapter_folder,
     check_embedding_targets, check_saved_tables, check_tied_head_lora, flat_params, in_layers_to_transform,
@@ -129,8 +129,12 @@ def import_peft(in_dir: str | os.PathLike, base_params, *, arch: str,
         if spec.name != "llama":
             raise PeftFormatError(f"{peft_type} adapters are read for arch='llama' (decomp_jax.models.llama) only.")
         return _import_prompt(in_dir, config, stored, base_params)
-    _refuse_unsupported(config)
     base_flat = flat_params(base_params)
+    if peft_type == "LORA":  # saved on transformers 4's per-expert modules: as PEFT writes it on stacked experts
+        config, stored = stack_per_expert(config, stored, {
+            spec.torch_module(p): int(np.shape(base_flat[p + ("kernel",)])[0])
+            for p in expert_paths(layer_paths(base_params), base_flat)})
+    _refuse_unsupported(config)
     modules_to_save = _modules_to_save(config, spec)
     tied = tied_embedding(base_flat, spec)
     paths = _target_paths(config, base_params, base_flat, spec, arch, tied, modules_to_save)
