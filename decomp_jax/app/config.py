@@ -17,9 +17,11 @@ import yaml
 
 from decomp_jax.core.config import AdapterConfig, Serializable
 from decomp_jax.core.execution import MODES
+from decomp_jax.core.methods import get as get_method
 from decomp_jax.data import glue
 from decomp_jax.errors import ConfigError, closest
 from decomp_jax.models.hf import BACKBONES
+from decomp_jax.models.attention import IMPLEMENTATIONS as ATTENTION
 from decomp_jax.parallel.sharding import RULES
 from decomp_jax.quant import KINDS
 from decomp_jax.tasks import TASKS as LM_TASKS, GlueTask
@@ -45,6 +47,10 @@ class ModelConfig(Serializable):
     scan_layers: bool = False  # the decoder layers under one nn.scan (params stacked: faster compiles)
     # mixtures of experts: dense (every expert on every token, exact) | ragged (grouped matmuls, accelerators)
     moe_dispatch: str = "dense"
+    # attention (models.attention): auto | xla (all scores at once) | chunked (blocks of attention_chunk queries
+    # and keys, online softmax: memory linear in the length) | cudnn (GPUs); auto picks by platform and length
+    attention: str = "auto"
+    attention_chunk: int = 512
     # a quantized frozen base (decomp_jax.quant): nf4 | int8 | fp8 | q4_1, blocks of quantize_block_size values
     # (default 64; q4_1: 32, llama.cpp's) along each kernel's last axis (q4_1: along d_in); double_quant stores
     # nf4's block scales in int8; q4_1 on a .gguf model keeps the file's Q4_1 blocks as stored
@@ -62,6 +68,10 @@ class ModelConfig(Serializable):
                 raise ConfigError(f"model.{name}={getattr(self, name)!r} is unknown; choose float32, bfloat16 or float16.")
         if self.moe_dispatch not in ("dense", "ragged"):
             raise ConfigError(f"model.moe_dispatch={self.moe_dispatch!r} is unknown; choose dense or ragged.")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"model.attention={self.attention!r} is unknown; choose one of {', '.join(ATTENTION)}.")
+        if not (isinstance(self.attention_chunk, int) and self.attention_chunk >= 1):
+            raise ConfigError(f"model.attention_chunk={self.attention_chunk!r}: a number of positions >= 1 (e.g. 512).")
         if self.backbone not in BACKBONES:
             raise ConfigError(f"model.backbone={self.backbone!r} is unknown; choose one of {', '.join(BACKBONES)}.")
         if self.quantize is not None:
@@ -100,8 +110,22 @@ class DataConfig(Serializable):
     template: str = "alpaca"  # LLM-Adapters' instruction prompt, or "chat" (the tokenizer's chat template)
     max_new_tokens: int = 16
     bucket_multiple: int = 32  # batches are padded to a multiple of this (few shapes to compile)
+    # sequence packing (decoder tasks): examples laid one after another in rows of pack_length tokens
+    # (default: the training max length), attention and positions per example (data.packing)
+    packing: bool = False
+    pack_length: Optional[int] = None
 
     def __post_init__(self):
+        if (self.packing or self.pack_length is not None) and self.task not in LM_TASKS:
+            raise ConfigError(f"data.packing / data.pack_length apply to the decoder tasks ({', '.join(LM_TASKS)}), "
+                              f"not to task {self.task!r}; remove them.")
+        if self.pack_length is not None and not self.packing:
+            raise ConfigError("data.pack_length is set but data.packing is false: set data.packing: true, or remove "
+                              "pack_length.")
+        if self.pack_length is not None and self.pack_length < (self.train_max_length or self.max_length):
+            raise ConfigError(f"data.pack_length={self.pack_length} is shorter than the training examples may be "
+                              f"({self.train_max_length or self.max_length} tokens, data.train_max_length or "
+                              f"max_length); make it at least that.")
         if self.task in LM_TASKS:
             LM_TASKS[self.task].check(self)  # raises for unknown datasets
             if self.template not in ("alpaca", "chat"):
@@ -188,12 +212,17 @@ class ExperimentConfig:
         decoder_only = {"model.param_dtype": self.model.param_dtype != "float32",
                         "model.scan_layers": self.model.scan_layers, "train.remat": self.train.remat,
                         "model.moe_dispatch": self.model.moe_dispatch != "dense",
+                        "model.attention": self.model.attention != "auto",
+                        "model.attention_chunk": self.model.attention_chunk != 512,
                         "train.loss_chunk": self.train.loss_chunk is not None,
                         "train.router_aux_loss": self.train.router_aux_loss is not None}
         used = [k for k, on in decoder_only.items() if on]
         if used and self.data.task not in LM_TASKS:
             raise ConfigError(f"{', '.join(used)} apply to our decoder LLM (data.task: commonsense or math), not to "
                               f"task {self.data.task!r}; remove them.")
+        if self.data.packing and get_method(self.adapter.method).kind == "prompt":
+            raise ConfigError(f"data.packing with adapter.method={self.adapter.method!r}: its virtual tokens go in front "
+                              f"of each row, not of each packed example. Set data.packing: false for prompt methods.")
         if self.model.head_bias and (self.data.task in LM_TASKS or not glue.get_task(self.data.task).is_regression):
             raise ConfigError(f"model.head_bias={self.model.head_bias!r} applies to regression tasks (stsb), not to "
                               f"task {self.data.task!r}; remove it.")

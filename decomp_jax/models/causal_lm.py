@@ -30,7 +30,8 @@ def _model_type(path: str):
 
 
 def load_causal_lm(name: str, dtype: str = "float32", *, param_dtype: str = "float32", scan_layers: bool = False,
-                   remat: bool = False, keep_quantized: bool = False, moe_dispatch: str = "dense"):
+                   remat: bool = False, keep_quantized: bool = False, moe_dispatch: str = "dense",
+                   attention: str = "auto", attention_chunk: int = 512):
     """``(model, params, tokenizer)``: our ``LlamaForCausalLM`` with the weights and tokenizer of
     ``name`` (see :func:`resolve_llm`). ``dtype`` is the compute dtype; ``param_dtype`` the dtype the
     loaded base is stored in (``bfloat16``: half the memory of the frozen base; adapter factors keep
@@ -38,19 +39,23 @@ def load_causal_lm(name: str, dtype: str = "float32", *, param_dtype: str = "flo
     params stacked with ``stack_layers``: faster compiles); ``remat`` recomputes each decoder layer's
     activations in the backward pass; ``keep_quantized``: a GGUF file's Q4_1 matrices stay quantized
     (``decomp_jax.quant``'s ``q4_1``; see ``convert.load_gguf``); ``moe_dispatch``: how a mixture of
-    experts runs its experts (``dense`` or ``ragged``, ``LlamaConfig.moe_dispatch``)."""
+    experts runs its experts (``dense`` or ``ragged``, ``LlamaConfig.moe_dispatch``); ``attention``,
+    ``attention_chunk``: the attention implementation (``models.attention``; ``LlamaConfig.attention``)."""
     import dataclasses
 
 
     path = resolve_llm(name)
     if os.path.isdir(path) and _model_type(path) == "gpt2":
+        if attention not in ("auto", "xla"):
+            raise ValueError(f"attention={attention!r}: our GPT-2 computes all scores at once (xla); the other "
+                             f"implementations are for the Llama-family decoder. Leave model.attention at auto.")
         return _load_gpt2(path, dtype, param_dtype, scan_layers, remat)
     if path.endswith(".gguf"):
         config, params, tokenizer = convert.load_gguf(path, keep_quantized=keep_quantized)
     else:
         config, params, tokenizer = convert.load_hf(path)
     config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat,
-                                 moe_dispatch=moe_dispatch)
+                                 moe_dispatch=moe_dispatch, attention=attention, attention_chunk=attention_chunk)
     params = jax.tree_util.tree_map(jnp.asarray, params)
     if param_dtype != "float32":
         params = cast_params(params, param_dtype)

@@ -31,6 +31,11 @@ Positions: ``position_ids`` default to ``cumsum(attention_mask) - 1`` (1 on padd
 ``generate``), so left-padded prompts get the positions of their unpadded selves; with no mask,
 ``arange``. Padding is allowed on either side; the causal mask is combined with the key padding mask.
 
+Packed rows (training): ``segment_ids (B, L)`` int, one id per example of a row (padding its own id,
+with ``attention_mask`` 0): a token attends to the earlier tokens of its own example only, and the
+positions restart at 0 at each example (``segment_positions``), so each example gives the outputs it
+gives alone in a row.
+
 Hooks for prompt / prefix tuning (kept minimal):
 
 - ``inputs_embeds`` (B, L, hidden) replaces the token embedding lookup, so virtual-token embeddings
@@ -51,6 +56,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from decomp_jax.models.attention import attention
 from decomp_jax.models.llama_config import LlamaConfig
 from decomp_jax.models.mlp import dense, feed_forward
 from decomp_jax.models.rope import apply_rotary, rotary_cos_sin
@@ -128,31 +134,10 @@ class LlamaAttention(nn.Module):
             k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
             allowed = jnp.concatenate([jnp.ones((b, length, pk.shape[1]), bool), allowed], axis=-1)
         scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else d) ** -0.5
-        out = grouped_attention(q, k, v, allowed, kv_heads, scale=scale, softcap=c.attn_logit_softcapping)
+        out = attention(q, k, v, allowed, kv_heads, scale=scale, softcap=c.attn_logit_softcapping,
+                        implementation=c.attention, chunk=c.attention_chunk)
         out = out.reshape(b * length, heads * d)
         return dense(c, c.hidden_size, c.attention_bias, "o_proj")(out).reshape(b, length, -1), new_cache
-
-
-def grouped_attention(q, k, v, allowed, kv_heads: int, scale: Optional[float] = None, softcap: Optional[float] = None):
-    """Grouped-query attention, heads-major: ``q (B, L, H, d)``, ``k, v (B, S, K, d)`` with query head
-    ``h = kv_head * groups + g`` (HF's ``repeat_kv`` order), ``allowed`` bool ``(B, L, S)``; returns
-    ``(B, L, H * d)``. Each key/value head serves its ``groups`` query heads as one ``(groups * L, d)``
-    block, so keys and values are never repeated and the two batched products have plain
-    ``(batch, kv_head)`` batch axes (25% faster forward + backward on CPU than the grouped einsum with
-    the heads in the middle). Scores and softmax in float32; ``scale`` (default ``d ** -0.5``) multiplies
-    the scores, ``softcap`` (Gemma 2) then maps them to ``softcap * tanh(scores / softcap)``."""
-    b, length, heads, d = q.shape
-    groups = heads // kv_heads
-    qh = q.reshape(b, length, kv_heads, groups, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, groups * length, d)
-    kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, K, S, d)
-    scores = jnp.einsum("bkqd,bksd->bkqs", qh, kh).astype(jnp.float32) * (d ** -0.5 if scale is None else scale)
-    if softcap is not None:
-        scores = softcap * jnp.tanh(scores / softcap)
-    scores = scores.reshape(b, kv_heads, groups, length, -1)
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, groups * length, -1)
-    out = jnp.einsum("bkqs,bksd->bkqd", probs, vh).reshape(b, kv_heads, groups, length, d)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, length, heads * d)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -197,6 +182,15 @@ def mask_positions(attention_mask, length, cache_index, shift: int = 0):
     if cache_index is None:
         return positions
     return jax.lax.dynamic_slice_in_dim(positions, cache_index, length, axis=1)
+
+
+def segment_positions(segment_ids):
+    """Positions restarting at 0 where each packed example starts (``segment_ids (B, L)``: one id per
+    example of a row, a new id where the next one begins)."""
+    segment_ids = jnp.asarray(segment_ids)
+    index = jnp.arange(segment_ids.shape[-1])
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], -1)
+    return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
 
 def resolve_mask(batch: int, length: int, attention_mask=None, cache=None, cache_index=None):
@@ -248,7 +242,7 @@ class LlamaModel(nn.Module):
         return x
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, *, inputs_embeds=None,
-                 cache=None, cache_index=None, prefix_kv=None):
+                 cache=None, cache_index=None, prefix_kv=None, segment_ids=None):
         c = self.config
         if inputs_embeds is None:
             if input_ids is None:
@@ -258,11 +252,16 @@ class LlamaModel(nn.Module):
             x = inputs_embeds.astype(c.compute_dtype)
         b, length = x.shape[:2]
         attention_mask, cache_index, key_len = resolve_mask(b, length, attention_mask, cache, cache_index)
+        if segment_ids is not None and (cache is not None or prefix_kv is not None):
+            raise ValueError("segment_ids (packed rows) are for training calls: not with a cache or prefix_kv.")
         if position_ids is None:
-            position_ids = mask_positions(attention_mask, length, cache_index)
+            position_ids = (mask_positions(attention_mask, length, cache_index) if segment_ids is None
+                            else segment_positions(segment_ids))
         query_index = jnp.arange(length) + (0 if cache_index is None else cache_index)
         causal = jnp.arange(key_len)[None, :] <= query_index[:, None]  # (L, S)
         allowed = causal[None] & (attention_mask[:, None, :] > 0)  # (B, L, S)
+        if segment_ids is not None:  # packed rows: a token sees the earlier tokens of its own example only
+            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
         kinds = c.layer_kinds
         sliding = None
         if any(kinds):  # buffer positions, as transformers' sliding-window mask
@@ -354,9 +353,11 @@ class LlamaForCausalLM(ScoredHead, nn.Module):
             self.lm_head = dense(self.config, self.config.vocab_size, False)
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, *, inputs_embeds=None,
-                 cache=None, cache_index=None, prefix_kv=None, logits_at=None, targets=None, chunk=None):
+                 cache=None, cache_index=None, prefix_kv=None, logits_at=None, targets=None, chunk=None,
+                 segment_ids=None):
         hidden, new_cache = self.model(input_ids, attention_mask, position_ids, inputs_embeds=inputs_embeds,
-                                       cache=cache, cache_index=cache_index, prefix_kv=prefix_kv)
+                                       cache=cache, cache_index=cache_index, prefix_kv=prefix_kv,
+                                       segment_ids=segment_ids)
         return self._outputs(hidden, new_cache, cache, logits_at, targets, chunk)
 
     def _head(self, hidden):

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from decomp_jax.models.attention import check_implementation
 from decomp_jax.models.families import ROPE_TYPES, read_hf_config, write_hf_config
 
 ACTIVATIONS: dict[str, Callable] = {
@@ -69,6 +70,10 @@ class LlamaConfig:
     load-balancing loss a training step adds by default (as transformers). ``moe_dispatch``: ``dense``
     (every expert runs on every token, weighted by the router: exact, for small models and CPUs) or
     ``ragged`` (tokens sorted by expert, grouped matmuls ``jax.lax.ragged_dot``: for accelerators).
+
+    ``attention``: ``auto``, ``xla``, ``chunked`` or ``cudnn`` (``models.attention``: all scores at once,
+    or blocks of ``attention_chunk`` queries and keys with an online softmax, memory linear in the
+    length, or cuDNN's fused kernel on GPUs); the same numbers from each.
     """
 
     vocab_size: int = 32000
@@ -118,6 +123,8 @@ class LlamaConfig:
     router_aux_loss_coef: float = 0.001
     output_router_logits: bool = False
     moe_dispatch: str = "dense"
+    attention: str = "auto"
+    attention_chunk: int = 512
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -136,6 +143,9 @@ class LlamaConfig:
         if self.moe_intermediate_size is None:
             object.__setattr__(self, "moe_intermediate_size", self.intermediate_size)
         self._check_experts()
+        check_implementation(self.attention, self.attn_logit_softcapping)
+        if not (isinstance(self.attention_chunk, int) and self.attention_chunk >= 1):
+            raise ValueError(f"attention_chunk={self.attention_chunk!r}: a number of positions >= 1 (e.g. 512).")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not implemented; choose one of {sorted(ACTIVATIONS)}.")
         if self.num_attention_heads % self.num_key_value_heads:

@@ -14,7 +14,8 @@ from decomp_jax.core.execution import adapt
 from decomp_jax.core.inject import merge, partition
 from decomp_jax.core.methods import get
 from decomp_jax.core.tree import combine, count_params
-from decomp_jax.data import check_train_size, commonsense as cs
+from decomp_jax.errors import ConfigError
+from decomp_jax.data import check_train_size, commonsense as cs, packing
 from decomp_jax.models import generation, gpt2
 from decomp_jax.models.mlp import load_balancing_loss, router_logits
 from decomp_jax.parallel.distributed import is_primary, to_host
@@ -48,6 +49,17 @@ class GenerationTask:
         self.buckets = cs.default_buckets(d.max_length, d.bucket_multiple)
         train_length = d.train_max_length or d.max_length
         self.train_set = cs.tokenize_train(train, self.tokenizer, train_length, template=d.template) if need_train else None
+        self.pack_length = d.pack_length or train_length
+        if d.packing and isinstance(self.model, gpt2.GPT2LMHeadModel):
+            raise ConfigError("data.packing: our GPT-2 takes no segment ids (packed rows are for the Llama-family "
+                              "decoder); set data.packing: false.")
+        self.packed_rows = packing.pack_rows(self.train_set, self.pack_length, tc.seed) if d.packing and need_train else None
+        if self.packed_rows is not None and is_primary():
+            padded = packing.padding_fraction(self.train_set, tc.batch_size, self.buckets)
+            packed = packing.padding_fraction(self.train_set, tc.batch_size, packed_rows=self.packed_rows,
+                                              length=self.pack_length)
+            print(f"packing: {len(self.train_set.ids)} examples in {len(self.packed_rows)} rows of {self.pack_length} "
+                  f"tokens; padding {packed:.1%} of the tokens (padded batches: {padded:.1%})", flush=True)
         self.eval_prompts = {n: cs.tokenize_prompts(ex, self.tokenizer, d.max_length, template=d.template)
                              for n, ex in self.eval_examples.items()}
         self.base_params, params = model_params(self.base_params, cfg, jax.random.PRNGKey(tc.seed))
@@ -86,12 +98,18 @@ class GenerationTask:
 
     @property
     def num_train(self) -> int:
-        return len(self.train_set.ids)
+        """Training rows per epoch: examples, or packed rows (``data.packing``)."""
+        return len(self.train_set.ids) if self.packed_rows is None else len(self.packed_rows)
 
     def train_batch(self, micro: int, rows: Optional[slice] = None) -> dict:
         tc = self.cfg.train
+        keys = ("input_ids", "attention_mask", "weights", "loss_index", "loss_targets", "loss_weights")
+        if self.packed_rows is not None:
+            b = packing.packed_batch(self.train_set, self.packed_rows, micro, tc.batch_size, self.pack_length, tc.seed,
+                                     rows=rows)
+            return {k: b[k] for k in keys + ("segment_ids",)}
         b = cs.train_batch(self.train_set, micro, tc.batch_size, tc.seed, self.buckets, rows=rows)
-        return {k: b[k] for k in ("input_ids", "attention_mask", "weights", "loss_index", "loss_targets", "loss_weights")}
+        return {k: b[k] for k in keys}
 
     @property
     def router_aux_loss(self) -> float:
@@ -110,6 +128,8 @@ class GenerationTask:
         load-balancing loss over the batch's tokens (reported as ``router_aux``)."""
         call = dict(logits_at=batch["loss_index"], targets=batch["loss_targets"], chunk=self.cfg.train.loss_chunk,
                     rngs={"dropout": rng})
+        if "segment_ids" in batch:  # packed rows (data.packing)
+            call["segment_ids"] = batch["segment_ids"]
         weight = self.router_aux_loss
         if not weight:
             nll = self.apply({"params": params}, batch["input_ids"], batch["attention_mask"], **call)

@@ -8,6 +8,7 @@ greedy decoding and scoring as a real one.
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -312,3 +313,18 @@ def test_commonsense_run_on_a_mixture_of_experts(tiny_llm, tmp_path):
     loaded_config, loaded, _ = convert.load_hf(str(merged))
     assert loaded_config.model_type == "qwen3_moe" and loaded_config.num_experts == 4
     assert np.isfinite(record["eval"]["accuracy"])
+
+
+def test_a_packed_run_trains_and_reports_its_padding(tiny_llm, tmp_path, capsys):
+    """data.packing with chunked attention: the run packs, prints the padding with and without packing,
+    counts an epoch in packed rows, trains (finite losses) and evaluates as usual (decoding is not packed)."""
+    out = tmp_path / "packed"
+    record = run(commonsense_config(tiny_llm, out, "data.packing=true", "data.pack_length=480",
+                                    "model.attention=chunked", "model.attention_chunk=128"), progress=False)
+    printed = capsys.readouterr().out
+    line = next(ln for ln in printed.splitlines() if ln.startswith("packing:"))
+    print(line)
+    packed, padded = (float(x) for x in re.findall(r"padding ([\d.]+)% of the tokens \(padded batches: ([\d.]+)%", line)[0])
+    assert packed < padded
+    logged = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in logged if "loss" in r) and "accuracy" in record["eval"]

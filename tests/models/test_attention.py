@@ -1,0 +1,151 @@
+"""The decoders' attention implementations (decomp_jax.models.attention): ``chunked`` (blocks of queries and
+keys, online softmax, checkpointed per query block) and ``jax.nn.dot_product_attention`` (the ``cudnn``
+path's call, run here with JAX's XLA implementation) against ``xla`` (all scores at once) for every mask
+our decoders build, outputs and gradients; the model with each implementation; XLA's memory estimate of
+the chunked backward pass."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from decomp_jax.models import attention as att
+from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM
+
+B, HEADS, KV, D = 2, 6, 2, 8
+
+
+def _mask(length, key_len, *, left=0, right=0, window=None, segments=None, prefix=0):
+    """``allowed (B, L, S)``: causal over buffer positions (the queries are the last ``length`` of
+    ``key_len``), row 0 padded ``left`` on the left, row 1 ``right`` on the right, a sliding ``window``,
+    packed ``segments`` (ids per key position; a query sees its own segment only), ``prefix`` slots in front
+    that every query sees."""
+    q_index = np.arange(key_len - length, key_len)
+    k_index = np.arange(key_len)
+    allowed = np.broadcast_to(k_index[None, :] <= q_index[:, None], (B, length, key_len)).copy()
+    if window is not None:
+        allowed &= (k_index[None, :] > q_index[:, None] - window)[None]
+    keys = np.ones((B, key_len), bool)
+    keys[0, :left] = False
+    if right:
+        keys[1, key_len - right:] = False
+    allowed &= keys[:, None, :]
+    if segments is not None:
+        seg = np.asarray(segments)
+        allowed &= (seg[:, q_index][:, :, None] == seg[:, None, :])
+    if prefix:
+        allowed = np.concatenate([np.ones((B, length, prefix), bool), allowed], axis=-1)
+    return jnp.asarray(allowed)
+
+
+CASES = {
+    "causal": dict(length=11, key_len=11),
+    "padding": dict(length=11, key_len=11, left=3, right=2),
+    "sliding window": dict(length=13, key_len=13, window=4, left=2),
+    "soft-capped": dict(length=9, key_len=9, softcap=5.0, right=3),
+    "prefix slots": dict(length=7, key_len=7, prefix=3, left=2),
+    "packed segments": dict(length=12, key_len=12, segments=[[0] * 5 + [1] * 4 + [2] * 3, [0] * 7 + [1] * 5]),
+    "cache (queries at the end of the buffer)": dict(length=3, key_len=10, left=1),
+}
+
+
+def _inputs(case, seed=0):
+    spec = dict(CASES[case])
+    softcap = spec.pop("softcap", None)
+    length, key_len = spec["length"], spec["key_len"] + spec.get("prefix", 0)
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(ks[0], (B, length, HEADS, D))
+    k, v = (jax.random.normal(kk, (B, key_len, KV, D)) for kk in ks[1:3])
+    return q, k, v, _mask(**spec), softcap, jax.random.normal(ks[3], (B, length, HEADS * D))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_chunked_equals_all_scores_at_once(case):
+    """Outputs and the gradients of q, k, v, with blocks of 4 or 5 positions (dividing the rows or not,
+    one block row of queries for the cache case); rows with no allowed key (left padding under the causal
+    mask) included: both give them uniform weights."""
+    q, k, v, allowed, softcap, probe = _inputs(case)
+    chunk = 4 + list(CASES).index(case) % 2
+
+    def loss(impl):
+        return lambda q, k, v: jnp.sum(probe * att.attention(q, k, v, allowed, KV, scale=0.3, softcap=softcap,
+                                                             implementation=impl, chunk=chunk))
+
+    ref = att.attention(q, k, v, allowed, KV, scale=0.3, softcap=softcap, implementation="xla")
+    out = att.attention(q, k, v, allowed, KV, scale=0.3, softcap=softcap, implementation="chunked", chunk=chunk)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+    grads = [jax.grad(loss(impl), argnums=(0, 1, 2))(q, k, v) for impl in ("xla", "chunked")]
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+    assert float(jnp.max(jnp.abs(grads[0][1]))) > 1e-2  # the keys' gradient is not trivially zero
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "soft-capped"])
+def test_dot_product_attention_call_matches_on_allowed_rows(case):
+    """The ``cudnn`` path's ``jax.nn.dot_product_attention`` call (here with JAX's XLA implementation): our
+    mask and grouped heads mean the same to it. Rows with no allowed key are left out (its fill differs)."""
+    q, k, v, allowed, _, _ = _inputs(case)
+    ref = att.grouped_attention(q, k, v, allowed, KV, 0.3)
+    out = att.sdpa_attention(q, k, v, allowed, 0.3, "xla")
+    rows = np.asarray(allowed.any(-1))
+    np.testing.assert_allclose(np.asarray(out)[rows], np.asarray(ref)[rows], rtol=0, atol=1e-5)
+
+
+def test_choices_and_refusals():
+    assert att.choose("auto", 256, 256, jnp.float32) == "xla"
+    assert att.choose("auto", 2048, 2048, jnp.float32) == ("cudnn" if jax.default_backend() == "gpu" else "chunked")
+    assert att.choose("auto", 4096, 4096, jnp.bfloat16, softcap=50.0) == "chunked"
+    with pytest.raises(ValueError, match="'cudnn' has no logit soft-capping"):
+        LlamaConfig(attention="cudnn", attn_logit_softcapping=50.0)
+    with pytest.raises(ValueError, match="'splash' .* is not implemented"):
+        LlamaConfig(attention="splash")
+    with pytest.raises(ValueError, match="attention='flash' is unknown"):
+        LlamaConfig(attention="flash")
+    with pytest.raises(ValueError, match="attention_chunk=0"):
+        LlamaConfig(attention_chunk=0)
+
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(sliding_window=5, layer_types=("sliding_attention", "full_attention"),
+                                                  attn_logit_softcapping=20.0, model_type="gemma2",
+                                                  sandwich_norms=True)], ids=["llama", "gemma2-like"])
+def test_the_model_gives_the_same_logits_and_gradients_with_each(extra):
+    config = LlamaConfig(**TINY, **extra, attention="xla")
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 14), 3, 64)
+    mask = jnp.ones((2, 14), jnp.int32).at[0, :3].set(0)
+    params = LlamaForCausalLM(config).init(jax.random.PRNGKey(0), ids, mask)["params"]
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+
+    def run(impl):
+        model = LlamaForCausalLM(dataclasses.replace(config, attention=impl, attention_chunk=4))
+        loss = lambda p: jnp.mean(model.apply({"params": p}, ids, mask)[:, 3:] ** 2)  # noqa: E731
+        return model.apply({"params": params}, ids, mask), jax.grad(loss)(params)
+
+    (ref, gref), (out, gout) = run("xla"), run("chunked")
+    valid = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], rtol=0, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=0, atol=1e-5), gref, gout)
+
+
+def test_the_chunked_backward_pass_holds_less():
+    """XLA's memory estimate of the gradient of one attention call at 2048 positions (8 heads): the chunked
+    one needs a fraction of what all scores at once need."""
+    length, heads = 2048, 8
+    q = jax.ShapeDtypeStruct((1, length, heads, 64), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, length, heads, 64), jnp.float32)
+    allowed = jax.ShapeDtypeStruct((1, length, length), jnp.bool_)
+
+    def temp(impl):
+        f = jax.grad(lambda q, k, v, m: jnp.sum(att.attention(q, k, v, m, heads, implementation=impl, chunk=256)),
+                     argnums=(0, 1, 2))
+        return jax.jit(f).lower(q, kv, kv, allowed).compile().memory_analysis().temp_size_in_bytes
+
+    full, chunked = temp("xla"), temp("chunked")
+    print(f"attention gradient at {length} positions: XLA temp {full / 2**20:.0f} MiB all at once, "
+          f"{chunked / 2**20:.0f} MiB chunked ({chunked / full:.3f}x)")
+    assert chunked < 0.25 * full
