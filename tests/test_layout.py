@@ -21,10 +21,10 @@ FLOORS = [
     # 0: errors, atomic I/O, quantized arrays
     ["errors", "guards", "quant"],
     # 1: our Flax models and their loading; datasets
-    ["models.names", "models.families", "models.llama_config", "models.rope", "models.mlp", "models.llama", "models.generation",
+    ["models.names", "models.families", "models.attention", "models.llama_config", "models.rope", "models.mlp", "models.llama", "models.generation",
      "models.bert", "models.gpt2", "models.hf",
      "models.convert", "models.causal_lm", "models",
-     "data.glue", "data.lm", "data.commonsense", "data.math", "data"],
+     "data.glue", "data.lm", "data.packing", "data.commonsense", "data.math", "data"],
     # 2: the adapter core
     ["core.tree", "core.axes", "core.methods.base", "core.methods.lowrank", "core.methods.spectral", "core.methods.dora",
      "core.methods.scaling", "core.methods.adapters", "core.methods.adalora", "core.methods.dash",
@@ -41,7 +41,7 @@ FLOORS = [
     ["tasks.base", "tasks.metrics", "tasks.glue", "tasks.generation", "tasks.commonsense", "tasks.math", "tasks"],
     # 6: the application
     ["app.allocator", "app.config", "app.run_folder", "app.train_loop", "app.experiment", "app.runs", "app.report",
-     "app.sweep", "app.benchkit", "app.bench", "app.bench_decoder_report", "app.bench_decoder", "app.cli", "app"],
+     "app.sweep", "app.benchkit", "app.bench", "app.bench_decoder_report", "app.bench_decoder", "app.bench_long", "app.cli", "app"],
 ]
 FACES = ["", "named", "nnx", "sharding"]  # decomp_jax and its public modules: re-exports for users
 LAZY_OK = {"app.cli"}  # may import our modules inside functions (start-up time)

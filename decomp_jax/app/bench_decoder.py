@@ -428,6 +428,7 @@ def run_model(name: str, model, params, bench: DecoderBenchConfig, log: Callable
     calls: dict[str, Callable] = {}
     moe = bool(getattr(config, "num_experts", 0))  # a mixture: LoRA only (HF PEFT's one method on experts)
     methods, peft_methods = ([m for m in ms if not moe or m in MOE_METHODS] for ms in (bench.methods, bench.peft_methods))
+
     def ours(label: str, model, params, method: str, **extra) -> None:
         m = jax_step(model, params, method, batch, bench)
         calls[label] = m.pop("call")
@@ -466,7 +467,7 @@ def run_model(name: str, model, params, bench: DecoderBenchConfig, log: Callable
             rows[label].update(step_time_s=statistics.median(ts), step_time_min_s=min(ts), step_times_s=ts,
                                tokens_per_s=batch_size * length / statistics.median(ts))
             log(f"[{name}] {label}: median step {rows[label]['step_time_s']:.3f} s (min {min(ts):.3f})")
-        del calls
+        calls.clear()
         gc.collect()
         if bench.generation:
             ours = jax_generation(model, params, prompts, bench)

@@ -243,6 +243,28 @@ def _bench_decoder(args) -> int:
     return _bench_report(bd, lambda: bd.run_decoder_bench(bd.DecoderBenchConfig(**changes)), args.out, 14)
 
 
+def _bench_long(args) -> int:
+    from decomp_jax.app import bench_long as bl
+
+    given = [flag for flag, on in (("--decoder", args.decoder), ("--quick", args.quick), ("--models", args.models),
+                                   ("--methods", args.methods), ("--seq-len", args.seq_len is not None),
+                                   ("--batch-size", args.batch_size is not None)) if on]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: not for --long (it measures SmolLM2's LoRA step at --lengths and "
+                          f"packing on the commonsense CPU config).")
+    changes: dict = {}
+    if args.lengths:
+        try:
+            changes["lengths"] = tuple(int(x) for x in _names(args.lengths))
+        except ValueError as err:
+            raise ConfigError(f"--lengths {args.lengths!r}: comma-separated token counts, e.g. 512,1024,2048,4096.") from err
+    if args.steps is not None:
+        changes["steps"] = args.steps
+    if args.no_packing:
+        changes["packing"] = False
+    return _bench_report(bl, lambda: bl.run_long_bench(bl.LongBenchConfig(**changes)), args.out, 34)
+
+
 def _bench_report(module, run, out: str, issue: int) -> int:
     """Run a benchmark (``run()``), write its files with ``module.write_outputs`` and print its targets."""
     try:
@@ -263,6 +285,10 @@ def _bench_report(module, run, out: str, issue: int) -> int:
 def _bench(args) -> int:
     from decomp_jax.app import bench
 
+    if args.long:
+        return _bench_long(args)
+    if args.lengths or args.no_packing:
+        raise ConfigError("--lengths and --no-packing apply to --long only.")
     if args.decoder:
         return _bench_decoder(args)
     if args.rounds is not None or args.decoder_layers is not None or args.no_generation:
@@ -446,6 +472,11 @@ def _add_bench(add) -> None:
     be.add_argument("--decoder-layers", type=int, help="--decoder: layers of the random llama-1b and qwen3-0.6b "
                     "models (default: all their layers (16, 28) on an accelerator, 2 on a CPU)")
     be.add_argument("--no-generation", action="store_true", help="--decoder: do not time generation")
+    be.add_argument("--long", action="store_true", help="long sequences (issue 34): SmolLM2's LoRA step (scan + "
+                    "remat) by sequence length with all-at-once and chunked attention (XLA memory, step time), and "
+                    "packing against padding on the commonsense CPU config; writes bench_long.json, bench_long.md")
+    be.add_argument("--lengths", help="--long: comma-separated sequence lengths (default 512,1024,2048,4096)")
+    be.add_argument("--no-packing", action="store_true", help="--long: skip the packing measurement")
     be.set_defaults(func=_bench)
 
 

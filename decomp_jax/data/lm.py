@@ -333,7 +333,7 @@ def default_buckets(max_length: int, multiple: int = 64) -> tuple[int, ...]:
     return tuple(range(multiple, max_length, multiple)) + (max_length,)
 
 
-def _check_buckets(buckets: Sequence[int] | None, data: TokenizedSet) -> tuple[int, ...]:
+def check_buckets(buckets: Sequence[int] | None, data: TokenizedSet) -> tuple[int, ...]:
     if buckets is None:
         return default_buckets(data.max_length)
     out = tuple(sorted({int(b) for b in buckets}))
@@ -441,7 +441,7 @@ def train_batch(data: TokenizedSet, step: int, batch_size: int, seed: int = 0,
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}.")
-    buckets = _check_buckets(buckets, data)
+    buckets = check_buckets(buckets, data)
     n = len(data)
     per_epoch = steps_per_epoch(n, batch_size)
     if per_epoch == 0:
@@ -504,7 +504,7 @@ def eval_batches(data: TokenizedSet, batch_size: int, buckets: Sequence[int] | N
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
-    buckets = _check_buckets(buckets, data)
+    buckets = check_buckets(buckets, data)
     n = len(data)
     order = np.argsort(data.lengths, kind="stable") if sort_by_length else np.arange(n)
     for start in range(0, n, batch_size):

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from decomp_jax.data.lm import (
-    TokenizedSet, _check_buckets, bucket_length, epoch_batches, loss_slots, response_slots, steps_per_epoch,
+    TokenizedSet, check_buckets, bucket_length, epoch_batches, loss_slots, response_slots, steps_per_epoch,
 )
 
 
@@ -51,7 +51,7 @@ def padding_fraction(data: TokenizedSet, batch_size: int, buckets: Sequence[int]
     lays them out (``seed`` 0), or in packed rows of ``length`` (``packed_rows``)."""
     if packed_rows is not None:
         return 1.0 - float(data.lengths.sum()) / (len(packed_rows) * int(length))
-    buckets = _check_buckets(buckets, data)
+    buckets = check_buckets(buckets, data)
     plan = epoch_batches(data, batch_size, 0, 0)
     padded = sum(bucket_length(int(data.lengths[idx].max()), buckets) * len(idx) for idx in plan)
     return 1.0 - float(sum(data.lengths[idx].sum() for idx in plan)) / max(padded, 1)

@@ -203,3 +203,22 @@ def test_moe_flops_count_the_router_and_the_chosen_experts():
     assert full["flops_per_step"] == (6 * n + 12 * 2 * s * 4 * 16) * b * s + 6 * head * b * s
     adapter = 2 * 6 * r * ((32 + 64) + 2 * (32 + 32) + (64 + 32) + 2 * ((32 + 48) + (24 + 32)))
     assert lora["flops_per_step"] == (4 * n + 12 * 2 * s * 4 * 16 + adapter) * b * s + 4 * head * b * s
+
+
+@pytest.mark.slow
+def test_long_bench_runs_end_to_end(tmp_path):
+    """`decomp-jax bench --long` at two short lengths (chunks of 64) and two packing steps: every row is
+    measured, the losses of both attentions agree, the files are written and the targets printed."""
+    from decomp_jax.app import bench_long as bl
+
+    result = bl.run_long_bench(bl.LongBenchConfig(lengths=(128, 256), attention_chunk=64, steps=1, packing_steps=2))
+    rows = {(r["length"], r["attention"]): r for r in result["sweep"]}
+    assert set(rows) == {(n, a) for n in (128, 256) for a in ("xla", "chunked")}
+    for n in (128, 256):
+        assert rows[n, "chunked"]["first_loss"] == pytest.approx(rows[n, "xla"]["first_loss"], abs=1e-4)
+    p = result["packing"]
+    assert p["packed"]["padding"] < p["padded"]["padding"] and p["speedup"] > 0
+    paths = bl.write_outputs(result, tmp_path)
+    assert "Packing against padding" in paths["md"].read_text()
+    assert [t["what"] for t in result["targets"]] == ["chunked / xla memory at 256 tokens",
+                                                      "packed / padded trained tokens per second"]

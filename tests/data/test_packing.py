@@ -54,7 +54,8 @@ CONFIG = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num
 
 
 @pytest.mark.parametrize("config", [
-    dict(), dict(sliding_window=4, layer_types=("sliding_attention", "full_attention"), model_type="mistral"),
+    dict(), pytest.param(dict(sliding_window=4, layer_types=("sliding_attention", "full_attention"), model_type="mistral"),
+                         marks=pytest.mark.slow),
     dict(attention="chunked", attention_chunk=8)], ids=["full attention", "sliding window", "chunked attention"])
 def test_packed_rows_give_the_unpacked_loss_and_gradients(config):
     data = _examples()

@@ -111,9 +111,9 @@ TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
             num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(sliding_window=5, layer_types=("sliding_attention", "full_attention"),
-                                                  attn_logit_softcapping=20.0, model_type="gemma2",
-                                                  sandwich_norms=True)], ids=["llama", "gemma2-like"])
+@pytest.mark.parametrize("extra", [dict(), pytest.param(dict(
+    sliding_window=5, layer_types=("sliding_attention", "full_attention"), attn_logit_softcapping=20.0,
+    model_type="gemma2", sandwich_norms=True), marks=pytest.mark.slow)], ids=["llama", "gemma2-like"])
 def test_the_model_gives_the_same_logits_and_gradients_with_each(extra):
     config = LlamaConfig(**TINY, **extra, attention="xla")
     ids = jax.random.randint(jax.random.PRNGKey(1), (2, 14), 3, 64)

