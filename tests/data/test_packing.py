@@ -1,7 +1,8 @@
 """Sequence packing (decomp_jax.data.packing, ``data.packing``): packed rows with segment ids give the loss
 and gradients of the same examples padded one per row (plain, sliding-window and chunked attention), the
 rows hold every example once and are a pure function of the seed, padding drops, and the settings that
-cannot pack are refused by name."""
+cannot pack are refused by name. (The sliding-window and chunked cases with ``-m slow``; the packed
+commonsense run in tests/tasks uses chunked attention.)"""
 
 import dataclasses
 
@@ -56,7 +57,8 @@ CONFIG = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num
 @pytest.mark.parametrize("config", [
     dict(), pytest.param(dict(sliding_window=4, layer_types=("sliding_attention", "full_attention"), model_type="mistral"),
                          marks=pytest.mark.slow),
-    dict(attention="chunked", attention_chunk=8)], ids=["full attention", "sliding window", "chunked attention"])
+    pytest.param(dict(attention="chunked", attention_chunk=8), marks=pytest.mark.slow)],
+    ids=["full attention", "sliding window", "chunked attention"])
 def test_packed_rows_give_the_unpacked_loss_and_gradients(config):
     data = _examples()
     rows = packing.pack_rows(data, 32, seed=0)
