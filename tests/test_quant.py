@@ -166,7 +166,7 @@ def test_stored_bytes_of_a_quantized_bert(tiny_bert):
     assert quant.stored_bytes(q) < quant.stored_bytes(base)
 
 
-@pytest.mark.parametrize("name", ["dora", "pissa", pytest.param("ssb", marks=pytest.mark.slow),
+@pytest.mark.parametrize("name", [pytest.param("dora", marks=pytest.mark.slow), "pissa", pytest.param("ssb", marks=pytest.mark.slow),
                                   pytest.param("houlsby", marks=pytest.mark.slow)])
 def test_methods_over_a_quantized_scanned_llama(name):
     """Every layer of a scanned Llama (stacked kernels sliced by nn.scan, quantized children sliced with them)

@@ -72,8 +72,8 @@ def headless_dir(tiny_model_dir, tmp_path_factory):
     ("tiny", 2, "adapter.method=adalora", "adapter.options={t_init: 0.2, t_final: 0.2, interval: 1}",
      "adapter.rank=4", "train.save_every=3"),
     # a frozen new head, drawn by each seed: those frozen leaves differ between the seeds and train in
-    # each seed's state (the rest of the base is one copy); SSB
-    ("headless", 2, "adapter.train_extra=null", "adapter.method=ssb"),
+    # each seed's state (the rest of the base is one copy); SSB; from the command line (slow: ~13 s)
+    pytest.param(("headless", 2, "adapter.train_extra=null", "adapter.method=ssb"), marks=pytest.mark.slow),
 ])
 def test_seeds_together_equal_separate_runs(case, tiny_model_dir, headless_dir, tmp_path):
     model, n, *extra = case

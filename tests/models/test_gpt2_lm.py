@@ -156,6 +156,7 @@ def test_load_refuses_a_classifier_folder(tmp_path):
         load_gpt2_lm(str(tmp_path))
 
 
+@pytest.mark.slow  # ~22 s; the scanned LM's methods run by default (test_every_method_on_the_scanned_lm_...)
 def test_scanned_remat_model_and_chunked_response_loss_equal_the_unrolled_model(lm):
     """scan_layers + remat: the same logits, the same LoRA gradients (factors moved with stack_blocks) through the chunked per-token loss as the unrolled model's full logits give, and the
     same greedy tokens with the KV cache; stack_blocks and unstack_blocks are inverses."""

@@ -357,6 +357,7 @@ def test_load_gguf_undoes_the_qk_permutation(tmp_path, tied):
     assert max_diff_valid(torch_lm_logits(again, ids, mask), torch_lm_logits(torch_model, ids, mask), mask) <= 1e-6
 
 
+@pytest.mark.slow  # the real SmolLM2 GGUF file (~12 s)
 def test_load_gguf_keeps_q4_1_blocks(tmp_path):
     """``load_gguf(keep_quantized=True)``: the file's Q4_1 matrices stay ``q4_1`` QuantizedArrays (codes,
     float16 steps and minima as stored, Q/K rows unpermuted), dequantizing to exactly what the float load

@@ -248,7 +248,7 @@ def test_bf16_base_and_decoder_options_are_checked(tiny_llm, tmp_path):
 
 
 @pytest.mark.parametrize("method,chunk", [("lora", None), pytest.param("prompt_tuning", None, marks=pytest.mark.slow),
-                                          ("lora", 5), ("prompt_tuning", 3)])
+                                          ("lora", 5), pytest.param("prompt_tuning", 3, marks=pytest.mark.slow)])
 def test_loss_on_response_positions_equals_the_full_logits_loss(tiny_llm, tmp_path, method, chunk):
     """The task's loss computes logits at the scored positions only (logits_at); loss and gradients equal
     causal_lm_loss of the full (B, L, V) logits, with prompt tuning's virtual tokens in front too, and

@@ -309,6 +309,7 @@ def test_merged_export_is_atomic(tiny_model_dir, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "run"]
 
 
+@pytest.mark.slow  # a run of the real MiniLM (~24 s)
 def test_peft_export_records_the_model_as_the_config_names_it(tmp_path):
     # a model package resolves to a folder inside the virtualenv; the export keeps the package name
     out = tmp_path / "run"
