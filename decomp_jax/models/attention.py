@@ -7,7 +7,8 @@ Implementations (``LlamaConfig.attention``, the runner's ``model.attention``):
 - ``chunked``: the same attention a block of ``chunk`` queries against a block of ``chunk`` keys at a
   time with an online softmax (running maximum and sum per query, rescaled as blocks arrive), in plain
   JAX. Each block of queries is checkpointed: the backward pass recomputes its scores instead of
-  keeping them, so no more than one block row of scores, ``(B, H, chunk, S)``, exists at once. Every mask
+  keeping them, so no more than one block row of scores, ``(B, H, chunk, S)``, exists at once; blocks no
+  query may see (past the causal diagonal) are skipped. Every mask
   our decoders build (causal, padding on either side, sliding windows, prefix slots, packed segments),
   Gemma 2's soft-capping and grouped key/value heads (never repeated) work as in ``xla``.
 - ``cudnn``: ``jax.nn.dot_product_attention`` with cuDNN's fused kernel (GPUs; half precision), for
@@ -17,8 +18,8 @@ Implementations (``LlamaConfig.attention``, the runner's ``model.attention``):
 
 All take ``q (B, L, H, d)``, ``k, v (B, S, K, d)`` with query head ``h = kv_head * groups + g`` (HF's
 ``repeat_kv`` order) and ``allowed`` bool ``(B, L, S)``, and return ``(B, L, H * d)``. A query row with no
-allowed key (a padding position) attends uniformly to all keys in ``xla`` and ``chunked`` alike, as
-transformers' eager attention does.
+allowed key (a padding position, whose output nothing reads) gets a finite output of no meaning: ``xla``
+attends uniformly to all keys, as transformers' eager attention does; ``chunked`` gives zeros.
 """
 
 from __future__ import annotations
@@ -108,9 +109,10 @@ def _padded(x, axis: int, size: int, value=0):
 def chunked_attention(q, k, v, allowed, kv_heads: int, scale: float, softcap: Optional[float] = None,
                       chunk: int = 512):
     """``chunked``: blocks of ``chunk`` queries (``jax.checkpoint`` each) against blocks of ``chunk`` keys
-    (a ``lax.scan`` carrying each query's running maximum ``m``, sum ``l`` and output ``acc``). Rows are
-    padded to whole blocks; padded keys get ``-inf`` (no weight, even in a row with no allowed key, where
-    the masked real keys keep the ``xla`` path's uniform weights) and padded queries are dropped."""
+    (a ``lax.scan`` carrying each query's running maximum ``m``, sum ``l`` and output ``acc``); a key block
+    that no query of the block may see (under the causal mask, every block past the diagonal) is skipped
+    (``lax.cond``). Masked scores are ``-inf``; rows are padded to whole blocks (padded keys masked,
+    padded queries dropped)."""
     b, length, heads, d = q.shape
     key_len, groups = k.shape[1], heads // kv_heads
     cq, ck = min(chunk, length), min(chunk, key_len)
@@ -125,22 +127,24 @@ def chunked_attention(q, k, v, allowed, kv_heads: int, scale: float, softcap: Op
 
     @jax.checkpoint
     def query_block(qb, mb):  # (B, K, G, cq, d), (B, cq, nk, ck)
-        def key_block(carry, block):
+        def update(carry, block):
             m, l, acc = carry
             kb, vb, keep, is_real = block
             s = _capped(jnp.einsum("bkgqd,bksd->bkgqs", qb, kb), scale, softcap)
-            s = jnp.where(keep[:, None, None], s, _MIN)
-            s = jnp.where(is_real, s, -jnp.inf)
+            s = jnp.where(keep[:, None, None] & is_real, s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             fade = jnp.exp(m - m_new)
             acc = acc * fade[..., None] + jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb).astype(jnp.float32)
-            return (m_new, l * fade + p.sum(-1), acc), None
+            return m_new, l * fade + p.sum(-1), acc
 
-        shape = qb.shape[:-1]
+        def key_block(carry, block):  # a block no query of this block may see is skipped (causal: half of them)
+            return jax.lax.cond(block[2].any(), update, lambda c, _: c, carry, block), None
+
+        shape = qb.shape[:-1]  # the running maximum starts at the lowest finite value: masked scores (-inf) add 0
         init = (jnp.full(shape, _MIN, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(qb.shape, jnp.float32))
         (_, l, acc), _ = jax.lax.scan(key_block, init, (kblocks, vblocks, mb.transpose(2, 0, 1, 3), real))
-        return (acc / l[..., None]).astype(v.dtype)
+        return jnp.where(l[..., None] > 0, acc / jnp.maximum(l, 1e-30)[..., None], 0.0).astype(v.dtype)
 
     out = jax.lax.map(lambda x: query_block(*x), (qblocks, mblocks))  # (nq, B, K, G, cq, d)
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * cq, heads * d)
