@@ -98,7 +98,9 @@ def test_dot_product_attention_call_matches_on_allowed_rows(case):
 
 def test_choices_and_refusals():
     assert att.choose("auto", 256, 256, jnp.float32) == "xla"
-    assert att.choose("auto", 2048, 2048, jnp.float32) == ("cudnn" if jax.default_backend() == "gpu" else "chunked")
+    assert att.choose("auto", 2048, 2048, jnp.float32) == "xla"
+    assert att.choose("auto", 4096, 4096, jnp.float32) == "chunked"
+    assert att.choose("auto", 4096, 4096, jnp.bfloat16) == ("cudnn" if jax.default_backend() == "gpu" else "chunked")
     assert att.choose("auto", 4096, 4096, jnp.bfloat16, softcap=50.0) == "chunked"
     with pytest.raises(ValueError, match="'cudnn' has no logit soft-capping"):
         LlamaConfig(attention="cudnn", attn_logit_softcapping=50.0)
