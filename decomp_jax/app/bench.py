@@ -43,7 +43,7 @@ import numpy as np
 
 from decomp_jax.app.benchkit import (
     allocator_name, fmt_or_empty, peak_memory, peft_available, reset_peak, spread, time_calls, torch_device,
-    tree_bytes, verdict, xla_memory,
+    tree_bytes, verdict, write_json_and_markdown, xla_memory,
 )
 from decomp_jax.core import methods as _methods
 from decomp_jax.core.config import AdapterConfig
@@ -538,10 +538,6 @@ def plot(result: dict, path: Path) -> None:
 
 def write_outputs(result: dict, out_dir) -> dict[str, Path]:
     """``bench.json``, ``bench.md`` and ``bench.png`` in ``out_dir`` (created)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "bench.json", "md": out / "bench.md", "png": out / "bench.png"}
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
-    paths["md"].write_text(markdown(result))
+    paths = {**write_json_and_markdown(result, out_dir, "bench", markdown(result)), "png": Path(out_dir) / "bench.png"}
     plot(result, paths["png"])
     return paths

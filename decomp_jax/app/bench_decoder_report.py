@@ -5,11 +5,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
-from decomp_jax.app.benchkit import fmt_or_empty, mib, spread, verdict
+from decomp_jax.app.benchkit import fmt_or_empty, mib, spread, verdict, write_json_and_markdown
 
 # the bounds of the decoder bench's targets
 VS_TORCH, LORA_VS_FULL, MEMORY_LORA_VS_FULL, GENERATION_VS_HF = 1.0, 0.70, 0.5, 1.5
@@ -116,9 +115,4 @@ def markdown(result: dict) -> str:
 
 def write_outputs(result: dict, out_dir) -> dict[str, Path]:
     """``bench_decoder.json`` and ``bench_decoder.md`` in ``out_dir`` (created)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "bench_decoder.json", "md": out / "bench_decoder.md"}
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
-    paths["md"].write_text(markdown(result))
-    return paths
+    return write_json_and_markdown(result, out_dir, "bench_decoder", markdown(result))

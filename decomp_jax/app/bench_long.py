@@ -19,7 +19,6 @@ recorded); ``write_outputs`` writes ``bench_long.json`` and ``bench_long.md``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -32,7 +31,7 @@ import numpy as np
 
 from decomp_jax.app.bench_decoder import DecoderBenchConfig, jax_step, synthetic_batch
 from decomp_jax.app.experiment import load_config, make_task
-from decomp_jax.app.benchkit import allocator_name, fmt_or_empty, mib, verdict
+from decomp_jax.app.benchkit import allocator_name, fmt_or_empty, mib, verdict, write_json_and_markdown
 from decomp_jax.core.tree import combine
 from decomp_jax.models.causal_lm import load_causal_lm
 from decomp_jax.models.llama import LlamaForCausalLM
@@ -179,9 +178,5 @@ def markdown(result: dict) -> str:
 
 
 def write_outputs(result: dict, out_dir) -> dict[str, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "bench_long.json", "md": out / "bench_long.md"}
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
-    paths["md"].write_text(markdown(result))
-    return paths
+    """``bench_long.json`` and ``bench_long.md`` in ``out_dir`` (created)."""
+    return write_json_and_markdown(result, out_dir, "bench_long", markdown(result))

@@ -6,6 +6,7 @@ whether torch and peft import), the timing noise of a ratio and a target's verdi
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import re
@@ -142,3 +143,13 @@ def fmt_or_empty(x, spec=".3f") -> str:
 def mib(x: Optional[int]) -> str:
     """Bytes in MiB, no decimals; ``"?"`` for None."""
     return "?" if x is None else f"{x / 2**20:.0f}"
+
+
+def write_json_and_markdown(result: dict, out_dir, stem: str, text: str) -> dict:
+    """``{stem}.json`` (``result``) and ``{stem}.md`` (``text``) in ``out_dir`` (created): ``{"json": path, "md": path}``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    paths["md"].write_text(text)
+    return paths
