@@ -1,6 +1,8 @@
 """Helpers several test folders share: tiny random PyTorch models saved as Hugging Face checkpoints (a BERT or
 RoBERTa classifier, a Llama), their logits, padded batches, and the commonsense task's small config."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -114,3 +116,58 @@ def commonsense_config(model_dir, out_dir, *extra):
         "data.max_train_samples=8", "data.max_eval_samples=6", "data.max_new_tokens=6", "train.steps=3",
         "train.batch_size=4", "train.eval_batch_size=4", "train.log_every=1", f"train.output_dir={out_dir}", *extra,
     ])
+
+
+def random_torch_lm(config_class: str, fields: dict, folder, norm_mean: float = 1.0, also: tuple = ()):
+    """transformers' causal LM ``config_class(**fields)`` (eager attention), seed 0, with its norm weights drawn
+    around ``norm_mean``, its biases and the parameters whose names hold one of ``also`` (those transformers
+    starts at zero or tiny, e.g. experts and routers) drawn around 0; saved to ``folder``."""
+    torch = pytest.importorskip("torch")
+    import transformers as tf
+
+    config = getattr(tf, config_class)(**fields, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.2 * torch.randn_like(p) + norm_mean)
+            elif name.endswith("bias") or any(a in name for a in also):
+                p.copy_(0.1 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    return model
+
+
+def loaded_models(tmp_path_factory, torch_model):
+    """``get(case)``: ``{"torch", "config", "params", "folder"}`` of ``torch_model(case, folder)`` saved and
+    read back with ``convert.load_hf``, made once per case."""
+    from decomp_jax.models import convert
+
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            folder = tmp_path_factory.mktemp(case)
+            model = torch_model(case, folder)
+            config, params, _ = convert.load_hf(str(folder))
+            cache[case] = {"torch": model, "config": config, "params": jax.tree.map(jnp.asarray, params),
+                           "folder": str(folder)}
+        return cache[case]
+
+    return get
+
+
+def adam_losses(loss, cfg, parts, batch, steps: int, learning_rate: float = 1e-2):
+    """``(losses, final state, last metrics)`` of ``steps`` train steps (``dj.make_train_step``, Adam) on ``parts =
+    (trainable, buffers, frozen)`` with one ``batch``."""
+    import optax
+
+    trainable, buffers, frozen = parts
+    opt = optax.adam(learning_rate)
+    state = dj.init_state(trainable, opt, jax.random.PRNGKey(3), buffers=buffers)
+    step = dj.make_train_step(loss, opt, cfg)
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, frozen, batch)
+        losses.append(float(metrics["loss"]))
+    return losses, state, metrics

@@ -267,10 +267,7 @@ class AdapterConfig(Serializable):
             if value is not None and (not isinstance(value, str) or not value or "/" in value):
                 raise ConfigTypeError(f"{key} must be None or the name of the {what}, one path component such as "
                                       f"{example!r}; {_got(value)}.")
-        if not isinstance(self.kernel_in_axes, AbcMapping):
-            raise ConfigTypeError(f"kernel_in_axes must be a mapping of layer path regexes to input axis counts, e.g. "
-                                  f"{{'(query|key|value)$': 1, 'out$': 2}}; {_got(self.kernel_in_axes)}.")
-        object.__setattr__(self, "kernel_in_axes", dict(self.kernel_in_axes))
+        self._own_mapping("kernel_in_axes", "input axis counts", "{'(query|key|value)$': 1, 'out$': 2}")
         for regex, n in self.kernel_in_axes.items():
             _regex(regex, "a kernel_in_axes key", "'(query|key|value)$'", "searched in each layer's '/'-joined path",
                    optional=False)
@@ -281,10 +278,7 @@ class AdapterConfig(Serializable):
             else:
                 raise ConfigError(f"kernel_in_axes[{regex!r}] must be a positive integer (the kernel's first n axes are "
                                   f"inputs) or a list of distinct axis indices (the input axes); got {n!r}.")
-        if not isinstance(self.kernel_leaf, AbcMapping):
-            raise ConfigTypeError(f"kernel_leaf must be a mapping of layer path regexes to parameter names, e.g. "
-                                  f"{{'attn/(q|k|v|o)_proj$': 'w'}}; {_got(self.kernel_leaf)}.")
-        object.__setattr__(self, "kernel_leaf", dict(self.kernel_leaf))
+        self._own_mapping("kernel_leaf", "parameter names", "{'attn/(q|k|v|o)_proj$': 'w'}")
         for regex, leaf in self.kernel_leaf.items():
             _regex(regex, "a kernel_leaf key", "'attn/(q|k|v|o)_proj$'", "searched in each layer's '/'-joined path",
                    optional=False)
@@ -397,6 +391,14 @@ class AdapterConfig(Serializable):
         if (self.rank_pattern or self.alpha_pattern) and method.schedule is not None:
             raise ConfigError(f"rank_pattern / alpha_pattern with {self.method!r}, whose schedule budgets ranks over all "
                               f"layers, is not supported; use one rank (its schedule moves the ranks).")
+
+    def _own_mapping(self, key: str, values: str, example: str) -> None:
+        """Field ``key`` as a dict of its own (a mapping of layer path regexes to ``values``), else a type error."""
+        value = getattr(self, key)
+        if not isinstance(value, AbcMapping):
+            raise ConfigTypeError(f"{key} must be a mapping of layer path regexes to {values}, e.g. {example}; "
+                                  f"{_got(value)}.")
+        object.__setattr__(self, key, dict(value))
 
     def for_layer(self, where: str) -> "AdapterConfig":
         """The config a layer's method functions see: ``rank`` and ``alpha`` from the first matching

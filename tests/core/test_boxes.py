@@ -7,11 +7,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax.traverse_util import flatten_dict
 from jax.sharding import PartitionSpec as P
 
 import decomp_jax as dj
+from helpers import adam_losses  # noqa: E402
 from decomp_jax.core.axes import boxes, unbox
 from decomp_jax.parallel import sharding as sh
 
@@ -92,12 +92,6 @@ def test_boxed_model_runs_merges_and_trains():
     def loss(p, batch, rng):
         return jnp.mean((apply({"params": p}, batch["x"]) - batch["y"]) ** 2), {}
 
-    opt = optax.adam(1e-2)
-    state = dj.init_state(trainable, opt, jax.random.PRNGKey(3), buffers=buffers)
-    step = dj.make_train_step(loss, opt, cfg)
-    losses = []
-    for _ in range(5):
-        state, metrics = step(state, frozen, {"x": x, "y": target})
-        losses.append(float(metrics["loss"]))
+    losses, state, _ = adam_losses(loss, cfg, (trainable, buffers, frozen), {"x": x, "y": target}, 5)
     assert losses[-1] < losses[0]
     assert isinstance(state.trainable["layers"]["wi"]["lora_a"], nn.LogicallyPartitioned)

@@ -9,10 +9,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import decomp_jax as dj
+from helpers import adam_losses  # noqa: E402
 
 D, N, H = 16, 4, 8
 
@@ -67,13 +67,7 @@ def test_named_leaf_layers_inject_run_merge_and_train(method):
     def loss(p, batch, rng):
         return jnp.mean((apply({"params": p}, batch["x"]) - batch["y"]) ** 2), {}
 
-    opt = optax.adam(1e-2)
-    state = dj.init_state(trainable, opt, jax.random.PRNGKey(3), buffers=buffers)
-    step = dj.make_train_step(loss, opt, cfg)
-    losses = []
-    for _ in range(4):
-        state, metrics = step(state, frozen, {"x": x, "y": jnp.sin(x)})
-        losses.append(float(metrics["loss"]))
+    losses, _, _ = adam_losses(loss, cfg, (trainable, buffers, frozen), {"x": x, "y": jnp.sin(x)}, 4)
     assert losses[-1] < losses[0]
 
 

@@ -19,7 +19,7 @@ from decomp_jax.models.generation import generate
 from decomp_jax.models.hf import TARGET_PRESETS
 from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, stack_layers
 import decomp_jax as dj
-from helpers import batch, max_diff_valid, torch_lm_logits  # noqa: E402
+from helpers import batch, loaded_models, max_diff_valid, random_torch_lm, torch_lm_logits  # noqa: E402
 
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
@@ -57,33 +57,12 @@ ALL_LINEAR = TARGET_PRESETS["llama"]["all_linear"]
 def torch_model(case, folder):
     """A random PyTorch model of the case (norm weights and biases randomised too), saved to ``folder``."""
     cls, extra = CASES[case]
-    config = getattr(tf, cls)(**{**BASE, **extra}, attn_implementation="eager")
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(0.2 * torch.randn_like(p) + (0 if "gemma" in case else 1))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-    model.save_pretrained(folder)
-    return model
+    return random_torch_lm(cls, {**BASE, **extra}, folder, norm_mean=0 if "gemma" in case else 1)
 
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    cache = {}
-
-    def get(case):
-        if case not in cache:
-            folder = tmp_path_factory.mktemp(case)
-            model = torch_model(case, folder)
-            config, params, _ = convert.load_hf(str(folder))
-            cache[case] = {"torch": model, "config": config, "params": jax.tree.map(jnp.asarray, params),
-                           "folder": str(folder)}
-        return cache[case]
-
-    return get
+    return loaded_models(tmp_path_factory, torch_model)
 
 
 @pytest.mark.parametrize("case", list(CASES))

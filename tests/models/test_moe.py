@@ -19,7 +19,7 @@ from decomp_jax.models.families import UnsupportedConfigError, read_hf_config
 from decomp_jax.models.generation import generate
 from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, stack_layers
 from decomp_jax.models.mlp import load_balancing_loss, router_logits
-from helpers import batch, max_diff_valid, torch_lm_logits  # noqa: E402
+from helpers import adam_losses, batch, loaded_models, max_diff_valid, random_torch_lm, torch_lm_logits  # noqa: E402
 
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
@@ -42,36 +42,13 @@ EXPERTS = r"mlp/experts/(gate_up_proj|down_proj)$"
 
 
 def torch_model(case, folder):
-    cls, extra = CASES[case]
-    config = getattr(tf, cls)(**{**BASE, **extra}, attn_implementation="eager")
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(0.2 * torch.randn_like(p) + 1)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn_like(p))
-            elif "experts" in name or "gate" in name:  # transformers starts experts and routers at zero or tiny
-                p.copy_(0.1 * torch.randn_like(p))
-    model.save_pretrained(folder)
-    return model
+    cls, extra = CASES[case]  # transformers starts experts and routers at zero or tiny: drawn too
+    return random_torch_lm(cls, {**BASE, **extra}, folder, also=("experts", "gate"))
 
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    cache = {}
-
-    def get(case):
-        if case not in cache:
-            folder = tmp_path_factory.mktemp(case)
-            model = torch_model(case, folder)
-            config, params, _ = convert.load_hf(str(folder))
-            cache[case] = {"torch": model, "config": config, "params": jax.tree.map(jnp.asarray, params),
-                           "folder": str(folder)}
-        return cache[case]
-
-    return get
+    return loaded_models(tmp_path_factory, torch_model)
 
 
 def _apply(config):
@@ -184,18 +161,9 @@ def test_lora_on_experts_trains_with_the_router_loss(loaded):
         aux = load_balancing_loss(router_logits(state["intermediates"]), config.num_experts_per_tok)
         return jnp.mean(nll) + 0.01 * aux, {"router_aux": aux}
 
-    import optax
-
-    params = dj.inject(base, cfg, jax.random.PRNGKey(0))
-    trainable, buffers, frozen = dj.partition(params, cfg)
-    assert set(jax.tree.leaves(jax.tree.map(lambda x: x.ndim, trainable["model"]["layers_0"]["mlp"]["experts"]))) == {3}
-    opt = optax.adam(2e-2)
-    state = dj.init_state(trainable, opt, jax.random.PRNGKey(3), buffers=buffers)
-    step = dj.make_train_step(loss, opt, cfg)
-    losses = []
-    for _ in range(4):
-        state, metrics = step(state, frozen, {"ids": ids})
-        losses.append(float(metrics["loss"]))
+    parts = dj.partition(dj.inject(base, cfg, jax.random.PRNGKey(0)), cfg)
+    assert set(jax.tree.leaves(jax.tree.map(lambda x: x.ndim, parts[0]["model"]["layers_0"]["mlp"]["experts"]))) == {3}
+    losses, _, metrics = adam_losses(loss, cfg, parts, {"ids": ids}, 4, learning_rate=2e-2)
     print(f"LoRA on the experts and router (+ MPC over experts): losses {[round(x, 4) for x in losses]}, "
           f"router aux {float(metrics['router_aux']):.4f}")
     assert losses[-1] < losses[0] - 1e-3 and float(metrics["router_aux"]) > 0
