@@ -171,3 +171,13 @@ def adam_losses(loss, cfg, parts, batch, steps: int, learning_rate: float = 1e-2
         state, metrics = step(state, frozen, batch)
         losses.append(float(metrics["loss"]))
     return losses, state, metrics
+
+
+def torch_greedy(model, ids, mask, new_tokens: int) -> np.ndarray:
+    """transformers' greedy ``generate`` of exactly ``new_tokens`` tokens (no eos stop), as NumPy ids."""
+    import torch
+
+    with torch.no_grad():
+        return model.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                              max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              eos_token_id=None, pad_token_id=0).numpy()

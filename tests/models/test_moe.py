@@ -19,7 +19,7 @@ from decomp_jax.models.families import UnsupportedConfigError, read_hf_config
 from decomp_jax.models.generation import generate
 from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, stack_layers
 from decomp_jax.models.mlp import load_balancing_loss, router_logits
-from helpers import adam_losses, batch, loaded_models, max_diff_valid, random_torch_lm, torch_lm_logits  # noqa: E402
+from helpers import adam_losses, batch, loaded_models, max_diff_valid, random_torch_lm, torch_greedy, torch_lm_logits  # noqa: E402
 
 torch = pytest.importorskip("torch")
 tf = pytest.importorskip("transformers")
@@ -86,10 +86,7 @@ def test_greedy_generation_matches_pytorch(case, loaded):
     ids, mask = batch(**ROWS, seed=1)
     ids, mask = ids[:2], mask[:2]
     ours = np.asarray(generate(LlamaForCausalLM(pair["config"]), pair["params"], ids, mask, max_new_tokens=12))
-    with torch.no_grad():
-        ref = pair["torch"].generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
-                                     max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None,
-                                     pad_token_id=0).numpy()
+    ref = torch_greedy(pair["torch"], ids, mask, 12)
     np.testing.assert_array_equal(ours[:, LENGTH:], ref[:, LENGTH:])
 
 
