@@ -36,8 +36,9 @@ from decomp_jax.training.train import (
     TrainState, init_state, make_eval_step, make_optimizer, make_schedule, make_train_step, set_lr_factor,
     stack_states, unstack_state, with_lr_factor,
 )
+from decomp_jax.version import VERSION
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 __all__ = [
     "AdapterConfig",

@@ -1,5 +1,5 @@
 """Many adapters on one base: throughput of batched multi-adapter training and of mixed-batch inference
-against running the adapters one after another (issue 18).
+against running the adapters one after another.
 
     python scripts/bench_adapters.py [--model minilm] [--n 4] [--batch 32] [--seq 64] [--steps 5]
 

@@ -1,4 +1,4 @@
-"""A quantized frozen base on SmolLM2-135M-Instruct (issue 19): storage per parameter, XLA's memory estimate
+"""A quantized frozen base on SmolLM2-135M-Instruct: storage per parameter, XLA's memory estimate
 of the LoRA train step, step time and first loss, for a float32, bfloat16, nf4, int8, fp8 and q4_1 base (q4_1:
 the GGUF file's own Q4_1 blocks, kept as stored).
 

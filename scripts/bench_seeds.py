@@ -1,4 +1,4 @@
-"""The seeds of one experiment trained together against one after another (issue 18), as `decomp-jax sweep`
+"""The seeds of one experiment trained together against one after another, as `decomp-jax sweep`
 runs them with and without ``--batch-seeds``: one ``decomp-jax train C_0 ... C_N-1`` process
 (``experiment.run_seeds``: one batched step over one copy of the base) against N ``decomp-jax train C_i``
 processes.

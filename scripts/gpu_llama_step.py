@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""GPU baseline of one training step of our Llama (issues 13/14): JAX full fine-tuning vs LoRA/DoRA/SSB,
+"""GPU baseline of one training step of our Llama: JAX full fine-tuning vs LoRA/DoRA/SSB,
 float32 and bfloat16, against transformers + HF PEFT in PyTorch on the same GPU.
 
     python3 scripts/gpu_llama_step.py --out OUT            # the GPU run (phases in subprocesses)

@@ -1,4 +1,4 @@
-"""Quality over a quantized frozen base (issue 19): the same commonsense LoRA run of SmolLM2 over a float32 base
+"""Quality over a quantized frozen base: the same commonsense LoRA run of SmolLM2 over a float32 base
 and over quantized ones, side by side: the loss curves, the accuracies per test set, the training time, and how
 many greedy test answers each quantized run shares with the float run.
 

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "decomp_jax"
 
 FLOORS = [
-    # 0: errors, atomic I/O, quantized arrays
-    ["errors", "guards", "quant"],
+    # 0: the version, errors, atomic I/O, quantized arrays
+    ["version", "errors", "guards", "quant"],
     # 1: our Flax models and their loading; datasets
     ["models.names", "models.families", "models.attention", "models.llama_config", "models.rope", "models.mlp", "models.llama", "models.generation",
      "models.bert", "models.gpt2", "models.hf",

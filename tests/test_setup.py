@@ -45,3 +45,20 @@ def test_constraints_pin_every_dependency_to_one_version():
     assert not exact, f"pyproject.toml pins {exact} exactly: give a range"
     transformers = next(r for r in project["dependencies"] if _name(r) == "transformers")
     assert "4.57" in transformers and "<6" in transformers  # both lines are tested (transformers 4.57 and 5.x)
+
+
+def test_version_is_one_number_everywhere(capsys):
+    """`decomp-jax --version`, ``decomp_jax.__version__``, pyproject.toml and the CHANGELOG's latest entry agree."""
+    import pytest
+
+    import decomp_jax
+    from decomp_jax.app.cli import main
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert decomp_jax.__version__ == version
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"decomp-jax {version}"
+    latest = re.search(r"^## \[?([0-9][^\] ]*)", (REPO / "CHANGELOG.md").read_text(), re.M).group(1)
+    assert latest == version
+    assert (REPO / "decomp_jax" / "py.typed").is_file()

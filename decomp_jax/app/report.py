@@ -34,31 +34,71 @@ def short_key(key: str) -> str:
 def load_plan(study_dir) -> dict:
     path = Path(study_dir) / "study.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: pass the output_dir of a `decomp-jax sweep` (it writes study.json).")
+        raise FileNotFoundError(f"{path} does not exist: pass the output_dir of a `decomp-jax sweep` (it writes study.json) "
+                                f"or a report folder `decomp-jax report` wrote (study.json and cells.csv).")
     return json.loads(path.read_text())
+
+
+CELL_COLUMNS = ("trainable_params", "backbone_params", "adapter_method", "steps", "train_seconds")
 
 
 def collect(study_dir) -> list[dict]:
     """One record per finished cell: ``{id, axes, task, method, metrics, trainable_params,
-    backbone_params}`` (from ``runs/<cell>/metrics.json``)."""
+    backbone_params}``, from ``runs/<cell>/metrics.json``, or for a report folder (no runs, a
+    ``cells.csv`` that ``report`` wrote) from its rows."""
     study_dir = Path(study_dir)
     plan = load_plan(study_dir)
+    axes = {k for cell in plan["cells"] for k in cell["axes"]}
+    rows = _cells_csv_rows(study_dir / "cells.csv", axes) if not (study_dir / "runs").is_dir() else {}
     records = []
     for cell in plan["cells"]:
         path = study_dir / "runs" / cell["id"] / "metrics.json"
-        if not path.is_file():
-            continue
-        m = json.loads(path.read_text())
-        records.append({"id": cell["id"], "axes": cell["axes"], "task": m["task"], "adapter_method": m["method"],
-                        "method": str(cell["axes"].get(AXIS_METHOD, m["method"])), "metrics": m["eval"],
-                        "trainable_params": m["trainable_params"], "backbone_params": m["backbone_params"],
-                        "train_seconds": m.get("train_seconds"), "steps": m.get("steps")})
+        if path.is_file():
+            m = json.loads(path.read_text())
+            records.append({"id": cell["id"], "axes": cell["axes"], "task": m["task"], "adapter_method": m["method"],
+                            "method": str(cell["axes"].get(AXIS_METHOD, m["method"])), "metrics": m["eval"],
+                            "trainable_params": m["trainable_params"], "backbone_params": m["backbone_params"],
+                            "train_seconds": m.get("train_seconds"), "steps": m.get("steps")})
+        elif cell["id"] in rows:
+            row = rows[cell["id"]]
+            records.append({"id": cell["id"], "axes": cell["axes"], "task": str(cell["axes"][AXIS_TASK]),
+                            "adapter_method": row["adapter_method"],
+                            "method": str(cell["axes"].get(AXIS_METHOD, row["adapter_method"])),
+                            "metrics": row["metrics"], "trainable_params": row["trainable_params"],
+                            "backbone_params": row["backbone_params"], "train_seconds": row["train_seconds"],
+                            "steps": row["steps"]})
     return records
 
 
+def _cells_csv_rows(path: Path, axes) -> dict[str, dict]:
+    """The rows of a report's ``cells.csv`` by cell id: metrics (the non-empty metric columns) and the
+    ``CELL_COLUMNS``; ``{}`` when there is no such file. A file without the columns a report needs is
+    refused by name (reports before they were written cannot be re-aggregated)."""
+    import csv
+
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in ("id", "trainable_params", "backbone_params", "adapter_method") if c not in reader.fieldnames]
+        if missing:
+            raise ValueError(f"{path} has no {', '.join(missing)} column(s): re-aggregate from the study's run folders "
+                             f"(`decomp-jax report STUDY_DIR`) instead.")
+        metric_names = [k for k in reader.fieldnames if k not in {"id", *axes, *CELL_COLUMNS}]
+        out = {}
+        for row in reader:
+            out[row["id"]] = {"metrics": {k: float(row[k]) for k in metric_names if row[k] != ""},
+                              "trainable_params": int(row["trainable_params"]),
+                              "backbone_params": int(row["backbone_params"]), "adapter_method": row["adapter_method"],
+                              "steps": int(row["steps"]) if row.get("steps") else None,
+                              "train_seconds": float(row["train_seconds"]) if row.get("train_seconds") else None}
+    return out
+
+
 def cells_csv(records: list[dict]) -> str:
-    """One row per finished cell: its id, grid axes, every eval metric, trainable parameters, steps and
-    training seconds (the per-cell numbers behind the table)."""
+    """One row per finished cell: its id, grid axes, every eval metric, trainable and backbone parameters,
+    the adapter's method, steps and training seconds (the per-cell numbers behind the table; with the
+    study.json beside it, ``report`` re-aggregates them)."""
     import csv
     import io
 
@@ -66,10 +106,10 @@ def cells_csv(records: list[dict]) -> str:
     metric_names = sorted({k for r in records for k in r["metrics"]})
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["id", *axes, *metric_names, "trainable_params", "steps", "train_seconds"])
+    writer.writerow(["id", *axes, *metric_names, *CELL_COLUMNS])
     for r in records:
         writer.writerow([r["id"], *(r["axes"].get(a, "") for a in axes), *(r["metrics"].get(m, "") for m in metric_names),
-                         r["trainable_params"], r.get("steps", ""),
+                         r["trainable_params"], r["backbone_params"], r["adapter_method"], r.get("steps", ""),
                          "" if r.get("train_seconds") is None else f"{r['train_seconds']:.1f}"])
     return buf.getvalue()
 
@@ -334,11 +374,14 @@ def plots(agg: dict, out_dir: Path) -> list[Path]:
 
 def report(study_dir, out_dir=None, pairs: Optional[Sequence[Sequence[str]]] = None) -> dict[str, Path]:
     """Aggregate a study folder: ``report.md`` (status, the table, paired comparisons), ``table.csv``,
-    ``table.tex``, ``report.json``, ``cells.csv`` (per-cell metrics), ``budget.png`` and ``ranks.png``, in ``out_dir`` (default
-    ``STUDY_DIR/report``). ``pairs`` defaults to the study file's."""
+    ``table.tex``, ``report.json``, ``cells.csv`` (per-cell metrics), ``study.json`` (the study's cells),
+    ``budget.png`` and ``ranks.png``, in ``out_dir`` (default ``STUDY_DIR/report``). A report folder (its
+    ``study.json`` and ``cells.csv``, no runs) is re-aggregated from its cells, in place by default.
+    ``pairs`` defaults to the study file's."""
     study_dir = Path(study_dir)
     plan = load_plan(study_dir)
-    out = Path(out_dir) if out_dir else study_dir / "report"
+    a_report = not (study_dir / "runs").is_dir() and (study_dir / "cells.csv").is_file()  # re-aggregated in place
+    out = Path(out_dir) if out_dir else study_dir if a_report else study_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     records = collect(study_dir)
     if not records:
@@ -351,7 +394,7 @@ def report(study_dir, out_dir=None, pairs: Optional[Sequence[Sequence[str]]] = N
     failed = [f for f in failed if f not in done]
     t = tables(agg)
     paths = {"md": out / "report.md", "csv": out / "table.csv", "tex": out / "table.tex", "json": out / "report.json",
-             "cells": out / "cells.csv"}
+             "cells": out / "cells.csv", "study": out / "study.json"}
     status = (f"{len(records)} of {len(plan['cells'])} cells finished, {len(failed)} failed"
               + (f" ({', '.join(failed)})" if failed else "") + ".")
     text = ["# Study report", "", f"`{study_dir}`: {status} Scores x 100, mean ± standard error over seeds "
@@ -367,6 +410,8 @@ def report(study_dir, out_dir=None, pairs: Optional[Sequence[Sequence[str]]] = N
     paths["csv"].write_text(t["csv"])
     paths["tex"].write_text(t["tex"])
     paths["cells"].write_text(cells_csv(records))
+    if paths["study"].resolve() != (study_dir / "study.json").resolve():  # the report folder stands on its own
+        paths["study"].write_text(json.dumps(plan, indent=2, default=str) + "\n")
     serial = {"tasks": agg["tasks"], "rows": [{**r, "key": [list(k) for k in r["key"]]} for r in agg["rows"]],
               "pairs": comparisons, "finished": len(records), "cells": len(plan["cells"]), "failed": failed}
     paths["json"].write_text(json.dumps(serial, indent=2, default=str) + "\n")

@@ -29,7 +29,7 @@ from decomp_jax.interop.peft import export_peft, import_peft
 from decomp_jax.models.causal_lm import scanned_params, unrolled_params
 from decomp_jax.models.convert import save_converted
 from decomp_jax.models.gpt2 import GPT2LMHeadModel, save_gpt2_lm
-from decomp_jax.models.hf import sequence_classifier_apply
+from decomp_jax.models.hf import hub_id_of, sequence_classifier_apply
 from decomp_jax.models.names import encoder_arch, save_classifier_config, torch_state_dict
 from decomp_jax.tasks.base import model_params
 from decomp_jax.training import checkpoint
@@ -171,18 +171,21 @@ def adapted_apply(run: RestoredRun):
     return lambda batch: fn(run.params, batch)
 
 
-def export_peft_run(run: RestoredRun, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Any]:
+def export_peft_run(run: RestoredRun, out_dir: str | os.PathLike, overwrite: bool = False,
+                    base_model_id: Optional[str] = None) -> dict[str, Any]:
     """Write the run's adapter in the HF PEFT format (``adapter_config.json`` +
-    ``adapter_model.safetensors``), relative to the run's base model (``overwrite``: as ``export_peft``)."""
-
+    ``adapter_model.safetensors``), relative to the run's base model (``overwrite``: as ``export_peft``).
+    ``base_model_name_or_path`` records ``base_model_id``, else the config's ``model.hub_id``, else
+    ``hub_id_of(model.name)``: the model as the config names it (a hub id, a model package's hub id, or
+    the user's folder), never the folder it resolved to on this machine."""
     arch = peft_arch(run.model)
-    # the model as the config names it (a model package, a hub id or the user's folder), not the
-    # folder it resolved to on this machine (a path inside a virtualenv means nothing elsewhere)
+    base_id = base_model_id or run.cfg.model.hub_id or hub_id_of(run.cfg.model.name)
     export_peft(unrolled_params(run.model, run.params), run.cfg.adapter, str(out_dir),
-                base_model_name_or_path=run.cfg.model.name, arch=arch,
+                base_model_name_or_path=base_id, arch=arch,
                 base_params=unrolled_params(run.model, run.base_params), model_config=run.model.config,
                 overwrite=overwrite)
-    return {"source_step": run.step, "method": run.cfg.adapter.method, "arch": arch, "format": "peft"}
+    return {"source_step": run.step, "method": run.cfg.adapter.method, "arch": arch, "format": "peft",
+            "base_model_name_or_path": base_id}
 
 
 def import_peft_run(peft_dir: str | os.PathLike, config_path: str | os.PathLike, out_dir: str | os.PathLike,

@@ -259,7 +259,7 @@ def _resolve_folder(path: str | Path, spec: TaskSpec) -> Path:
         raise FileNotFoundError(
             f"Data folder for task {spec.name!r} does not exist: {folder}. Fix: pass the GLUE folder "
             f"for the task, e.g. data.path=../shared/data/glue/{spec.folder}, or set data.hub=glue "
-            f"to download it with `datasets`."
+            f"to download it with `datasets` (used when data.path does not exist, or with data.path=null)."
         )
     nested = folder / spec.folder
     if not any((folder / f).is_file() for _, f in spec.split_files) and nested.is_dir():
@@ -317,12 +317,13 @@ def load_examples(task: str | TaskSpec, split: str, path: str | Path | None = No
 
     Reads ``<path>/train.tsv`` or ``<path>/dev.tsv`` when ``path`` is given (a GLUE task
     folder such as ``../shared/data/glue/SST-2``; the GLUE root also works), else
-    ``datasets.load_dataset(hub, <config>)``. ``max_samples`` keeps a deterministic random
-    subset (``default_rng(seed).permutation``) in file order when smaller than the split.
+    ``datasets.load_dataset(hub, <config>)``; with both, the hub when ``path`` does not exist (the quick
+    start's config names both). ``max_samples`` keeps a deterministic random subset
+    (``default_rng(seed).permutation``) in file order when smaller than the split.
     """
     spec = get_task(task)
     split = normalize_split(split)
-    if path is not None:
+    if path is not None and (hub is None or Path(path).expanduser().exists()):
         examples = _load_local(spec, split, path)
     elif hub is not None:
         examples = _load_hub(spec, split, hub)

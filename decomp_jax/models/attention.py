@@ -6,8 +6,9 @@ Implementations (``LlamaConfig.attention``, the runner's ``model.attention``):
   softmax (``grouped_attention``). Fastest for short rows; memory grows with ``L * S``.
 - ``chunked``: the same attention a block of ``chunk`` queries against a block of ``chunk`` keys at a
   time with an online softmax (running maximum and sum per query, rescaled as blocks arrive), in plain
-  JAX. Each block of queries is checkpointed: the backward pass recomputes its scores instead of
-  keeping them, so no more than one block row of scores, ``(B, H, chunk, S)``, exists at once; blocks no
+  JAX, and a backward pass of its own (``jax.custom_vjp``, as FlashAttention's) that recomputes each
+  block's probabilities from the log-sum-exp saved per query: forward and backward hold one
+  ``(B, H, chunk, chunk)`` block of scores at a time, never a row of them; blocks no
   query may see (past the causal diagonal) are skipped. Every mask
   our decoders build (causal, padding on either side, sliding windows, prefix slots, packed segments),
   Gemma 2's soft-capping and grouped key/value heads (never repeated) work as in ``xla``.
@@ -24,15 +25,16 @@ attends uniformly to all keys, as transformers' eager attention does; ``chunked`
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
-# auto: chunked once L * S reaches this (4096 x 4096). On this CPU chunked is slower than xla at 1024 and 2048
-# tokens (the backward pass recomputes each block's scores) and saves less than half the memory there
-CHUNKED_FROM = 4096 * 4096
+# auto: chunked once L * S reaches this (2048 x 2048). On this CPU (SmolLM2's LoRA step, scanned + remat) chunked
+# holds less memory at every length and runs as fast as xla from 1024 tokens on (bench --long)
+CHUNKED_FROM = 2048 * 2048
 _MIN = jnp.finfo(jnp.float32).min
 
 
@@ -110,11 +112,13 @@ def _padded(x, axis: int, size: int, value=0):
 
 def chunked_attention(q, k, v, allowed, kv_heads: int, scale: float, softcap: Optional[float] = None,
                       chunk: int = 512):
-    """``chunked``: blocks of ``chunk`` queries (``jax.checkpoint`` each) against blocks of ``chunk`` keys
-    (a ``lax.scan`` carrying each query's running maximum ``m``, sum ``l`` and output ``acc``); a key block
-    that no query of the block may see (under the causal mask, every block past the diagonal) is skipped
-    (``lax.cond``). Masked scores are ``-inf``; rows are padded to whole blocks (padded keys masked,
-    padded queries dropped)."""
+    """``chunked``: blocks of ``chunk`` queries against blocks of ``chunk`` keys, with an online softmax
+    (each query's running maximum, sum and output, rescaled as key blocks arrive) forward, and a backward
+    pass of its own (``jax.custom_vjp``) that recomputes each block's probabilities from the saved
+    log-sum-exp per query: forward and backward hold one ``(chunk, chunk)`` block of scores per head at a
+    time. A block no query of its block may see (under the causal mask, every block past the diagonal)
+    is skipped both ways (``lax.cond``). Masked scores are ``-inf``; rows are padded to whole blocks
+    (padded keys masked, padded queries dropped)."""
     b, length, heads, d = q.shape
     key_len, groups = k.shape[1], heads // kv_heads
     cq, ck = min(chunk, length), min(chunk, key_len)
@@ -122,35 +126,103 @@ def chunked_attention(q, k, v, allowed, kv_heads: int, scale: float, softcap: Op
     nq, nk = qg.shape[3] // cq, -(-key_len // ck)
     qblocks = qg.reshape(b, kv_heads, groups, nq, cq, d).transpose(3, 0, 1, 2, 4, 5)  # (nq, B, K, G, cq, d)
     mask = _padded(_padded(allowed, 1, cq, False), 2, ck, False)
-    mblocks = mask.reshape(b, nq, cq, nk, ck).transpose(1, 0, 2, 3, 4)  # (nq, B, cq, nk, ck)
+    mask = mask & (jnp.arange(nk * ck) < key_len)  # padded keys
+    mblocks = mask.reshape(b, nq, cq, nk, ck).transpose(1, 3, 0, 2, 4)  # (nq, nk, B, cq, ck)
     kblocks = _padded(k, 1, ck).reshape(b, nk, ck, kv_heads, d).transpose(1, 0, 3, 2, 4)  # (nk, B, K, ck, d)
     vblocks = _padded(v, 1, ck).reshape(b, nk, ck, kv_heads, d).transpose(1, 0, 3, 2, 4)
-    real = (jnp.arange(nk * ck) < key_len).reshape(nk, ck)  # padded keys
-
-    @jax.checkpoint
-    def query_block(qb, mb):  # (B, K, G, cq, d), (B, cq, nk, ck)
-        def update(carry, block):
-            m, l, acc = carry
-            kb, vb, keep, is_real = block
-            s = _capped(jnp.einsum("bkgqd,bksd->bkgqs", qb, kb), scale, softcap)
-            s = jnp.where(keep[:, None, None] & is_real, s, -jnp.inf)
-            m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.exp(s - m_new[..., None])
-            fade = jnp.exp(m - m_new)
-            acc = acc * fade[..., None] + jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb).astype(jnp.float32)
-            return m_new, l * fade + p.sum(-1), acc
-
-        def key_block(carry, block):  # a block no query of this block may see is skipped (causal: half of them)
-            return jax.lax.cond(block[2].any(), update, lambda c, _: c, carry, block), None
-
-        shape = qb.shape[:-1]  # the running maximum starts at the lowest finite value: masked scores (-inf) add 0
-        init = (jnp.full(shape, _MIN, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(qb.shape, jnp.float32))
-        (_, l, acc), _ = jax.lax.scan(key_block, init, (kblocks, vblocks, mb.transpose(2, 0, 1, 3), real))
-        return jnp.where(l[..., None] > 0, acc / jnp.maximum(l, 1e-30)[..., None], 0.0).astype(v.dtype)
-
-    out = jax.lax.map(lambda x: query_block(*x), (qblocks, mblocks))  # (nq, B, K, G, cq, d)
+    out = _blocked(qblocks, kblocks, vblocks, mblocks, float(scale), softcap)  # (nq, B, K, G, cq, d)
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * cq, heads * d)
     return out[:, :length]
+
+
+def _block_probs(qb, kb, keep, scale, softcap, shift):
+    """``exp(s - shift)`` of one block (0 where masked) and the scores ``s`` before capping (float32)."""
+    raw = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
+    s = _capped(raw, scale, softcap)
+    s = jnp.where(keep[:, None, None], s, -jnp.inf)
+    return jnp.exp(s - shift[..., None]), raw
+
+
+def _forward_row(qb, kblocks, vblocks, mrow, scale, softcap):
+    """One block of queries against every key block: ``(out, lse)``; ``lse`` (per query, float32) is
+    ``+inf`` for a query with no allowed key (its probabilities are then 0 in the backward pass)."""
+    def update(carry, block):
+        m, l, acc = carry
+        kb, vb, keep = block
+        s = _capped(jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32), scale, softcap)
+        s = jnp.where(keep[:, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        fade = jnp.exp(m - m_new)
+        acc = acc * fade[..., None] + jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vb.dtype), vb,
+                                                 preferred_element_type=jnp.float32)
+        return m_new, l * fade + p.sum(-1), acc
+
+    def key_block(carry, block):
+        return jax.lax.cond(block[2].any(), update, lambda c, _: c, carry, block), None
+
+    shape = qb.shape[:-1]  # the running maximum starts at the lowest finite value: masked scores (-inf) add 0
+    init = (jnp.full(shape, _MIN, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(qb.shape, jnp.float32))
+    (m, l, acc), _ = jax.lax.scan(key_block, init, (kblocks, vblocks, mrow))
+    seen = l > 0
+    out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0).astype(qb.dtype)
+    return out, jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+
+
+def _backward_row(qb, dob, lse, delta, kblocks, vblocks, mrow, scale, softcap):
+    """One block of queries' share of the gradients: ``dq`` of the block, ``dk, dv`` of every key block
+    (float32). ``p = exp(s - lse)``, ``dp = do v^T``, ``ds = p (dp - delta)`` with ``delta = rowsum(do * o)``,
+    through the soft-cap's ``tanh`` when there is one."""
+    def update(dq, block):
+        kb, vb, keep = block
+        p, raw = _block_probs(qb, kb, keep, scale, softcap, lse)
+        dv = jnp.einsum("bkgqs,bkgqd->bksd", p, dob)
+        dp = jnp.einsum("bkgqd,bksd->bkgqs", dob, vb.astype(jnp.float32))
+        ds = p * (dp - delta[..., None]) * scale
+        if softcap is not None:
+            ds = ds * (1 - jnp.square(jnp.tanh(raw * scale / softcap)))
+        dq = dq + jnp.einsum("bkgqs,bksd->bkgqd", ds, kb.astype(jnp.float32))
+        return dq, (jnp.einsum("bkgqs,bkgqd->bksd", ds, qb.astype(jnp.float32)), dv)
+
+    def key_block(dq, block):
+        kb, vb, _ = block
+        zeros = (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
+        return jax.lax.cond(block[2].any(), update, lambda c, _: (c, zeros), dq, block)
+
+    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qb.shape, jnp.float32), (kblocks, vblocks, mrow))
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blocked(qblocks, kblocks, vblocks, mblocks, scale, softcap):
+    return _blocked_forward(qblocks, kblocks, vblocks, mblocks, scale, softcap)[0]
+
+
+def _blocked_forward(qblocks, kblocks, vblocks, mblocks, scale, softcap):
+    # (jax.checkpoint costs nothing here, the forward is never differentiated; it keeps the block loops whole
+    # when a scan over layers splits its body into what the mask alone determines and the rest: without it,
+    # the masks and fills of every block would be computed ahead and stored, a full score matrix per layer)
+    row = jax.checkpoint(lambda x: _forward_row(x[0], kblocks, vblocks, x[1], scale, softcap))
+    out, lse = jax.lax.map(row, (qblocks, mblocks))
+    return out, (qblocks, kblocks, vblocks, mblocks, out, lse)
+
+
+def _blocked_backward(scale, softcap, saved, dout):
+    qblocks, kblocks, vblocks, mblocks, out, lse = saved
+    dout = dout.astype(jnp.float32)
+    delta = jnp.sum(dout * out.astype(jnp.float32), axis=-1)
+
+    def row(dkv, x):
+        qb, dob, lse_b, delta_b, mrow = x
+        dq, dk, dv = _backward_row(qb, dob, lse_b, delta_b, kblocks, vblocks, mrow, scale, softcap)
+        return (dkv[0] + dk, dkv[1] + dv), dq
+
+    zeros = (jnp.zeros(kblocks.shape, jnp.float32), jnp.zeros(vblocks.shape, jnp.float32))
+    (dk, dv), dq = jax.lax.scan(row, zeros, (qblocks, dout, lse, delta, mblocks))
+    return dq.astype(qblocks.dtype), dk.astype(kblocks.dtype), dv.astype(vblocks.dtype), None
+
+
+_blocked.defvjp(_blocked_forward, _blocked_backward)
 
 
 def sdpa_attention(q, k, v, allowed, scale: float, implementation: Optional[str]):

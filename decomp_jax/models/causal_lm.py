@@ -46,10 +46,7 @@ def load_causal_lm(name: str, dtype: str = "float32", *, param_dtype: str = "flo
 
     path = resolve_llm(name)
     if os.path.isdir(path) and _model_type(path) == "gpt2":
-        if attention not in ("auto", "xla"):
-            raise ValueError(f"attention={attention!r}: our GPT-2 computes all scores at once (xla); the other "
-                             f"implementations are for the Llama-family decoder. Leave model.attention at auto.")
-        return _load_gpt2(path, dtype, param_dtype, scan_layers, remat)
+        return _load_gpt2(path, dtype, param_dtype, scan_layers, remat, attention, attention_chunk)
     if path.endswith(".gguf"):
         config, params, tokenizer = convert.load_gguf(path, keep_quantized=keep_quantized)
     else:
@@ -64,11 +61,13 @@ def load_causal_lm(name: str, dtype: str = "float32", *, param_dtype: str = "flo
     return LlamaForCausalLM(config), params, tokenizer
 
 
-def _load_gpt2(path: str, dtype: str, param_dtype: str, scan_layers: bool, remat: bool):
+def _load_gpt2(path: str, dtype: str, param_dtype: str, scan_layers: bool, remat: bool, attention: str,
+               attention_chunk: int):
     if dtype != param_dtype:
         raise ConfigError(f"model.dtype={dtype!r} with model.param_dtype={param_dtype!r}: our GPT-2 computes in its "
                           f"parameters' dtype; set both to the same dtype (e.g. model.param_dtype={dtype}).")
-    model, params = load_gpt2_lm(path, scan_layers=scan_layers, remat=remat, param_dtype=param_dtype)
+    model, params = load_gpt2_lm(path, scan_layers=scan_layers, remat=remat, param_dtype=param_dtype,
+                                 attention=attention, attention_chunk=attention_chunk)
     return model, jax.tree_util.tree_map(jnp.asarray, params), load_tokenizer(path)
 
 

@@ -24,9 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from decomp_jax.guards import atomic_save_safetensors
+from decomp_jax.models.attention import attention, check_implementation
 from decomp_jax.models.bert import ACTIVATIONS
 from decomp_jax.models.generation import prompt_buffer, token_finisher
-from decomp_jax.models.llama import ScoredHead, last_token_hidden, mask_positions, stack_layers, unstack_layers
+from decomp_jax.models.llama import (
+    ScoredHead, last_token_hidden, mask_positions, segment_positions, stack_layers, unstack_layers,
+)
 from decomp_jax.models.names import get_arch, read_torch_weights, torch_state_dict
 
 
@@ -58,12 +61,15 @@ class Block(nn.Module):
 
     config: object
     param_dtype: object = jnp.float32
+    attention: str = "auto"
+    attention_chunk: int = 512
 
     @nn.compact
-    def __call__(self, hidden, bias, cache=None, cache_index=None):
+    def __call__(self, hidden, allowed, cache=None, cache_index=None):
         cfg, pd = self.config, self.param_dtype
         norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, param_dtype=pd, name=name)  # noqa: E731
-        attended, new_cache = Attention(cfg, pd, name="attn")(norm("ln_1")(hidden), bias, cache, cache_index)
+        attended, new_cache = Attention(cfg, pd, self.attention, self.attention_chunk, name="attn")(
+            norm("ln_1")(hidden), allowed, cache, cache_index)
         hidden = hidden + attended
         mlp = MLP(cfg, cfg.n_inner or 4 * cfg.n_embd, pd, name="mlp")
         return hidden + mlp(norm("ln_2")(hidden)), new_cache
@@ -79,34 +85,41 @@ class Blocks(nn.Module):
     config: object
     param_dtype: object = jnp.float32
     remat: bool = False
+    attention: str = "auto"
+    attention_chunk: int = 512
 
     @nn.compact
-    def __call__(self, hidden, bias, cache=None, cache_index=None):
+    def __call__(self, hidden, allowed, cache=None, cache_index=None):
         new_cache = []
         block = _block_class(self.remat, False)
         for i in range(self.config.n_layer):
-            hidden, layer_cache = block(self.config, self.param_dtype, name=str(i))(
-                hidden, bias, None if cache is None else cache[i], cache_index)
+            hidden, layer_cache = block(self.config, self.param_dtype, self.attention, self.attention_chunk, name=str(i))(
+                hidden, allowed, None if cache is None else cache[i], cache_index)
             new_cache.append(layer_cache)
         return hidden, (tuple(new_cache) if cache is not None else None)
 
 
-def scanned_blocks(config, param_dtype=jnp.float32, remat: bool = False):
+def scanned_blocks(config, param_dtype=jnp.float32, remat: bool = False, attention: str = "auto",
+                   attention_chunk: int = 512):
     """The blocks under one ``nn.scan`` (params ``layers/...`` with a leading axis of ``n_layer``, as our
     Llama's scanned layers: adapters' default ``stacked="layers"`` finds them; ``stack_blocks`` turns the
-    unrolled tree into this one): carry the hidden states, scan over the cache, broadcast the bias and
-    ``cache_index``."""
+    unrolled tree into this one): carry the hidden states, scan over the cache, broadcast the attention mask
+    and ``cache_index``."""
     return nn.scan(_block_class(remat, True), variable_axes={"params": 0},
                    split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast, 0, nn.broadcast),
-                   length=config.n_layer)(config, param_dtype, name="layers")
+                   length=config.n_layer)(config, param_dtype, attention, attention_chunk, name="layers")
 
 
 class Attention(nn.Module):
+    """Multi-head causal self-attention through ``models.attention.attention`` (``attention``: its
+    implementation, ``attention_chunk`` the block size of ``chunked``), as our Llama's."""
     config: object
     param_dtype: object = jnp.float32
+    attention: str = "auto"
+    attention_chunk: int = 512
 
     @nn.compact
-    def __call__(self, x, bias, cache=None, cache_index=None):
+    def __call__(self, x, allowed, cache=None, cache_index=None):
         cfg, pd = self.config, self.param_dtype
         d, h = cfg.n_embd, cfg.n_head
         b, s, _ = x.shape
@@ -117,9 +130,8 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start)
             v = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), start)
             new_cache = {"key": k, "value": v}
-        heads = lambda t: t.transpose(0, 2, 1, 3)  # noqa: E731  (b, h, s, d)
-        scores = heads(q) @ heads(k).transpose(0, 1, 3, 2) / np.sqrt(d // h) + bias
-        context = (jax.nn.softmax(scores, axis=-1) @ heads(v)).transpose(0, 2, 1, 3).reshape(b, s, d)
+        context = attention(q, k, v, allowed, h, scale=(d // h) ** -0.5, implementation=self.attention,
+                            chunk=self.attention_chunk)
         return Conv1D(d, param_dtype=pd, name="c_proj")(context), new_cache
 
 
@@ -146,15 +158,18 @@ def _check_config(cfg) -> None:
 
 class GPT2Stack(nn.Module):
     """The GPT-2 transformer (``wte``, ``wpe``, blocks ``h/{i}``, ``ln_f``), inference only (no dropout):
-    the attention bias is causal plus key padding (``finfo.min`` where masked). Returns
+    attention is causal with key padding masked (``models.attention``). Returns
     ``(hidden, new_cache)`` (``None`` without a cache); ``attend`` is the tied LM head.
     ``scan_layers``: the blocks under one ``nn.scan`` (params ``layers/...`` stacked, see ``stack_blocks``);
-    ``remat``: activation checkpointing per block; ``param_dtype``: the dtype ``init`` creates params in."""
+    ``remat``: activation checkpointing per block; ``param_dtype``: the dtype ``init`` creates params in;
+    ``attention``, ``attention_chunk``: the attention implementation (``models.attention``)."""
 
     config: object
     scan_layers: bool = False
     remat: bool = False
     param_dtype: object = jnp.float32
+    attention: str = "auto"
+    attention_chunk: int = 512
 
     def setup(self):
         cfg, pd = self.config, jnp.dtype(self.param_dtype)
@@ -162,16 +177,16 @@ class GPT2Stack(nn.Module):
         self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, param_dtype=pd)
         self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init, param_dtype=pd)
         if self.scan_layers:
-            self.layers = scanned_blocks(cfg, pd, self.remat)
+            self.layers = scanned_blocks(cfg, pd, self.remat, self.attention, self.attention_chunk)
         else:
-            self.h = Blocks(cfg, pd, self.remat)
+            self.h = Blocks(cfg, pd, self.remat, self.attention, self.attention_chunk)
         self.ln_f = nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, param_dtype=pd)
 
     def attend(self, hidden):
         """The tied LM head: ``hidden @ wte.T``."""
         return self.wte.attend(hidden)
 
-    def __call__(self, input_ids, attention_mask, position_ids, cache=None, cache_index=None):
+    def __call__(self, input_ids, attention_mask, position_ids, cache=None, cache_index=None, segment_ids=None):
         _check_config(self.config)
         s = input_ids.shape[-1]
         key_len = s if cache is None else cache[0]["key"].shape[1]
@@ -181,13 +196,14 @@ class GPT2Stack(nn.Module):
         hidden = self.wte(input_ids) + self.wpe(position_ids)
         query_index = jnp.arange(s) + (0 if cache is None else cache_index)
         causal = jnp.arange(key_len)[None, :] <= query_index[:, None]  # (s, key_len)
-        allowed = causal[None, None] & (attention_mask[:, None, None, :] > 0)
-        bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
+        allowed = causal[None] & (attention_mask[:, None, :] > 0)  # (B, s, key_len)
+        if segment_ids is not None:  # packed rows: a token sees the earlier tokens of its own example only
+            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
         if not self.scan_layers:
-            hidden, new_cache = self.h(hidden, bias, cache, cache_index)
+            hidden, new_cache = self.h(hidden, allowed, cache, cache_index)
             return self.ln_f(hidden), new_cache
         stacked = None if cache is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *cache)
-        hidden, new_stacked = self.layers(hidden, bias, stacked, cache_index)
+        hidden, new_stacked = self.layers(hidden, allowed, stacked, cache_index)
         if cache is not None:
             new_stacked = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], new_stacked) for i in range(len(cache)))
         return self.ln_f(hidden), new_stacked
@@ -223,29 +239,38 @@ class GPT2LMHeadModel(ScoredHead, nn.Module):
     and ``chunk`` as our Llama's (``llama.ScoredHead``). Positions default to ``0..L-1`` (``cache_index ..``
     with a cache), as transformers' forward; ``greedy_generate`` passes ``cumsum(mask) - 1`` (as
     transformers' ``generate``), so left-padded prompts get the positions of their unpadded selves. No
-    dropout (an inference and adapter-training model). ``scan_layers``, ``remat``, ``param_dtype``: as
-    ``GPT2Stack``'s (a scanned model takes ``stack_blocks(params)``)."""
+    dropout (an inference and adapter-training model). ``scan_layers``, ``remat``, ``param_dtype``,
+    ``attention``, ``attention_chunk``: as ``GPT2Stack``'s (a scanned model takes ``stack_blocks(params)``)."""
 
     config: object
     scan_layers: bool = False
     remat: bool = False
     param_dtype: object = jnp.float32
+    attention: str = "auto"
+    attention_chunk: int = 512
 
     def setup(self):
-        self.transformer = GPT2Stack(self.config, self.scan_layers, self.remat, self.param_dtype)
+        check_implementation(self.attention)
+        self.transformer = GPT2Stack(self.config, self.scan_layers, self.remat, self.param_dtype, self.attention,
+                                     self.attention_chunk)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, *, cache=None, cache_index=None,
-                 logits_at=None, targets=None, chunk=None):
+                 logits_at=None, targets=None, chunk=None, segment_ids=None):
         input_ids = jnp.asarray(input_ids)
         b, s = input_ids.shape
         if cache is not None and cache_index is None:
             cache_index = 0
         if attention_mask is None:
             attention_mask = jnp.ones((b, s if cache is None else cache[0]["key"].shape[1]), jnp.int32)
+        if segment_ids is not None:  # packed rows (training): positions restart per example, as our Llama's
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) are for training calls: not with a cache.")
+            position_ids = segment_positions(segment_ids) if position_ids is None else position_ids
         if position_ids is None:
             start = 0 if cache is None else cache_index
             position_ids = jnp.broadcast_to(start + jnp.arange(s), (b, s))
-        hidden, new_cache = self.transformer(input_ids, jnp.asarray(attention_mask), position_ids, cache, cache_index)
+        hidden, new_cache = self.transformer(input_ids, jnp.asarray(attention_mask), position_ids, cache, cache_index,
+                                             segment_ids)
         return self._outputs(hidden, new_cache, cache, logits_at, targets, chunk)
 
     def _head(self, hidden):
@@ -390,13 +415,15 @@ def load_gpt2_classifier(folder: str):
     return model, _load_gpt2(folder, model, weights)
 
 
-def load_gpt2_lm(folder: str, *, scan_layers: bool = False, remat: bool = False, param_dtype="float32"):
+def load_gpt2_lm(folder: str, *, scan_layers: bool = False, remat: bool = False, param_dtype="float32",
+                 attention: str = "auto", attention_chunk: int = 512):
     """``(model, params)`` from a transformers ``GPT2LMHeadModel`` folder (config.json and model.safetensors,
     or its shard index; a bare ``GPT2Model`` folder too), names mapped by ``models.names.ARCHS["gpt2"]``.
     The head is tied to ``wte``: a stored ``lm_head.weight`` (the same matrix) is dropped; an untied one is
     refused. ``scan_layers`` returns the blocks stacked (``stack_blocks``), ``param_dtype`` the params cast
     (``bfloat16``: half the memory of a frozen base), ``remat`` a model that recomputes each block's
-    activations in the backward pass."""
+    activations in the backward pass; ``attention``, ``attention_chunk``: the attention implementation
+    (``models.attention``)."""
     from transformers import GPT2Config
 
 
@@ -416,4 +443,4 @@ def load_gpt2_lm(folder: str, *, scan_layers: bool = False, remat: bool = False,
         params = jax.tree.map(lambda p: p.astype(param_dtype), params)
     if scan_layers:
         params = stack_blocks(params)
-    return GPT2LMHeadModel(config, scan_layers, remat, jnp.dtype(param_dtype)), params
+    return GPT2LMHeadModel(config, scan_layers, remat, jnp.dtype(param_dtype), attention, attention_chunk), params

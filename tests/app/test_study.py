@@ -253,6 +253,33 @@ def test_report_writes_tables_plots_and_pairs(tmp_path, capsys):
     assert "cells in shard 0/3" in capsys.readouterr().out
 
 
+def test_a_report_folder_re_aggregates_on_its_own(tmp_path):
+    """The committed study (docs/study/minilm_glue_cpu: a report folder, its study.json and cells.csv, no
+    runs) re-aggregates, in place, to the committed table and pairs; a cells.csv without the columns a report
+    needs is refused by name."""
+    import shutil
+
+    from conftest import REPO
+
+    from decomp_jax.app.report import report
+
+    folder = tmp_path / "minilm_glue_cpu"
+    shutil.copytree(REPO / "docs" / "study" / "minilm_glue_cpu", folder)
+    committed = json.loads((folder / "report.json").read_text())
+    paths = report(folder)
+    assert paths["md"] == folder / "report.md"
+    again = json.loads((folder / "report.json").read_text())
+    assert again["finished"] == again["cells"] == 264
+    assert [r["label"] for r in again["rows"]] == [r["label"] for r in committed["rows"]]
+    for new, old in zip(again["rows"], committed["rows"]):
+        assert new["budget_per_mille"] == pytest.approx(old["budget_per_mille"]) and new["family"] == old["family"]
+        assert new["avg"] == pytest.approx(old["avg"], abs=1e-9)
+    assert [(p["a"], p["b"], p["wins"]) for p in again["pairs"]] == [(p["a"], p["b"], p["wins"]) for p in committed["pairs"]]
+    (folder / "cells.csv").write_text("id,task,accuracy\nx,rte,0.5\n")
+    with pytest.raises(ValueError, match="no trainable_params, backbone_params, adapter_method column"):
+        report(folder)
+
+
 def test_paper_budgets_command(capsys):
     assert main(["methods", "--paper-budgets"]) == 0
     out = capsys.readouterr().out

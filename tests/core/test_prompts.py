@@ -413,9 +413,10 @@ def test_generation_with_cache_equals_recomputation(which, llama):
     # the cached logits themselves: prefill 4 tokens, then one at a time == one full forward
     full = apply({"params": params}, ids, mask)
     cache = init_cache(CONFIG, 3, 7)
-    logits, cache = apply({"params": params}, ids[:, :4], mask, cache=cache, cache_index=0)
+    step = jax.jit(lambda p, x, c, i: apply({"params": p}, x, mask, cache=c, cache_index=i))  # (2 shapes: 2 compiles)
+    logits, cache = step(params, ids[:, :4], cache, 0)
     steps = [logits]
     for i in range(4, 7):
-        logits, cache = apply({"params": params}, ids[:, i:i + 1], mask, cache=cache, cache_index=i)
+        logits, cache = step(params, ids[:, i:i + 1], cache, i)
         steps.append(logits)
     assert valid_diff(jnp.concatenate(steps, axis=1), full, mask) <= 1e-5

@@ -391,3 +391,24 @@ def test_mnli_qnli_qqp_read_their_glue_files(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
     hub = glue.load_examples("mnli", "validation", hub="glue")
     assert asked == [("glue", "mnli", "validation_matched")] and hub.labels.tolist() == [2]
+
+
+def test_a_missing_path_falls_back_to_the_hub(tmp_path):
+    """With data.path and data.hub both set (the quick start's config), a path that does not exist reads the
+    hub's dataset: here a local datasets folder (its README declares the configs, as the hub's glue does)
+    stands in for the hub; an existing path is read as before."""
+    folder = tmp_path / "glue_hub"
+    (folder / "sst2").mkdir(parents=True)
+    (folder / "README.md").write_text("---\nconfigs:\n- config_name: sst2\n  data_files:\n  - split: train\n"
+                                      "    path: sst2/train.csv\n  - split: validation\n    path: sst2/validation.csv\n---\n")
+    (folder / "sst2" / "train.csv").write_text("sentence,label,idx\na fine film,1,0\ndull,0,1\nlovely,1,2\n")
+    (folder / "sst2" / "validation.csv").write_text("sentence,label,idx\nboring,0,0\n")
+    ex = load_examples("sst2", "train", path=tmp_path / "nowhere", hub=str(folder))
+    assert ex.text_a == ["a fine film", "dull", "lovely"] and ex.labels.tolist() == [1, 0, 1]
+    assert load_examples("sst2", "dev", path=tmp_path / "nowhere", hub=str(folder)).text_a == ["boring"]
+    local = load_examples("sst2", "dev", path=GLUE / "SST-2", hub=str(folder))
+    assert len(local) == 872
+    from decomp_jax.app.experiment import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml")
+    assert cfg.data.hub == "glue" and cfg.data.path == "../shared/data/glue/SST-2"

@@ -1,8 +1,8 @@
 """Sequence packing (decomp_jax.data.packing, ``data.packing``): packed rows with segment ids give the loss
-and gradients of the same examples padded one per row (plain, sliding-window and chunked attention), the
+and gradients of the same examples padded one per row (plain, sliding-window and chunked attention; GPT-2), the
 rows hold every example once and are a pure function of the seed, padding drops, and the settings that
-cannot pack are refused by name. (The sliding-window and chunked cases with ``-m slow``; the packed
-commonsense run in tests/tasks uses chunked attention.)"""
+cannot pack are refused by name. (The sliding-window case with ``-m slow``; the packed commonsense run in
+tests/tasks uses chunked attention.)"""
 
 import dataclasses
 
@@ -54,17 +54,26 @@ CONFIG = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num
                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
 
 
+def _gpt2(**extra):
+    import transformers as tf
+
+    from decomp_jax.models.gpt2 import GPT2LMHeadModel
+
+    return GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64), **extra)
+
+
 @pytest.mark.parametrize("config", [
     dict(), pytest.param(dict(sliding_window=4, layer_types=("sliding_attention", "full_attention"), model_type="mistral"),
                          marks=pytest.mark.slow),
-    pytest.param(dict(attention="chunked", attention_chunk=8), marks=pytest.mark.slow)],
-    ids=["full attention", "sliding window", "chunked attention"])
+    dict(attention="chunked", attention_chunk=8), "gpt2"],
+    ids=["full attention", "sliding window", "chunked attention", "gpt2 chunked"])
 def test_packed_rows_give_the_unpacked_loss_and_gradients(config):
     data = _examples()
     rows = packing.pack_rows(data, 32, seed=0)
     assert len(rows) < len(data)  # examples share rows
     packed = packing.packed_batch(data, rows, 0, len(rows), 32)
-    model = LlamaForCausalLM(dataclasses.replace(CONFIG, **config))
+    model = _gpt2(attention="chunked", attention_chunk=8) if config == "gpt2" else LlamaForCausalLM(
+        dataclasses.replace(CONFIG, **config))
     params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
 
     def loss(p, batch, **extra):
@@ -73,8 +82,8 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients(config):
         return response_nll_loss(nll, batch)
 
     reference = _unpacked(data)
-    want, want_grads = jax.value_and_grad(loss)(params, reference)
-    got, got_grads = jax.value_and_grad(lambda p: loss(p, packed, segment_ids=packed["segment_ids"]))(params)
+    want, want_grads = jax.jit(jax.value_and_grad(loss))(params, reference)
+    got, got_grads = jax.jit(jax.value_and_grad(lambda p: loss(p, packed, segment_ids=packed["segment_ids"])))(params)
     print(f"{config or 'full attention'}: {len(data)} examples in {len(rows)} rows of 32; loss packed {float(got):.6f}, "
           f"one per row {float(want):.6f}")
     assert float(packed["loss_weights"].sum()) == float(reference["loss_weights"].sum())  # the same scored tokens

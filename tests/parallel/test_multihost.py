@@ -40,11 +40,16 @@ def _launch(model_dir, out_dir, *extra, devices=4, processes=2):
     port = _free_port()
     argv = ["train", str(REPO / "configs" / "quickstart.yaml"), "--no-progress", "--output-dir", str(out_dir),
             *[x for s in [*_sets(model_dir), "train.mesh={fsdp: 8}"] for x in ("--set", s)], *extra]
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = {**os.environ, "XLA_FLAGS": _device_flags(devices)}
     return [subprocess.Popen([sys.executable, "-m", "decomp_jax.app.cli", *argv, "--coordinator", f"127.0.0.1:{port}",
                               "--num-processes", str(processes), "--process-id", str(i), "--heartbeat-timeout", "5"],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for i in range(processes)]
+
+
+def _device_flags(devices: int) -> str:
+    """The suite's XLA flags (tests/conftest.py: fast CPU code generation) with ``devices`` CPU devices."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
 
 
 def _records(out_dir):
@@ -90,7 +95,7 @@ def test_two_processes_train_die_together_and_resume_exactly(tiny_model_dir, tmp
     from multihost_worker import restore_and_compare
 
     single = restore_and_compare(out, "null")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": _device_flags(8)}
     eight = json.loads(subprocess.run([sys.executable, str(REPO / "tests" / "workers" / "multihost_worker.py"), str(out),
                                        "{data: 2, fsdp: 4}"], env=env, capture_output=True, text=True, check=True
                                       ).stdout.splitlines()[-1])
