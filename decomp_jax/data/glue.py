@@ -325,6 +325,15 @@ def load_examples(task: str | TaskSpec, split: str, path: str | Path | None = No
     split = normalize_split(split)
     if path is not None and (hub is None or Path(path).expanduser().exists()):
         examples = _load_local(spec, split, path)
+    elif hub is not None and path is not None:  # the fallback: say why the hub was asked
+        try:
+            examples = _load_hub(spec, split, hub)
+        except Exception as err:  # noqa: BLE001 - datasets raises many kinds (network, missing config, ...)
+            raise FileNotFoundError(
+                f"Data folder for task {spec.name!r} does not exist: {Path(path).expanduser()} (data.path), and "
+                f"data.hub={hub!r} could not be loaded instead: {type(err).__name__}: {err}. Fix: point data.path at "
+                f"the GLUE folder for the task, e.g. data.path=../shared/data/glue/{spec.folder}, or check the "
+                f"network for the hub.") from err
     elif hub is not None:
         examples = _load_hub(spec, split, hub)
     else:

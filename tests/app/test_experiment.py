@@ -95,7 +95,8 @@ def test_cli_methods_and_errors(tmp_path, capsys):
     assert rows["svdiff"][2] == f"{6 * 2 * 384 + head:,}"
     assert rows["houlsby"][3] == f"{1000 * (6 * 2 * (384 * 8 + 8 + 8 * 384 + 384) + head) / 22_713_986:.3f}‰"
 
-    code = cli.main(["train", str(REPO / "configs" / "quickstart.yaml"), "--set", f"data.path={tmp_path}/nowhere"])
+    code = cli.main(["train", str(REPO / "configs" / "quickstart.yaml"), "--set", f"data.path={tmp_path}/nowhere",
+                     "--set", "data.hub=null"])
     assert code == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "data.path" in err

@@ -412,3 +412,6 @@ def test_a_missing_path_falls_back_to_the_hub(tmp_path):
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml")
     assert cfg.data.hub == "glue" and cfg.data.path == "../shared/data/glue/SST-2"
+    with pytest.raises(FileNotFoundError, match=r"does not exist: .*nowhere \(data.path\), and data.hub=.* could not be "
+                       r"loaded instead: .*Fix: point data.path at the GLUE folder"):
+        load_examples("sst2", "train", path=tmp_path / "nowhere", hub=str(tmp_path / "no_hub_here"))
