@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import sys
+import traceback
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -232,7 +233,10 @@ def _orbax_after_a_failure(text: str) -> bool:
 
 class _OrbaxEchoFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not _orbax_after_a_failure(record.getMessage())
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[2] is not None:  # a Future's message names no module: its traceback does
+            text += "".join(traceback.format_tb(record.exc_info[2]))
+        return not _orbax_after_a_failure(text)
 
 
 def _install_quiet_hooks() -> None:

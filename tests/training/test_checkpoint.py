@@ -206,3 +206,39 @@ def test_resuming_a_finished_run_only_reevaluates(tiny_model_dir, tmp_path):
     again = run(cfg, progress=False, resume=True)
     assert again["eval"] == record["eval"] and again["steps"] == 4
     assert [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_the_echo_of_a_failed_orbax_write_is_dropped_and_other_errors_pass():
+    """asyncio's "Future exception was never retrieved" for a write Orbax's worker threads failed (its
+    message names no module; its traceback runs through orbax) is dropped by the filter the checkpoint
+    module puts on asyncio's logger; the same message from elsewhere still reaches the handlers."""
+    import logging
+
+    assert checkpoint.manager  # (the module is imported: its filter is installed)
+
+    def failed_in(filename):
+        namespace = {}
+        exec(compile("def write():\n    raise OSError(28, 'No space left on device')\n", filename, "exec"), namespace)
+        try:
+            namespace["write"]()
+        except OSError as err:
+            return err
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    logger = logging.getLogger("asyncio")
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        for filename in ("/site-packages/orbax/checkpoint/_src/path/async_path.py", "/home/me/my_code.py"):
+            err = failed_in(filename)
+            logger.handle(logger.makeRecord("asyncio", logging.ERROR, __file__, 1, "Future exception was never "
+                                            "retrieved\nfuture: <Future finished exception=%r>", (err,),
+                                            (type(err), err, err.__traceback__)))
+    finally:
+        logger.removeHandler(keep)
+    assert [r.exc_info[1].__traceback__.tb_next.tb_frame.f_code.co_filename for r in seen] == ["/home/me/my_code.py"]
