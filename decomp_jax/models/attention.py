@@ -135,12 +135,10 @@ def chunked_attention(q, k, v, allowed, kv_heads: int, scale: float, softcap: Op
     return out[:, :length]
 
 
-def _block_probs(qb, kb, keep, scale, softcap, shift):
-    """``exp(s - shift)`` of one block (0 where masked) and the scores ``s`` before capping (float32)."""
+def _block_scores(qb, kb, keep, scale, softcap):
+    """One block's scores, scaled and capped, ``-inf`` where masked, and the scores before both (float32)."""
     raw = jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32)
-    s = _capped(raw, scale, softcap)
-    s = jnp.where(keep[:, None, None], s, -jnp.inf)
-    return jnp.exp(s - shift[..., None]), raw
+    return jnp.where(keep[:, None, None], _capped(raw, scale, softcap), -jnp.inf), raw
 
 
 def _forward_row(qb, kblocks, vblocks, mrow, scale, softcap):
@@ -149,8 +147,7 @@ def _forward_row(qb, kblocks, vblocks, mrow, scale, softcap):
     def update(carry, block):
         m, l, acc = carry
         kb, vb, keep = block
-        s = _capped(jnp.einsum("bkgqd,bksd->bkgqs", qb, kb, preferred_element_type=jnp.float32), scale, softcap)
-        s = jnp.where(keep[:, None, None], s, -jnp.inf)
+        s, _ = _block_scores(qb, kb, keep, scale, softcap)
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[..., None])
         fade = jnp.exp(m - m_new)
@@ -175,7 +172,8 @@ def _backward_row(qb, dob, lse, delta, kblocks, vblocks, mrow, scale, softcap):
     through the soft-cap's ``tanh`` when there is one."""
     def update(dq, block):
         kb, vb, keep = block
-        p, raw = _block_probs(qb, kb, keep, scale, softcap, lse)
+        s, raw = _block_scores(qb, kb, keep, scale, softcap)
+        p = jnp.exp(s - lse[..., None])
         dv = jnp.einsum("bkgqs,bkgqd->bksd", p, dob)
         dp = jnp.einsum("bkgqd,bksd->bkgqs", dob, vb.astype(jnp.float32))
         ds = p * (dp - delta[..., None]) * scale
