@@ -32,6 +32,7 @@ MOVED = {
     "decomp_jax.cli": "decomp_jax.app.cli",
     "decomp_jax.allocator": "decomp_jax.app.allocator",
 }
+"""Each old module path and its new path: importing the old one warns and returns the new one."""
 
 
 def redirect(old: str) -> None:

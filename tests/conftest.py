@@ -24,13 +24,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 
-# --- the README's PEFT settings table, written from the outcomes of the tests marked peft_setting ---------
+# --- the PEFT settings table (docs/guides/peft-interop.md), written from the outcomes of the tests marked peft_setting ---------
 TABLE_START, TABLE_END = "<!-- peft-table: start -->", "<!-- peft-table: end -->"
 
 
 def pytest_addoption(parser):
     parser.addoption("--peft-table", metavar="FILE", help="rewrite the PEFT settings table between the peft-table "
-                     "markers of FILE (the README) from the outcomes of the tests marked peft_setting")
+                     "markers of FILE (docs/guides/peft-interop.md) from the outcomes of the tests marked peft_setting")
 
 
 def pytest_runtest_setup(item):
@@ -40,7 +40,7 @@ def pytest_runtest_setup(item):
 
 # the longest tests (a minute or more each) run first: with `-n 2` each worker then fills in around them,
 # instead of one worker finishing a long test alone at the end of the run
-FIRST = ("test_multihost.py::test_two_processes_train_die_together_and_resume_exactly",
+FIRST = ("test_multihost.py::test_two_processes_train_like_one",
          "test_sharding.py::test_training_on_meshes_equals_one_device")
 
 

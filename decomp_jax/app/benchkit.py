@@ -141,7 +141,7 @@ def fmt_or_empty(x, spec=".3f") -> str:
 
 
 def xla_temp(compiled) -> Optional[int]:
-    """The temporaries alone of :func:`xla_memory` (activations, scores, gradients: what grows with the
+    """The temporaries alone of ``xla_memory`` (activations, scores, gradients: what grows with the
     sequence), None where the backend gives no analysis."""
     try:
         m = compiled.memory_analysis()

@@ -362,7 +362,7 @@ def _add_train(add) -> None:
     train.add_argument("--output-dir", help="where to write metrics and the adapter (train.output_dir)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir/checkpoints")
-    many = train.add_argument_group("several processes (hosts): run the same command on each, see README 'Training on a pod'")
+    many = train.add_argument_group("several processes (hosts): run the same command on each, see docs/guides/meshes.md")
     many.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address and a free port "
                       "(env DECOMP_JAX_COORDINATOR)")
     many.add_argument("--num-processes", type=int, metavar="N", help="processes in the job (env DECOMP_JAX_NUM_PROCESSES)")

@@ -1,6 +1,6 @@
 """Studies: a grid of ordinary experiment runs (``decomp-jax sweep``); ``decomp_jax.app.report`` aggregates them.
 
-A study file (YAML) holds a base experiment config and a grid::
+A study file (YAML) holds a base experiment config and a grid:
 
     base: ../quickstart.yaml          # an experiment config (relative to this file), or a mapping
     output_dir: studies/my_study      # default: studies/<file name>

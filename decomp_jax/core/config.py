@@ -165,53 +165,53 @@ def _is_int(value) -> bool:
 class AdapterConfig(Serializable):
     """What to adapt and how.
 
-    method:      a name from ``decomp_jax.core.methods.names()``.
-    targets:     regex searched in the '/'-joined path of each dense layer (the path of the dict that
-                 holds ``kernel``), e.g. ``r"attention/self/(query|value)$"``.
-    rank, alpha: low-rank size ``r`` and scale numerator; ``s = alpha / r`` (``alpha / sqrt(r)`` with rslora).
-    dropout:     dropout on the adapter path's input (factored execution, training only).
-    init:        ``lora_a`` init for LoRA-type methods: kaiming | normal | gaussian.
-    mpc:         matrix pattern constraint on ``lora_a``/``lora_b``: None | mpc_o | mpc_d.
-    mpc_lambda:  weight of the MPC term; mpc_norm: squared (paper) | plain (toolkit).
-    train_extra: regex over '/'-joined leaf paths of base leaves that also train (a new head, say).
-    scale_bias:  IA3 only: scale the bias too, ``y = (x@K + b) * scale_out`` (HF PEFT's IA3).
-    transposed:  regex of layer paths whose kernels are stored ``(d_out, d_in)`` (GPT-2's Conv1D:
-                 ``(c_attn|c_proj|c_fc)$``); the methods see them transposed, factors keep their shapes.
-    options:     method-specific options, validated by the method.
-    rank_pattern, alpha_pattern: per-layer rank and alpha, ``{layer path regex: value}`` (PEFT's options of
-                 the same names): a layer whose '/'-joined path the first matching regex (in order) finds
-                 gets that rank / alpha, the others ``rank`` / ``alpha``. ``for_layer(path)`` is the config
-                 a layer's method functions see. On stacked (scanned) layers a pattern matches the stacked
-                 path, one value for the whole stack.
-    trainable_tokens: ``{embedding path regex: [token ids]}``: those rows of each matching embedding table
-                 (an ``nn.Embed``'s ``embedding``) train, the others stay frozen (PEFT's
-                 ``trainable_token_indices``: new special tokens, say). The rows are a leaf
-                 ``trainable_tokens_delta`` (n, features) beside the table, started at the rows' values and
-                 written over them in the table (a tied LM head reads them too). Any method beside it, on
-                 other layers.
-    stacked:     the name of a scanned module (a path component; default ``layers``, as ``nn.scan``'d
-                 decoders name it in our Llama with ``scan_layers`` and in MaxText): a targeted layer under
-                 it whose kernel is 3-D is stacked ``(L, d_in, d_out)``; its factors get the same leading
-                 axis and layer ``i``'s equal those of the unrolled layer at ``.../layers_{i}/...``. None: no
-                 stacked layers (a 3-D kernel is then an error).
-    experts:     the name of the module holding a mixture's stacked expert kernels (a path component;
-                 default ``experts``, as our MoE decoders and transformers 5 name it): a targeted layer under it
-                 whose kernel has one more axis is ``E`` experts ``(E, d_in, d_out)`` (``(L, E, d_in, d_out)``
-                 when also stacked); each expert gets its own factors (leading axis ``E``), initialised with
-                 its own key, and factored execution runs the method per expert. None: no expert layers.
-    factor_dtype: dtype of the factor leaves (and so of their optimizer moments), whatever the base
-                 kernel's dtype: ``float32`` (default) | ``bfloat16`` | ``float16``. Factored execution
-                 computes in the layer's activation dtype (the Dense ``dtype``), casting the factors to it.
-    kernel_in_axes: for kernels that are not matrices (``nn.DenseGeneral`` projections such as
-                 ``(embed, heads, head_dim)`` or ``(heads, head_dim, embed)``, ``nn.Einsum`` kernels):
-                 ``{layer path regex: n or [axes]}``: the first ``n`` axes (after a stacked layer axis), or
-                 the listed axes, are inputs (contracted with x); the others are outputs. The methods see
-                 the matrix ``(prod(input axes), prod(output axes))`` (axes in the kernel's order); factors
-                 are made for it and merged back in the kernel's layout. E.g.
-                 ``{"(query|key|value)$": 1, "out$": 2}``; an Einsum ``"BTD,NDH->BTNH"`` kernel: ``[1]``.
-    kernel_leaf: ``{layer path regex: parameter name}``: layers of other people's models that hold their
-                 matrix under another name than ``kernel`` (tunix's and Gemma's ``Einsum`` modules: ``w``);
-                 ``decomp_jax.nnx`` adapts them (an einsum module's input axes come from its equation).
+    - ``method``: a name from ``decomp_jax.core.methods.names()``.
+    - ``targets``: regex searched in the '/'-joined path of each dense layer (the path of the dict that
+      holds ``kernel``), e.g. ``r"attention/self/(query|value)$"``.
+    - ``rank``, ``alpha``: low-rank size ``r`` and scale numerator; ``s = alpha / r`` (``alpha / sqrt(r)``
+      with rslora).
+    - ``dropout``: dropout on the adapter path's input (factored execution, training only).
+    - ``init``: ``lora_a`` init for LoRA-type methods: kaiming | normal | gaussian.
+    - ``mpc``: matrix pattern constraint on ``lora_a``/``lora_b``: None | mpc_o | mpc_d.
+    - ``mpc_lambda``: weight of the MPC term; ``mpc_norm``: squared (paper) | plain (toolkit).
+    - ``train_extra``: regex over '/'-joined leaf paths of base leaves that also train (a new head, say).
+    - ``scale_bias``: IA3 only: scale the bias too, ``y = (x@K + b) * scale_out`` (HF PEFT's IA3).
+    - ``transposed``: regex of layer paths whose kernels are stored ``(d_out, d_in)`` (GPT-2's Conv1D:
+      ``(c_attn|c_proj|c_fc)$``); the methods see them transposed, factors keep their shapes.
+    - ``options``: method-specific options, validated by the method.
+    - ``rank_pattern``, ``alpha_pattern``: per-layer rank and alpha, ``{layer path regex: value}`` (PEFT's
+      options of the same names): a layer whose '/'-joined path the first matching regex (in order) finds
+      gets that rank / alpha, the others ``rank`` / ``alpha``. ``for_layer(path)`` is the config a layer's
+      method functions see. On stacked (scanned) layers a pattern matches the stacked path, one value for
+      the whole stack.
+    - ``trainable_tokens``: ``{embedding path regex: [token ids]}``: those rows of each matching embedding
+      table (an ``nn.Embed``'s ``embedding``) train, the others stay frozen (PEFT's
+      ``trainable_token_indices``: new special tokens, say). The rows are a leaf ``trainable_tokens_delta``
+      (n, features) beside the table, started at the rows' values and written over them in the table (a
+      tied LM head reads them too). Any method beside it, on other layers.
+    - ``stacked``: the name of a scanned module (a path component; default ``layers``, as ``nn.scan``'d
+      decoders name it in our Llama with ``scan_layers`` and in MaxText): a targeted layer under it whose
+      kernel is 3-D is stacked ``(L, d_in, d_out)``; its factors get the same leading axis and layer
+      ``i``'s equal those of the unrolled layer at ``.../layers_{i}/...``. None: no stacked layers (a 3-D
+      kernel is then an error).
+    - ``experts``: the name of the module holding a mixture's stacked expert kernels (a path component;
+      default ``experts``, as our MoE decoders and transformers 5 name it): a targeted layer under it
+      whose kernel has one more axis is ``E`` experts ``(E, d_in, d_out)`` (``(L, E, d_in, d_out)`` when
+      also stacked); each expert gets its own factors (leading axis ``E``), initialised with its own key,
+      and factored execution runs the method per expert. None: no expert layers.
+    - ``factor_dtype``: dtype of the factor leaves (and so of their optimizer moments), whatever the base
+      kernel's dtype: ``float32`` (default) | ``bfloat16`` | ``float16``. Factored execution computes in
+      the layer's activation dtype (the Dense ``dtype``), casting the factors to it.
+    - ``kernel_in_axes``: for kernels that are not matrices (``nn.DenseGeneral`` projections such as
+      ``(embed, heads, head_dim)`` or ``(heads, head_dim, embed)``, ``nn.Einsum`` kernels):
+      ``{layer path regex: n or [axes]}``: the first ``n`` axes (after a stacked layer axis), or the
+      listed axes, are inputs (contracted with x); the others are outputs. The methods see the matrix
+      ``(prod(input axes), prod(output axes))`` (axes in the kernel's order); factors are made for it and
+      merged back in the kernel's layout. E.g. ``{"(query|key|value)$": 1, "out$": 2}``; an Einsum
+      ``"BTD,NDH->BTNH"`` kernel: ``[1]``.
+    - ``kernel_leaf``: ``{layer path regex: parameter name}``: layers of other people's models that hold
+      their matrix under another name than ``kernel`` (tunix's and Gemma's ``Einsum`` modules: ``w``);
+      ``decomp_jax.nnx`` adapts them (an einsum module's input axes come from its equation).
 
     Prompt methods (``prompt_tuning``, ``prefix_tuning``; ``decomp_jax.core.prompts``) add one subtree
     ``params[method]`` to our Llama's params: ``targets``, ``rank``, ``alpha``, ``init`` and

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""Several named adapters of one tree run at once, factored (``dj.adapt_many``): each adapted layer runs
+the base layer and every adapter that adapts it and mixes their outputs by ``adapter_weights`` (one
+weight per adapter for the whole call, or one row per example: mixed batches), an array, so one compiled
+function serves every choice of adapters. ``adapter_weights`` builds those weights from adapter names.
+How the named adapters are stored is ``core.named``."""
 
 from __future__ import annotations
 import functools

@@ -1,7 +1,8 @@
 """Regularisers added to the task loss: MPC (matrix pattern constraints) on ``lora_a``/``lora_b``.
 
-``mpc_o``: ``R = ||A^T A - I||^2 + ||B B^T - I||^2`` (both factors semi-orthogonal).
-``mpc_d``: ``R = ||A^T A - I||^2 + ||B B^T - diag(diag(B B^T))||^2`` (rows of B orthogonal, free norms).
+- ``mpc_o``: ``R = ||A^T A - I||^2 + ||B B^T - I||^2`` (both factors semi-orthogonal).
+- ``mpc_d``: ``R = ||A^T A - I||^2 + ||B B^T - diag(diag(B B^T))||^2`` (rows of B orthogonal, free norms).
+
 ``penalty = lambda * mean over adapted layers of R``. With ``mpc_norm='plain'`` (the toolkit's
 form) each term is the unsquared Frobenius norm and the mean runs over matrices (A's and B's),
 i.e. ``R = (||.||_A + ||.||_B) / 2``.

@@ -3,7 +3,7 @@ dataset registry and loading, answer extraction and accuracy. The instruction pr
 and batching are ``decomp_jax.data.lm``'s (imported here, so ``commonsense.tokenize_train`` etc. work).
 
 Data layout (local): one folder per dataset holding ``train.json`` and ``test.json``, each a JSON
-list of ``{"instruction", "input", "output", "answer"}`` records, e.g. (BoolQ)::
+list of ``{"instruction", "input", "output", "answer"}`` records, e.g. (BoolQ):
 
     instruction: "Please answer the following question with true or false, question: ...\\n\\n
                   Answer format: true/false"
@@ -105,9 +105,13 @@ COMMONSENSE_DATASETS: dict[str, CommonsenseSpec] = {
                                  "ending1|ending2|ending3|ending4"),
     "winogrande": CommonsenseSpec("winogrande", "winogrande", ("option1", "option2"), "option1|option2"),
 }
+"""The commonsense datasets by registry name, each one's ``CommonsenseSpec`` (folder, valid answers,
+extraction pattern): the four of the training mixture, then the evaluation-only piqa, siqa, hellaswag and
+winogrande."""
 
-#: The four datasets whose train sets are concatenated for multi-task training.
 COMMONSENSE_MIXTURE: tuple[str, ...] = ("boolq", "arc_e", "arc_c", "obqa")
+"""The four datasets whose train sets are concatenated for multi-task training (boolq, arc_e, arc_c,
+obqa: the default ``data.datasets``)."""
 
 _ALIASES = {
     "boolq": "boolq",
@@ -134,7 +138,7 @@ _SPLITS = {"train": "train", "test": "test", "validation": "test", "dev": "test"
 
 
 def get_dataset(name: str | CommonsenseSpec) -> CommonsenseSpec:
-    """The :class:`CommonsenseSpec` of ``name`` (case-insensitive; ``ARC-Easy``, ``openbookqa`` ... accepted)."""
+    """The ``CommonsenseSpec`` of ``name`` (case-insensitive; ``ARC-Easy``, ``openbookqa`` ... accepted)."""
     if isinstance(name, CommonsenseSpec):
         return name
     key = _ALIASES.get(str(name).strip().lower())
@@ -219,7 +223,7 @@ JSON_FIX = ("re-save it as UTF-8 JSON, a list of {instruction, input, output, an
 
 def load_commonsense(name: str | CommonsenseSpec, split: str, data_dir: str | Path | None = None,
                      limit: int | None = None, hub: str | None = None) -> list[CommonsenseExample]:
-    """Load one split of a commonsense dataset as a list of :class:`CommonsenseExample`.
+    """Load one split of a commonsense dataset as a list of ``CommonsenseExample``.
 
     Local files ``<data_dir>/<folder>/<split>.json`` are read when ``hub`` is None (``data_dir``
     defaults to ``$DECOMP_JAX_COMMONSENSE_DIR`` or ``../shared/data/commonsense``; the dataset
@@ -285,8 +289,8 @@ def extract_answer(dataset: str | CommonsenseSpec, text: str) -> str | None:
 
 
 def accuracy(dataset: str | CommonsenseSpec | None, generations: Sequence[str], examples: Sequence[Any]) -> float:
-    """Fraction of ``generations`` whose :func:`extract_answer` equals the example's ``answer``
-    (a missing answer counts as wrong). ``examples`` are :class:`CommonsenseExample`, dicts or the
+    """Fraction of ``generations`` whose ``extract_answer`` equals the example's ``answer``
+    (a missing answer counts as wrong). ``examples`` are ``CommonsenseExample``, dicts or the
     gold answer strings; ``dataset=None`` uses each example's own ``dataset`` (mixtures)."""
     if len(generations) != len(examples):
         raise ValueError(f"{len(generations)} generations for {len(examples)} examples; they must match.")

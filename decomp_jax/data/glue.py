@@ -127,13 +127,15 @@ TASKS: dict[str, TaskSpec] = {
         num_labels=2, is_regression=False, best_metric="f1",
     ),
 }
+"""The GLUE tasks by name (sst2, rte, mrpc, stsb, cola, mnli, qnli, qqp), each one's ``TaskSpec``;
+``get_task`` looks a name up (case-insensitive, ``sst-2``/``sts-b`` accepted)."""
 
 _TASK_ALIASES = {"sst2": "sst2", "sst-2": "sst2", "rte": "rte", "mrpc": "mrpc",
                  "stsb": "stsb", "sts-b": "stsb", "cola": "cola", "mnli": "mnli", "qnli": "qnli", "qqp": "qqp"}
 
 
 def get_task(task: str | TaskSpec) -> TaskSpec:
-    """Return the :class:`TaskSpec` for a task name (case-insensitive; ``sst-2``/``sts-b`` accepted)."""
+    """Return the ``TaskSpec`` for a task name (case-insensitive; ``sst-2``/``sts-b`` accepted)."""
     if isinstance(task, TaskSpec):
         return task
     key = _TASK_ALIASES.get(str(task).strip().lower())
@@ -246,7 +248,7 @@ def _labels_array(values: Sequence[Any], spec: TaskSpec, source: str) -> np.ndar
 
 def _examples_from_columns(columns: Mapping[str, Sequence[Any]], text_columns: Sequence[str],
                            label_column: str, spec: TaskSpec, source: str) -> Examples:
-    """Build :class:`Examples` from a column mapping (already checked for presence)."""
+    """Build ``Examples`` from a column mapping (already checked for presence)."""
     text_a = [str(t) for t in columns[text_columns[0]]]
     text_b = [str(t) for t in columns[text_columns[1]]] if len(text_columns) > 1 else None
     return Examples(text_a, text_b, _labels_array(columns[label_column], spec, source))

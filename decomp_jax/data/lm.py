@@ -2,7 +2,7 @@
 a chat template), a tokenizer adapter, tokenization with a response-only loss mask, deterministic
 length-bucketed training batches and left-padded evaluation prompts.
 
-Token layout of one training example (``add_bos`` true)::
+Token layout of one training example (``add_bos`` true):
 
     [bos] prompt tokens ... | response tokens ... eos
     loss_mask:   0 ...   0  |  1 ...          1   1
@@ -77,12 +77,12 @@ def _chat_template(tokenizer: Any) -> Any:
 
 
 def render_prompt(example: Any, template: str = "alpaca", tokenizer: Any = None) -> str:
-    """The prompt text of ``example`` (a :class:`CommonsenseExample` or a dict).
+    """The prompt text of ``example`` (a ``CommonsenseExample`` or a dict).
 
-    ``template="alpaca"``: LLM-Adapters' instruction format (:data:`ALPACA_PROMPT`, or
-    :data:`ALPACA_PROMPT_WITH_INPUT` when ``input`` is non-empty), ending in ``"### Response:\\n"``.
-    ``template="chat"``: ``tokenizer.apply_chat_template`` of one user turn (instruction, blank
-    line, input) with ``add_generation_prompt=True`` (transformers tokenizers only).
+    - ``template="alpaca"``: LLM-Adapters' instruction format (``ALPACA_PROMPT``, or
+      ``ALPACA_PROMPT_WITH_INPUT`` when ``input`` is non-empty), ending in ``"### Response:\\n"``.
+    - ``template="chat"``: ``tokenizer.apply_chat_template`` of one user turn (instruction, blank
+      line, input) with ``add_generation_prompt=True`` (transformers tokenizers only).
     """
     if template == "alpaca":
         inp = example_field(example, "input")
@@ -205,7 +205,7 @@ class TokenizerAdapter:
 
 
 def as_tokenizer(tokenizer: Any, **kwargs: Any) -> TokenizerAdapter:
-    """Wrap ``tokenizer`` in a :class:`TokenizerAdapter` (returned as is when already one and no
+    """Wrap ``tokenizer`` in a ``TokenizerAdapter`` (returned as is when already one and no
     overrides are given)."""
     if isinstance(tokenizer, TokenizerAdapter) and not kwargs:
         return tokenizer
@@ -222,7 +222,7 @@ class TokenizedSet:
     ``ids[i]`` (int32) is one full sequence: ``[bos] prompt response eos`` for training sets,
     ``[bos] prompt`` for prompt sets; ``loss_mask[i]`` (int32, same length) is 1 on the tokens the
     loss is taken on (response and eos), all zeros for prompt sets. ``truncated[i]``: 0 none,
-    1 prompt cut from the left, 2 response cut as well (see :func:`tokenize_train`).
+    1 prompt cut from the left, 2 response cut as well (see ``tokenize_train``).
     """
 
     ids: list[np.ndarray]
@@ -257,7 +257,7 @@ def tokenize_train(examples: Sequence[Any], tokenizer: Any, max_length: int, *, 
     the response and eos tokens (on every token but BOS with ``train_on_prompt``, LLM-Adapters'
     ``train_on_inputs`` default).
 
-    ``add_bos=None`` follows the tokenizer's own default (:class:`TokenizerAdapter`); BOS is never
+    ``add_bos=None`` follows the tokenizer's own default (``TokenizerAdapter``); BOS is never
     doubled when a chat template already renders it. With ``template="chat"`` the response is the
     template's assistant turn, cut right after its first eos token if it holds one (else eos is
     appended when ``add_eos``).
@@ -302,7 +302,7 @@ def tokenize_train(examples: Sequence[Any], tokenizer: Any, max_length: int, *, 
 def tokenize_prompts(examples: Sequence[Any], tokenizer: Any, max_length: int, *, template: str = "alpaca",
                      add_bos: bool | None = None) -> TokenizedSet:
     """Tokenize evaluation prompts: ``[bos] + prompt`` (exactly the prompt part of
-    :func:`tokenize_train`). Longer prompts are cut from the left to ``max_length`` (BOS kept).
+    ``tokenize_train``). Longer prompts are cut from the left to ``max_length`` (BOS kept).
     ``max_length`` bounds the prompt only; generation adds its new tokens after it."""
     max_length = int(max_length)
     if max_length < 2:
@@ -418,16 +418,16 @@ def train_batch(data: TokenizedSet, step: int, batch_size: int, seed: int = 0,
     """Right-padded causal-LM batch for global step ``step`` (0-based) of an endless stream.
 
     A pure function of ``(data, step, batch_size, seed, buckets, chunk_batches)``: epoch
-    ``step // steps_per_epoch`` is laid out by :func:`epoch_batches` (every kept example once per
+    ``step // steps_per_epoch`` is laid out by ``epoch_batches`` (every kept example once per
     epoch, length-sorted within chunks) and the batch is padded to the smallest bucket holding its
-    longest sequence (``buckets`` default: :func:`default_buckets` of ``data.max_length``), so jit
+    longest sequence (``buckets`` default: ``default_buckets`` of ``data.max_length``), so jit
     sees at most ``len(buckets)`` shapes. Returns, all ``(batch_size, L)`` except ``weights``:
 
     - ``input_ids`` int32, padded with ``data.pad_id`` on the right;
     - ``attention_mask`` int32, 1 on real tokens;
     - ``loss_mask`` int32, 1 on response (+eos) tokens, aligned with ``input_ids`` (not shifted);
     - ``labels`` int32, ``input_ids`` where ``loss_mask`` else -100 (Hugging Face convention:
-      unshifted, the loss shifts; :func:`causal_lm_loss` does ``logits[:, t]`` vs token ``t+1``);
+      unshifted, the loss shifts; ``causal_lm_loss`` does ``logits[:, t]`` vs token ``t+1``);
     - ``position_ids`` int32, ``0..L-1``;
     - ``weights`` float32 ``(batch_size,)``, all ones (no padding rows in training batches).
 
@@ -435,7 +435,7 @@ def train_batch(data: TokenizedSet, step: int, batch_size: int, seed: int = 0,
       with ``loss_mask[t+1] == 1``), padded with 0; ``loss_targets`` the tokens ``t+1`` they predict;
       ``loss_weights`` float32, 1 on real slots. ``R`` (the same for every row) is the smallest power of
       two >= 8 holding the batch's longest response, at most ``L``: the model computes logits at these
-      positions only (``LlamaForCausalLM(..., logits_at=)``, :func:`response_loss`), not at all ``L``.
+      positions only (``LlamaForCausalLM(..., logits_at=)``, ``response_loss``), not at all ``L``.
 
     ``rows`` pads only those rows of the batch (one process's share; same padded length and ``R``).
     """

@@ -33,7 +33,7 @@ def load_causal_lm(name: str, dtype: str = "float32", *, param_dtype: str = "flo
                    remat: bool = False, keep_quantized: bool = False, moe_dispatch: str = "dense",
                    attention: str = "auto", attention_chunk: int = 512):
     """``(model, params, tokenizer)``: our ``LlamaForCausalLM`` with the weights and tokenizer of
-    ``name`` (see :func:`resolve_llm`). ``dtype`` is the compute dtype; ``param_dtype`` the dtype the
+    ``name`` (see ``resolve_llm``). ``dtype`` is the compute dtype; ``param_dtype`` the dtype the
     loaded base is stored in (``bfloat16``: half the memory of the frozen base; adapter factors keep
     ``adapter.factor_dtype``); ``scan_layers`` runs the decoder layers under one ``nn.scan`` (the
     params stacked with ``stack_layers``: faster compiles); ``remat`` recomputes each decoder layer's

@@ -2,7 +2,7 @@
 ``models.llama_config``; rotary embeddings: ``models.rope``).
 
 Parameter tree (Flax layout, kernels ``(d_in, d_out)``), the names HF's PyTorch checkpoint uses
-with ``layers.N`` written ``layers_N``::
+with ``layers.N`` written ``layers_N``:
 
     model/embed_tokens/embedding                          (vocab, hidden)
     model/layers_{i}/self_attn/{q,k,v,o}_proj/kernel      (+ bias when attention_bias)
@@ -14,7 +14,7 @@ with ``layers.N`` written ``layers_N``::
 Every projection is a plain ``nn.Dense``, so ``dj.inject`` / ``dj.adapt`` work unchanged (targets
 such as ``self_attn/(q_proj|v_proj)$``).
 
-Calling convention::
+Calling convention:
 
     logits = model.apply({"params": params}, input_ids, attention_mask)          # (B, L, vocab)
     logits, cache = model.apply({"params": params}, ids, buffer_mask, cache=cache, cache_index=i)
@@ -343,7 +343,7 @@ class ScoredHead:
 class LlamaForCausalLM(ScoredHead, nn.Module):
     """``apply({"params": p}, input_ids, attention_mask)`` -> logits ``(B, L, vocab)`` (float32);
     with ``cache=`` -> ``(logits, new_cache)``. See the module docstring for the other arguments and
-    :class:`ScoredHead` for ``logits_at``, ``targets`` and ``chunk``."""
+    ``ScoredHead`` for ``logits_at``, ``targets`` and ``chunk``."""
 
     config: LlamaConfig
 

@@ -1,7 +1,7 @@
 """The decoder's feed-forward blocks: the gated MLP of every family, and the sparse mixture of experts
 (Mixtral, Qwen2-MoE, Qwen3-MoE) with its router and load-balancing loss.
 
-A mixture-of-experts layer's parameters (Flax layout, ``E`` experts of width ``I``)::
+A mixture-of-experts layer's parameters (Flax layout, ``E`` experts of width ``I``):
 
     mlp/gate/kernel                        (hidden, E)      the router, an nn.Dense
     mlp/experts/gate_up_proj/kernel        (E, hidden, 2I)  gate | up, as transformers 5 fuses them

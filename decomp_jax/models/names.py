@@ -24,20 +24,20 @@ Path = tuple[str, ...]
 class Arch:
     """How one architecture's Flax params are named and laid out in its PyTorch model.
 
-    to_torch / from_torch: ``(pattern, replacement)`` regex substitutions applied in order to the
-        '.'-joined Flax module path (resp. to the PyTorch module name) where the two differ; the HF
-        BERT/RoBERTa/GPT-2/Llama Flax ports use the PyTorch names, so these are usually empty.
-    leaf_names: Flax leaf name -> PyTorch parameter name.
-    transposed: Flax leaves stored transposed in PyTorch (``kernel``: true of both ``nn.Linear`` and
-        GPT-2's ``Conv1D``, since HF's Flax ``Conv1D`` keeps its kernel as ``(d_out, d_in)``).
-    conv1d: regex over '/'-joined Flax module paths whose PyTorch layer is a ``Conv1D`` (weight
-        ``(d_in, d_out)``, GPT-2): PEFT then needs ``fan_in_fan_out: true``; its LoRA factors keep
-        the ``nn.Linear`` shapes.
-    task_type / head_modules: PEFT's task type for the sequence classifier, and the module names its
-        task wrapper adds to ``modules_to_save`` (they are saved whole, trained or not).
-    embedding / lm_head: for causal LMs, the Flax module path of the input embedding and the PyTorch
-        name of the output layer; when the params hold no ``lm_head`` the head is tied to the
-        embedding (one matrix) and the PEFT format needs both names (see ``_tied_embedding``).
+    - ``to_torch`` / ``from_torch``: ``(pattern, replacement)`` regex substitutions applied in order to
+      the '.'-joined Flax module path (resp. to the PyTorch module name) where the two differ; the HF
+      BERT/RoBERTa/GPT-2/Llama Flax ports use the PyTorch names, so these are usually empty.
+    - ``leaf_names``: Flax leaf name -> PyTorch parameter name.
+    - ``transposed``: Flax leaves stored transposed in PyTorch (``kernel``: true of both ``nn.Linear``
+      and GPT-2's ``Conv1D``, since HF's Flax ``Conv1D`` keeps its kernel as ``(d_out, d_in)``).
+    - ``conv1d``: regex over '/'-joined Flax module paths whose PyTorch layer is a ``Conv1D`` (weight
+      ``(d_in, d_out)``, GPT-2): PEFT then needs ``fan_in_fan_out: true``; its LoRA factors keep the
+      ``nn.Linear`` shapes.
+    - ``task_type`` / ``head_modules``: PEFT's task type for the sequence classifier, and the module
+      names its task wrapper adds to ``modules_to_save`` (they are saved whole, trained or not).
+    - ``embedding`` / ``lm_head``: for causal LMs, the Flax module path of the input embedding and the
+      PyTorch name of the output layer; when the params hold no ``lm_head`` the head is tied to the
+      embedding (one matrix) and the PEFT format needs both names (see ``_tied_embedding``).
     """
 
     name: str
@@ -86,9 +86,13 @@ ARCHS: dict[str, Arch] = {
         leaf_names={"kernel": "weight", "bias": "bias", "weight": "weight", "embedding": "weight"},
     ),
 }
+"""The architectures whose params map to PyTorch names for the PEFT format, by name (bert, roberta,
+gpt2, llama), each one's ``Arch``; ``get_arch`` looks a name up."""
 
 
 def get_arch(arch: str) -> Arch:
+    """The ``Arch`` (PyTorch names and layouts of our params) of ``arch``, a key of ``ARCHS``; any other
+    name raises ``ConfigError`` listing the supported ones."""
     if arch not in ARCHS:
         raise ConfigError(f"arch={arch!r} is not supported for the PEFT format; choose one of {sorted(ARCHS)}.")
     return ARCHS[arch]

@@ -17,5 +17,6 @@ from decomp_jax.tasks.glue import GlueTask
 from decomp_jax.tasks.math import MathTask
 
 TASKS = {"commonsense": CommonsenseTask, "math": MathTask}
+"""The decoder-LLM task classes by ``data.task`` name (every other name is a GLUE task: ``GlueTask``)."""
 
 __all__ = ["LM_TASK_NAMES", "TASKS", "CommonsenseTask", "GenerationTask", "GlueTask", "MathTask", "dataset_names"]

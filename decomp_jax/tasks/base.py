@@ -8,6 +8,7 @@ from decomp_jax.models.causal_lm import load_causal_lm
 from decomp_jax.quant import default_block_size
 
 LM_TASK_NAMES = ("commonsense", "math")  # every other data.task is a GLUE task
+"""The ``data.task`` names of the decoder-LLM tasks (commonsense, math); every other ``data.task`` is a GLUE task."""
 
 
 def model_params(base, cfg, key) -> tuple:

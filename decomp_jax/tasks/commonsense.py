@@ -29,6 +29,10 @@ def dataset_names(spec: Optional[str]) -> list[str]:
 
 
 class CommonsenseTask(GenerationTask):
+    """The ``commonsense`` task: trains on the mixture of ``data.datasets``' train sets and scores each
+    set of ``data.eval_datasets`` (``all``: every set found under ``data.path``) by the accuracy of the
+    extracted answers and the fraction of generations with an answer."""
+
     name = "commonsense"
 
     @classmethod

@@ -14,6 +14,10 @@ from decomp_jax.tasks.generation import GenerationTask
 
 
 class MathTask(GenerationTask):
+    """The ``math`` task: trains on GSM8K's train set and scores the test sets that ``data.datasets``
+    names (default all seven) by the accuracy of the last number (AQuA: the chosen letter) of each
+    generation; reads local files only (``data.path``)."""
+
     name = "math"
 
     @classmethod

@@ -131,10 +131,10 @@ _METRIC_FNS = {
 def compute_metrics(task: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Metrics for a GLUE task from model outputs.
 
-    Classification: ``predictions`` are logits ``(n, num_labels)`` (argmax taken).
-    Regression (stsb): ``predictions`` are ``(n,)`` or ``(n, 1)`` scores.
-    Keys: sst2/rte/mnli/qnli accuracy; mrpc/qqp accuracy, f1; cola matthews_corrcoef, accuracy;
-    stsb pearson, spearman.
+    - Classification: ``predictions`` are logits ``(n, num_labels)`` (argmax taken).
+    - Regression (stsb): ``predictions`` are ``(n,)`` or ``(n, 1)`` scores.
+    - Keys: sst2/rte/mnli/qnli accuracy; mrpc/qqp accuracy, f1; cola matthews_corrcoef, accuracy;
+      stsb pearson, spearman.
     """
     spec = get_task(task)
     labels = np.asarray(labels).reshape(-1)

@@ -1,4 +1,8 @@
-"""TODO docstring."""
+"""The task losses, pure JAX functions returning a scalar: ``classification_loss`` (softmax
+cross-entropy) and ``regression_loss`` (squared error) for encoder heads, optionally weighted per
+example; the causal-LM losses of the decoder tasks: ``causal_lm_loss`` (next-token cross-entropy over
+the loss-masked tokens of full logits), ``response_loss`` (the same from the logits at the scored
+positions only) and ``response_nll_loss`` (the same from per-token negative log-likelihoods)."""
 
 from __future__ import annotations
 from typing import Any, Mapping, Optional
@@ -68,7 +72,7 @@ def _response_mask(batch: Mapping[str, Any]) -> Any:
 
 
 def response_loss(logits: Any, batch: Mapping[str, Any]) -> Any:
-    """:func:`causal_lm_loss` from the logits at the scored positions only: ``logits`` ``(B, R, V)`` are
+    """``causal_lm_loss`` from the logits at the scored positions only: ``logits`` ``(B, R, V)`` are
     the model's outputs at ``batch["loss_index"]`` (``LlamaForCausalLM(..., logits_at=batch["loss_index"])``),
     scored against ``loss_targets`` where ``loss_weights`` (times ``weights``) is 1. Equal to
     ``causal_lm_loss`` of the full logits; the head's matmul and the log-softmax run on ``R`` positions
@@ -80,7 +84,7 @@ def response_loss(logits: Any, batch: Mapping[str, Any]) -> Any:
 
 
 def response_nll_loss(nll: Any, batch: Mapping[str, Any]) -> Any:
-    """:func:`response_loss` from the per-token negative log-likelihoods ``(B, R)`` the model returns with
+    """``response_loss`` from the per-token negative log-likelihoods ``(B, R)`` the model returns with
     ``logits_at=batch["loss_index"], targets=batch["loss_targets"]`` (optionally ``chunk=``: the
     logits are never held whole)."""
     import jax.numpy as jnp

@@ -34,6 +34,13 @@ LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 @chex.dataclass
 class TrainState:
+    """The state of one training run, a pytree that the jitted train step takes and returns (made by
+    ``init_state``): ``step`` (micro-steps done: optimizer updates times ``grad_accum``), ``trainable``
+    (the trainable leaves, as ``partition`` splits them off), ``opt_state`` (the optax state of
+    ``trainable``), ``rng`` (the key each step splits for dropout), ``buffers`` (leaves a method's schedule
+    rewrites: LoRA-Dash, FlexLoRA; ``{}`` otherwise) and ``method_state`` (the state of a stateful
+    method's ``Schedule``: AdaLoRA, LoRA-Dash, FlexLoRA; None otherwise)."""
+
     step: jax.Array  # micro-steps done (optimizer updates times grad_accum)
     trainable: dict
     opt_state: Any

@@ -18,7 +18,9 @@ CFG = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidde
                   num_key_value_heads=2, tie_word_embeddings=True)
 SCFG = dataclasses.replace(CFG, scan_layers=True)
 TARGETS = r"self_attn/(q_proj|v_proj)$|mlp/down_proj$"
-METHODS = ["lora", "dora", "ssb", "pissa", "adalora", "houlsby"]
+# dora, ssb and pissa also run scanned == unrolled == merged on GPT-2's LM (tests/models/test_gpt2_lm.py, CORE
+# methods) and pissa over a quantized scanned Llama (tests/test_quant.py): slow here
+METHODS = ["lora", "adalora", "houlsby"] + [pytest.param(m, marks=pytest.mark.slow) for m in ("dora", "ssb", "pissa")]
 
 
 @pytest.fixture(scope="module")

@@ -110,8 +110,8 @@ def _moved(params, cfg):
     return dj.combine(dj.partition(moved, cfg)[0], {}, dj.partition(params, cfg)[2])
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "ssb", pytest.param("pissa", marks=pytest.mark.slow),
-                                    pytest.param("ia3", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["lora", "dora", pytest.param("ssb", marks=pytest.mark.slow),
+                                    pytest.param("pissa", marks=pytest.mark.slow), pytest.param("ia3", marks=pytest.mark.slow)])
 def test_methods_on_experts_factored_equals_merged(method, loaded):
     pair = loaded("qwen3_moe")
     config, base = pair["config"], pair["params"]

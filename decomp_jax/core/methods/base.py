@@ -45,6 +45,14 @@ class Schedule(NamedTuple):
 
 
 class Method(NamedTuple):
+    """One registered method: its ``name``, ``family`` and one-line ``formula``, the names of the factor
+    leaves it adds beside a kernel, and the pure functions over one kernel described above (``init``,
+    ``materialize``, ``apply``, ...). The fields after them declare its properties: ``buffers`` (factor
+    leaves that never train), ``trains_bias``, ``uses_rank``, ``options`` (method options and their
+    defaults) and ``validate``, the built-in ``regularizer``, a stateful method's ``schedule``, and
+    ``kind`` ("layer", or "prompt" for prompt and prefix tuning). Made once per method and passed to
+    ``register``."""
+
     name: str
     family: str  # "reconstruction" | "extension" | "combination"
     formula: str  # one line, shown by `decomp-jax methods`
@@ -87,6 +95,8 @@ _REGISTRY: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
+    """Add ``method`` to the registry under ``method.name`` and return it; a name already registered
+    raises ``ValueError``."""
     if method.name in _REGISTRY:
         raise ValueError(f"method {method.name!r} is already registered")
     _REGISTRY[method.name] = method
@@ -104,6 +114,8 @@ def names(kind: Optional[str] = "layer") -> list[str]:
 
 
 def get(name: str) -> Method:
+    """The registered ``Method`` called ``name`` (of any kind); an unknown name raises ``ConfigError``
+    with the closest known name ("Did you mean") and the list of known ones."""
     try:
         return _REGISTRY[name]
     except KeyError:

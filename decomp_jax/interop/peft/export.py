@@ -55,10 +55,12 @@ def export_peft(params, cfg: AdapterConfig, out_dir: str | os.PathLike, *,
                 overwrite: bool = False) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` in PEFT 0.21's format.
 
-    ``params``: adapted params (``dj.inject`` of the model's params, trained) of a Flax sequence or token
-    classifier, a bare encoder (``models.bert.BertModel``: PEFT's FEATURE_EXTRACTION), GPT-2's LM or our Llama.
-    ``task_type``: PEFT's task type (default: CAUSAL_LM for the decoders, SEQ_CLS for an encoder with a
-    ``classifier`` head, FEATURE_EXTRACTION for a bare one; TOKEN_CLS for a token classifier).
+    - ``params``: adapted params (``dj.inject`` of the model's params, trained) of a Flax sequence or
+      token classifier, a bare encoder (``models.bert.BertModel``: PEFT's FEATURE_EXTRACTION), GPT-2's LM
+      or our Llama.
+    - ``task_type``: PEFT's task type (default: CAUSAL_LM for the decoders, SEQ_CLS for an encoder with a
+      ``classifier`` head, FEATURE_EXTRACTION for a bare one; TOKEN_CLS for a token classifier).
+
     Methods: lora (rslora too; on embedding tables as lora_embedding_A/B, with ``ensure_weight_tying`` on a
     tied model; ``trainable_tokens`` as trainable_token_indices), lora_bias (PEFT's lora_bias), dora, ia3
     (``scale_bias=True`` or bias-free targets: PEFT's IA3 scales the bias), ssl (PEFT IA3 on feedforward
