@@ -11,7 +11,7 @@
 Meshes: ``sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})`` and ``make_train_step(..., mesh=mesh)``
 derive every sharding (partition rules per architecture, factors following their kernels).
 
-Stateful methods (adalora, lora_dash) add ``partition`` (trainable, buffers, frozen) and
+Stateful methods (adalora, flexlora, lora_dash) add ``partition`` (trainable, buffers, frozen) and
 ``make_schedule(cfg, total_steps)``, passed to ``init_state`` and ``make_train_step``.
 """
 

@@ -26,6 +26,7 @@ dequantized base, as PEFT's adapters over a bitsandbytes base are.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Optional
 
@@ -150,8 +151,12 @@ def is_quantized(x) -> bool:
 
 
 def dequantize(x):
-    """``x`` itself, or its dequantized array when it is a ``QuantizedArray``."""
-    return x.dequantize() if isinstance(x, QuantizedArray) else x
+    """``x`` itself, or its dequantized array when it is a ``QuantizedArray`` (one compiled program per
+    layout, not op by op, when called outside a trace)."""
+    return _dequantize(x) if isinstance(x, QuantizedArray) else x
+
+
+_dequantize = jax.jit(QuantizedArray.dequantize)
 
 
 def quantize(x, kind: str = "nf4", block_size: int = 64, double_quant: bool = True) -> QuantizedArray:
@@ -165,10 +170,16 @@ def quantize(x, kind: str = "nf4", block_size: int = 64, double_quant: bool = Tr
         n = shape[axis] if len(shape) >= -axis else "it"
         raise ConfigError(f"quantize: an array of shape {shape} cannot be split into {kind} blocks of {block_size} "
                           f"along its {where}; choose an even block_size that divides {n} (e.g. 64, 32).")
-    dtype = jnp.asarray(x).dtype
+    return _quantize(x, kind, block_size, double_quant)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize(x, kind: str, block_size: int, double_quant: bool) -> QuantizedArray:
+    """``quantize`` once the arguments are checked: one compiled program per shape and setting."""
+    shape, dtype = x.shape, x.dtype
     if kind == "q4_1":
-        return _quantize_q4_1(jnp.swapaxes(jnp.asarray(x, jnp.float32), -1, -2), dtype, block_size)
-    blocks = jnp.asarray(x, jnp.float32).reshape(shape[:-1] + (shape[-1] // block_size, block_size))
+        return _quantize_q4_1(jnp.swapaxes(x.astype(jnp.float32), -1, -2), dtype, block_size)
+    blocks = x.astype(jnp.float32).reshape(shape[:-1] + (shape[-1] // block_size, block_size))
     absmax = jnp.max(jnp.abs(blocks), axis=-1)
     safe = jnp.where(absmax > 0, absmax, 1.0)
     unit = (blocks / safe[..., None]).reshape(shape)

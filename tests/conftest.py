@@ -40,7 +40,7 @@ def pytest_runtest_setup(item):
 
 # the longest tests (a minute or more each) run first: with `-n 2` each worker then fills in around them,
 # instead of one worker finishing a long test alone at the end of the run
-FIRST = ("test_multihost.py::test_two_processes_train_like_one",
+FIRST = ("test_multihost.py::test_two_processes_train_die_together_and_resume_exactly",
          "test_sharding.py::test_training_on_meshes_equals_one_device")
 
 

@@ -464,7 +464,7 @@ def _add_bench(add) -> None:
                     "full fine-tuning, LoRA, DoRA, SSB against transformers / HF PEFT LoRA, DoRA, interleaved; "
                     "generation against transformers; writes bench_decoder.json, bench_decoder.md")
     be.add_argument("--models", help="comma-separated: minilm,bert-base (default: both; --quick: minilm); "
-                    "with --decoder: smollm2,llama-1b,qwen3-0.6b (default: all three)")
+                    "with --decoder: smollm2,llama-1b,qwen3-0.6b,qwen3-moe (default: all four)")
     be.add_argument("--methods", help="comma-separated method names (default: all; full fine-tuning always runs)")
     be.add_argument("--batch-size", type=int, help="batch size (default 32; --decoder: 4 for smollm2, 2 for llama-1b and qwen3-0.6b)")
     be.add_argument("--seq-len", type=int, help="sequence length (default 64; --decoder: 256 for smollm2, 128 for llama-1b and qwen3-0.6b)")

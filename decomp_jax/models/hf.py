@@ -325,7 +325,7 @@ def load_encoder(folder: str, head: Optional[str] = "sequence", num_labels: Opti
     cls = {"sequence": BertForSequenceClassification, "token": BertForTokenClassification, None: BertModel}[head]
     module = cls(native, dtype=getattr(jnp, dtype))
     ids = jnp.zeros((1, 8), jnp.int32)
-    init = module.init(seeded_key(seed), ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"]
+    init = jax.jit(lambda key: module.init(key, ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"])(seeded_key(seed))
     return module, encoder_params(init, config, folder), config
 
 

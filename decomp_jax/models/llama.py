@@ -414,8 +414,8 @@ class LlamaForSequenceClassification(nn.Module):
 
 def init_params(config: LlamaConfig, rng: jax.Array):
     """Random params (normal(initializer_range) kernels and embeddings, unit norms)."""
-    ids = jnp.zeros((1, 2), jnp.int32)
-    return LlamaForCausalLM(config).init(rng, ids)["params"]
+    ids = jnp.zeros((1, 2), jnp.int32)  # one compiled init, not op by op
+    return jax.jit(lambda key: LlamaForCausalLM(config).init(key, ids)["params"])(rng)
 
 
 def random_params(config: LlamaConfig, seed: int = 0):

@@ -116,7 +116,9 @@ def manager(directory, *, keep_last: int = 2, keep_best: int = 0, best_metric: O
         preservation_policy=policies.AnyPreservationPolicy(keep),
     )
     mngr = ocp.CheckpointManager(os.path.abspath(directory), options=options)
-    mngr.wait_until_finished()  # the clean-up of temporary folders left by a killed save
+    # (Orbax removes the temporary folders a killed save left behind in the background, from here on; its
+    # next save waits for that. wait_until_finished waits for saves only.)
+    mngr.wait_until_finished()
     return mngr
 
 

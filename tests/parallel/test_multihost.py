@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from decomp_jax.app.experiment import load_config, run
 
@@ -57,46 +56,11 @@ def _records(out_dir):
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def _one_process(model_dir, out):
-    """The same run in this process on one device: (its result, its loss per step)."""
-    one = run(load_config(REPO / "configs" / "quickstart.yaml", [*_sets(model_dir), f"train.output_dir={out}"]),
-              progress=False)
-    return one, {r["step"]: r["loss"] for r in _records(out) if "loss" in r}
-
-
-def test_two_processes_train_like_one(tiny_model_dir, tmp_path):
-    """Two processes x 4 devices (fsdp over 8) train to the end: the per-step losses and the eval equal the
-    one-process run, only process 0 prints, and the checkpoint restores onto one device here. (Killing one of
-    them and resuming: the slow test below.)"""
-    one, reference = _one_process(tiny_model_dir, tmp_path / "one")
-    out = tmp_path / "two"
-    procs = _launch(tiny_model_dir, out)
-    outputs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    assert "2 processes, 8 devices" in outputs[0][0]
-    _check_output(out, outputs, one, reference)
-    sys.path.insert(0, str(REPO / "tests" / "workers"))
-    from multihost_worker import restore_and_compare
-
-    single = restore_and_compare(out, "null")
-    assert (single["step"], single["devices"]) == (STEPS, 1) and single["max_diff"] == 0.0
-
-
-def _check_output(out, outputs, one, reference):
-    """Only process 0 prints; the losses of every step and the eval equal the one-process run's."""
-    # (gloo itself writes "[Gloo] Rank i is connected to ... peer ranks" lines to stdout, from several threads,
-    # sometimes interleaved)
-    assert [ln for ln in outputs[1][0].splitlines() if ln.strip() and "Gloo" not in ln and "peer ranks" not in ln] == []
-    losses = {r["step"]: r["loss"] for r in _records(out) if "loss" in r}
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    np.testing.assert_allclose([losses[s] for s in reference], list(reference.values()), rtol=1e-5, atol=1e-5)
-    assert json.loads((out / "metrics.json").read_text())["eval"] == one["eval"]
-    assert not (out / ".processes").exists()
-
-
-@pytest.mark.slow  # ~130 s: four process starts and a reference run (the default suite trains two processes once)
 def test_two_processes_train_die_together_and_resume_exactly(tiny_model_dir, tmp_path):
-    one, reference = _one_process(tiny_model_dir, tmp_path / "one")
+    one = run(load_config(REPO / "configs" / "quickstart.yaml", [*_sets(tiny_model_dir), f"train.output_dir={tmp_path / 'one'}"]),
+              progress=False)
+    reference = {r["step"]: r["loss"] for r in _records(tmp_path / "one") if "loss" in r}
+
     out = tmp_path / "two"
     procs = _launch(tiny_model_dir, out)
     deadline = time.time() + 180
@@ -117,7 +81,14 @@ def test_two_processes_train_die_together_and_resume_exactly(tiny_model_dir, tmp
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert "resuming at step" in outputs[0][0] and "2 processes, 8 devices" in outputs[0][0]
-    _check_output(out, outputs, one, reference)
+    # only process 0 prints (gloo itself writes "[Gloo] Rank i is connected to ... peer ranks" lines to stdout,
+    # from several threads, sometimes interleaved)
+    assert [ln for ln in outputs[1][0].splitlines() if ln.strip() and "Gloo" not in ln and "peer ranks" not in ln] == []
+    losses = {r["step"]: r["loss"] for r in _records(out) if "loss" in r}
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([losses[s] for s in reference], list(reference.values()), rtol=1e-5, atol=1e-5)
+    assert json.loads((out / "metrics.json").read_text())["eval"] == one["eval"]
+    assert not (out / ".processes").exists()
 
     # the 2 x 4 checkpoint restores onto 1 x 1 (here) and 1 x 8 (a subprocess) devices
     sys.path.insert(0, str(REPO / "tests" / "workers"))
@@ -145,6 +116,7 @@ def test_unreachable_coordinator_is_a_clear_error(tiny_model_dir, tmp_path):
 
 
 def test_multiprocess_settings_are_checked_before_anything_starts():
+    import pytest
 
     from decomp_jax.parallel.distributed import DistributedError, settings
 

@@ -13,8 +13,8 @@ After every optimizer update (``Schedule.update``, run inside the jitted train s
 - masking sets the ``lora_e`` entries of the ``total - b(t)`` lowest-scored triplets to zero.
 
 The orthogonality term of AdaLoRA is MPC_o on ``lora_a``/``lora_b`` (``Method.regularizer``).
-Steps count optimizer updates; under gradient accumulation the sensitivity uses the gradient of
-the micro-batch that completed the update.
+Steps count optimizer updates; under gradient accumulation the sensitivity uses the mean gradient of
+the update's micro-batches.
 """
 
 from __future__ import annotations

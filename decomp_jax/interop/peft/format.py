@@ -30,7 +30,7 @@ What the format holds (checked against files that PEFT 0.21 itself writes):
   ``lm_head.weight`` whose module is not wrapped is written into the base model's (shared) weight.
 
 Our kernels are Flax ``(d_in, d_out)``; an ``nn.Linear.weight`` is ``K.T``. Name maps between Flax
-paths and PyTorch module names live in one ``Arch`` entry per architecture (``ARCHS``).
+paths and PyTorch module names live in one ``Arch`` entry per architecture (``models.names.ARCHS``).
 """
 
 from __future__ import annotations
