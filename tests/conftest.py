@@ -38,27 +38,14 @@ def pytest_runtest_setup(item):
         item.user_properties.append(("peft_setting", tuple(mark.args)))
 
 
-# the longest work first, so that with `-n 2` (whole files per worker, --dist loadfile) the workers fill in
-# around it instead of one of them finishing a long file alone at the end of the run: the longest tests (a
-# minute or more each) open their files, and the files that take longest (seconds summed over their tests, as
-# measured) go before the rest
+# the longest tests (a minute or more each) run first: with `-n 2` each worker then fills in around them,
+# instead of one worker finishing a long test alone at the end of the run
 FIRST = ("test_multihost.py::test_two_processes_train_die_together_and_resume_exactly",
          "test_sharding.py::test_training_on_meshes_equals_one_device")
-LONG_FILES = ("parallel/test_multihost.py", "parallel/test_sharding.py", "core/test_execution.py",
-              "models/test_llama.py", "core/test_prompts.py", "test_quant.py", "models/test_families.py",
-              "tasks/test_commonsense_task.py", "core/test_scan.py", "models/test_gpt2_lm.py",
-              "interop/test_peft_interop.py", "models/test_moe.py", "test_docs.py", "models/test_attention.py",
-              "training/test_robustness.py", "test_examples.py", "app/test_nothing_lost.py")
-
-
-def _order(item) -> tuple:
-    path = item.nodeid.split("::")[0].removeprefix("tests/")
-    rank = LONG_FILES.index(path) if path in LONG_FILES else len(LONG_FILES)
-    return rank, not any(item.nodeid.endswith(name) for name in FIRST)
 
 
 def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=_order)  # (stable: the rest keep their order)
+    items.sort(key=lambda item: not any(item.nodeid.endswith(name) for name in FIRST))  # (stable: the rest keep their order)
 
 
 _PEFT_ROWS: dict = {}
