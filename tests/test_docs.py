@@ -46,6 +46,9 @@ def program(page, blocks) -> str:
 
 
 PAGES_WITH_CODE = [p for p in PAGES if python_blocks(p.read_text())]
+# decomp_jax and its packages: the modules whose ``__all__`` is the public API
+PACKAGES = ["decomp_jax"] + [f"decomp_jax.{p.name}" for p in sorted((REPO / "decomp_jax").iterdir())
+                             if (p / "__init__.py").is_file()]
 
 
 def test_the_collector_finds_blocks_and_skips_includes():
@@ -75,9 +78,7 @@ def test_the_api_reference_covers_every_public_name():
         directives |= set(re.findall(r"^::: *([\w.]+)", page.read_text(), re.M))
     assert directives, "docs/reference/ has no ::: directives"
     missing = []
-    packages = ["decomp_jax"] + [f"decomp_jax.{p.name}" for p in sorted((REPO / "decomp_jax").iterdir())
-                                  if (p / "__init__.py").is_file()]
-    for package in packages:
+    for package in PACKAGES:
         module = importlib.import_module(package)
         for name in getattr(module, "__all__", []):
             value = getattr(module, name)
@@ -107,9 +108,8 @@ def test_every_public_name_has_a_docstring():
             return ast.get_docstring(node)
         return getattr(value, "__doc__", None)
 
-    packages = ["decomp_jax", "decomp_jax.named", "decomp_jax.sharding", "decomp_jax.nnx", "decomp_jax.core.methods",
-                "decomp_jax.interop.peft"] + [f"decomp_jax.{p.name}" for p in sorted((REPO / "decomp_jax").iterdir())
-                                              if (p / "__init__.py").is_file()]
+    packages = PACKAGES + ["decomp_jax.named", "decomp_jax.sharding", "decomp_jax.nnx", "decomp_jax.core.methods",
+                           "decomp_jax.interop.peft"]
     missing = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # decomp_jax.methods: a moved path's alias

@@ -440,6 +440,13 @@ def seeded_key(seed: int) -> jax.Array:
     return jax.random.split(jax.random.PRNGKey(seed))[0]
 
 
+def init_encoder(module, rng: jax.Array, seq_len: int = 8) -> dict:
+    """The params of one of our encoder modules initialised with ``rng`` on a ``(1, seq_len)`` batch, as one
+    compiled program (not op by op: 3x faster on a tiny BERT)."""
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    return jax.jit(lambda key: module.init(key, ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"])(rng)
+
+
 def default_position_ids(input_ids: jax.Array, cfg: NativeBertConfig) -> jax.Array:
     """BERT: ``0..s-1``; RoBERTa: ``padding_idx + 1 + (rank among non-padding tokens)``, and
     ``padding_idx`` at padding tokens (as fairseq / transformers)."""
@@ -502,8 +509,7 @@ class NativeSequenceClassifier:
         save_file(state, os.path.join(str(folder), "model.safetensors"), metadata={"format": "pt"})
 
     def init_params(self, rng: jax.Array, seq_len: int = 8) -> dict:
-        ids = jnp.zeros((1, seq_len), jnp.int32)  # one compiled init, not op by op (3x faster on a tiny BERT)
-        return jax.jit(lambda key: self.module.init(key, ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"])(rng)
+        return init_encoder(self.module, rng, seq_len)
 
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, head_mask=None,
                  params: Optional[dict] = None, dropout_rng: Optional[jax.Array] = None, train: bool = False,

@@ -19,7 +19,7 @@ import numpy as np
 
 from decomp_jax.models.bert import (
     BertForSequenceClassification, BertForTokenClassification, BertModel, NativeSequenceClassifier, from_hf_config,
-    native_like, native_support, seeded_key,
+    init_encoder, native_like, native_support, seeded_key,
 )
 from decomp_jax.models.names import encoder_arch, get_arch, read_torch_weights
 
@@ -324,9 +324,7 @@ def load_encoder(folder: str, head: Optional[str] = "sequence", num_labels: Opti
     native = from_hf_config(config)
     cls = {"sequence": BertForSequenceClassification, "token": BertForTokenClassification, None: BertModel}[head]
     module = cls(native, dtype=getattr(jnp, dtype))
-    ids = jnp.zeros((1, 8), jnp.int32)
-    init = jax.jit(lambda key: module.init(key, ids, jnp.ones_like(ids), jnp.zeros_like(ids))["params"])(seeded_key(seed))
-    return module, encoder_params(init, config, folder), config
+    return module, encoder_params(init_encoder(module, seeded_key(seed)), config, folder), config
 
 
 def with_backbone(model, backbone: str = "auto"):
