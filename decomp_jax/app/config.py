@@ -53,7 +53,8 @@ class ModelConfig(Serializable):
     # mixtures of experts: dense (every expert on every token, exact) | ragged (grouped matmuls, accelerators)
     moe_dispatch: str = "dense"
     # attention (models.attention): auto | xla (all scores at once) | chunked (blocks of attention_chunk queries
-    # and keys, online softmax: memory linear in the length) | cudnn (GPUs); auto picks by platform and length
+    # and keys, online softmax: memory linear in the length) | cudnn (GPUs) | splash (the Pallas TPU kernel);
+    # auto picks by platform and length
     attention: str = "auto"
     attention_chunk: int = 512
     # a quantized frozen base (decomp_jax.quant): nf4 | int8 | fp8 | q4_1, blocks of quantize_block_size values

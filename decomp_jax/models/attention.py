@@ -14,8 +14,12 @@ Implementations (``LlamaConfig.attention``, the runner's ``model.attention``):
   Gemma 2's soft-capping and grouped key/value heads (never repeated) work as in ``xla``.
 - ``cudnn``: ``jax.nn.dot_product_attention`` with cuDNN's fused kernel (GPUs; half precision), for
   masks it takes and without soft-capping.
-- ``auto`` (default): ``cudnn`` on a GPU where it applies, else ``chunked`` once a row's query-key
-  product reaches ``CHUNKED_FROM`` entries, else ``xla``.
+- ``splash``: the Pallas TPU splash-attention kernel (``splash_attention``) for self-attention calls
+  (training, scoring): the mask as segment ids (padding and packed examples, ``segment_ids``) under a
+  causal or sliding-window mask, soft-capping, grouped heads; a cached decoding step or prefix slots run
+  as ``auto`` would off a TPU. Off a TPU it runs in Pallas's interpreter (exact, slow: for tests).
+- ``auto`` (default): ``splash`` on a TPU for self-attention calls, ``cudnn`` on a GPU where it applies,
+  else ``chunked`` once a row's query-key product reaches ``CHUNKED_FROM`` entries, else ``xla``.
 
 All take ``q (B, L, H, d)``, ``k, v (B, S, K, d)`` with query head ``h = kv_head * groups + g`` (HF's
 ``repeat_kv`` order) and ``allowed`` bool ``(B, L, S)``, and return ``(B, L, H * d)``. A query row with no
@@ -31,7 +35,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 # auto: chunked once L * S reaches this (2048 x 2048). On this CPU (SmolLM2's LoRA step, scanned + remat) chunked
 # holds less memory at every length and runs as fast as xla from 1024 tokens on (bench --long)
 CHUNKED_FROM = 2048 * 2048
@@ -40,9 +44,6 @@ _MIN = jnp.finfo(jnp.float32).min
 
 def check_implementation(name: str, softcap: Optional[float] = None) -> None:
     """A clear error for an implementation name we do not have, or one that cannot run the model."""
-    if name == "splash":
-        raise ValueError("attention='splash' (the Pallas TPU kernel) is not implemented; use 'chunked' (any "
-                         "platform, memory linear in the length) or 'auto'.")
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"attention={name!r} is unknown; choose one of {', '.join(IMPLEMENTATIONS)}.")
     if name == "cudnn" and softcap is not None:
@@ -50,26 +51,37 @@ def check_implementation(name: str, softcap: Optional[float] = None) -> None:
                          f"'chunked' or 'auto'.")
 
 
-def choose(name: str, length: int, key_len: int, dtype, softcap: Optional[float] = None) -> str:
-    """The implementation ``auto`` stands for here (the platform, the shapes, the dtype, soft-capping)."""
+def choose(name: str, length: int, key_len: int, dtype, softcap: Optional[float] = None,
+           segments: bool = False) -> str:
+    """The implementation ``auto`` stands for here (the platform, the shapes, the dtype, soft-capping);
+    ``segments``: the call passes the segment ids ``splash`` needs (a self-attention call: no cache, no
+    prefix slots). ``splash`` without them (a cached decoding step) runs as ``auto`` would off a TPU."""
     check_implementation(name, softcap)
-    if name != "auto":
+    if name == "splash" and segments:
         return name
+    if name not in ("auto", "splash"):
+        return name
+    if jax.default_backend() == "tpu" and segments:
+        return "splash"
     if jax.default_backend() == "gpu" and softcap is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "chunked" if length * key_len >= CHUNKED_FROM else "xla"
 
 
 def attention(q, k, v, allowed, kv_heads: int, scale: Optional[float] = None, softcap: Optional[float] = None,
-              implementation: str = "auto", chunk: int = 512):
+              implementation: str = "auto", chunk: int = 512, segments=None, window: Optional[int] = None):
     """Grouped-query attention by ``implementation`` (see the module's docstring); ``scale`` (default
-    ``d ** -0.5``) multiplies the scores, ``softcap`` then maps them to ``softcap * tanh(s / softcap)``."""
-    name = choose(implementation, q.shape[1], k.shape[1], q.dtype, softcap)
+    ``d ** -0.5``) multiplies the scores, ``softcap`` then maps them to ``softcap * tanh(s / softcap)``.
+    ``segments`` ``(B, L)`` int and ``window``: the same mask as ``allowed`` in the form ``splash`` takes
+    (see ``splash_attention``), for self-attention calls; the other implementations read ``allowed``."""
+    name = choose(implementation, q.shape[1], k.shape[1], q.dtype, softcap, segments is not None)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if name == "chunked":
         return chunked_attention(q, k, v, allowed, kv_heads, scale, softcap, chunk)
     if name == "cudnn":
         return sdpa_attention(q, k, v, allowed, scale, "cudnn")
+    if name == "splash":
+        return splash_attention(q, k, v, segments, kv_heads, scale, softcap, window, chunk)
     return grouped_attention(q, k, v, allowed, kv_heads, scale, softcap)
 
 
@@ -229,3 +241,54 @@ def sdpa_attention(q, k, v, allowed, scale: float, implementation: Optional[str]
     b, length, heads, d = q.shape
     out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale, implementation=implementation)
     return out.reshape(b, length, heads * d)
+
+
+def segment_ids(attention_mask, packed=None):
+    """The ids ``splash`` masks by (``(B, L)`` int32): a position attends to the earlier positions with its
+    id. Real tokens carry their example's id (``packed``, or 0), padding ``-1``: no real token sees
+    padding, and a padding position sees the padding up to itself (a row of no meaning, never empty)."""
+    ids = jnp.zeros(attention_mask.shape, jnp.int32) if packed is None else jnp.asarray(packed, jnp.int32)
+    return jnp.where(attention_mask > 0, ids, -1)
+
+
+def _splash_kernel(length: int, groups: int, block: int, window: Optional[int], softcap: Optional[float],
+                   interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    shape = (length, length)
+    mask = masks.CausalMask(shape) if window is None else masks.LocalMask(shape, (window - 1, 0), 0)
+    sizes = kernel.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    # built in the trace that calls it (its mask tables become that trace's constants; a kernel kept across
+    # traces would carry one trace's values into another)
+    return kernel.make_splash_mqa(masks.MultiHeadMask([mask] * groups), block_sizes=sizes, head_shards=1,
+                                  q_seq_shards=1, attn_logits_soft_cap=softcap, interpret=interpret)
+
+
+def splash_attention(q, k, v, segments, kv_heads: int, scale: float, softcap: Optional[float] = None,
+                     window: Optional[int] = None, chunk: int = 512):
+    """``splash``: the Pallas TPU splash-attention kernel (``jax.experimental.pallas``), its own backward
+    pass, blocks of ``chunk`` rounded up to a multiple of 128 (rows padded to whole blocks), blocks no query
+    may see skipped. The mask is causal (``window``: and a sliding window of that many keys) within
+    ``segments`` (``segment_ids``: packed examples, padding), for self-attention (``L == S``). Each
+    key/value head serves its query heads through the kernel's multi-query form: K/V never repeated. Off
+    a TPU it runs in Pallas's interpreter: exact, slow; for tests."""
+    b, length, heads, d = q.shape
+    if k.shape[1] != length:
+        raise ValueError(f"attention='splash' is for self-attention: {length} queries against {k.shape[1]} keys "
+                         f"(a cache or prefix slots); those calls take 'xla' or 'chunked'.")
+    lanes = 128  # the kernel's blocks are whole multiples of the TPU's 128 lanes
+    block = min(-(-chunk // lanes), -(-length // lanes)) * lanes
+    padded = -(-length // block) * block
+    qg = _padded(_grouped_queries(q * jnp.asarray(scale, q.dtype), kv_heads), 3, padded)  # (B, K, G, Lp, d)
+    kh, vh = (_padded(t, 1, padded).transpose(0, 2, 1, 3) for t in (k, v))  # (B, K, Lp, d)
+    ids = _padded(jnp.asarray(segments, jnp.int32), 1, padded, -2)  # padded rows: an id of their own
+    run = _splash_kernel(padded, heads // kv_heads, block, window, softcap, jax.default_backend() != "tpu")
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
+    def one(qg, kh, vh, ids):  # one example, one key/value head: (G, Lp, d), (Lp, d), (Lp, d)
+        return run(qg, kh, vh, segment_ids=SegmentIds(ids, ids))
+
+    out = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))(qg, kh, vh, ids)  # (B, K, G, Lp, d)
+    return out[:, :, :, :length].transpose(0, 3, 1, 2, 4).reshape(b, length, heads * d)

@@ -25,6 +25,7 @@ import numpy as np
 
 from decomp_jax.guards import atomic_save_safetensors
 from decomp_jax.models.attention import attention, check_implementation
+from decomp_jax.models.attention import segment_ids as splash_segments
 from decomp_jax.models.bert import ACTIVATIONS
 from decomp_jax.models.generation import prompt_buffer, token_finisher
 from decomp_jax.models.llama import (
@@ -65,11 +66,11 @@ class Block(nn.Module):
     attention_chunk: int = 512
 
     @nn.compact
-    def __call__(self, hidden, allowed, cache=None, cache_index=None):
+    def __call__(self, hidden, masks, cache=None, cache_index=None):
         cfg, pd = self.config, self.param_dtype
         norm = lambda name: nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, param_dtype=pd, name=name)  # noqa: E731
         attended, new_cache = Attention(cfg, pd, self.attention, self.attention_chunk, name="attn")(
-            norm("ln_1")(hidden), allowed, cache, cache_index)
+            norm("ln_1")(hidden), masks, cache, cache_index)
         hidden = hidden + attended
         mlp = MLP(cfg, cfg.n_inner or 4 * cfg.n_embd, pd, name="mlp")
         return hidden + mlp(norm("ln_2")(hidden)), new_cache
@@ -89,12 +90,12 @@ class Blocks(nn.Module):
     attention_chunk: int = 512
 
     @nn.compact
-    def __call__(self, hidden, allowed, cache=None, cache_index=None):
+    def __call__(self, hidden, masks, cache=None, cache_index=None):
         new_cache = []
         block = _block_class(self.remat, False)
         for i in range(self.config.n_layer):
             hidden, layer_cache = block(self.config, self.param_dtype, self.attention, self.attention_chunk, name=str(i))(
-                hidden, allowed, None if cache is None else cache[i], cache_index)
+                hidden, masks, None if cache is None else cache[i], cache_index)
             new_cache.append(layer_cache)
         return hidden, (tuple(new_cache) if cache is not None else None)
 
@@ -119,8 +120,11 @@ class Attention(nn.Module):
     attention_chunk: int = 512
 
     @nn.compact
-    def __call__(self, x, allowed, cache=None, cache_index=None):
+    def __call__(self, x, masks, cache=None, cache_index=None):
+        """``masks``: ``(allowed, segments)``, the mask as a bool ``(B, L, S)`` and as ``splash`` takes it
+        (``models.attention.segment_ids``; None for a cached call)."""
         cfg, pd = self.config, self.param_dtype
+        allowed, segments = masks
         d, h = cfg.n_embd, cfg.n_head
         b, s, _ = x.shape
         q, k, v = (t.reshape(b, s, h, d // h) for t in jnp.split(Conv1D(3 * d, param_dtype=pd, name="c_attn")(x), 3, axis=-1))
@@ -131,7 +135,7 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), start)
             new_cache = {"key": k, "value": v}
         context = attention(q, k, v, allowed, h, scale=(d // h) ** -0.5, implementation=self.attention,
-                            chunk=self.attention_chunk)
+                            chunk=self.attention_chunk, segments=segments)
         return Conv1D(d, param_dtype=pd, name="c_proj")(context), new_cache
 
 
@@ -199,11 +203,15 @@ class GPT2Stack(nn.Module):
         allowed = causal[None] & (attention_mask[:, None, :] > 0)  # (B, s, key_len)
         if segment_ids is not None:  # packed rows: a token sees the earlier tokens of its own example only
             allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        segments = None  # the mask as splash takes it (self-attention calls)
+        if self.attention in ("auto", "splash") and cache is None:
+            segments = splash_segments(attention_mask, segment_ids)
+        masks = (allowed, segments)
         if not self.scan_layers:
-            hidden, new_cache = self.h(hidden, allowed, cache, cache_index)
+            hidden, new_cache = self.h(hidden, masks, cache, cache_index)
             return self.ln_f(hidden), new_cache
         stacked = None if cache is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *cache)
-        hidden, new_stacked = self.layers(hidden, allowed, stacked, cache_index)
+        hidden, new_stacked = self.layers(hidden, masks, stacked, cache_index)
         if cache is not None:
             new_stacked = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], new_stacked) for i in range(len(cache)))
         return self.ln_f(hidden), new_stacked

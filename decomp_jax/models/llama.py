@@ -49,6 +49,7 @@ Hooks for prompt / prefix tuning (kept minimal):
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Optional
 
@@ -56,7 +57,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from decomp_jax.models.attention import attention
+from decomp_jax.models.attention import attention, choose
+from decomp_jax.models.attention import segment_ids as splash_segments
 from decomp_jax.models.llama_config import LlamaConfig
 from decomp_jax.models.mlp import dense, feed_forward
 from decomp_jax.models.rope import apply_rotary, rotary_cos_sin
@@ -102,8 +104,10 @@ class LlamaAttention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None, prefix=None):
-        """``allowed``: bool (B, L, S) over the keys attended (prefix slots excluded)."""
+    def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None, prefix=None, segments=None, kind=0):
+        """``allowed``: bool (B, L, S) over the keys attended (prefix slots excluded); ``segments``: the same
+        mask as ``splash`` takes it (``models.attention.segment_ids``; self-attention calls), ``kind`` 1 for a
+        sliding-window layer (an int, or traced under scanned layers)."""
         c = self.config
         heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         b, length, _ = x.shape
@@ -134,8 +138,16 @@ class LlamaAttention(nn.Module):
             k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
             allowed = jnp.concatenate([jnp.ones((b, length, pk.shape[1]), bool), allowed], axis=-1)
         scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else d) ** -0.5
-        out = attention(q, k, v, allowed, kv_heads, scale=scale, softcap=c.attn_logit_softcapping,
-                        implementation=c.attention, chunk=c.attention_chunk)
+        segments = None if cache is not None or prefix is not None else segments
+        softcap = c.attn_logit_softcapping
+        attend = functools.partial(attention, q, k, v, allowed, kv_heads, scale=scale, softcap=softcap,
+                                   implementation=c.attention, chunk=c.attention_chunk, segments=segments)
+        splash = choose(c.attention, length, k.shape[1], q.dtype, softcap, segments is not None) == "splash"
+        if splash and c.sliding_window and not isinstance(kind, int):
+            # a scanned layer's kind is known when it runs, and splash's masks are static: one kernel per kind
+            out = jax.lax.cond(kind > 0, lambda: attend(window=c.sliding_window), lambda: attend(window=None))
+        else:  # (the other implementations read allowed, already picked for the kind)
+            out = attend(window=c.sliding_window if isinstance(kind, int) and kind else None)
         out = out.reshape(b * length, heads * d)
         return dense(c, c.hidden_size, c.attention_bias, "o_proj")(out).reshape(b, length, -1), new_cache
 
@@ -144,7 +156,8 @@ class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP with residuals; with ``sandwich_norms`` (Gemma 2/3) the attention
     output goes through ``post_attention_layernorm`` and the MLP's input and output through
     ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm`` (Llama's ``post_attention_layernorm``
-    is the MLP's input norm). ``ropes`` / ``masks``: the (full, sliding-or-None) variants; ``kind``
+    is the MLP's input norm). ``ropes``: the (full, sliding-or-None) variants, ``masks`` those of ``allowed`` and
+    the ``splash`` segment ids (or None); ``kind``
     picks one (``_pick``)."""
 
     config: LlamaConfig
@@ -154,9 +167,9 @@ class LlamaDecoderLayer(nn.Module):
     def __call__(self, x, ropes, masks, cache=None, cache_index=None, prefix=None, kind=0):
         c = self.config
         cos, sin = _pick(kind, *ropes)
-        allowed = _pick(kind, *masks)
+        allowed = _pick(kind, *masks[:2])
         h, new_cache = LlamaAttention(c, name="self_attn")(
-            _norm(c, "input_layernorm")(x), cos, sin, allowed, cache, cache_index, prefix
+            _norm(c, "input_layernorm")(x), cos, sin, allowed, cache, cache_index, prefix, masks[2], kind
         )
         if c.sandwich_norms:
             x = x + _norm(c, "post_attention_layernorm")(h)
@@ -269,7 +282,10 @@ class LlamaModel(nn.Module):
             sliding = allowed & window[None]
         ropes = (rotary_cos_sin(c, position_ids),
                  rotary_cos_sin(c, position_ids, local=True) if c.rope_local_theta is not None and any(kinds) else None)
-        masks = (allowed, sliding)
+        segments = None  # the mask as splash takes it (self-attention calls)
+        if c.attention in ("auto", "splash") and cache is None and prefix_kv is None:
+            segments = splash_segments(attention_mask, segment_ids)
+        masks = (allowed, sliding, segments)
         if c.scan_layers:
             stacked_cache = None if cache is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *cache)
             x, new_stacked = self.layers(x, ropes, masks, stacked_cache, cache_index, prefix_kv,

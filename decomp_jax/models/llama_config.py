@@ -71,9 +71,9 @@ class LlamaConfig:
     (every expert runs on every token, weighted by the router: exact, for small models and CPUs) or
     ``ragged`` (tokens sorted by expert, grouped matmuls ``jax.lax.ragged_dot``: for accelerators).
 
-    ``attention``: ``auto``, ``xla``, ``chunked`` or ``cudnn`` (``models.attention``: all scores at once,
-    or blocks of ``attention_chunk`` queries and keys with an online softmax, memory linear in the
-    length, or cuDNN's fused kernel on GPUs); the same numbers from each.
+    ``attention``: ``auto``, ``xla``, ``chunked``, ``cudnn`` or ``splash`` (``models.attention``: all scores
+    at once, or blocks of ``attention_chunk`` queries and keys with an online softmax, memory linear in the
+    length, or cuDNN's fused kernel on GPUs, or the Pallas splash kernel on TPUs); the same numbers from each.
     """
 
     vocab_size: int = 32000

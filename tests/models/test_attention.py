@@ -1,6 +1,7 @@
 """The decoders' attention implementations (decomp_jax.models.attention): ``chunked`` (blocks of queries and
-keys, online softmax, a backward pass of its own) and ``jax.nn.dot_product_attention`` (the ``cudnn``
-path's call, run here with JAX's XLA implementation) against ``xla`` (all scores at once) for every mask
+keys, online softmax, a backward pass of its own), ``splash`` (the Pallas TPU kernel, run here in Pallas's
+interpreter) and ``jax.nn.dot_product_attention`` (the ``cudnn`` path's call, run here with JAX's XLA
+implementation) against ``xla`` (all scores at once) for every mask
 our decoders build, outputs and gradients; the model with each implementation; XLA's memory estimate of
 the chunked backward pass."""
 
@@ -105,12 +106,54 @@ def test_choices_and_refusals():
     assert att.choose("auto", 4096, 4096, jnp.bfloat16, softcap=50.0) == "chunked"
     with pytest.raises(ValueError, match="'cudnn' has no logit soft-capping"):
         LlamaConfig(attention="cudnn", attn_logit_softcapping=50.0)
-    with pytest.raises(ValueError, match="'splash' .* is not implemented"):
-        LlamaConfig(attention="splash")
+    assert att.choose("splash", 256, 256, jnp.float32, segments=True) == "splash"
+    assert att.choose("splash", 1, 256, jnp.float32) == "xla"  # a cached decoding step: what auto picks off a TPU
+    q = jnp.zeros((1, 2, HEADS, D))
+    with pytest.raises(ValueError, match="'splash' is for self-attention: 2 queries against 9 keys"):
+        att.splash_attention(q, jnp.zeros((1, 9, KV, D)), jnp.zeros((1, 9, KV, D)), jnp.zeros((1, 2)), KV, 0.3)
     with pytest.raises(ValueError, match="attention='flash' is unknown"):
         LlamaConfig(attention="flash")
     with pytest.raises(ValueError, match="attention_chunk=0"):
         LlamaConfig(attention_chunk=0)
+
+
+SPLASH_CASES = {  # one kernel each (its masks are static): a few mask kinds per case
+    "padding, packed segments, soft-capped": dict(length=12, segments=[[0] * 5 + [1] * 4 + [2] * 3, [0] * 7 + [1] * 5],
+                                                  left=2, right=3, softcap=5.0),
+    "sliding window, padding": dict(length=13, window=4, left=2, right=1),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLASH_CASES))
+def test_splash_equals_all_scores_at_once(case):
+    """The Pallas TPU kernel (``splash``; here in Pallas's interpreter) against ``xla``: outputs at the real
+    tokens and the gradients of q, k, v, within 1e-5, grouped heads through its multi-query form. Its mask is
+    the causal (or sliding-window) one within segment ids: padding gets an id of its own
+    (``segment_ids``), so a padding query sees padding only; nothing reads those rows."""
+    spec = dict(SPLASH_CASES[case])
+    length, softcap, window, segments = spec.pop("length"), spec.pop("softcap", None), spec.get("window"), spec.get("segments")
+    keys = np.ones((B, length), np.int32)
+    keys[0, :spec["left"]] = 0
+    keys[1, length - spec["right"]:] = 0
+    ids = att.segment_ids(jnp.asarray(keys), None if segments is None else jnp.asarray(segments))
+    allowed = _mask(length, length, **spec) & (ids[:, :, None] == ids[:, None, :])  # (padding queries see padding)
+    ks = jax.random.split(jax.random.PRNGKey(3), 4)
+    q = jax.random.normal(ks[0], (B, length, HEADS, D))
+    k, v = (jax.random.normal(kk, (B, length, KV, D)) for kk in ks[1:3])
+    real = keys.astype(bool)
+    probe = jax.random.normal(ks[3], (B, length, HEADS * D)) * real[..., None]
+
+    def run(impl):
+        call = lambda q, k, v: att.attention(q, k, v, allowed, KV, scale=0.3, softcap=softcap, implementation=impl,  # noqa: E731
+                                             segments=ids, window=window)
+        grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(probe * call(q, k, v)), argnums=(0, 1, 2)))(q, k, v)
+        return jax.jit(call)(q, k, v), grads
+
+    (ref, gref), (out, gout) = run("xla"), run("splash")
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(ref)[real], rtol=0, atol=1e-5)
+    for a, b in zip(gref, gout):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+    assert float(jnp.max(jnp.abs(gref[1]))) > 1e-2
 
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -130,7 +173,8 @@ def _gpt2(attention):
     sliding_window=5, layer_types=("sliding_attention", "full_attention"), attn_logit_softcapping=20.0,
     model_type="gemma2", sandwich_norms=True), marks=pytest.mark.slow), "gpt2"], ids=["llama", "gemma2-like", "gpt2"])
 def test_the_model_gives_the_same_logits_and_gradients_with_each(extra):
-    """Our Llama (a Gemma-2-like one with -m slow) and our GPT-2 with ``xla`` and ``chunked`` attention."""
+    """Our Llama (a Gemma-2-like one with -m slow) and our GPT-2 with ``xla``, ``chunked`` and ``splash``
+    (in Pallas's interpreter) attention."""
     ids = jax.random.randint(jax.random.PRNGKey(1), (2, 14), 3, 64)
     mask = jnp.ones((2, 14), jnp.int32).at[0, :3].set(0)
     if extra == "gpt2":
@@ -146,10 +190,12 @@ def test_the_model_gives_the_same_logits_and_gradients_with_each(extra):
         loss = lambda p: jnp.mean(model.apply({"params": p}, ids, mask)[:, 3:] ** 2)  # noqa: E731
         return jax.jit(model.apply)({"params": params}, ids, mask), jax.jit(jax.grad(loss))(params)
 
-    (ref, gref), (out, gout) = run("xla"), run("chunked")
+    ref, gref = run("xla")
     valid = np.asarray(mask, bool)
-    np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], rtol=0, atol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=0, atol=1e-5), gref, gout)
+    for impl in ("chunked", "splash"):
+        out, gout = run(impl)
+        np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], rtol=0, atol=1e-5, err_msg=impl)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=0, atol=1e-5, err_msg=impl), gref, gout)
 
 
 def test_the_chunked_backward_pass_holds_less():
