@@ -17,8 +17,9 @@ Implementations (``LlamaConfig.attention``, the runner's ``model.attention``):
 - ``splash``: the Pallas TPU splash-attention kernel (``splash_attention``) for self-attention calls
   (training, scoring): the mask as segment ids (padding and packed examples, ``segment_ids``) under a
   causal or sliding-window mask, soft-capping, grouped heads; a cached decoding step or prefix slots run
-  as ``auto`` would off a TPU. Off a TPU it runs in Pallas's interpreter (exact, slow: for tests).
-- ``auto`` (default): ``splash`` on a TPU for self-attention calls, ``cudnn`` on a GPU where it applies,
+  as ``auto`` would off a TPU. Off a TPU it runs in Pallas's interpreter (exact, slow: for tests). XLA
+  does not partition a Pallas kernel: on a mesh of several devices use ``chunked`` (no ``shard_map`` here).
+- ``auto`` (default): ``splash`` on a single TPU for self-attention calls, ``cudnn`` on a GPU where it applies,
   else ``chunked`` once a row's query-key product reaches ``CHUNKED_FROM`` entries, else ``xla``.
 
 All take ``q (B, L, H, d)``, ``k, v (B, S, K, d)`` with query head ``h = kv_head * groups + g`` (HF's
@@ -61,8 +62,8 @@ def choose(name: str, length: int, key_len: int, dtype, softcap: Optional[float]
         return name
     if name not in ("auto", "splash"):
         return name
-    if jax.default_backend() == "tpu" and segments:
-        return "splash"
+    if jax.default_backend() == "tpu" and jax.device_count() == 1 and segments:
+        return "splash"  # (a Pallas kernel is not partitioned by XLA: across devices it needs a shard_map, not here)
     if jax.default_backend() == "gpu" and softcap is None and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "chunked" if length * key_len >= CHUNKED_FROM else "xla"
