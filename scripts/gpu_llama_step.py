@@ -207,17 +207,20 @@ def jax_measure(item: str, args) -> dict:
     from decomp_jax.core.execution import adapt
     from decomp_jax.core.inject import inject, partition
     from decomp_jax.core.tree import count_params
+    from decomp_jax.models.attention import choose
     from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, random_params
     from decomp_jax.training.train import init_state, make_optimizer, make_train_step
 
     _, shape, method, dtype = parse_item(item)
     shapes = TINY_SHAPES if args.tiny else SHAPES
-    config = LlamaConfig(**shapes[shape], dtype="bfloat16" if dtype == "bf16" else "float32", param_dtype="float32")
+    config = LlamaConfig(**shapes[shape], dtype="bfloat16" if dtype == "bf16" else "float32", param_dtype="float32",
+                         attention=args.attention)
     model = LlamaForCausalLM(config)
     t0 = time.perf_counter()
     params = random_params(config)
     jax.block_until_ready(params)
-    row = {"init_s": time.perf_counter() - t0, "total_params": count_params(params)}
+    row = {"init_s": time.perf_counter() - t0, "total_params": count_params(params),
+           "attention": choose(args.attention, args.seq, args.seq, config.compute_dtype, segments=True)}
     if method == "full":
         acfg, trainable, buffers, frozen, apply = None, params, {}, {}, model.apply
         row["precision"] = ("fp32 params and AdamW; bf16 compute (LlamaConfig dtype=bfloat16, param_dtype=float32)"
@@ -570,6 +573,7 @@ def run_driver(args) -> None:
     started = time.time()
     deadline = started + args.budget
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "batch": args.batch, "seq": args.seq, "rank": RANK,
+            "attention": args.attention,
             "alpha": ALPHA, "targets": TARGETS, "lr": LR, "weight_decay": WEIGHT_DECAY, "warmup": args.warmup,
             "steps": args.steps, "tiny": args.tiny, "budget_s": args.budget, "nvidia_smi_before": smi(),
             "peaks": PEAK, "shapes": TINY_SHAPES if args.tiny else SHAPES, "host_cpus": os.cpu_count(),
@@ -599,7 +603,8 @@ def run_driver(args) -> None:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH")) if p)
         cmd = [sys.executable, os.path.abspath(__file__), "--phase", "--items", ",".join(items), "--out", args.out,
                "--deadline", str(deadline), "--batch", str(args.batch), "--seq", str(args.seq),
-               "--warmup", str(args.warmup), "--steps", str(args.steps), "--min-left", str(args.min_left)]
+               "--warmup", str(args.warmup), "--steps", str(args.steps), "--min-left", str(args.min_left),
+               "--attention", args.attention]
         if args.tiny:
             cmd.append("--tiny")
         if fw not in ceiling_done and not args.no_ceiling:
@@ -692,6 +697,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--no-ceiling", action="store_true")
+    p.add_argument("--attention", default="auto", help="our attention implementation (decomp_jax.models.attention: "
+                   "auto = cudnn on a GPU in bf16, xla, chunked, cudnn, splash); recorded per row")
     p.add_argument("--merge", nargs="+", default=None,
                    help="folders of earlier runs: combine their results.jsonl (later runs win per item) into --out")
     # internal
