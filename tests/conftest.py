@@ -7,9 +7,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # interpreter start per process); tests/app/test_allocator.py checks the switch itself
 os.environ.setdefault("DECOMP_JAX_ALLOCATOR", "system")
 # the suite's models are tiny, so compiling dominates: XLA:CPU's code generation without LLVM's expensive
-# optimisations (the same numerics, no fast-math either way) takes about 30% off the suite; a test that starts
-# processes with its own XLA_FLAGS (device counts) replaces these, and an XLA_FLAGS of your own (even "") wins
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+# optimisations (the same numerics, no fast-math either way) takes about 30% off the suite, and its older
+# emitters instead of the MLIR fusion emitters (a fixed cost per compile: 10-17% off tests/core and
+# tests/models files on a cold compilation cache). Tests that start processes with a device count add it to
+# these; an XLA_FLAGS of your own (even "") wins
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+                                   "--xla_cpu_use_fusion_emitters=false")
 # many tests compile the same programs (the tiny models' train steps, in this process and in the CLI processes
 # tests start): JAX's persistent compilation cache, in an untracked folder of the checkout (empty in a fresh
 # clone), lets the later ones load them (about 17% off tests/training on a cold cache)

@@ -429,9 +429,14 @@ class LlamaForSequenceClassification(nn.Module):
 
 
 def init_params(config: LlamaConfig, rng: jax.Array):
-    """Random params (normal(initializer_range) kernels and embeddings, unit norms)."""
-    ids = jnp.zeros((1, 2), jnp.int32)  # one compiled init, not op by op
-    return jax.jit(lambda key: LlamaForCausalLM(config).init(key, ids)["params"])(rng)
+    """Random params (normal(initializer_range) kernels and embeddings, unit norms): one compiled init (not op by
+    op), traced and compiled once per config in a process."""
+    return _compiled_init(config, rng)
+
+
+@functools.partial(jax.jit, static_argnums=0)  # (LlamaConfig hashes: a static argument)
+def _compiled_init(config: LlamaConfig, rng: jax.Array):
+    return LlamaForCausalLM(config).init(rng, jnp.zeros((1, 2), jnp.int32))["params"]
 
 
 def random_params(config: LlamaConfig, seed: int = 0):

@@ -287,9 +287,9 @@ def test_batch_sharding_and_place_from_a_memmap(tmp_path):
 
 # --- 8 simulated devices ------------------------------------------------------------------------------
 
-# compile faster (both sides of every comparison run in the same process, with the same flags)
-XLA_FLAGS = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-             "--xla_llvm_disable_expensive_passes=true")
+# the suite's XLA flags (tests/conftest.py: faster compiles; both sides of every comparison run in the same
+# process, with the same flags) and 8 devices
+XLA_FLAGS = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
 
 
 def _run_worker(*parts):
