@@ -15,9 +15,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llv
                                    "--xla_cpu_use_fusion_emitters=false")
 # many tests compile the same programs (the tiny models' train steps, in this process and in the CLI processes
 # tests start): JAX's persistent compilation cache, in an untracked folder of the checkout (empty in a fresh
-# clone), lets the later ones load them (about 17% off tests/training on a cold cache)
+# clone), lets the later ones load them (about 17% off tests/training on a cold cache). Every program is kept,
+# however short its compile: the eager ops of the tiny models (tens of ms each, about half of a file's time
+# in tests/core) recur in the other worker and in the CLI processes, and a hit costs about a third of a compile
+# (6 files of tests/core on a cold cache, -n 2: 200 s with a 0.2 s floor, 187 s without; the folder grows to
+# a few hundred MB for the whole suite)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".jax_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax
 import pytest
@@ -41,14 +45,27 @@ def pytest_runtest_setup(item):
         item.user_properties.append(("peft_setting", tuple(mark.args)))
 
 
-# the longest tests (a minute or more each) run first: with `-n 2` each worker then fills in around them,
-# instead of one worker finishing a long test alone at the end of the run
-FIRST = ("test_multihost.py::test_two_processes_train_die_together_and_resume_exactly",
-         "test_sharding.py::test_training_on_meshes_equals_one_device")
+# the longest files first (seconds summed over their tests, measured with --durations=0), the rest after in
+# their own order: with `-n 2` and whole files per worker (--dist loadfile) the workers then fill in around the
+# long files with short ones, instead of one of them finishing a long file alone at the end of the run. This
+# needs --no-loadscope-reorder (pyproject's addopts): by default pytest-xdist hands out the files with the most
+# tests first, which put test_multihost.py (3 tests, 2 minutes) last
+LONG_FILES = ("core/test_execution.py", "models/test_llama.py", "parallel/test_multihost.py", "parallel/test_sharding.py",
+              "test_docs.py", "core/test_prompts.py", "tasks/test_commonsense_task.py", "test_examples.py",
+              "app/test_run_seeds.py", "models/test_bert_native.py", "models/test_attention.py",
+              "interop/test_peft_interop.py", "test_quant.py", "core/test_scan.py", "training/test_robustness.py",
+              "app/test_bench.py", "models/test_families.py", "app/test_nothing_lost.py", "core/test_schedules.py",
+              "models/test_gpt2_lm.py", "app/test_runs.py", "training/test_checkpoint.py", "models/test_moe.py",
+              "data/test_packing.py", "core/test_embedding_targets.py", "app/test_experiment.py")
+
+
+def _file_rank(item) -> int:
+    path = item.nodeid.split("::")[0].removeprefix("tests/")
+    return LONG_FILES.index(path) if path in LONG_FILES else len(LONG_FILES)
 
 
 def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=lambda item: not any(item.nodeid.endswith(name) for name in FIRST))  # (stable: the rest keep their order)
+    items.sort(key=_file_rank)  # (stable: the tests of a file, and the files after LONG_FILES, keep their order)
 
 
 _PEFT_ROWS: dict = {}

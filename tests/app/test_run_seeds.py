@@ -75,8 +75,9 @@ def headless_dir(tiny_model_dir, tmp_path_factory):
     # each seed's state (the rest of the base is one copy); SSB; from the command line (slow: ~13 s)
     pytest.param(("headless", 2, "adapter.train_extra=null", "adapter.method=ssb"), marks=pytest.mark.slow),
 ])
-def test_seeds_together_equal_separate_runs(case, tiny_model_dir, headless_dir, tmp_path):
+def test_seeds_together_equal_separate_runs(case, tiny_model_dir, request, tmp_path):
     model, n, *extra = case
+    headless_dir = request.getfixturevalue("headless_dir") if model == "headless" else None  # (built for its case only)
     model = tiny_model_dir if model == "tiny" else headless_dir
     seeds = list(range(n))
     separate = [run(config(model, tmp_path / f"alone{s}", s, *extra), progress=False) for s in seeds]
