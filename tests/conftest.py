@@ -49,14 +49,16 @@ def pytest_runtest_setup(item):
 # their own order: with `-n 2` and whole files per worker (--dist loadfile) the workers then fill in around the
 # long files with short ones, instead of one of them finishing a long file alone at the end of the run. This
 # needs --no-loadscope-reorder (pyproject's addopts): by default pytest-xdist hands out the files with the most
-# tests first, which put test_multihost.py (3 tests, 2 minutes) last
-LONG_FILES = ("core/test_execution.py", "models/test_llama.py", "parallel/test_multihost.py", "parallel/test_sharding.py",
-              "test_docs.py", "core/test_prompts.py", "tasks/test_commonsense_task.py", "test_examples.py",
-              "app/test_run_seeds.py", "models/test_bert_native.py", "models/test_attention.py",
-              "interop/test_peft_interop.py", "test_quant.py", "core/test_scan.py", "training/test_robustness.py",
-              "app/test_bench.py", "models/test_families.py", "app/test_nothing_lost.py", "core/test_schedules.py",
-              "models/test_gpt2_lm.py", "app/test_runs.py", "training/test_checkpoint.py", "models/test_moe.py",
-              "data/test_packing.py", "core/test_embedding_targets.py", "app/test_experiment.py")
+# tests first, which put test_multihost.py (3 tests, 2 minutes) last. The two files that start several processes
+# (multihost, sharding) are kept apart in the order, so the workers do not run them at the same time
+LONG_FILES = ("parallel/test_multihost.py", "core/test_execution.py", "models/test_llama.py",
+              "parallel/test_sharding.py", "interop/test_peft_interop.py", "core/test_prompts.py",
+              "models/test_families.py", "test_docs.py", "app/test_nothing_lost.py", "test_quant.py",
+              "models/test_attention.py", "tasks/test_commonsense_task.py", "core/test_scan.py",
+              "models/test_bert_native.py", "training/test_robustness.py", "test_examples.py",
+              "models/test_gpt2_lm.py", "app/test_run_seeds.py", "app/test_bench.py", "training/test_checkpoint.py",
+              "core/test_schedules.py", "models/test_moe.py", "app/test_study.py", "models/test_minilm_methods.py",
+              "app/test_runs.py", "app/test_experiment.py")
 
 
 def _file_rank(item) -> int:
