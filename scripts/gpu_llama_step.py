@@ -5,9 +5,12 @@ float32 and bfloat16, against transformers + HF PEFT in PyTorch on the same GPU.
     python3 scripts/gpu_llama_step.py --out OUT            # the GPU run (phases in subprocesses)
     python3 scripts/gpu_llama_step.py --tiny --out /tmp/x  # a CPU smoke test at tiny sizes
     python3 scripts/gpu_llama_step.py --out OUT --items jax:135m:dora:bf16,torch:1b:lora:bf16
+    python3 scripts/gpu_llama_step.py --out OUT --packed 4   # each row packs 4 examples of seq/4 tokens
 
 Each measurement is one jitted (JAX) / eager (PyTorch) train step: causal-LM loss on a fixed random
-batch, backward, global-norm clipping at 1.0 and AdamW (decomp_jax.training.train.make_optimizer; torch.optim.AdamW,
+batch (with ``--packed K``, each row holds K examples of seq/K tokens: segment ids and positions restarting
+per example in JAX, the same block-diagonal causal mask as a 4-D mask and position ids in PyTorch, and
+no loss across an example's boundary on either side), backward, global-norm clipping at 1.0 and AdamW (decomp_jax.training.train.make_optimizer; torch.optim.AdamW,
 lr 1e-4, weight decay 0.01). JAX adapters: decomp_jax.core.inject + partition (trainable factors only) +
 decomp_jax.core.execution.adapt (factored); the frozen base is an argument of the step. Items run in priority
 order inside a few subprocesses (one failing or running out of memory cannot take the others with it),
@@ -198,6 +201,17 @@ def jax_ceiling(tiny: bool) -> dict:
     return out
 
 
+def packed_layout(batch: int, seq: int, packed: int):
+    """``(segments, positions)``, each ``(batch, seq)`` int32: ``packed`` examples of ``seq // packed`` tokens
+    per row (ids 1..packed; positions restarting at each example)."""
+    import numpy as np
+
+    length = seq // packed
+    segments = np.repeat(np.arange(1, packed + 1, dtype=np.int32), length)
+    positions = np.tile(np.arange(length, dtype=np.int32), packed)
+    return np.broadcast_to(segments, (batch, seq)).copy(), np.broadcast_to(positions, (batch, seq)).copy()
+
+
 def jax_measure(item: str, args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -220,7 +234,8 @@ def jax_measure(item: str, args) -> dict:
     params = random_params(config)
     jax.block_until_ready(params)
     row = {"init_s": time.perf_counter() - t0, "total_params": count_params(params),
-           "attention": choose(args.attention, args.seq, args.seq, config.compute_dtype, segments=True)}
+           "attention": choose(args.attention, args.seq, args.seq, config.compute_dtype, segments=True),
+           "packed": args.packed}
     if method == "full":
         acfg, trainable, buffers, frozen, apply = None, params, {}, {}, model.apply
         row["precision"] = ("fp32 params and AdamW; bf16 compute (LlamaConfig dtype=bfloat16, param_dtype=float32)"
@@ -242,11 +257,15 @@ def jax_measure(item: str, args) -> dict:
     row["frozen_params"] = count_params(frozen)
 
     def loss_fn(p, batch, rng):
-        logits = apply({"params": p}, batch["input_ids"]).astype(jnp.float32)[:, :-1]  # (B, L-1, V)
+        logits = apply({"params": p}, batch["input_ids"], None, batch.get("position_ids"),
+                       segment_ids=batch.get("segment_ids")).astype(jnp.float32)[:, :-1]  # (B, L-1, V)
         targets = batch["input_ids"][:, 1:]
         log_z = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-        return jnp.mean(log_z - picked), {}
+        if "segment_ids" not in batch:
+            return jnp.mean(log_z - picked), {}
+        same = (batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]).astype(jnp.float32)  # within an example
+        return jnp.sum((log_z - picked) * same) / jnp.sum(same), {}
 
     optimizer = make_optimizer(LR, 1000, weight_decay=WEIGHT_DECAY)
     step = make_train_step(loss_fn, optimizer, acfg)
@@ -255,6 +274,9 @@ def jax_measure(item: str, args) -> dict:
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, size=(args.batch, args.seq)).astype(np.int32)
     batch = {"input_ids": jax.device_put(ids)}
+    if args.packed > 1:
+        segments, positions = packed_layout(args.batch, args.seq, args.packed)
+        batch.update(segment_ids=jax.device_put(segments), position_ids=jax.device_put(positions))
     jax.block_until_ready((state, frozen, batch))
 
     t0 = time.perf_counter()
@@ -366,7 +388,7 @@ def torch_measure(item: str, args) -> dict:
     torch.manual_seed(0)
     config = LlamaConfig(**shapes[shape], hidden_act="silu", attention_dropout=0.0, attn_implementation="sdpa",
                          use_cache=False)
-    row = {}
+    row = {"packed": args.packed}
     t0 = time.perf_counter()
     with torch.device(device):
         model = LlamaForCausalLM(config)
@@ -393,6 +415,14 @@ def torch_measure(item: str, args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), generator=g).to(device)
+    inputs = {"input_ids": ids, "labels": ids}
+    if args.packed > 1:  # a 4-D mask (transformers uses it as given): causal within each example
+        segments, positions = (torch.as_tensor(a).to(device) for a in packed_layout(args.batch, args.seq, args.packed))
+        causal = torch.ones(args.seq, args.seq, dtype=torch.bool, device=device).tril()
+        labels = ids.clone()
+        labels[:, args.seq // args.packed::args.seq // args.packed] = -100  # no loss across a boundary
+        inputs = {"input_ids": ids, "labels": labels, "position_ids": positions,
+                  "attention_mask": (causal[None] & (segments[:, :, None] == segments[:, None, :]))[:, None]}
 
     def sync():
         if device == "cuda":
@@ -400,7 +430,7 @@ def torch_measure(item: str, args) -> dict:
 
     def call():
         with torch.autocast(device_type=device, dtype=torch.bfloat16):
-            out = model(input_ids=ids, labels=ids)
+            out = model(**inputs)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -573,7 +603,7 @@ def run_driver(args) -> None:
     started = time.time()
     deadline = started + args.budget
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "batch": args.batch, "seq": args.seq, "rank": RANK,
-            "attention": args.attention,
+            "attention": args.attention, "packed": args.packed,
             "alpha": ALPHA, "targets": TARGETS, "lr": LR, "weight_decay": WEIGHT_DECAY, "warmup": args.warmup,
             "steps": args.steps, "tiny": args.tiny, "budget_s": args.budget, "nvidia_smi_before": smi(),
             "peaks": PEAK, "shapes": TINY_SHAPES if args.tiny else SHAPES, "host_cpus": os.cpu_count(),
@@ -604,7 +634,7 @@ def run_driver(args) -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--phase", "--items", ",".join(items), "--out", args.out,
                "--deadline", str(deadline), "--batch", str(args.batch), "--seq", str(args.seq),
                "--warmup", str(args.warmup), "--steps", str(args.steps), "--min-left", str(args.min_left),
-               "--attention", args.attention]
+               "--attention", args.attention, "--packed", str(args.packed)]
         if args.tiny:
             cmd.append("--tiny")
         if fw not in ceiling_done and not args.no_ceiling:
@@ -699,6 +729,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-ceiling", action="store_true")
     p.add_argument("--attention", default="auto", help="our attention implementation (decomp_jax.models.attention: "
                    "auto = cudnn on a GPU in bf16, xla, chunked, cudnn, splash); recorded per row")
+    p.add_argument("--packed", type=int, default=1,
+                   help="examples per row (packing): segment ids and positions restarting per example; seq must be a "
+                        "multiple of it (default 1: one example per row)")
     p.add_argument("--merge", nargs="+", default=None,
                    help="folders of earlier runs: combine their results.jsonl (later runs win per item) into --out")
     # internal
@@ -711,6 +744,8 @@ def main(argv=None) -> None:
     for name, value in zip(("batch", "seq", "warmup", "steps"), defaults):
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.packed < 1 or args.seq % args.packed:
+        p.error(f"--packed {args.packed}: the row length --seq {args.seq} must be a positive multiple of it")
     if args.merge:
         merge_runs(args)
     elif args.phase:
