@@ -252,6 +252,15 @@ def segment_ids(attention_mask, packed=None):
     return jnp.where(attention_mask > 0, ids, -1)
 
 
+def splash_segments(implementation: str, attention_mask, packed=None, self_attention: bool = True):
+    """What a decoder passes as ``attention``'s ``segments``: ``segment_ids`` for a self-attention call
+    (no cache, no prefix slots) whose ``implementation`` may run ``splash`` (``auto`` or ``splash``), else
+    None (the other implementations read ``allowed`` only)."""
+    if implementation in ("auto", "splash") and self_attention:
+        return segment_ids(attention_mask, packed)
+    return None
+
+
 def _splash_kernel(length: int, groups: int, block: int, window: Optional[int], softcap: Optional[float],
                    interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel

@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decomp_jax.guards import atomic_save_safetensors
-from decomp_jax.models.attention import attention, check_implementation
-from decomp_jax.models.attention import segment_ids as splash_segments
+from decomp_jax.models.attention import attention, check_implementation, splash_segments
 from decomp_jax.models.bert import ACTIVATIONS
 from decomp_jax.models.generation import prompt_buffer, token_finisher
 from decomp_jax.models.llama import (
@@ -203,10 +202,7 @@ class GPT2Stack(nn.Module):
         allowed = causal[None] & (attention_mask[:, None, :] > 0)  # (B, s, key_len)
         if segment_ids is not None:  # packed rows: a token sees the earlier tokens of its own example only
             allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
-        segments = None  # the mask as splash takes it (self-attention calls)
-        if self.attention in ("auto", "splash") and cache is None:
-            segments = splash_segments(attention_mask, segment_ids)
-        masks = (allowed, segments)
+        masks = (allowed, splash_segments(self.attention, attention_mask, segment_ids, cache is None))
         if not self.scan_layers:
             hidden, new_cache = self.h(hidden, masks, cache, cache_index)
             return self.ln_f(hidden), new_cache

@@ -57,8 +57,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from decomp_jax.models.attention import attention, choose
-from decomp_jax.models.attention import segment_ids as splash_segments
+from decomp_jax.models.attention import attention, choose, splash_segments
 from decomp_jax.models.llama_config import LlamaConfig
 from decomp_jax.models.mlp import dense, feed_forward
 from decomp_jax.models.rope import apply_rotary, rotary_cos_sin
@@ -106,7 +105,8 @@ class LlamaAttention(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None, prefix=None, segments=None, kind=0):
         """``allowed``: bool (B, L, S) over the keys attended (prefix slots excluded); ``segments``: the same
-        mask as ``splash`` takes it (``models.attention.segment_ids``; self-attention calls), ``kind`` 1 for a
+        mask as ``splash`` takes it (``models.attention.splash_segments``: None for a call with a cache or
+        prefix slots), ``kind`` 1 for a
         sliding-window layer (an int, or traced under scanned layers)."""
         c = self.config
         heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -138,7 +138,6 @@ class LlamaAttention(nn.Module):
             k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
             allowed = jnp.concatenate([jnp.ones((b, length, pk.shape[1]), bool), allowed], axis=-1)
         scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else d) ** -0.5
-        segments = None if cache is not None or prefix is not None else segments
         softcap = c.attn_logit_softcapping
         attend = functools.partial(attention, q, k, v, allowed, kv_heads, scale=scale, softcap=softcap,
                                    implementation=c.attention, chunk=c.attention_chunk, segments=segments)
@@ -282,10 +281,8 @@ class LlamaModel(nn.Module):
             sliding = allowed & window[None]
         ropes = (rotary_cos_sin(c, position_ids),
                  rotary_cos_sin(c, position_ids, local=True) if c.rope_local_theta is not None and any(kinds) else None)
-        segments = None  # the mask as splash takes it (self-attention calls)
-        if c.attention in ("auto", "splash") and cache is None and prefix_kv is None:
-            segments = splash_segments(attention_mask, segment_ids)
-        masks = (allowed, sliding, segments)
+        masks = (allowed, sliding,
+                 splash_segments(c.attention, attention_mask, segment_ids, cache is None and prefix_kv is None))
         if c.scan_layers:
             stacked_cache = None if cache is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *cache)
             x, new_stacked = self.layers(x, ropes, masks, stacked_cache, cache_index, prefix_kv,
