@@ -203,6 +203,7 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, frozen: dict, cfg: Adap
             ), metrics=metrics, force=True)
             mngr.wait_until_finished()
     except Exception as err:  # orbax wraps OSError (disk full, permissions) in several types
+        _forget_unawaited_writes()
         for partial in Path(mngr.directory).glob(f"{step}.orbax-checkpoint-tmp*"):  # (what it wrote: space back)
             shutil.rmtree(partial, ignore_errors=True)
         reason = _storage_problem(err)
@@ -260,6 +261,14 @@ def _install_quiet_hooks() -> None:
 
 
 _install_quiet_hooks()
+
+
+def _forget_unawaited_writes() -> None:
+    """After a failed Orbax write, its serializing coroutines that never ran are collected (at exit at
+    the latest) with a two-line "coroutine ... was never awaited" warning each: an echo of the failure
+    the raised error already names. Silence just those, from the failure on."""
+    warnings.filterwarnings("ignore", message=r"coroutine '[^']*serializ[^']*' was never awaited",
+                            category=RuntimeWarning)
 
 
 @contextlib.contextmanager
