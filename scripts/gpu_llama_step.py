@@ -79,6 +79,12 @@ PLAN = [
                              "jax:1b:full:fp32"]),
     ("torch-optional", "torch", ["torch:135m:dora:bf16", "torch:1b:dora:bf16"]),
 ]
+# --plan long: what the long-sequence targets need (issue 34), nothing else: the 1b bf16 steps of both sides
+PLANS = {"all": PLAN, "long": [("jax-1b", "jax", ["jax:1b:full:bf16", "jax:1b:lora:bf16"]),
+                               ("torch-1b", "torch", ["torch:1b:full:bf16", "torch:1b:lora:bf16"])]}
+# the targets the table is checked against (1b, bf16): our full fine-tuning's MFU (of the dense bf16 peak),
+# and our LoRA step against transformers (sdpa) + HF PEFT's
+TARGETS_1B = {"full_mfu": 0.45, "lora_vs_peft": 0.8}
 
 
 def log(msg: str) -> None:
@@ -569,7 +575,27 @@ def derive(records: list[dict], args) -> dict:
         if r["framework"] == "jax":
             other = by.get(("torch", r["model"], r["method"], r["dtype"]))
             r["jax_vs_torch"] = r["step_ms"] / other["step_ms"] if other else None
-    return {"rows": rows, "ceilings": ceilings}
+    return {"rows": rows, "ceilings": ceilings, "targets": check_targets(by)}
+
+
+def check_targets(by: dict) -> list[dict]:
+    """TARGETS_1B against the 1b bf16 rows there are (a target whose rows are missing is left out)."""
+    out = []
+    full, lora, peft = (by.get((fw, "1b", method, "bf16")) for fw, method in
+                        (("jax", "full"), ("jax", "lora"), ("torch", "lora")))
+    if full:
+        out.append({"what": "1b bf16 full fine-tuning MFU (dense bf16 peak)", "value": full["mfu_peak"],
+                    "target": f">= {TARGETS_1B['full_mfu']}", "passed": full["mfu_peak"] >= TARGETS_1B["full_mfu"]})
+    if lora and peft:
+        ratio = lora["step_ms"] / peft["step_ms"]
+        out.append({"what": "1b bf16 LoRA step, decomp_jax / HF PEFT", "value": ratio,
+                    "target": f"<= {TARGETS_1B['lora_vs_peft']}", "passed": ratio <= TARGETS_1B["lora_vs_peft"]})
+    return out
+
+
+def target_lines(derived: dict) -> list[str]:
+    return [f"target: {t['what']} = {t['value']:.3f} (target {t['target']}): {'PASS' if t['passed'] else 'FAIL'}"
+            for t in derived.get("targets", [])]
 
 
 def fmt(x, spec):
@@ -603,7 +629,7 @@ def run_driver(args) -> None:
     started = time.time()
     deadline = started + args.budget
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "batch": args.batch, "seq": args.seq, "rank": RANK,
-            "attention": args.attention, "packed": args.packed,
+            "plan": args.plan, "attention": args.attention, "packed": args.packed,
             "alpha": ALPHA, "targets": TARGETS, "lr": LR, "weight_decay": WEIGHT_DECAY, "warmup": args.warmup,
             "steps": args.steps, "tiny": args.tiny, "budget_s": args.budget, "nvidia_smi_before": smi(),
             "peaks": PEAK, "shapes": TINY_SHAPES if args.tiny else SHAPES, "host_cpus": os.cpu_count(),
@@ -612,9 +638,9 @@ def run_driver(args) -> None:
             "formulas": __doc__.split("Model FLOPs")[1].strip()}
     log(f"[meta] {json.dumps({k: v for k, v in meta.items() if k not in ('formulas', 'shapes')})}")
     wanted = set(args.items.split(",")) if args.items else None
-    plan = [(name, fw, [i for i in items if wanted is None or i in wanted]) for name, fw, items in PLAN]
+    plan = [(name, fw, [i for i in items if wanted is None or i in wanted]) for name, fw, items in PLANS[args.plan]]
     if wanted:
-        known = {i for _, _, items in PLAN for i in items}
+        known = {i for _, _, items in PLANS[args.plan] for i in items}
         for extra in sorted(wanted - known):
             fw = parse_item(extra)[0]
             plan.append((f"{fw}-extra", fw, [extra]))
@@ -663,7 +689,7 @@ def run_driver(args) -> None:
               "raw": [r for r in records if r.get("kind") in ("result", "error", "skipped")]}
     with open(os.path.join(args.out, "results.json"), "w") as fh:
         json.dump(result, fh, indent=1)
-    text = table(derived)
+    text = "\n".join([table(derived), "", *target_lines(derived)])
     with open(os.path.join(args.out, "table.md"), "w") as fh:
         fh.write(text + "\n")
     log("\n=== envs ===")
@@ -709,7 +735,7 @@ def merge_runs(args) -> None:
               "all_ceilings": [r for r in records if r.get("kind") == "ceiling"]}
     with open(os.path.join(args.out, "results.json"), "w") as fh:
         json.dump(result, fh, indent=1)
-    text = table(derived)
+    text = "\n".join([table(derived), "", *target_lines(derived)])
     with open(os.path.join(args.out, "table.md"), "w") as fh:
         fh.write(text + "\n")
     log(text)
@@ -720,6 +746,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shapes, batch 2 x 32, few steps")
     p.add_argument("--items", default="", help="comma-separated fw:model:method:dtype items (default: the plan)")
+    p.add_argument("--plan", choices=sorted(PLANS), default="all",
+                   help="all: every item in priority order; long: the 1b bf16 full and LoRA steps of both sides only")
     p.add_argument("--budget", type=float, default=380.0, help="seconds for the whole run")
     p.add_argument("--min-left", type=float, default=25.0, help="skip an item with fewer seconds left")
     p.add_argument("--batch", type=int, default=None)
