@@ -203,7 +203,6 @@ def save(mngr: ocp.CheckpointManager, state: TrainState, frozen: dict, cfg: Adap
             ), metrics=metrics, force=True)
             mngr.wait_until_finished()
     except Exception as err:  # orbax wraps OSError (disk full, permissions) in several types
-        _forget_unawaited_writes()
         for partial in Path(mngr.directory).glob(f"{step}.orbax-checkpoint-tmp*"):  # (what it wrote: space back)
             shutil.rmtree(partial, ignore_errors=True)
         reason = _storage_problem(err)
@@ -263,10 +262,10 @@ def _install_quiet_hooks() -> None:
 _install_quiet_hooks()
 
 
-def _forget_unawaited_writes() -> None:
-    """After a failed Orbax write, its serializing coroutines that never ran are collected (at exit at
-    the latest) with a two-line "coroutine ... was never awaited" warning each: an echo of the failure
-    the raised error already names. Silence just those, from the failure on."""
+def _forget_unawaited_io() -> None:
+    """After a failed Orbax write or read, its (de)serializing coroutines that never ran are collected (at
+    exit at the latest) with a two-line "coroutine ... was never awaited" warning each: an echo of the
+    failure the raised error already names. Silence just those, from the failure on."""
     warnings.filterwarnings("ignore", message=r"coroutine '[^']*serializ[^']*' was never awaited",
                             category=RuntimeWarning)
 
@@ -274,12 +273,16 @@ def _forget_unawaited_writes() -> None:
 @contextlib.contextmanager
 def _quiet_orbax():
     """Orbax logs a failed write's traceback from each of its worker threads (over a hundred
-    lines for one full disk) before raising; the error raised says it all, in one line."""
+    lines for one full disk) before raising, and its unrun coroutines warn at exit
+    (``_forget_unawaited_io``); the error raised says it all, in one line."""
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
         yield
+    except BaseException:
+        _forget_unawaited_io()
+        raise
     finally:
         logger.setLevel(level)
 
