@@ -79,7 +79,7 @@ PLAN = [
                              "jax:1b:full:fp32"]),
     ("torch-optional", "torch", ["torch:135m:dora:bf16", "torch:1b:dora:bf16"]),
 ]
-# --plan long: what the long-sequence targets need (issue 34), nothing else: the 1b bf16 steps of both sides
+# --plan long: what the long-sequence targets need, nothing else: the 1b bf16 steps of both sides
 PLANS = {"all": PLAN, "long": [("jax-1b", "jax", ["jax:1b:full:bf16", "jax:1b:lora:bf16"]),
                                ("torch-1b", "torch", ["torch:1b:full:bf16", "torch:1b:lora:bf16"])]}
 # the targets the table is checked against (1b, bf16): our full fine-tuning's MFU (of the dense bf16 peak),
@@ -598,6 +598,16 @@ def target_lines(derived: dict) -> list[str]:
             for t in derived.get("targets", [])]
 
 
+def write_results(out: str, result: dict, derived: dict) -> str:
+    """OUT/results.json and OUT/table.md (the table, then the targets' verdicts); returns the table's text."""
+    with open(os.path.join(out, "results.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    text = "\n".join([table(derived), "", *target_lines(derived)])
+    with open(os.path.join(out, "table.md"), "w") as fh:
+        fh.write(text + "\n")
+    return text
+
+
 def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -687,11 +697,7 @@ def run_driver(args) -> None:
     meta["wall_s"] = time.time() - started
     result = {"meta": meta, "env": [r for r in records if r.get("kind") == "env"], **derived,
               "raw": [r for r in records if r.get("kind") in ("result", "error", "skipped")]}
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
-    text = "\n".join([table(derived), "", *target_lines(derived)])
-    with open(os.path.join(args.out, "table.md"), "w") as fh:
-        fh.write(text + "\n")
+    text = write_results(args.out, result, derived)
     log("\n=== envs ===")
     for r in result["env"]:
         log(json.dumps({k: v for k, v in r.items() if k != "kind"}))
@@ -733,11 +739,7 @@ def merge_runs(args) -> None:
     derived = derive(merged, args)
     result = {"meta": metas[0] if metas else {}, "runs": metas, "env": envs, **derived, "raw": list(last.values()),
               "all_ceilings": [r for r in records if r.get("kind") == "ceiling"]}
-    with open(os.path.join(args.out, "results.json"), "w") as fh:
-        json.dump(result, fh, indent=1)
-    text = "\n".join([table(derived), "", *target_lines(derived)])
-    with open(os.path.join(args.out, "table.md"), "w") as fh:
-        fh.write(text + "\n")
+    text = write_results(args.out, result, derived)
     log(text)
 
 
