@@ -13,7 +13,9 @@
    length: every row the same length), rows padded per batch to multiples of 32 (the runner's default),
    and packed rows (``data.packing``, rows of ``pack_length``, ``chunked`` attention in blocks of
    ``pack_chunk``: blocks of keys in other examples are skipped). Trained (real) tokens per second; each
-   batch shape compiled and run once before the timed pass. Target: packed >= 1.5x padded.
+   batch shape compiled and run once before the timed pass, the three epochs timed interleaved
+   (``packing_rounds`` rounds, each the next slice of every epoch), since this machine's speed drifts
+   over minutes. Target: packed >= 1.5x padded.
 
 Both run in this process one after the other (one thing at a time on the machine; the load average is
 recorded); ``write_outputs`` writes ``bench_long.json`` and ``bench_long.md``.
@@ -56,6 +58,7 @@ class LongBenchConfig:
     packing_examples: int = 64  # per dataset (four datasets)
     pack_length: int = 640  # four of the CPU config's longest examples
     pack_chunk: int = 128  # the packed rows' attention blocks (chunked)
+    packing_rounds: int = 8  # the three epochs timed interleaved, in this many slices each
     seed: int = 0
 
 
@@ -94,40 +97,64 @@ PACKING_WAYS = {  # label: the config's overrides
 }
 
 
+def _packing_way(bench: LongBenchConfig, sets: list[str]) -> dict:
+    """One way of batching the CPU config: its jitted step, state, frozen base and one epoch of batches
+    (its last partial batch dropped, as in training), each batch shape compiled and run once."""
+    cfg = load_config(CPU_CONFIG, [f"data.max_train_samples={bench.packing_examples}", *sets])
+    task = make_task(cfg)
+    optimizer = make_optimizer(cfg.train.learning_rate, 1000, warmup_ratio=0.0)
+    way = {"step": make_train_step(task.loss, optimizer, cfg.adapter),
+           "state": init_state(task.trainable, optimizer, jax.random.PRNGKey(bench.seed)),
+           "frozen": combine(task.buffers, task.frozen),
+           "batches": [jax.device_put(task.train_batch(i)) for i in range(task.num_train // cfg.train.batch_size)]}
+    shapes = {}
+    for b in way["batches"]:
+        shapes.setdefault(b["input_ids"].shape, b)
+    _run_batches(way, shapes.values())
+    way["shapes"] = len(shapes)
+    return way
+
+
+def _run_batches(way: dict, batches) -> float:
+    """Seconds to train ``way`` on ``batches``, one step after the other (each waited for)."""
+    t0 = time.perf_counter()
+    for b in batches:
+        way["state"], metrics = way["step"](way["state"], way["frozen"], b)
+        jax.block_until_ready(metrics)
+    return time.perf_counter() - t0
+
+
 def packing_rate(bench: LongBenchConfig, log: Callable[[str], None] = print) -> dict:
-    """Trained tokens per second of the CPU commonsense config, padded two ways and packed (see the module)."""
-    out = {}
+    """Trained tokens per second of the CPU commonsense config, padded two ways and packed (see the module).
+    The epochs are timed interleaved: ``packing_rounds`` rounds, each running the next slice of every way's
+    epoch, so that the machine's drift over the minutes of the run weighs on the three alike."""
     max_length = load_config(CPU_CONFIG).data.max_length
-    for label, sets in PACKING_WAYS.items():
-        cfg = load_config(CPU_CONFIG, [f"data.max_train_samples={bench.packing_examples}", *sets(bench, max_length)])
-        task = make_task(cfg)
-        optimizer = make_optimizer(cfg.train.learning_rate, 1000, warmup_ratio=0.0)
-        step = make_train_step(task.loss, optimizer, cfg.adapter)
-        state = init_state(task.trainable, optimizer, jax.random.PRNGKey(bench.seed))
-        frozen = combine(task.buffers, task.frozen)
-        steps = task.num_train // cfg.train.batch_size  # one epoch (its last partial batch dropped, as in training)
-        batches = [jax.device_put(task.train_batch(i)) for i in range(steps)]
-        shapes = {}
-        for b in batches:  # compile and run each shape once, then time the pass
-            shapes.setdefault(b["input_ids"].shape, b)
-        for b in shapes.values():
-            state, metrics = step(state, frozen, b)
-            jax.block_until_ready(metrics)
-        t0 = time.perf_counter()
-        for b in batches:
-            state, metrics = step(state, frozen, b)
-            jax.block_until_ready(metrics)
-        wall = time.perf_counter() - t0
-        tokens = int(sum(int(np.sum(b["attention_mask"])) for b in batches))
-        slots = int(sum(np.size(b["attention_mask"]) for b in batches))
+    ways = {label: _packing_way(bench, sets(bench, max_length)) for label, sets in PACKING_WAYS.items()}
+    rounds = max(1, min(bench.packing_rounds, *(len(w["batches"]) for w in ways.values())))
+    parts = {label: [w["batches"][r * len(w["batches"]) // rounds:(r + 1) * len(w["batches"]) // rounds]
+                     for r in range(rounds)] for label, w in ways.items()}
+    seconds: dict[str, list[float]] = {label: [] for label in ways}
+    for r in range(rounds):
+        for label, way in ways.items():
+            seconds[label].append(_run_batches(way, parts[label][r]))
+    real = lambda batches: int(sum(int(np.sum(b["attention_mask"])) for b in batches))
+    out: dict = {}
+    for label, way in ways.items():
+        batches, wall = way["batches"], sum(seconds[label])
+        tokens, slots = real(batches), int(sum(np.size(b["attention_mask"]) for b in batches))
         out[label] = {"steps": len(batches), "time_s": wall, "tokens": tokens, "slots": slots,
-                      "padding": 1 - tokens / slots, "tokens_per_s": tokens / wall, "shapes": len(shapes),
-                      "rows": int(sum(b["attention_mask"].shape[0] for b in batches))}
-        log(f"{label}: {len(batches)} steps ({len(shapes)} shapes) in {wall:.1f} s, {tokens} real tokens of {slots} "
-            f"({1 - tokens / slots:.1%} padding): {tokens / wall:.0f} trained tokens/s")
-        del task, state, frozen, batches, shapes
-    packed = out["packed"]["tokens_per_s"]
-    out["speedup"] = {label: packed / out[label]["tokens_per_s"] for label in PACKING_WAYS if label != "packed"}
+                      "padding": 1 - tokens / slots, "tokens_per_s": tokens / wall, "shapes": way["shapes"],
+                      "rows": int(sum(b["attention_mask"].shape[0] for b in batches)), "round_s": seconds[label],
+                      "round_tokens": [real(part) for part in parts[label]]}
+        log(f"{label}: {len(batches)} steps ({way['shapes']} shapes) in {wall:.1f} s over {rounds} rounds, {tokens} real "
+            f"tokens of {slots} ({1 - tokens / slots:.1%} padding): {tokens / wall:.0f} trained tokens/s")
+    packed = out["packed"]
+    out["rounds"] = rounds
+    out["speedup"] = {label: packed["tokens_per_s"] / out[label]["tokens_per_s"] for label in ways if label != "packed"}
+    # the same ratio round by round (each round's slices ran minutes apart at most): its spread is the noise
+    out["speedup_by_round"] = {label: [(pt / ps) / (t / s) for pt, ps, t, s in zip(
+        packed["round_tokens"], packed["round_s"], out[label]["round_tokens"], out[label]["round_s"])]
+        for label in out["speedup"]}
     return out
 
 
@@ -184,6 +211,10 @@ def markdown(result: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {k} | {p[k]['steps']} | {p[k]['shapes']} | {p[k]['time_s']:.1f} | {p[k]['tokens']} | "
                   f"{p[k]['padding']:.1%} | {p[k]['tokens_per_s']:.0f} |" for k in PACKING_WAYS]
+        if "rounds" in p:
+            lines += ["", f"Timed interleaved in {p['rounds']} rounds; packed / padded, round by round:", ""]
+        lines += [f"- {label}: {min(r):.2f}-{max(r):.2f} x (median {statistics.median(r):.2f})"
+                  for label, r in p.get("speedup_by_round", {}).items()]
         lines.append("")
     lines += ["### Targets", "", "| check | measured | target | |", "|---|---|---|---|"]
     lines += [f"| {t['what']} | {t['value']:.3f} | {t['target']} | {verdict(t)} |" for t in result["targets"]]

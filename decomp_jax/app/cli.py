@@ -263,6 +263,12 @@ def _bench_long(args) -> int:
         changes["steps"] = args.steps
     if args.no_packing:
         changes["packing"] = False
+    if args.no_sweep:
+        if args.lengths:
+            raise ConfigError("--no-sweep and --lengths: --lengths sets the sweep's lengths; give one or the other.")
+        if args.no_packing:
+            raise ConfigError("--no-sweep and --no-packing: that leaves nothing to measure; give one of them.")
+        changes["lengths"] = ()
     return _bench_report(bl, lambda: bl.run_long_bench(bl.LongBenchConfig(**changes)), args.out)
 
 
@@ -288,8 +294,8 @@ def _bench(args) -> int:
 
     if args.long:
         return _bench_long(args)
-    if args.lengths or args.no_packing:
-        raise ConfigError("--lengths and --no-packing apply to --long only.")
+    if args.lengths or args.no_packing or args.no_sweep:
+        raise ConfigError("--lengths, --no-sweep and --no-packing apply to --long only.")
     if args.decoder:
         return _bench_decoder(args)
     if args.rounds is not None or args.decoder_layers is not None or args.no_generation:
@@ -483,6 +489,7 @@ def _add_bench(add) -> None:
                     "packing against padding on the commonsense CPU config; writes bench_long.json, bench_long.md")
     be.add_argument("--lengths", help="--long: comma-separated sequence lengths (default 512,1024,2048,4096)")
     be.add_argument("--no-packing", action="store_true", help="--long: skip the packing measurement")
+    be.add_argument("--no-sweep", action="store_true", help="--long: skip the sequence-length sweep (packing only)")
     be.set_defaults(func=_bench)
 
 

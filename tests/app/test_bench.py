@@ -122,6 +122,25 @@ def test_cli_bench_arguments(capsys):
     assert "unknown" in capsys.readouterr().err
 
 
+def test_cli_long_bench_flags_are_checked_before_anything_runs(capsys, monkeypatch):
+    """--no-sweep measures packing alone; with --no-packing or --lengths, or without --long, it is refused by name."""
+    from decomp_jax.app import bench_long
+
+    seen = []
+    result = {"targets": [], "meta": {"wall_s": 0.0, "load_avg_1min_start": None, "load_avg_1min_end": None}}
+    monkeypatch.setattr(bench_long, "run_long_bench", lambda config: seen.append(config) or result)
+    monkeypatch.setattr(bench_long, "write_outputs", lambda result, out: {})
+    monkeypatch.setattr(bench_long, "format_targets", lambda targets: [])
+    for argv, message in ((["--long", "--no-sweep", "--no-packing"], "nothing to measure"),
+                          (["--long", "--no-sweep", "--lengths", "512"], "give one or the other"),
+                          (["--no-sweep"], "apply to --long only")):
+        assert main(["bench", *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert seen == []
+    assert main(["bench", "--long", "--no-sweep", "--out", "x"]) == 0
+    assert seen[0].lengths == () and seen[0].packing
+
+
 def test_native_backbone(tiny_bert):
     from decomp_jax.models.bert import NativeSequenceClassifier
 

@@ -219,8 +219,14 @@ def test_long_bench_runs_end_to_end(tmp_path):
     p = result["packing"]
     assert p["padded per batch"]["padding"] < p["padded to the longest"]["padding"]  # (few examples: packed rows part-filled)
     assert all(v > 0 for v in p["speedup"].values())
+    # the epochs ran interleaved, each whole (its round slices add up to it), one ratio per round
+    assert p["rounds"] == min(8, p["packed"]["steps"])
+    for way in bl.PACKING_WAYS:
+        assert len(p[way]["round_s"]) == p["rounds"] and sum(p[way]["round_s"]) == pytest.approx(p[way]["time_s"])
+        assert sum(p[way]["round_tokens"]) == p[way]["tokens"]
+    assert all(len(r) == p["rounds"] and min(r) > 0 for r in p["speedup_by_round"].values())
     paths = bl.write_outputs(result, tmp_path)
-    assert "Packing against padding" in paths["md"].read_text()
+    assert "Packing against padding" in paths["md"].read_text() and "round by round" in paths["md"].read_text()
     assert [t["what"] for t in result["targets"]] == [
         "chunked / xla memory at 256 tokens", "chunked / xla temporaries at 256 tokens",
         "packed / padded to the longest: trained tokens/s", "packed / padded per batch: trained tokens/s"]
