@@ -97,11 +97,14 @@ PACKING_WAYS = {  # label: the config's overrides
 }
 
 
-def _packing_way(bench: LongBenchConfig, sets: list[str]) -> dict:
+def packing_way(bench: LongBenchConfig, sets: list[str]) -> dict:
     """One way of batching the CPU config: its jitted step, state, frozen base and one epoch of batches
     (its last partial batch dropped, as in training), each batch shape compiled and run once."""
     cfg = load_config(CPU_CONFIG, [f"data.max_train_samples={bench.packing_examples}", *sets])
     task = make_task(cfg)
+    if task.num_train < cfg.train.batch_size:
+        raise ValueError(f"{bench.packing_examples} examples per dataset make {task.num_train} rows with "
+                         f"{' '.join(sets) or 'the defaults'}: not one batch of {cfg.train.batch_size}; take more examples.")
     optimizer = make_optimizer(cfg.train.learning_rate, 1000, warmup_ratio=0.0)
     way = {"step": make_train_step(task.loss, optimizer, cfg.adapter),
            "state": init_state(task.trainable, optimizer, jax.random.PRNGKey(bench.seed)),
@@ -110,12 +113,12 @@ def _packing_way(bench: LongBenchConfig, sets: list[str]) -> dict:
     shapes = {}
     for b in way["batches"]:
         shapes.setdefault(b["input_ids"].shape, b)
-    _run_batches(way, shapes.values())
+    run_batches(way, shapes.values())
     way["shapes"] = len(shapes)
     return way
 
 
-def _run_batches(way: dict, batches) -> float:
+def run_batches(way: dict, batches) -> float:
     """Seconds to train ``way`` on ``batches``, one step after the other (each waited for)."""
     t0 = time.perf_counter()
     for b in batches:
@@ -129,14 +132,14 @@ def packing_rate(bench: LongBenchConfig, log: Callable[[str], None] = print) -> 
     The epochs are timed interleaved: ``packing_rounds`` rounds, each running the next slice of every way's
     epoch, so that the machine's drift over the minutes of the run weighs on the three alike."""
     max_length = load_config(CPU_CONFIG).data.max_length
-    ways = {label: _packing_way(bench, sets(bench, max_length)) for label, sets in PACKING_WAYS.items()}
+    ways = {label: packing_way(bench, sets(bench, max_length)) for label, sets in PACKING_WAYS.items()}
     rounds = max(1, min(bench.packing_rounds, *(len(w["batches"]) for w in ways.values())))
     parts = {label: [w["batches"][r * len(w["batches"]) // rounds:(r + 1) * len(w["batches"]) // rounds]
                      for r in range(rounds)] for label, w in ways.items()}
     seconds: dict[str, list[float]] = {label: [] for label in ways}
     for r in range(rounds):
         for label, way in ways.items():
-            seconds[label].append(_run_batches(way, parts[label][r]))
+            seconds[label].append(run_batches(way, parts[label][r]))
     real = lambda batches: int(sum(int(np.sum(b["attention_mask"])) for b in batches))
     out: dict = {}
     for label, way in ways.items():

@@ -6,6 +6,7 @@ Nothing here compares a time with a threshold. The comparisons with PyTorch are 
 the default suite runs our side alone."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -230,3 +231,22 @@ def test_long_bench_runs_end_to_end(tmp_path):
     assert [t["what"] for t in result["targets"]] == [
         "chunked / xla memory at 256 tokens", "chunked / xla temporaries at 256 tokens",
         "packed / padded to the longest: trained tokens/s", "packed / padded per batch: trained tokens/s"]
+
+
+@pytest.mark.slow
+def test_packing_layouts_script_prints_each_layout(capsys):
+    """scripts/packing_layouts.py on 2 examples per dataset: one line per layout, the first its own reference."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "packing_layouts.py"
+    spec = importlib.util.spec_from_file_location("packing_layouts", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.overrides("640:chunked:128", 160) == ["data.packing=true", "data.pack_length=640",
+                                                        "model.attention=chunked", "model.attention_chunk=128"]
+    with pytest.raises(ValueError, match="not one batch of 4; take more examples"):
+        script.main(["--examples", "1", "--layouts", "padded,640:xla"])
+    script.main(["--examples", "4", "--rounds", "2", "--layouts", "padded,320:xla"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "ms per slot" in ln]
+    assert [ln.split(":")[0].strip() for ln in lines] == ["padded", "320"]
+    assert "(1.00 x padded)" in lines[0] and "padding 0.0%" not in lines[1]

@@ -1,0 +1,64 @@
+"""Packed layouts against rows padded to the longest example, on the commonsense CPU config (the setting of
+``decomp-jax bench --long``'s packing measurement), all timed interleaved in one run.
+
+    python scripts/packing_layouts.py [--examples 64] [--rounds 8] [--layouts padded,160:xla,320:xla,640:chunked:128]
+
+A layout is ``padded`` (every row padded to the config's ``max_length``) or ``LENGTH:ATTENTION[:CHUNK]``
+(packed rows of LENGTH tokens, ``model.attention`` ATTENTION, blocks of CHUNK for ``chunked``). Each
+layout trains one epoch of the same examples (batch 4, each batch shape compiled and run first); the epochs
+run interleaved, ``--rounds`` rounds each taking the next slice of every epoch, so that the machine's drift
+weighs on all alike. Prints, per layout: padding, seconds, milliseconds per token slot and trained tokens
+per second against the first layout. Run it alone; the load average is printed. For jemalloc, start it
+under ``LD_PRELOAD=.../libjemalloc.so.2 MALLOC_CONF=oversize_threshold:0,background_thread:true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+from decomp_jax.app import bench_long
+from decomp_jax.app.experiment import load_config
+
+
+def overrides(layout: str, max_length: int) -> list[str]:
+    """The config overrides of one layout (see the module's docstring)."""
+    if layout == "padded":
+        return [f"data.bucket_multiple={max_length}", "model.attention=xla"]
+    length, attention, *chunk = layout.split(":")
+    sets = ["data.packing=true", f"data.pack_length={int(length)}", f"model.attention={attention}"]
+    return sets + [f"model.attention_chunk={int(c)}" for c in chunk]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--examples", type=int, default=64, help="training examples per dataset (default 64)")
+    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
+    parser.add_argument("--layouts", default="padded,160:xla,320:xla,640:chunked:128",
+                        help="comma-separated layouts, the first the reference (default %(default)s)")
+    args = parser.parse_args(argv)
+    bench = bench_long.LongBenchConfig(lengths=(), packing_examples=args.examples)
+    max_length = load_config(bench_long.CPU_CONFIG).data.max_length
+    layouts = args.layouts.split(",")
+    ways = {name: bench_long.packing_way(bench, overrides(name, max_length)) for name in layouts}
+    rounds = max(1, min(args.rounds, *(len(w["batches"]) for w in ways.values())))
+    seconds = {name: 0.0 for name in ways}
+    for r in range(rounds):
+        for name, way in ways.items():
+            n = len(way["batches"])
+            seconds[name] += bench_long.run_batches(way, way["batches"][r * n // rounds:(r + 1) * n // rounds])
+    rate = {}
+    for name, way in ways.items():
+        tokens = sum(int(np.sum(b["attention_mask"])) for b in way["batches"])
+        slots = sum(int(np.size(b["attention_mask"])) for b in way["batches"])
+        rate[name] = tokens / seconds[name]
+        print(f"{name:>16}: {len(way['batches'])} steps of {way['batches'][0]['input_ids'].shape}, padding "
+              f"{1 - tokens / slots:.1%}, {seconds[name]:.1f} s, {1000 * seconds[name] / slots:.2f} ms per slot, "
+              f"{rate[name]:.0f} trained tokens/s ({rate[name] / rate[layouts[0]]:.2f} x {layouts[0]})", flush=True)
+    print(f"{rounds} rounds; 1-min load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
