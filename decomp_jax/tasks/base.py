@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
+import jax
+
 from decomp_jax.core.inject import inject, inject_quantized
 from decomp_jax.models.causal_lm import load_causal_lm
 from decomp_jax.quant import default_block_size
@@ -30,3 +34,14 @@ def load_for(cfg):
     return load_causal_lm(m.name, m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=cfg.train.remat,
                           keep_quantized=keep, moe_dispatch=m.moe_dispatch, attention=m.attention,
                           attention_chunk=m.attention_chunk)
+
+
+def half_base_note(cfg, platform: Optional[str] = None) -> Optional[str]:
+    """A note for a training run that stores the base in half precision on a CPU (``platform``: JAX's
+    default backend unless given), where it holds more memory, not less; None elsewhere."""
+    dtype = cfg.model.param_dtype
+    if dtype == "float32" or (platform or jax.default_backend()) != "cpu":
+        return None
+    return (f"note: model.param_dtype={dtype} on a CPU: XLA:CPU trains in float32 and keeps float32 copies of the "
+            f"kernels beside the {dtype} base, so a step needs more memory than with param_dtype=float32 (the "
+            f"default); {dtype} pays on GPUs and TPUs.")

@@ -18,7 +18,7 @@ from decomp_jax.data import check_train_size, commonsense as cs, packing
 from decomp_jax.models import generation, gpt2
 from decomp_jax.models.mlp import load_balancing_loss, router_logits
 from decomp_jax.parallel.distributed import is_primary, to_host
-from decomp_jax.tasks.base import load_for, model_params
+from decomp_jax.tasks.base import half_base_note, load_for, model_params
 from decomp_jax.training.losses import response_nll_loss
 
 
@@ -42,6 +42,9 @@ class GenerationTask:
         train = self.load_train(cfg) if need_train else None
         if need_train:
             check_train_size(len(train), cfg)
+            note = half_base_note(cfg)
+            if note and is_primary():
+                print(note, flush=True)
         self.eval_examples = self.load_eval(cfg)
         self.model, self.base_params, tokenizer = load_for(cfg)
         self.tokenizer = cs.as_tokenizer(tokenizer)

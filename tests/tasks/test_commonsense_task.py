@@ -233,8 +233,16 @@ def test_scanned_remat_run_equals_the_unrolled_run_and_merges(tiny_llm, lora_run
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
 
 
-def test_bf16_base_and_decoder_options_are_checked(tiny_llm, tmp_path):
-    from decomp_jax.tasks.base import load_for
+def test_bf16_base_and_decoder_options_are_checked(tiny_llm, tmp_path, capsys):
+    from decomp_jax.tasks.base import half_base_note, load_for
+
+    # a half-precision base on a CPU gets a note when a run trains (it holds more memory there, not less)
+    bf16 = commonsense_config(tiny_llm, tmp_path, "model.param_dtype=bfloat16")
+    make_task(bf16)
+    assert "note: model.param_dtype=bfloat16 on a CPU" in capsys.readouterr().out
+    assert half_base_note(bf16, "gpu") is None and half_base_note(commonsense_config(tiny_llm, tmp_path), "cpu") is None
+    make_task(bf16, need_train=False)
+    assert "note:" not in capsys.readouterr().out
 
     model, params, _ = load_for(commonsense_config(tiny_llm, tmp_path, "model.param_dtype=bfloat16", "model.scan_layers=true"))
     assert model.config.scan_layers and {str(x.dtype) for x in jax.tree.leaves(params)} == {"bfloat16"}
