@@ -48,7 +48,7 @@ class ModelConfig(Serializable):
     # (Pearson/Spearman do not depend on the offset); None keeps the checkpoint's / the random init's
     head_bias: Optional[str] = None
     # decoder LLMs (data.task: commonsense or math) only
-    param_dtype: str = "float32"  # the frozen base's storage dtype (bfloat16: half its storage; not on a CPU, see tasks.base.half_base_note)
+    param_dtype: str = "float32"  # the frozen base's storage (bfloat16: half the bytes; see tasks.base.half_base_note)
     scan_layers: bool = False  # the decoder layers under one nn.scan (params stacked: faster compiles)
     # mixtures of experts: dense (every expert on every token, exact) | ragged (grouped matmuls, accelerators)
     moe_dispatch: str = "dense"
