@@ -271,6 +271,34 @@ def test_a_scanned_quantized_step_keeps_no_dequantized_kernels():
     assert temp["nf4"] < temp["float32"] + kernels / 4  # at most one layer's dequantized kernels beside the float step's
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's handling of half-precision kernels")
+def test_half_precision_bases_on_a_cpu_hold_what_the_note_says():
+    """What ``tasks.base.half_base_note`` and the decoders guide tell CPU users, on XLA's own memory analysis
+    of a scanned LoRA step: a float16 base halves the arguments and adds no temporaries; a bfloat16 base
+    adds float32 copies of the kernels (XLA:CPU slices bfloat16 in float32). Should a jaxlib release change
+    this, the note and the guide's table are out of date."""
+    from decomp_jax.models.llama import LlamaConfig, LlamaForCausalLM, cast_params, init_params, stack_layers
+
+    config = LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    base = stack_layers(init_params(config, jax.random.PRNGKey(0)))
+    cfg = dj.AdapterConfig(method="lora", targets=r"(q_proj|v_proj|up_proj)$", rank=4, stacked="layers")
+    run = dj.adapt(LlamaForCausalLM(dataclasses_replace(config, scan_layers=True, remat=True)).apply, cfg)
+    ids = jnp.ones((1, 16), jnp.int32)
+    memory = {}
+    for dtype in ("float32", "float16", "bfloat16"):
+        params = dj.inject(cast_params(base, dtype), cfg, jax.random.PRNGKey(1))
+        trainable, frozen = dj.split(params, dj.trainable_mask(params, cfg))
+        loss = lambda t, f: jnp.mean(run({"params": dj.combine(t, f)}, ids))
+        m = jax.jit(jax.grad(loss)).lower(trainable, frozen).compile().memory_analysis()
+        memory[dtype] = (m.argument_size_in_bytes, m.temp_size_in_bytes)
+    kernels = sum(v.size * 4 for p, v in flatten_dict(base["model"]["layers"]).items() if p[-1] == "kernel")
+    print({k: (a / 2**20, t / 2**20) for k, (a, t) in memory.items()}, "layer kernels", kernels / 2**20, "MiB")
+    assert memory["float16"][0] < 0.6 * memory["float32"][0]
+    assert memory["float16"][1] <= memory["float32"][1] + kernels / 8  # at most a layer's float32 kernels more
+    assert memory["bfloat16"][1] >= memory["float32"][1] + 0.9 * kernels  # every layer's float32 kernels more
+
+
 def _perturbed(params, cfg):
     """Non-initial values for the adapter's trainable leaves and buffers (LoRA-Dash's directions are zero until
     its warm-up ends)."""

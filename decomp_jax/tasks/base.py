@@ -38,10 +38,15 @@ def load_for(cfg):
 
 def half_base_note(cfg, platform: Optional[str] = None) -> Optional[str]:
     """A note for a training run that stores the base in half precision on a CPU (``platform``: JAX's
-    default backend unless given), where it holds more memory, not less; None elsewhere."""
-    dtype = cfg.model.param_dtype
-    if dtype == "float32" or (platform or jax.default_backend()) != "cpu":
+    default backend unless given) where that holds more memory, not less: XLA:CPU computes in float32 and
+    keeps float32 copies of the kernels beside the half-precision base, except for a float16 base under
+    ``model.scan_layers`` (converted one layer at a time). None elsewhere."""
+    m = cfg.model
+    if m.param_dtype == "float32" or (platform or jax.default_backend()) != "cpu":
         return None
-    return (f"note: model.param_dtype={dtype} on a CPU: XLA:CPU trains in float32 and keeps float32 copies of the "
-            f"kernels beside the {dtype} base, so a step needs more memory than with param_dtype=float32 (the "
-            f"default); {dtype} pays on GPUs and TPUs.")
+    if m.param_dtype == "float16" and m.scan_layers:
+        return None
+    return (f"note: model.param_dtype={m.param_dtype}{'' if m.scan_layers else ' without model.scan_layers'} on a CPU: "
+            f"XLA:CPU computes in float32 and keeps float32 copies of the kernels beside the {m.param_dtype} base, so "
+            f"a step needs more memory than with param_dtype=float32. On a CPU, param_dtype=float16 with "
+            f"model.scan_layers=true halves the base; bfloat16 pays on GPUs and TPUs.")

@@ -239,8 +239,12 @@ def test_bf16_base_and_decoder_options_are_checked(tiny_llm, tmp_path, capsys):
     # a half-precision base on a CPU gets a note when a run trains (it holds more memory there, not less)
     bf16 = commonsense_config(tiny_llm, tmp_path, "model.param_dtype=bfloat16")
     make_task(bf16)
-    assert "note: model.param_dtype=bfloat16 on a CPU" in capsys.readouterr().out
+    assert "note: model.param_dtype=bfloat16 without model.scan_layers on a CPU" in capsys.readouterr().out
     assert half_base_note(bf16, "gpu") is None and half_base_note(commonsense_config(tiny_llm, tmp_path), "cpu") is None
+    half = lambda *sets: half_base_note(commonsense_config(tiny_llm, tmp_path, *sets), "cpu")
+    assert half("model.param_dtype=float16", "model.scan_layers=true") is None  # (converted a layer at a time)
+    assert "float16 without model.scan_layers on a CPU" in half("model.param_dtype=float16")
+    assert "bfloat16 on a CPU" in half("model.param_dtype=bfloat16", "model.scan_layers=true")
     make_task(bf16, need_train=False)
     assert "note:" not in capsys.readouterr().out
 
