@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 
-import numpy as np
-
 from decomp_jax.app import bench_long
 from decomp_jax.app.experiment import load_config
 
@@ -43,19 +41,14 @@ def main(argv=None) -> None:
     max_length = load_config(bench_long.CPU_CONFIG).data.max_length
     layouts = args.layouts.split(",")
     ways = {name: bench_long.packing_way(bench, overrides(name, max_length)) for name in layouts}
-    rounds = max(1, min(args.rounds, *(len(w["batches"]) for w in ways.values())))
-    seconds = {name: 0.0 for name in ways}
-    for r in range(rounds):
-        for name, way in ways.items():
-            n = len(way["batches"])
-            seconds[name] += bench_long.run_batches(way, way["batches"][r * n // rounds:(r + 1) * n // rounds])
+    rounds, _, seconds = bench_long.interleaved(ways, args.rounds)
     rate = {}
     for name, way in ways.items():
-        tokens = sum(int(np.sum(b["attention_mask"])) for b in way["batches"])
-        slots = sum(int(np.size(b["attention_mask"])) for b in way["batches"])
-        rate[name] = tokens / seconds[name]
+        tokens, slots = bench_long.token_counts(way["batches"])
+        wall = sum(seconds[name])
+        rate[name] = tokens / wall
         print(f"{name:>16}: {len(way['batches'])} steps of {way['batches'][0]['input_ids'].shape}, padding "
-              f"{1 - tokens / slots:.1%}, {seconds[name]:.1f} s, {1000 * seconds[name] / slots:.2f} ms per slot, "
+              f"{1 - tokens / slots:.1%}, {wall:.1f} s, {1000 * wall / slots:.2f} ms per slot, "
               f"{rate[name]:.0f} trained tokens/s ({rate[name] / rate[layouts[0]]:.2f} x {layouts[0]})", flush=True)
     print(f"{rounds} rounds; 1-min load average at the end {os.getloadavg()[0]:.2f}")
 

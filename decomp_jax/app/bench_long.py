@@ -127,28 +127,41 @@ def run_batches(way: dict, batches) -> float:
     return time.perf_counter() - t0
 
 
-def packing_rate(bench: LongBenchConfig, log: Callable[[str], None] = print) -> dict:
-    """Trained tokens per second of the CPU commonsense config, padded two ways and packed (see the module).
-    The epochs are timed interleaved: ``packing_rounds`` rounds, each running the next slice of every way's
-    epoch, so that the machine's drift over the minutes of the run weighs on the three alike."""
-    max_length = load_config(CPU_CONFIG).data.max_length
-    ways = {label: packing_way(bench, sets(bench, max_length)) for label, sets in PACKING_WAYS.items()}
-    rounds = max(1, min(bench.packing_rounds, *(len(w["batches"]) for w in ways.values())))
-    parts = {label: [w["batches"][r * len(w["batches"]) // rounds:(r + 1) * len(w["batches"]) // rounds]
-                     for r in range(rounds)] for label, w in ways.items()}
+def interleaved(ways: dict, rounds: int) -> tuple[int, dict, dict]:
+    """Train every way (``packing_way``) one epoch, the epochs interleaved: ``rounds`` rounds (at least one
+    step per slice), each running the next slice of every epoch in turn, so that the machine's drift over
+    the minutes of the run weighs on all alike. ``(rounds, slices, seconds)``: per way, its batches and
+    its seconds round by round."""
+    rounds = max(1, min(rounds, *(len(w["batches"]) for w in ways.values())))
+    slices = {label: [w["batches"][r * len(w["batches"]) // rounds:(r + 1) * len(w["batches"]) // rounds]
+                      for r in range(rounds)] for label, w in ways.items()}
     seconds: dict[str, list[float]] = {label: [] for label in ways}
     for r in range(rounds):
         for label, way in ways.items():
-            seconds[label].append(run_batches(way, parts[label][r]))
-    real = lambda batches: int(sum(int(np.sum(b["attention_mask"])) for b in batches))
+            seconds[label].append(run_batches(way, slices[label][r]))
+    return rounds, slices, seconds
+
+
+def token_counts(batches) -> tuple[int, int]:
+    """``(real tokens, token slots)`` of ``batches``: their attention masks' ones and entries."""
+    return (int(sum(int(np.sum(b["attention_mask"])) for b in batches)),
+            int(sum(np.size(b["attention_mask"]) for b in batches)))
+
+
+def packing_rate(bench: LongBenchConfig, log: Callable[[str], None] = print) -> dict:
+    """Trained tokens per second of the CPU commonsense config, padded two ways and packed (see the module),
+    the three epochs timed ``interleaved`` in ``packing_rounds`` rounds."""
+    max_length = load_config(CPU_CONFIG).data.max_length
+    ways = {label: packing_way(bench, sets(bench, max_length)) for label, sets in PACKING_WAYS.items()}
+    rounds, slices, seconds = interleaved(ways, bench.packing_rounds)
     out: dict = {}
     for label, way in ways.items():
         batches, wall = way["batches"], sum(seconds[label])
-        tokens, slots = real(batches), int(sum(np.size(b["attention_mask"]) for b in batches))
+        tokens, slots = token_counts(batches)
         out[label] = {"steps": len(batches), "time_s": wall, "tokens": tokens, "slots": slots,
                       "padding": 1 - tokens / slots, "tokens_per_s": tokens / wall, "shapes": way["shapes"],
                       "rows": int(sum(b["attention_mask"].shape[0] for b in batches)), "round_s": seconds[label],
-                      "round_tokens": [real(part) for part in parts[label]]}
+                      "round_tokens": [token_counts(part)[0] for part in slices[label]]}
         log(f"{label}: {len(batches)} steps ({way['shapes']} shapes) in {wall:.1f} s over {rounds} rounds, {tokens} real "
             f"tokens of {slots} ({1 - tokens / slots:.1%} padding): {tokens / wall:.0f} trained tokens/s")
     packed = out["packed"]
@@ -216,8 +229,8 @@ def markdown(result: dict) -> str:
                   f"{p[k]['padding']:.1%} | {p[k]['tokens_per_s']:.0f} |" for k in PACKING_WAYS]
         if "rounds" in p:
             lines += ["", f"Timed interleaved in {p['rounds']} rounds; packed / padded, round by round:", ""]
-        lines += [f"- {label}: {min(r):.2f}-{max(r):.2f} x (median {statistics.median(r):.2f})"
-                  for label, r in p.get("speedup_by_round", {}).items()]
+            lines += [f"- {label}: {min(r):.2f}-{max(r):.2f} x (median {statistics.median(r):.2f})"
+                      for label, r in p["speedup_by_round"].items()]
         lines.append("")
     lines += ["### Targets", "", "| check | measured | target | |", "|---|---|---|---|"]
     lines += [f"| {t['what']} | {t['value']:.3f} | {t['target']} | {verdict(t)} |" for t in result["targets"]]
