@@ -57,6 +57,9 @@ class ModelConfig(Serializable):
     # auto picks by platform and length
     attention: str = "auto"
     attention_chunk: int = 512
+    # long rows: the dense MLPs run this many tokens at a time, each tile recomputed in the backward pass (it holds
+    # one tile's (tokens, intermediate_size) activations, not the row's); None: the whole row at once
+    mlp_chunk: Optional[int] = None
     # a quantized frozen base (decomp_jax.quant): nf4 | int8 | fp8 | q4_1, blocks of quantize_block_size values
     # (default 64; q4_1: 32, llama.cpp's) along each kernel's last axis (q4_1: along d_in); double_quant stores
     # nf4's block scales in int8; q4_1 on a .gguf model keeps the file's Q4_1 blocks as stored
@@ -78,6 +81,10 @@ class ModelConfig(Serializable):
             raise ConfigError(f"model.attention={self.attention!r} is unknown; choose one of {', '.join(ATTENTION)}.")
         if not (isinstance(self.attention_chunk, int) and self.attention_chunk >= 1):
             raise ConfigError(f"model.attention_chunk={self.attention_chunk!r}: a number of positions >= 1 (e.g. 512).")
+        if self.mlp_chunk is not None and (isinstance(self.mlp_chunk, bool) or not isinstance(self.mlp_chunk, int)
+                                           or self.mlp_chunk < 1):
+            raise ConfigError(f"model.mlp_chunk={self.mlp_chunk!r}: a number of tokens >= 1 (e.g. 512), or null (the "
+                              f"whole row at once).")
         if self.backbone not in BACKBONES:
             raise ConfigError(f"model.backbone={self.backbone!r} is unknown; choose one of {', '.join(BACKBONES)}.")
         if self.quantize is not None:
@@ -166,6 +173,10 @@ class TrainConfig(Serializable):
     keep_best: int = 1  # ... plus the keep_best best by best_metric (checkpoints saved with an eval)
     best_metric: Optional[str] = None  # default: the task's first metric (accuracy, pearson, ...)
     remat: bool = False  # decoder LLMs: recompute each decoder layer's activations in the backward pass
+    # decoder LLMs with remat and model.scan_layers: the layers as this many rematerialised segments (it divides
+    # the number of layers), so the backward pass keeps the segments' inputs and one segment's layer inputs, not
+    # every layer's input (one more forward pass per step); None: every layer's input kept
+    remat_segments: Optional[int] = None
     # decoder LLMs: the scored response positions go through the LM head and its log-softmax this many
     # at a time (logits of at most loss_chunk x vocab at once; the backward recomputes them); None: all
     loss_chunk: Optional[int] = None
@@ -195,6 +206,13 @@ class TrainConfig(Serializable):
         if self.loss_chunk is not None and (isinstance(self.loss_chunk, bool) or int(self.loss_chunk) < 1):
             raise ConfigError(f"train.loss_chunk must be a positive number of positions (or null: no chunking), "
                               f"got {self.loss_chunk!r}.")
+        if self.remat_segments is not None and (isinstance(self.remat_segments, bool)
+                                                or not isinstance(self.remat_segments, int) or self.remat_segments < 1):
+            raise ConfigError(f"train.remat_segments={self.remat_segments!r}: a number of segments >= 1 that divides the "
+                              f"model's layers, or null.")
+        if self.remat_segments is not None and not self.remat:
+            raise ConfigError(f"train.remat_segments={self.remat_segments} splits the rematerialised layers into "
+                              f"segments: set train.remat: true too (and model.scan_layers: true).")
         if self.router_aux_loss is not None and not (math.isfinite(self.router_aux_loss) and self.router_aux_loss >= 0):
             raise ConfigError(f"train.router_aux_loss must be a number >= 0 (or null: the model's own), "
                               f"got {self.router_aux_loss!r}.")
@@ -220,12 +238,17 @@ class ExperimentConfig:
                         "model.moe_dispatch": self.model.moe_dispatch != "dense",
                         "model.attention": self.model.attention != "auto",
                         "model.attention_chunk": self.model.attention_chunk != 512,
+                        "model.mlp_chunk": self.model.mlp_chunk is not None,
+                        "train.remat_segments": self.train.remat_segments is not None,
                         "train.loss_chunk": self.train.loss_chunk is not None,
                         "train.router_aux_loss": self.train.router_aux_loss is not None}
         used = [k for k, on in decoder_only.items() if on]
         if used and self.data.task not in LM_TASKS:
             raise ConfigError(f"{', '.join(used)} apply to our decoder LLM (data.task: commonsense or math), not to "
                               f"task {self.data.task!r}; remove them.")
+        if self.train.remat_segments is not None and not self.model.scan_layers:
+            raise ConfigError(f"train.remat_segments={self.train.remat_segments} splits the scanned layers into "
+                              f"segments: set model.scan_layers: true too.")
         if self.data.packing and get_method(self.adapter.method).kind == "prompt":
             raise ConfigError(f"data.packing with adapter.method={self.adapter.method!r}: its virtual tokens go in front "
                               f"of each row, not of each packed example. Set data.packing: false for prompt methods.")

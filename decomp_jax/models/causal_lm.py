@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,8 @@ def _model_type(path: str):
 
 def load_causal_lm(name: str, dtype: str = "float32", *, param_dtype: str = "float32", scan_layers: bool = False,
                    remat: bool = False, keep_quantized: bool = False, moe_dispatch: str = "dense",
-                   attention: str = "auto", attention_chunk: int = 512):
+                   attention: str = "auto", attention_chunk: int = 512, mlp_chunk: Optional[int] = None,
+                   remat_segments: Optional[int] = None):
     """``(model, params, tokenizer)``: our ``LlamaForCausalLM`` with the weights and tokenizer of
     ``name`` (see ``resolve_llm``). ``dtype`` is the compute dtype; ``param_dtype`` the dtype the
     loaded base is stored in (``bfloat16``: half the memory of the frozen base; adapter factors keep
@@ -40,19 +42,24 @@ def load_causal_lm(name: str, dtype: str = "float32", *, param_dtype: str = "flo
     activations in the backward pass; ``keep_quantized``: a GGUF file's Q4_1 matrices stay quantized
     (``decomp_jax.quant``'s ``q4_1``; see ``convert.load_gguf``); ``moe_dispatch``: how a mixture of
     experts runs its experts (``dense`` or ``ragged``, ``LlamaConfig.moe_dispatch``); ``attention``,
-    ``attention_chunk``: the attention implementation (``models.attention``; ``LlamaConfig.attention``)."""
+    ``attention_chunk``: the attention implementation (``models.attention``; ``LlamaConfig.attention``);
+    ``mlp_chunk``, ``remat_segments``: long rows' memory (``LlamaConfig``; not for GPT-2)."""
     import dataclasses
 
 
     path = resolve_llm(name)
     if os.path.isdir(path) and _model_type(path) == "gpt2":
+        if mlp_chunk is not None or remat_segments is not None:
+            raise ConfigError("model.mlp_chunk and train.remat_segments apply to the Llama-family decoders; our GPT-2 "
+                              "(1024 positions at most) has neither: remove them.")
         return _load_gpt2(path, dtype, param_dtype, scan_layers, remat, attention, attention_chunk)
     if path.endswith(".gguf"):
         config, params, tokenizer = convert.load_gguf(path, keep_quantized=keep_quantized)
     else:
         config, params, tokenizer = convert.load_hf(path)
     config = dataclasses.replace(config, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat,
-                                 moe_dispatch=moe_dispatch, attention=attention, attention_chunk=attention_chunk)
+                                 moe_dispatch=moe_dispatch, attention=attention, attention_chunk=attention_chunk,
+                                 mlp_chunk=mlp_chunk, remat_segments=remat_segments)
     params = jax.tree_util.tree_map(jnp.asarray, params)
     if param_dtype != "float32":
         params = cast_params(params, param_dtype)

@@ -61,6 +61,7 @@ from decomp_jax.models.attention import attention, choose, splash_segments
 from decomp_jax.models.llama_config import LlamaConfig
 from decomp_jax.models.mlp import dense, feed_forward
 from decomp_jax.models.rope import apply_rotary, rotary_cos_sin
+from decomp_jax.models.tiles import in_row_tiles
 from decomp_jax.quant import is_quantized
 
 
@@ -186,6 +187,37 @@ def _layer_class(config: LlamaConfig):
     return nn.remat(LlamaDecoderLayer, prevent_cse=not config.scan_layers)
 
 
+def _scan(target, length: int):
+    return nn.scan(target, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, 0), length=length)
+
+
+def _scanned_layers(config: LlamaConfig):
+    """The decoder layers under one ``nn.scan`` (params with a leading axis of ``num_hidden_layers``); with
+    ``remat_segments`` = G, a scan over G segments, each rematerialised and scanning its L / G layers: the
+    backward pass keeps the G segment inputs and one segment's layer inputs, not all L layer inputs (one
+    more forward pass). The params keep their ``(L, ...)`` layout (``nn.map_variables``)."""
+    layers, segments = config.num_hidden_layers, config.remat_segments
+    if not _segmented(config):
+        return _scan(_layer_class(config), layers)
+    nested = _scan(nn.remat(_scan(_layer_class(config), layers // segments), prevent_cse=False), segments)
+    return nn.map_variables(nested, "params", _segments(config, True), _segments(config, False), mutable=True)
+
+
+def _segmented(config: LlamaConfig) -> bool:
+    return bool(config.remat_segments) and config.remat_segments != config.num_hidden_layers
+
+
+def _segments(config: LlamaConfig, split: bool):
+    """A tree's leading layer axis ``L`` as ``(remat_segments, L / remat_segments)`` (``split``), or back."""
+    layers, segments = config.num_hidden_layers, config.remat_segments
+
+    def one(a):
+        return a.reshape((segments, layers // segments) + a.shape[1:]) if split else a.reshape((layers,) + a.shape[2:])
+
+    return lambda tree: jax.tree_util.tree_map(one, tree)
+
+
 def mask_positions(attention_mask, length, cache_index, shift: int = 0):
     """``shift + cumsum(mask) - 1`` (1 on padding) at this call's ``length`` positions of the buffer
     (``shift``: slots before the real tokens, e.g. prompt tuning's virtual tokens)."""
@@ -233,10 +265,7 @@ class LlamaModel(nn.Module):
                                      embedding_init=nn.initializers.normal(c.initializer_range))
         if c.scan_layers:  # params model/layers/... with a leading axis of num_hidden_layers
             # carry x; scanned over (cache, prefix, kind) slices; ropes, masks, cache_index broadcast
-            self.layers = nn.scan(_layer_class(c), variable_axes={"params": 0, "intermediates": 0},
-                                  split_rngs={"params": True, "dropout": True},
-                                  in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, 0),
-                                  length=c.num_hidden_layers)(c, c.is_sparse(0))
+            self.layers = _scanned_layers(c)(c, c.is_sparse(0))
         else:  # named layers_{i}
             self.layers = [_layer_class(c)(c, c.is_sparse(i)) for i in range(c.num_hidden_layers)]
         self.norm = _norm(c, "norm")
@@ -285,8 +314,12 @@ class LlamaModel(nn.Module):
                  splash_segments(c.attention, attention_mask, segment_ids, cache is None and prefix_kv is None))
         if c.scan_layers:
             stacked_cache = None if cache is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *cache)
-            x, new_stacked = self.layers(x, ropes, masks, stacked_cache, cache_index, prefix_kv,
-                                         jnp.asarray(kinds, jnp.int32))
+            xs = (stacked_cache, prefix_kv, jnp.asarray(kinds, jnp.int32))
+            if _segmented(c):
+                xs = _segments(c, True)(xs)
+            x, new_stacked = self.layers(x, ropes, masks, xs[0], cache_index, xs[1], xs[2])
+            if _segmented(c):
+                new_stacked = _segments(c, False)(new_stacked)
             x = self.norm(x)
             if cache is None:
                 return x, None
@@ -335,22 +368,11 @@ class ScoredHead:
         if chunk is None:
             return _nll(self._head(hidden), targets)
         b, r, h = hidden.shape
-        rows, chunk = b * r, int(chunk)
-        if chunk < 1:
+        if int(chunk) < 1:
             raise ValueError(f"chunk={chunk} must be a positive number of positions (or None: no chunking).")
-        chunk = min(chunk, rows)
-        n = -(-rows // chunk)
-        pad = n * chunk - rows  # padded rows score target 0 and are cut off below
-        hs = jnp.pad(hidden.reshape(rows, h), ((0, pad), (0, 0))).reshape(n, chunk, h)
-        ts = jnp.pad(targets.reshape(rows), (0, pad)).reshape(n, chunk)
-
-        def body(module, carry, xs):
-            return carry, _nll(module._head(xs[0]), xs[1])
-
-        scan = nn.scan(nn.remat(body), variable_broadcast="params", split_rngs={"params": False, "dropout": True},
-                       length=n)
-        _, nll = scan(self, None, (hs, ts))
-        return nll.reshape(n * chunk)[:rows].reshape(b, r)
+        nll = in_row_tiles(self, lambda module, hs, ts: _nll(module._head(hs), ts),
+                           (hidden.reshape(b * r, h), targets.reshape(b * r)), int(chunk))
+        return nll.reshape(b, r)
 
 
 class LlamaForCausalLM(ScoredHead, nn.Module):

@@ -74,6 +74,14 @@ class LlamaConfig:
     ``attention``: ``auto``, ``xla``, ``chunked``, ``cudnn`` or ``splash`` (``models.attention``: all scores
     at once, or blocks of ``attention_chunk`` queries and keys with an online softmax, memory linear in the
     length, or cuDNN's fused kernel on GPUs, or the Pallas splash kernel on TPUs); the same numbers from each.
+
+    Long rows: ``mlp_chunk`` (positions) runs the dense MLPs (and a mixture's shared expert) that many
+    tokens at a time, each tile rematerialised (``models.tiles``): the backward pass holds one tile's
+    ``(tokens, intermediate_size)`` activations instead of the row's, at no extra arithmetic under
+    ``remat``. ``remat_segments`` (with ``scan_layers`` and ``remat``; it divides ``num_hidden_layers``):
+    the scanned layers run as that many rematerialised segments, so the backward pass keeps the segments'
+    inputs and one segment's layer inputs instead of every layer's input (one more forward pass per step);
+    the params keep their ``(L, ...)`` layout. Both give the same numbers as without them.
     """
 
     vocab_size: int = 32000
@@ -125,6 +133,8 @@ class LlamaConfig:
     moe_dispatch: str = "dense"
     attention: str = "auto"
     attention_chunk: int = 512
+    mlp_chunk: Optional[int] = None
+    remat_segments: Optional[int] = None
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -146,6 +156,7 @@ class LlamaConfig:
         check_implementation(self.attention, self.attn_logit_softcapping)
         if not (isinstance(self.attention_chunk, int) and self.attention_chunk >= 1):
             raise ValueError(f"attention_chunk={self.attention_chunk!r}: a number of positions >= 1 (e.g. 512).")
+        self._check_long_rows()
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not implemented; choose one of {sorted(ACTIVATIONS)}.")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -160,6 +171,24 @@ class LlamaConfig:
                 raise ValueError(f"rope_scaling type {kind!r} is not supported; choose one of {ROPE_TYPES}.")
             scaling["rope_type"] = kind
             object.__setattr__(self, "rope_scaling", scaling)
+
+    def _check_long_rows(self):
+        if self.mlp_chunk is not None and not (isinstance(self.mlp_chunk, int) and self.mlp_chunk >= 1):
+            raise ValueError(f"mlp_chunk={self.mlp_chunk!r}: a number of tokens >= 1 (e.g. 512), or None (the whole "
+                             f"row at once).")
+        segments = self.remat_segments
+        if segments is None:
+            return
+        if not (isinstance(segments, int) and segments >= 1):
+            raise ValueError(f"remat_segments={segments!r}: a number of segments >= 1 that divides num_hidden_layers "
+                             f"({self.num_hidden_layers}), or None.")
+        if not (self.scan_layers and self.remat):
+            raise ValueError(f"remat_segments={segments} splits the scanned, rematerialised layers: it needs "
+                             f"scan_layers and remat (model.scan_layers: true, train.remat: true).")
+        if self.num_hidden_layers % segments:
+            fits = [n for n in range(2, self.num_hidden_layers) if self.num_hidden_layers % n == 0]
+            raise ValueError(f"remat_segments={segments} does not divide num_hidden_layers={self.num_hidden_layers}; "
+                             f"choose one of {fits or [self.num_hidden_layers]}.")
 
     def _check_experts(self):
         if self.moe_dispatch not in MOE_DISPATCH:

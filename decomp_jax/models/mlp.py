@@ -34,6 +34,7 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from decomp_jax.models.llama_config import ACTIVATIONS, LlamaConfig
+from decomp_jax.models.tiles import in_row_tiles
 
 ROUTER_LOGITS = "router_logits"
 
@@ -49,27 +50,41 @@ def gated(config: LlamaConfig, gate, up):
 
 
 class LlamaMLP(nn.Module):
-    """``down(act(gate(x)) * up(x))`` of width ``intermediate_size`` (default: the config's)."""
+    """``down(act(gate(x)) * up(x))`` of width ``intermediate_size`` (default: the config's); with the
+    config's ``mlp_chunk``, ``mlp_chunk`` tokens at a time (``models.tiles``: the backward pass then holds
+    one tile's ``(tokens, width)`` activations, not the whole row's)."""
 
     config: LlamaConfig
     intermediate_size: Optional[int] = None
 
-    @nn.compact
+    def setup(self):
+        c = self.config
+        width = self.intermediate_size or c.intermediate_size
+        if c.fused_projections:
+            self.gate_up_proj = dense(c, 2 * width, c.mlp_bias)
+        else:
+            self.gate_proj = dense(c, width, c.mlp_bias)
+            self.up_proj = dense(c, width, c.mlp_bias)
+        self.down_proj = dense(c, c.hidden_size, c.mlp_bias)
+
+    def rows(self, x):
+        """The MLP on rows ``x (N, hidden)``; ``act(gate) * up``, gate and up from one ``gate_up_proj``
+        kernel (gate first) with ``fused_projections``."""
+        if self.config.fused_projections:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(gated(self.config, gate, up))
+
     def __call__(self, x):
         """On ``x (..., hidden)`` flattened to 2-D: with 3-D ``(batch, length, hidden)`` operands XLA:CPU
         writes the backward's gradients through transposing copies (measured on SmolLM2's MLP, forward +
-        backward: full fine-tuning 114 -> 85 ms, LoRA 119 -> 59 ms per layer). ``act(gate) * up``, gate
-        and up from one ``gate_up_proj`` kernel (gate first) with ``fused_projections``."""
-        c = self.config
-        width = self.intermediate_size or c.intermediate_size
+        backward: full fine-tuning 114 -> 85 ms, LoRA 119 -> 59 ms per layer)."""
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])
-        if c.fused_projections:
-            gate, up = jnp.split(dense(c, 2 * width, c.mlp_bias, "gate_up_proj")(x), 2, axis=-1)
-        else:
-            gate = dense(c, width, c.mlp_bias, "gate_proj")(x)
-            up = dense(c, width, c.mlp_bias, "up_proj")(x)
-        return dense(c, c.hidden_size, c.mlp_bias, "down_proj")(gated(c, gate, up)).reshape(lead + (-1,))
+        tile = self.config.mlp_chunk
+        y = in_row_tiles(self, LlamaMLP.rows, (x,), tile) if tile and x.shape[0] > tile else self.rows(x)
+        return y.reshape(lead + (-1,))
 
 
 class ExpertDense(nn.Module):

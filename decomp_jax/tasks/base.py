@@ -33,7 +33,8 @@ def load_for(cfg):
     keep = m.quantize == "q4_1" and m.quantize_block_size in (None, default_block_size("q4_1"))
     return load_causal_lm(m.name, m.dtype, param_dtype=m.param_dtype, scan_layers=m.scan_layers, remat=cfg.train.remat,
                           keep_quantized=keep, moe_dispatch=m.moe_dispatch, attention=m.attention,
-                          attention_chunk=m.attention_chunk)
+                          attention_chunk=m.attention_chunk, mlp_chunk=m.mlp_chunk,
+                          remat_segments=cfg.train.remat_segments)
 
 
 def half_base_note(cfg, platform: Optional[str] = None) -> Optional[str]:

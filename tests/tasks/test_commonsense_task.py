@@ -287,6 +287,25 @@ def test_loss_on_response_positions_equals_the_full_logits_loss(tiny_llm, tmp_pa
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), ga, gb)
 
 
+def test_long_row_settings_give_the_task_the_same_loss(tiny_llm, tmp_path):
+    """model.mlp_chunk and train.remat_segments reach the model the runner loads: the task's loss and
+    gradients on a training batch equal those of the same scanned, rematerialised model without them."""
+    scanned = ("model.scan_layers=true", "train.remat=true", "adapter.targets=self_attn/q_proj$|mlp/down_proj$")
+    tasks = [make_task(commonsense_config(tiny_llm, tmp_path / name, *scanned, *extra))
+             for name, extra in (("plain", ()), ("long", ("model.mlp_chunk=7", "train.remat_segments=1")))]
+    assert (tasks[1].model.config.mlp_chunk, tasks[1].model.config.remat_segments) == (7, 1)
+    batch = tasks[0].train_batch(1)
+
+    def loss_and_grad(task):
+        frozen = combine(task.buffers, task.frozen)
+        trainable = jax.tree.map(lambda x: x + 0.01 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), task.trainable)
+        return jax.value_and_grad(lambda t: task.loss(combine(t, frozen), batch, jax.random.PRNGKey(0))[0])(trainable)
+
+    (a, ga), (b, gb) = (loss_and_grad(t) for t in tasks)
+    np.testing.assert_allclose(float(b), float(a), rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7), ga, gb)
+
+
 @pytest.mark.slow
 def test_commonsense_run_on_a_mixture_of_experts(tiny_llm, tmp_path):
     """A Qwen3-MoE folder (the tiny model's tokenizer) as model.name: LoRA on the experts and the router,
