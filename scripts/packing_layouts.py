@@ -2,13 +2,15 @@
 ``decomp-jax bench --long``'s packing measurement), all timed interleaved in one run.
 
     python scripts/packing_layouts.py [--examples 64] [--rounds 8] [--layouts padded,160:xla,320:xla,640:chunked:128]
+                                      [--set KEY=VALUE ...]
 
 A layout is ``padded`` (every row padded to the config's ``max_length``) or ``LENGTH:ATTENTION[:CHUNK]``
 (packed rows of LENGTH tokens, ``model.attention`` ATTENTION, blocks of CHUNK for ``chunked``). Each
 layout trains one epoch of the same examples (batch 4, each batch shape compiled and run first); the epochs
 run interleaved, ``--rounds`` rounds each taking the next slice of every epoch, so that the machine's drift
 weighs on all alike. Prints, per layout: padding, seconds, milliseconds per token slot and trained tokens
-per second against the first layout. Run it alone; the load average is printed. For jemalloc, start it
+per second against the first layout. ``--set`` adds a config override to every layout (e.g.
+``--set model.mlp_chunk=160``). Run it alone; the load average is printed. For jemalloc, start it
 under ``LD_PRELOAD=.../libjemalloc.so.2 MALLOC_CONF=oversize_threshold:0,background_thread:true``.
 """
 
@@ -36,11 +38,13 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds (default 8)")
     parser.add_argument("--layouts", default="padded,160:xla,320:xla,640:chunked:128",
                         help="comma-separated layouts, the first the reference (default %(default)s)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every layout (repeatable), e.g. model.mlp_chunk=160")
     args = parser.parse_args(argv)
     bench = bench_long.LongBenchConfig(lengths=(), packing_examples=args.examples)
     max_length = load_config(bench_long.CPU_CONFIG).data.max_length
     layouts = args.layouts.split(",")
-    ways = {name: bench_long.packing_way(bench, overrides(name, max_length)) for name in layouts}
+    ways = {name: bench_long.packing_way(bench, overrides(name, max_length) + args.set) for name in layouts}
     rounds, _, seconds = bench_long.interleaved(ways, args.rounds)
     rate = {}
     for name, way in ways.items():

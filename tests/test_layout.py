@@ -21,7 +21,7 @@ FLOORS = [
     # 0: the version, errors, atomic I/O, quantized arrays
     ["version", "errors", "guards", "quant"],
     # 1: our Flax models and their loading; datasets
-    ["models.names", "models.families", "models.attention", "models.llama_config", "models.rope", "models.mlp", "models.llama", "models.generation",
+    ["models.names", "models.families", "models.attention", "models.llama_config", "models.rope", "models.tiles", "models.mlp", "models.llama", "models.generation",
      "models.bert", "models.gpt2", "models.hf",
      "models.convert", "models.causal_lm", "models",
      "data.glue", "data.lm", "data.packing", "data.commonsense", "data.math", "data"],

@@ -249,7 +249,7 @@ def run_long_bench(bench: LongBenchConfig, log: Callable[[str], None] = print) -
 
 
 def format_targets(targets: Sequence[dict]) -> list[str]:
-    return [f"{t['what']:<48} {t['value']:>7.3f}  target {t['target']:<7} {verdict(t)}" for t in targets]
+    return [f"{t['what']:<56} {t['value']:>7.3f}  target {t['target']:<7} {verdict(t)}" for t in targets]
 
 
 def markdown(result: dict) -> str:
