@@ -57,8 +57,8 @@ class ModelConfig(Serializable):
     # auto picks by platform and length
     attention: str = "auto"
     attention_chunk: int = 512
-    # long rows: the dense MLPs run this many tokens at a time, each tile recomputed in the backward pass (it holds
-    # one tile's (tokens, intermediate_size) activations, not the row's); None: the whole row at once
+    # long rows: the dense MLPs run this many positions of every row at a time, each tile recomputed in the backward
+    # pass (it holds one tile's (batch x positions, intermediate_size) activations, not the rows'); None: whole rows
     mlp_chunk: Optional[int] = None
     # a quantized frozen base (decomp_jax.quant): nf4 | int8 | fp8 | q4_1, blocks of quantize_block_size values
     # (default 64; q4_1: 32, llama.cpp's) along each kernel's last axis (q4_1: along d_in); double_quant stores
@@ -83,8 +83,8 @@ class ModelConfig(Serializable):
             raise ConfigError(f"model.attention_chunk={self.attention_chunk!r}: a number of positions >= 1 (e.g. 512).")
         if self.mlp_chunk is not None and (isinstance(self.mlp_chunk, bool) or not isinstance(self.mlp_chunk, int)
                                            or self.mlp_chunk < 1):
-            raise ConfigError(f"model.mlp_chunk={self.mlp_chunk!r}: a number of tokens >= 1 (e.g. 512), or null (the "
-                              f"whole row at once).")
+            raise ConfigError(f"model.mlp_chunk={self.mlp_chunk!r}: a number of positions >= 1 (e.g. 512), or null (the "
+                              f"whole rows at once).")
         if self.backbone not in BACKBONES:
             raise ConfigError(f"model.backbone={self.backbone!r} is unknown; choose one of {', '.join(BACKBONES)}.")
         if self.quantize is not None:

@@ -75,10 +75,10 @@ class LlamaConfig:
     at once, or blocks of ``attention_chunk`` queries and keys with an online softmax, memory linear in the
     length, or cuDNN's fused kernel on GPUs, or the Pallas splash kernel on TPUs); the same numbers from each.
 
-    Long rows: ``mlp_chunk`` (positions) runs the dense MLPs (and a mixture's shared expert) that many
-    tokens at a time, each tile rematerialised (``models.tiles``): the backward pass holds one tile's
-    ``(tokens, intermediate_size)`` activations instead of the row's, at no extra arithmetic under
-    ``remat``. ``remat_segments`` (with ``scan_layers`` and ``remat``; it divides ``num_hidden_layers``):
+    Long rows: ``mlp_chunk`` (positions) runs the dense MLPs that many positions of every row at a time (a
+    mixture's shared expert: that many of its tokens), each tile rematerialised (``models.tiles``): the
+    backward pass holds one tile's ``(tokens, intermediate_size)`` activations instead of the rows', at no
+    extra arithmetic under ``remat``. ``remat_segments`` (with ``scan_layers`` and ``remat``; it divides ``num_hidden_layers``):
     the scanned layers run as that many rematerialised segments, so the backward pass keeps the segments'
     inputs and one segment's layer inputs instead of every layer's input (one more forward pass per step);
     the params keep their ``(L, ...)`` layout. Both give the same numbers as without them.
@@ -174,8 +174,8 @@ class LlamaConfig:
 
     def _check_long_rows(self):
         if self.mlp_chunk is not None and not (isinstance(self.mlp_chunk, int) and self.mlp_chunk >= 1):
-            raise ValueError(f"mlp_chunk={self.mlp_chunk!r}: a number of tokens >= 1 (e.g. 512), or None (the whole "
-                             f"row at once).")
+            raise ValueError(f"mlp_chunk={self.mlp_chunk!r}: a number of positions >= 1 (e.g. 512), or None (the whole "
+                             f"rows at once).")
         segments = self.remat_segments
         if segments is None:
             return

@@ -163,7 +163,7 @@ def test_long_rows_hold_less_memory():
 
 
 def test_settings_that_cannot_work_are_refused():
-    with pytest.raises(ValueError, match=r"mlp_chunk=0: a number of tokens >= 1"):
+    with pytest.raises(ValueError, match=r"mlp_chunk=0: a number of positions >= 1"):
         LlamaConfig(**BASE, mlp_chunk=0)
     with pytest.raises(ValueError, match=r"remat_segments=3 does not divide num_hidden_layers=4; choose one of \[2\]"):
         LlamaConfig(**BASE, remat_segments=3)
@@ -183,7 +183,7 @@ def test_the_runner_refuses_them_where_they_cannot_apply(tmp_path):
         load_config(cpu, ["train.remat_segments=5", "train.remat=false"])
     with pytest.raises(ConfigError, match=r"set model.scan_layers: true too"):
         load_config(cpu, ["train.remat_segments=5", "train.remat=true", "model.scan_layers=false"])
-    with pytest.raises(ConfigError, match=r"model.mlp_chunk=0: a number of tokens >= 1"):
+    with pytest.raises(ConfigError, match=r"model.mlp_chunk=0: a number of positions >= 1"):
         load_config(cpu, ["model.mlp_chunk=0"])
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(ConfigError, match=r"our GPT-2 \(1024 positions at most\) has neither"):

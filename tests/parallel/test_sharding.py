@@ -318,6 +318,18 @@ def _check_cases(records):
     return cases
 
 
+def test_long_row_settings_on_meshes_equal_one_device():
+    """A scanned Llama with the MLP in tiles of positions and its layers as a remat segment, LoRA on data=8 and
+    data=2 x fsdp=4: the per-step losses and adapters equal the single-device run's; on data=8 the compiled
+    step gathers no more than the plain model's (the tiles run over positions, the batch stays split; tiles
+    of flattened rows gathered the activations)."""
+    records = _records(_run_worker("long_rows"))
+    assert len(_check_cases(records)) == 2
+    (gathers,) = [r["long_rows_gathers"] for r in records if "long_rows_gathers" in r]
+    print("all-gathers in the data=8 step:", gathers)
+    assert gathers["long"] == gathers["plain"], gathers
+
+
 @pytest.mark.slow  # ~20 s of 8-device compiles beside the default mesh test
 def test_lora_on_experts_on_an_expert_mesh_equals_one_device():
     """LoRA on a mixture's experts on data=2 x expert=2 x tensor=2: the experts and their factors split over

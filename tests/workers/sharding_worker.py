@@ -130,6 +130,41 @@ def _lm_loss(run):
     return loss_fn
 
 
+def long_rows_setup(method, **options):
+    """A scanned, rematerialised 2-layer Llama with the MLP in tiles of 4 positions (rows of 8) and its layers
+    as 1 segment (``options`` replace those), LoRA on q, v and the MLP."""
+    import dataclasses
+
+    from decomp_jax.models.llama import LlamaForCausalLM, stack_layers
+
+    base, apply, batch = tiny_llama()
+    config = dataclasses.replace(apply.__self__.config, num_hidden_layers=2, scan_layers=True, remat=True,
+                                 **({"mlp_chunk": 4, "remat_segments": 1} | options))
+    two = stack_layers({**base, "model": {**base["model"], "layers_1": base["model"]["layers_0"]}}, 2)
+    cfg = dj.AdapterConfig(method=method, targets=r"self_attn/(q_proj|v_proj)$|mlp/(gate_proj|down_proj)$", rank=4,
+                           dropout=0.0, stacked="layers")
+    return two, cfg, _lm_loss(dj.adapt(LlamaForCausalLM(config).apply, cfg)), batch
+
+
+def long_rows_gathers():
+    """All-gathers in the compiled train step on data=8 with and without the long-row settings: the MLP's
+    tiles run over positions, so the batch stays split (no activation is gathered)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = sh.make_mesh({"data": 8})
+    replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+    counts = {}
+    for label, options in (("plain", {"mlp_chunk": None, "remat_segments": None}), ("long", {})):
+        base, cfg, loss_fn, batch = long_rows_setup("lora", **options)
+        trainable, buffers, frozen = dj.partition(dj.inject(base, cfg, jax.random.PRNGKey(0)), cfg)
+        opt = dj.make_optimizer(LR, STEPS, warmup_ratio=0.0)
+        state = dj.init_state(trainable, opt, jax.random.PRNGKey(1), buffers=buffers, frozen=frozen)
+        step = dj.make_train_step(loss_fn, opt, cfg, state_sharding=replicated, frozen_sharding=replicated,
+                                  batch_sharding=split)
+        counts[label] = step.lower(state, frozen, batch).compile().as_text().count("all-gather(")
+    print(json.dumps({"long_rows_gathers": counts}), flush=True)
+
+
 def bert_setup(method):
     base, apply, batch = tiny_bert()
     targets = {"houlsby": r"layer/\d+/output/dense$", "lora_dash": r"attention/self/query$"}.get(
@@ -354,6 +389,9 @@ def main(which):
         quantized()
     if "batched" in which:
         batched_on_mesh()
+    if "long_rows" in which:
+        compare("llama-long", "lora", long_rows_setup, [{"data": 8}, {"data": 2, "fsdp": 4}])
+        long_rows_gathers()
     for i, part in enumerate((QUICK0, QUICK1)):
         for model, method, mesh in part if ("quick" in which or f"quick{i}" in which) else ():
             compare(model, method, bert_setup if model == "bert" else llama_setup, [mesh])
