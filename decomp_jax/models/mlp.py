@@ -85,8 +85,8 @@ class LlamaMLP(nn.Module):
         tile = self.config.mlp_chunk
         if not tile or x.shape[-2] <= tile:
             return self._flat(x)
-        if x.ndim == 2:
-            return in_row_tiles(self, LlamaMLP.rows, (x,), tile)
+        if x.ndim == 2 or x.shape[0] == 1:  # rows: a mixture's tokens, or one row's positions (no transposes)
+            return in_row_tiles(self, LlamaMLP.rows, (x.reshape(-1, x.shape[-1]),), tile).reshape(x.shape[:-1] + (-1,))
         # the scan runs over positions; each tile goes back to (batch, tile, hidden) before it is flattened
         return jnp.swapaxes(in_row_tiles(self, LlamaMLP._position_tile, (jnp.swapaxes(x, 0, 1),), tile), 0, 1)
 

@@ -71,6 +71,9 @@ def test_the_model_gives_the_same_numbers(family, options):
     print(f"{family} {options}: loss {float(ref):.6f} vs {float(out):.6f}, gradients within {_maxdiff(gref, gout):.2e}")
     np.testing.assert_allclose(float(out), float(ref), rtol=1e-6)
     assert _maxdiff(gref, gout) <= 1e-5
+    # one row (its positions tiled as rows, without transposes)
+    one = [LlamaForCausalLM(c).apply({"params": params}, ids[:1]) for c in (config, dataclasses.replace(config, **options))]
+    assert _maxdiff(*one) <= 1e-5
 
 
 def test_the_parameters_keep_their_layout():
