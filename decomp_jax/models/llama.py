@@ -61,7 +61,7 @@ from decomp_jax.models.attention import attention, choose, splash_segments
 from decomp_jax.models.llama_config import LlamaConfig
 from decomp_jax.models.mlp import dense, feed_forward
 from decomp_jax.models.rope import apply_rotary, rotary_cos_sin
-from decomp_jax.models.tiles import in_row_tiles
+from decomp_jax.models.tiles import in_position_tiles
 from decomp_jax.quant import is_quantized
 
 
@@ -346,9 +346,10 @@ class ScoredHead:
     ``targets`` ``(B, R)`` int (with ``logits_at``): instead of logits, the negative log-likelihood
     ``logsumexp(logits) - logits[target]`` of each target token, ``(B, R)`` float32. ``chunk``
     (positions, with ``targets``): the ``B * R`` scored positions go through the head and the
-    log-softmax ``chunk`` at a time, under ``nn.scan`` + ``nn.remat``, so no more than ``(chunk, vocab)``
-    logits exist at once, forward or backward (the backward recomputes each chunk's logits: one more
-    head matmul on the scored positions). Any head works, adapted or not (the chunks are rows)."""
+    log-softmax ``chunk`` at a time (``chunk // B`` positions of every row, at least one: a batch split over
+    devices stays split), under ``nn.scan`` + ``nn.remat``, so no more than ``(chunk, vocab)`` logits exist
+    at once, forward or backward (the backward recomputes each chunk's logits: one more head matmul on the
+    scored positions). Any head works, adapted or not (the chunks are position-wise)."""
 
     def _outputs(self, hidden, new_cache, cache, logits_at, targets, chunk):
         if logits_at is not None:
@@ -367,12 +368,10 @@ class ScoredHead:
             raise ValueError(f"targets {targets.shape} must have logits_at's shape {hidden.shape[:2]}.")
         if chunk is None:
             return _nll(self._head(hidden), targets)
-        b, r, h = hidden.shape
         if int(chunk) < 1:
             raise ValueError(f"chunk={chunk} must be a positive number of positions (or None: no chunking).")
-        nll = in_row_tiles(self, lambda module, hs, ts: _nll(module._head(hs), ts),
-                           (hidden.reshape(b * r, h), targets.reshape(b * r)), int(chunk))
-        return nll.reshape(b, r)
+        per_row = max(1, int(chunk) // hidden.shape[0])  # chunk positions in all: chunk // B of every row
+        return in_position_tiles(self, lambda module, hs, ts: _nll(module._head(hs), ts), (hidden, targets), per_row)
 
 
 class LlamaForCausalLM(ScoredHead, nn.Module):

@@ -34,7 +34,7 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from decomp_jax.models.llama_config import ACTIVATIONS, LlamaConfig
-from decomp_jax.models.tiles import in_row_tiles
+from decomp_jax.models.tiles import in_position_tiles, in_row_tiles
 
 ROUTER_LOGITS = "router_logits"
 
@@ -85,16 +85,12 @@ class LlamaMLP(nn.Module):
         tile = self.config.mlp_chunk
         if not tile or x.shape[-2] <= tile:
             return self._flat(x)
-        if x.ndim == 2 or x.shape[0] == 1:  # rows: a mixture's tokens, or one row's positions (no transposes)
-            return in_row_tiles(self, LlamaMLP.rows, (x.reshape(-1, x.shape[-1]),), tile).reshape(x.shape[:-1] + (-1,))
-        # the scan runs over positions; each tile goes back to (batch, tile, hidden) before it is flattened
-        return jnp.swapaxes(in_row_tiles(self, LlamaMLP._position_tile, (jnp.swapaxes(x, 0, 1),), tile), 0, 1)
+        if x.ndim == 2:
+            return in_row_tiles(self, LlamaMLP.rows, (x,), tile)
+        return in_position_tiles(self, LlamaMLP._flat, (x,), tile)
 
     def _flat(self, x):
         return self.rows(x.reshape(-1, x.shape[-1])).reshape(x.shape[:-1] + (-1,))
-
-    def _position_tile(self, x):
-        return jnp.swapaxes(self._flat(jnp.swapaxes(x, 0, 1)), 0, 1)
 
 
 class ExpertDense(nn.Module):

@@ -321,13 +321,13 @@ def _check_cases(records):
 def test_long_row_settings_on_meshes_equal_one_device():
     """A scanned Llama with the MLP in tiles of positions and its layers as a remat segment, LoRA on data=8 and
     data=2 x fsdp=4: the per-step losses and adapters equal the single-device run's; on data=8 the compiled
-    step gathers no more than the plain model's (the tiles run over positions, the batch stays split; tiles
-    of flattened rows gathered the activations)."""
+    step gathers no more than the plain model's, nor does the per-token loss in chunks (the tiles run over
+    positions, the batch stays split; tiles of flattened rows gathered the activations)."""
     records = _records(_run_worker("long_rows"))
     assert len(_check_cases(records)) == 2
     (gathers,) = [r["long_rows_gathers"] for r in records if "long_rows_gathers" in r]
     print("all-gathers in the data=8 step:", gathers)
-    assert gathers["long"] == gathers["plain"], gathers
+    assert gathers["long"] == gathers["plain"] and gathers["loss_chunk"] == gathers["plain"], gathers
 
 
 @pytest.mark.slow  # ~20 s of 8-device compiles beside the default mesh test

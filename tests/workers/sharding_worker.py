@@ -143,19 +143,31 @@ def long_rows_setup(method, **options):
     two = stack_layers({**base, "model": {**base["model"], "layers_1": base["model"]["layers_0"]}}, 2)
     cfg = dj.AdapterConfig(method=method, targets=r"self_attn/(q_proj|v_proj)$|mlp/(gate_proj|down_proj)$", rank=4,
                            dropout=0.0, stacked="layers")
-    return two, cfg, _lm_loss(dj.adapt(LlamaForCausalLM(config).apply, cfg)), batch
+    apply = dj.adapt(LlamaForCausalLM(config).apply, cfg)
+    loss_fn = _lm_loss(apply)
+    loss_fn.apply = apply
+    return two, cfg, loss_fn, batch
 
 
 def long_rows_gathers():
-    """All-gathers in the compiled train step on data=8 with and without the long-row settings: the MLP's
-    tiles run over positions, so the batch stays split (no activation is gathered)."""
+    """All-gathers in the compiled train step on data=8 with and without the long-row settings, and with the
+    per-token loss in chunks: the tiles run over positions, so the batch stays split (nothing gathered)."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     mesh = sh.make_mesh({"data": 8})
     replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
     counts = {}
-    for label, options in (("plain", {"mlp_chunk": None, "remat_segments": None}), ("long", {})):
+    def chunked_loss(apply):  # the per-token loss through the head 8 positions at a time (train.loss_chunk)
+        def loss_fn(p, b, rng):
+            ids = b["input_ids"]
+            at = jnp.broadcast_to(jnp.arange(ids.shape[1] - 1), (ids.shape[0], ids.shape[1] - 1))
+            return jnp.mean(apply({"params": p}, ids[:, :-1], logits_at=at, targets=ids[:, 1:], chunk=8)), {}
+        return loss_fn
+
+    for label, options in (("plain", {"mlp_chunk": None, "remat_segments": None}), ("long", {}), ("loss_chunk", {})):
         base, cfg, loss_fn, batch = long_rows_setup("lora", **options)
+        if label == "loss_chunk":
+            loss_fn = chunked_loss(loss_fn.apply)
         trainable, buffers, frozen = dj.partition(dj.inject(base, cfg, jax.random.PRNGKey(0)), cfg)
         opt = dj.make_optimizer(LR, STEPS, warmup_ratio=0.0)
         state = dj.init_state(trainable, opt, jax.random.PRNGKey(1), buffers=buffers, frozen=frozen)
