@@ -78,10 +78,11 @@ class LlamaConfig:
     Long rows: ``mlp_chunk`` (positions) runs the dense MLPs that many positions of every row at a time (a
     mixture's shared expert: that many of its tokens), each tile rematerialised (``models.tiles``): the
     backward pass holds one tile's ``(tokens, intermediate_size)`` activations instead of the rows', at no
-    extra arithmetic under ``remat``. ``remat_segments`` (with ``scan_layers`` and ``remat``; it divides ``num_hidden_layers``):
-    the scanned layers run as that many rematerialised segments, so the backward pass keeps the segments'
-    inputs and one segment's layer inputs instead of every layer's input (one more forward pass per step);
-    the params keep their ``(L, ...)`` layout. Both give the same numbers as without them.
+    extra arithmetic under ``remat``. ``remat_segments`` (with ``scan_layers`` and ``remat``; it divides
+    ``num_hidden_layers``): the scanned layers run as that many rematerialised segments, so the backward
+    pass keeps the segments' inputs and one segment's layer inputs instead of every layer's input (one more
+    forward pass per step); the params keep their ``(L, ...)`` layout. Both give the same numbers as
+    without them.
     """
 
     vocab_size: int = 32000

@@ -6,10 +6,9 @@ with the module's parameters broadcast (they keep their names and shapes): the f
 intermediates of ``fn``, and the backward pass recomputes them one tile at a time. ``in_position_tiles``
 does the same over the positions of a batch ``(B, L, ...)``, each tile holding some positions of every
 row: a batch split over devices stays split (tiles of flattened rows would each live on one device, and
-XLA gathers them). It serves the
-decoders' MLP (``LlamaConfig.mlp_chunk``: long rows, whose ``(tokens, intermediate_size)`` activations
-outgrow everything else in a layer) and the per-token loss (``ScoredHead``'s ``chunk``: ``(tokens,
-vocab)`` logits). It is exact for any computation that treats rows independently; an adapter on the
+XLA gathers them). They serve the decoders' MLP (``LlamaConfig.mlp_chunk``: long rows, whose ``(tokens,
+intermediate_size)`` activations outgrow everything else in a layer) and the per-token loss
+(``ScoredHead``'s ``chunk``: ``(tokens, vocab)`` logits). It is exact for any computation that treats rows independently; an adapter on the
 tiled layers works unchanged (factored execution intercepts each tile's calls).
 """
 
