@@ -23,7 +23,10 @@ Implementations (``LlamaConfig.attention``, the runner's ``model.attention``):
   else ``chunked`` once a row's query-key product reaches ``CHUNKED_FROM`` entries, else ``xla``.
 
 All take ``q (B, L, H, d)``, ``k, v (B, S, K, d)`` with query head ``h = kv_head * groups + g`` (HF's
-``repeat_kv`` order) and ``allowed`` bool ``(B, L, S)``, and return ``(B, L, H * d)``. A query row with no
+``repeat_kv`` order) and ``allowed``, and return ``(B, L, H * d)``. ``allowed`` is a bool ``(B, L, S)`` array or
+a ``Mask``: the pieces our decoders build the mask from (positions, padding, packed segments, a window,
+prefix slots), from which ``chunked`` computes each block's mask as the block runs (a ``(B, L, S)`` array
+is never made; the others take ``Mask.dense()``). A query row with no
 allowed key (a padding position, whose output nothing reads) gets a finite output of no meaning: ``xla``
 attends uniformly to all keys, as transformers' eager attention does; ``chunked`` gives zeros.
 """
@@ -35,12 +38,77 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 IMPLEMENTATIONS = ("auto", "xla", "chunked", "cudnn", "splash")
 # auto: chunked once L * S reaches this (2048 x 2048). On this CPU (SmolLM2's LoRA step, scanned + remat) chunked
 # holds less memory at every length and runs as fast as xla from 1024 tokens on (bench --long)
 CHUNKED_FROM = 2048 * 2048
 _MIN = jnp.finfo(jnp.float32).min
+
+
+NO_WINDOW = 2 ** 30  # Mask.window of full attention: wider than any row
+
+
+@struct.dataclass
+class Mask:
+    """Which keys each query may see, kept as the pieces a decoder builds it from: query ``i`` of row ``b``
+    sees key ``j`` when ``keys[b, j]`` and either ``j < prefix`` (prefix slots, seen by every query) or
+    all of: ``key_pos[j] <= query_pos[i]`` (causal, over buffer positions),
+    ``key_pos[j] > query_pos[i] - window`` (a sliding window; ``NO_WINDOW`` for none) and
+    ``query_seg[b, i] == key_seg[b, j]`` (packed examples; None: one example per row).
+
+    ``query_pos (L,)``, ``key_pos (S,)`` int; ``keys (B, S)`` bool (padding: False); ``window`` an int
+    scalar (an array, so a scanned layer's kind can pick it); ``query_seg (B, L)``, ``key_seg (B, S)``.
+    ``dense()`` is the ``(B, L, S)`` array."""
+
+    query_pos: jax.Array
+    key_pos: jax.Array
+    keys: jax.Array
+    window: jax.Array
+    query_seg: Optional[jax.Array] = None
+    key_seg: Optional[jax.Array] = None
+    prefix: int = struct.field(pytree_node=False, default=0)
+
+    @classmethod
+    def causal(cls, query_pos, attention_mask, segment_ids=None, window: Optional[int] = None):
+        """The decoders' self-attention mask: queries at buffer positions ``query_pos (L,)`` against the
+        keys of the buffer ``attention_mask (B, S)`` spans (positions ``0..S-1``; its zeros are padding),
+        within ``segment_ids (B, L)`` (packed rows, ``L == S``) and a ``window`` when given."""
+        key_len = attention_mask.shape[-1]
+        return cls(jnp.asarray(query_pos, jnp.int32), jnp.arange(key_len, dtype=jnp.int32), attention_mask > 0,
+                   jnp.asarray(NO_WINDOW if window is None else window, jnp.int32),
+                   None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
+                   None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32))
+
+    def with_window(self, window: int) -> "Mask":
+        return self.replace(window=jnp.asarray(window, jnp.int32))
+
+    def with_prefix(self, slots: int) -> "Mask":
+        """``slots`` keys ahead of the others (prefix tuning's), seen by every query."""
+        if self.prefix:
+            raise ValueError("Mask.with_prefix: this mask already has prefix slots.")
+        def ahead(a, value):
+            return jnp.concatenate([jnp.full(a.shape[:-1] + (slots,), value, a.dtype), a], -1)
+
+        return self.replace(key_pos=ahead(self.key_pos, 0), keys=ahead(self.keys, True), prefix=slots,
+                            key_seg=None if self.key_seg is None else ahead(self.key_seg, 0))
+
+    def dense(self):
+        """``(B, L, S)`` bool."""
+        return _keep(self.query_pos, self.query_seg, self.key_pos, self.keys, self.key_seg,
+                     jnp.arange(self.key_pos.shape[0]), self.window, self.prefix)
+
+
+def _keep(query_pos, query_seg, key_pos, keys, key_seg, key_index, window, prefix: int):
+    """``Mask``'s rule on a block of it: ``(B, queries, keys)`` bool."""
+    seen = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] > query_pos[:, None] - window)
+    seen = jnp.broadcast_to(seen[None], (keys.shape[0],) + seen.shape)
+    if query_seg is not None:
+        seen = seen & (query_seg[:, :, None] == key_seg[:, None, :])
+    if prefix:
+        seen = seen | (key_index < prefix)[None, None, :]
+    return seen & keys[:, None, :]
 
 
 def check_implementation(name: str, softcap: Optional[float] = None) -> None:
@@ -79,6 +147,8 @@ def attention(q, k, v, allowed, kv_heads: int, scale: Optional[float] = None, so
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if name == "chunked":
         return chunked_attention(q, k, v, allowed, kv_heads, scale, softcap, chunk)
+    if isinstance(allowed, Mask) and name != "splash":
+        allowed = allowed.dense()
     if name == "cudnn":
         return sdpa_attention(q, k, v, allowed, scale, "cudnn")
     if name == "splash":
@@ -131,21 +201,51 @@ def chunked_attention(q, k, v, allowed, kv_heads: int, scale: float, softcap: Op
     log-sum-exp per query: forward and backward hold one ``(chunk, chunk)`` block of scores per head at a
     time. A block no query of its block may see (under the causal mask, every block past the diagonal)
     is skipped both ways (``lax.cond``). Masked scores are ``-inf``; rows are padded to whole blocks
-    (padded keys masked, padded queries dropped)."""
+    (padded keys masked, padded queries dropped). With a ``Mask``, each block's mask is computed from its
+    pieces as the block runs; with a ``(B, L, S)`` array, its blocks are taken from it."""
     b, length, heads, d = q.shape
     key_len, groups = k.shape[1], heads // kv_heads
     cq, ck = min(chunk, length), min(chunk, key_len)
     qg = _padded(_grouped_queries(q, kv_heads), 3, cq)  # (B, K, G, Lp, d)
     nq, nk = qg.shape[3] // cq, -(-key_len // ck)
     qblocks = qg.reshape(b, kv_heads, groups, nq, cq, d).transpose(3, 0, 1, 2, 4, 5)  # (nq, B, K, G, cq, d)
-    mask = _padded(_padded(allowed, 1, cq, False), 2, ck, False)
-    mask = mask & (jnp.arange(nk * ck) < key_len)  # padded keys
-    mblocks = mask.reshape(b, nq, cq, nk, ck).transpose(1, 3, 0, 2, 4)  # (nq, nk, B, cq, ck)
     kblocks = _padded(k, 1, ck).reshape(b, nk, ck, kv_heads, d).transpose(1, 0, 3, 2, 4)  # (nk, B, K, ck, d)
     vblocks = _padded(v, 1, ck).reshape(b, nk, ck, kv_heads, d).transpose(1, 0, 3, 2, 4)
-    out = _blocked(qblocks, kblocks, vblocks, mblocks, float(scale), softcap)  # (nq, B, K, G, cq, d)
+    rows, cols, keep = _mask_blocks(allowed, b, cq, ck, nq, nk)
+    out = _blocked(qblocks, kblocks, vblocks, rows, cols, float(scale), softcap, keep)  # (nq, B, K, G, cq, d)
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * cq, heads * d)
     return out[:, :length]
+
+
+def _mask_blocks(allowed, b: int, cq: int, ck: int, nq: int, nk: int):
+    """``(rows, cols, keep)``: what each block of queries and each block of keys carries of the mask (leading
+    axes ``nq`` and ``nk``) and ``keep(row, col)``, the ``(B, cq, ck)`` mask of one block (padded keys masked)."""
+    key_len = allowed.keys.shape[-1] if isinstance(allowed, Mask) else allowed.shape[-1]
+    if not isinstance(allowed, Mask):  # blocks of the array: (nq, nk, B, cq, ck), a key block picked by its index
+        mask = _padded(_padded(allowed, 1, cq, False), 2, ck, False)
+        mask = mask & (jnp.arange(nk * ck) < key_len)
+        return mask.reshape(b, nq, cq, nk, ck).transpose(1, 3, 0, 2, 4), jnp.arange(nk), _block_of_array
+    m = allowed
+
+    def by_block(a, size, count, value=0):  # (..., n) -> (count, ..., size)
+        a = _padded(a, a.ndim - 1, size, value)
+        return jnp.moveaxis(a.reshape(a.shape[:-1] + (count, size)), -2, 0)
+
+    window = jnp.broadcast_to(m.window, (nq,))
+    rows = (by_block(m.query_pos, cq, nq), None if m.query_seg is None else by_block(m.query_seg, cq, nq), window)
+    cols = (by_block(m.key_pos, ck, nk), by_block(jnp.broadcast_to(m.keys, (b, key_len)), ck, nk, False),
+            None if m.key_seg is None else by_block(m.key_seg, ck, nk), by_block(jnp.arange(key_len), ck, nk))
+    return rows, cols, functools.partial(_block_of_mask, prefix=m.prefix)
+
+
+def _block_of_array(row, col):
+    return jax.lax.dynamic_index_in_dim(row, col, keepdims=False)
+
+
+def _block_of_mask(row, col, prefix: int):
+    query_pos, query_seg, window = row
+    key_pos, keys, key_seg, key_index = col
+    return _keep(query_pos, query_seg, key_pos, keys, key_seg, key_index, window, prefix)
 
 
 def _block_scores(qb, kb, keep, scale, softcap):
@@ -154,7 +254,7 @@ def _block_scores(qb, kb, keep, scale, softcap):
     return jnp.where(keep[:, None, None], _capped(raw, scale, softcap), -jnp.inf), raw
 
 
-def _forward_row(qb, kblocks, vblocks, mrow, scale, softcap):
+def _forward_row(qb, kblocks, vblocks, row, cols, scale, softcap, keep_of):
     """One block of queries against every key block: ``(out, lse)``; ``lse`` (per query, float32) is
     ``+inf`` for a query with no allowed key (its probabilities are then 0 in the backward pass)."""
     def update(carry, block):
@@ -169,17 +269,19 @@ def _forward_row(qb, kblocks, vblocks, mrow, scale, softcap):
         return m_new, l * fade + p.sum(-1), acc
 
     def key_block(carry, block):
-        return jax.lax.cond(block[2].any(), update, lambda c, _: c, carry, block), None
+        kb, vb, col = block
+        keep = keep_of(row, col)
+        return jax.lax.cond(keep.any(), update, lambda c, _: c, carry, (kb, vb, keep)), None
 
     shape = qb.shape[:-1]  # the running maximum starts at the lowest finite value: masked scores (-inf) add 0
     init = (jnp.full(shape, _MIN, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(qb.shape, jnp.float32))
-    (m, l, acc), _ = jax.lax.scan(key_block, init, (kblocks, vblocks, mrow))
+    (m, l, acc), _ = jax.lax.scan(key_block, init, (kblocks, vblocks, cols))
     seen = l > 0
     out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0).astype(qb.dtype)
     return out, jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
 
 
-def _backward_row(qb, dob, lse, delta, kblocks, vblocks, mrow, scale, softcap):
+def _backward_row(qb, dob, lse, delta, kblocks, vblocks, row, cols, scale, softcap, keep_of):
     """One block of queries' share of the gradients: ``dq`` of the block, ``dk, dv`` of every key block
     (float32). ``p = exp(s - lse)``, ``dp = do v^T``, ``ds = p (dp - delta)`` with ``delta = rowsum(do * o)``,
     through the soft-cap's ``tanh`` when there is one."""
@@ -196,41 +298,42 @@ def _backward_row(qb, dob, lse, delta, kblocks, vblocks, mrow, scale, softcap):
         return dq, (jnp.einsum("bkgqs,bkgqd->bksd", ds, qb.astype(jnp.float32)), dv)
 
     def key_block(dq, block):
-        kb, vb, _ = block
+        kb, vb, col = block
+        keep = keep_of(row, col)
         zeros = (jnp.zeros(kb.shape, jnp.float32), jnp.zeros(vb.shape, jnp.float32))
-        return jax.lax.cond(block[2].any(), update, lambda c, _: (c, zeros), dq, block)
+        return jax.lax.cond(keep.any(), update, lambda c, _: (c, zeros), dq, (kb, vb, keep))
 
-    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qb.shape, jnp.float32), (kblocks, vblocks, mrow))
+    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(qb.shape, jnp.float32), (kblocks, vblocks, cols))
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _blocked(qblocks, kblocks, vblocks, mblocks, scale, softcap):
-    return _blocked_forward(qblocks, kblocks, vblocks, mblocks, scale, softcap)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _blocked(qblocks, kblocks, vblocks, rows, cols, scale, softcap, keep_of):
+    return _blocked_forward(qblocks, kblocks, vblocks, rows, cols, scale, softcap, keep_of)[0]
 
 
-def _blocked_forward(qblocks, kblocks, vblocks, mblocks, scale, softcap):
+def _blocked_forward(qblocks, kblocks, vblocks, rows, cols, scale, softcap, keep_of):
     # (jax.checkpoint costs nothing here, the forward is never differentiated; it keeps the block loops whole
     # when a scan over layers splits its body into what the mask alone determines and the rest: without it,
     # the masks and fills of every block would be computed ahead and stored, a full score matrix per layer)
-    row = jax.checkpoint(lambda x: _forward_row(x[0], kblocks, vblocks, x[1], scale, softcap))
-    out, lse = jax.lax.map(row, (qblocks, mblocks))
-    return out, (qblocks, kblocks, vblocks, mblocks, out, lse)
+    run = jax.checkpoint(lambda x: _forward_row(x[0], kblocks, vblocks, x[1], cols, scale, softcap, keep_of))
+    out, lse = jax.lax.map(run, (qblocks, rows))
+    return out, (qblocks, kblocks, vblocks, rows, cols, out, lse)
 
 
-def _blocked_backward(scale, softcap, saved, dout):
-    qblocks, kblocks, vblocks, mblocks, out, lse = saved
+def _blocked_backward(scale, softcap, keep_of, saved, dout):
+    qblocks, kblocks, vblocks, rows, cols, out, lse = saved
     dout = dout.astype(jnp.float32)
     delta = jnp.sum(dout * out.astype(jnp.float32), axis=-1)
 
     def row(dkv, x):
-        qb, dob, lse_b, delta_b, mrow = x
-        dq, dk, dv = _backward_row(qb, dob, lse_b, delta_b, kblocks, vblocks, mrow, scale, softcap)
+        qb, dob, lse_b, delta_b, mask_row = x
+        dq, dk, dv = _backward_row(qb, dob, lse_b, delta_b, kblocks, vblocks, mask_row, cols, scale, softcap, keep_of)
         return (dkv[0] + dk, dkv[1] + dv), dq
 
     zeros = (jnp.zeros(kblocks.shape, jnp.float32), jnp.zeros(vblocks.shape, jnp.float32))
-    (dk, dv), dq = jax.lax.scan(row, zeros, (qblocks, dout, lse, delta, mblocks))
-    return dq.astype(qblocks.dtype), dk.astype(kblocks.dtype), dv.astype(vblocks.dtype), None
+    (dk, dv), dq = jax.lax.scan(row, zeros, (qblocks, dout, lse, delta, rows))
+    return dq.astype(qblocks.dtype), dk.astype(kblocks.dtype), dv.astype(vblocks.dtype), None, None
 
 
 _blocked.defvjp(_blocked_forward, _blocked_backward)

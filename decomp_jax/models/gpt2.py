@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decomp_jax.guards import atomic_save_safetensors
-from decomp_jax.models.attention import attention, check_implementation, splash_segments
+from decomp_jax.models.attention import Mask, attention, check_implementation, splash_segments
 from decomp_jax.models.bert import ACTIVATIONS
 from decomp_jax.models.generation import prompt_buffer, token_finisher
 from decomp_jax.models.llama import (
@@ -120,7 +120,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, masks, cache=None, cache_index=None):
-        """``masks``: ``(allowed, segments)``, the mask as a bool ``(B, L, S)`` and as ``splash`` takes it
+        """``masks``: ``(allowed, segments)``, the mask as a ``Mask`` (or a bool ``(B, L, S)``) and as ``splash`` takes it
         (``models.attention.segment_ids``; None for a cached call)."""
         cfg, pd = self.config, self.param_dtype
         allowed, segments = masks
@@ -198,10 +198,8 @@ class GPT2Stack(nn.Module):
                              f"({'the cache buffer length' if cache is not None else 'the input length'}).")
         hidden = self.wte(input_ids) + self.wpe(position_ids)
         query_index = jnp.arange(s) + (0 if cache is None else cache_index)
-        causal = jnp.arange(key_len)[None, :] <= query_index[:, None]  # (s, key_len)
-        allowed = causal[None] & (attention_mask[:, None, :] > 0)  # (B, s, key_len)
-        if segment_ids is not None:  # packed rows: a token sees the earlier tokens of its own example only
-            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        # causal, padding, packed rows (a token sees the earlier tokens of its own example only)
+        allowed = Mask.causal(query_index, attention_mask, segment_ids)
         masks = (allowed, splash_segments(self.attention, attention_mask, segment_ids, cache is None))
         if not self.scan_layers:
             hidden, new_cache = self.h(hidden, masks, cache, cache_index)

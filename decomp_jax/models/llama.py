@@ -57,7 +57,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from decomp_jax.models.attention import attention, choose, splash_segments
+from decomp_jax.models.attention import Mask, attention, choose, splash_segments
 from decomp_jax.models.llama_config import LlamaConfig
 from decomp_jax.models.mlp import dense, feed_forward
 from decomp_jax.models.rope import apply_rotary, rotary_cos_sin
@@ -105,7 +105,7 @@ class LlamaAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None, prefix=None, segments=None, kind=0):
-        """``allowed``: bool (B, L, S) over the keys attended (prefix slots excluded); ``segments``: the same
+        """``allowed``: a ``Mask`` (or a bool (B, L, S)) over the keys attended (prefix slots excluded); ``segments``: the same
         mask as ``splash`` takes it (``models.attention.splash_segments``: None for a call with a cache or
         prefix slots), ``kind`` 1 for a
         sliding-window layer (an int, or traced under scanned layers)."""
@@ -137,7 +137,8 @@ class LlamaAttention(nn.Module):
             pk = jnp.broadcast_to(pk, (b,) + pk.shape[1:]).astype(q.dtype)
             pv = jnp.broadcast_to(pv, (b,) + pv.shape[1:]).astype(q.dtype)
             k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
-            allowed = jnp.concatenate([jnp.ones((b, length, pk.shape[1]), bool), allowed], axis=-1)
+            allowed = (allowed.with_prefix(pk.shape[1]) if isinstance(allowed, Mask)
+                       else jnp.concatenate([jnp.ones((b, length, pk.shape[1]), bool), allowed], axis=-1))
         scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else d) ** -0.5
         softcap = c.attn_logit_softcapping
         attend = functools.partial(attention, q, k, v, allowed, kv_heads, scale=scale, softcap=softcap,
@@ -194,14 +195,49 @@ def _scan(target, length: int):
 
 def _scanned_layers(config: LlamaConfig):
     """The decoder layers under one ``nn.scan`` (params with a leading axis of ``num_hidden_layers``); with
-    ``remat_segments`` = G, a scan over G segments, each rematerialised and scanning its L / G layers: the
-    backward pass keeps the G segment inputs and one segment's layer inputs, not all L layer inputs (one
-    more forward pass). The params keep their ``(L, ...)`` layout (``nn.map_variables``)."""
-    layers, segments = config.num_hidden_layers, config.remat_segments
+    ``remat_segments``, ``_SegmentedLayers`` (the same params)."""
     if not _segmented(config):
-        return _scan(_layer_class(config), layers)
-    nested = _scan(nn.remat(_scan(_layer_class(config), layers // segments), prevent_cse=False), segments)
-    return nn.map_variables(nested, "params", _segments(config, True), _segments(config, False), mutable=True)
+        return _scan(_layer_class(config), config.num_hidden_layers)
+    return _SegmentedLayers
+
+
+def _layer_at(module, x, index, ropes, masks, cache, cache_index, prefix, kind):
+    """Layer ``index`` of ``module``'s stacked params (``(L, ...)``): its slice is taken as the layer runs."""
+    def take(tree):
+        return jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False), tree)
+
+    return nn.map_variables(LlamaDecoderLayer.__call__, "params", trans_in_fn=take)(
+        module, x, ropes, masks, cache, cache_index, prefix, kind)
+
+
+def _scan_of(target, length: int, **kw):
+    """``nn.scan`` of a function of the module (``target(module, carry, index, ...)``): the layer inputs of
+    ``_scan``, after an index scanned over."""
+    return nn.scan(target, split_rngs={"params": True, "dropout": True},
+                   in_axes=(0, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, 0), length=length, **kw)
+
+
+class _SegmentedLayers(LlamaDecoderLayer):
+    """``remat_segments`` = G: a scan over G segments, each rematerialised and scanning its L / G layers,
+    so the backward pass keeps the G segment inputs and one segment's layer inputs, not all L layer
+    inputs (one more forward pass). The params are a decoder layer's with a leading axis of L, as
+    ``_scan``'s (built by a plain scan at init); both scans see the whole stack and each layer takes its
+    own slice (``_layer_at``), so no segment's kernels are copied out of it. The scanned inputs (cache,
+    prefix, kinds) come in, and the cache goes out, as ``(G, L / G, ...)``."""
+
+    def __call__(self, x, ropes, masks, cache, cache_index, prefix, kinds):
+        c = self.config
+        layers, segments = c.num_hidden_layers, c.remat_segments
+        if self.is_initializing():
+            flat = _segments(c, False)
+            x, new_cache = _scan(LlamaDecoderLayer.__call__, layers)(self, x, ropes, masks, flat(cache), cache_index,
+                                                                     flat(prefix), flat(kinds))
+            return x, _segments(c, True)(new_cache)
+        shared = dict(variable_broadcast="params", variable_axes={"intermediates": 0})
+        segment = _scan_of(nn.remat(_layer_at, prevent_cse=False), layers // segments, **shared)
+        run = _scan_of(nn.remat(segment, prevent_cse=False), segments, **shared)
+        index = jnp.arange(layers).reshape(segments, layers // segments)
+        return run(self, x, index, ropes, masks, cache, cache_index, prefix, kinds)
 
 
 def _segmented(config: LlamaConfig) -> bool:
@@ -299,15 +335,11 @@ class LlamaModel(nn.Module):
             position_ids = (mask_positions(attention_mask, length, cache_index) if segment_ids is None
                             else segment_positions(segment_ids))
         query_index = jnp.arange(length) + (0 if cache_index is None else cache_index)
-        causal = jnp.arange(key_len)[None, :] <= query_index[:, None]  # (L, S)
-        allowed = causal[None] & (attention_mask[:, None, :] > 0)  # (B, L, S)
-        if segment_ids is not None:  # packed rows: a token sees the earlier tokens of its own example only
-            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
+        # causal over buffer positions, padding, packed rows (a token sees the earlier tokens of its own
+        # example only); sliding layers: the window over buffer positions, as transformers' mask
+        allowed = Mask.causal(query_index, attention_mask, segment_ids)
         kinds = c.layer_kinds
-        sliding = None
-        if any(kinds):  # buffer positions, as transformers' sliding-window mask
-            window = jnp.arange(key_len)[None, :] > query_index[:, None] - c.sliding_window
-            sliding = allowed & window[None]
+        sliding = allowed.with_window(c.sliding_window) if any(kinds) else None
         ropes = (rotary_cos_sin(c, position_ids),
                  rotary_cos_sin(c, position_ids, local=True) if c.rope_local_theta is not None and any(kinds) else None)
         masks = (allowed, sliding,

@@ -41,6 +41,20 @@ def _mask(length, key_len, *, left=0, right=0, window=None, segments=None, prefi
     return jnp.asarray(allowed)
 
 
+def _pieces(length, key_len, *, left=0, right=0, window=None, segments=None, prefix=0):
+    """The same mask as ``_mask`` as an ``att.Mask`` (the pieces, no ``(B, L, S)`` array)."""
+    keys = np.ones((B, key_len), bool)
+    keys[0, :left] = False
+    if right:
+        keys[1, key_len - right:] = False
+    q_index = np.arange(key_len - length, key_len)
+    seg = None if segments is None else np.asarray(segments)
+    mask = att.Mask(jnp.asarray(q_index), jnp.arange(key_len), jnp.asarray(keys),
+                    jnp.asarray(att.NO_WINDOW if window is None else window),
+                    None if seg is None else jnp.asarray(seg[:, q_index]), None if seg is None else jnp.asarray(seg))
+    return mask.with_prefix(prefix) if prefix else mask
+
+
 CASES = {
     "causal": dict(length=11, key_len=11),
     "padding": dict(length=11, key_len=11, left=3, right=2),
@@ -85,6 +99,54 @@ def test_chunked_equals_all_scores_at_once(case):
     for a, b in zip(*grads):
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
     assert float(jnp.max(jnp.abs(grads[0][1]))) > 1e-2  # the keys' gradient is not trivially zero
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_mask_from_its_pieces_is_the_same_mask(case):
+    """``Mask`` (positions, padding, window, packed segments, prefix slots) is ``_mask``'s array entry for entry
+    (``dense()``), and ``chunked`` run from the pieces (each block's mask computed as it runs, blocks of 4 or
+    5) gives the outputs and gradients of ``xla`` run from the array."""
+    spec = dict(CASES[case])
+    softcap = spec.pop("softcap", None)
+    q, k, v, allowed, _, probe = _inputs(case)
+    pieces = _pieces(**spec)
+    np.testing.assert_array_equal(np.asarray(pieces.dense()), np.asarray(allowed))
+    rows = np.asarray(allowed.any(-1))
+    probe = probe * rows[..., None]
+    chunk = 5 - list(CASES).index(case) % 2
+
+    def loss(mask, impl):
+        return lambda q, k, v: jnp.sum(probe * att.attention(q, k, v, mask, KV, scale=0.3, softcap=softcap,
+                                                             implementation=impl, chunk=chunk))
+
+    ref = jax.jit(jax.value_and_grad(loss(allowed, "xla"), argnums=(0, 1, 2)))(q, k, v)
+    out = jax.jit(jax.value_and_grad(loss(pieces, "chunked"), argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(out[0], ref[0], rtol=1e-6)
+    for a, b in zip(ref[1], out[1]):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+    xla = att.attention(q, k, v, pieces, KV, scale=0.3, softcap=softcap, implementation="xla")  # dense() inside
+    np.testing.assert_array_equal(np.asarray(xla), np.asarray(att.attention(q, k, v, allowed, KV, scale=0.3,
+                                                                           softcap=softcap, implementation="xla")))
+
+
+def test_a_mask_of_pieces_is_never_a_full_array():
+    """The gradient of chunked attention at 2048 positions from a ``Mask``: XLA's temporaries hold less than
+    from the ``(B, L, S)`` array, by at least the array's 4 MiB (it is neither made nor cut into blocks)."""
+    length, heads = 2048, 4
+    q = jax.ShapeDtypeStruct((1, length, heads, 32), jnp.float32)
+    dense = jax.ShapeDtypeStruct((1, length, length), jnp.bool_)
+    pieces = att.Mask(jnp.arange(length), jnp.arange(length), jnp.ones((1, length), bool), jnp.asarray(att.NO_WINDOW))
+
+    def temp(mask):
+        def f(q, k, v, m):
+            return jnp.sum(att.attention(q, k, v, m, heads, implementation="chunked", chunk=256))
+
+        compiled = jax.jit(jax.grad(f, argnums=(0, 1, 2))).lower(q, q, q, mask).compile()
+        return compiled.memory_analysis().temp_size_in_bytes / 2**20
+
+    from_array, from_pieces = temp(dense), temp(pieces)
+    print(f"chunked attention gradient temporaries: {from_array:.1f} MiB from the array, {from_pieces:.1f} MiB from the pieces")
+    assert from_array - from_pieces >= 4
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c != "soft-capped"])

@@ -85,6 +85,8 @@ def test_the_parameters_keep_their_layout():
               for c in (config, dataclasses.replace(config, **LONG))]
     assert shapes[0] == shapes[1]
     assert shapes[1]["params"]["model"]["layers"]["mlp"]["gate_proj"]["kernel"] == (4, 16, 48)
+    values = [LlamaForCausalLM(c).init(jax.random.PRNGKey(0), ids) for c in (config, dataclasses.replace(config, **LONG))]
+    jax.tree.map(np.testing.assert_array_equal, *values)  # the same initial values too
 
 
 def test_lora_on_the_tiled_mlp_trains_as_the_plain_model():
@@ -140,7 +142,8 @@ def test_long_rows_hold_less_memory():
     """XLA's estimate of the temporaries of a LoRA gradient at 2048 tokens (16 layers of width 64, MLP 4x wide,
     chunked attention): tiles of 256 tokens drop more than two row-wide MLP activations (2 MiB each); 4 segments
     keep 4 segment inputs + 4 layer inputs instead of 16 layer inputs (0.5 MiB each), at least half of that
-    4 MiB saved (the rest goes to a segment's copy of its kernels); both together hold less than either."""
+    4 MiB saved at 0.9 of it (each layer slices its own kernels from the stack: no segment's copy of them); both
+    together hold less than either."""
     config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=256, num_hidden_layers=16,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, scan_layers=True,
                          remat=True, attention="chunked", attention_chunk=256)
@@ -162,7 +165,7 @@ def test_long_rows_hold_less_memory():
     print(f"temporaries MiB: plain {plain:.1f}, tiles {tiles:.1f} ({tiles / plain:.2f}x), segments {segments:.1f} "
           f"({segments / plain:.2f}x), both {both:.1f} ({both / plain:.2f}x)")
     row = 2048 * 64 * 4 / 2**20
-    assert plain - tiles > 2 * 4 * row and plain - segments > 0.5 * 8 * row and both < min(tiles, segments)
+    assert plain - tiles > 2 * 4 * row and plain - segments > 0.9 * 8 * row and both < min(tiles, segments)
 
 
 def test_settings_that_cannot_work_are_refused():
