@@ -82,12 +82,14 @@ class Mask:
                    None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32))
 
     def with_window(self, window: int) -> "Mask":
+        """The same mask within a sliding window of ``window`` keys (a sliding-window layer's)."""
         return self.replace(window=jnp.asarray(window, jnp.int32))
 
     def with_prefix(self, slots: int) -> "Mask":
         """``slots`` keys ahead of the others (prefix tuning's), seen by every query."""
         if self.prefix:
             raise ValueError("Mask.with_prefix: this mask already has prefix slots.")
+
         def ahead(a, value):
             return jnp.concatenate([jnp.full(a.shape[:-1] + (slots,), value, a.dtype), a], -1)
 

@@ -105,10 +105,10 @@ class LlamaAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None, prefix=None, segments=None, kind=0):
-        """``allowed``: a ``Mask`` (or a bool (B, L, S)) over the keys attended (prefix slots excluded); ``segments``: the same
-        mask as ``splash`` takes it (``models.attention.splash_segments``: None for a call with a cache or
-        prefix slots), ``kind`` 1 for a
-        sliding-window layer (an int, or traced under scanned layers)."""
+        """``allowed``: a ``Mask`` (or a bool (B, L, S)) over the keys attended (prefix slots excluded);
+        ``segments``: the same mask as ``splash`` takes it (``models.attention.splash_segments``: None for a
+        call with a cache or prefix slots), ``kind`` 1 for a sliding-window layer (an int, or traced under
+        scanned layers)."""
         c = self.config
         heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         b, length, _ = x.shape
@@ -188,9 +188,14 @@ def _layer_class(config: LlamaConfig):
     return nn.remat(LlamaDecoderLayer, prevent_cse=not config.scan_layers)
 
 
-def _scan(target, length: int):
-    return nn.scan(target, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, 0), length=length)
+def _scan(target, length: int, indexed: bool = False, **over):
+    """``nn.scan`` of the layers: carry the hidden states; ropes, masks and ``cache_index`` broadcast; cache,
+    prefix and kind scanned over (after a scanned layer index with ``indexed``); ``over``: other variable
+    axes than the params' and intermediates' leading one."""
+    axes = (nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, 0)
+    return nn.scan(target, **(over or {"variable_axes": {"params": 0, "intermediates": 0}}),
+                   split_rngs={"params": True, "dropout": True}, in_axes=((0,) + axes) if indexed else axes,
+                   length=length)
 
 
 def _scanned_layers(config: LlamaConfig):
@@ -210,13 +215,6 @@ def _layer_at(module, x, index, ropes, masks, cache, cache_index, prefix, kind):
         module, x, ropes, masks, cache, cache_index, prefix, kind)
 
 
-def _scan_of(target, length: int, **kw):
-    """``nn.scan`` of a function of the module (``target(module, carry, index, ...)``): the layer inputs of
-    ``_scan``, after an index scanned over."""
-    return nn.scan(target, split_rngs={"params": True, "dropout": True},
-                   in_axes=(0, nn.broadcast, nn.broadcast, 0, nn.broadcast, 0, 0), length=length, **kw)
-
-
 class _SegmentedLayers(LlamaDecoderLayer):
     """``remat_segments`` = G: a scan over G segments, each rematerialised and scanning its L / G layers,
     so the backward pass keeps the G segment inputs and one segment's layer inputs, not all L layer
@@ -234,8 +232,8 @@ class _SegmentedLayers(LlamaDecoderLayer):
                                                                      flat(prefix), flat(kinds))
             return x, _segments(c, True)(new_cache)
         shared = dict(variable_broadcast="params", variable_axes={"intermediates": 0})
-        segment = _scan_of(nn.remat(_layer_at, prevent_cse=False), layers // segments, **shared)
-        run = _scan_of(nn.remat(segment, prevent_cse=False), segments, **shared)
+        segment = _scan(nn.remat(_layer_at, prevent_cse=False), layers // segments, True, **shared)
+        run = _scan(nn.remat(segment, prevent_cse=False), segments, True, **shared)
         index = jnp.arange(layers).reshape(segments, layers // segments)
         return run(self, x, index, ropes, masks, cache, cache_index, prefix, kinds)
 
@@ -328,7 +326,7 @@ class LlamaModel(nn.Module):
         else:
             x = inputs_embeds.astype(c.compute_dtype)
         b, length = x.shape[:2]
-        attention_mask, cache_index, key_len = resolve_mask(b, length, attention_mask, cache, cache_index)
+        attention_mask, cache_index, _ = resolve_mask(b, length, attention_mask, cache, cache_index)
         if segment_ids is not None and (cache is not None or prefix_kv is not None):
             raise ValueError("segment_ids (packed rows) are for training calls: not with a cache or prefix_kv.")
         if position_ids is None:
