@@ -2,7 +2,7 @@
 keys, online softmax, a backward pass of its own), ``splash`` (the Pallas TPU kernel, run here in Pallas's
 interpreter) and ``jax.nn.dot_product_attention`` (the ``cudnn`` path's call, run here with JAX's XLA
 implementation) against ``xla`` (all scores at once) for every mask
-our decoders build, outputs and gradients; the model with each implementation; XLA's memory estimate of
+our decoders build, outputs and gradients; the mask as its pieces (``Mask``) against the array; the model with each implementation; XLA's memory estimate of
 the chunked backward pass."""
 
 import dataclasses
