@@ -71,15 +71,13 @@ class Mask:
     prefix: int = struct.field(pytree_node=False, default=0)
 
     @classmethod
-    def causal(cls, query_pos, attention_mask, segment_ids=None, window: Optional[int] = None):
+    def causal(cls, query_pos, attention_mask, segment_ids=None):
         """The decoders' self-attention mask: queries at buffer positions ``query_pos (L,)`` against the
         keys of the buffer ``attention_mask (B, S)`` spans (positions ``0..S-1``; its zeros are padding),
-        within ``segment_ids (B, L)`` (packed rows, ``L == S``) and a ``window`` when given."""
-        key_len = attention_mask.shape[-1]
-        return cls(jnp.asarray(query_pos, jnp.int32), jnp.arange(key_len, dtype=jnp.int32), attention_mask > 0,
-                   jnp.asarray(NO_WINDOW if window is None else window, jnp.int32),
-                   None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32),
-                   None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32))
+        within ``segment_ids (B, L)`` (packed rows, ``L == S``); no window (``with_window``)."""
+        segments = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+        return cls(jnp.asarray(query_pos, jnp.int32), jnp.arange(attention_mask.shape[-1], dtype=jnp.int32),
+                   attention_mask > 0, jnp.asarray(NO_WINDOW, jnp.int32), segments, segments)
 
     def with_window(self, window: int) -> "Mask":
         """The same mask within a sliding window of ``window`` keys (a sliding-window layer's)."""
@@ -222,10 +220,9 @@ def chunked_attention(q, k, v, allowed, kv_heads: int, scale: float, softcap: Op
 def _mask_blocks(allowed, b: int, cq: int, ck: int, nq: int, nk: int):
     """``(rows, cols, keep)``: what each block of queries and each block of keys carries of the mask (leading
     axes ``nq`` and ``nk``) and ``keep(row, col)``, the ``(B, cq, ck)`` mask of one block (padded keys masked)."""
-    key_len = allowed.keys.shape[-1] if isinstance(allowed, Mask) else allowed.shape[-1]
     if not isinstance(allowed, Mask):  # blocks of the array: (nq, nk, B, cq, ck), a key block picked by its index
         mask = _padded(_padded(allowed, 1, cq, False), 2, ck, False)
-        mask = mask & (jnp.arange(nk * ck) < key_len)
+        mask = mask & (jnp.arange(nk * ck) < allowed.shape[-1])
         return mask.reshape(b, nq, cq, nk, ck).transpose(1, 3, 0, 2, 4), jnp.arange(nk), _block_of_array
     m = allowed
 
@@ -235,8 +232,8 @@ def _mask_blocks(allowed, b: int, cq: int, ck: int, nq: int, nk: int):
 
     window = jnp.broadcast_to(m.window, (nq,))
     rows = (by_block(m.query_pos, cq, nq), None if m.query_seg is None else by_block(m.query_seg, cq, nq), window)
-    cols = (by_block(m.key_pos, ck, nk), by_block(jnp.broadcast_to(m.keys, (b, key_len)), ck, nk, False),
-            None if m.key_seg is None else by_block(m.key_seg, ck, nk), by_block(jnp.arange(key_len), ck, nk))
+    cols = (by_block(m.key_pos, ck, nk), by_block(m.keys, ck, nk, False),
+            None if m.key_seg is None else by_block(m.key_seg, ck, nk), by_block(jnp.arange(m.keys.shape[-1]), ck, nk))
     return rows, cols, functools.partial(_block_of_mask, prefix=m.prefix)
 
 

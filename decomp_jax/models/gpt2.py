@@ -120,7 +120,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, masks, cache=None, cache_index=None):
-        """``masks``: ``(allowed, segments)``, the mask as a ``Mask`` (or a bool ``(B, L, S)``) and as ``splash`` takes it
+        """``masks``: ``(allowed, segments)``, the mask as a ``Mask`` and as ``splash`` takes it
         (``models.attention.segment_ids``; None for a cached call)."""
         cfg, pd = self.config, self.param_dtype
         allowed, segments = masks

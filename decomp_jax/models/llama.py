@@ -105,7 +105,7 @@ class LlamaAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None, prefix=None, segments=None, kind=0):
-        """``allowed``: a ``Mask`` (or a bool (B, L, S)) over the keys attended (prefix slots excluded);
+        """``allowed``: the ``Mask`` of the keys attended (prefix slots excluded);
         ``segments``: the same mask as ``splash`` takes it (``models.attention.splash_segments``: None for a
         call with a cache or prefix slots), ``kind`` 1 for a sliding-window layer (an int, or traced under
         scanned layers)."""
@@ -137,8 +137,7 @@ class LlamaAttention(nn.Module):
             pk = jnp.broadcast_to(pk, (b,) + pk.shape[1:]).astype(q.dtype)
             pv = jnp.broadcast_to(pv, (b,) + pv.shape[1:]).astype(q.dtype)
             k, v = jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
-            allowed = (allowed.with_prefix(pk.shape[1]) if isinstance(allowed, Mask)
-                       else jnp.concatenate([jnp.ones((b, length, pk.shape[1]), bool), allowed], axis=-1))
+            allowed = allowed.with_prefix(pk.shape[1])
         scale = (c.query_pre_attn_scalar if c.query_pre_attn_scalar is not None else d) ** -0.5
         softcap = c.attn_logit_softcapping
         attend = functools.partial(attention, q, k, v, allowed, kv_heads, scale=scale, softcap=softcap,
@@ -220,22 +219,21 @@ class _SegmentedLayers(LlamaDecoderLayer):
     so the backward pass keeps the G segment inputs and one segment's layer inputs, not all L layer
     inputs (one more forward pass). The params are a decoder layer's with a leading axis of L, as
     ``_scan``'s (built by a plain scan at init); both scans see the whole stack and each layer takes its
-    own slice (``_layer_at``), so no segment's kernels are copied out of it. The scanned inputs (cache,
-    prefix, kinds) come in, and the cache goes out, as ``(G, L / G, ...)``."""
+    own slice (``_layer_at``), so no segment's kernels are copied out of it. Called as ``_scan``'s layers
+    are: the scanned inputs (cache, prefix, kinds) and the cache out with a leading axis of L."""
 
     def __call__(self, x, ropes, masks, cache, cache_index, prefix, kinds):
         c = self.config
         layers, segments = c.num_hidden_layers, c.remat_segments
         if self.is_initializing():
-            flat = _segments(c, False)
-            x, new_cache = _scan(LlamaDecoderLayer.__call__, layers)(self, x, ropes, masks, flat(cache), cache_index,
-                                                                     flat(prefix), flat(kinds))
-            return x, _segments(c, True)(new_cache)
+            return _scan(LlamaDecoderLayer.__call__, layers)(self, x, ropes, masks, cache, cache_index, prefix, kinds)
         shared = dict(variable_broadcast="params", variable_axes={"intermediates": 0})
         segment = _scan(nn.remat(_layer_at, prevent_cse=False), layers // segments, True, **shared)
         run = _scan(nn.remat(segment, prevent_cse=False), segments, True, **shared)
-        index = jnp.arange(layers).reshape(segments, layers // segments)
-        return run(self, x, index, ropes, masks, cache, cache_index, prefix, kinds)
+        split = _segments(c, True)
+        index = jnp.arange(layers)
+        x, new_cache = run(self, x, split(index), ropes, masks, split(cache), cache_index, split(prefix), split(kinds))
+        return x, _segments(c, False)(new_cache)
 
 
 def _segmented(config: LlamaConfig) -> bool:
@@ -344,12 +342,8 @@ class LlamaModel(nn.Module):
                  splash_segments(c.attention, attention_mask, segment_ids, cache is None and prefix_kv is None))
         if c.scan_layers:
             stacked_cache = None if cache is None else jax.tree_util.tree_map(lambda *a: jnp.stack(a), *cache)
-            xs = (stacked_cache, prefix_kv, jnp.asarray(kinds, jnp.int32))
-            if _segmented(c):
-                xs = _segments(c, True)(xs)
-            x, new_stacked = self.layers(x, ropes, masks, xs[0], cache_index, xs[1], xs[2])
-            if _segmented(c):
-                new_stacked = _segments(c, False)(new_stacked)
+            x, new_stacked = self.layers(x, ropes, masks, stacked_cache, cache_index, prefix_kv,
+                                         jnp.asarray(kinds, jnp.int32))
             x = self.norm(x)
             if cache is None:
                 return x, None

@@ -8,8 +8,9 @@ does the same over the positions of a batch ``(B, L, ...)``, each tile holding s
 row: a batch split over devices stays split (tiles of flattened rows would each live on one device, and
 XLA gathers them). They serve the decoders' MLP (``LlamaConfig.mlp_chunk``: long rows, whose ``(tokens,
 intermediate_size)`` activations outgrow everything else in a layer) and the per-token loss
-(``ScoredHead``'s ``chunk``: ``(tokens, vocab)`` logits). It is exact for any computation that treats rows independently; an adapter on the
-tiled layers works unchanged (factored execution intercepts each tile's calls).
+(``ScoredHead``'s ``chunk``: ``(tokens, vocab)`` logits). They are exact for any computation that treats
+positions independently; an adapter on the tiled layers works unchanged (factored execution intercepts
+each tile's calls).
 """
 
 from __future__ import annotations
