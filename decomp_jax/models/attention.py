@@ -12,8 +12,10 @@ Implementations (``LlamaConfig.attention``, the runner's ``model.attention``):
   query may see (past the causal diagonal) are skipped. Every mask
   our decoders build (causal, padding on either side, sliding windows, prefix slots, packed segments),
   Gemma 2's soft-capping and grouped key/value heads (never repeated) work as in ``xla``.
-- ``cudnn``: ``jax.nn.dot_product_attention`` with cuDNN's fused kernel (GPUs; half precision), for
-  masks it takes and without soft-capping.
+- ``cudnn``: ``jax.nn.dot_product_attention`` with cuDNN's fused kernel (GPUs; half precision), without
+  soft-capping. A ``plain`` mask (causal, and a sliding window, over rows with no padding mask, packed
+  segments, cache or prefix slots) goes to cuDNN as its own causal mask; any other as an additive bias
+  of ``(B, L, S)``, which JAX's wrapper may also differentiate (a bias gradient nothing reads).
 - ``splash``: the Pallas TPU splash-attention kernel (``splash_attention``) for self-attention calls
   (training, scoring): the mask as segment ids (padding and packed examples, ``segment_ids``) under a
   causal or sliding-window mask, soft-capping, grouped heads; a cached decoding step or prefix slots run
@@ -60,7 +62,13 @@ class Mask:
 
     ``query_pos (L,)``, ``key_pos (S,)`` int; ``keys (B, S)`` bool (padding: False); ``window`` an int
     scalar (an array, so a scanned layer's kind can pick it); ``query_seg (B, L)``, ``key_seg (B, S)``.
-    ``dense()`` is the ``(B, L, S)`` array."""
+    ``dense()`` is the ``(B, L, S)`` array.
+
+    ``plain`` (static) says that the mask is nothing but causal (and windowed) over a self-attention
+    call's rows: queries and keys at positions ``0..L-1``, every key real, one example per row, no
+    prefix slots. A fused kernel's own causal mask then stands for it (``cudnn``: no mask array, cuDNN
+    skips the blocks past the diagonal); the decoders set it when they are called without a padding
+    mask, a cache, packed segments or prefix slots."""
 
     query_pos: jax.Array
     key_pos: jax.Array
@@ -69,15 +77,18 @@ class Mask:
     query_seg: Optional[jax.Array] = None
     key_seg: Optional[jax.Array] = None
     prefix: int = struct.field(pytree_node=False, default=0)
+    plain: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
-    def causal(cls, query_pos, attention_mask, segment_ids=None):
+    def causal(cls, query_pos, attention_mask, segment_ids=None, *, plain: bool = False):
         """The decoders' self-attention mask: queries at buffer positions ``query_pos (L,)`` against the
         keys of the buffer ``attention_mask (B, S)`` spans (positions ``0..S-1``; its zeros are padding),
-        within ``segment_ids (B, L)`` (packed rows, ``L == S``); no window (``with_window``)."""
+        within ``segment_ids (B, L)`` (packed rows, ``L == S``); no window (``with_window``). ``plain``:
+        the caller's word that this is a plain causal mask (see the class)."""
         segments = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
         return cls(jnp.asarray(query_pos, jnp.int32), jnp.arange(attention_mask.shape[-1], dtype=jnp.int32),
-                   attention_mask > 0, jnp.asarray(NO_WINDOW, jnp.int32), segments, segments)
+                   attention_mask > 0, jnp.asarray(NO_WINDOW, jnp.int32), segments, segments,
+                   plain=plain and segments is None)
 
     def with_window(self, window: int) -> "Mask":
         """The same mask within a sliding window of ``window`` keys (a sliding-window layer's)."""
@@ -92,7 +103,7 @@ class Mask:
             return jnp.concatenate([jnp.full(a.shape[:-1] + (slots,), value, a.dtype), a], -1)
 
         return self.replace(key_pos=ahead(self.key_pos, 0), keys=ahead(self.keys, True), prefix=slots,
-                            key_seg=None if self.key_seg is None else ahead(self.key_seg, 0))
+                            key_seg=None if self.key_seg is None else ahead(self.key_seg, 0), plain=False)
 
     def dense(self):
         """``(B, L, S)`` bool."""
@@ -142,11 +153,14 @@ def attention(q, k, v, allowed, kv_heads: int, scale: Optional[float] = None, so
     """Grouped-query attention by ``implementation`` (see the module's docstring); ``scale`` (default
     ``d ** -0.5``) multiplies the scores, ``softcap`` then maps them to ``softcap * tanh(s / softcap)``.
     ``segments`` ``(B, L)`` int and ``window``: the same mask as ``allowed`` in the form ``splash`` takes
-    (see ``splash_attention``), for self-attention calls; the other implementations read ``allowed``."""
+    (see ``splash_attention``), for self-attention calls; ``cudnn`` on a ``plain`` mask reads ``window``
+    too (``own_mask``); the other implementations read ``allowed``."""
     name = choose(implementation, q.shape[1], k.shape[1], q.dtype, softcap, segments is not None)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if name == "chunked":
         return chunked_attention(q, k, v, allowed, kv_heads, scale, softcap, chunk)
+    if name == "cudnn" and own_mask(name, allowed):
+        return sdpa_attention(q, k, v, None, scale, "cudnn", window=window)
     if isinstance(allowed, Mask) and name != "splash":
         allowed = allowed.dense()
     if name == "cudnn":
@@ -154,6 +168,13 @@ def attention(q, k, v, allowed, kv_heads: int, scale: Optional[float] = None, so
     if name == "splash":
         return splash_attention(q, k, v, segments, kv_heads, scale, softcap, window, chunk)
     return grouped_attention(q, k, v, allowed, kv_heads, scale, softcap)
+
+
+def own_mask(name: str, allowed) -> bool:
+    """Whether implementation ``name`` (as ``choose`` resolved it) builds the mask itself from the call's
+    static ``window`` rather than reading ``allowed``: ``splash``, and ``cudnn`` on a ``plain`` ``Mask``.
+    A scanned layer whose kind (full or sliding) is traced then picks its window with ``lax.cond``."""
+    return name == "splash" or (name == "cudnn" and isinstance(allowed, Mask) and allowed.plain)
 
 
 def _grouped_queries(q, kv_heads: int):
@@ -338,11 +359,18 @@ def _blocked_backward(scale, softcap, keep_of, saved, dout):
 _blocked.defvjp(_blocked_forward, _blocked_backward)
 
 
-def sdpa_attention(q, k, v, allowed, scale: float, implementation: Optional[str]):
+def sdpa_attention(q, k, v, allowed, scale: float, implementation: Optional[str], window: Optional[int] = None):
     """``jax.nn.dot_product_attention`` (``implementation`` ``cudnn``, ``xla`` or None: JAX's choice)
-    with our mask; grouped heads are passed as they are (it groups query heads as we do)."""
+    with our mask ``allowed`` (a ``(B, L, S)`` array, which cuDNN receives as an additive bias) or, with
+    ``allowed`` None, its own causal mask over a self-attention call's rows (and ``window``: a sliding
+    window of that many keys), no mask array at all. Grouped heads are passed as they are (it groups
+    query heads as we do)."""
     b, length, heads, d = q.shape
-    out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale, implementation=implementation)
+    if allowed is None:
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation=implementation,
+                                           local_window_size=None if window is None else (window - 1, 0))
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, mask=allowed[:, None], scale=scale, implementation=implementation)
     return out.reshape(b, length, heads * d)
 
 

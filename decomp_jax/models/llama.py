@@ -57,7 +57,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from decomp_jax.models.attention import Mask, attention, choose, splash_segments
+from decomp_jax.models.attention import Mask, attention, choose, own_mask, splash_segments
 from decomp_jax.models.llama_config import LlamaConfig
 from decomp_jax.models.mlp import dense, feed_forward
 from decomp_jax.models.rope import apply_rotary, rotary_cos_sin
@@ -142,9 +142,9 @@ class LlamaAttention(nn.Module):
         softcap = c.attn_logit_softcapping
         attend = functools.partial(attention, q, k, v, allowed, kv_heads, scale=scale, softcap=softcap,
                                    implementation=c.attention, chunk=c.attention_chunk, segments=segments)
-        splash = choose(c.attention, length, k.shape[1], q.dtype, softcap, segments is not None) == "splash"
-        if splash and c.sliding_window and not isinstance(kind, int):
-            # a scanned layer's kind is known when it runs, and splash's masks are static: one kernel per kind
+        own = own_mask(choose(c.attention, length, k.shape[1], q.dtype, softcap, segments is not None), allowed)
+        if own and c.sliding_window and not isinstance(kind, int):
+            # a scanned layer's kind is known when it runs, and the kernel's mask is static: one kernel per kind
             out = jax.lax.cond(kind > 0, lambda: attend(window=c.sliding_window), lambda: attend(window=None))
         else:  # (the other implementations read allowed, already picked for the kind)
             out = attend(window=c.sliding_window if isinstance(kind, int) and kind else None)
@@ -324,6 +324,7 @@ class LlamaModel(nn.Module):
         else:
             x = inputs_embeds.astype(c.compute_dtype)
         b, length = x.shape[:2]
+        plain = attention_mask is None and cache is None and prefix_kv is None  # (and no segment_ids: Mask.causal)
         attention_mask, cache_index, _ = resolve_mask(b, length, attention_mask, cache, cache_index)
         if segment_ids is not None and (cache is not None or prefix_kv is not None):
             raise ValueError("segment_ids (packed rows) are for training calls: not with a cache or prefix_kv.")
@@ -333,7 +334,7 @@ class LlamaModel(nn.Module):
         query_index = jnp.arange(length) + (0 if cache_index is None else cache_index)
         # causal over buffer positions, padding, packed rows (a token sees the earlier tokens of its own
         # example only); sliding layers: the window over buffer positions, as transformers' mask
-        allowed = Mask.causal(query_index, attention_mask, segment_ids)
+        allowed = Mask.causal(query_index, attention_mask, segment_ids, plain=plain)
         kinds = c.layer_kinds
         sliding = allowed.with_window(c.sliding_window) if any(kinds) else None
         ropes = (rotary_cos_sin(c, position_ids),

@@ -160,6 +160,58 @@ def test_dot_product_attention_call_matches_on_allowed_rows(case):
     np.testing.assert_allclose(np.asarray(out)[rows], np.asarray(ref)[rows], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_dot_product_attention_own_causal_mask(window):
+    """The ``cudnn`` path's call on a ``plain`` mask: no mask array, JAX's own causal mask (and sliding
+    window), here with JAX's XLA implementation, equals ``xla`` with our mask on every row."""
+    length = 13
+    ks = jax.random.split(jax.random.PRNGKey(5), 3)
+    q = jax.random.normal(ks[0], (B, length, HEADS, D))
+    k, v = (jax.random.normal(kk, (B, length, KV, D)) for kk in ks[1:])
+    ref = att.grouped_attention(q, k, v, _mask(length, length, window=window), KV, 0.3)
+    out = att.sdpa_attention(q, k, v, None, 0.3, "xla", window=window)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(sliding_window=5, layer_types=("sliding_attention", "full_attention"),
+                                                scan_layers=True)], ids=["llama", "sliding, scanned"])
+def test_cudnn_is_given_its_own_causal_mask_when_the_mask_is_plain(extra, monkeypatch):
+    """``attention='cudnn'`` in our Llama (``jax.nn.dot_product_attention`` run here with JAX's XLA
+    implementation): called without a padding mask, each layer passes no mask array, cuDNN's causal mask
+    and the layer's window (a scanned layer's picked by ``lax.cond``); with one, the mask array. Logits and
+    gradients equal ``xla``'s either way."""
+    calls = []
+    original = jax.nn.dot_product_attention
+
+    def recorded(*args, implementation=None, **kwargs):
+        calls.append((kwargs.get("mask") is None, kwargs.get("is_causal", False), kwargs.get("local_window_size")))
+        return original(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
+    config = LlamaConfig(**TINY, **extra, attention="xla")
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 14), 3, 64)
+    params = LlamaForCausalLM(config).init(jax.random.PRNGKey(0), ids)["params"]
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+    padded = jnp.ones((2, 14), jnp.int32).at[1, 10:].set(0)
+    for mask in (None, padded):
+        def run(impl):
+            model = LlamaForCausalLM(dataclasses.replace(config, attention=impl))
+            loss = lambda p: jnp.mean(model.apply({"params": p}, ids, mask)[:, :10] ** 2)  # noqa: E731
+            return jax.jit(model.apply)({"params": params}, ids, mask), jax.jit(jax.grad(loss))(params)
+
+        ref, gref = run("xla")
+        calls.clear()
+        out, gout = run("cudnn")
+        np.testing.assert_allclose(np.asarray(out)[:, :10], np.asarray(ref)[:, :10], rtol=0, atol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=0, atol=1e-5), gref, gout)
+        windows = {c[2] for c in calls}
+        if mask is None:
+            assert calls and all(c[0] and c[1] for c in calls)
+            assert windows == ({None, (4, 0)} if "sliding_window" in extra else {None})
+        else:
+            assert calls and all(not c[0] and not c[1] for c in calls) and windows == {None}
+
+
 def test_choices_and_refusals():
     assert att.choose("auto", 256, 256, jnp.float32) == "xla"
     assert att.choose("auto", 1024, 1024, jnp.float32) == "xla"
