@@ -247,12 +247,12 @@ def _bench_decoder(args) -> int:
 def _bench_long(args) -> int:
     from decomp_jax.app import bench_long as bl
 
-    given = [flag for flag, on in (("--decoder", args.decoder), ("--quick", args.quick), ("--models", args.models),
+    given = [flag for flag, on in (("--quick", args.quick), ("--models", args.models),  # (--decoder: it is one)
                                    ("--methods", args.methods), ("--seq-len", args.seq_len is not None),
                                    ("--batch-size", args.batch_size is not None)) if on]
     if given:
-        raise ConfigError(f"{', '.join(given)}: not for --long (it measures SmolLM2's LoRA step at --lengths and "
-                          f"packing on the commonsense CPU config).")
+        raise ConfigError(f"{', '.join(given)}: not for --long (it measures SmolLM2's LoRA step at --lengths, "
+                          f"e.g. --lengths 512,1024,2048,4096, and packing on the commonsense CPU config).")
     changes: dict = {}
     if args.lengths:
         try:
@@ -484,7 +484,7 @@ def _add_bench(add) -> None:
     be.add_argument("--decoder-layers", type=int, help="--decoder: layers of the random llama-1b and qwen3-0.6b "
                     "models (default: all their layers (16, 28) on an accelerator, 2 on a CPU)")
     be.add_argument("--no-generation", action="store_true", help="--decoder: do not time generation")
-    be.add_argument("--long", action="store_true", help="long sequences: SmolLM2's LoRA step (scan + "
+    be.add_argument("--long", action="store_true", help="long sequences (with or without --decoder): SmolLM2's LoRA step (scan + "
                     "remat) by sequence length with all-at-once and chunked attention (XLA memory, step time), and "
                     "packing against padding on the commonsense CPU config; writes bench_long.json, bench_long.md")
     be.add_argument("--lengths", help="--long: comma-separated sequence lengths (default 512,1024,2048,4096)")

@@ -123,7 +123,8 @@ def test_cli_bench_arguments(capsys):
 
 
 def test_cli_long_bench_flags_are_checked_before_anything_runs(capsys, monkeypatch):
-    """--no-sweep measures packing alone; with --no-packing or --lengths, or without --long, it is refused by name."""
+    """--no-sweep measures packing alone; with --no-packing or --lengths, or without --long, it is refused by name;
+    --decoder --long is --long (a decoder bench); --seq-len is --long's --lengths, refused by name."""
     from decomp_jax.app import bench_long
 
     seen = []
@@ -139,6 +140,10 @@ def test_cli_long_bench_flags_are_checked_before_anything_runs(capsys, monkeypat
     assert seen == []
     assert main(["bench", "--long", "--no-sweep", "--out", "x"]) == 0
     assert seen[0].lengths == () and seen[0].packing
+    assert main(["bench", "--decoder", "--long", "--lengths", "512,1024", "--no-packing", "--out", "x"]) == 0
+    assert seen[1].lengths == (512, 1024) and not seen[1].packing
+    assert main(["bench", "--long", "--seq-len", "512"]) == 2
+    assert "--seq-len: not for --long" in capsys.readouterr().err
 
 
 def test_native_backbone(tiny_bert):
