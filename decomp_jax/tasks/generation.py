@@ -16,6 +16,8 @@ from decomp_jax.core.methods import get
 from decomp_jax.core.tree import combine, count_params
 from decomp_jax.data import check_train_size, commonsense as cs, packing
 from decomp_jax.models import generation, gpt2
+from decomp_jax.models.attention import choose
+from decomp_jax.models.llama import LlamaForCausalLM
 from decomp_jax.models.mlp import load_balancing_loss, router_logits
 from decomp_jax.parallel.distributed import is_primary, to_host
 from decomp_jax.tasks.base import half_base_note, load_for, model_params
@@ -121,6 +123,20 @@ class GenerationTask:
             return float(self.cfg.train.router_aux_loss)
         return float(config.router_aux_loss_coef) if config.output_router_logits else 0.0
 
+    def _model_mask(self, batch):
+        """The attention mask the loss gives the model: the batch's, or None where our Llama runs ``cudnn``
+        attention on rows without packed segments. Training rows are padded on the right, so the causal mask
+        alone is exact at every real token (a real token never sees a later position), and without a mask
+        the model hands cuDNN its own causal mask instead of the mask as an additive bias
+        (``models.attention.Mask.plain``). Only the padding positions' outputs differ, and nothing reads them."""
+        model = self.model
+        if "segment_ids" in batch or not isinstance(model, LlamaForCausalLM):
+            return batch["attention_mask"]
+        length = batch["input_ids"].shape[1]
+        c = model.config
+        on_cudnn = choose(c.attention, length, length, c.compute_dtype, c.attn_logit_softcapping) == "cudnn"
+        return None if on_cudnn else batch["attention_mask"]
+
     def loss(self, params, batch, rng):
         """The causal-LM loss on the response tokens, with logits computed at those positions only
         (``train.loss_chunk`` of them at a time); with experts, plus ``router_aux_loss`` times the routers'
@@ -129,12 +145,11 @@ class GenerationTask:
                     rngs={"dropout": rng})
         if "segment_ids" in batch:  # packed rows (data.packing)
             call["segment_ids"] = batch["segment_ids"]
-        weight = self.router_aux_loss
+        weight, mask = self.router_aux_loss, self._model_mask(batch)
         if not weight:
-            nll = self.apply({"params": params}, batch["input_ids"], batch["attention_mask"], **call)
+            nll = self.apply({"params": params}, batch["input_ids"], mask, **call)
             return response_nll_loss(nll, batch), {}
-        nll, state = self.apply({"params": params}, batch["input_ids"], batch["attention_mask"], mutable=["intermediates"],
-                                **call)
+        nll, state = self.apply({"params": params}, batch["input_ids"], mask, mutable=["intermediates"], **call)
         aux = load_balancing_loss(router_logits(state["intermediates"]), self.model.config.num_experts_per_tok,
                                   batch["attention_mask"])
         return response_nll_loss(nll, batch) + weight * aux, {"router_aux": aux}

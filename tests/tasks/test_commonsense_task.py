@@ -287,6 +287,33 @@ def test_loss_on_response_positions_equals_the_full_logits_loss(tiny_llm, tmp_pa
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), ga, gb)
 
 
+def test_on_cudnn_the_task_gives_the_model_the_causal_mask_alone(tiny_llm, tmp_path, monkeypatch):
+    """With ``model.attention=cudnn`` (``jax.nn.dot_product_attention`` run here with JAX's XLA
+    implementation) the loss on right-padded training rows calls the attention with no mask array, cuDNN's
+    own causal mask only; its loss and gradients equal those with ``xla`` and the batch's padding mask."""
+    calls = []
+    original = jax.nn.dot_product_attention
+
+    def recorded(*args, implementation=None, **kwargs):
+        calls.append((kwargs.get("mask") is None, kwargs.get("is_causal", False)))
+        return original(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
+    tasks = [make_task(commonsense_config(tiny_llm, tmp_path / impl, f"model.attention={impl}")) for impl in ("xla", "cudnn")]
+    batch = tasks[0].train_batch(1)
+    assert (np.asarray(batch["attention_mask"])[:, -1] == 0).any()  # a row padded on the right
+
+    def loss_and_grad(task):
+        frozen = combine(task.buffers, task.frozen)
+        trainable = jax.tree.map(lambda x: x + 0.01 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), task.trainable)
+        return jax.value_and_grad(lambda t: task.loss(combine(t, frozen), batch, jax.random.PRNGKey(0))[0])(trainable)
+
+    (a, ga), (b, gb) = (loss_and_grad(t) for t in tasks)
+    assert calls and all(plain and causal for plain, causal in calls)
+    np.testing.assert_allclose(float(b), float(a), rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-7), ga, gb)
+
+
 def test_long_row_settings_give_the_task_the_same_loss(tiny_llm, tmp_path):
     """model.mlp_chunk and train.remat_segments reach the model the runner loads: the task's loss and
     gradients on a training batch equal those of the same scanned, rematerialised model without them."""
