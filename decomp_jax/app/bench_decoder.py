@@ -259,8 +259,8 @@ def jax_step(model, params, method: str, batch: dict, bench: DecoderBenchConfig,
         trainable, buffers, base = partition(inject(params, cfg, jax.random.PRNGKey(bench.seed)), cfg)
         apply, frozen = adapt(model.apply, cfg), combine(buffers, base)
 
-    def loss_fn(p, b, rng):
-        logits = apply({"params": p}, b["input_ids"], b["attention_mask"], logits_at=b["loss_index"])
+    def loss_fn(p, b, rng):  # every position is real: no padding mask (under cudnn, the kernel's own causal mask)
+        logits = apply({"params": p}, b["input_ids"], None, logits_at=b["loss_index"])
         return response_loss(logits, b), {}
 
     optimizer = make_optimizer(bench.learning_rate, 1000, warmup_ratio=0.0)
