@@ -249,7 +249,9 @@ def _bench_long(args) -> int:
 
     given = [flag for flag, on in (("--quick", args.quick), ("--models", args.models),  # (--decoder: it is one)
                                    ("--methods", args.methods), ("--seq-len", args.seq_len is not None),
-                                   ("--batch-size", args.batch_size is not None)) if on]
+                                   ("--batch-size", args.batch_size is not None), ("--rounds", args.rounds is not None),
+                                   ("--decoder-layers", args.decoder_layers is not None),
+                                   ("--no-generation", args.no_generation)) if on]
     if given:
         raise ConfigError(f"{', '.join(given)}: not for --long (it measures SmolLM2's LoRA step at --lengths, "
                           f"e.g. --lengths 512,1024,2048,4096, and packing on the commonsense CPU config).")

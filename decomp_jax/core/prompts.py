@@ -132,6 +132,7 @@ def adapt_prompt(apply_fn: Callable[..., Any], cfg: AdapterConfig) -> Callable[.
         if source is None:
             raise ValueError("Pass input_ids or inputs_embeds.")
         b, length = source.shape[:2]
+        unmasked = mask is None and cache is None  # no padding: the model may take its mask as plain causal
         mask, cache_index, _ = resolve_mask(b, length, mask, cache, cache_index)
 
         if name == "prefix_tuning":
@@ -150,7 +151,7 @@ def adapt_prompt(apply_fn: Callable[..., Any], cfg: AdapterConfig) -> Callable[.
         positions = mask_positions(mask, length, cache_index, n) if positions is None else positions + n
         if cache is None:  # one sequence: [virtual; real]
             x = jnp.concatenate([jnp.broadcast_to(virtual[None], (b,) + virtual.shape), embeds], axis=1)
-            full_mask = jnp.concatenate([jnp.ones((b, n), mask.dtype), mask], axis=1)
+            full_mask = None if unmasked else jnp.concatenate([jnp.ones((b, n), mask.dtype), mask], axis=1)
             full_positions = jnp.concatenate(
                 [jnp.broadcast_to(jnp.arange(n, dtype=positions.dtype), (b, n)), positions], axis=1)
             if kwargs.get("logits_at") is not None:  # positions of the real tokens: after the virtual ones

@@ -324,7 +324,8 @@ class LlamaModel(nn.Module):
         else:
             x = inputs_embeds.astype(c.compute_dtype)
         b, length = x.shape[:2]
-        plain = attention_mask is None and cache is None and prefix_kv is None  # (and no segment_ids: Mask.causal)
+        # (and no segment_ids: Mask.causal drops it)
+        plain = attention_mask is None and cache is None and cache_index is None and prefix_kv is None
         attention_mask, cache_index, _ = resolve_mask(b, length, attention_mask, cache, cache_index)
         if segment_ids is not None and (cache is not None or prefix_kv is not None):
             raise ValueError("segment_ids (packed rows) are for training calls: not with a cache or prefix_kv.")

@@ -144,6 +144,8 @@ def test_cli_long_bench_flags_are_checked_before_anything_runs(capsys, monkeypat
     assert seen[1].lengths == (512, 1024) and not seen[1].packing
     assert main(["bench", "--long", "--seq-len", "512"]) == 2
     assert "--seq-len: not for --long" in capsys.readouterr().err
+    assert main(["bench", "--decoder", "--long", "--rounds", "2"]) == 2
+    assert "--rounds: not for --long" in capsys.readouterr().err
 
 
 def test_native_backbone(tiny_bert):

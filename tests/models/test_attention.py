@@ -173,13 +173,9 @@ def test_dot_product_attention_own_causal_mask(window):
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("extra", [dict(), dict(sliding_window=5, layer_types=("sliding_attention", "full_attention"),
-                                                scan_layers=True)], ids=["llama", "sliding, scanned"])
-def test_cudnn_is_given_its_own_causal_mask_when_the_mask_is_plain(extra, monkeypatch):
-    """``attention='cudnn'`` in our Llama (``jax.nn.dot_product_attention`` run here with JAX's XLA
-    implementation): called without a padding mask, each layer passes no mask array, cuDNN's causal mask
-    and the layer's window (a scanned layer's picked by ``lax.cond``); with one, the mask array. Logits and
-    gradients equal ``xla``'s either way."""
+def _recording_dot_product_attention(monkeypatch):
+    """``jax.nn.dot_product_attention`` run with JAX's XLA implementation whatever it is asked for, each
+    call's ``(no mask array, is_causal, local_window_size)`` recorded in the returned list."""
     calls = []
     original = jax.nn.dot_product_attention
 
@@ -188,6 +184,20 @@ def test_cudnn_is_given_its_own_causal_mask_when_the_mask_is_plain(extra, monkey
         return original(*args, implementation="xla", **kwargs)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
+    return calls
+
+
+SLIDING = dict(sliding_window=5, layer_types=("sliding_attention", "full_attention"))
+
+
+@pytest.mark.parametrize("extra", [dict(), SLIDING, dict(SLIDING, scan_layers=True)],
+                         ids=["llama", "sliding", "sliding, scanned"])
+def test_cudnn_is_given_its_own_causal_mask_when_the_mask_is_plain(extra, monkeypatch):
+    """``attention='cudnn'`` in our Llama (``jax.nn.dot_product_attention`` run here with JAX's XLA
+    implementation): called without a padding mask, each layer passes no mask array, cuDNN's causal mask
+    and the layer's window (a scanned layer's picked by ``lax.cond``); with one, the mask array. Logits and
+    gradients equal ``xla``'s either way (the window, 5 keys of 14, changes them)."""
+    calls = _recording_dot_product_attention(monkeypatch)
     config = LlamaConfig(**TINY, **extra, attention="xla")
     ids = jax.random.randint(jax.random.PRNGKey(1), (2, 14), 3, 64)
     params = LlamaForCausalLM(config).init(jax.random.PRNGKey(0), ids)["params"]
@@ -210,6 +220,32 @@ def test_cudnn_is_given_its_own_causal_mask_when_the_mask_is_plain(extra, monkey
             assert windows == ({None, (4, 0)} if "sliding_window" in extra else {None})
         else:
             assert calls and all(not c[0] and not c[1] for c in calls) and windows == {None}
+
+
+def test_cudnn_takes_the_mask_array_for_a_cache_and_its_own_mask_for_prompt_tuning(monkeypatch):
+    """Prompt tuning's virtual tokens in front keep a call without a padding mask plain (cuDNN's own causal
+    mask; the logits equal ``xla``'s); a cached decoding call passes the mask array."""
+    from decomp_jax.core.config import AdapterConfig
+    from decomp_jax.core.execution import adapt
+    from decomp_jax.core.inject import inject
+    from decomp_jax.models.llama import init_cache
+
+    calls = _recording_dot_product_attention(monkeypatch)
+    config = LlamaConfig(**TINY, attention="xla")
+    ids = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 3, 64)
+    cfg = AdapterConfig(method="prompt_tuning", options={"num_virtual_tokens": 3, "init": "random"})
+    params = inject(LlamaForCausalLM(config).init(jax.random.PRNGKey(0), ids)["params"], cfg, jax.random.PRNGKey(3))
+    out = {}
+    for impl in ("xla", "cudnn"):
+        calls.clear()
+        out[impl] = adapt(LlamaForCausalLM(dataclasses.replace(config, attention=impl)).apply, cfg)({"params": params}, ids)
+    assert calls and all(c[0] and c[1] for c in calls)
+    np.testing.assert_allclose(np.asarray(out["cudnn"]), np.asarray(out["xla"]), rtol=0, atol=1e-5)
+    calls.clear()
+    model = LlamaForCausalLM(dataclasses.replace(config, attention="cudnn"))
+    model.apply({"params": LlamaForCausalLM(config).init(jax.random.PRNGKey(0), ids)["params"]}, ids[:, :1],
+                cache=init_cache(config, 2, 9, jnp.float32), cache_index=0)
+    assert calls and all(not c[0] and not c[1] for c in calls)
 
 
 def test_choices_and_refusals():
