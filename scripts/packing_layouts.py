@@ -4,9 +4,10 @@
     python scripts/packing_layouts.py [--examples 64] [--rounds 8] [--layouts padded,160:xla,320:xla,640:chunked:128]
                                       [--set KEY=VALUE ...]
 
-A layout is ``padded`` (every row padded to the config's ``max_length``) or ``LENGTH:ATTENTION[:CHUNK]``
-(packed rows of LENGTH tokens, ``model.attention`` ATTENTION, blocks of CHUNK for ``chunked``). Each
-layout trains one epoch of the same examples (batch 4, each batch shape compiled and run first); the epochs
+A layout is ``padded`` (every row padded to the config's ``max_length``) or ``LENGTH[xBATCH]:ATTENTION[:CHUNK]``
+(packed rows of LENGTH tokens, BATCH of them a step, ``model.attention`` ATTENTION, blocks of CHUNK for
+``chunked``). Each layout trains one epoch of the same examples (batch 4 unless given, each batch shape
+compiled and run first); the epochs
 run interleaved, ``--rounds`` rounds each taking the next slice of every epoch, so that the machine's drift
 weighs on all alike. Prints, per layout: padding, seconds, milliseconds per token slot and trained tokens
 per second against the first layout. ``--set`` adds a config override to every layout (e.g.
@@ -28,8 +29,9 @@ def overrides(layout: str, max_length: int) -> list[str]:
     if layout == "padded":
         return [f"data.bucket_multiple={max_length}", "model.attention=xla"]
     length, attention, *chunk = layout.split(":")
+    length, _, batch = length.partition("x")
     sets = ["data.packing=true", f"data.pack_length={int(length)}", f"model.attention={attention}"]
-    return sets + [f"model.attention_chunk={int(c)}" for c in chunk]
+    return sets + [f"model.attention_chunk={int(c)}" for c in chunk] + ([f"train.batch_size={int(batch)}"] if batch else [])
 
 
 def main(argv=None) -> None:

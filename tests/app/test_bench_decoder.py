@@ -250,6 +250,8 @@ def test_packing_layouts_script_prints_each_layout(capsys):
     spec.loader.exec_module(script)
     assert script.overrides("640:chunked:128", 160) == ["data.packing=true", "data.pack_length=640",
                                                         "model.attention=chunked", "model.attention_chunk=128"]
+    assert script.overrides("320x2:xla", 160) == ["data.packing=true", "data.pack_length=320", "model.attention=xla",
+                                                  "train.batch_size=2"]
     with pytest.raises(ValueError, match="not one batch of 4; take more examples"):
         script.main(["--examples", "1", "--layouts", "padded,640:xla"])
     script.main(["--examples", "4", "--rounds", "2", "--layouts", "padded,320:xla"])
