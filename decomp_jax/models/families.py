@@ -65,7 +65,7 @@ BASE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 ROPE_KEYS = ("rope_theta", "rope_scaling", "rope_parameters")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu", "gelu_new", "gelu_fast")
 LAYER_TYPES = ("full_attention", "sliding_attention")
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")  # longrope (Phi-3 128k, Phi-4-mini): refused
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +181,11 @@ def _rope(data: dict, family: Family, kwargs: dict) -> None:
     kwargs["rope_theta"] = float(theta)
     if scaling and _check_rope_type(scaling) != "default":
         kwargs["rope_scaling"] = dict(scaling)
+        if _check_rope_type(scaling) == "longrope" and "original_max_position_embeddings" not in scaling:
+            if data.get("original_max_position_embeddings") is None:  # (Phi-3 keeps it beside rope_scaling)
+                raise UnsupportedConfigError("config.json: rope_scaling type 'longrope' needs "
+                                             "original_max_position_embeddings (the pretraining length) and has none.")
+            kwargs["rope_scaling"]["original_max_position_embeddings"] = int(data["original_max_position_embeddings"])
     if family.local_rope:
         kwargs["rope_local_theta"] = float(local if local is not None else defaults["rope_local_base_freq"])
 
@@ -283,6 +288,9 @@ def write_hf_config(config) -> dict:
     out["rope_theta"] = config.rope_theta
     if config.rope_scaling is not None:
         out["rope_scaling"] = dict(config.rope_scaling)
+        if "original_max_position_embeddings" in family.extra_keys and config.rope_type == "longrope":
+            # (Phi-3's config reads it beside rope_scaling, where it would otherwise take its default)
+            out["original_max_position_embeddings"] = config.rope_scaling["original_max_position_embeddings"]
     if family.local_rope:
         out["rope_local_base_freq"] = config.rope_local_theta
     if config.partial_rotary_factor != 1.0:

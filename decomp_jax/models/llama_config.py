@@ -46,7 +46,9 @@ class LlamaConfig:
     convert between that tree and the unrolled ``model/layers_{i}/...`` one (HF/GGUF loaders give the
     unrolled tree). ``remat``: ``nn.remat`` (activation checkpointing) around each decoder layer.
     ``rope_scaling``: None or HF's dict with ``rope_type`` (or legacy ``type``) among
-    linear / dynamic / llama3 / yarn.
+    linear / dynamic / llama3 / yarn / longrope (Phi-3's long-context and Phi-4-mini's: per-frequency
+    ``short_factor`` / ``long_factor``, the long ones once a call's positions pass
+    ``original_max_position_embeddings``).
 
     The switches below the Llama fields make the other families (``models.families`` reads each
     family's config.json into them): ``qkv_bias`` (biases on q, k, v only: Qwen2), ``qk_norm``
@@ -172,6 +174,20 @@ class LlamaConfig:
                 raise ValueError(f"rope_scaling type {kind!r} is not supported; choose one of {ROPE_TYPES}.")
             scaling["rope_type"] = kind
             object.__setattr__(self, "rope_scaling", scaling)
+            if kind == "longrope":
+                self._check_longrope(scaling)
+
+    def _check_longrope(self, scaling: dict):
+        half = self.rotary_dim // 2
+        for key in ("short_factor", "long_factor"):
+            factors = scaling.get(key)
+            if not isinstance(factors, (list, tuple)) or len(factors) != half:
+                raise ValueError(f"rope_scaling {key}: longrope needs one factor per rotary frequency, {half} here "
+                                 f"(head_dim {self.head_dim} x partial_rotary_factor {self.partial_rotary_factor} / 2); "
+                                 f"got {factors!r}.")
+        if not scaling.get("original_max_position_embeddings"):
+            raise ValueError("rope_scaling: longrope needs original_max_position_embeddings (the pretraining length, "
+                             "past which the long factors apply).")
 
     def _check_long_rows(self):
         if self.mlp_chunk is not None and not (isinstance(self.mlp_chunk, int) and self.mlp_chunk >= 1):

@@ -1,5 +1,5 @@
 """Rotary position embeddings of our Llama decoder, as transformers computes them: the default, linear,
-dynamic (NTK), llama3 and yarn types, partial rotary and a local base for sliding-window layers."""
+dynamic (NTK), llama3, yarn and longrope types, partial rotary and a local base for sliding-window layers."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def rope_parameters(config: LlamaConfig) -> tuple[np.ndarray, float]:
     scaling = config.rope_scaling or {}
     if kind in ("default", "dynamic"):
         return inv_freq, 1.0
+    if kind == "longrope":
+        return _longrope(config, "short_factor"), _longrope_attention(config)
     factor = float(scaling["factor"])
     if kind == "linear":
         return (inv_freq / np.float32(factor)).astype(np.float32), 1.0
@@ -71,11 +73,37 @@ def rope_parameters(config: LlamaConfig) -> tuple[np.ndarray, float]:
     return inv_freq.astype(np.float32), float(attention)
 
 
+def _longrope(config: LlamaConfig, which: str) -> np.ndarray:
+    """LongRoPE's inverse frequencies: the default ones, each divided by its ``short_factor`` or
+    ``long_factor``."""
+    factors = np.asarray(config.rope_scaling[which], np.float32)
+    exponent = np.arange(0, config.rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(config.rotary_dim)
+    return (1.0 / (factors * np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+
+
+def _longrope_attention(config: LlamaConfig) -> float:
+    """LongRoPE's scale of cos and sin: ``attention_factor`` when given, else
+    ``sqrt(1 + ln f / ln n_0)`` for the extension ``f`` (``factor``, or ``max_position_embeddings / n_0``)
+    over the pretraining length ``n_0``, and 1 when ``f <= 1``."""
+    scaling = config.rope_scaling
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    factor = scaling.get("factor")
+    factor = float(factor) if factor is not None else config.max_position_embeddings / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
 def _inv_freq(config: LlamaConfig, position_ids: jax.Array) -> jax.Array:
     """The inverse frequencies for this call: static, except dynamic NTK scaling, which (as HF's
     ``dynamic_rope_update``) uses base ``theta * (f * n / n_max - (f - 1)) ** (d / (d - 2))`` with
-    ``n = max(position_ids) + 1`` once ``n`` exceeds ``max_position_embeddings``."""
+    ``n = max(position_ids) + 1`` once ``n`` exceeds ``max_position_embeddings``, and longrope, whose
+    long factors replace the short ones once ``n`` exceeds ``original_max_position_embeddings`` (the
+    whole call's: a batch reaching past it takes the long ones for every row, as in HF)."""
     inv_freq, _ = rope_parameters(config)
+    if config.rope_type == "longrope":
+        past = jnp.max(position_ids) + 1 > config.rope_scaling["original_max_position_embeddings"]
+        return jnp.where(past, jnp.asarray(_longrope(config, "long_factor")), jnp.asarray(inv_freq))
     if config.rope_type != "dynamic":
         return jnp.asarray(inv_freq)
     dim = config.rotary_dim

@@ -48,9 +48,13 @@ CASES = {
                                              rope_theta=100000.0, rope_local_base_freq=1000.0,
                                              rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "phi3": ("Phi3Config", dict(partial_rotary_factor=0.5, sliding_window=WINDOW)),
+    # Phi-4-mini's shape of rope: longrope over 3/4 of each head; the 12-token batch passes the pretraining
+    # length of 8, so the long factors apply (the short ones: test_longrope_switches_at_the_pretraining_length)
+    "phi3_longrope": ("Phi3Config", dict(partial_rotary_factor=0.75, original_max_position_embeddings=8, rope_scaling={
+        "rope_type": "longrope", "short_factor": [1.0, 1.3, 1.9], "long_factor": [1.5, 3.0, 7.0]})),
 }
-FAST = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3"]
-PEFT_FAST = ["qwen3", "gemma3_text", "phi3"]
+FAST = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3_longrope"]
+PEFT_FAST = ["qwen3", "gemma3_text", "phi3_longrope"]
 ALL_LINEAR = TARGET_PRESETS["llama"]["all_linear"]
 
 
@@ -199,9 +203,28 @@ def test_granite_smollm3_sliding_llama_and_unknown_model_types_are_refused():
         LlamaConfig.from_hf_dict({**tf.LlamaConfig(**BASE).to_dict(), "sliding_window": 4})
     with pytest.raises(UnsupportedConfigError, match=r"key 'no_rope_layers'"):
         LlamaConfig.from_hf_dict({**tf.LlamaConfig(**BASE).to_dict(), "no_rope_layers": [1, 1, 0]})
-    with pytest.raises(UnsupportedConfigError, match=r"rope_scaling type 'longrope'"):
-        LlamaConfig.from_hf_dict({**hf_dict("phi3"), "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 2,
-                                                                      "long_factor": [1.0] * 2}})
+    with pytest.raises(UnsupportedConfigError, match=r"rope_scaling type 'proportional' is not implemented"):
+        LlamaConfig.from_hf_dict({**hf_dict("phi3"), "rope_scaling": {"rope_type": "proportional", "factor": 2.0}})
+    longrope = {"type": "longrope", "short_factor": [1.0] * 2, "long_factor": [1.0] * 2}
+    with pytest.raises(UnsupportedConfigError, match=r"'longrope' needs original_max_position_embeddings"):
+        LlamaConfig.from_hf_dict({**hf_dict("phi3"), "rope_scaling": longrope, "original_max_position_embeddings": None})
+    with pytest.raises(ValueError, match=r"long_factor: longrope needs one factor per rotary frequency, 2 here"):
+        LlamaConfig.from_hf_dict({**hf_dict("phi3"), "rope_scaling": {**longrope, "long_factor": [1.0] * 3},
+                                  "original_max_position_embeddings": 8})
+
+
+def test_longrope_switches_at_the_pretraining_length(loaded):
+    """Phi-3 longrope: rows within the pretraining length (8) take the short factors, as transformers does;
+    the same tokens in a batch that reaches past it take the long ones (so logits differ)."""
+    pair = loaded("phi3_longrope")
+    ids, mask = batch(length=7, vocab=VOCAB, left=2, right=1)
+    model = LlamaForCausalLM(pair["config"])
+    ours = model.apply({"params": pair["params"]}, ids, mask)
+    ref = torch_lm_logits(pair["torch"], ids, mask)
+    assert max_diff_valid(ours, ref, mask) <= TOL
+    longer = np.concatenate([ids, ids[:, :5]], axis=1)
+    reached = model.apply({"params": pair["params"]}, longer, np.concatenate([mask, np.ones_like(mask[:, :5])], axis=1))
+    assert max_diff_valid(reached[:, :7], ours, mask) > 1e-3
 
 
 def transformers5_spelling(data):
