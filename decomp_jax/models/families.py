@@ -74,7 +74,8 @@ class Family:
     their own names beyond ``BASE_FIELDS``, ``fixed`` switches of the family, ``defaults`` for keys a
     config.json may leave out (transformers' defaults for the family), ``sliding`` how its layers
     slide (``none``, ``all`` when ``sliding_window`` is set, ``qwen`` with ``use_sliding_window``,
-    ``alternate`` (Gemma 2), ``pattern`` (Gemma 3))."""
+    ``alternate`` (Gemma 2), ``pattern`` (Gemma 3), ``nope`` (SmolLM3: with ``use_sliding_window``, the
+    layers without a rotary embedding))."""
 
     model_type: str
     architecture: str
@@ -128,6 +129,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("qwen3_moe", "Qwen3MoeForCausalLM", _QWEN_MOE + ("attention_bias",), fixed=(("qk_norm", True),),
            defaults=(("head_dim", 128), ("num_experts", 128), ("num_experts_per_tok", 8)), sliding="qwen",
            extra_keys=("sliding_window", "layer_types"), renames=(("num_local_experts", "num_experts"),)),
+    Family("smollm3", "SmolLM3ForCausalLM", ("attention_bias", "mlp_bias"),
+           defaults=(("rope_theta", 2_000_000.0), ("tie_word_embeddings", True), ("rms_norm_eps", 1e-6)),
+           sliding="nope", extra_keys=("sliding_window", "layer_types", "no_rope_layers", "no_rope_layer_interval")),
     Family("phi3", "Phi3ForCausalLM", fixed=(("fused_projections", True),),
            defaults=(("rms_norm_eps", 1e-5),), sliding="all",
            extra_keys=("sliding_window", "partial_rotary_factor", "original_max_position_embeddings")),
@@ -197,7 +201,7 @@ def _layer_types(data: dict, family: Family, kwargs: dict) -> None:
     given = data.get("layer_types")
     if family.sliding == "none":
         return
-    if family.sliding == "qwen" and not data.get("use_sliding_window", False):
+    if family.sliding in ("qwen", "nope") and not data.get("use_sliding_window", False):
         window = None
     if window is None:
         if given and any(t != "full_attention" for t in given):
@@ -212,6 +216,8 @@ def _layer_types(data: dict, family: Family, kwargs: dict) -> None:
     elif family.sliding == "qwen":
         first = int(data.get("max_window_layers", n))
         types = tuple("sliding_attention" if i >= first else "full_attention" for i in range(n))
+    elif family.sliding == "nope":
+        types = tuple("sliding_attention" if not rope else "full_attention" for rope in kwargs["no_rope_layers"])
     elif family.sliding == "alternate":
         types = tuple("sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n))
     else:
@@ -268,8 +274,21 @@ def read_hf_config(data: dict) -> dict:
         kwargs["partial_rotary_factor"] = float(data["partial_rotary_factor"])
     kwargs.update(dict(family.fixed))
     _rope(data, family, kwargs)
+    if "no_rope_layers" in family.extra_keys:
+        _no_rope_layers(data, kwargs)
     _layer_types(data, family, kwargs)
     return kwargs
+
+
+def _no_rope_layers(data: dict, kwargs: dict) -> None:
+    """SmolLM3's NoPE layers: ``no_rope_layers`` as given (1: the layer applies the rotary embedding), or
+    every ``no_rope_layer_interval``-th layer without it (transformers' default, interval 4)."""
+    n = int(data.get("num_hidden_layers", 36))
+    given = data.get("no_rope_layers")
+    if given is None:
+        interval = int(data.get("no_rope_layer_interval") or 4)
+        given = [int((i + 1) % interval != 0) for i in range(n)]
+    kwargs["no_rope_layers"] = tuple(int(v) for v in given)
 
 
 def write_hf_config(config) -> dict:
@@ -295,9 +314,11 @@ def write_hf_config(config) -> dict:
         out["rope_local_base_freq"] = config.rope_local_theta
     if config.partial_rotary_factor != 1.0:
         out["partial_rotary_factor"] = config.partial_rotary_factor
+    if "no_rope_layers" in family.extra_keys:
+        out["no_rope_layers"] = list(config.no_rope_layers or (1,) * config.num_hidden_layers)
     if family.sliding != "none":
         out["sliding_window"] = config.sliding_window
-        if family.sliding == "qwen":
+        if family.sliding in ("qwen", "nope"):
             out["use_sliding_window"] = config.sliding_window is not None
         if "layer_types" in family.extra_keys:
             out["layer_types"] = list(config.layer_types or ("full_attention",) * config.num_hidden_layers)

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from decomp_jax.models.attention import Mask, attention, choose, own_mask, splash_segments
-from decomp_jax.models.llama_config import LlamaConfig
+from decomp_jax.models.llama_config import NOPE, SLIDING, LlamaConfig
 from decomp_jax.models.mlp import dense, feed_forward
 from decomp_jax.models.rope import apply_rotary, rotary_cos_sin
 from decomp_jax.models.tiles import in_position_tiles
@@ -90,14 +90,20 @@ def _norm(config: LlamaConfig, name: str) -> RMSNorm:
     return RMSNorm(config.rms_norm_eps, jnp.dtype(config.param_dtype), config.norm_plus_one, name=name)
 
 
+def _has(kind, bit: int):
+    """Whether a layer's ``kind`` (``LlamaConfig.layer_kind``) has ``bit``: a bool for a Python int
+    (unrolled layers), a traced bool for a traced one (scanned layers)."""
+    return bool(kind & bit) if isinstance(kind, int) else (kind & bit) > 0
+
+
 def _pick(kind, full, sliding):
     """The full-attention or sliding-window variant of a layer input: ``kind`` a Python int (unrolled
     layers) or a traced scalar (scanned layers; both variants exist, one is selected)."""
     if sliding is None:
         return full
     if isinstance(kind, int):
-        return sliding if kind else full
-    return jax.tree_util.tree_map(lambda f, s: jnp.where(kind > 0, s, f), full, sliding)
+        return sliding if _has(kind, SLIDING) else full
+    return jax.tree_util.tree_map(lambda f, s: jnp.where(_has(kind, SLIDING), s, f), full, sliding)
 
 
 class LlamaAttention(nn.Module):
@@ -107,7 +113,7 @@ class LlamaAttention(nn.Module):
     def __call__(self, x, cos, sin, allowed, cache=None, cache_index=None, prefix=None, segments=None, kind=0):
         """``allowed``: the ``Mask`` of the keys attended (prefix slots excluded);
         ``segments``: the same mask as ``splash`` takes it (``models.attention.splash_segments``: None for a
-        call with a cache or prefix slots), ``kind`` 1 for a sliding-window layer (an int, or traced under
+        call with a cache or prefix slots), ``kind`` the layer's (``LlamaConfig.layer_kind``: bit ``SLIDING`` for a sliding window; an int, or traced under
         scanned layers)."""
         c = self.config
         heads, kv_heads, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -145,9 +151,9 @@ class LlamaAttention(nn.Module):
         own = own_mask(choose(c.attention, length, k.shape[1], q.dtype, softcap, segments is not None), allowed)
         if own and c.sliding_window and not isinstance(kind, int):
             # a scanned layer's kind is known when it runs, and the kernel's mask is static: one kernel per kind
-            out = jax.lax.cond(kind > 0, lambda: attend(window=c.sliding_window), lambda: attend(window=None))
+            out = jax.lax.cond(_has(kind, SLIDING), lambda: attend(window=c.sliding_window), lambda: attend(window=None))
         else:  # (the other implementations read allowed, already picked for the kind)
-            out = attend(window=c.sliding_window if isinstance(kind, int) and kind else None)
+            out = attend(window=c.sliding_window if isinstance(kind, int) and _has(kind, SLIDING) else None)
         out = out.reshape(b * length, heads * d)
         return dense(c, c.hidden_size, c.attention_bias, "o_proj")(out).reshape(b, length, -1), new_cache
 
@@ -167,6 +173,9 @@ class LlamaDecoderLayer(nn.Module):
     def __call__(self, x, ropes, masks, cache=None, cache_index=None, prefix=None, kind=0):
         c = self.config
         cos, sin = _pick(kind, *ropes)
+        if c.no_rope_layers is not None:  # a NoPE layer: cos 1 and sin 0 leave q and k as they are
+            nope = _has(kind, NOPE)
+            cos, sin = jnp.where(nope, 1.0, cos), jnp.where(nope, 0.0, sin)
         allowed = _pick(kind, *masks[:2])
         h, new_cache = LlamaAttention(c, name="self_attn")(
             _norm(c, "input_layernorm")(x), cos, sin, allowed, cache, cache_index, prefix, masks[2], kind
@@ -337,9 +346,10 @@ class LlamaModel(nn.Module):
         # example only); sliding layers: the window over buffer positions, as transformers' mask
         allowed = Mask.causal(query_index, attention_mask, segment_ids, plain=plain)
         kinds = c.layer_kinds
-        sliding = allowed.with_window(c.sliding_window) if any(kinds) else None
+        slides = any(_has(k, SLIDING) for k in kinds)
+        sliding = allowed.with_window(c.sliding_window) if slides else None
         ropes = (rotary_cos_sin(c, position_ids),
-                 rotary_cos_sin(c, position_ids, local=True) if c.rope_local_theta is not None and any(kinds) else None)
+                 rotary_cos_sin(c, position_ids, local=True) if c.rope_local_theta is not None and slides else None)
         masks = (allowed, sliding,
                  splash_segments(c.attention, attention_mask, segment_ids, cache is None and prefix_kv is None))
         if c.scan_layers:

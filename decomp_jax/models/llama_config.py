@@ -25,6 +25,9 @@ ACTIVATIONS: dict[str, Callable] = {
 MOE_DISPATCH = ("dense", "ragged")
 
 
+SLIDING, NOPE = 1, 2  # LlamaConfig.layer_kind's bits
+
+
 def _freeze(value):
     if isinstance(value, dict):
         return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
@@ -61,7 +64,9 @@ class LlamaConfig:
     ``attn_logit_softcapping`` / ``final_logit_softcapping`` (``c * tanh(x / c)`` on the scores /
     logits), ``sliding_window`` with ``layer_types`` (per layer ``full_attention`` or
     ``sliding_attention``: a query sees the ``sliding_window`` latest positions, itself included),
-    ``rope_local_theta`` (the sliding layers' rotary base, default type: Gemma 3).
+    ``rope_local_theta`` (the sliding layers' rotary base, default type: Gemma 3), ``no_rope_layers``
+    (HF's SmolLM3 list: per layer 1 where it applies the rotary embedding, 0 where it applies none, NoPE;
+    None: every layer applies it).
 
     Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; ``models.mlp.SparseMoeBlock``): ``num_experts``
     experts (0: every layer has the dense MLP) of width ``moe_intermediate_size`` (default
@@ -124,6 +129,7 @@ class LlamaConfig:
     sliding_window: Optional[int] = None
     layer_types: Optional[tuple] = None
     rope_local_theta: Optional[float] = None
+    no_rope_layers: Optional[tuple] = None
     num_experts: int = 0
     num_experts_per_tok: int = 2
     moe_intermediate_size: Optional[int] = None
@@ -152,6 +158,11 @@ class LlamaConfig:
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers.")
             if "sliding_attention" in self.layer_types and not self.sliding_window:
                 raise ValueError("layer_types name sliding_attention layers: set sliding_window.")
+        if self.no_rope_layers is not None:
+            object.__setattr__(self, "no_rope_layers", tuple(int(v) for v in self.no_rope_layers))
+            if len(self.no_rope_layers) != self.num_hidden_layers or set(self.no_rope_layers) - {0, 1}:
+                raise ValueError(f"no_rope_layers={list(self.no_rope_layers)}: one 1 (rotary embedding) or 0 (none) per "
+                                 f"layer, {self.num_hidden_layers} layers.")
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))
         if self.moe_intermediate_size is None:
             object.__setattr__(self, "moe_intermediate_size", self.intermediate_size)
@@ -251,8 +262,10 @@ class LlamaConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     def layer_kind(self, i: int) -> int:
-        """0: full attention, 1: sliding window."""
-        return int(self.layer_types is not None and self.layer_types[i] == "sliding_attention")
+        """Layer ``i``'s kind: bit 0 (``SLIDING``) a sliding window, bit 1 (``NOPE``) no rotary embedding."""
+        sliding = self.layer_types is not None and self.layer_types[i] == "sliding_attention"
+        nope = self.no_rope_layers is not None and not self.no_rope_layers[i]
+        return SLIDING * sliding + NOPE * nope
 
     @property
     def layer_kinds(self) -> tuple[int, ...]:

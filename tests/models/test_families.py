@@ -47,13 +47,15 @@ CASES = {
                                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                              rope_theta=100000.0, rope_local_base_freq=1000.0,
                                              rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    # every second layer without a rotary embedding (NoPE), those layers sliding
+    "smollm3": ("SmolLM3Config", dict(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=WINDOW)),
     "phi3": ("Phi3Config", dict(partial_rotary_factor=0.5, sliding_window=WINDOW)),
     # Phi-4-mini's shape of rope: longrope over 3/4 of each head; the 12-token batch passes the pretraining
     # length of 8, so the long factors apply (the short ones: test_longrope_switches_at_the_pretraining_length)
     "phi3_longrope": ("Phi3Config", dict(partial_rotary_factor=0.75, original_max_position_embeddings=8, rope_scaling={
         "rope_type": "longrope", "short_factor": [1.0, 1.3, 1.9], "long_factor": [1.5, 3.0, 7.0]})),
 }
-FAST = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3_longrope"]
+FAST = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "phi3_longrope"]
 PEFT_FAST = ["qwen3", "gemma3_text", "phi3_longrope"]
 ALL_LINEAR = TARGET_PRESETS["llama"]["all_linear"]
 
@@ -192,11 +194,11 @@ def test_each_family_refuses_a_key_it_does_not_implement(case):
         LlamaConfig.from_hf_dict({**data, "rope_scaling": {"type": "su", "factor": 2.0}})
 
 
-def test_granite_smollm3_sliding_llama_and_unknown_model_types_are_refused():
+def test_unknown_model_types_and_keys_a_family_lacks_are_refused():
     granite = tf.GraniteConfig(**BASE, embedding_multiplier=12.0).to_dict()
     with pytest.raises(UnsupportedConfigError, match=r"model_type 'granite' is not supported.*supported: gemma, "):
         LlamaConfig.from_hf_dict(granite)
-    # Granite's multipliers on a checkpoint that calls itself llama: refused by key, not silently dropped
+    # Granite's multipliers (or SmolLM3's NoPE layers) on a checkpoint that calls itself llama: refused by key
     with pytest.raises(UnsupportedConfigError, match=r"key 'embedding_multiplier'"):
         LlamaConfig.from_hf_dict({**granite, "model_type": "llama"})
     with pytest.raises(UnsupportedConfigError, match=r"key 'sliding_window' .* llama decoder"):
@@ -211,6 +213,21 @@ def test_granite_smollm3_sliding_llama_and_unknown_model_types_are_refused():
     with pytest.raises(ValueError, match=r"long_factor: longrope needs one factor per rotary frequency, 2 here"):
         LlamaConfig.from_hf_dict({**hf_dict("phi3"), "rope_scaling": {**longrope, "long_factor": [1.0] * 3},
                                   "original_max_position_embeddings": 8})
+
+
+def test_smollm3_nope_layers_apply_no_rotary_embedding(loaded):
+    """SmolLM3's layers without a rotary embedding (here the middle one of three, also the sliding one):
+    read from config.json, and they matter (the same weights with rotary everywhere give other logits)."""
+    pair = loaded("smollm3")
+    config = pair["config"]
+    assert config.no_rope_layers == (1, 0, 1) and config.layer_types[1] == "sliding_attention"
+    assert config.to_hf_dict()["no_rope_layers"] == [1, 0, 1]
+    ids, mask = batch(**ROWS)
+    ref = torch_lm_logits(pair["torch"], ids, mask)
+    roped = dataclasses.replace(config, no_rope_layers=None)
+    assert max_diff_valid(LlamaForCausalLM(roped).apply({"params": pair["params"]}, ids, mask), ref, mask) > 1e-3
+    with pytest.raises(ValueError, match=r"no_rope_layers=\[1, 0\]: one 1 \(rotary embedding\) or 0"):
+        dataclasses.replace(config, no_rope_layers=(1, 0))
 
 
 def test_longrope_switches_at_the_pretraining_length(loaded):
