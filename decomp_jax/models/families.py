@@ -16,7 +16,7 @@ Written configs use the 4.x spelling, which transformers 5 reads too.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from decomp_jax.errors import ConfigError
 
@@ -86,6 +86,11 @@ class Family:
     local_rope: bool = False
     extra_keys: tuple[str, ...] = ()  # read by the family's own rules (sliding windows, partial rotary)
     renames: tuple[tuple[str, str], ...] = ()  # (config.json key, LlamaConfig field) read under another name
+    # Phi-3's rope rules (transformers' Phi3Config): only these types, older names of longrope, and longrope's
+    # pretraining length read beside the rope settings (its default when absent), never inside them
+    rope_types: Optional[tuple[str, ...]] = None
+    rope_aliases: tuple[tuple[str, str], ...] = ()
+    longrope_original: Optional[int] = None
 
 
 _GEMMA = (("norm_plus_one", True), ("embed_scale", True))
@@ -130,11 +135,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
            defaults=(("head_dim", 128), ("num_experts", 128), ("num_experts_per_tok", 8)), sliding="qwen",
            extra_keys=("sliding_window", "layer_types"), renames=(("num_local_experts", "num_experts"),)),
     Family("smollm3", "SmolLM3ForCausalLM", ("attention_bias", "mlp_bias"),
-           defaults=(("rope_theta", 2_000_000.0), ("tie_word_embeddings", True), ("rms_norm_eps", 1e-6)),
+           defaults=(("rope_theta", 2_000_000.0), ("tie_word_embeddings", True), ("rms_norm_eps", 1e-6),
+                     ("num_hidden_layers", 36), ("num_key_value_heads", 4), ("max_position_embeddings", 32768)),
            sliding="nope", extra_keys=("sliding_window", "layer_types", "no_rope_layers", "no_rope_layer_interval")),
     Family("phi3", "Phi3ForCausalLM", fixed=(("fused_projections", True),),
            defaults=(("rms_norm_eps", 1e-5),), sliding="all",
-           extra_keys=("sliding_window", "partial_rotary_factor", "original_max_position_embeddings")),
+           extra_keys=("sliding_window", "partial_rotary_factor", "original_max_position_embeddings"),
+           rope_types=("default", "longrope"), rope_aliases=(("su", "longrope"), ("yarn", "longrope")),
+           longrope_original=4096),
 )}
 
 SUPPORTED = ", ".join(sorted(FAMILIES))
@@ -183,20 +191,42 @@ def _rope(data: dict, family: Family, kwargs: dict) -> None:
     if theta is None:
         theta = defaults.get("rope_theta", 10000.0)
     kwargs["rope_theta"] = float(theta)
+    if scaling:
+        scaling = _family_rope(dict(scaling), family)
     if scaling and _check_rope_type(scaling) != "default":
         kwargs["rope_scaling"] = dict(scaling)
-        if _check_rope_type(scaling) == "longrope" and "original_max_position_embeddings" not in scaling:
-            if data.get("original_max_position_embeddings") is None:  # (Phi-3 keeps it beside rope_scaling)
-                raise UnsupportedConfigError("config.json: rope_scaling type 'longrope' needs "
-                                             "original_max_position_embeddings (the pretraining length) and has none.")
-            kwargs["rope_scaling"]["original_max_position_embeddings"] = int(data["original_max_position_embeddings"])
+        if _check_rope_type(scaling) == "longrope":
+            _longrope_original(data, family, kwargs["rope_scaling"])
     if family.local_rope:
         kwargs["rope_local_theta"] = float(local if local is not None else defaults["rope_local_base_freq"])
 
 
+def _family_rope(scaling: dict, family: Family) -> dict:
+    """The rope settings under the family's own rules: older type names, and the types it allows."""
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = dict(family.rope_aliases).get(kind, kind)
+    if family.rope_types is not None and kind not in family.rope_types:
+        raise UnsupportedConfigError(f"config.json: rope_scaling type {kind!r} is not one of {family.model_type}'s "
+                                     f"({', '.join(family.rope_types)}).")
+    scaling.pop("type", None)
+    return {**scaling, "rope_type": kind}
+
+
+def _longrope_original(data: dict, family: Family, scaling: dict) -> None:
+    """longrope's pretraining length in ``scaling``: a family that keeps it beside the rope settings reads
+    it there (Phi-3: its default when absent, whatever the rope settings say, as transformers does);
+    others read it inside them, and a config without one is refused."""
+    if family.longrope_original is not None:
+        given = data.get("original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = int(given if given is not None else family.longrope_original)
+    elif not scaling.get("original_max_position_embeddings"):
+        raise UnsupportedConfigError("config.json: rope_scaling type 'longrope' needs original_max_position_embeddings "
+                                     "(the pretraining length) and has none.")
+
+
 def _layer_types(data: dict, family: Family, kwargs: dict) -> None:
     """``sliding_window`` and the per-layer ``layer_types`` the family's rules give."""
-    n = int(data.get("num_hidden_layers", 32))
+    n = int(kwargs.get("num_hidden_layers", 32))
     window = data.get("sliding_window", dict(family.defaults).get("sliding_window"))
     given = data.get("layer_types")
     if family.sliding == "none":
@@ -283,7 +313,7 @@ def read_hf_config(data: dict) -> dict:
 def _no_rope_layers(data: dict, kwargs: dict) -> None:
     """SmolLM3's NoPE layers: ``no_rope_layers`` as given (1: the layer applies the rotary embedding), or
     every ``no_rope_layer_interval``-th layer without it (transformers' default, interval 4)."""
-    n = int(data.get("num_hidden_layers", 36))
+    n = int(kwargs.get("num_hidden_layers", 32))
     given = data.get("no_rope_layers")
     if given is None:
         interval = int(data.get("no_rope_layer_interval") or 4)
@@ -307,9 +337,12 @@ def write_hf_config(config) -> dict:
     out["rope_theta"] = config.rope_theta
     if config.rope_scaling is not None:
         out["rope_scaling"] = dict(config.rope_scaling)
-        if "original_max_position_embeddings" in family.extra_keys and config.rope_type == "longrope":
-            # (Phi-3's config reads it beside rope_scaling, where it would otherwise take its default)
-            out["original_max_position_embeddings"] = config.rope_scaling["original_max_position_embeddings"]
+        if family.longrope_original is not None and config.rope_type == "longrope":
+            # Phi-3's spelling, which transformers 4 and 5 both read: the pretraining length beside the
+            # rope settings, and in them only the type and the factors (and factor overrides if any)
+            scaling = dict(config.rope_scaling)
+            out["original_max_position_embeddings"] = scaling.pop("original_max_position_embeddings")
+            out["rope_scaling"] = {"type": scaling.pop("rope_type"), **scaling}
     if family.local_rope:
         out["rope_local_base_freq"] = config.rope_local_theta
     if config.partial_rotary_factor != 1.0:

@@ -74,13 +74,25 @@ def greedy_generate(model: LlamaForCausalLM, params, input_ids, attention_mask=N
         cache = init_cache(model.config, b, total)
         logits, cache = apply_fn(variables, input_ids, buffer_mask, cache=cache, cache_index=0)
         tok = jnp.argmax(logits[rows, last], axis=-1)
+        cross = _longrope_crossing(model.config, prompt_len, max_new_tokens)
 
         def body(i, carry):
             tok, done, out, cache, buffer_mask = carry
             tok, done, out = finish(tok, done, out, i)
             buffer_mask = buffer_mask.at[:, prompt_len + i].set(1)
-            logits, cache = apply_fn(variables, tok[:, None], buffer_mask, cache=cache, cache_index=prompt_len + i)
-            return jnp.argmax(logits[:, 0], axis=-1), done, out, cache, buffer_mask
+
+            def one_token(cache):
+                logits, cache = apply_fn(variables, tok[:, None], buffer_mask, cache=cache, cache_index=prompt_len + i)
+                return logits[:, 0], cache
+
+            def recompute(cache):  # the whole buffer again from an empty cache: every key rotated alike
+                ids = jnp.concatenate([input_ids, out], axis=1)
+                logits, cache = apply_fn(variables, ids, buffer_mask, cache=init_cache(model.config, b, total),
+                                         cache_index=0)
+                return logits[:, prompt_len + i], cache
+
+            logits, cache = one_token(cache) if cross is None else jax.lax.cond(i == cross, recompute, one_token, cache)
+            return jnp.argmax(logits, axis=-1), done, out, cache, buffer_mask
 
         tok, done, out, _, _ = jax.lax.fori_loop(0, max_new_tokens - 1, body, (tok, done, out, cache, buffer_mask))
     else:
@@ -101,6 +113,17 @@ def greedy_generate(model: LlamaForCausalLM, params, input_ids, attention_mask=N
         tok, done, out, _, _ = jax.lax.fori_loop(0, max_new_tokens - 1, body, (tok, done, out, ids, buffer_mask))
     _, _, out = finish(tok, done, out, max_new_tokens - 1)
     return jnp.concatenate([input_ids, out], axis=1)
+
+
+def _longrope_crossing(config, prompt_len: int, max_new_tokens: int) -> Optional[int]:
+    """The decoding step at which a Phi-3 longrope model's buffer first holds
+    ``original_max_position_embeddings + 1`` tokens, when that happens after the prompt (else None). There,
+    as transformers' Phi-3 does (its other longrope families do not), the whole buffer is computed again
+    without the cache: the long factors then rotate every key, not only the ones after the switch."""
+    if getattr(config, "rope_type", None) != "longrope" or getattr(config, "model_type", None) != "phi3":
+        return None
+    step = int(config.rope_scaling["original_max_position_embeddings"]) - prompt_len
+    return step if 0 <= step < max_new_tokens - 1 else None
 
 
 _generate_jit = jax.jit(

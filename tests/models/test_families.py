@@ -190,8 +190,8 @@ def test_each_family_refuses_a_key_it_does_not_implement(case):
         LlamaConfig.from_hf_dict({**data, "logits_scaling": 0.5})
     with pytest.raises(UnsupportedConfigError, match=r"attention_dropout=0.1 .*must be 0"):
         LlamaConfig.from_hf_dict({**data, "attention_dropout": 0.1})
-    with pytest.raises(UnsupportedConfigError, match=r"rope_scaling type 'su' is not implemented"):
-        LlamaConfig.from_hf_dict({**data, "rope_scaling": {"type": "su", "factor": 2.0}})
+    with pytest.raises(UnsupportedConfigError, match=r"rope_scaling type 'proportional' is not (implemented|one of)"):
+        LlamaConfig.from_hf_dict({**data, "rope_scaling": {"type": "proportional", "factor": 2.0}})
 
 
 def test_unknown_model_types_and_keys_a_family_lacks_are_refused():
@@ -206,10 +206,11 @@ def test_unknown_model_types_and_keys_a_family_lacks_are_refused():
     with pytest.raises(UnsupportedConfigError, match=r"key 'no_rope_layers'"):
         LlamaConfig.from_hf_dict({**tf.LlamaConfig(**BASE).to_dict(), "no_rope_layers": [1, 1, 0]})
     with pytest.raises(UnsupportedConfigError, match=r"rope_scaling type 'proportional' is not implemented"):
-        LlamaConfig.from_hf_dict({**hf_dict("phi3"), "rope_scaling": {"rope_type": "proportional", "factor": 2.0}})
-    longrope = {"type": "longrope", "short_factor": [1.0] * 2, "long_factor": [1.0] * 2}
+        LlamaConfig.from_hf_dict({**hf_dict("qwen3"), "rope_scaling": {"rope_type": "proportional", "factor": 2.0}})
     with pytest.raises(UnsupportedConfigError, match=r"'longrope' needs original_max_position_embeddings"):
-        LlamaConfig.from_hf_dict({**hf_dict("phi3"), "rope_scaling": longrope, "original_max_position_embeddings": None})
+        LlamaConfig.from_hf_dict({**hf_dict("qwen3"), "rope_parameters": None, "rope_scaling": {
+            "type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}})
+    longrope = {"type": "longrope", "short_factor": [1.0] * 2, "long_factor": [1.0] * 2}
     with pytest.raises(ValueError, match=r"long_factor: longrope needs one factor per rotary frequency, 2 here"):
         LlamaConfig.from_hf_dict({**hf_dict("phi3"), "rope_scaling": {**longrope, "long_factor": [1.0] * 3},
                                   "original_max_position_embeddings": 8})
@@ -222,6 +223,11 @@ def test_smollm3_nope_layers_apply_no_rotary_embedding(loaded):
     config = pair["config"]
     assert config.no_rope_layers == (1, 0, 1) and config.layer_types[1] == "sliding_attention"
     assert config.to_hf_dict()["no_rope_layers"] == [1, 0, 1]
+    # without the lists, from the interval as transformers derives them: NoPE every 2nd layer, sliding there
+    bare = {k: v for k, v in hf_dict("smollm3").items() if k not in ("no_rope_layers", "layer_types")}
+    assert LlamaConfig.from_hf_dict(bare) == config
+    unslid = LlamaConfig.from_hf_dict({**bare, "use_sliding_window": False})
+    assert unslid.no_rope_layers == (1, 0, 1) and unslid.sliding_window is None and unslid.layer_types is None
     ids, mask = batch(**ROWS)
     ref = torch_lm_logits(pair["torch"], ids, mask)
     roped = dataclasses.replace(config, no_rope_layers=None)
@@ -231,17 +237,50 @@ def test_smollm3_nope_layers_apply_no_rotary_embedding(loaded):
 
 
 def test_longrope_switches_at_the_pretraining_length(loaded):
-    """Phi-3 longrope: rows within the pretraining length (8) take the short factors, as transformers does;
-    the same tokens in a batch that reaches past it take the long ones (so logits differ)."""
+    """Phi-3 longrope: a batch within the pretraining length (8 positions, the longest row exactly 8) takes
+    the short factors, as transformers does; the same tokens in a batch that reaches past it take the long
+    ones (so logits differ). Greedy decoding whose buffer passes 8 tokens after a 5-token prompt computes
+    the whole buffer again at the switch, as transformers' Phi-3 does: the same tokens as its generate."""
     pair = loaded("phi3_longrope")
-    ids, mask = batch(length=7, vocab=VOCAB, left=2, right=1)
+    ids, mask = batch(length=8, vocab=VOCAB, left=2, right=1)
     model = LlamaForCausalLM(pair["config"])
     ours = model.apply({"params": pair["params"]}, ids, mask)
     ref = torch_lm_logits(pair["torch"], ids, mask)
     assert max_diff_valid(ours, ref, mask) <= TOL
     longer = np.concatenate([ids, ids[:, :5]], axis=1)
     reached = model.apply({"params": pair["params"]}, longer, np.concatenate([mask, np.ones_like(mask[:, :5])], axis=1))
-    assert max_diff_valid(reached[:, :7], ours, mask) > 1e-3
+    assert max_diff_valid(reached[:, :8], ours, mask) > 1e-3
+    prompt, prompt_mask = batch(length=5, vocab=VOCAB, left=2, right=1, seed=4)
+    prompt, prompt_mask = prompt[:2], prompt_mask[:2]  # full and left-padded prompts
+    expected = torch_greedy(pair["torch"], prompt, prompt_mask, 10)
+    np.testing.assert_array_equal(np.asarray(generate(model, pair["params"], prompt, prompt_mask, max_new_tokens=10)),
+                                  expected)
+
+
+def test_phi3_reads_longrope_as_transformers_does():
+    """Phi-3's pretraining length is the one beside the rope settings (4096 when absent), whatever they say
+    inside; the older type names su and yarn are longrope, other types are refused; the config we write
+    keeps Phi-3's spelling (type and factors inside, the length beside), which transformers reads back."""
+    factors = {"short_factor": [1.0, 1.3], "long_factor": [2.0, 3.0]}
+    base = {**hf_dict("phi3"), "rope_parameters": None}
+    inner = {"type": "longrope", **factors, "original_max_position_embeddings": 16}
+    beside = LlamaConfig.from_hf_dict({**base, "rope_scaling": inner, "original_max_position_embeddings": 8})
+    absent = LlamaConfig.from_hf_dict({**{k: v for k, v in base.items() if k != "original_max_position_embeddings"},
+                                       "rope_scaling": inner})
+    assert beside.rope_scaling["original_max_position_embeddings"] == 8
+    assert absent.rope_scaling["original_max_position_embeddings"] == 4096
+    for name in ("su", "yarn"):
+        old = LlamaConfig.from_hf_dict({**base, "rope_scaling": {"type": name, **factors},
+                                        "original_max_position_embeddings": 8})
+        assert old.rope_type == "longrope" and old.rope_scaling == beside.rope_scaling
+    with pytest.raises(UnsupportedConfigError, match=r"rope_scaling type 'linear' is not one of phi3's"):
+        LlamaConfig.from_hf_dict({**base, "rope_scaling": {"type": "linear", "factor": 2.0}})
+    written = beside.to_hf_dict()
+    assert written["rope_scaling"] == {"type": "longrope", **factors}
+    assert written["original_max_position_embeddings"] == 8
+    theirs = tf.Phi3Config.from_dict(written)
+    assert theirs.rope_parameters["original_max_position_embeddings"] == 8
+    assert theirs.rope_parameters["rope_type"] == "longrope"
 
 
 def transformers5_spelling(data):
