@@ -95,13 +95,15 @@ def test_cli_methods_and_errors(tmp_path, capsys):
     assert rows["svdiff"][2] == f"{6 * 2 * 384 + head:,}"
     assert rows["houlsby"][3] == f"{1000 * (6 * 2 * (384 * 8 + 8 + 8 * 384 + 384) + head) / 22_713_986:.3f}‰"
 
+    # (its own output folder: a quick start run in this checkout leaves checkpoints in runs/quickstart)
     code = cli.main(["train", str(REPO / "configs" / "quickstart.yaml"), "--set", f"data.path={tmp_path}/nowhere",
-                     "--set", "data.hub=null"])
+                     "--set", "data.hub=null", "--set", f"train.output_dir={tmp_path}/run"])
     assert code == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "data.path" in err
 
-    code = cli.main(["train", str(REPO / "configs" / "quickstart.yaml"), "--set", "adapter.rnak=3"])
+    code = cli.main(["train", str(REPO / "configs" / "quickstart.yaml"), "--set", "adapter.rnak=3",
+                     "--set", f"train.output_dir={tmp_path}/run"])
     assert code == 2
     assert "Did you mean 'rank'" in capsys.readouterr().err
 
