@@ -24,6 +24,8 @@ FAMILIES = {
     "gemma2-like": dict(model_type="gemma2", sandwich_norms=True, norm_plus_one=True, hidden_act="gelu_pytorch_tanh",
                         sliding_window=4, layer_types=("sliding_attention", "full_attention") * 2,
                         attn_logit_softcapping=20.0),
+    "smollm3-like": dict(model_type="smollm3", no_rope_layers=(1, 0, 1, 0), sliding_window=4, attention_bias=True,
+                         mlp_bias=True, layer_types=("full_attention", "sliding_attention") * 2),  # NoPE layers slide
     "qwen2-moe-like": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8,
                            shared_expert_intermediate_size=24),  # the shared expert is a tiled dense MLP
 }
