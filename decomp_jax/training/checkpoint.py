@@ -270,11 +270,30 @@ def _forget_unawaited_io() -> None:
                             category=RuntimeWarning)
 
 
+class _OrbaxThreadEchoFilter(logging.Filter):
+    """On absl's logger once an Orbax write or read has failed: Orbax's worker threads log the error they
+    end on with its traceback (``_SignalingThread.run() raised an exception``), and one that finishes
+    after the call has raised does so once ``_quiet_orbax`` has let its logger speak again: thirty lines
+    after the one-line message, an echo of the failure it names. Drop the records whose traceback runs
+    through Orbax's code; everything else passes."""
+
+    def filter(self, record):
+        tb = record.exc_info[2] if record.exc_info else None
+        return tb is None or not any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in traceback.extract_tb(tb))
+
+
+def _forget_orbax_thread_errors() -> None:
+    logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxThreadEchoFilter) for f in logger.filters):
+        logger.addFilter(_OrbaxThreadEchoFilter())
+
+
 @contextlib.contextmanager
 def _quiet_orbax():
     """Orbax logs a failed write's traceback from each of its worker threads (over a hundred
-    lines for one full disk) before raising, and its unrun coroutines warn at exit
-    (``_forget_unawaited_io``); the error raised says it all, in one line."""
+    lines for one full disk) before raising, its unrun coroutines warn at exit
+    (``_forget_unawaited_io``), and a worker thread may end on the error after the call has raised
+    (``_forget_orbax_thread_errors``); the error raised says it all, in one line."""
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
@@ -282,6 +301,7 @@ def _quiet_orbax():
         yield
     except BaseException:
         _forget_unawaited_io()
+        _forget_orbax_thread_errors()
         raise
     finally:
         logger.setLevel(level)
