@@ -181,3 +181,36 @@ def torch_greedy(model, ids, mask, new_tokens: int) -> np.ndarray:
         return model.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                               eos_token_id=None, pad_token_id=0).numpy()
+
+
+def records_kept(logger_name: str, message: str, filenames=("/site-packages/orbax/checkpoint/_src/x.py",
+                                                             "/home/me/my_code.py")) -> list[str]:
+    """For each of ``filenames``: an error raised in code of that file name, handed to logger
+    ``logger_name`` as an ERROR record of ``message`` (``%r`` or ``%s``: the error) with its traceback.
+    Returns the file names whose records reached the logger's handlers (its filters let them through)."""
+    import logging
+
+    def raised_in(filename):
+        namespace = {}
+        exec(compile("def write():\n    raise OSError(28, 'No space left on device')\n", filename, "exec"), namespace)
+        try:
+            namespace["write"]()
+        except OSError as err:
+            return err
+
+    seen = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    logger, keep = logging.getLogger(logger_name), Keep()
+    logger.addHandler(keep)
+    try:
+        for filename in filenames:
+            err = raised_in(filename)
+            logger.handle(logger.makeRecord(logger_name, logging.ERROR, __file__, 1, message, (err,),
+                                            (type(err), err, err.__traceback__)))
+    finally:
+        logger.removeHandler(keep)
+    return [r.exc_info[1].__traceback__.tb_next.tb_frame.f_code.co_filename for r in seen]

@@ -20,6 +20,7 @@ from decomp_jax.app.runs import AdapterFileFallbackWarning, export_merged, expor
 from decomp_jax.errors import ConfigError
 
 from conftest import DATA, REPO
+from helpers import records_kept
 from test_study import write_study
 
 SST2 = str(DATA / "glue" / "SST-2")
@@ -276,33 +277,9 @@ def test_a_full_disk_mid_run_says_how_to_go_on(tiny_model_dir, tmp_path, monkeyp
 def _orbax_thread_errors_are_not_echoed():
     """After a failed write, an Orbax worker thread that logs the error it ended on (with a traceback
     through Orbax's code) after the call has raised is not printed; absl records from elsewhere are."""
-    import logging
-
-    def raised_in(filename):
-        namespace = {}
-        exec(compile("def write():\n    raise ValueError('RESOURCE_EXHAUSTED: No space left')\n", filename, "exec"),
-             namespace)
-        try:
-            namespace["write"]()
-        except ValueError as err:
-            return err
-
-    seen = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            seen.append(record)
-
-    logger, keep = logging.getLogger("absl"), Keep()
-    logger.addHandler(keep)
-    try:
-        for filename in ("/site-packages/orbax/checkpoint/_src/futures/future.py", "/home/me/my_code.py"):
-            err = raised_in(filename)
-            logger.handle(logger.makeRecord("absl", logging.ERROR, __file__, 1, "_SignalingThread.run() raised an "
-                                            "exception: %s", (err,), (type(err), err, err.__traceback__)))
-    finally:
-        logger.removeHandler(keep)
-    assert [r.exc_info[1].__traceback__.tb_next.tb_frame.f_code.co_filename for r in seen] == ["/home/me/my_code.py"]
+    assert records_kept("absl", "_SignalingThread.run() raised an exception: %s",
+                        ("/site-packages/orbax/checkpoint/_src/futures/future.py", "/home/me/my_code.py")) == [
+        "/home/me/my_code.py"]
 
 
 def _unawaited_writes_are_not_echoed():

@@ -18,6 +18,7 @@ from decomp_jax.training import checkpoint
 import decomp_jax as dj
 
 from conftest import DATA, REPO
+from helpers import records_kept
 
 SST2 = str(DATA / "glue" / "SST-2")
 METHOD_SETTINGS = {
@@ -217,33 +218,7 @@ def test_the_echo_of_a_failed_orbax_write_is_dropped_and_other_errors_pass():
     """asyncio's "Future exception was never retrieved" for a write Orbax's worker threads failed (its
     message names no module; its traceback runs through orbax) is dropped by the filter the checkpoint
     module puts on asyncio's logger; the same message from elsewhere still reaches the handlers."""
-    import logging
-
     assert checkpoint.manager  # (the module is imported: its filter is installed)
-
-    def failed_in(filename):
-        namespace = {}
-        exec(compile("def write():\n    raise OSError(28, 'No space left on device')\n", filename, "exec"), namespace)
-        try:
-            namespace["write"]()
-        except OSError as err:
-            return err
-
-    seen = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            seen.append(record)
-
-    logger = logging.getLogger("asyncio")
-    keep = Keep()
-    logger.addHandler(keep)
-    try:
-        for filename in ("/site-packages/orbax/checkpoint/_src/path/async_path.py", "/home/me/my_code.py"):
-            err = failed_in(filename)
-            logger.handle(logger.makeRecord("asyncio", logging.ERROR, __file__, 1, "Future exception was never "
-                                            "retrieved\nfuture: <Future finished exception=%r>", (err,),
-                                            (type(err), err, err.__traceback__)))
-    finally:
-        logger.removeHandler(keep)
-    assert [r.exc_info[1].__traceback__.tb_next.tb_frame.f_code.co_filename for r in seen] == ["/home/me/my_code.py"]
+    assert records_kept("asyncio", "Future exception was never retrieved\nfuture: <Future finished exception=%r>",
+                        ("/site-packages/orbax/checkpoint/_src/path/async_path.py", "/home/me/my_code.py")) == [
+        "/home/me/my_code.py"]
