@@ -193,10 +193,11 @@ def _rope(data: dict, family: Family, kwargs: dict) -> None:
     kwargs["rope_theta"] = float(theta)
     if scaling:
         scaling = _family_rope(dict(scaling), family)
-    if scaling and _check_rope_type(scaling) != "default":
-        kwargs["rope_scaling"] = dict(scaling)
-        if _check_rope_type(scaling) == "longrope":
-            _longrope_original(data, family, kwargs["rope_scaling"])
+        kind = _check_rope_type(scaling)
+        if kind != "default":
+            kwargs["rope_scaling"] = scaling
+            if kind == "longrope":
+                _longrope_original(data, family, scaling)
     if family.local_rope:
         kwargs["rope_local_theta"] = float(local if local is not None else defaults["rope_local_base_freq"])
 

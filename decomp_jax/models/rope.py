@@ -77,8 +77,7 @@ def _longrope(config: LlamaConfig, which: str) -> np.ndarray:
     """LongRoPE's inverse frequencies: the default ones, each divided by its ``short_factor`` or
     ``long_factor``."""
     factors = np.asarray(config.rope_scaling[which], np.float32)
-    exponent = np.arange(0, config.rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(config.rotary_dim)
-    return (1.0 / (factors * np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+    return (_default_inv_freq(float(config.rope_theta), config.rotary_dim) / factors).astype(np.float32)
 
 
 def _longrope_attention(config: LlamaConfig) -> float:
